@@ -1,0 +1,66 @@
+"""The clean KV cache: a fixed-capacity [sink | rolling window] buffer of finished frames.
+
+Static shapes whatever the stream length: `capacity` frame slots of `tokens_per_frame` tokens,
+a frame-id per slot (-1 = empty) that doubles as the validity mask, and writes through
+`dynamic_update_slice`. The first `sink` frames of the video keep their slots forever; every
+later frame goes to a ring over the remaining slots, so the oldest non-sink frame is the one
+overwritten. Keys are stored post-RoPE (absolute positions), so slot order is irrelevant to
+attention and no shifting is needed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bcjax.model.config import WanConfig
+from bcjax.model.wan import KV
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [layers, batch, capacity * tokens_per_frame, heads, head_dim]
+    v: jax.Array  # same
+    frame_ids: jax.Array  # int32 [capacity]; absolute latent frame held by each slot, -1 = empty
+
+    @property
+    def capacity(self) -> int:
+        return self.frame_ids.shape[0]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.k.shape[2] // self.capacity
+
+    def as_context(self) -> KV:
+        return KV(self.k, self.v)
+
+    def valid_tokens(self):
+        """bool [capacity * tokens_per_frame]: which cached key tokens hold a frame."""
+        return jnp.repeat(self.frame_ids >= 0, self.tokens_per_frame)
+
+
+def init_cache(cfg: WanConfig, batch: int, capacity: int, tokens_per_frame: int, dtype=None) -> KVCache:
+    shape = (cfg.num_layers, batch, capacity * tokens_per_frame, cfg.num_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((capacity,), -1, jnp.int32))
+
+
+def frame_slot(frame, sink: int, capacity: int):
+    """Slot of absolute frame `frame`: its own slot inside the sink, else a ring over the rest."""
+    frame = jnp.asarray(frame, jnp.int32)
+    return jnp.where(frame < sink, frame, sink + (frame - sink) % (capacity - sink))
+
+
+def write_frames(cache: KVCache, kv: KV, frame_ids, sink: int) -> KVCache:
+    """Write the K/V of F consecutive-in-time frames (kv: [L, B, F*P, N, H]) at their slots."""
+    frame_ids = jnp.asarray(frame_ids, jnp.int32)
+    p = cache.tokens_per_frame
+    k, v, ids = cache.k, cache.v, cache.frame_ids
+    for i in range(frame_ids.shape[0]):  # static: block_frames writes
+        slot = frame_slot(frame_ids[i], sink, cache.capacity)
+        start = (0, 0, slot * p, 0, 0)
+        k = jax.lax.dynamic_update_slice(k, kv.k[:, :, i * p:(i + 1) * p].astype(k.dtype), start)
+        v = jax.lax.dynamic_update_slice(v, kv.v[:, :, i * p:(i + 1) * p].astype(v.dtype), start)
+        ids = ids.at[slot].set(frame_ids[i])
+    return KVCache(k, v, ids)

@@ -1,0 +1,203 @@
+"""Parameterised layers of the Wan2.1 DiT (Flax linen).
+
+Numerics follow Wan: layer norms, adaLN modulation and the residual stream are float32; the
+linear layers and attention run in `cfg.dtype`. Parameter names mirror the original Wan
+checkpoint (`self_attn.q`, `norm3`, `ffn_0`, `modulation`, ...) so the converter is a rename.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bcjax.model.attention import attend
+from bcjax.model.config import WanConfig
+from bcjax.model.rope import apply_rope
+
+F32 = jnp.float32
+
+
+def _dense(cfg: WanConfig, features: int, name: str, *, fp32: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features, dtype=F32 if fp32 else cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name
+    )
+
+
+def _layer_norm(cfg: WanConfig, name: str, *, affine: bool = False) -> nn.LayerNorm:
+    # Two-pass variance: Wan's residual stream grows large, E[x^2]-E[x]^2 would lose digits.
+    return nn.LayerNorm(
+        epsilon=cfg.eps, dtype=F32, param_dtype=cfg.params_dtype, use_bias=affine,
+        use_scale=affine, use_fast_variance=False, name=name,
+    )
+
+
+def sinusoidal_embedding(t, dim: int):
+    """Wan's timestep embedding [cos | sin]: t [...] -> [..., dim] float32."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=F32) / half)
+    angles = t.astype(F32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(F32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(F32)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with RMSNorm on q and k across all heads (Wan's qk-norm)."""
+
+    cfg: WanConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.q, self.k, self.v, self.o = (_dense(cfg, cfg.dim, n) for n in "qkvo")
+        if cfg.qk_norm:
+            self.norm_q = RMSNorm(cfg.eps, cfg.params_dtype)
+            self.norm_k = RMSNorm(cfg.eps, cfg.params_dtype)
+
+    def _heads(self, x):
+        # [batch, tokens, heads, head_dim]
+        return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
+
+    def project_q(self, x):
+        q = self.q(x)
+        return self._heads(self.norm_q(q) if self.cfg.qk_norm else q)
+
+    def project_kv(self, x):
+        k = self.k(x)
+        k = self.norm_k(k) if self.cfg.qk_norm else k
+        return self._heads(k), self._heads(self.v(x))
+
+    def project_out(self, o):
+        return self.o(o.reshape(*o.shape[:-2], -1))
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention to text, modulated FFN."""
+
+    cfg: WanConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.self_attn = Attention(cfg)
+        self.cross_attn = Attention(cfg)
+        self.norm1 = _layer_norm(cfg, "norm1")
+        self.norm2 = _layer_norm(cfg, "norm2")
+        self.norm3 = _layer_norm(cfg, "norm3", affine=True) if cfg.cross_attn_norm else (lambda x: x)
+        self.ffn_0 = _dense(cfg, cfg.ffn_dim, "ffn_0")
+        self.ffn_2 = _dense(cfg, cfg.dim, "ffn_2")
+        self.modulation = self.param(
+            "modulation", nn.initializers.normal(cfg.dim**-0.5), (6, cfg.dim), cfg.params_dtype
+        )
+
+    def cross_kv(self, text_emb):
+        """Text K/V of this layer, computed once per prompt. text_emb [B, Lt, D] -> 2x [B, Lt, N, H]."""
+        return self.cross_attn.project_kv(text_emb.astype(self.cfg.compute_dtype))
+
+    def init_all(self, x, e0, rope, ctx_kv, text_emb):
+        """Init entry point that touches every parameter (the text K/V path included)."""
+        return self(x, e0, rope, self.cross_kv(text_emb), ctx_kv, None)
+
+    def __call__(self, x, e0, rope, text_kv, ctx_kv, key_mask):
+        """x [B, F*P, D] f32 residual; e0 [B, F, 6, D] per-frame modulation; rope (cos, sin)
+        [F*P, H/2]; text_kv 2x [B, Lt, N, H]; ctx_kv 2x [B, S, N, H] post-RoPE keys from the
+        clean cache (S may be 0); key_mask bool [B|1, Qb, S + F*P].
+        Returns (x, (k, v)) with this call's post-RoPE k, v [B, F*P, N, H] for the cache."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        b, tokens, d = x.shape
+        f = e0.shape[1]
+        # [batch, frame, 6, dim] -> six [batch, frame, 1, dim] that broadcast over a frame's tokens
+        mods = jnp.split((e0 + self.modulation.astype(F32))[:, :, None], 6, axis=3)
+        shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, :, 0] for m in mods)
+
+        def per_frame(h):  # [batch, frame, tokens_per_frame, dim]
+            return h.reshape(b, f, tokens // f, d)
+
+        def modulate(h, sh, sc):
+            return ((per_frame(h) * (1 + sc) + sh).reshape(b, tokens, d)).astype(dt)
+
+        def gated(h, g):
+            return (per_frame(h.astype(F32)) * g).reshape(b, tokens, d)
+
+        # self-attention over [clean cache | this call's tokens]
+        h = modulate(self.norm1(x), shift, scale)
+        q = apply_rope(self.self_attn.project_q(h), *rope)
+        k, v = self.self_attn.project_kv(h)
+        k = apply_rope(k, *rope)
+        k_all = jnp.concatenate([ctx_kv[0].astype(dt), k], axis=1)
+        v_all = jnp.concatenate([ctx_kv[1].astype(dt), v], axis=1)
+        o = attend(q, k_all, v_all, key_mask, implementation=cfg.attention)
+        x = x + gated(self.self_attn.project_out(o), gate)
+
+        # cross-attention to the prompt (all text tokens, as Wan's T2V does)
+        qc = self.cross_attn.project_q(self.norm3(x).astype(dt))
+        oc = attend(qc, text_kv[0], text_kv[1], implementation=cfg.attention)
+        x = x + self.cross_attn.project_out(oc).astype(F32)
+
+        h = modulate(self.norm2(x), c_shift, c_scale)
+        h = self.ffn_2(nn.gelu(self.ffn_0(h), approximate=True))
+        x = x + gated(h, c_gate)
+        return x, (k, v)
+
+
+class WanEmbed(nn.Module):
+    """Patch, text and per-frame time embeddings."""
+
+    cfg: WanConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.patch_embedding = _dense(cfg, cfg.dim, "patch_embedding")
+        self.text_embedding_0 = _dense(cfg, cfg.dim, "text_embedding_0")
+        self.text_embedding_2 = _dense(cfg, cfg.dim, "text_embedding_2")
+        # Wan runs the time path in float32 whatever the compute dtype.
+        self.time_embedding_0 = _dense(cfg, cfg.dim, "time_embedding_0", fp32=True)
+        self.time_embedding_2 = _dense(cfg, cfg.dim, "time_embedding_2", fp32=True)
+        self.time_projection = _dense(cfg, 6 * cfg.dim, "time_projection", fp32=True)
+
+    def patches(self, patches):
+        """[B, T, patch_features] -> [B, T, D] float32 residual stream."""
+        return self.patch_embedding(patches.astype(self.cfg.compute_dtype)).astype(F32)
+
+    def text(self, context):
+        """[B, Lt, text_dim] -> [B, Lt, D]."""
+        h = self.text_embedding_0(context.astype(self.cfg.compute_dtype))
+        return self.text_embedding_2(nn.gelu(h, approximate=True))
+
+    def time(self, t):
+        """t [B, F] -> (e [B, F, D] for the head, e0 [B, F, 6, D] for the blocks), float32."""
+        e = self.time_embedding_2(nn.silu(self.time_embedding_0(sinusoidal_embedding(t, self.cfg.freq_dim))))
+        e0 = self.time_projection(nn.silu(e))
+        return e, e0.reshape(*e0.shape[:-1], 6, self.cfg.dim)
+
+    def __call__(self, patches, context, t):  # init only
+        return self.patches(patches), self.text(context), self.time(t)
+
+
+class WanHead(nn.Module):
+    """Final modulated norm and projection back to patch space."""
+
+    cfg: WanConfig
+
+    @nn.compact
+    def __call__(self, x, e):
+        """x [B, F*P, D] f32, e [B, F, D] -> [B, F*P, patch_features_out] float32."""
+        cfg = self.cfg
+        b, tokens, d = x.shape
+        f = e.shape[1]
+        mod = self.param("modulation", nn.initializers.normal(cfg.dim**-0.5), (2, cfg.dim), cfg.params_dtype)
+        shift, scale = jnp.split(e[:, :, None, None, :] + mod.astype(F32)[:, None, :], 2, axis=2)
+        # shift/scale: [batch, frame, 1, 1, dim]
+        h = _layer_norm(cfg, "norm")(x).reshape(b, f, 1, tokens // f, d)
+        h = (h * (1 + scale) + shift).reshape(b, tokens, d)
+        out_features = cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        return _dense(cfg, out_features, "head")(h.astype(cfg.compute_dtype)).astype(F32)

@@ -1,0 +1,140 @@
+"""The Wan2.1 DiT as pure functions over a parameter pytree.
+
+params = {"embed": ..., "blocks": <every leaf stacked on a leading layer axis>, "head": ...}.
+The 30-40 identical blocks run under one `lax.scan`, so compile time does not grow with depth.
+
+Latents are channels-last: x [B, F, H, W, C] (F latent frames). One forward may hold frames at
+different noise levels (t [B, F]) and at arbitrary absolute positions (frame_ids [F]); it
+attends to a clean K/V context (the cache) plus its own tokens under a per-query-block key mask.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bcjax.model.config import WanConfig
+from bcjax.model.layers import WanBlock, WanEmbed, WanHead
+from bcjax.model.rope import rope_tables
+
+
+class KV(NamedTuple):
+    """Per-layer keys and values: k, v [L, B, S, N, H] (keys post-RoPE for self-attention)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def grid_hw(cfg: WanConfig, latent_h: int, latent_w: int) -> tuple[int, int]:
+    _, ph, pw = cfg.patch_size
+    return latent_h // ph, latent_w // pw
+
+
+def patchify(cfg: WanConfig, x):
+    """[B, F, H, W, C] -> [B, F*h*w, ph*pw*C] with features ordered (ph, pw, C)."""
+    b, f, hh, ww, c = x.shape
+    _, ph, pw = cfg.patch_size
+    x = x.reshape(b, f, hh // ph, ph, ww // pw, pw, c).transpose(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(b, f * (hh // ph) * (ww // pw), ph * pw * c)
+
+
+def unpatchify(cfg: WanConfig, tokens, f: int, latent_h: int, latent_w: int):
+    """[B, F*h*w, ph*pw*C] -> [B, F, H, W, C]."""
+    b = tokens.shape[0]
+    _, ph, pw = cfg.patch_size
+    h, w = latent_h // ph, latent_w // pw
+    x = tokens.reshape(b, f, h, w, ph, pw, -1).transpose(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(b, f, latent_h, latent_w, -1)
+
+
+def check_latents(cfg: WanConfig, x, t=None):
+    """Clear errors for latents that cannot go through this model."""
+    if x.ndim != 5:
+        raise ValueError(f"latents must be [batch, frames, height, width, channels]; got shape {x.shape}")
+    _, ph, pw = cfg.patch_size
+    if x.shape[-1] != cfg.in_channels:
+        raise ValueError(f"latents have {x.shape[-1]} channels (shape {x.shape}); the model expects {cfg.in_channels}")
+    if x.shape[2] % ph or x.shape[3] % pw:
+        raise ValueError(f"latent height/width {x.shape[2:4]} are not divisible by the patch {(ph, pw)}")
+    if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"timesteps t must be [batch, frames] = {tuple(x.shape[:2])}; got {tuple(t.shape)}")
+
+
+def init_params(cfg: WanConfig, key, latent_hw: tuple[int, int] = (4, 4)):
+    """Random parameters (Flax initialisers); real weights come from checkpoints_conv."""
+    k_embed, k_blocks, k_head = jax.random.split(key, 3)
+    gh, gw = grid_hw(cfg, *latent_hw)
+    p = gh * gw
+    dt = cfg.compute_dtype
+    embed = WanEmbed(cfg).init(
+        k_embed, jnp.zeros((1, p, cfg.patch_features), dt), jnp.zeros((1, 1, cfg.text_dim), dt), jnp.zeros((1, 1))
+    )["params"]
+    rope = rope_tables(cfg, jnp.zeros((1,), jnp.int32), (gh, gw))
+    heads = (cfg.num_heads, cfg.head_dim)
+    kv0 = (jnp.zeros((1, 0, *heads), dt),) * 2
+
+    def init_block(k):
+        x = jnp.zeros((1, p, cfg.dim), jnp.float32)
+        e0 = jnp.zeros((1, 1, 6, cfg.dim), jnp.float32)
+        text_emb = jnp.zeros((1, 1, cfg.dim), dt)
+        return WanBlock(cfg).init(k, x, e0, rope, kv0, text_emb, method=WanBlock.init_all)["params"]
+
+    blocks = jax.vmap(init_block)(jax.random.split(k_blocks, cfg.num_layers))
+    head = WanHead(cfg).init(k_head, jnp.zeros((1, p, cfg.dim)), jnp.zeros((1, 1, cfg.dim)))["params"]
+    return {"embed": embed, "blocks": blocks, "head": head}
+
+
+def param_shapes(cfg: WanConfig):
+    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def encode_text(cfg: WanConfig, params, context) -> KV:
+    """Prompt embeddings [B, Lt, text_dim] -> per-layer cross-attention K/V [L, B, Lt, N, H].
+
+    Computed once per prompt; every forward pass (and every tick of a cascade) reuses it.
+    """
+    if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+        raise ValueError(f"prompt embeddings must be [batch, tokens, {cfg.text_dim}]; got shape {context.shape}")
+    emb = WanEmbed(cfg).apply({"params": params["embed"]}, context, method=WanEmbed.text)
+
+    def layer(_, p):
+        return None, WanBlock(cfg).apply({"params": p}, emb, method=WanBlock.cross_kv)
+
+    _, (k, v) = jax.lax.scan(layer, None, params["blocks"])
+    return KV(k, v)
+
+
+def empty_context(cfg: WanConfig, batch: int) -> KV:
+    """A zero-length clean K/V context, for forwards with no cache."""
+    z = jnp.zeros((cfg.num_layers, batch, 0, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
+    return KV(z, z)
+
+
+def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | None = None, key_mask=None):
+    """One DiT pass.
+
+    x [B, F, H, W, C] latents; t [B, F] per-frame timesteps (0..1000); text: encode_text(...);
+    frame_ids int [F] absolute latent-frame index of each frame (RoPE); context: clean K/V
+    [L, B, S, N, H] the tokens also attend to; key_mask bool [B|1, Qb, S + F*h*w] (None = all).
+    Returns (flow prediction [B, F, H, W, C] float32, KV of this pass's tokens [L, B, F*h*w, N, H]).
+    """
+    check_latents(cfg, x, t)
+    b, f, hh, ww, _ = x.shape
+    if context is None:
+        context = empty_context(cfg, b)
+    rope = rope_tables(cfg, frame_ids, grid_hw(cfg, hh, ww))
+    embed = WanEmbed(cfg)
+    h = embed.apply({"params": params["embed"]}, patchify(cfg, x), method=WanEmbed.patches)
+    e, e0 = embed.apply({"params": params["embed"]}, t, method=WanEmbed.time)
+    block = WanBlock(cfg)
+
+    def layer(h, xs):
+        p, tk, tv, ck, cv = xs
+        return block.apply({"params": p}, h, e0, rope, (tk, tv), (ck, cv), key_mask)
+
+    h, (k, v) = jax.lax.scan(layer, h, (params["blocks"], text.k, text.v, context.k, context.v))
+    out = WanHead(cfg).apply({"params": params["head"]}, h, e)
+    return unpatchify(cfg, out, f, hh, ww), KV(k, v)

@@ -1,0 +1,153 @@
+"""Original Wan2.1 DiT layout (`blocks.N.self_attn.q.weight`, `head.modulation`, ...) -> bcjax.
+
+Self-Forcing, CausVid, LongLive and Krea checkpoints all wrap this layout; their converters
+strip their prefixes and call `convert` here. The full key set and every shape are checked
+against `WanConfig` before anything is returned.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from bcjax.model.config import WanConfig
+from bcjax.model.wan import param_shapes
+
+
+def _linear(w):  # torch Linear [out, in] -> Dense kernel [in, out]
+    return np.ascontiguousarray(np.asarray(w).T)
+
+
+def _same(w):
+    return np.asarray(w)
+
+
+def _squeeze0(w):  # [1, n, dim] -> [n, dim]
+    w = np.asarray(w)
+    return w.reshape(w.shape[1:]) if w.ndim == 3 and w.shape[0] == 1 else w
+
+
+def _patch_conv(w):  # Conv3d [dim, C, pt, ph, pw] -> Dense kernel [(pt, ph, pw, C), dim]
+    w = np.asarray(w)
+    if w.ndim != 5:
+        return w
+    return np.ascontiguousarray(w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0]))
+
+
+# source key -> (bcjax path, transform). Block keys are relative to `blocks.N.`.
+_TOP: dict[str, tuple[str, object]] = {
+    "patch_embedding.weight": ("embed/patch_embedding/kernel", _patch_conv),
+    "patch_embedding.bias": ("embed/patch_embedding/bias", _same),
+    **{
+        f"{src}.{i}.{kind}": (f"embed/{dst}/{'kernel' if kind == 'weight' else 'bias'}",
+                              _linear if kind == "weight" else _same)
+        for src, i, dst in [("text_embedding", 0, "text_embedding_0"), ("text_embedding", 2, "text_embedding_2"),
+                            ("time_embedding", 0, "time_embedding_0"), ("time_embedding", 2, "time_embedding_2"),
+                            ("time_projection", 1, "time_projection")]
+        for kind in ("weight", "bias")
+    },
+    "head.head.weight": ("head/head/kernel", _linear),
+    "head.head.bias": ("head/head/bias", _same),
+    "head.modulation": ("head/modulation", _squeeze0),
+}
+_BLOCK: dict[str, tuple[str, object]] = {
+    **{f"{a}.{p}.weight": (f"{a}/{p}/kernel", _linear) for a in ("self_attn", "cross_attn") for p in "qkvo"},
+    **{f"{a}.{p}.bias": (f"{a}/{p}/bias", _same) for a in ("self_attn", "cross_attn") for p in "qkvo"},
+    **{f"{a}.{n}.weight": (f"{a}/{n}/scale", _same) for a in ("self_attn", "cross_attn") for n in ("norm_q", "norm_k")},
+    "norm3.weight": ("norm3/scale", _same),
+    "norm3.bias": ("norm3/bias", _same),
+    "ffn.0.weight": ("ffn_0/kernel", _linear),
+    "ffn.0.bias": ("ffn_0/bias", _same),
+    "ffn.2.weight": ("ffn_2/kernel", _linear),
+    "ffn.2.bias": ("ffn_2/bias", _same),
+    "modulation": ("modulation", _squeeze0),
+}
+_SOURCE_OF = {path: src for src, (path, _) in _TOP.items()} | {
+    "blocks/" + path: "blocks.{N}." + src for src, (path, _) in _BLOCK.items()
+}
+
+
+def _flat_expected(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
+    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str = ""):
+    """Map an original-layout Wan state dict to the bcjax parameter tree.
+
+    state_dict: {name: array-like} (numpy, or anything np.asarray accepts). `prefix` is stripped
+    from every key first (e.g. "model.diffusion_model."). Raises ValueError naming every missing,
+    unexpected or mis-shaped key; returns nothing partial.
+    """
+    expected = _flat_expected(cfg)
+    per_layer: dict[str, dict[int, np.ndarray]] = {}
+    top: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    errors: list[str] = []
+    dtype = cfg.params_dtype
+
+    for raw_key, value in state_dict.items():
+        key = raw_key[len(prefix):] if prefix and raw_key.startswith(prefix) else raw_key
+        if key in _TOP:
+            path, fn = _TOP[key]
+            top[path] = fn(value)
+            origin[path] = raw_key
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+        target = _BLOCK.get(m.group(2)) if m else None
+        if target is None:
+            errors.append(f"unexpected key {raw_key} (shape {tuple(np.shape(value))})")
+            continue
+        layer = int(m.group(1))
+        path, fn = target
+        if layer >= cfg.num_layers:
+            errors.append(f"unexpected key {raw_key}: layer {layer} but the config has {cfg.num_layers} layers")
+            continue
+        per_layer.setdefault("blocks/" + path, {})[layer] = fn(value)
+        origin.setdefault("blocks/" + path, prefix + _SOURCE_OF["blocks/" + path])
+
+    out: dict[str, np.ndarray] = {}
+    for path, shape in expected.items():
+        if path.startswith("blocks/"):
+            layers = per_layer.get(path, {})
+            absent = [i for i in range(cfg.num_layers) if i not in layers]
+            if absent:
+                name = origin.get(path) or prefix + _SOURCE_OF[path]
+                errors.append(f"missing key {name.replace('{N}', str(absent[0]))} (layers {absent} of {cfg.num_layers})")
+                continue
+            stacked_shapes = {tuple(a.shape) for a in layers.values()}
+            if stacked_shapes != {shape[1:]}:
+                bad = next(i for i in range(cfg.num_layers) if tuple(layers[i].shape) != shape[1:])
+                errors.append(
+                    f"key {origin[path].replace('{N}', str(bad))} has shape {tuple(layers[bad].shape)} "
+                    f"after conversion; expected {shape[1:]} for {cfg}"
+                )
+                continue
+            out[path] = np.stack([layers[i] for i in range(cfg.num_layers)]).astype(dtype)
+        else:
+            if path not in top:
+                errors.append(f"missing key {prefix}{_SOURCE_OF[path]}")
+                continue
+            if tuple(top[path].shape) != shape:
+                errors.append(f"key {origin[path]} has shape {tuple(top[path].shape)} after conversion; expected {shape}")
+                continue
+            out[path] = top[path].astype(dtype)
+    if errors:
+        head = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"checkpoint does not match the Wan config ({len(errors)} problems):\n  {head}{more}")
+    return _unflatten(out)
+
+
+def _unflatten(flat: dict[str, np.ndarray]):
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
