@@ -1,0 +1,11 @@
+"""bcjax: Block Cascading (arXiv 2511.20426) for block-causal Wan video DiTs, in JAX/Flax."""
+
+from bcjax.compile_count import CompileCounter
+from bcjax.model import KV, WanConfig, encode_text, forward, init_params, param_shapes
+from bcjax.model.kv_cache import KVCache, init_cache
+from bcjax.pipeline import PipelineConfig, SequentialPipeline
+
+__all__ = [
+    "CompileCounter", "KV", "KVCache", "PipelineConfig", "SequentialPipeline", "WanConfig",
+    "encode_text", "forward", "init_cache", "init_params", "param_shapes",
+]

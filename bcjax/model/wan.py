@@ -10,6 +10,7 @@ attends to a clean K/V context (the cache) plus its own tokens under a per-query
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -62,6 +63,7 @@ def check_latents(cfg: WanConfig, x, t=None):
         raise ValueError(f"timesteps t must be [batch, frames] = {tuple(x.shape[:2])}; got {tuple(t.shape)}")
 
 
+@partial(jax.jit, static_argnums=(0, 2))
 def init_params(cfg: WanConfig, key, latent_hw: tuple[int, int] = (4, 4)):
     """Random parameters (Flax initialisers); real weights come from checkpoints_conv."""
     k_embed, k_blocks, k_head = jax.random.split(key, 3)
@@ -91,6 +93,7 @@ def param_shapes(cfg: WanConfig):
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
+@partial(jax.jit, static_argnums=0)
 def encode_text(cfg: WanConfig, params, context) -> KV:
     """Prompt embeddings [B, Lt, text_dim] -> per-layer cross-attention K/V [L, B, Lt, N, H].
 

@@ -1,0 +1,1 @@
+"""Benchmarks: measured timings of bcjax pipelines, side by side with a PyTorch oracle."""

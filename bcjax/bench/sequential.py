@@ -1,0 +1,248 @@
+"""Sequential block-causal generation: bcjax's KV-cached block function vs diffusers, one run.
+
+    python -m bcjax.bench.sequential [--preset tiny|wan2.1-1.3b] [--latent-hw H W] [--blocks N]
+                                     [--dtype float32|bfloat16] [--no-torch] [--repeats R]
+
+Both sides get the same random original-layout Wan weights. bcjax is timed in steady state (cache
+full, compile excluded); diffusers, which has no KV cache, is timed on one block alone and on the
+full uncached [context frames | block] sequence that a cache-less driver re-runs every pass.
+FPS = 12 video frames / seconds per block (one block = 3 latent frames = 12 video frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bcjax.model.config import WanConfig
+from bcjax.model.wan import encode_text, forward
+from bcjax.pipeline.config import PipelineConfig
+from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
+from checkpoints_conv import wan as wan_conv
+
+_VIDEO_FRAMES_PER_BLOCK = 12
+
+
+def _original_layout(cfg: WanConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Original Wan2.1 T2V key -> (shape, init kind) for a WanConfig."""
+    d, f = cfg.dim, cfg.ffn_dim
+    pt, ph, pw = cfg.patch_size
+    lin = lambda n, o, i: {f"{n}.weight": ((o, i), "w"), f"{n}.bias": ((o,), "b")}  # noqa: E731
+    keys = {"patch_embedding.weight": ((d, cfg.in_channels, pt, ph, pw), "w"), "patch_embedding.bias": ((d,), "b"),
+            **lin("text_embedding.0", d, cfg.text_dim), **lin("text_embedding.2", d, d),
+            **lin("time_embedding.0", d, cfg.freq_dim), **lin("time_embedding.2", d, d),
+            **lin("time_projection.1", 6 * d, d), **lin("head.head", cfg.out_channels * pt * ph * pw, d),
+            "head.modulation": ((1, 2, d), "mod")}
+    for i in range(cfg.num_layers):
+        p = f"blocks.{i}."
+        for a in ("self_attn", "cross_attn"):
+            for n in "qkvo":
+                keys |= lin(p + f"{a}.{n}", d, d)
+            keys |= {p + f"{a}.norm_q.weight": ((d,), "norm"), p + f"{a}.norm_k.weight": ((d,), "norm")}
+        keys |= {p + "norm3.weight": ((d,), "norm"), p + "norm3.bias": ((d,), "b"),
+                 **lin(p + "ffn.0", f, d), **lin(p + "ffn.2", d, f), p + "modulation": ((1, 6, d), "mod")}
+    return keys
+
+
+class _RandomStateDict(Mapping):
+    """A random original-layout state dict (fp32 numpy), each tensor drawn on access.
+
+    Tensor i comes from its own seeded generator, so bcjax and diffusers read identical weights
+    while at most one full copy of the 1.3B/14B weights is alive per consumer.
+    """
+
+    def __init__(self, cfg: WanConfig, seed: int = 0):
+        self._layout, self._seed = _original_layout(cfg), seed
+        self._index = {k: i for i, k in enumerate(self._layout)}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        shape, kind = self._layout[key]
+        z = np.random.default_rng([self._seed, self._index[key]]).standard_normal(shape, np.float32)
+        if kind == "w":  # fan-in scaling keeps activations O(1) through 30-40 random layers
+            z *= float(np.prod(shape[1:])) ** -0.5
+        return {"w": z, "b": 0.02 * z, "norm": 1 + 0.1 * z, "mod": z * shape[-1] ** -0.5}[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layout)
+
+    def __len__(self) -> int:
+        return len(self._layout)
+
+
+def _to_device(tree):
+    """numpy tree -> jax arrays in place, dropping each numpy leaf as soon as it is copied."""
+    for k, v in tree.items():
+        tree[k] = _to_device(v) if isinstance(v, dict) else jnp.asarray(v)
+    return tree
+
+
+def _ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of fn() in ms (fn must block until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _bench_bcjax(cfg, pcfg, hw, context, blocks: int, repeats: int) -> dict[str, float]:
+    params = _to_device(wan_conv.convert(_RandomStateDict(cfg), cfg))
+    text = jax.block_until_ready(jax.jit(partial(encode_text, cfg))(params, jnp.asarray(context)))
+    pipe, key, bf = SequentialPipeline(cfg, pcfg, hw), jax.random.key(0), pcfg.block_frames
+    cache = pipe.init_cache(1)
+    t0 = time.perf_counter()
+    # AOT-compiled once: every later call reuses this executable (static shapes), so no call
+    # below pays compilation.
+    block_fn = pipe._block_fn.lower(params, text, cache, key, jnp.int32(0)).compile()
+    out = {"compile_s": time.perf_counter() - t0}
+    fill = pcfg.cache_frames // bf + 1  # the last of these blocks already attends to a full cache
+    print(f"bcjax: compiled block fn in {out['compile_s']:.1f} s; filling the cache with {fill} blocks", flush=True)
+    for b in range(fill):
+        cache, x0 = jax.block_until_ready(block_fn(params, text, cache, key, jnp.int32(b)))
+    per_block = []
+    for b in range(fill, fill + blocks):
+        t0 = time.perf_counter()
+        cache, x0 = jax.block_until_ready(block_fn(params, text, cache, key, jnp.int32(b)))
+        per_block.append(1e3 * (time.perf_counter() - t0))
+    print("bcjax: steady-state ms per block:", " ".join(f"{t:.1f}" for t in per_block), flush=True)
+    out["block_ms"] = statistics.median(per_block)
+
+    # [batch, block_frames, H, W, C] at the first denoising timestep, the next block's positions
+    x = jax.random.normal(jax.random.key(1), x0.shape)
+    t = jnp.full((1, bf), float(pcfg.timesteps[0]))
+    ids = (fill + blocks) * bf + jnp.arange(bf)
+    with_cache = jax.jit(lambda p, x, t, c, ids: cached_pass(cfg, p, x, t, text, c, ids)[0])
+    alone = jax.jit(lambda p, x, t: forward(cfg, p, x, t, text, jnp.arange(bf))[0])
+    for name, fn in [("fwd_cache_ms", lambda: with_cache(params, x, t, cache, ids)),
+                     ("fwd_alone_ms", lambda: alone(params, x, t))]:
+        jax.block_until_ready(fn())  # compile + warm-up
+        out[name] = _ms(lambda: jax.block_until_ready(fn()), repeats)
+    return out
+
+
+def _bench_torch(cfg, pcfg, hw, context, repeats: int) -> dict[str, float]:
+    import contextlib
+
+    import torch
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    try:  # parameters on the meta device, then adopted from the state dict: one copy, not two
+        from accelerate import init_empty_weights
+    except ImportError:
+        init_empty_weights = contextlib.nullcontext
+
+    class MaskedProcessor(WanAttnProcessor):
+        """Self-attention under a fixed boolean token mask [L, L] (True = attend)."""
+
+        mask = None
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+
+    with init_empty_weights():
+        model = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
+            freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+            qk_norm="rms_norm_across_heads", eps=cfg.eps, rope_max_seq_len=cfg.rope_max_positions)
+    sd = convert_wan_transformer_to_diffusers({k: torch.from_numpy(v) for k, v in _RandomStateDict(cfg).items()})
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"diffusers Wan state dict mismatch: missing {missing}, unexpected {unexpected}")
+    del sd
+    model.eval()
+    proc = MaskedProcessor()
+    for blk in model.blocks:
+        blk.attn1.set_processor(proc)
+
+    bf, p = pcfg.block_frames, cfg.tokens_per_frame(*hw)
+    rng = np.random.default_rng(1)
+    ctx = torch.from_numpy(context)
+    # bcjax's "dtype" is the matmul/attention dtype with fp32 params; autocast is torch's equivalent
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+    def inputs(frames: int):
+        """x [1, C, F, H, W]; per-token t: clean context frames, then the block at the first step."""
+        x = torch.from_numpy(rng.standard_normal((1, cfg.in_channels, frames, *hw), np.float32))
+        t = np.repeat(np.r_[np.full(frames - bf, pcfg.context_noise), np.full(bf, pcfg.timesteps[0])], p)
+        fb = np.repeat(np.arange(frames) // bf, p)  # block-causal: a token sees its block and older ones
+        return x, torch.from_numpy(t[None].astype(np.float32)), torch.from_numpy(fb[None, :] <= fb[:, None])
+
+    out = {}
+    with torch.inference_mode(), autocast:
+        for name, frames in [("fwd_alone_ms", bf), ("fwd_full_ms", pcfg.window_frames)]:
+            x, t, proc.mask = inputs(frames)
+            run = lambda: model(x, t, ctx, return_dict=False)[0]  # noqa: B023, E731
+            run()  # warm-up
+            out[name] = _ms(run, repeats)
+            print(f"torch: {name} = {out[name]:.1f} ms ({frames} frames)", flush=True)
+    out["uncached_block_ms"] = pcfg.num_steps * out["fwd_full_ms"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bcjax bench sequential", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny", choices=WanConfig.preset_names())
+    ap.add_argument("--latent-hw", nargs=2, type=int, default=(8, 8), metavar=("H", "W"))
+    ap.add_argument("--blocks", type=int, default=3, help="steady-state blocks timed after the cache is full")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--no-torch", action="store_true", help="skip the diffusers oracle")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each single forward pass")
+    args = ap.parse_args(argv)
+    if args.blocks < 1 or args.repeats < 1:
+        ap.error(f"--blocks {args.blocks} and --repeats {args.repeats} must both be >= 1")
+
+    cfg, pcfg, hw = WanConfig.preset(args.preset, dtype=args.dtype), PipelineConfig(), tuple(args.latent_hw)
+    context = np.random.default_rng(2).standard_normal((1, cfg.text_len, cfg.text_dim), np.float32)
+    torch_version = "not used"
+    if not args.no_torch:
+        try:
+            import diffusers  # noqa: F401
+            import torch
+
+            torch_version = f"{torch.__version__} ({torch.get_num_threads()} threads)"
+        except ImportError as e:
+            print(f"note: skipping the PyTorch oracle ({e}); install bcjax[convert] to include it")
+            args.no_torch = True
+    print(f"device {jax.devices()} | jax {jax.__version__} | torch {torch_version} | preset {args.preset} "
+          f"dim {cfg.dim} layers {cfg.num_layers} heads {cfg.num_heads} | latent {hw[0]}x{hw[1]} "
+          f"{cfg.tokens_per_frame(*hw)} tokens/frame | block {pcfg.block_frames} frames window "
+          f"{pcfg.window_frames} (cache {pcfg.cache_frames}) | {pcfg.num_steps} steps | dtype {cfg.dtype}", flush=True)
+
+    jx = _bench_bcjax(cfg, pcfg, hw, context, args.blocks, args.repeats)
+    gc.collect()  # release bcjax's weights before diffusers builds its own copy
+    th = None if args.no_torch else _bench_torch(cfg, pcfg, hw, context, args.repeats)
+
+    fps = lambda ms: f"{_VIDEO_FRAMES_PER_BLOCK / (ms / 1e3):.2f}"  # noqa: E731
+    n, w = pcfg.num_steps, pcfg.window_frames
+    rows = [("bcjax cached block fn (%d denoise + 1 clean pass)" % n, "", f"{jx['block_ms']:.1f}", fps(jx["block_ms"])),
+            (f"bcjax 1 forward, block + full cache ({pcfg.cache_frames} frames)", f"{jx['fwd_cache_ms']:.1f}", "", ""),
+            ("bcjax 1 forward, block alone (no context)", f"{jx['fwd_alone_ms']:.1f}", "", "")]
+    if th is None:
+        rows.append(("diffusers (PyTorch oracle)", "skipped", "", ""))
+    else:
+        u = th["uncached_block_ms"]
+        rows += [("diffusers 1 forward, block alone (no context)", f"{th['fwd_alone_ms']:.1f}", "", ""),
+                 (f"diffusers 1 forward, full sequence ({w} frames)", f"{th['fwd_full_ms']:.1f}", "", ""),
+                 (f"diffusers uncached driver ({n} x full sequence)", "", f"{u:.1f}", fps(u))]
+    width = max(len(r[0]) for r in rows)
+    print(f"\nbcjax block fn compile: {jx['compile_s']:.1f} s (excluded below)")
+    print(f"| {'':{width}} | ms/forward | ms/block |      FPS |\n|{'-' * (width + 2)}|-----------:|---------:|---------:|")
+    for name, f, b, s in rows:
+        print(f"| {name:{width}} | {f:>10} | {b:>8} | {s:>8} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
