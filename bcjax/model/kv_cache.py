@@ -52,15 +52,21 @@ def frame_slot(frame, sink: int, capacity: int):
     return jnp.where(frame < sink, frame, sink + (frame - sink) % (capacity - sink))
 
 
-def write_frames(cache: KVCache, kv: KV, frame_ids, sink: int) -> KVCache:
-    """Write the K/V of F consecutive-in-time frames (kv: [L, B, F*P, N, H]) at their slots."""
+def write_frames(cache: KVCache, kv: KV, frame_ids, sink: int, enabled=True) -> KVCache:
+    """Write the K/V of F frames (kv: [L, B, F*P, N, H]) at their slots.
+
+    enabled (traced bool): when False the slots are rewritten with what they hold, so a tick
+    with no finished block costs a slot-sized copy, not a select over the whole cache.
+    """
     frame_ids = jnp.asarray(frame_ids, jnp.int32)
     p = cache.tokens_per_frame
     k, v, ids = cache.k, cache.v, cache.frame_ids
     for i in range(frame_ids.shape[0]):  # static: block_frames writes
         slot = frame_slot(frame_ids[i], sink, cache.capacity)
         start = (0, 0, slot * p, 0, 0)
-        k = jax.lax.dynamic_update_slice(k, kv.k[:, :, i * p:(i + 1) * p].astype(k.dtype), start)
-        v = jax.lax.dynamic_update_slice(v, kv.v[:, :, i * p:(i + 1) * p].astype(v.dtype), start)
-        ids = ids.at[slot].set(frame_ids[i])
+        new_k, new_v = (a[:, :, i * p:(i + 1) * p] for a in (kv.k, kv.v))
+        old_k, old_v = (jax.lax.dynamic_slice(a, start, new_k.shape) for a in (k, v))
+        k = jax.lax.dynamic_update_slice(k, jnp.where(enabled, new_k.astype(k.dtype), old_k), start)
+        v = jax.lax.dynamic_update_slice(v, jnp.where(enabled, new_v.astype(v.dtype), old_v), start)
+        ids = ids.at[slot].set(jnp.where(enabled, frame_ids[i], ids[slot]))
     return KVCache(k, v, ids)

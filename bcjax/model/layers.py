@@ -82,9 +82,15 @@ class Attention(nn.Module):
 
 
 class WanBlock(nn.Module):
-    """One DiT block: modulated self-attention, cross-attention to text, modulated FFN."""
+    """One DiT block: modulated self-attention, cross-attention to text, modulated FFN.
+
+    kv_axis: inside `shard_map`, the mesh axis over which the pass's tokens are spread (the
+    cascade's `stage`): each device's keys/values are all-gathered in every layer so the sharded
+    pass attends exactly as the joint pass over all devices' tokens would.
+    """
 
     cfg: WanConfig
+    kv_axis: str | None = None
 
     def setup(self):
         cfg = self.cfg
@@ -107,11 +113,12 @@ class WanBlock(nn.Module):
         """Init entry point that touches every parameter (the text K/V path included)."""
         return self(x, e0, rope, self.cross_kv(text_emb), ctx_kv, None)
 
-    def __call__(self, x, e0, rope, text_kv, ctx_kv, key_mask):
+    def __call__(self, x, e0, rope, text_kv, ctx_kv, key_mask, kv_out=None):
         """x [B, F*P, D] f32 residual; e0 [B, F, 6, D] per-frame modulation; rope (cos, sin)
         [F*P, H/2]; text_kv 2x [B, Lt, N, H]; ctx_kv 2x [B, S, N, H] post-RoPE keys from the
-        clean cache (S may be 0); key_mask bool [B|1, Qb, S + F*P].
-        Returns (x, (k, v)) with this call's post-RoPE k, v [B, F*P, N, H] for the cache."""
+        clean cache (S may be 0); key_mask bool [B|1, Qb, S + G*F*P] (G = devices on kv_axis).
+        Returns (x, (k, v)): this call's post-RoPE k, v [B, F*P, N, H] for the cache, or with
+        kv_out = (start, length) the [start, start+length) token slice of the gathered k, v."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, tokens, d = x.shape
         f = e0.shape[1]
@@ -133,6 +140,10 @@ class WanBlock(nn.Module):
         q = apply_rope(self.self_attn.project_q(h), *rope)
         k, v = self.self_attn.project_kv(h)
         k = apply_rope(k, *rope)
+        if self.kv_axis is not None:
+            # [batch, all devices' tokens, heads, head_dim], device-major
+            k = jax.lax.all_gather(k, self.kv_axis, axis=1, tiled=True)
+            v = jax.lax.all_gather(v, self.kv_axis, axis=1, tiled=True)
         k_all = jnp.concatenate([ctx_kv[0].astype(dt), k], axis=1)
         v_all = jnp.concatenate([ctx_kv[1].astype(dt), v], axis=1)
         o = attend(q, k_all, v_all, key_mask, implementation=cfg.attention)
@@ -146,6 +157,9 @@ class WanBlock(nn.Module):
         h = modulate(self.norm2(x), c_shift, c_scale)
         h = self.ffn_2(nn.gelu(self.ffn_0(h), approximate=True))
         x = x + gated(h, c_gate)
+        if kv_out is not None:
+            start, length = kv_out
+            k, v = (jax.lax.dynamic_slice_in_dim(a, start, length, axis=1) for a in (k, v))
         return x, (k, v)
 
 

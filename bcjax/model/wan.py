@@ -116,13 +116,16 @@ def empty_context(cfg: WanConfig, batch: int) -> KV:
     return KV(z, z)
 
 
-def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | None = None, key_mask=None):
+def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | None = None, key_mask=None, *,
+            kv_axis: str | None = None, kv_out: tuple | None = None):
     """One DiT pass.
 
     x [B, F, H, W, C] latents; t [B, F] per-frame timesteps (0..1000); text: encode_text(...);
     frame_ids int [F] absolute latent-frame index of each frame (RoPE); context: clean K/V
-    [L, B, S, N, H] the tokens also attend to; key_mask bool [B|1, Qb, S + F*h*w] (None = all).
-    Returns (flow prediction [B, F, H, W, C] float32, KV of this pass's tokens [L, B, F*h*w, N, H]).
+    [L, B, S, N, H] the tokens also attend to; key_mask bool [B|1, Qb, S + G*F*h*w] (None = all).
+    kv_axis: inside shard_map, the mesh axis (size G) whose devices' tokens form one joint pass.
+    Returns (flow prediction [B, F, H, W, C] float32, KV [L, B, F*h*w, N, H] of this pass's tokens,
+    or of the gathered tokens [start, start + length) when kv_out = (start, length)).
     """
     check_latents(cfg, x, t)
     b, f, hh, ww, _ = x.shape
@@ -132,11 +135,11 @@ def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | Non
     embed = WanEmbed(cfg)
     h = embed.apply({"params": params["embed"]}, patchify(cfg, x), method=WanEmbed.patches)
     e, e0 = embed.apply({"params": params["embed"]}, t, method=WanEmbed.time)
-    block = WanBlock(cfg)
+    block = WanBlock(cfg, kv_axis=kv_axis)
 
     def layer(h, xs):
         p, tk, tv, ck, cv = xs
-        return block.apply({"params": p}, h, e0, rope, (tk, tv), (ck, cv), key_mask)
+        return block.apply({"params": p}, h, e0, rope, (tk, tv), (ck, cv), key_mask, kv_out)
 
     h, (k, v) = jax.lax.scan(layer, h, (params["blocks"], text.k, text.v, context.k, context.v))
     out = WanHead(cfg).apply({"params": params["head"]}, h, e)

@@ -1,0 +1,154 @@
+"""Block Cascading: the tick compiled into one `lax.scan` per generation, or stepped for a stream.
+
+Devices: a `Mesh` with a `stage` axis (and a `model` axis kept for tensor-parallel weights,
+size 1 for now). Each stage device holds num_slots / stage_devices slots; with one device all
+slots are batched on it. A mesh whose stage size does not divide the in-flight count is padded
+with idle slots (see `make_stagger`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bcjax.cascade.masks import WINDOWS
+from bcjax.cascade.tick import CascadeState, TickSpec, tick
+from bcjax.model.config import WanConfig
+from bcjax.model.kv_cache import KVCache, init_cache
+from bcjax.model.wan import KV, check_latents
+from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.stagger import make_stagger
+
+STAGE, MODEL = "stage", "model"
+ENDLESS = np.iinfo(np.int32).max  # num_blocks of a stream with no planned end
+
+
+def make_mesh(stage: int | None = None, model: int = 1, devices=None) -> Mesh:
+    """A ('stage', 'model') mesh; by default every device on `stage`."""
+    devices = list(devices if devices is not None else jax.devices())
+    stage = stage or len(devices) // model
+    if stage * model > len(devices):
+        raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; {len(devices)} available")
+    return Mesh(np.asarray(devices[: stage * model]).reshape(stage, model), (STAGE, MODEL))
+
+
+@dataclasses.dataclass
+class Cascade:
+    """A compiled cascade for one model, sampler, latent size, schedule and window.
+
+    >>> cas = Cascade(cfg, pcfg, (60, 104), schedule="P4", window="bidirectional", mesh=make_mesh(5))
+    >>> latents = cas.generate(params, text_kv, num_blocks=7, key=jax.random.key(0))
+    """
+
+    cfg: WanConfig
+    pcfg: PipelineConfig
+    latent_hw: tuple[int, int]
+    schedule: str | int = "P4"
+    window: str = "bidirectional"
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
+        if self.window not in WINDOWS:
+            raise ValueError(f"window {self.window!r}: expected one of {WINDOWS}")
+        devices = 1
+        if self.mesh is not None:
+            if STAGE not in self.mesh.shape:
+                raise ValueError(f"mesh axes {tuple(self.mesh.shape)} have no {STAGE!r} axis")
+            if self.mesh.shape.get(MODEL, 1) != 1:
+                raise NotImplementedError(
+                    f"mesh axis {MODEL!r} has {self.mesh.shape[MODEL]} devices; tensor-parallel weights are not "
+                    "implemented yet (use model=1)")
+            devices = self.mesh.shape[STAGE]
+        self.stagger = make_stagger(self.schedule, self.pcfg.num_steps, devices)
+        self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, tuple(self.latent_hw))
+        step = self._distribute(partial(tick, self.spec))
+        self._step = jax.jit(step, donate_argnums=(4,))
+        self._runs: dict[int, callable] = {}
+
+    # -- placement -------------------------------------------------------------------------
+    def _distribute(self, fn):
+        """fn(params, text, key, num_blocks, state, slot_ids[, axis]) on the mesh (or batched)."""
+        slots = jnp.arange(self.stagger.num_slots)
+        if self.mesh is None:
+            return lambda *a: fn(*a, slots)
+        state_spec = CascadeState(P(STAGE), KVCache(P(), P(), P()), P())
+        mapped = jax.shard_map(
+            partial(fn, axis=STAGE), mesh=self.mesh,
+            in_specs=(P(), P(), P(), P(), state_spec, P(STAGE)),
+            out_specs=(state_spec, P()), check_vma=False,
+        )
+        slots = jax.device_put(slots, NamedSharding(self.mesh, P(STAGE)))
+        return lambda *a: mapped(*a, slots)
+
+    def init_state(self, batch: int) -> CascadeState:
+        x = jnp.zeros((self.stagger.num_slots, batch, *self.spec.block_shape), jnp.float32)
+        cache = init_cache(self.cfg, batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
+        state = CascadeState(x, cache, jnp.int32(0))
+        if self.mesh is not None:
+            rep = NamedSharding(self.mesh, P())
+            state = CascadeState(jax.device_put(x, NamedSharding(self.mesh, P(STAGE))),
+                                 jax.device_put(cache, rep), jax.device_put(state.tick, rep))
+        return state
+
+    def _check_length(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+        last = num_blocks * self.pcfg.block_frames
+        if last > self.cfg.rope_max_positions:
+            raise ValueError(f"{num_blocks} blocks reach latent frame {last - 1}, past the "
+                             f"{self.cfg.rope_max_positions}-position RoPE table of this model")
+
+    # -- whole generation: one scan ----------------------------------------------------------
+    def _run(self, num_ticks: int):
+        if num_ticks not in self._runs:
+            step = self._distribute(partial(_scan_ticks, self.spec, num_ticks))
+            self._runs[num_ticks] = jax.jit(step, donate_argnums=(4,))
+        return self._runs[num_ticks]
+
+    def generate(self, params, text: KV, num_blocks: int, key) -> jax.Array:
+        """Latents [B, num_blocks * block_frames, H, W, C]; the whole stagger runs as one scan."""
+        self._check_length(num_blocks)
+        st = self.stagger
+        state = self.init_state(text.k.shape[1])
+        _, (emitted, _) = self._run(st.num_ticks(num_blocks))(params, text, key, jnp.int32(num_blocks), state)
+        ticks = np.asarray([st.emit_tick(b) for b in range(num_blocks)])
+        return jnp.concatenate(list(emitted[ticks]), axis=1)
+
+    # -- streaming: one jitted tick with donated state -------------------------------------
+    def blocks(self, params, text: KV, key, num_blocks: int | None = None,
+               state: CascadeState | None = None) -> Iterator[tuple[int, jax.Array]]:
+        """Yield (block id, x0 [B, block_frames, H, W, C]) as each block finishes denoising.
+
+        num_blocks None streams until the caller stops (or the RoPE table ends).
+        """
+        total = num_blocks if num_blocks is not None else self.cfg.rope_max_positions // self.pcfg.block_frames
+        self._check_length(total)
+        state = state if state is not None else self.init_state(text.k.shape[1])
+        n_blocks = jnp.int32(num_blocks if num_blocks is not None else ENDLESS)
+        for tau in range(self.stagger.num_ticks(total)):
+            state, (x0, block) = self._step(params, text, key, n_blocks, state)
+            if tau >= self.stagger.emit_stage and (tau - self.stagger.emit_stage) % self.stagger.stride == 0:
+                yield (tau - self.stagger.emit_stage) // self.stagger.stride, x0
+
+
+def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, slot_ids, axis=None):
+    def body(state, _):
+        return tick(spec, params, text, key, num_blocks, state, slot_ids, axis)
+
+    return jax.lax.scan(body, state, None, length=num_ticks)
+
+
+def generate(cfg: WanConfig, params, text: KV, num_blocks: int, key, *, pcfg: PipelineConfig | None = None,
+             latent_hw: tuple[int, int] = (60, 104), schedule: str | int = "P4", window: str = "bidirectional",
+             mesh: Mesh | None = None) -> jax.Array:
+    """One-call cascade generation; see `Cascade` to reuse the compiled program."""
+    cas = Cascade(cfg, pcfg or PipelineConfig(), latent_hw, schedule, window, mesh)
+    return cas.generate(params, text, num_blocks, key)

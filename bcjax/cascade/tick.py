@@ -1,0 +1,105 @@
+"""One cascade tick: a joint DiT pass over every in-flight block, then the blocks step forward.
+
+The same function runs batched on one device (all slots local) and per device under
+`shard_map` over the `stage` axis (each device holds its slots; K/V are all-gathered inside
+every attention layer so the sharded tick computes exactly the joint pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bcjax.cascade.masks import tick_key_mask
+from bcjax.model.config import WanConfig
+from bcjax.model.kv_cache import KVCache, write_frames
+from bcjax.model.wan import KV, forward
+from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.flow import block_noise, predict_x0, renoise
+from bcjax.schedule.stagger import Stagger, slot_state
+
+
+class CascadeState(NamedTuple):
+    x: jax.Array  # [num_slots, B, block_frames, H, W, C] latents each slot feeds its next pass
+    cache: KVCache  # clean K/V of finished blocks, identical on every device
+    tick: jax.Array  # int32 []
+
+
+@dataclasses.dataclass(frozen=True)
+class TickSpec:
+    """Everything static about a tick (hashable, so it can close over jitted functions)."""
+
+    cfg: WanConfig
+    pcfg: PipelineConfig
+    stagger: Stagger
+    window: str
+    latent_hw: tuple[int, int]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.cfg.tokens_per_frame(*self.latent_hw)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.pcfg.block_frames, *self.latent_hw, self.cfg.in_channels)
+
+
+def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState, slot_ids, axis: str | None = None):
+    """Advance the cascade by one tick.
+
+    slot_ids: int [Q] the slots held here (all of them when batched); state.x holds those Q slots.
+    num_blocks: blocks in the whole stream (traced; a huge number for an endless stream).
+    Returns (state, (x0 [B, block_frames, H, W, C] of the block that finished denoising this
+    tick or zeros, its block id or -1)).
+    """
+    cfg, pcfg, st = spec.cfg, spec.pcfg, spec.stagger
+    bf, n, p = pcfg.block_frames, st.num_steps, spec.tokens_per_frame
+    batch = state.x.shape[1]
+    q = slot_ids.shape[0]
+
+    all_blocks, all_stages, all_busy = slot_state(st, state.tick, jnp.arange(st.num_slots), num_blocks, xp=jnp)
+    blocks, stages, busy = all_blocks[slot_ids], all_stages[slot_ids], all_busy[slot_ids]
+    stage_c = jnp.clip(stages, 0, n)
+
+    def noise(step):  # [Q, B, bf, H, W, C]: depends only on (key, block, step)
+        return jax.vmap(lambda b, k: block_noise(key, b, k, (batch, *spec.block_shape)))(blocks, step)
+
+    x = jnp.where((busy & (stages == 0))[:, None, None, None, None, None], noise(jnp.zeros_like(blocks)), state.x)
+
+    timesteps = jnp.concatenate([jnp.asarray(pcfg.timesteps), jnp.full((1,), pcfg.context_noise, jnp.float32)])
+    sigmas = jnp.concatenate([jnp.asarray(pcfg.sigmas), jnp.zeros((2,), jnp.float32)])
+    # [B, Q * bf]: every frame carries its own block's noise level
+    t = jnp.broadcast_to(jnp.repeat(timesteps[stage_c], bf)[None], (batch, q * bf))
+    frame_ids = jnp.clip(blocks[:, None] * bf + jnp.arange(bf)[None], 0, cfg.rope_max_positions - 1).reshape(-1)
+    key_mask = tick_key_mask(
+        slot_ids, all_blocks, all_busy, state.cache.frame_ids, block_frames=bf, tokens_per_frame=p,
+        sink=pcfg.sink_frames, rolling=pcfg.cache_frames - pcfg.sink_frames, window=spec.window,
+    )
+    # the block in the clean stage (at most one) hands its K/V to the cache after this pass
+    is_writer = all_busy & (all_stages == n)
+    writer = jnp.argmax(is_writer)
+    x_flat = jnp.swapaxes(x, 0, 1).reshape(batch, q * bf, *x.shape[3:])
+    flow, kv = forward(cfg, params, x_flat, t, text, frame_ids, state.cache.as_context(), key_mask,
+                       kv_axis=axis, kv_out=(writer * bf * p, bf * p))
+    flow = jnp.swapaxes(flow.reshape(batch, q, *spec.block_shape), 0, 1)
+
+    def per_slot(v):  # [Q] -> broadcastable over [Q, B, bf, H, W, C]
+        return v[:, None, None, None, None, None]
+
+    x0 = predict_x0(x, flow, per_slot(sigmas[stage_c]))
+    renoised = renoise(x0, noise(stage_c + 1), per_slot(sigmas[stage_c + 1]))
+    x_next = jnp.where(per_slot(stages < n - 1), renoised, x0)
+
+    emitting = busy & (stages == n - 1)
+    emitted = jnp.sum(jnp.where(per_slot(emitting), x0, 0.0), axis=0)
+    if axis is not None:
+        emitted = jax.lax.psum(emitted, axis)
+    all_emitting = all_busy & (all_stages == n - 1)
+    emitted_block = jnp.where(jnp.any(all_emitting), all_blocks[jnp.argmax(all_emitting)], -1)
+
+    writer_frames = all_blocks[writer] * bf + jnp.arange(bf)
+    cache = write_frames(state.cache, kv, writer_frames, pcfg.sink_frames, enabled=jnp.any(is_writer))
+    return CascadeState(x_next, cache, state.tick + 1), (emitted, emitted_block)

@@ -1,0 +1,112 @@
+"""Stagger schedules of Block Cascading, as data.
+
+A block lives n + 1 ticks: stages 0..n-1 are its denoising steps (t_{n-1}, ..., t_0 in the
+paper's notation; stage 0 is pure noise) and stage n is the clean-context pass (t_c) that writes
+its K/V into the cache. Block b enters at tick b * stride, so at tick tau it is in stage
+tau - b * stride. `P_k` makes the next block enter after its predecessor has done n / k denoising
+steps, rounded to the nearest step with halves up (stride = max(1, floor(n / k + 1/2))):
+
+* P1 (stride n): the next block's first step shares a tick with its predecessor's clean pass.
+  Under a causal window this is exactly the sequential pipeline, one pass per block cheaper.
+* P2 (stride 2 for 3- and 4-step models, 3 for 5 steps) and P4 (stride 1 for n <= 5: the
+  one-step stagger, every stage busy every tick).
+* "sequential" (stride n + 1): no overlap at all.
+
+Blocks are stationary in *slots*: block b sits in slot b mod num_slots for its whole life, and
+num_slots >= ceil((n + 1) / stride) guarantees it is free again when block b + num_slots enters.
+Slots map onto devices of the `stage` mesh axis; spare slots are idle (masked) ticks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Stagger:
+    num_steps: int  # n denoising steps; stages 0..n-1 denoise, stage n is the clean pass
+    stride: int  # ticks between consecutive block entries
+    num_slots: int  # in-flight capacity (padded up to a multiple of the stage devices)
+
+    def __post_init__(self):
+        if not 1 <= self.stride <= self.num_steps + 1:
+            raise ValueError(f"stride {self.stride} must be in [1, {self.num_steps + 1}] for {self.num_steps} steps")
+        if self.num_slots < self.in_flight:
+            raise ValueError(
+                f"{self.num_slots} slots cannot hold the {self.in_flight} blocks in flight of stride {self.stride}"
+            )
+
+    @property
+    def num_stages(self) -> int:
+        return self.num_steps + 1
+
+    @property
+    def clean_stage(self) -> int:
+        return self.num_steps
+
+    @property
+    def emit_stage(self) -> int:
+        """The stage whose pass yields the block's final x0."""
+        return self.num_steps - 1
+
+    @property
+    def in_flight(self) -> int:
+        return math.ceil(self.num_stages / self.stride)
+
+    def num_ticks(self, num_blocks: int) -> int:
+        return (num_blocks - 1) * self.stride + self.num_stages
+
+    def emit_tick(self, block):
+        return block * self.stride + self.emit_stage
+
+
+def make_stagger(schedule: str | int, num_steps: int, num_devices: int = 1) -> Stagger:
+    """Stagger of a named schedule ("P1", "P2", "P4", "sequential") or an explicit stride.
+
+    num_slots is the in-flight count rounded up to a multiple of num_devices, so every device of
+    the `stage` axis holds the same number of slots (padding slots stay idle).
+    """
+    if isinstance(schedule, int):
+        stride = schedule
+    elif schedule == "sequential":
+        stride = num_steps + 1
+    elif m := re.fullmatch(r"[Pp](\d+)", str(schedule)):
+        k = int(m.group(1))
+        if k < 1:
+            raise ValueError(f"schedule {schedule!r}: P_k needs k >= 1")
+        stride = max(1, math.floor(num_steps / k + 0.5))
+    else:
+        raise ValueError(f"schedule {schedule!r}: expected 'sequential', 'P1', 'P2', 'P4' (any P<k>) or a stride")
+    in_flight = math.ceil((num_steps + 1) / stride)
+    return Stagger(num_steps, stride, num_devices * math.ceil(in_flight / num_devices))
+
+
+def slot_state(st: Stagger, tick, slot, num_blocks, xp=np):
+    """Which block sits in `slot` at `tick`, in which stage, and whether the slot is busy.
+
+    Works on numpy or jax.numpy (xp) arrays; tick, slot, num_blocks broadcast.
+    Returns (block, stage, busy); block and stage are meaningless where busy is False.
+    """
+    period = st.num_slots * st.stride
+    # the newest block of this slot that has entered by `tick`
+    j = xp.floor_divide(tick - slot * st.stride, period)
+    block = slot + st.num_slots * j
+    stage = tick - block * st.stride
+    busy = (j >= 0) & (stage <= st.num_steps) & (block < num_blocks)
+    return block, stage, busy
+
+
+def stagger_table(st: Stagger, num_blocks: int) -> dict[str, np.ndarray]:
+    """The whole generation as a table: for every tick and slot, block, stage and busy.
+
+    Returns {"block", "stage", "busy"}: int/bool arrays [num_ticks, num_slots]; idle entries
+    hold block = -1, stage = -1.
+    """
+    ticks = np.arange(st.num_ticks(num_blocks))[:, None]
+    slots = np.arange(st.num_slots)[None, :]
+    block, stage, busy = slot_state(st, ticks, slots, num_blocks)
+    return {"block": np.where(busy, block, -1), "stage": np.where(busy, stage, -1), "busy": busy}

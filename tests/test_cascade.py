@@ -1,0 +1,164 @@
+"""The cascade: exactness against the sequential pipeline, sharded == batched, masks, noise, compiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bcjax.cascade import Cascade, make_mesh
+from bcjax.cascade.tick import tick
+from bcjax.compile_count import CompileCounter
+from bcjax.model import encode_text
+from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.schedule import block_noise
+
+HW = (4, 6)
+GLOBAL = PipelineConfig(window_frames=21)
+ROLLING = PipelineConfig(window_frames=9, sink_frames=3)  # sink + a window the stream outgrows
+
+
+@pytest.fixture(scope="module")
+def text(tiny_cfg, tiny_params):
+    ctx = np.random.default_rng(11).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
+    return encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx))
+
+
+@pytest.fixture(scope="module")
+def mesh5():
+    if jax.device_count() < 5:
+        pytest.skip("needs 5 devices (XLA_FLAGS=--xla_force_host_platform_device_count=5)")
+    return make_mesh(5)
+
+
+def _max_err(a, b):
+    return float(jnp.abs(jnp.asarray(a) - jnp.asarray(b)).max())
+
+
+@pytest.mark.parametrize("pcfg", [GLOBAL, ROLLING], ids=["global", "sink+rolling"])
+def test_p1_causal_reproduces_sequential(tiny_cfg, tiny_params, text, pcfg):
+    key = jax.random.key(2)
+    seq = SequentialPipeline(tiny_cfg, pcfg, HW).generate(tiny_params, text, 7, key)
+    cas = Cascade(tiny_cfg, pcfg, HW, "P1", "causal")
+    assert cas.stagger.in_flight == 2  # really overlapping: next block's first step beside the clean pass
+    out = cas.generate(tiny_params, text, 7, key)
+    assert out.shape == seq.shape == (1, 21, *HW, tiny_cfg.in_channels)
+    assert _max_err(out, seq) <= 1e-5
+
+
+@pytest.mark.parametrize("schedule", ["P2", "P4"])
+@pytest.mark.parametrize("window", ["causal", "bidirectional"])
+def test_sharded_tick_equals_batched_tick(tiny_cfg, tiny_params, text, mesh5, schedule, window):
+    key = jax.random.key(4)
+    batched = Cascade(tiny_cfg, ROLLING, HW, schedule, window).generate(tiny_params, text, 6, key)
+    sharded = Cascade(tiny_cfg, ROLLING, HW, schedule, window, mesh=mesh5).generate(tiny_params, text, 6, key)
+    assert _max_err(batched, sharded) <= 1e-5
+
+
+def test_sharded_p1_with_idle_slots_is_still_sequential(tiny_cfg, tiny_params, text, mesh5):
+    key = jax.random.key(8)
+    cas = Cascade(tiny_cfg, GLOBAL, HW, "P1", "causal", mesh=mesh5)
+    assert cas.stagger.num_slots == 5 and cas.stagger.in_flight == 2  # 3 slots padded idle
+    seq = SequentialPipeline(tiny_cfg, GLOBAL, HW).generate(tiny_params, text, 6, key)
+    assert _max_err(cas.generate(tiny_params, text, 6, key), seq) <= 1e-5
+
+
+def test_block_zero_is_the_same_under_every_schedule(tiny_cfg, tiny_params, text):
+    key = jax.random.key(6)
+    seq = SequentialPipeline(tiny_cfg, GLOBAL, HW).generate(tiny_params, text, 3, key)[:, :3]
+    for schedule in ["sequential", "P1", "P2", "P4"]:
+        out = Cascade(tiny_cfg, GLOBAL, HW, schedule, "causal").generate(tiny_params, text, 3, key)
+        assert _max_err(out[:, :3], seq) <= 1e-5, schedule
+    # Bidirectional: block 0 also attends to newer blocks once they enter, which under P1 is
+    # only after its x0 is out; under P2/P4 it sees them while denoising (by design).
+    p1 = Cascade(tiny_cfg, GLOBAL, HW, "P1", "bidirectional").generate(tiny_params, text, 3, key)
+    assert _max_err(p1[:, :3], seq) <= 1e-5
+    p4 = Cascade(tiny_cfg, GLOBAL, HW, "P4", "bidirectional").generate(tiny_params, text, 3, key)
+    assert _max_err(p4[:, :3], seq) > 1e-3
+
+
+def test_noise_depends_only_on_seed_block_and_step(tiny_cfg, tiny_params, text, mesh5):
+    """With the flow head zeroed the sampler is x_{k+1} = (1 - s_{k+1}) x_k + s_{k+1} eps(b, k+1):
+    every block's output is a closed form of block_noise(key, b, 0..n-1), whatever the
+    schedule, slot, tick or device that processed it."""
+    zero = jax.tree_util.tree_map(lambda a: a, tiny_params)
+    zero["head"] = jax.tree_util.tree_map(jnp.zeros_like, tiny_params["head"])
+    pcfg, nb, key = GLOBAL, 6, jax.random.key(9)
+    shape = (1, pcfg.block_frames, *HW, tiny_cfg.in_channels)
+    expected = []
+    for b in range(nb):
+        x = np.asarray(block_noise(key, b, 0, shape))
+        for k in range(1, pcfg.num_steps):
+            s = pcfg.sigmas[k]
+            x = (1 - s) * x + s * np.asarray(block_noise(key, b, k, shape))
+        expected.append(x)
+    expected = np.concatenate(expected, axis=1)
+    for schedule, mesh in [("P4", None), ("P2", None), ("P4", mesh5), ("P2", mesh5)]:
+        out = Cascade(tiny_cfg, pcfg, HW, schedule, "bidirectional", mesh=mesh).generate(zero, text, nb, key)
+        assert _max_err(out, expected) <= 1e-5, (schedule, mesh)
+
+
+@pytest.mark.parametrize("window,changes", [("causal", False), ("bidirectional", True)])
+def test_perturbing_a_newer_block(tiny_cfg, tiny_params, text, window, changes):
+    """Mid-stream P4 tick: perturb the block in stage 1; blocks in stages 2, 3, 4 (older) must not
+    move under the causal window, and must under the bidirectional one."""
+    cas = Cascade(tiny_cfg, ROLLING, HW, "P4", window)
+    key, nb = jax.random.key(1), jnp.int32(20)
+    state = cas.init_state(1)
+    for _ in range(7):  # pipeline full, cache rolling
+        state, _ = cas._step(tiny_params, text, key, nb, state)
+    slots = jnp.arange(cas.stagger.num_slots)
+    stages = (int(state.tick) - slots) % cas.stagger.num_slots  # P4, stride 1: stage of each slot
+    newer = int(jnp.argmax(stages == 1))
+    bumped = state._replace(x=state.x.at[newer].add(0.5))
+    run = jax.jit(lambda s: tick(cas.spec, tiny_params, text, key, nb, s, slots))
+    (a, (ea, _)), (b, (eb, _)) = run(state), run(bumped)
+    stages = np.asarray(stages)
+    assert sorted(stages) == [0, 1, 2, 3, 4]
+    # stage 2 re-noises its x0, stage 3 emits its x0, stage 4 writes its clean K/V
+    moved = max(_max_err(a.x[stages == 2], b.x[stages == 2]), _max_err(ea, eb), _max_err(a.cache.k, b.cache.k))
+    if changes:
+        assert moved > 1e-3
+    else:
+        assert moved == 0.0
+    assert _max_err(a.x[newer], b.x[newer]) > 1e-3  # the perturbed block itself moved
+
+
+def test_stream_equals_scan_and_never_recompiles(tiny_cfg, tiny_params, text):
+    cas = Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional")
+    key = jax.random.key(12)
+    whole = cas.generate(tiny_params, text, 8, key)
+    stream = cas.blocks(tiny_params, text, key, num_blocks=None)  # endless stream
+    got = [next(stream)]  # compiles the tick once
+    with CompileCounter() as cc:
+        while len(got) < 20:  # 20 blocks, 24 ticks: cache full and rolling
+            got.append(next(stream))
+    assert cc.count == 0, f"{cc.count} recompiles while streaming"
+    assert [b for b, _ in got] == list(range(20))
+    streamed = jnp.concatenate([x for _, x in got[:8]], axis=1)
+    # A block only ever sees blocks that entered by its emit tick, so blocks 0-4 agree with the
+    # 8-block scan; blocks 5-7 of the scan saw fewer newer blocks (drain), the stream saw 8, 9, ...
+    assert _max_err(streamed[:, :15], whole[:, :15]) <= 1e-5
+    assert _max_err(streamed[:, 15:], whole[:, 15:]) > 1e-3
+
+
+def test_finite_stream_equals_scan(tiny_cfg, tiny_params, text):
+    cas = Cascade(tiny_cfg, ROLLING, HW, "P2", "bidirectional")
+    key = jax.random.key(13)
+    whole = cas.generate(tiny_params, text, 5, key)
+    streamed = jnp.concatenate([x for _, x in cas.blocks(tiny_params, text, key, num_blocks=5)], axis=1)
+    assert _max_err(streamed, whole) <= 1e-5
+
+
+def test_bad_mesh_and_flags_are_named(tiny_cfg, mesh5):
+    from jax.sharding import Mesh
+
+    with pytest.raises(ValueError, match="window 'sideways'"):
+        Cascade(tiny_cfg, GLOBAL, HW, "P4", "sideways")
+    with pytest.raises(ValueError, match="schedule 'P4x'"):
+        Cascade(tiny_cfg, GLOBAL, HW, "P4x", "causal")
+    with pytest.raises(ValueError, match="no 'stage' axis"):
+        Cascade(tiny_cfg, GLOBAL, HW, mesh=Mesh(np.asarray(jax.devices()[:5]), ("data",)))
+    with pytest.raises(NotImplementedError, match="'model' has 5 devices"):
+        Cascade(tiny_cfg, GLOBAL, HW, mesh=make_mesh(1, 5))
+    with pytest.raises(ValueError, match="needs 10 devices"):
+        make_mesh(5, 2)
