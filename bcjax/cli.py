@@ -43,41 +43,87 @@ def _save_atomic(path: str, array) -> None:
     os.replace(tmp, path)
 
 
+def _setup(args):
+    """Random-weight model, prompt and port for demo/generate (real checkpoints: issue 5)."""
+    import jax
+
+    import ports
+    from bcjax.model import WanConfig, encode_text, init_params
+
+    port = ports.get(args.port)
+    cfg = WanConfig.preset(args.preset)
+    key = jax.random.key(args.seed)
+    params = init_params(cfg, jax.random.fold_in(key, 1), tuple(args.latent_hw))
+    prompt = jax.random.normal(jax.random.fold_in(key, 2), (1, cfg.text_len, cfg.text_dim))
+    return port, cfg, params, encode_text(cfg, params, prompt), jax.random.fold_in(key, 3)
+
+
+def _run(cfg, port, params, text, key, args, schedule, window):
+    """Generate block by block, printing each block's latency. Returns (latents, seconds per block)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bcjax.cascade import Cascade, make_mesh
+    from bcjax.pipeline import SequentialPipeline
+
+    hw = tuple(args.latent_hw)
+    if schedule == "sequential":
+        stream = ((b, x) for b, x in enumerate(SequentialPipeline(cfg, port.pipeline, hw).blocks(params, text, key, args.blocks)))
+        label = "sequential"
+    else:
+        mesh = make_mesh(args.devices) if args.devices > 1 else None
+        cas = Cascade(cfg, port.pipeline, hw, schedule, window, mesh)
+        stream = cas.blocks(params, text, key, args.blocks)
+        label = f"{schedule} {window}, {cas.stagger.in_flight} blocks in flight on {args.devices} device(s)"
+    blocks, times = [], []
+    t0 = time.perf_counter()
+    for b, x0 in stream:
+        blocks.append(jax.block_until_ready(x0))
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        if args.verbose:
+            print(f"  block {b}: {1e3 * times[-1]:8.1f} ms")
+    steady = sorted(times[2:] or times)
+    per_block = steady[len(steady) // 2]  # median over steady state
+    print(f"{label:<60} first block {1e3 * times[0]:7.0f} ms (compile incl.), steady {1e3 * per_block:7.1f} ms/block "
+          f"= {12 / per_block:7.1f} FPS")
+    return jnp.concatenate(blocks, axis=1), per_block
+
+
 def _demo(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    import ports
-    from bcjax.model import WanConfig, encode_text, init_params
-    from bcjax.pipeline import SequentialPipeline
-
-    port = ports.get(args.port)
-    cfg = WanConfig.preset("tiny")
-    h, w = args.latent_hw
-    print(f"bcjax demo: tiny random-weight Wan DiT ({cfg.num_layers} layers, dim {cfg.dim}), "
-          f"{port.name} sampling ({port.pipeline.num_steps} steps, window {port.pipeline.window_frames} frames, "
-          f"sink {port.pipeline.sink_frames}), latents {h}x{w}, {args.blocks} blocks, on {jax.default_backend()}")
-    print("(random weights: the trained toy-world checkpoint is not shipped yet, so this shows speed, not video)")
-    key = jax.random.key(args.seed)
-    params = init_params(cfg, jax.random.fold_in(key, 1), (h, w))
-    prompt = jax.random.normal(jax.random.fold_in(key, 2), (1, cfg.text_len, cfg.text_dim))
-    text = encode_text(cfg, params, prompt)
-    pipe = SequentialPipeline(cfg, port.pipeline, (h, w))
-    blocks, times = [], []
-    t0 = time.perf_counter()
-    for x0 in pipe.blocks(params, text, jax.random.fold_in(key, 3), args.blocks):
-        blocks.append(jax.block_until_ready(x0))
-        times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        print(f"  block {len(blocks) - 1}: {1e3 * times[-1]:8.1f} ms  |x0| mean {float(jnp.abs(x0).mean()):.3f}")
-    steady = sorted(times[1:] or times)
-    per_block = steady[len(steady) // 2]  # median: the first steady blocks still overlap async work
-    print(f"first block (with compile): {1e3 * times[0]:.0f} ms; steady (median): {1e3 * per_block:.1f} ms/block, "
-          f"{1e3 * per_block / (port.pipeline.num_steps + 1):.1f} ms/pass, {12 / per_block:.1f} FPS "
-          f"(12 video frames per block)")
+    port, cfg, params, text, key = _setup(args)
+    print(f"bcjax demo: {args.preset} random-weight Wan DiT ({cfg.num_layers} layers, dim {cfg.dim}), {port.name} "
+          f"sampling ({port.pipeline.num_steps} steps, window {port.pipeline.window_frames}, sink "
+          f"{port.pipeline.sink_frames}), latents {args.latent_hw[0]}x{args.latent_hw[1]}, {args.blocks} blocks, "
+          f"on {jax.default_backend()} ({jax.device_count()} device(s))")
+    print("(random weights until the toy-world checkpoint ships: this shows speed and agreement, not video)")
+    seq, t_seq = _run(cfg, port, params, text, key, args, "sequential", None)
+    p1, _ = _run(cfg, port, params, text, key, args, "P1", "causal")
+    p4, t_p4 = _run(cfg, port, params, text, key, args, "P4", "bidirectional")
+    print(f"P1-causal vs sequential: max |diff| {float(jnp.abs(p1 - seq).max()):.2e} (exact up to float order)")
+    print(f"P4-bidirectional vs sequential: max |diff| {float(jnp.abs(p4 - seq).max()):.3f} "
+          f"(different context by design); P4 on one device is {t_seq / t_p4:.2f}x sequential per block")
     if args.out:
-        _save_atomic(args.out, jnp.concatenate(blocks, axis=1))
-        print(f"latents [B, F, H, W, C] written to {args.out}")
+        _save_atomic(args.out, p4)
+        print(f"P4 latents [B, F, H, W, C] written to {args.out}")
+    return 0
+
+
+def _generate(args) -> int:
+    import jax
+
+    if args.devices > jax.device_count():
+        raise ValueError(f"--devices {args.devices}: only {jax.device_count()} device(s) available")
+    port, cfg, params, text, key = _setup(args)
+    print(f"bcjax generate: {args.preset} random-weight model, {port.name} sampling, {args.blocks} blocks "
+          f"(checkpoint loading arrives with `bcjax convert`)")
+    latents, _ = _run(cfg, port, params, text, key, args, args.schedule, args.window)
+    if args.out:
+        _save_atomic(args.out, latents)
+        print(f"latents [B, F, H, W, C] {tuple(latents.shape)} written to {args.out}")
     return 0
 
 
@@ -103,13 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="devices, mesh and versions")
     s.set_defaults(fn=_info)
 
-    s = sub.add_parser("demo", help="generate a few blocks with the tiny model and print timings")
-    s.add_argument("--blocks", type=_positive, default=6)
-    s.add_argument("--port", default="self_forcing", help="sampling preset: self_forcing, causvid, longlive, krea_14b")
-    s.add_argument("--latent-hw", type=_positive, nargs=2, default=(8, 8), metavar=("H", "W"))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="write the latents here (.npy, written atomically)")
+    def common(s, blocks):
+        s.add_argument("--blocks", type=_positive, default=blocks)
+        s.add_argument("--port", default="self_forcing", help="sampling preset: self_forcing, causvid, longlive, krea_14b")
+        s.add_argument("--preset", default="tiny", help="model shape: tiny, wan2.1-1.3b, wan2.1-14b (random weights)")
+        s.add_argument("--latent-hw", type=_positive, nargs=2, default=(8, 8), metavar=("H", "W"))
+        s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--out", help="write the latents here (.npy, written atomically)")
+        s.add_argument("-v", "--verbose", action="store_true", help="print every block's latency")
+
+    s = sub.add_parser("demo", help="sequential vs cascade on the tiny model: timings and agreement")
+    common(s, 8)
     s.set_defaults(fn=_demo)
+
+    s = sub.add_parser("generate", help="generate latents with the sequential pipeline or a cascade")
+    common(s, 8)
+    s.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
+    s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
+    s.set_defaults(fn=_generate)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
     s.add_argument("what", choices=["sequential"])

@@ -141,12 +141,14 @@ def test_stream_equals_scan_and_never_recompiles(tiny_cfg, tiny_params, text):
     assert _max_err(streamed[:, 15:], whole[:, 15:]) > 1e-3
 
 
-def test_finite_stream_equals_scan(tiny_cfg, tiny_params, text):
-    cas = Cascade(tiny_cfg, ROLLING, HW, "P2", "bidirectional")
+@pytest.mark.parametrize("schedule", ["P2", "P4"])
+def test_finite_stream_equals_scan(tiny_cfg, tiny_params, text, schedule):
+    cas = Cascade(tiny_cfg, ROLLING, HW, schedule, "bidirectional")
     key = jax.random.key(13)
     whole = cas.generate(tiny_params, text, 5, key)
-    streamed = jnp.concatenate([x for _, x in cas.blocks(tiny_params, text, key, num_blocks=5)], axis=1)
-    assert _max_err(streamed, whole) <= 1e-5
+    got = list(cas.blocks(tiny_params, text, key, num_blocks=5))
+    assert [b for b, _ in got] == [0, 1, 2, 3, 4]
+    assert _max_err(jnp.concatenate([x for _, x in got], axis=1), whole) <= 1e-5
 
 
 def test_bad_mesh_and_flags_are_named(tiny_cfg, mesh5):

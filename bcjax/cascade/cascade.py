@@ -133,10 +133,11 @@ class Cascade:
         self._check_length(total)
         state = state if state is not None else self.init_state(text.k.shape[1])
         n_blocks = jnp.int32(num_blocks if num_blocks is not None else ENDLESS)
-        for tau in range(self.stagger.num_ticks(total)):
-            state, (x0, block) = self._step(params, text, key, n_blocks, state)
-            if tau >= self.stagger.emit_stage and (tau - self.stagger.emit_stage) % self.stagger.stride == 0:
-                yield (tau - self.stagger.emit_stage) // self.stagger.stride, x0
+        st = self.stagger
+        for tau in range(st.emit_tick(total - 1) + 1):  # the last clean pass has no reader: skipped
+            state, (x0, _) = self._step(params, text, key, n_blocks, state)
+            if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
+                yield (tau - st.emit_stage) // st.stride, x0
 
 
 def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, slot_ids, axis=None):

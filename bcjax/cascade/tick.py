@@ -23,7 +23,9 @@ from bcjax.schedule.stagger import Stagger, slot_state
 
 
 class CascadeState(NamedTuple):
-    x: jax.Array  # [num_slots, B, block_frames, H, W, C] latents each slot feeds its next pass
+    # [num_slots, B, block_frames, H, W, C]: each slot's x0 from its last pass. The re-noise to
+    # the next sigma happens at the start of the next tick, so a tick draws noise once.
+    x: jax.Array
     cache: KVCache  # clean K/V of finished blocks, identical on every device
     tick: jax.Array  # int32 []
 
@@ -64,13 +66,17 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     blocks, stages, busy = all_blocks[slot_ids], all_stages[slot_ids], all_busy[slot_ids]
     stage_c = jnp.clip(stages, 0, n)
 
-    def noise(step):  # [Q, B, bf, H, W, C]: depends only on (key, block, step)
-        return jax.vmap(lambda b, k: block_noise(key, b, k, (batch, *spec.block_shape)))(blocks, step)
-
-    x = jnp.where((busy & (stages == 0))[:, None, None, None, None, None], noise(jnp.zeros_like(blocks)), state.x)
+    def per_slot(v):  # [Q] -> broadcastable over [Q, B, bf, H, W, C]
+        return v[:, None, None, None, None, None]
 
     timesteps = jnp.concatenate([jnp.asarray(pcfg.timesteps), jnp.full((1,), pcfg.context_noise, jnp.float32)])
-    sigmas = jnp.concatenate([jnp.asarray(pcfg.sigmas), jnp.zeros((2,), jnp.float32)])
+    sigmas = jnp.concatenate([jnp.asarray(pcfg.sigmas), jnp.zeros((1,), jnp.float32)])
+
+    # Stage 0 starts from noise (block, 0); stage k < n re-noises the last x0 with noise
+    # (block, k); the clean stage takes x0 as is. Noise depends only on (key, block, step).
+    eps = jax.vmap(lambda b, k: block_noise(key, b, k, (batch, *spec.block_shape)))(blocks, jnp.minimum(stage_c, n - 1))
+    x = jnp.where(per_slot(stages == 0), eps,
+                  jnp.where(per_slot(stages < n), renoise(state.x, eps, per_slot(sigmas[stage_c])), state.x))
     # [B, Q * bf]: every frame carries its own block's noise level
     t = jnp.broadcast_to(jnp.repeat(timesteps[stage_c], bf)[None], (batch, q * bf))
     frame_ids = jnp.clip(blocks[:, None] * bf + jnp.arange(bf)[None], 0, cfg.rope_max_positions - 1).reshape(-1)
@@ -86,12 +92,7 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
                        kv_axis=axis, kv_out=(writer * bf * p, bf * p))
     flow = jnp.swapaxes(flow.reshape(batch, q, *spec.block_shape), 0, 1)
 
-    def per_slot(v):  # [Q] -> broadcastable over [Q, B, bf, H, W, C]
-        return v[:, None, None, None, None, None]
-
     x0 = predict_x0(x, flow, per_slot(sigmas[stage_c]))
-    renoised = renoise(x0, noise(stage_c + 1), per_slot(sigmas[stage_c + 1]))
-    x_next = jnp.where(per_slot(stages < n - 1), renoised, x0)
 
     emitting = busy & (stages == n - 1)
     emitted = jnp.sum(jnp.where(per_slot(emitting), x0, 0.0), axis=0)
@@ -102,4 +103,4 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
 
     writer_frames = all_blocks[writer] * bf + jnp.arange(bf)
     cache = write_frames(state.cache, kv, writer_frames, pcfg.sink_frames, enabled=jnp.any(is_writer))
-    return CascadeState(x_next, cache, state.tick + 1), (emitted, emitted_block)
+    return CascadeState(x0, cache, state.tick + 1), (emitted, emitted_block)
