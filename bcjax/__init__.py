@@ -1,11 +1,12 @@
 """bcjax: Block Cascading (arXiv 2511.20426) for block-causal Wan video DiTs, in JAX/Flax."""
 
+from bcjax.cascade import Cascade, generate, make_mesh
 from bcjax.compile_count import CompileCounter
 from bcjax.model import KV, WanConfig, encode_text, forward, init_params, param_shapes
 from bcjax.model.kv_cache import KVCache, init_cache
 from bcjax.pipeline import PipelineConfig, SequentialPipeline
 
 __all__ = [
-    "CompileCounter", "KV", "KVCache", "PipelineConfig", "SequentialPipeline", "WanConfig",
-    "encode_text", "forward", "init_cache", "init_params", "param_shapes",
+    "Cascade", "CompileCounter", "KV", "KVCache", "PipelineConfig", "SequentialPipeline", "WanConfig",
+    "encode_text", "forward", "generate", "init_cache", "init_params", "make_mesh", "param_shapes",
 ]

@@ -1,4 +1,4 @@
-"""The `bcjax` command line: info, demo, bench."""
+"""The `bcjax` command line: info, demo, generate, bench."""
 
 from __future__ import annotations
 
@@ -128,11 +128,9 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    if args.what == "sequential":
-        from bcjax.bench import sequential
+    import importlib
 
-        return sequential.main(args.rest) or 0
-    raise AssertionError(args.what)
+    return importlib.import_module(f"bcjax.bench.{args.what}").main(args.rest) or 0
 
 
 def _positive(text: str) -> int:
@@ -170,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential"])
+    s.add_argument("what", choices=["sequential", "cascade"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p

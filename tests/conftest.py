@@ -25,8 +25,9 @@ def wan_sd(tiny_cfg):
 
 @pytest.fixture(scope="session")
 def tiny_params(tiny_cfg, wan_sd):
-    from checkpoints_conv import wan as wan_conv
     from torch_oracle import to_numpy
+
+    from checkpoints_conv import wan as wan_conv
 
     return jax.tree_util.tree_map(jax.numpy.asarray, wan_conv.convert(to_numpy(wan_sd), tiny_cfg))
 

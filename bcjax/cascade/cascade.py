@@ -22,7 +22,7 @@ from bcjax.cascade.masks import WINDOWS
 from bcjax.cascade.tick import CascadeState, TickSpec, tick
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, init_cache
-from bcjax.model.wan import KV, check_latents
+from bcjax.model.wan import KV, check_latents, encode_text
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger
 
@@ -147,9 +147,14 @@ def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, s
     return jax.lax.scan(body, state, None, length=num_ticks)
 
 
-def generate(cfg: WanConfig, params, text: KV, num_blocks: int, key, *, pcfg: PipelineConfig | None = None,
+def generate(cfg: WanConfig, params, prompt, num_blocks: int, key, *, pcfg: PipelineConfig | None = None,
              latent_hw: tuple[int, int] = (60, 104), schedule: str | int = "P4", window: str = "bidirectional",
              mesh: Mesh | None = None) -> jax.Array:
-    """One-call cascade generation; see `Cascade` to reuse the compiled program."""
+    """One-call cascade generation; see `Cascade` to reuse the compiled program or to stream.
+
+    prompt: umT5 prompt embeddings [B, text_len, text_dim], or their `encode_text` K/V.
+    Returns latents [B, num_blocks * block_frames, H, W, C].
+    """
+    text = prompt if isinstance(prompt, KV) else encode_text(cfg, params, prompt)
     cas = Cascade(cfg, pcfg or PipelineConfig(), latent_hw, schedule, window, mesh)
     return cas.generate(params, text, num_blocks, key)

@@ -8,6 +8,8 @@ key token or not), and it stays small: [Qb, S] instead of [T, S].
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -46,13 +48,16 @@ def _attend_xla(q, k, v, key_mask):
 def _attend_fused(q, k, v, key_mask):
     # Fold query blocks into the batch so the mask is [B*Qb, 1, 1, S]: the fused kernel then
     # never sees a [T, S] mask. Keys are shared across a batch row's query blocks.
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return _attend_xla(q, k, v, key_mask)  # cuDNN flash attention is half precision only
     b, t, n, h = q.shape
-    if key_mask is None:
-        return jax.nn.dot_product_attention(q, k, v)
-    qb = key_mask.shape[1]
+    qb = 1 if key_mask is None else key_mask.shape[1]
     qr = q.reshape(b * qb, t // qb, n, h)
-    kr = jnp.repeat(k, qb, axis=0)
-    vr = jnp.repeat(v, qb, axis=0)
-    mask = jnp.broadcast_to(key_mask, (b, qb, k.shape[1])).reshape(b * qb, 1, 1, -1)
-    out = jax.nn.dot_product_attention(qr, kr, vr, mask=mask)
+    kr, vr = (jnp.repeat(a, qb, axis=0) if qb > 1 else a for a in (k, v))
+    mask = None if key_mask is None else jnp.broadcast_to(key_mask, (b, qb, k.shape[1])).reshape(b * qb, 1, 1, -1)
+    try:
+        out = jax.nn.dot_product_attention(qr, kr, vr, mask=mask, implementation="cudnn")
+    except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:  # no cuDNN, or a shape it refuses
+        warnings.warn(f"cuDNN attention unavailable ({e}); using the XLA path", stacklevel=2)
+        return _attend_xla(q, k, v, key_mask)
     return out.reshape(b, t, n, h)

@@ -1,0 +1,23 @@
+"""Pieces shared by the benchmarks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bcjax.model.kv_cache import KVCache
+
+VIDEO_FRAMES_PER_BLOCK = 12  # one block = 3 latent frames = 12 video frames (paper's FPS)
+
+
+def full_cache(cfg, pcfg, batch: int, tokens_per_frame: int, key) -> KVCache:
+    """A cache with every slot holding a frame (random K/V): the steady state of a long stream.
+
+    Shapes are static and attention is masked over the whole capacity, so a pass costs the same
+    however full the cache is; starting full skips filling it with real (slow) blocks.
+    """
+    cap = pcfg.cache_frames
+    shape = (cfg.num_layers, batch, cap * tokens_per_frame, cfg.num_heads, cfg.head_dim)
+    k1, k2 = jax.random.split(key)
+    return KVCache(jax.random.normal(k1, shape, cfg.compute_dtype), jax.random.normal(k2, shape, cfg.compute_dtype),
+                   jnp.arange(cap, dtype=jnp.int32))

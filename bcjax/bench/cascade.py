@@ -1,0 +1,168 @@
+"""Block Cascading vs the sequential pipeline: critical path, FLOPs per tick, wall time, 5-device model.
+
+    python -m bcjax.bench.cascade [--preset tiny|wan2.1-1.3b|wan2.1-14b] [--latent-hw H W]
+                                  [--port self_forcing] [--ticks N] [--dtype float32|bfloat16]
+                                  [--link-gbps 450]
+
+Everything is measured in one run on whatever `jax.devices()[0]` is:
+* critical path: dependent forward passes per emitted block in steady state (from the stagger);
+* FLOPs (XLA cost analysis) of a sequential cached pass, of a one-device batched tick and of one
+  stage's share of a sharded tick (its block's queries against cache + every in-flight block);
+* wall time per emitted block: sequential block function vs P2/P4 ticks batched on one device;
+* a per-stage tick (one block's pass with the other in-flight blocks' K/V as extra context),
+  from which the FPS of a cascade with one block per device is estimated, adding the per-layer
+  K/V all-gather at a stated link bandwidth. The model and its inputs are printed.
+FPS = 12 video frames / seconds per emitted block (one block = 3 latent frames = 12 frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import ports
+from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache
+from bcjax.cascade import Cascade
+from bcjax.model.config import WanConfig
+from bcjax.model.wan import KV, encode_text, forward, init_params
+from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
+from bcjax.schedule.stagger import make_stagger
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of fn() (which must block), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _flops(jitted, *args) -> float:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def run(args) -> dict:
+    port = ports.get(args.port)
+    pcfg = port.pipeline
+    cfg = WanConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+    hw = tuple(args.latent_hw)
+    p = cfg.tokens_per_frame(*hw)
+    bf, n = pcfg.block_frames, pcfg.num_steps
+    dev = jax.devices()[0]
+    key = jax.random.key(0)
+    print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"model: {args.preset} (dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.dtype}); "
+          f"port {port.name}: {n} steps, block {bf} frames, window {pcfg.window_frames} (sink {pcfg.sink_frames}); "
+          f"latents {hw[0]}x{hw[1]} = {p} tokens/frame, {bf * p} tokens/block")
+
+    print("\n== critical path: dependent forward passes per emitted block (steady state) ==")
+    print(f"  sequential: {n + 1} ({n} denoising + 1 clean pass)")
+    for sched in ("P1", "P2", "P4"):
+        st = make_stagger(sched, n)
+        print(f"  {sched}: {st.stride} (stride {st.stride}, {st.in_flight} blocks in flight; "
+              f"first block after {st.emit_stage + 1} passes, as sequential)")
+
+    params = init_params(cfg, key, hw)
+    text = encode_text(cfg, params, jax.random.normal(key, (1, cfg.text_len, cfg.text_dim)))
+    cache = full_cache(cfg, pcfg, 1, p, key)
+    x = jax.random.normal(key, (1, bf, *hw, cfg.in_channels))
+    frames = jnp.arange(bf) + pcfg.cache_frames
+
+    # one sequential pass over [full cache | block]
+    seq_pass = jax.jit(lambda prm, c, xx: cached_pass(cfg, prm, xx, jnp.full((1, bf), 500.0), text, c, frames)[0])
+    # one stage of a sharded P4 tick: its block's queries, keys = cache + all in-flight blocks
+    st4 = make_stagger("P4", n)
+    others = st4.num_slots - 1
+    extra = jax.random.normal(key, (cfg.num_layers, 1, others * bf * p, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
+
+    def stage_pass(prm, c, xx):
+        ctx = KV(jnp.concatenate([c.k, extra], axis=2), jnp.concatenate([c.v, extra], axis=2))
+        return forward(cfg, prm, xx, jnp.full((1, bf), 500.0), text, frames, ctx)[0]
+
+    stage_pass = jax.jit(stage_pass)
+    seq_pipe = SequentialPipeline(cfg, pcfg, hw)
+    cascades = {s: Cascade(cfg, pcfg, hw, s, "bidirectional") for s in ("P2", "P4")}
+
+    print("\n== FLOPs (XLA cost analysis) ==")
+    f_seq = _flops(seq_pass, params, cache, x)
+    f_stage = _flops(stage_pass, params, cache, x)
+    state = cascades["P4"].init_state(1)
+    f_tick = _flops(cascades["P4"]._step, params, text, key, jnp.int32(10 ** 6), state)
+    print(f"  sequential pass (block vs full cache):          {f_seq / 1e9:10.3f} GFLOP")
+    print(f"  P4 stage share (block vs cache + {others} blocks):    {f_stage / 1e9:10.3f} GFLOP = {f_stage / f_seq:.3f}x a sequential pass")
+    print(f"  P4 tick batched on one device ({st4.num_slots} blocks):     {f_tick / 1e9:10.3f} GFLOP = {f_tick / f_seq:.3f}x")
+
+    print("\n== wall time, steady state, same device ==")
+    t_pass = _time(lambda: jax.block_until_ready(seq_pass(params, cache, x)), args.repeats)
+    t_stage = _time(lambda: jax.block_until_ready(stage_pass(params, cache, x)), args.repeats)
+
+    seq_cache, block = jax.tree_util.tree_map(jnp.copy, cache), pcfg.cache_frames // bf
+    seq_times = []
+    for i in range(args.ticks + 1):  # the cache is full and rolls: steady state; first call warms up
+        t0 = time.perf_counter()
+        seq_cache, out = seq_pipe._block_fn(params, text, seq_cache, key, jnp.int32(block + i))
+        jax.block_until_ready(out)
+        seq_times.append(time.perf_counter() - t0)
+    t_seq_block = statistics.median(seq_times[1:])
+    rows = [("sequential (block fn: 4 + 1 passes)", t_seq_block, 1)]
+    for sched, cas in cascades.items():
+        # start at a steady-state tick: every slot busy, cache full (costs are shape-static)
+        steady = cas.stagger.num_stages + pcfg.cache_frames // bf
+        state = cas.init_state(1)._replace(
+            x=jax.random.normal(key, cas.init_state(1).x.shape), cache=jax.tree_util.tree_map(jnp.copy, cache),
+            tick=jnp.int32(steady))
+        nb = jnp.int32(10 ** 6)
+        ticks = []
+        for _ in range(args.ticks + 1):  # the first tick is a warm-up
+            t0 = time.perf_counter()
+            state, out = cas._step(params, text, key, nb, state)
+            jax.block_until_ready(out)
+            ticks.append(time.perf_counter() - t0)
+        rows.append((f"{sched} bidirectional, all blocks on one device (tick)", statistics.median(ticks[1:]),
+                     cas.stagger.stride))
+    print(f"  {'':52} {'ms/tick':>10} {'ms/block':>10} {'FPS':>8}")
+    print(f"  {'sequential pass (block vs full cache)':52} {1e3 * t_pass:10.1f}")
+    for label, t, stride in rows:
+        per_block = t * stride
+        print(f"  {label:52} {1e3 * t:10.1f} {1e3 * per_block:10.1f} {VIDEO_FRAMES_PER_BLOCK / per_block:8.2f}")
+    seq_fps = VIDEO_FRAMES_PER_BLOCK / t_seq_block
+
+    print("\n== one block per device: estimate from a measured per-stage pass ==")
+    item = jnp.dtype(cfg.compute_dtype).itemsize
+    gather_bytes = 2 * cfg.num_layers * others * bf * p * cfg.dim * item  # K and V of the other blocks, every layer
+    t_comm = gather_bytes / (args.link_gbps * 1e9)
+    print(f"  per-stage pass (measured): {1e3 * t_stage:.1f} ms; K/V all-gather per tick per device: "
+          f"2 x {cfg.num_layers} layers x {others} blocks x {bf * p} tokens x {cfg.dim} x {item} B = "
+          f"{gather_bytes / 1e6:.1f} MB -> {1e3 * t_comm:.2f} ms at {args.link_gbps:g} GB/s")
+    for label, t in (("comm overlapped", max(t_stage, t_comm)), ("comm serial", t_stage + t_comm)):
+        fps = VIDEO_FRAMES_PER_BLOCK / t
+        print(f"  P4 on {st4.num_slots} devices, {label}: {1e3 * t:.1f} ms/tick = {fps:.2f} FPS "
+              f"({fps / seq_fps:.2f}x sequential on one device: {seq_fps:.2f} FPS)")
+    return {"seq_fps": seq_fps, "t_stage": t_stage, "t_comm": t_comm, "f_seq": f_seq, "f_stage": f_stage, "f_tick": f_tick}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bcjax bench cascade", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", choices=WanConfig.preset_names())
+    ap.add_argument("--latent-hw", type=int, nargs=2, default=(8, 8), metavar=("H", "W"))
+    ap.add_argument("--port", default="self_forcing", choices=list(ports.NAMES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--ticks", type=int, default=5, help="steady-state ticks timed per schedule")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--link-gbps", type=float, default=450.0,
+                    help="per-device all-gather bandwidth for the 5-device estimate (H100 NVLink4 ~450 GB/s per direction)")
+    run(ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
