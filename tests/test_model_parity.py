@@ -20,8 +20,8 @@ def _inputs(cfg, frames=3, hw=(4, 6), seed=0):
 @pytest.mark.parametrize("timestep", [1000.0, 937.5, 0.0])
 def test_full_sequence_scalar_timestep(tiny_cfg, tiny_params, oracle, timestep):
     x, ctx = _inputs(tiny_cfg, frames=6)
+    ref = oracle(x, np.array([timestep], np.float32), ctx)  # diffusers' scalar-timestep path
     t = np.full((1, 6), timestep, np.float32)
-    ref = oracle(x, t, ctx)
     ours, _ = forward(tiny_cfg, tiny_params, jnp.asarray(x), jnp.asarray(t),
                       encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx)), jnp.arange(6))
     err = np.abs(np.asarray(ours) - ref).max()

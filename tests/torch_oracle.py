@@ -91,13 +91,15 @@ class DiffusersWan:
 
     @torch.no_grad()
     def __call__(self, x: np.ndarray, t: np.ndarray, context: np.ndarray, mask: np.ndarray | None = None):
-        """x [B, F, H, W, C], t [B, F] per-frame timesteps, context [B, Lt, text_dim],
+        """x [B, F, H, W, C], t [B] (one timestep per sample: diffusers' scalar path) or [B, F]
+        (per frame: expanded to diffusers' per-token path), context [B, Lt, text_dim],
         mask bool [L, L] over the F*h*w tokens. Returns the flow [B, F, H, W, C] as numpy."""
         b, f, hh, ww, _ = x.shape
         _, ph, pw = self.cfg.patch_size
         per_frame = (hh // ph) * (ww // pw)
         xt = torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 4, 1, 2, 3)))
-        tt = torch.from_numpy(np.repeat(np.asarray(t, np.float32), per_frame, axis=1))
+        t = np.asarray(t, np.float32)
+        tt = torch.from_numpy(t if t.ndim == 1 else np.repeat(t, per_frame, axis=1))
         self.processor.mask = None if mask is None else torch.from_numpy(np.asarray(mask, bool))
         out = self.model(xt, tt, torch.from_numpy(np.asarray(context, np.float32)), return_dict=False)[0]
         self.processor.mask = None
