@@ -1,0 +1,135 @@
+"""bcjax checkpoints: one orbax tree per model part, plus `config.json` (configs and provenance).
+
+    DST/
+      config.json        {"format": "bcjax", "parts": {"dit": {...WanConfig}, ...}, "provenance": {...}}
+      dit/  text/  vae/  orbax PyTree checkpoints (dtype preserved, bf16 stays bf16)
+      tokenizer/         the sentencepiece model, when a text encoder is bundled
+
+A checkpoint is written into a temporary folder beside DST and renamed into place, so a crash
+never leaves a half-written DST. `restore` reads a part straight onto a mesh (replicated by
+default): every process reads only the shards its devices hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+FORMAT = "bcjax"
+
+
+def _parts():
+    """part name -> (config class, function cfg -> parameter ShapeDtypeStruct tree)."""
+    from bcjax.model.config import WanConfig
+    from bcjax.model.wan import param_shapes as dit_shapes
+    from bcjax.text.umt5 import UMT5Config
+    from bcjax.text.umt5 import param_shapes as text_shapes
+
+    parts = {"dit": (WanConfig, dit_shapes), "text": (UMT5Config, text_shapes)}
+    try:
+        from bcjax.vae.wan_vae import VAEConfig
+        from bcjax.vae.wan_vae import param_shapes as vae_shapes
+
+        parts["vae"] = (VAEConfig, vae_shapes)
+    except ImportError:  # the VAE port is optional for DiT-only checkpoints
+        pass
+    return parts
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls, data: Mapping):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; the checkpoint's config.json is from another version")
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default
+        kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def save(dst: str, parts: Mapping[str, tuple], provenance: Mapping, *, files: Mapping[str, str] | None = None,
+         overwrite: bool = False) -> None:
+    """Write a checkpoint atomically.
+
+    parts: {"dit": (WanConfig, params), "text": (UMT5Config, params), "vae": (VAEConfig, params)};
+    files: {relative name in DST: source path} copied alongside (e.g. the tokenizer model).
+    """
+    known = _parts()
+    for name, (cfg, params) in parts.items():
+        if name not in known:
+            raise ValueError(f"unknown checkpoint part {name!r}; known: {sorted(known)}")
+        expected = jax.tree_util.tree_map(lambda s: (tuple(s.shape), s.dtype), known[name][1](cfg))
+        got = jax.tree_util.tree_map(lambda a: (tuple(a.shape), a.dtype), params)
+        if expected != got:
+            raise ValueError(f"part {name!r}: parameters do not match its config {cfg}")
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".bcjax-", dir=parent)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        for name, (_, params) in parts.items():
+            ckptr.save(os.path.join(tmp, name), params)
+        ckptr.wait_until_finished()
+        for rel, src in (files or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
+            shutil.copyfile(src, os.path.join(tmp, rel))
+        meta = {
+            "format": FORMAT,
+            "parts": {name: config_to_dict(cfg) for name, (cfg, _) in parts.items()},
+            "provenance": {**provenance, "bcjax": metadata.version("bcjax"),
+                           "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        }
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_config(path: str) -> dict:
+    """config.json of a bcjax checkpoint, with each part's config as its dataclass."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path} is not a bcjax checkpoint: no config.json (convert one with `bcjax convert`)")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    known = _parts()
+    meta["configs"] = {name: config_from_dict(known[name][0], data) for name, data in meta["parts"].items()}
+    return meta
+
+
+def restore(path: str, part: str = "dit", *, mesh=None, spec: P = P()):
+    """(config, params) of one part, restored onto `mesh` with PartitionSpec `spec` (default:
+    replicated, what the cascade's `stage` axis wants) or onto the default device."""
+    meta = read_config(path)
+    if part not in meta["configs"]:
+        raise ValueError(f"{path} holds parts {sorted(meta['configs'])}; no {part!r}")
+    cfg = meta["configs"][part]
+    shapes = _parts()[part][1](cfg)
+    sharding = NamedSharding(mesh, spec) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    return cfg, ocp.StandardCheckpointer().restore(os.path.join(path, part), target)
