@@ -117,13 +117,35 @@ def _generate(args) -> int:
 
     if args.devices > jax.device_count():
         raise ValueError(f"--devices {args.devices}: only {jax.device_count()} device(s) available")
+    if args.checkpoint:
+        return _generate_video(args)
     port, cfg, params, text, key = _setup(args)
     print(f"bcjax generate: {args.preset} random-weight model, {port.name} sampling, {args.blocks} blocks "
-          f"(checkpoint loading arrives with `bcjax convert`)")
+          f"(pass --checkpoint for a converted model and an mp4)")
     latents, _ = _run(cfg, port, params, text, key, args, args.schedule, args.window)
     if args.out:
         _save_atomic(args.out, latents)
         print(f"latents [B, F, H, W, C] {tuple(latents.shape)} written to {args.out}")
+    return 0
+
+
+def _generate_video(args) -> int:
+    import ports
+    from bcjax.cascade import make_mesh
+    from bcjax.pipeline.t2v import TextToVideo
+
+    if not args.prompt:
+        raise ValueError("--checkpoint needs --prompt")
+    if not args.out or not args.out.lower().endswith(".mp4"):
+        raise ValueError(f"--checkpoint writes a video: --out must name an .mp4 file (got {args.out!r})")
+    if not os.path.isdir(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such folder (make one with `bcjax convert`)")
+    mesh = make_mesh(args.devices) if args.devices > 1 else None
+    t2v = TextToVideo(args.checkpoint, ports.get(args.port).pipeline, tuple(args.size), args.schedule, args.window, mesh)
+    t = t2v.write_mp4(args.prompt, args.blocks, args.out, seed=args.seed)
+    print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | encode {t['encode_s']:.2f} s | "
+          f"denoise {t['denoise_fps']:.2f} FPS | decode {t['decode_s']:.2f} s | end-to-end {t['end_to_end_fps']:.2f} FPS | "
+          f"first frame after {t['first_frame_s']:.2f} s")
     return 0
 
 
@@ -148,21 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_info)
 
     def common(s, blocks):
-        s.add_argument("--blocks", type=_positive, default=blocks)
+        s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=blocks)
         s.add_argument("--port", default="self_forcing", help="sampling preset: self_forcing, causvid, longlive, krea_14b")
         s.add_argument("--preset", default="tiny", help="model shape: tiny, wan2.1-1.3b, wan2.1-14b (random weights)")
         s.add_argument("--latent-hw", type=_positive, nargs=2, default=(8, 8), metavar=("H", "W"))
         s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--out", help="write the latents here (.npy, written atomically)")
+        s.add_argument("--out", help="output: latents .npy (random weights) or .mp4 (--checkpoint); written atomically")
         s.add_argument("-v", "--verbose", action="store_true", help="print every block's latency")
 
     s = sub.add_parser("demo", help="sequential vs cascade on the tiny model: timings and agreement")
     common(s, 8)
     s.set_defaults(fn=_demo)
 
-    s = sub.add_parser("generate", help="generate latents with the sequential pipeline or a cascade")
+    s = sub.add_parser("generate", help="text to video from a converted checkpoint (or latents from random weights)")
     common(s, 8)
+    s.add_argument("--checkpoint", help="a bcjax checkpoint folder from `bcjax convert` (dit + text + vae + tokenizer)")
+    s.add_argument("--prompt", help="the text prompt (with --checkpoint)")
+    s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
+                   help="video size in pixels (with --checkpoint)")
     s.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
     s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
     s.set_defaults(fn=_generate)
@@ -178,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ValueError as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
         print(f"bcjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,123 @@
+"""Text to video, entirely in JAX: umT5 encode -> DiT (sequential or cascade) -> streamed VAE decode -> mp4.
+
+Each block's latents are decoded as soon as the denoiser emits them (the VAE carries its causal
+conv caches between blocks), so frames reach the mp4 while later blocks are still denoising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from bcjax import checkpoint
+from bcjax.cascade.cascade import Cascade
+from bcjax.model.wan import KV, encode_text
+from bcjax.pipeline.config import PipelineConfig
+from bcjax.pipeline.sequential import SequentialPipeline
+from bcjax.pipeline.video import Mp4Writer, to_uint8
+from bcjax.text.tokenizer import load_tokenizer, tokenize
+from bcjax.text.umt5 import prompt_embeddings
+from bcjax.vae.wan_vae import decode_step, init_decode_state
+
+VIDEO_FPS = 16  # Wan2.1's frame rate
+
+
+@dataclasses.dataclass
+class TextToVideo:
+    """A bcjax checkpoint (dit + text + vae + tokenizer, from `bcjax convert`) ready to generate.
+
+    >>> t2v = TextToVideo("ckpt/", PipelineConfig(), video_hw=(480, 832), schedule="P4")
+    >>> timings = t2v.write_mp4("a fox in the snow", num_blocks=7, seed=0, path="fox.mp4")
+    """
+
+    path: str
+    pcfg: PipelineConfig
+    video_hw: tuple[int, int] = (480, 832)
+    schedule: str = "sequential"
+    window: str = "bidirectional"
+    mesh: object = None
+
+    def __post_init__(self):
+        meta = checkpoint.read_config(self.path)
+        missing = [p for p in ("dit", "text", "vae") if p not in meta["configs"]]
+        if missing:
+            raise ValueError(f"checkpoint {self.path} lacks part(s) {missing}; text-to-video needs dit, text and vae "
+                             "(bcjax convert --text-encoder ... --vae ... --tokenizer ...)")
+        self.dit_cfg, self.dit = checkpoint.restore(self.path, "dit", mesh=self.mesh)
+        self.text_cfg, self.text = checkpoint.restore(self.path, "text")
+        self.vae_cfg, self.vae = checkpoint.restore(self.path, "vae")
+        if self.text_cfg.d_model != self.dit_cfg.text_dim or self.text_cfg.text_len != self.dit_cfg.text_len:
+            raise ValueError(f"text encoder gives [{self.text_cfg.text_len}, {self.text_cfg.d_model}] embeddings; the DiT "
+                             f"expects [{self.dit_cfg.text_len}, {self.dit_cfg.text_dim}]")
+        if self.vae_cfg.z_dim != self.dit_cfg.in_channels:
+            raise ValueError(f"VAE has {self.vae_cfg.z_dim} latent channels; the DiT has {self.dit_cfg.in_channels}")
+        self.tokenizer = load_tokenizer(os.path.join(self.path, "tokenizer"))
+        h, w = self.video_hw
+        scale = self.vae_cfg.spatial_scale * self.dit_cfg.patch_size[1]
+        if h % scale or w % scale:
+            raise ValueError(f"video size {h}x{w} must be a multiple of {scale} (VAE stride x DiT patch)")
+        self.latent_hw = (h // self.vae_cfg.spatial_scale, w // self.vae_cfg.spatial_scale)
+        if self.schedule == "sequential":
+            self.denoiser = SequentialPipeline(self.dit_cfg, self.pcfg, self.latent_hw)
+        else:
+            self.denoiser = Cascade(self.dit_cfg, self.pcfg, self.latent_hw, self.schedule, self.window, self.mesh)
+        self._embed = jax.jit(lambda p, ids, mask: prompt_embeddings(self.text_cfg, p, ids, mask))
+
+    def encode(self, prompt: str) -> KV:
+        ids, mask = tokenize(self.tokenizer, prompt, self.text_cfg.text_len)
+        return encode_text(self.dit_cfg, self.dit, self._embed(self.text, ids, mask))
+
+    def _latent_blocks(self, text: KV, num_blocks: int, key) -> Iterator[jax.Array]:
+        if isinstance(self.denoiser, SequentialPipeline):
+            yield from self.denoiser.blocks(self.dit, text, key, num_blocks)
+        else:
+            for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks):
+                yield x0
+
+    def frames(self, prompt: str, num_blocks: int, seed: int = 0, timings: dict | None = None) -> Iterator[np.ndarray]:
+        """Yield uint8 video frames [T, H, W, 3] block by block (the first block: 1 + 4*(F-1) frames)."""
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        text = jax.block_until_ready(self.encode(prompt))
+        timings["encode_s"] = time.perf_counter() - t0
+        state = init_decode_state(self.vae_cfg, 1, self.latent_hw)
+        timings.update(denoise_s=0.0, decode_s=0.0, blocks=0)
+        blocks = self._latent_blocks(text, num_blocks, jax.random.key(seed))
+        while True:
+            t1 = time.perf_counter()
+            x0 = next(blocks, None)
+            if x0 is None:
+                break
+            jax.block_until_ready(x0)
+            t2 = time.perf_counter()
+            state, video = decode_step(self.vae_cfg, self.vae, state, x0)
+            if timings["blocks"] == 0:
+                video = video[:, self.vae_cfg.first_chunk_padding:]
+            out = to_uint8(video[0])
+            t3 = time.perf_counter()
+            timings["denoise_s"] += t2 - t1
+            timings["decode_s"] += t3 - t2
+            timings["blocks"] += 1
+            timings.setdefault("first_frame_s", t3 - t0)
+            yield out
+
+    def write_mp4(self, prompt: str, num_blocks: int, path: str, seed: int = 0, progress: bool = True) -> dict:
+        """Generate and write an mp4; returns timings (seconds) and FPS figures."""
+        from tqdm import tqdm
+
+        timings: dict = {}
+        t0 = time.perf_counter()
+        with Mp4Writer(path, fps=VIDEO_FPS) as writer:
+            for frames in tqdm(self.frames(prompt, num_blocks, seed, timings), total=num_blocks, unit="block",
+                               disable=not progress, desc=f"{self.schedule}"):
+                writer.write(frames)
+        timings["total_s"] = time.perf_counter() - t0
+        timings["frames"] = writer.frames
+        timings["denoise_fps"] = 12 * num_blocks / timings["denoise_s"]
+        timings["end_to_end_fps"] = writer.frames / timings["total_s"]
+        return timings
