@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bcjax.text.umt5 import UMT5Config, param_shapes
+from checkpoints_conv.io import read_state_dict as read_pth  # a .pth -> {name: numpy}, bf16 kept
 
 
 class _Transform(NamedTuple):
@@ -65,22 +65,6 @@ def convert_transformers(state_dict: Mapping[str, np.ndarray], cfg: UMT5Config):
 def convert_wan(state_dict: Mapping[str, np.ndarray], cfg: UMT5Config):
     """Wan2.1 T5Encoder state dict {name: array} -> bcjax.text.umt5 parameter tree."""
     return _convert(state_dict, cfg, "wan")
-
-
-def read_pth(path: str | Path) -> dict[str, np.ndarray]:
-    """A torch `.pth` state dict as {name: numpy}; bf16 stays bf16 (ml_dtypes) without a copy."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"umT5 checkpoint {path} does not exist")
-    import torch
-
-    def to_numpy(t):
-        t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bf16; reinterpret the bits
-            return t.view(torch.int16).numpy().view(jnp.bfloat16)
-        return t.numpy()
-
-    return {k: to_numpy(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
 
 
 def load_wan(path: str | Path, cfg: UMT5Config):

@@ -151,3 +151,40 @@ def _unflatten(flat: dict[str, np.ndarray]):
             node = node.setdefault(p, {})
         node[leaf] = value
     return tree
+
+
+def infer_config(state: Mapping, **overrides) -> WanConfig:
+    """A WanConfig read off a DiT state dict's shapes, in any of the layouts we convert.
+
+    Works on the original, Self-Forcing/CausVid (nested, `model.` prefixed), Krea and diffusers
+    layouts: it only looks for the patch embedding, the text embedding, the FFN and the block count.
+    overrides: fields the weights cannot tell: num_heads (Wan2.1 uses 128-channel heads, the
+    default), text_len, dtype, param_dtype, attention.
+    """
+    flat = dict(_flatten(state))
+    patch = _find(flat, ("patch_embedding.weight",))
+    text = _find(flat, ("text_embedding.0.weight", "text_embedder.linear_1.weight"))
+    ffn = _find(flat, ("blocks.0.ffn.0.weight", "blocks.0.ffn.net.0.proj.weight"))
+    head = _find(flat, ("head.head.weight", "proj_out.weight"))
+    layers = {int(m.group(1)) for k in flat for m in [re.search(r"(?:^|\.)blocks\.(\d+)\.", k)] if m}
+    dim, in_channels = int(patch.shape[0]), int(patch.shape[1])
+    pt, ph, pw = (int(s) for s in patch.shape[2:5])
+    fields = dict(dim=dim, ffn_dim=int(ffn.shape[0]), num_heads=max(1, dim // 128), num_layers=max(layers) + 1,
+                  in_channels=in_channels, out_channels=int(head.shape[0]) // (pt * ph * pw), patch_size=(pt, ph, pw),
+                  text_dim=int(text.shape[1]))
+    return WanConfig(**{**fields, **overrides})
+
+
+def _flatten(state: Mapping, prefix: str = ""):
+    for k, v in state.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _find(flat: Mapping, suffixes: tuple[str, ...]):
+    for key, value in flat.items():
+        if any(key == s or key.endswith("." + s) for s in suffixes):
+            return np.asarray(value) if not hasattr(value, "shape") else value
+    raise ValueError(f"cannot tell the model's shape: no key ending in {' or '.join(suffixes)}")

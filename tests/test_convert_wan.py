@@ -61,3 +61,18 @@ def test_bf16_is_preserved(tiny_cfg, sd_np):
 
     params = wan_conv.convert(sd_np, dataclasses.replace(tiny_cfg, param_dtype="bfloat16"))
     assert params["blocks"]["ffn_0"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_config_is_inferred_from_any_layout(tiny_cfg, sd_np):
+    import torch
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    overrides = dict(num_heads=2, text_len=tiny_cfg.text_len, attention=tiny_cfg.attention)
+    assert wan_conv.infer_config(sd_np, **overrides) == tiny_cfg
+    nested = {"generator_ema": {"model." + k: v for k, v in sd_np.items()}}
+    assert wan_conv.infer_config(nested, **overrides) == tiny_cfg
+    diffusers_sd = convert_wan_transformer_to_diffusers({k: torch.from_numpy(v) for k, v in sd_np.items()})
+    assert wan_conv.infer_config({k: v.numpy() for k, v in diffusers_sd.items()}, **overrides) == tiny_cfg
+    assert wan_conv.infer_config(sd_np).num_heads == 1  # Wan's 128-channel heads: 64 // 128 -> at least 1
+    with pytest.raises(ValueError, match="no key ending in patch_embedding.weight"):
+        wan_conv.infer_config({"x.weight": np.zeros(3)})

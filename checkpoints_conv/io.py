@@ -1,0 +1,219 @@
+"""Reading upstream checkpoint files into {name: numpy array}, bf16 kept as bf16 (ml_dtypes).
+
+- `.safetensors`: the header is parsed here (8-byte little-endian length, JSON header, raw
+  buffer) and every tensor is a read-only view of one memory map of the file, because
+  safetensors' own numpy backend has no bf16 (`data type 'bfloat16' not understood`).
+- `.pt` / `.pth` / `.bin`: `torch.load(map_location="cpu", weights_only=True)`, torch imported
+  only here; nested dicts (`{"generator": {...}, "step": 600}`) keep their nesting, tensors
+  become numpy (bf16 reinterpreted bit for bit, never through float32).
+- a folder: every `*.safetensors` shard named by its `*.safetensors.index.json` (HF / diffusers
+  sharding), or the folder's `.safetensors` files when it has no index.
+
+`nested(state, "generator")` walks into such a tree and names the keys it found when one is
+missing.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+# safetensors dtype tag -> numpy dtype (https://github.com/huggingface/safetensors, format spec)
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype(bool),
+}
+
+
+def load(path: str | Path):
+    """A checkpoint file or sharded folder as a (possibly nested) dict whose tensors are numpy."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _read_safetensors_folder(path)
+    if path.name.endswith(".safetensors"):
+        return _read_safetensors(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return _read_torch(path)
+    raise ValueError(
+        f"checkpoint {path}: unknown extension {path.suffix or '(none)'!r}; "
+        f"expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a folder of .safetensors shards"
+    )
+
+
+def read_state_dict(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
+    """A flat state dict {name: numpy} from a file or sharded folder; `keys` walk into a nested
+    checkpoint first (`read_state_dict("model.pt", "generator")`)."""
+    state = nested(load(path), *keys, source=path)
+    bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
+    if bad:
+        where = f"{path}" + "".join(f"[{k!r}]" for k in keys)
+        raise ValueError(
+            f"{where} is not a flat state dict: entries {bad[:10]} are {type(state[bad[0]]).__name__}, not tensors; "
+            f"pick one with read_state_dict(path, key)"
+        )
+    return dict(state)
+
+
+def nested(state, *keys: str, source=None):
+    """state[keys[0]][keys[1]]...; a missing key raises a KeyError listing the keys that exist."""
+    node = state
+    for depth, key in enumerate(keys):
+        if not isinstance(node, Mapping) or key not in node:
+            have = sorted(map(str, node)) if isinstance(node, Mapping) else type(node).__name__
+            where = f"{source}" if source is not None else "checkpoint"
+            where += "".join(f"[{k!r}]" for k in keys[:depth])
+            raise KeyError(f"{where} has no key {key!r}; its keys: {shorten(have)}")
+        node = node[key]
+    return node
+
+
+def top_keys(state) -> list[str]:
+    """The sorted top-level keys of a checkpoint, for error messages."""
+    return sorted(map(str, state)) if isinstance(state, Mapping) else []
+
+
+def is_flat(state) -> bool:
+    """True when every value of the mapping is an array (a state dict, not a checkpoint of them)."""
+    return isinstance(state, Mapping) and len(state) > 0 and all(_is_array(v) for v in state.values())
+
+
+def checkpoint_and_source(path_or_state):
+    """(checkpoint tree with numpy tensors, its name for messages) from a path or a loaded dict."""
+    if isinstance(path_or_state, (str, Path)):
+        return load(path_or_state), Path(path_or_state)
+    if isinstance(path_or_state, Mapping):
+        return as_numpy(path_or_state), "(in-memory dict)"
+    raise TypeError(f"expected a checkpoint path or a dict, got {type(path_or_state).__name__}")
+
+
+def as_numpy(tree):
+    """Turn torch tensors anywhere in a nested dict into numpy (bf16 stays bf16); numpy passes."""
+    if isinstance(tree, Mapping):
+        return {k: as_numpy(v) for k, v in tree.items()}
+    if type(tree).__module__.startswith("torch") and hasattr(tree, "detach"):
+        return _torch_to_numpy(tree)
+    return tree
+
+
+def shorten(items, n: int = 20) -> str:
+    """repr of a list cut to its first n items, for error messages."""
+    if isinstance(items, str):
+        return items
+    items = list(items)
+    return repr(items[:n])[:-1] + (f", ... {len(items) - n} more]" if len(items) > n else "]")
+
+
+def _is_array(v) -> bool:
+    return isinstance(v, np.ndarray) or (type(v).__module__.startswith("torch") and hasattr(v, "detach"))
+
+
+# ---- safetensors -----------------------------------------------------------------------------
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"safetensors file {path} is truncated ({size} bytes; no header length)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ValueError(f"safetensors file {path} is truncated: header of {n} bytes, file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"safetensors file {path} has a header that is not JSON: {e}") from None
+    header.pop("__metadata__", None)
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 8 + n else np.zeros(0, np.uint8)
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        tag = info.get("dtype")
+        if tag not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"safetensors file {path}: tensor {name} has dtype {tag!r}, not one of {sorted(_SAFETENSORS_DTYPES)}")
+        dtype, shape = _SAFETENSORS_DTYPES[tag], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - begin != count * dtype.itemsize or 8 + n + end > size:
+            raise ValueError(
+                f"safetensors file {path}: tensor {name} ({tag} {list(shape)}) spans bytes [{begin}, {end}) "
+                f"of a {size - 8 - n}-byte buffer; expected {count * dtype.itemsize} bytes"
+            )
+        out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).reshape(shape)
+    return out
+
+
+def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise ValueError(f"checkpoint folder {folder} has {len(indexes)} index files {[p.name for p in indexes]}; expected one")
+    if indexes:
+        index = json.loads(indexes[0].read_text())
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, Mapping):
+            raise ValueError(f"{indexes[0]} has no 'weight_map'")
+        out: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"shard {folder / shard} named by {indexes[0].name} does not exist")
+            tensors = _read_safetensors(folder / shard)
+            wanted = [k for k, s in weight_map.items() if s == shard]
+            absent = [k for k in wanted if k not in tensors]
+            if absent:
+                raise ValueError(f"shard {folder / shard} lacks {shorten(absent)}, which {indexes[0].name} places there")
+            out.update({k: tensors[k] for k in wanted})
+        return out
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"checkpoint folder {folder} has no .safetensors files and no *.safetensors.index.json")
+    out = {}
+    for shard in shards:
+        tensors = _read_safetensors(shard)
+        twice = sorted(set(tensors) & set(out))
+        if twice:
+            raise ValueError(f"checkpoint folder {folder}: keys {shorten(twice)} appear in more than one shard and there is no index")
+        out.update(tensors)
+    return out
+
+
+# ---- torch -----------------------------------------------------------------------------------
+
+
+def _read_torch(path: Path):
+    import torch
+
+    try:  # zip-format files map lazily; the legacy format cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    return as_numpy(obj)
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    # numpy has no bf16 / fp8: reinterpret the bits as the ml_dtypes type of the same width
+    bits = {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+    }
+    if t.dtype in bits:
+        as_int, np_dtype = bits[t.dtype]
+        return t.view(as_int).numpy().view(np_dtype)
+    return t.numpy()
