@@ -1,4 +1,4 @@
-"""The `bcjax` command line: info, demo, generate, bench."""
+"""The `bcjax` command line: info, demo, generate, convert, bench."""
 
 from __future__ import annotations
 
@@ -144,8 +144,28 @@ def _generate_video(args) -> int:
     t2v = TextToVideo(args.checkpoint, ports.get(args.port).pipeline, tuple(args.size), args.schedule, args.window, mesh)
     t = t2v.write_mp4(args.prompt, args.blocks, args.out, seed=args.seed)
     print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | encode {t['encode_s']:.2f} s | "
-          f"denoise {t['denoise_fps']:.2f} FPS | decode {t['decode_s']:.2f} s | end-to-end {t['end_to_end_fps']:.2f} FPS | "
+          f"denoise {t['denoise_fps']:.2f} FPS steady (first block {t['denoise_s'][0]:.2f} s incl. compile) | "
+          f"decode {sum(t['decode_s']):.2f} s | end-to-end {t['end_to_end_fps']:.2f} FPS | "
           f"first frame after {t['first_frame_s']:.2f} s")
+    return 0
+
+
+def _convert(args) -> int:
+    from checkpoints_conv.bundle import convert_bundle
+
+    for flag in ("src", "lora", "text_encoder", "tokenizer", "vae"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag.replace('_', '-')} {path}: no such file or folder")
+    summary = convert_bundle(
+        args.layout, args.src, args.dst, lora=args.lora, lora_alpha=args.lora_alpha, ema=args.ema,
+        num_heads=args.num_heads, dtype=args.dtype, text_encoder=args.text_encoder, text_layout=args.text_layout,
+        text_preset=args.text_preset, tokenizer=args.tokenizer, vae=args.vae, vae_preset=args.vae_preset,
+        overwrite=args.overwrite)
+    cfg = summary["dit_config"]
+    parts = ", ".join(f"{k} {v / 1e6:.1f}M params" for k, v in summary["parts"].items())
+    print(f"wrote {summary['dst']}: {parts}; DiT dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
+          f"{cfg.param_dtype} | {summary['seconds']:.1f} s, peak host memory {summary['peak_rss_gb']:.2f} GB")
     return 0
 
 
@@ -193,6 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
     s.set_defaults(fn=_generate)
 
+    s = sub.add_parser("convert", help="upstream checkpoint files -> a bcjax checkpoint folder")
+    s.add_argument("--from", dest="layout", required=True,
+                   choices=["wan", "self-forcing", "causvid", "longlive", "krea", "diffusers"])
+    s.add_argument("src", help="the DiT checkpoint (file, or folder for diffusers/sharded safetensors)")
+    s.add_argument("dst", help="the bcjax checkpoint folder to write (atomically)")
+    s.add_argument("--lora", help="LongLive: the LoRA file merged into the base at conversion")
+    s.add_argument("--lora-alpha", type=float, help="LongLive: LoRA alpha (default: LongLive's recorded 256)")
+    s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="take generator_ema (default: Self-Forcing yes, CausVid/LongLive no)")
+    s.add_argument("--num-heads", type=_positive, help="attention heads (default: dim / 128, as every Wan2.1)")
+    s.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"], help="parameter dtype")
+    s.add_argument("--text-encoder", help="umT5 encoder weights (Wan .pth or transformers files) to bundle")
+    s.add_argument("--text-layout", default="wan", choices=["wan", "transformers"])
+    s.add_argument("--text-preset", default="umt5-xxl", help="UMT5Config preset (umt5-xxl, tiny)")
+    s.add_argument("--tokenizer", help="umT5 sentencepiece model (file or folder holding spiece.model)")
+    s.add_argument("--vae", help="Wan2.1 VAE weights (Wan .pth or diffusers files) to bundle")
+    s.add_argument("--vae-preset", default="wan2.1", help="VAEConfig preset (wan2.1, tiny)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_convert)
+
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
     s.add_argument("what", choices=["sequential", "cascade"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
@@ -204,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
-        print(f"bcjax {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"bcjax {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -161,7 +161,7 @@ def infer_config(state: Mapping, **overrides) -> WanConfig:
     overrides: fields the weights cannot tell: num_heads (Wan2.1 uses 128-channel heads, the
     default), text_len, dtype, param_dtype, attention.
     """
-    flat = dict(_flatten(state))
+    flat = dict(flat_items(state))
     patch = _find(flat, ("patch_embedding.weight",))
     text = _find(flat, ("text_embedding.0.weight", "text_embedder.linear_1.weight"))
     ffn = _find(flat, ("blocks.0.ffn.0.weight", "blocks.0.ffn.net.0.proj.weight"))
@@ -175,10 +175,11 @@ def infer_config(state: Mapping, **overrides) -> WanConfig:
     return WanConfig(**{**fields, **overrides})
 
 
-def _flatten(state: Mapping, prefix: str = ""):
+def flat_items(state: Mapping, prefix: str = ""):
+    """(dotted key, leaf) pairs of a nested checkpoint dict."""
     for k, v in state.items():
         if isinstance(v, Mapping):
-            yield from _flatten(v, f"{prefix}{k}.")
+            yield from flat_items(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
 

@@ -1,32 +1,65 @@
 """Text to video end to end on a tiny checkpoint: the CLI writes a playable mp4 of the right size."""
 
+import dataclasses
+
 import imageio_ffmpeg
 import jax
+import numpy as np
 import pytest
 
 from bcjax import checkpoint
 from bcjax.cli import main
 from bcjax.text.umt5 import UMT5Config
-from bcjax.text.umt5 import init_params as text_init
 from bcjax.vae.wan_vae import VAEConfig
-from bcjax.vae.wan_vae import init_params as vae_init
 
 SENTENCES = ["a red fox runs through the snow", "the cat sits on a warm mat", "waves crash on a rocky shore",
              "a small boat drifts at sunset", "two birds sing in a green tree"]
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tiny_cfg, tiny_params):
+def sources(tmp_path_factory, tiny_cfg, wan_sd):
+    """Tiny upstream-layout files: a Self-Forcing .pt DiT, a transformers umT5, a diffusers VAE, a tokenizer."""
     spm = pytest.importorskip("sentencepiece")
-    folder = tmp_path_factory.mktemp("t2v")
+    import torch
+    import transformers
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("sources")
     prefix = folder / "spiece"
     spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_prefix=str(prefix), vocab_size=60,
                                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
-    tcfg, vcfg = UMT5Config.preset("tiny"), VAEConfig.preset("tiny")
-    parts = {"dit": (tiny_cfg, tiny_params), "text": (tcfg, text_init(tcfg, jax.random.key(1))),
-             "vae": (vcfg, vae_init(vcfg, jax.random.key(2)))}
-    dst = folder / "ckpt"
-    checkpoint.save(str(dst), parts, {"layout": "test"}, files={"tokenizer/spiece.model": str(prefix) + ".model"})
+    torch.save({"generator_ema": {"model." + k: v for k, v in wan_sd.items()}}, folder / "self_forcing.pt")
+    t = UMT5Config.preset("tiny")
+    torch.manual_seed(0)
+    umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=t.vocab_size, d_model=t.d_model, num_layers=t.num_layers, num_heads=t.num_heads, d_kv=t.d_kv,
+        d_ff=t.d_ff, feed_forward_proj="gated-gelu", relative_attention_num_buckets=t.num_buckets,
+        relative_attention_max_distance=t.max_distance, layer_norm_epsilon=t.eps))
+    save_file({k: v.contiguous() for k, v in umt5.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              folder / "umt5.safetensors")
+    v = VAEConfig.preset("tiny")
+    vae = AutoencoderKLWan(base_dim=v.base_dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult), num_res_blocks=v.num_res_blocks,
+                           temperal_downsample=list(v.temperal_downsample), latents_mean=list(v.latents_mean),
+                           latents_std=list(v.latents_std))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folder / "vae.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(sources, tiny_cfg, tiny_params):
+    dst = sources / "ckpt"
+    rc = main(["convert", "--from", "self-forcing", str(sources / "self_forcing.pt"), str(dst), "--num-heads", "2",
+               "--text-encoder", str(sources / "umt5.safetensors"), "--text-layout", "transformers",
+               "--text-preset", "tiny", "--tokenizer", str(sources), "--vae", str(sources / "vae.safetensors"),
+               "--vae-preset", "tiny"])
+    assert rc == 0
+    meta = checkpoint.read_config(str(dst))
+    assert meta["configs"]["dit"] == dataclasses.replace(tiny_cfg, attention="auto")
+    assert meta["provenance"]["layout"] == "self-forcing" and set(meta["configs"]) == {"dit", "text", "vae"}
+    _, dit = checkpoint.restore(str(dst), "dit")
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), dit, tiny_params)
+    assert all(jax.tree_util.tree_leaves(same))
     return dst
 
 
@@ -64,3 +97,19 @@ def test_bad_paths_and_flags_are_named(tiny_checkpoint, tmp_path, capsys):
     assert not list(tmp_path.glob("*.mp4"))
     with pytest.raises(SystemExit):
         main(["generate", "--schedule", "P3"])
+
+
+def test_convert_errors_are_named(sources, tmp_path, capsys):
+    pt = str(sources / "self_forcing.pt")
+    cases = [
+        (["--from", "self-forcing", str(tmp_path / "missing.pt"), str(tmp_path / "o")], "no such file"),
+        (["--from", "longlive", pt, str(tmp_path / "o")], "--lora is required"),
+        (["--from", "self-forcing", pt, str(tmp_path / "o"), "--text-encoder", str(sources / "umt5.safetensors")],
+         "go together"),
+        (["--from", "causvid", pt, str(tmp_path / "o")], "generator"),  # CausVid wants 'generator', the file has _ema
+        (["--from", "wan", pt, str(tmp_path / "o")], "unexpected key generator_ema"),
+    ]
+    for args, message in cases:
+        assert main(["convert", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "o").exists()
