@@ -217,3 +217,15 @@ def _torch_to_numpy(t) -> np.ndarray:
         as_int, np_dtype = bits[t.dtype]
         return t.view(as_int).numpy().view(np_dtype)
     return t.numpy()
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: a converter's flat output as a parameter tree."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from bcjax.text.umt5 import UMT5Config, param_shapes
+from checkpoints_conv import io
 from checkpoints_conv.io import read_state_dict as read_pth  # a .pth -> {name: numpy}, bf16 kept
 
 
@@ -120,15 +121,5 @@ def _convert(state_dict, cfg: UMT5Config, layout: str):
     out = {path: _TOP[path][2].convert(value).astype(dtype) for path, (_, value) in top.items()}
     for path, row in _BLOCK.items():
         out["blocks/" + path] = np.stack([row[2].convert(blocks[path][i]) for i in range(n)]).astype(dtype)
-    return _unflatten(out)
+    return io.unflatten(out)
 
-
-def _unflatten(flat: dict[str, np.ndarray]):
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree

@@ -15,6 +15,7 @@ import numpy as np
 
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import param_shapes
+from checkpoints_conv import io
 
 
 def _linear(w):  # torch Linear [out, in] -> Dense kernel [in, out]
@@ -139,18 +140,8 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str
         head = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise ValueError(f"checkpoint does not match the Wan config ({len(errors)} problems):\n  {head}{more}")
-    return _unflatten(out)
+    return io.unflatten(out)
 
-
-def _unflatten(flat: dict[str, np.ndarray]):
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def infer_config(state: Mapping, **overrides) -> WanConfig:

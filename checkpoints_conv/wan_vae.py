@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from bcjax.vae.wan_vae import VAEConfig, param_shapes
+from checkpoints_conv import io
 
 
 class _Rule(NamedTuple):
@@ -183,7 +184,7 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: VAEConfig, *, layout: str
         raise ValueError(
             f"{layout}-layout VAE checkpoint does not match {_describe(cfg)} ({len(errors)} problems):\n  {head}{more}"
         )
-    return _unflatten(out)
+    return io.unflatten(out)
 
 
 def convert_diffusers(state_dict, cfg: VAEConfig, **kwargs):
@@ -195,13 +196,3 @@ def convert_wan(state_dict, cfg: VAEConfig, **kwargs):
     """Wan's own VAE `.pth` state dict -> bcjax tree (see `convert`)."""
     return convert(state_dict, cfg, layout="wan", **kwargs)
 
-
-def _unflatten(flat: dict[str, np.ndarray]):
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree

@@ -6,6 +6,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from bcjax.presets import check_dtypes, from_preset
+
 _PRESETS: dict[str, dict] = {
     # Self-Forcing, CausVid, LongLive (paper.md §2.1).
     "wan2.1-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
@@ -46,15 +48,11 @@ class WanConfig:
             raise ValueError(f"patch_size {self.patch_size}: per-frame timesteps need a temporal patch of 1")
         if self.attention not in ("auto", "xla", "cudnn"):
             raise ValueError(f"attention={self.attention!r}: expected 'auto', 'xla' or 'cudnn'")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected float32, bfloat16 or float16")
+        check_dtypes(self)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "WanConfig":
-        if name not in _PRESETS:
-            raise ValueError(f"unknown WanConfig preset {name!r}; known: {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        return from_preset(cls, _PRESETS, name, overrides)
 
     @staticmethod
     def preset_names() -> list[str]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcjax.model.layers import RMSNorm
+from bcjax.presets import check_dtypes, from_preset
 
 F32 = jnp.float32
 
@@ -54,15 +55,11 @@ class UMT5Config:
             raise ValueError(f"num_buckets {self.num_buckets} must be divisible by 4 (two directions, exact + log halves)")
         if self.max_distance <= self.num_buckets // 4:
             raise ValueError(f"max_distance {self.max_distance} must exceed num_buckets // 4 = {self.num_buckets // 4}")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected float32, bfloat16 or float16")
+        check_dtypes(self)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> UMT5Config:
-        if name not in _PRESETS:
-            raise ValueError(f"unknown UMT5Config preset {name!r}; known: {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        return from_preset(cls, _PRESETS, name, overrides)
 
     @staticmethod
     def preset_names() -> list[str]:

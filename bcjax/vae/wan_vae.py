@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bcjax.presets import check_dtypes, from_preset
+
 F32 = jnp.float32
 
 # Wan2.1's per-channel latent statistics (Wan `WanVAE.mean/std`, diffusers' AutoencoderKLWan defaults).
@@ -78,15 +80,11 @@ class VAEConfig:
             raise ValueError(f"latents_std must be positive; got {self.latents_std}")
         if self.num_res_blocks < 1 or self.base_dim < 1:
             raise ValueError(f"base_dim={self.base_dim}, num_res_blocks={self.num_res_blocks}: both must be >= 1")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected float32, bfloat16 or float16")
+        check_dtypes(self)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VAEConfig":
-        if name not in _PRESETS:
-            raise ValueError(f"unknown VAEConfig preset {name!r}; known: {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        return from_preset(cls, _PRESETS, name, overrides)
 
     @staticmethod
     def preset_names() -> list[str]:
