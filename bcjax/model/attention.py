@@ -46,15 +46,18 @@ def _attend_xla(q, k, v, key_mask):
 
 
 def _attend_fused(q, k, v, key_mask):
-    # Fold query blocks into the batch so the mask is [B*Qb, 1, 1, S]: the fused kernel then
-    # never sees a [T, S] mask. Keys are shared across a batch row's query blocks.
+    # Fold query blocks into the batch (keys repeated per query block) so each batch row has
+    # one block's queries and that block's key mask.
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return _attend_xla(q, k, v, key_mask)  # cuDNN flash attention is half precision only
     b, t, n, h = q.shape
     qb = 1 if key_mask is None else key_mask.shape[1]
     qr = q.reshape(b * qb, t // qb, n, h)
     kr, vr = (jnp.repeat(a, qb, axis=0) if qb > 1 else a for a in (k, v))
-    mask = None if key_mask is None else jnp.broadcast_to(key_mask, (b, qb, k.shape[1])).reshape(b * qb, 1, 1, -1)
+    # cuDNN wants its bias as [batch, 1, T, S] (no broadcast over T), so the block's key mask is
+    # expanded over the block's queries: one bias per query block, not per head.
+    mask = None if key_mask is None else jnp.broadcast_to(
+        key_mask[:, :, None, :], (b, qb, t // qb, k.shape[1])).reshape(b * qb, 1, t // qb, -1)
     try:
         out = jax.nn.dot_product_attention(qr, kr, vr, mask=mask, implementation="cudnn")
     except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:  # no cuDNN, or a shape it refuses
