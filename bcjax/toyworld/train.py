@@ -1,0 +1,359 @@
+"""Block-causal flow-matching training of a tiny Wan DiT on the toy world (teacher forcing, clean context).
+
+One forward per video over `[clean blocks 0..N-1 | noisy blocks 0..N-1]`: both halves carry the
+same absolute RoPE frame ids, clean frames run at t = context_noise and each noisy block at its
+own sigma. Under `teacher_forcing_mask` a noisy block sees the clean blocks before it and itself,
+a clean block the clean blocks up to itself: exactly what block b sees at sampling time (the KV
+cache of finished blocks, then its own tokens), so one pass trains every block of the video.
+The loss is the MSE of the flow v = eps - x0 on the noisy half. Noisy-block sigmas come mostly
+from the few-step sampler's table (PipelineConfig().sigmas = [1, 0.9375, 0.8333, 0.625]), the
+rest shifted-uniform, so the model is good where the real few-step x0/re-noise sampler queries it.
+
+    python -m bcjax.toyworld.train --out /tmp/toyrun --steps 2000
+
+Restarting with the same --out continues from the last checkpoint. The folder holds
+`run.json` (configs), `ckpt/` (orbax: params, optimizer state, step, loss history), `model/`
+(the final DiT as a bcjax checkpoint, `bcjax.checkpoint.restore`-able), `loss.png`, `summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import time
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bcjax.model.config import WanConfig
+from bcjax.model.wan import encode_text, forward, init_params
+from bcjax.pipeline.config import PipelineConfig
+from bcjax.toyworld.world import WorldConfig, sample_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. num_blocks: blocks per training video; table_prob: fraction of noisy
+    blocks whose sigma is drawn from the sampler's table (the rest: shifted-uniform)."""
+
+    steps: int = 2000
+    batch: int = 8
+    num_blocks: int = 5
+    lr: float = 1e-3
+    warmup: int = 100
+    end_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    table_prob: float = 0.75
+    seed: int = 0
+    checkpoint_every: int = 250
+
+
+def toy_model_config(world: WorldConfig, **overrides) -> WanConfig:
+    """A tiny Wan DiT for the toy world: patch (1, 2, 2) -> 64 tokens per 16x16 frame, head_dim 32."""
+    base = dict(dim=96, ffn_dim=256, num_heads=3, num_layers=3, in_channels=world.channels,
+                out_channels=world.channels, text_dim=world.text_dim, text_len=world.text_len, attention="xla")
+    return WanConfig(**{**base, **overrides})
+
+
+# -- the teacher-forcing forward (pure functions) ----------------------------------------------
+
+def visible_frames(pcfg: PipelineConfig, num_frames: int) -> np.ndarray:
+    """bool [F, F]: the clean frames (keys) the block of frame q attends to at sampling time when it
+    is written to the cache: its own block, the sink frames, and the newest cache_frames -
+    sink_frames finished frames before its block (the [sink | rolling window] cache)."""
+    bf, sink, rolling = pcfg.block_frames, pcfg.sink_frames, pcfg.cache_frames - pcfg.sink_frames
+    q = np.arange(num_frames)[:, None]
+    k = np.arange(num_frames)[None, :]
+    start = (q // bf) * bf
+    own = (start <= k) & (k < start + bf)
+    return own | ((k < start) & ((k < sink) | (k >= start - rolling)))
+
+
+def teacher_forcing_mask(pcfg: PipelineConfig, num_blocks: int, tokens_per_frame: int) -> np.ndarray:
+    """bool [1, 2N, 2F*P] key mask of one forward over [clean blocks | noisy blocks] (F = N*bf frames).
+
+    Query block c < N (clean block c) sees the clean frames visible to it (blocks <= c within the
+    window); query block N + b (noisy block b) sees the clean frames before its block within the
+    window, and its own noisy block: the sampler's [cache | own tokens].
+    """
+    bf = pcfg.block_frames
+    f = num_blocks * bf
+    vis = visible_frames(pcfg, f)
+    own = (np.arange(f)[:, None] // bf) == (np.arange(f)[None, :] // bf)
+    clean_q = np.concatenate([vis, np.zeros_like(vis)], 1)
+    noisy_q = np.concatenate([vis & ~own, own], 1)
+    block_rows = np.concatenate([clean_q, noisy_q], 0)[::bf]  # frames of a block share one row
+    return np.repeat(block_rows, tokens_per_frame, axis=1)[None]
+
+
+def teacher_forced_flow(cfg: WanConfig, pcfg: PipelineConfig, params, x0, x_t, t_noisy, text):
+    """Flow prediction on the noisy half of one [clean | noisy] forward.
+
+    x0, x_t [B, F, H, W, C] clean and noised latents (F a multiple of block_frames); t_noisy [B, F]
+    timesteps of the noisy frames; text: encode_text(...). Returns [B, F, H, W, C] float32.
+    """
+    b, f, hh, ww, _ = x0.shape
+    nb = f // pcfg.block_frames
+    mask = jnp.asarray(teacher_forcing_mask(pcfg, nb, cfg.tokens_per_frame(hh, ww)))
+    seq = jnp.concatenate([x0, x_t], axis=1)
+    t = jnp.concatenate([jnp.full((b, f), pcfg.context_noise, jnp.float32), t_noisy.astype(jnp.float32)], axis=1)
+    flow, _ = forward(cfg, params, seq, t, text, jnp.tile(jnp.arange(f), 2), None, mask)
+    return flow[:, f:]
+
+
+def sample_sigmas(key, shape, pcfg: PipelineConfig, table_prob: float):
+    """(sigma, timestep) float32 [*shape]: from the sampler's table with prob table_prob, else
+    shifted-uniform (sigma = shift u / (1 + (shift - 1) u)), timestep = 1000 sigma."""
+    k_pick, k_idx, k_u = jax.random.split(key, 3)
+    table_s, table_t = jnp.asarray(pcfg.sigmas), jnp.asarray(pcfg.timesteps)
+    idx = jax.random.randint(k_idx, shape, 0, len(pcfg.sigmas))
+    u = jax.random.uniform(k_u, shape)
+    s_u = pcfg.shift * u / (1.0 + (pcfg.shift - 1.0) * u)
+    pick = jax.random.uniform(k_pick, shape) < table_prob
+    return jnp.where(pick, table_s[idx], s_u), jnp.where(pick, table_t[idx], 1000.0 * s_u)
+
+
+def flow_loss(cfg: WanConfig, pcfg: PipelineConfig, table_prob: float, params, x0, context, key):
+    """MSE of the flow (eps - x0) on the noisy blocks. x0 [B, F, H, W, C]; context [B, Lt, text_dim]."""
+    b, f = x0.shape[:2]
+    bf = pcfg.block_frames
+    k_sig, k_eps = jax.random.split(key)
+    sigma, t = sample_sigmas(k_sig, (b, f // bf), pcfg, table_prob)
+    # [batch, frames] per-frame sigma / timestep of each frame's block
+    sigma_f, t_f = (jnp.repeat(a, bf, axis=1) for a in (sigma, t))
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    s = sigma_f[:, :, None, None, None]
+    x_t = (1.0 - s) * x0 + s * eps
+    text = encode_text(cfg, params, context)
+    flow = teacher_forced_flow(cfg, pcfg, params, x0, x_t, t_f, text)
+    return jnp.mean((flow - (eps - x0)) ** 2)
+
+
+# -- optimisation ------------------------------------------------------------------------------
+
+class TrainState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    step: jax.Array  # int32 []
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tcfg.lr, min(tcfg.warmup, max(tcfg.steps - 1, 1)), max(tcfg.steps, 2), tcfg.lr * tcfg.end_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=tcfg.weight_decay))
+
+
+def init_state(cfg: WanConfig, tcfg: TrainConfig) -> TrainState:
+    params = init_params(cfg, jax.random.key(tcfg.seed))
+    return TrainState(params, make_optimizer(tcfg).init(params), jnp.int32(0))
+
+
+@functools.lru_cache(maxsize=4)
+def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
+    """jitted (state, x0, context, key) -> (state, loss); the state is donated. Cached per config,
+    so a resumed session in the same process reuses the compiled step."""
+    opt = make_optimizer(tcfg)
+    loss_fn = partial(flow_loss, cfg, pcfg, tcfg.table_prob)
+
+    def step(state: TrainState, x0, context, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x0, context, key)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def batch_for_step(world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig, step: int):
+    """The data and noise key of a step depend only on (seed, step): a resumed run sees what an
+    uninterrupted one would."""
+    rng = np.random.default_rng([tcfg.seed, step])
+    x0, ctx = sample_batch(rng, world, tcfg.batch, tcfg.num_blocks * pcfg.block_frames)
+    return jnp.asarray(x0), jnp.asarray(ctx), jax.random.fold_in(jax.random.key(tcfg.seed + 1), step)
+
+
+# -- the run folder ----------------------------------------------------------------------------
+
+def _run_dict(world, cfg, pcfg, tcfg) -> dict:
+    return {name: dataclasses.asdict(c) for name, c in
+            (("world", world), ("model", cfg), ("pipeline", pcfg), ("train", tcfg))}
+
+
+def _from_dict(cls, data: dict):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in data.items()})
+
+
+def load_run(out: str):
+    """(world, cfg, pcfg, tcfg) of a run folder, from its run.json."""
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    return (_from_dict(WorldConfig, run["world"]), _from_dict(WanConfig, run["model"]),
+            _from_dict(PipelineConfig, run["pipeline"]), _from_dict(TrainConfig, run["train"]))
+
+
+def _checkpoint_manager(out: str):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(out), "ckpt"),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+                                 item_names=("state", "meta"))
+
+
+def save_state(mngr, state: TrainState, losses: list[float], extra: dict | None = None) -> None:
+    import orbax.checkpoint as ocp
+
+    step = int(state.step)
+    meta = {"step": step, "losses": [float(x) for x in losses[:step]], **(extra or {})}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=True)
+    mngr.wait_until_finished()
+
+
+def restore_state(mngr, cfg: WanConfig, tcfg: TrainConfig):
+    """(state, meta) of the newest checkpoint, or None when the folder holds none."""
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    abstract = jax.eval_shape(lambda: init_state(cfg, tcfg))
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                     meta=ocp.args.JsonRestore()))
+    return TrainState(*got["state"]), dict(got["meta"])
+
+
+def export_model(out: str, cfg: WanConfig, params, world: WorldConfig, tcfg: TrainConfig, step: int) -> str:
+    """The trained DiT as a bcjax checkpoint folder out/model (provenance: world and train configs)."""
+    from bcjax.checkpoint import save
+
+    path = os.path.join(out, "model")
+    save(path, {"dit": (cfg, params)}, {"source": "bcjax.toyworld.train", "step": step,
+                                         "world": dataclasses.asdict(world), "train": dataclasses.asdict(tcfg)},
+         overwrite=True)
+    return path
+
+
+def plot_losses(path: str, losses) -> None:
+    from bcjax.toyworld.png import line_plot, write_png
+
+    y = np.asarray(losses, np.float64)
+    if not y.size:
+        return
+    w = max(1, len(y) // 25)  # trailing mean over 4% of the run (shorter at the start)
+    csum = np.concatenate([[0.0], np.cumsum(y)])
+    lo = np.maximum(np.arange(1, len(y) + 1) - w, 0)
+    mean = (csum[1:] - csum[lo]) / (np.arange(1, len(y) + 1) - lo)
+    write_png(path, line_plot({"loss": y, "mean": mean}, log_y=True, colours=((170, 200, 230), (20, 70, 160))))
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig,
+          progress: bool = True, until: int | None = None) -> dict:
+    """Train (or resume) into `out` up to tcfg.steps (or stop, checkpointed, at step `until`, as an
+    interrupted session would); returns the summary also written to out/summary.json."""
+    from tqdm.auto import tqdm
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(_run_dict(world, cfg, pcfg, tcfg), f, indent=2)
+    mngr = _checkpoint_manager(out)
+    restored = restore_state(mngr, cfg, tcfg)
+    if restored is None:
+        state, losses, prior_wall = init_state(cfg, tcfg), [], 0.0
+    else:
+        state, meta = restored
+        losses, prior_wall = list(meta["losses"]), float(meta.get("wall_s", 0.0))
+    # Restored arrays come back committed to a device; commit fresh ones too, so a fresh and a
+    # resumed session in one process share one compiled step.
+    state = jax.device_put(state, jax.devices()[0])
+    start = int(state.step)
+    step_fn = make_train_step(cfg, pcfg, tcfg)
+    t_begin = time.perf_counter()
+    step_times = []
+    stop = tcfg.steps if until is None else min(until, tcfg.steps)
+    bar = tqdm(total=tcfg.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, stop):
+            x0, ctx, key = batch_for_step(world, pcfg, tcfg, step)
+            t0 = time.perf_counter()
+            state, loss = step_fn(state, x0, ctx, key)
+            loss = float(loss)  # blocks: the step time below is the real one
+            step_times.append(time.perf_counter() - t0)
+            losses.append(loss)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1e3 * step_times[-1]:.0f}")
+            done = step + 1
+            if done % tcfg.checkpoint_every == 0 or done == stop:
+                save_state(mngr, state, losses, {"wall_s": prior_wall + time.perf_counter() - t_begin})
+                plot_losses(os.path.join(out, "loss.png"), losses)
+    finally:
+        bar.close()
+    wall = prior_wall + time.perf_counter() - t_begin
+    if int(state.step) > start or not os.path.isdir(os.path.join(out, "model")):
+        export_model(out, cfg, state.params, world, tcfg, int(state.step))
+        plot_losses(os.path.join(out, "loss.png"), losses)
+    steady = step_times[1:] or step_times
+    head = np.mean(losses[:10]) if losses else float("nan")
+    tail = np.mean(losses[-50:]) if losses else float("nan")
+    summary = {
+        "steps": int(state.step), "resumed_from": start, "batch": tcfg.batch, "num_blocks": tcfg.num_blocks,
+        "ms_per_step": 1e3 * float(np.median(steady)) if steady else None,
+        "first_step_s (compile)": step_times[0] if step_times else None,
+        "wall_s (all sessions)": wall,
+        "loss_first10": float(head), "loss_last50": float(tail),
+        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
+        "model_bytes": dir_size(os.path.join(out, "model")), "ckpt_bytes": dir_size(os.path.join(out, "ckpt")),
+    }
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder; an existing one is resumed")
+    p.add_argument("--steps", type=int, help="total optimisation steps (default 2000)")
+    for name, typ in (("batch", int), ("blocks", int), ("lr", float), ("warmup", int), ("seed", int),
+                      ("table-prob", float), ("checkpoint-every", int), ("dim", int), ("ffn-dim", int),
+                      ("heads", int), ("layers", int)):
+        p.add_argument(f"--{name}", type=typ)
+    p.add_argument("--until", type=int, help="stop (checkpointed) at this step; rerun to continue")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    train_args = {"steps": a.steps, "batch": a.batch, "num_blocks": a.blocks, "lr": a.lr, "warmup": a.warmup,
+                  "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every}
+    model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers}
+    train_args = {k: v for k, v in train_args.items() if v is not None}
+    model_args = {k: v for k, v in model_args.items() if v is not None}
+    if os.path.isfile(os.path.join(a.out, "run.json")):
+        # Resuming: the run's configs stand; a flag may only restate them (or change --steps etc.).
+        world, cfg, pcfg, tcfg = load_run(a.out)
+        clash = {k: (getattr(cfg, k), v) for k, v in model_args.items() if getattr(cfg, k) != v}
+        if clash:
+            raise SystemExit(f"run {a.out} was started with model {({k: c[0] for k, c in clash.items()})}; "
+                             f"got {({k: c[1] for k, c in clash.items()})} (use a new --out)")
+        tcfg = dataclasses.replace(tcfg, **train_args)
+    else:
+        world, pcfg = WorldConfig(), PipelineConfig()
+        cfg, tcfg = toy_model_config(world, **model_args), TrainConfig(**train_args)
+    summary = train(a.out, world, cfg, pcfg, tcfg, progress=not a.no_progress, until=a.until)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
