@@ -27,6 +27,7 @@ from bcjax.toyworld.world import (
 WORLD = WorldConfig()
 # The tests' world: 8x8 canvas, 2x2 sprites -> 16 tokens per frame, so the model tests stay fast.
 SMALL = WorldConfig(size=8, sprite=2, text_len=12)
+# Two layers: a clean block's layer-2 K/V depend on what its layer-1 queries were allowed to see.
 SMALL_CFG = tw.toy_model_config(SMALL, dim=32, ffn_dim=64, num_heads=2, num_layers=2)
 SMALL_TCFG = tw.TrainConfig(steps=40, batch=2, num_blocks=2, lr=3e-3, warmup=2, checkpoint_every=2)
 _teacher_forced_flow = jax.jit(tw.teacher_forced_flow, static_argnums=(0, 1))
@@ -147,7 +148,7 @@ def test_training_forward_equals_kv_cached_passes(pcfg, num_blocks):
 
 def test_sigmas_come_from_the_sampler_table():
     pcfg = PipelineConfig()
-    s, t = tw.sample_sigmas(jax.random.key(0), (4000,), pcfg, 0.75)
+    s, t = jax.jit(tw.sample_sigmas, static_argnums=(1, 2, 3))(jax.random.key(0), (4000,), pcfg, 0.75)
     s, t = np.asarray(s), np.asarray(t)
     on_table = np.isin(s, pcfg.sigmas)
     assert 0.7 < on_table.mean() < 0.8

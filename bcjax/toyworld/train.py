@@ -9,7 +9,7 @@ The loss is the MSE of the flow v = eps - x0 on the noisy half. Noisy-block sigm
 from the few-step sampler's table (PipelineConfig().sigmas = [1, 0.9375, 0.8333, 0.625]), the
 rest shifted-uniform, so the model is good where the real few-step x0/re-noise sampler queries it.
 
-    python -m bcjax.toyworld.train --out /tmp/toyrun --steps 2000
+    python -m bcjax.toyworld.train --out /tmp/toyrun --steps 1800 --time-limit 1140
 
 Restarting with the same --out continues from the last checkpoint. The folder holds
 `run.json` (configs), `ckpt/` (orbax: params, optimizer state, step, loss history), `model/`
@@ -43,23 +43,27 @@ class TrainConfig:
     """Optimisation settings. num_blocks: blocks per training video; table_prob: fraction of noisy
     blocks whose sigma is drawn from the sampler's table (the rest: shifted-uniform)."""
 
-    steps: int = 2000
-    batch: int = 8
-    num_blocks: int = 5
-    lr: float = 1e-3
+    steps: int = 1800
+    batch: int = 2
+    num_blocks: int = 4
+    lr: float = 2e-3
     warmup: int = 100
     end_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     table_prob: float = 0.75
     seed: int = 0
-    checkpoint_every: int = 250
+    checkpoint_every: int = 200
 
 
 def toy_model_config(world: WorldConfig, **overrides) -> WanConfig:
-    """A tiny Wan DiT for the toy world: patch (1, 2, 2) -> 64 tokens per 16x16 frame, head_dim 32."""
-    base = dict(dim=96, ffn_dim=256, num_heads=3, num_layers=3, in_channels=world.channels,
-                out_channels=world.channels, text_dim=world.text_dim, text_len=world.text_len, attention="xla")
+    """A tiny Wan DiT for the toy world: patch (1, 2, 2) -> 64 tokens per 16x16 frame, head_dim 32.
+
+    Sized for the 20-minute, 2-core CPU budget: attention over the [clean | noisy] sequence
+    (2 x 12 frames x 64 tokens) dominates the step, so heads and layers cost, width barely does.
+    """
+    base = {"dim": 64, "ffn_dim": 256, "num_heads": 2, "num_layers": 2, "in_channels": world.channels,
+            "out_channels": world.channels, "text_dim": world.text_dim, "text_len": world.text_len, "attention": "xla"}
     return WanConfig(**{**base, **overrides})
 
 
@@ -260,13 +264,19 @@ def dir_size(path: str) -> int:
 
 
 def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig,
-          progress: bool = True, until: int | None = None) -> dict:
-    """Train (or resume) into `out` up to tcfg.steps (or stop, checkpointed, at step `until`, as an
-    interrupted session would); returns the summary also written to out/summary.json."""
+          progress: bool = True, until: int | None = None, time_limit: float | None = None) -> dict:
+    """Train (or resume) into `out` up to tcfg.steps; stop early, checkpointed and exported, at step
+    `until` (as an interrupted session would) or once this session has run `time_limit` seconds.
+    Returns the summary also written to out/summary.json."""
     from tqdm.auto import tqdm
 
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "run.json"), "w") as f:
+    run_json = os.path.join(out, "run.json")
+    if os.path.isfile(run_json):
+        for name, was, now in zip(("world", "model", "pipeline"), load_run(out), (world, cfg, pcfg)):
+            if was != now:
+                raise ValueError(f"run {out} was started with {name} config {was}; got {now} (use a new folder)")
+    with open(run_json, "w") as f:
         json.dump(_run_dict(world, cfg, pcfg, tcfg), f, indent=2)
     mngr = _checkpoint_manager(out)
     restored = restore_state(mngr, cfg, tcfg)
@@ -297,9 +307,20 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1e3 * step_times[-1]:.0f}")
             done = step + 1
-            if done % tcfg.checkpoint_every == 0 or done == stop:
+            out_of_time = time_limit is not None and time.perf_counter() - t_begin > time_limit
+            if done % tcfg.checkpoint_every == 0 or done == stop or out_of_time:
                 save_state(mngr, state, losses, {"wall_s": prior_wall + time.perf_counter() - t_begin})
                 plot_losses(os.path.join(out, "loss.png"), losses)
+            if out_of_time:
+                print(f"stopping at step {done}: this session ran past --time-limit {time_limit:.0f}s")
+                break
+    except KeyboardInterrupt:  # keep what was done; rerunning continues from here
+        try:
+            if int(state.step) > start:
+                save_state(mngr, state, losses, {"wall_s": prior_wall + time.perf_counter() - t_begin})
+        except (RuntimeError, ValueError, OSError) as e:  # e.g. a donated state deleted mid-dispatch
+            print(f"could not checkpoint the interrupted step ({e}); resuming starts from the last checkpoint")
+        raise
     finally:
         bar.close()
     wall = prior_wall + time.perf_counter() - t_begin
@@ -310,7 +331,9 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     head = np.mean(losses[:10]) if losses else float("nan")
     tail = np.mean(losses[-50:]) if losses else float("nan")
     summary = {
-        "steps": int(state.step), "resumed_from": start, "batch": tcfg.batch, "num_blocks": tcfg.num_blocks,
+        "steps": int(state.step), "planned_steps": tcfg.steps, "resumed_from": start, "batch": tcfg.batch,
+        "num_blocks": tcfg.num_blocks,
+        "session_wall_s": time.perf_counter() - t_begin,
         "ms_per_step": 1e3 * float(np.median(steady)) if steady else None,
         "first_step_s (compile)": step_times[0] if step_times else None,
         "wall_s (all sessions)": wall,
@@ -326,17 +349,19 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder; an existing one is resumed")
-    p.add_argument("--steps", type=int, help="total optimisation steps (default 2000)")
+    p.add_argument("--steps", type=int, help="total optimisation steps (default 1800)")
     for name, typ in (("batch", int), ("blocks", int), ("lr", float), ("warmup", int), ("seed", int),
                       ("table-prob", float), ("checkpoint-every", int), ("dim", int), ("ffn-dim", int),
-                      ("heads", int), ("layers", int)):
+                      ("heads", int), ("layers", int), ("patch", int)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--until", type=int, help="stop (checkpointed) at this step; rerun to continue")
+    p.add_argument("--time-limit", type=float, help="stop (checkpointed) after this many seconds of this session")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     train_args = {"steps": a.steps, "batch": a.batch, "num_blocks": a.blocks, "lr": a.lr, "warmup": a.warmup,
                   "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every}
-    model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers}
+    model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers,
+                  "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
     train_args = {k: v for k, v in train_args.items() if v is not None}
     model_args = {k: v for k, v in model_args.items() if v is not None}
     if os.path.isfile(os.path.join(a.out, "run.json")):
@@ -350,7 +375,7 @@ def main(argv=None) -> dict:
     else:
         world, pcfg = WorldConfig(), PipelineConfig()
         cfg, tcfg = toy_model_config(world, **model_args), TrainConfig(**train_args)
-    summary = train(a.out, world, cfg, pcfg, tcfg, progress=not a.no_progress, until=a.until)
+    summary = train(a.out, world, cfg, pcfg, tcfg, progress=not a.no_progress, until=a.until, time_limit=a.time_limit)
     print(json.dumps(summary, indent=2))
     return summary
 
