@@ -91,24 +91,25 @@ def _run(cfg, port, params, text, key, args, schedule, window):
 
 
 def _demo(args) -> int:
-    import jax
-    import jax.numpy as jnp
+    from bcjax.toyworld import demo
 
-    port, cfg, params, text, key = _setup(args)
-    print(f"bcjax demo: {args.preset} random-weight Wan DiT ({cfg.num_layers} layers, dim {cfg.dim}), {port.name} "
-          f"sampling ({port.pipeline.num_steps} steps, window {port.pipeline.window_frames}, sink "
-          f"{port.pipeline.sink_frames}), latents {args.latent_hw[0]}x{args.latent_hw[1]}, {args.blocks} blocks, "
-          f"on {jax.default_backend()} ({jax.device_count()} device(s))")
-    print("(random weights until the toy-world checkpoint ships: this shows speed and agreement, not video)")
-    seq, t_seq = _run(cfg, port, params, text, key, args, "sequential", None)
-    p1, _ = _run(cfg, port, params, text, key, args, "P1", "causal")
-    p4, t_p4 = _run(cfg, port, params, text, key, args, "P4", "bidirectional")
-    print(f"P1-causal vs sequential: max |diff| {float(jnp.abs(p1 - seq).max()):.2e} (exact up to float order)")
-    print(f"P4-bidirectional vs sequential: max |diff| {float(jnp.abs(p4 - seq).max()):.3f} "
-          f"(different context by design); P4 on one device is {t_seq / t_p4:.2f}x sequential per block")
-    if args.out:
-        _save_atomic(args.out, p4)
-        print(f"P4 latents [B, F, H, W, C] written to {args.out}")
+    demo.run(out=args.out, report=args.report, checkpoint=args.checkpoint, prompts=args.prompts, blocks=args.blocks,
+             seed=args.seed, devices=args.devices)
+    return 0
+
+
+def _stream(args) -> int:
+    from bcjax.toyworld import demo
+
+    demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint, blocks=args.blocks, schedule=args.schedule,
+                    window=args.window, policy=args.policy, seed=args.seed, devices=args.devices)
+    return 0
+
+
+def _eval(args) -> int:
+    from bcjax.toyworld import evaluate
+
+    evaluate.main(args.rest)
     return 0
 
 
@@ -199,9 +200,34 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", help="output: latents .npy (random weights) or .mp4 (--checkpoint); written atomically")
         s.add_argument("-v", "--verbose", action="store_true", help="print every block's latency")
 
-    s = sub.add_parser("demo", help="sequential vs cascade on the tiny model: timings and agreement")
-    common(s, 8)
+    s = sub.add_parser("demo", help="the shipped toy-world model: sequential vs cascade as a labelled mp4 + report")
+    s.add_argument("--out", default="bcjax-demo.mp4", help="the video (written atomically)")
+    s.add_argument("--report", help="markdown report (default: beside the video, .md)")
+    s.add_argument("--checkpoint", help="a toy-world checkpoint or training run (default: the shipped one)")
+    s.add_argument("--prompts", type=_positive, default=3)
+    s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=10,
+                   help="blocks generated after the given first block")
+    s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
+    s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_demo)
+
+    s = sub.add_parser("stream", help="toy world: a stream whose prompt switches between blocks, appended to an mp4")
+    s.add_argument("--prompts", required=True,
+                   help="prompt schedule 'PROMPT@BLOCK;...', e.g. 'red east fast@0;red west slow@5' (block ids; block 0 = the image)")
+    s.add_argument("--out", default="bcjax-stream.mp4")
+    s.add_argument("--checkpoint", help="a toy-world checkpoint (default: the shipped one)")
+    s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=12)
+    s.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
+    s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
+    s.add_argument("--policy", default="no-recache", choices=["no-recache", "recache"], help="KV cache at a switch")
+    s.add_argument("--devices", type=_positive, default=1)
+    s.add_argument("--seed", type=int, default=0, help="noise and the sprites' start positions")
+    s.set_defaults(fn=_stream)
+
+    s = sub.add_parser("eval", help="quality harness (`bcjax eval toyworld --help`)")
+    s.add_argument("what", choices=["toyworld"])
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the harness")
+    s.set_defaults(fn=_eval)
 
     s = sub.add_parser("generate", help="text to video from a converted checkpoint (or latents from random weights)")
     common(s, 8)
@@ -234,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_convert)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential", "cascade", "convert"])
+    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p

@@ -11,83 +11,101 @@ from bcjax.pipeline import PipelineConfig, SequentialPipeline, cached_pass
 from bcjax.toyworld import train as tw
 from bcjax.toyworld.png import line_plot, read_png, write_png
 from bcjax.toyworld.world import (
-    VOCAB,
+    SPEEDS,
     WorldConfig,
     parse_prompt,
     positions,
     prompt_embedding,
     prompt_text,
-    prompt_tokens,
     read_positions,
     render,
     sample_batch,
     sample_scene,
 )
 
-WORLD = WorldConfig()
-# The tests' world: 8x8 canvas, 2x2 sprites -> 16 tokens per frame, so the model tests stay fast.
-SMALL = WorldConfig(size=8, sprite=2, text_len=12)
+WORLD = WorldConfig(size=16, sprite=4, frames_per_step=1)  # a world step every frame
+# The tests' world: 8x8 canvas (walls included), 2x2 sprites -> 16 tokens per frame, so the model tests stay fast.
+SMALL = WorldConfig(size=8, sprite=2)
 # Two layers: a clean block's layer-2 K/V depend on what its layer-1 queries were allowed to see.
 SMALL_CFG = tw.toy_model_config(SMALL, dim=32, ffn_dim=64, num_heads=2, num_layers=2)
-SMALL_TCFG = tw.TrainConfig(steps=40, batch=2, num_blocks=2, lr=3e-3, warmup=2, checkpoint_every=2)
-_teacher_forced_flow = jax.jit(tw.teacher_forced_flow, static_argnums=(0, 1))
+SMALL_TCFG = tw.TrainConfig(steps=40, batch=2, context_blocks=2, lr=3e-3, warmup=2, checkpoint_every=2)
 _cached_pass = jax.jit(cached_pass, static_argnums=0)
 
 
-def test_the_prompt_determines_the_video():
+def test_the_prompt_and_first_block_determine_the_video():
     rng = np.random.default_rng(0)
     for _ in range(20):
         scene = sample_scene(rng, WORLD)
-        again = parse_prompt(prompt_text(scene), WORLD)
+        starts = [(s.row, s.col) for s in scene]
+        again = parse_prompt(prompt_text(scene), WORLD, starts)
         assert again == scene
-        np.testing.assert_array_equal(render(scene, 12, WORLD), render(again, 12, WORLD))
-        # a later window of the same video is the same frames
-        np.testing.assert_array_equal(render(scene, 12, WORLD)[6:], render(scene, 6, WORLD, start_frame=6))
+        frames = render(scene, 12, WORLD)
+        np.testing.assert_array_equal(frames, render(again, 12, WORLD))
+        np.testing.assert_array_equal(frames[6:], render(scene, 6, WORLD, start_frame=6))
+        # the first block is the still image; the motion starts right after it
+        np.testing.assert_array_equal(frames[0], frames[WORLD.still_frames - 1])
+        assert (positions(scene, 12, WORLD)[WORLD.still_frames] != positions(scene, 1, WORLD)[0]).any()
     with pytest.raises(ValueError, match="unknown word 'purple'"):
-        parse_prompt("purple top east fast", WORLD)
+        parse_prompt("purple east fast", WORLD)
     with pytest.raises(ValueError, match="repeat"):
-        parse_prompt("red top east fast, red bottom west slow", WORLD)
+        parse_prompt("red east fast, red west slow", WORLD, [(1, 1), (5, 5)])
+    with pytest.raises(ValueError, match="corners must lie in"):
+        parse_prompt("red east fast", WORLD, [(0, 3)])
 
 
-def test_bounces_stay_in_bounds_and_keep_speed():
-    pos = positions(parse_prompt("red top-left north-west fast", WORLD), 20, WORLD)[:, 0]
-    assert pos[:8, 0].tolist() == [0, 2, 4, 6, 8, 10, 12, 10]  # off the top wall, then back from the bottom
+def test_the_default_world_steps_once_per_block():
+    world = WorldConfig()
+    scene = parse_prompt("red north-west slow, blue east slow", world, [(5, 5), (2, 2)])
+    pos = positions(scene, 15, world)
+    assert pos[:, 0, 0].tolist() == [5, 5, 5, 3, 3, 3, 1, 1, 1, 3, 3, 3, 5, 5, 5]  # 2 px a block, off the wall
+    frames = render(scene, 15, world).reshape(5, 3, *render(scene, 1, world).shape[1:])
+    assert (frames == frames[:, :1]).all()  # a block's three frames show one world state
+    assert all((frames[b] != frames[b + 1]).any() for b in range(4))
+
+
+def test_bounces_stay_inside_the_walls_and_keep_speed():
+    scene = parse_prompt("red north-west fast", WORLD, [(5, 5)])
+    pos = positions(scene, 14, WORLD)[:, 0]
+    # still for the first block, then 4 px/frame up-left, off the wall at 1, back down
+    assert pos[:10, 0].tolist() == [5, 5, 5, 1, 5, 9, 9, 5, 1, 5]
     np.testing.assert_array_equal(pos[:, 0], pos[:, 1])
     rng = np.random.default_rng(1)
     for _ in range(50):
         scene = sample_scene(rng, WORLD)
         p = positions(scene, 60, WORLD)
-        assert p.min() >= 0 and p.max() <= WORLD.free
+        assert p.min() >= WORLD.lo and p.max() <= WORLD.hi
         step = np.abs(np.diff(p, axis=0))  # a bounce folds the step but never lengthens it
-        speeds = np.asarray([{"slow": 1, "fast": 2}[s.speed] for s in scene])
+        speeds = np.asarray([SPEEDS[s.speed] for s in scene])
+        assert (np.diff(p, axis=0) % 2 == 0).all()  # even steps, bounces included: whole patches
         assert (step <= speeds[None, :, None]).all()
         frames = render(scene, 60, WORLD)
         assert np.isfinite(frames).all() and frames.shape == (60, 16, 16, 3)
+        np.testing.assert_array_equal(frames[:, 0], WORLD.amplitude)  # the wall rim never moves
+        np.testing.assert_array_equal(frames[:, :, -1], WORLD.amplitude)
 
 
 def test_later_sprites_cover_earlier_ones():
-    a = render(parse_prompt("red centre east slow, blue centre east slow", WORLD), 6, WORLD)
-    b = render(parse_prompt("blue centre east slow, red centre east slow", WORLD), 6, WORLD)
-    on = np.abs(a).sum(-1) > 0
+    a = render(parse_prompt("red east slow, blue east slow", WORLD, [(6, 6), (6, 6)]), 6, WORLD)
+    b = render(parse_prompt("blue east slow, red east slow", WORLD, [(6, 6), (6, 6)]), 6, WORLD)
+    on = np.abs(a[:, 1:-1, 1:-1]).sum(-1) > 0
     assert on.sum() == 6 * 16  # both sprites on the same 4x4 pixels every frame
-    np.testing.assert_array_equal(a[on], np.tile(WORLD.amplitude * np.float32([-1, -1, 1]), (6 * 16, 1)))
-    np.testing.assert_array_equal(b[on], np.tile(WORLD.amplitude * np.float32([1, -1, -1]), (6 * 16, 1)))
+    np.testing.assert_array_equal(a[:, 1:-1, 1:-1][on], np.tile(WORLD.amplitude * np.float32([-1, -1, 1]), (6 * 16, 1)))
+    np.testing.assert_array_equal(b[:, 1:-1, 1:-1][on], np.tile(WORLD.amplitude * np.float32([1, -1, -1]), (6 * 16, 1)))
 
 
-def test_prompt_embedding_shapes_padding_and_slots():
-    scene = parse_prompt("red top east fast, blue bottom west slow", WORLD)
+def test_prompt_embedding_one_token_per_sprite_and_padding():
+    scene = parse_prompt("red east fast, blue west slow", WORLD, [(1, 1), (9, 9)])
     emb = prompt_embedding(scene, WORLD)
     assert emb.shape == (WORLD.text_len, WORLD.text_dim) and emb.dtype == np.float32
-    assert np.abs(emb[8:]).max() == 0  # two 4-word phrases, then zero padding like Wan's umT5
-    np.testing.assert_allclose(np.linalg.norm(emb[:8], axis=-1), np.sqrt(WORLD.text_dim), rtol=1e-5)
-    swapped = prompt_embedding(parse_prompt("blue bottom west slow, red top east fast", WORLD), WORLD)
-    assert not np.allclose(emb, swapped)  # drawing order (occlusion) is visible to the model
-    tokens = np.stack([prompt_tokens(scene, WORLD), prompt_tokens(scene, WORLD)])
-    np.testing.assert_array_equal(prompt_embedding(tokens, WORLD), np.stack([emb, emb]))
-    assert len(VOCAB) == 26
-    x0, ctx = sample_batch(np.random.default_rng(0), WORLD, 3, 9)
+    assert np.abs(emb[2:]).max() == 0  # two phrases, then zero padding like Wan's umT5
+    np.testing.assert_allclose(np.linalg.norm(emb[:2], axis=-1), np.sqrt(WORLD.text_dim), rtol=1e-5)
+    swapped = prompt_embedding(parse_prompt("blue west slow, red east fast", WORLD, [(9, 9), (1, 1)]), WORLD)
+    assert not np.allclose(emb[::-1][2:], swapped[:2])  # drawing order (occlusion) is visible to the model
+    other = prompt_embedding(parse_prompt("red east slow, blue west slow", WORLD, [(1, 1), (9, 9)]), WORLD)
+    assert not np.allclose(emb[0], other[0]) and np.allclose(emb[1], other[1])
+    x0, ctx = sample_batch(np.random.default_rng(0), WORLD, 3, 9, max_start_block=4)
     assert x0.shape == (3, 9, 16, 16, 3) and ctx.shape == (3, WORLD.text_len, WORLD.text_dim)
-    assert 0.4 < x0.std() < 1.5
+    assert 0.4 < x0.std() < 1.8
 
 
 def test_position_readout_recovers_rendered_positions():
@@ -104,46 +122,64 @@ def test_position_readout_recovers_rendered_positions():
         noisy = frames + 0.3 * rng.standard_normal(frames.shape).astype(np.float32)
         np.testing.assert_array_equal(read_positions(noisy, scene, WORLD)[:, -1], truth[:, -1])
     assert found / total > 0.95, (found, total)  # the rest: sprites covered from two sides
-    blank = read_positions(np.zeros((2, 16, 16, 3), np.float32), scene, WORLD)
+    walls_only = render(scene, 2, WORLD)
+    walls_only[:, 1:-1, 1:-1] = 0
+    blank = read_positions(walls_only, scene, WORLD)
     assert np.isnan(blank).all()
 
 
-def test_teacher_forcing_mask_is_the_block_causal_rule():
-    pcfg, n, p = PipelineConfig(), 3, 5
-    mask = tw.teacher_forcing_mask(pcfg, n, p)[0]
-    assert mask.shape == (2 * n, 2 * n * 3 * p)
-    key_block = np.arange(2 * n * 3 * p) // (3 * p)  # 0..n-1 clean blocks, n..2n-1 noisy blocks
-    for q in range(2 * n):
-        expect = key_block <= q if q < n else (key_block < q - n) | (key_block == q)
-        np.testing.assert_array_equal(mask[q], expect, err_msg=f"query block {q}")
+def test_context_mask_is_the_samplers_view():
+    k, p = 3, 2
+    mask = np.asarray(tw.context_mask(k, np.asarray([3, 1]), p))
+    assert mask.shape == (2, k + 1, (k + 1) * p)
+    blocks = np.arange((k + 1) * p) // p
+    for q in range(k + 1):  # all context visible: block-causal clean blocks, the noisy one sees all
+        np.testing.assert_array_equal(mask[0, q], blocks <= q, err_msg=f"query block {q}")
+    # one visible context block (the newest, block 2): it sees itself; the noisy block sees it and itself
+    np.testing.assert_array_equal(mask[1, 2], blocks == 2)
+    np.testing.assert_array_equal(mask[1, 3], blocks >= 2)
+    for q in (0, 1):
+        np.testing.assert_array_equal(mask[1, q], blocks == q)  # hidden blocks: themselves only
 
 
-@pytest.mark.parametrize("pcfg,num_blocks", [(PipelineConfig(), 3), (PipelineConfig(window_frames=9, sink_frames=3), 4)],
-                         ids=["global", "sink+rolling"])
-def test_training_forward_equals_kv_cached_passes(pcfg, num_blocks):
-    """The noisy half of the one [clean | noisy] training forward predicts, block for block, the
-    flow the KV-cached sampler's pass computes for that noisy block over the cache of the clean
-    blocks before it (written by clean passes at t = context_noise)."""
-    cfg, world = SMALL_CFG, SMALL
+@pytest.mark.parametrize("visible", [2, 1])
+def test_training_forward_equals_kv_cached_passes(visible):
+    """The noisy block of the one [clean context | noisy] training forward gets exactly the flow
+    the KV-cached sampler's pass computes for it over the cache of its visible context blocks
+    (written by clean passes at t = context_noise), for every window fill."""
+    cfg, world, tcfg = SMALL_CFG, SMALL, SMALL_TCFG
+    pcfg = tw.toy_pipeline_config(tcfg)
     params = init_params(cfg, jax.random.key(0))
-    bf, f = pcfg.block_frames, num_blocks * pcfg.block_frames
-    rng = np.random.default_rng(3)
-    x0, ctx = (jnp.asarray(a) for a in sample_batch(rng, world, 2, f))
-    x_t = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
-    t_blocks = jnp.asarray(rng.uniform(0, 1000, (2, num_blocks)), jnp.float32)
-    t_f = jnp.repeat(t_blocks, bf, axis=1)
+    bf, k = pcfg.block_frames, tcfg.context_blocks
+    clips, _, ctx = tw.sample_clips(np.random.default_rng(3), world, tw.TrainConfig(batch=2, context_blocks=2))
+    clips, ctx = jnp.asarray(clips), jnp.asarray(ctx)
+    x_t = jnp.asarray(np.random.default_rng(4).standard_normal(clips[:, -bf:].shape), jnp.float32)
+    t = jnp.asarray([900.0, 250.0])
     text = encode_text(cfg, params, ctx)
-    flow = _teacher_forced_flow(cfg, pcfg, params, x0, x_t, t_f, text)
+    flow = jax.jit(tw.context_flow, static_argnums=0)(cfg, params, clips[:, :-bf], x_t, t, jnp.full((2,), visible), text)
 
     pipe = SequentialPipeline(cfg, pcfg, (world.size, world.size))
-    cache = pipe.init_cache(2)
-    for b in range(num_blocks):
-        ids, sl = b * bf + jnp.arange(bf), slice(b * bf, (b + 1) * bf)
-        got, _ = _cached_pass(cfg, params, x_t[:, sl], t_f[:, sl], text, cache, ids)
-        np.testing.assert_allclose(np.asarray(flow[:, sl]), np.asarray(got), atol=2e-5, err_msg=f"block {b}")
-        t_ctx = jnp.full((2, bf), pcfg.context_noise, jnp.float32)
-        _, kv = _cached_pass(cfg, params, x0[:, sl], t_ctx, text, cache, ids)
-        cache = write_frames(cache, kv, ids, pcfg.sink_frames)
+    first = k - visible  # the sampler's view: visible context blocks, then the block at index k
+    cache = pipe.prefill(params, text, clips[:, first * bf:k * bf], first_block=first)
+    ids = k * bf + jnp.arange(bf)
+    got, _ = _cached_pass(cfg, params, x_t, jnp.repeat(t[:, None], bf, 1), text, cache, ids)
+    np.testing.assert_allclose(np.asarray(flow), np.asarray(got), atol=2e-5)
+    cache2 = pipe.init_cache(2)  # prefill == the clean passes the sampler runs after each block
+    for b in range(first, k):
+        sl = slice(b * bf, (b + 1) * bf)
+        _, kv = _cached_pass(cfg, params, clips[:, sl], jnp.zeros((2, bf)), text, cache2, b * bf + jnp.arange(bf))
+        cache2 = write_frames(cache2, kv, b * bf + jnp.arange(bf), pcfg.sink_frames)
+    np.testing.assert_allclose(np.asarray(cache.k), np.asarray(cache2.k), atol=1e-5)
+
+
+def test_training_clips_cover_the_first_block_and_the_stream():
+    tcfg = tw.TrainConfig(batch=400, context_blocks=2)
+    clips, visible, ctx = tw.sample_clips(np.random.default_rng(5), WORLD, tcfg)
+    assert clips.shape == (400, 9, 16, 16, 3) and ctx.shape == (400, WORLD.text_len, WORLD.text_dim)
+    assert set(np.unique(visible)) == {1, 2}
+    # a clip whose last context block is the still image: its three frames are equal
+    still = np.all(clips[:, 3] == clips[:, 5], axis=(1, 2, 3)) & (visible == 1)
+    assert 0.25 < still.mean() < 0.45  # first_prob = 1/3 (plus rare sprites that bounce in place)
 
 
 def test_sigmas_come_from_the_sampler_table():
@@ -157,13 +193,14 @@ def test_sigmas_come_from_the_sampler_table():
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
-    cfg, pcfg, tcfg = SMALL_CFG, PipelineConfig(), SMALL_TCFG
-    x0, ctx, key = tw.batch_for_step(SMALL, pcfg, tcfg, 0)
+    cfg, tcfg = SMALL_CFG, SMALL_TCFG
+    pcfg = tw.toy_pipeline_config(tcfg)
+    batch = tw.batch_for_step(SMALL, pcfg, tcfg, 0)
     state = jax.device_put(tw.init_state(cfg, tcfg), jax.devices()[0])  # as `train` does: one compile
     step = tw.make_train_step(cfg, pcfg, tcfg)
     losses = []
     for _ in range(26):  # a step returns the loss of the parameters it starts from
-        state, loss = step(state, x0, ctx, key)
+        state, loss = step(state, *batch)
         losses.append(float(loss))
     assert int(state.step) == 26
     assert losses[-1] < 0.7 * losses[0], losses
@@ -171,7 +208,8 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
 
 def test_checkpoint_resume_continues_the_same_run(tmp_path):
     """2 steps, stop, resume to 4 == 4 steps in one go (data and noise depend only on the step)."""
-    cfg, pcfg, tcfg = SMALL_CFG, PipelineConfig(), SMALL_TCFG  # the same compiled step as above
+    cfg, tcfg = SMALL_CFG, SMALL_TCFG  # the same compiled step as above
+    pcfg = tw.toy_pipeline_config(tcfg)
     whole = tw.train(str(tmp_path / "whole"), SMALL, cfg, pcfg, tcfg, progress=False, until=4)
     split = tmp_path / "split"
     tw.train(str(split), SMALL, cfg, pcfg, tcfg, progress=False, until=2)
@@ -188,10 +226,10 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path):
     from bcjax.checkpoint import restore
     from bcjax.toyworld.evaluate import load_model
 
-    world, cfg2, params, _ = load_model(str(split))
-    assert world == SMALL and cfg2 == cfg
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), params, restore(str(split / "model"))[1])
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), params, state.params)
+    model = load_model(str(split))
+    assert model.world == SMALL and model.cfg == cfg and model.pcfg == pcfg
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), model.params, restore(str(split / "model"))[1])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), model.params, state.params)
     assert read_png(str(split / "loss.png")).shape[2] == 3
     assert tw.load_run(str(split)) == (SMALL, cfg, pcfg, tcfg)
 

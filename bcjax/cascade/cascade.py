@@ -24,6 +24,7 @@ from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, init_cache
 from bcjax.model.wan import KV, check_latents, encode_text
 from bcjax.pipeline.config import PipelineConfig
+from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.schedule.stagger import make_stagger
 
 STAGE, MODEL = "stage", "model"
@@ -79,7 +80,7 @@ class Cascade:
         slots = jnp.arange(self.stagger.num_slots)
         if self.mesh is None:
             return lambda *a: fn(*a, slots)
-        state_spec = CascadeState(P(STAGE), KVCache(P(), P(), P()), P())
+        state_spec = CascadeState(P(STAGE), KVCache(P(), P(), P()), P(), P())
         mapped = jax.shard_map(
             partial(fn, axis=STAGE), mesh=self.mesh,
             in_specs=(P(), P(), P(), P(), state_spec, P(STAGE)),
@@ -88,20 +89,29 @@ class Cascade:
         slots = jax.device_put(slots, NamedSharding(self.mesh, P(STAGE)))
         return lambda *a: mapped(*a, slots)
 
-    def init_state(self, batch: int) -> CascadeState:
+    def init_state(self, batch: int, cache: KVCache | None = None, first_block: int = 0) -> CascadeState:
+        """A cascade before its first tick; `cache` (e.g. from `prefill`) holds given context
+        blocks, after which generation starts at block `first_block`."""
         x = jnp.zeros((self.stagger.num_slots, batch, *self.spec.block_shape), jnp.float32)
-        cache = init_cache(self.cfg, batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
-        state = CascadeState(x, cache, jnp.int32(0))
+        if cache is None:
+            cache = init_cache(self.cfg, batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
+        state = CascadeState(x, cache, jnp.int32(0), jnp.int32(first_block))
         if self.mesh is not None:
             rep = NamedSharding(self.mesh, P())
             state = CascadeState(jax.device_put(x, NamedSharding(self.mesh, P(STAGE))),
-                                 jax.device_put(cache, rep), jax.device_put(state.tick, rep))
+                                 *jax.device_put(state[1:], rep))
         return state
 
-    def _check_length(self, num_blocks: int):
+    def prefill(self, params, text: KV, frames) -> tuple[KVCache, int]:
+        """(cache, first_block): given clean frames [B, G * block_frames, H, W, C] written to the
+        cache by the sampler's clean pass, block by block, as if they had been generated."""
+        pipe = SequentialPipeline(self.cfg, self.pcfg, self.latent_hw)
+        return pipe.prefill(params, text, frames), frames.shape[1] // self.pcfg.block_frames
+
+    def _check_length(self, num_blocks: int, first_block: int = 0):
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
-        last = num_blocks * self.pcfg.block_frames
+        last = (first_block + num_blocks) * self.pcfg.block_frames
         if last > self.cfg.rope_max_positions:
             raise ValueError(f"{num_blocks} blocks reach latent frame {last - 1}, past the "
                              f"{self.cfg.rope_max_positions}-position RoPE table of this model")
@@ -113,11 +123,18 @@ class Cascade:
             self._runs[num_ticks] = jax.jit(step, donate_argnums=(4,))
         return self._runs[num_ticks]
 
-    def generate(self, params, text: KV, num_blocks: int, key) -> jax.Array:
-        """Latents [B, num_blocks * block_frames, H, W, C]; the whole stagger runs as one scan."""
-        self._check_length(num_blocks)
+    def generate(self, params, text: KV, num_blocks: int, key, context=None) -> jax.Array:
+        """Latents [B, num_blocks * block_frames, H, W, C]; the whole stagger runs as one scan.
+
+        context: optional given clean frames [B, G * block_frames, H, W, C] (an image-to-video
+        first block, a video to continue): prefilled into the cache, generation continues after.
+        """
         st = self.stagger
-        state = self.init_state(text.k.shape[1])
+        if context is None:
+            state = self.init_state(text.k.shape[1])
+        else:
+            state = self.init_state(text.k.shape[1], *self.prefill(params, text, context))
+        self._check_length(num_blocks, int(state.first_block))
         _, (emitted, _) = self._run(st.num_ticks(num_blocks))(params, text, key, jnp.int32(num_blocks), state)
         ticks = np.asarray([st.emit_tick(b) for b in range(num_blocks)])
         return jnp.concatenate(list(emitted[ticks]), axis=1)
@@ -127,17 +144,19 @@ class Cascade:
                state: CascadeState | None = None) -> Iterator[tuple[int, jax.Array]]:
         """Yield (block id, x0 [B, block_frames, H, W, C]) as each block finishes denoising.
 
-        num_blocks None streams until the caller stops (or the RoPE table ends).
+        num_blocks None streams until the caller stops (or the RoPE table ends). `state` (from
+        `init_state`, e.g. with a prefilled cache) continues a stream.
         """
-        total = num_blocks if num_blocks is not None else self.cfg.rope_max_positions // self.pcfg.block_frames
-        self._check_length(total)
         state = state if state is not None else self.init_state(text.k.shape[1])
+        first = int(state.first_block)
+        total = num_blocks if num_blocks is not None else self.cfg.rope_max_positions // self.pcfg.block_frames - first
+        self._check_length(total, first)
         n_blocks = jnp.int32(num_blocks if num_blocks is not None else ENDLESS)
         st = self.stagger
         for tau in range(st.emit_tick(total - 1) + 1):  # the last clean pass has no reader: skipped
             state, (x0, _) = self._step(params, text, key, n_blocks, state)
             if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
-                yield (tau - st.emit_stage) // st.stride, x0
+                yield first + (tau - st.emit_stage) // st.stride, x0
 
 
 def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, slot_ids, axis=None):

@@ -28,6 +28,9 @@ class CascadeState(NamedTuple):
     x: jax.Array
     cache: KVCache  # clean K/V of finished blocks, identical on every device
     tick: jax.Array  # int32 []
+    # int32 []: absolute id of the stream's first generated block (> 0 after given context
+    # blocks were written to the cache: image-to-video, video continuation)
+    first_block: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,8 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     """Advance the cascade by one tick.
 
     slot_ids: int [Q] the slots held here (all of them when batched); state.x holds those Q slots.
-    num_blocks: blocks in the whole stream (traced; a huge number for an endless stream).
+    num_blocks: blocks to generate in the whole stream (traced; a huge number for an endless
+    stream), the first one with absolute id state.first_block (frame ids, noise, cache slots).
     Returns (state, (x0 [B, block_frames, H, W, C] of the block that finished denoising this
     tick or zeros, its block id or -1)).
     """
@@ -63,6 +67,7 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     q = slot_ids.shape[0]
 
     all_blocks, all_stages, all_busy = slot_state(st, state.tick, jnp.arange(st.num_slots), num_blocks, xp=jnp)
+    all_blocks = all_blocks + state.first_block
     blocks, stages, busy = all_blocks[slot_ids], all_stages[slot_ids], all_busy[slot_ids]
     stage_c = jnp.clip(stages, 0, n)
 
@@ -103,4 +108,4 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
 
     writer_frames = all_blocks[writer] * bf + jnp.arange(bf)
     cache = write_frames(state.cache, kv, writer_frames, pcfg.sink_frames, enabled=jnp.any(is_writer))
-    return CascadeState(x0, cache, state.tick + 1), (emitted, emitted_block)
+    return CascadeState(x0, cache, state.tick + 1, state.first_block), (emitted, emitted_block)

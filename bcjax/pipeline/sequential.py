@@ -57,9 +57,17 @@ def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache:
     steps = jnp.arange(pcfg.num_steps)
     _, x0s = jax.lax.scan(step, x, (steps, timesteps, sigmas, next_sigmas))
     x0 = x0s[-1]
-    t_ctx = jnp.full((batch, bf), pcfg.context_noise, jnp.float32)
+    return clean_block(cfg, pcfg, params, text, x0, cache, block), x0
+
+
+def clean_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, x0, cache: KVCache, block) -> KVCache:
+    """The clean pass: block `block`'s x0 [B, F, H, W, C] at t = context_noise, its K/V written
+    into the cache (after denoising, for given context frames, and for a recache)."""
+    bf = x0.shape[1]
+    frame_ids = block * bf + jnp.arange(bf)
+    t_ctx = jnp.full((x0.shape[0], bf), pcfg.context_noise, jnp.float32)
     _, kv = cached_pass(cfg, params, x0, t_ctx, text, cache, frame_ids)
-    return write_frames(cache, kv, frame_ids, pcfg.sink_frames), x0
+    return write_frames(cache, kv, frame_ids, pcfg.sink_frames)
 
 
 @dataclasses.dataclass
@@ -79,6 +87,7 @@ class SequentialPipeline:
         self._block_fn = jax.jit(
             partial(denoise_block, self.cfg, self.pcfg, latent_hw=tuple(self.latent_hw)), donate_argnums=(2,)
         )
+        self._clean_fn = jax.jit(partial(clean_block, self.cfg, self.pcfg), donate_argnums=(3,))
 
     @property
     def tokens_per_frame(self) -> int:
@@ -87,22 +96,42 @@ class SequentialPipeline:
     def init_cache(self, batch: int) -> KVCache:
         return init_cache(self.cfg, batch, self.pcfg.cache_frames, self.tokens_per_frame)
 
-    def _check_length(self, num_blocks: int):
-        last = num_blocks * self.pcfg.block_frames
+    def _check_length(self, num_blocks: int, first_block: int = 0):
+        last = (first_block + num_blocks) * self.pcfg.block_frames
         if last > self.cfg.rope_max_positions:
             raise ValueError(
                 f"{num_blocks} blocks reach latent frame {last - 1}, past the {self.cfg.rope_max_positions}-position "
                 "RoPE table of this model"
             )
 
-    def blocks(self, params, text: KV, key, num_blocks: int, cache: KVCache | None = None) -> Iterator[jax.Array]:
-        """Yield each block's x0 latents [B, block_frames, H, W, C] as soon as it is denoised."""
-        self._check_length(num_blocks)
+    def prefill(self, params, text: KV, frames, cache: KVCache | None = None, first_block: int = 0) -> KVCache:
+        """Write given clean frames [B, G * block_frames, H, W, C] (an image-to-video first block,
+        a video to continue) into the cache as blocks first_block .. first_block + G - 1, by the
+        same clean pass a generated block gets."""
+        bf = self.pcfg.block_frames
+        if frames.ndim != 5 or frames.shape[1] % bf or frames.shape[2:] != (*self.latent_hw, self.cfg.in_channels):
+            raise ValueError(f"context frames must be [B, G * {bf}, {self.latent_hw[0]}, {self.latent_hw[1]}, "
+                             f"{self.cfg.in_channels}]; got {tuple(frames.shape)}")
+        self._check_length(frames.shape[1] // bf, first_block)
+        cache = cache if cache is not None else self.init_cache(frames.shape[0])
+        for g in range(frames.shape[1] // bf):
+            cache = self._clean_fn(params, text, frames[:, g * bf:(g + 1) * bf], cache, jnp.int32(first_block + g))
+        return cache
+
+    def blocks(self, params, text: KV, key, num_blocks: int, cache: KVCache | None = None,
+               first_block: int = 0) -> Iterator[jax.Array]:
+        """Yield each block's x0 latents [B, block_frames, H, W, C] as soon as it is denoised;
+        blocks first_block .. first_block + num_blocks - 1 (after a prefilled cache)."""
+        self._check_length(num_blocks, first_block)
         cache = cache if cache is not None else self.init_cache(text.k.shape[1])
-        for b in range(num_blocks):
+        for b in range(first_block, first_block + num_blocks):
             cache, x0 = self._block_fn(params, text, cache, key, jnp.int32(b))
             yield x0
 
-    def generate(self, params, text: KV, num_blocks: int, key) -> jax.Array:
-        """Latents [B, num_blocks * block_frames, H, W, C] for one prompt's text K/V."""
-        return jnp.concatenate(list(self.blocks(params, text, key, num_blocks)), axis=1)
+    def generate(self, params, text: KV, num_blocks: int, key, context=None) -> jax.Array:
+        """Latents [B, num_blocks * block_frames, H, W, C] for one prompt's text K/V; after the
+        given clean `context` frames [B, G * block_frames, H, W, C] when there are any."""
+        cache, first = None, 0
+        if context is not None:
+            cache, first = self.prefill(params, text, context), context.shape[1] // self.pcfg.block_frames
+        return jnp.concatenate(list(self.blocks(params, text, key, num_blocks, cache, first)), axis=1)

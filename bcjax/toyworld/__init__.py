@@ -1,9 +1,10 @@
 """A toy world with known ground truth, and block-causal training of a tiny Wan DiT on it.
 
-`world` (sprites, prompts, renders, position readout), `train` (teacher forcing with clean
-context: `python -m bcjax.toyworld.train`), `evaluate` (generation vs ground truth:
-`python -m bcjax.toyworld.evaluate`), `png` (figures without a plotting library). Only the
-world is re-exported here, so `python -m bcjax.toyworld.train` does not import itself twice.
+`world` (walled sprites, prompts, renders, position readout), `train` (clean-context teacher
+forcing: `python -m bcjax.toyworld.train`), `evaluate` (the quality harness over every schedule:
+`bcjax eval toyworld`), `demo` (`bcjax demo`: the shipped checkpoint `checkpoint/`, sequential vs
+cascade as a labelled mp4 + report), `png` (figures without a plotting library). Only the world
+is re-exported here, so `python -m bcjax.toyworld.train` does not import itself twice.
 """
 
 from bcjax.toyworld.world import (
@@ -15,7 +16,6 @@ from bcjax.toyworld.world import (
     positions,
     prompt_embedding,
     prompt_text,
-    prompt_tokens,
     read_positions,
     render,
     sample_batch,
@@ -24,5 +24,5 @@ from bcjax.toyworld.world import (
 
 __all__ = [
     "Scene", "Sprite", "WorldConfig", "parse_prompt", "position_error", "positions", "prompt_embedding",
-    "prompt_text", "prompt_tokens", "read_positions", "render", "sample_batch", "sample_scene",
+    "prompt_text", "read_positions", "render", "sample_batch", "sample_scene",
 ]

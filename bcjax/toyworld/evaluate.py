@@ -1,249 +1,283 @@
-"""Score a trained toy-world DiT against ground truth: generate from the prompt, compare per block.
+"""The quality harness: a trained toy-world DiT under every schedule, scored against ground truth.
 
-The prompt fixes the whole video (first frame included), so every generated block has an exact
-ground-truth render. For a few prompts with fixed seeds this reports per-block MSE, PSNR and the
-sprites' position error for the trained model, for the same network at its initialisation, and
-for "predict the background" (all zeros), under the sequential pipeline and optionally the cascade.
+Image-to-video: the world's first block (the still image) is given, written to the cache by the
+clean pass; the model generates the next blocks from the prompt. Every generated block has an
+exact ground-truth render, so for N fixed-seed prompts x {sequential, P1, P2, P4} x {causal,
+bidirectional window} (sequential has no in-flight neighbours: one row) this reports per block:
 
-Two settings: text-to-video (every block from noise and the prompt) and, with --given-blocks k,
-the first k ground-truth blocks written to the cache by clean passes (as an image-to-video prompt
-would be) and the rest generated. The second isolates the dynamics: Wan's RoPE is relative and its
-patch embedding position-free, so placing block 0's sprites at absolute positions ("top-left") can
-only be learned from the canvas borders, the hardest part of the task for a small model.
+- mse / psnr against the ground truth (psnr peak-to-peak 2 * amplitude);
+- pos_err: mean pixel distance between the sprites' read-back and true corners;
+- jump: temporal consistency across block boundaries, |read-back step - true step| between a
+  block's first frame and the previous block's last frame (flicker / teleporting at the seams
+  where cascading changes what a block saw);
+- div_seq: MSE against the sequential output for the same prompt and seed (what the schedule
+  changed), 0 for sequential itself.
 
-    python -m bcjax.toyworld.evaluate --run /tmp/toyrun --prompts 4 --blocks 6 --cascade P4
+Baselines: "still" (the given image held: no motion learned), "init" (the same network at its
+initialisation). Outputs: `table.md`, `metrics.csv`, `mse_per_block.png`, `frames.png`.
+
+    bcjax eval toyworld [--checkpoint DIR] [--prompts 8] [--blocks 8] [--out eval/]
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
 import dataclasses
 import json
 import os
-from functools import partial
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bcjax.model.config import WanConfig
-from bcjax.model.kv_cache import write_frames
 from bcjax.model.wan import encode_text, init_params
 from bcjax.pipeline.config import PipelineConfig
-from bcjax.pipeline.sequential import SequentialPipeline, cached_pass, denoise_block
-from bcjax.toyworld.world import (
-    Scene,
-    WorldConfig,
-    parse_prompt,
-    position_error,
-    prompt_embedding,
-    prompt_text,
-    render,
-    sample_scene,
-    to_rgb,
-)
+from bcjax.toyworld.world import Scene, WorldConfig, position_error, prompt_embedding, read_positions, render, sample_scene
 
 EVAL_SEED = 12345  # prompts are drawn from default_rng([EVAL_SEED, i]); training uses [seed, step]
+SCHEDULES = ("sequential", "P1", "P2", "P4")
+WINDOWS = ("causal", "bidirectional")
+FIELDS = ("mse", "psnr", "pos_err", "jump", "div_seq")
+SHIPPED = os.path.join(os.path.dirname(__file__), "checkpoint")
 
 
-def load_model(run: str):
-    """(world, cfg, params, train_seed) of a run folder's exported model (out/model)."""
-    from bcjax.checkpoint import read_config, restore
+@dataclasses.dataclass
+class ToyModel:
+    world: WorldConfig
+    cfg: WanConfig
+    pcfg: PipelineConfig
+    params: dict
+    provenance: dict
 
-    path = os.path.join(run, "model")
-    meta = read_config(path)
+
+def load_model(path: str | None = None) -> ToyModel:
+    """A toy-world DiT from a bcjax checkpoint folder (a training run's `model/`, a run folder,
+    or by default the checkpoint shipped inside the package)."""
+    from bcjax.checkpoint import config_from_dict, read_config, restore
+
+    path = path or SHIPPED
+    if os.path.isdir(os.path.join(path, "model")) and not os.path.isfile(os.path.join(path, "config.json")):
+        path = os.path.join(path, "model")
+    prov = read_config(path)["provenance"]
+    if "world" not in prov:
+        raise ValueError(f"{path} is not a toy-world checkpoint: its provenance has no 'world' config")
     cfg, params = restore(path, "dit")
-    prov = meta["provenance"]
-    return WorldConfig(**prov["world"]), cfg, params, int(prov["train"]["seed"])
+    world = config_from_dict(WorldConfig, prov["world"])
+    if "pipeline" in prov:
+        pcfg = config_from_dict(PipelineConfig, prov["pipeline"])
+    else:  # early runs recorded only the training config; the window follows from it
+        pcfg = PipelineConfig(window_frames=(prov["train"]["context_blocks"] + 1) * world.block_frames)
+    return ToyModel(world, cfg, pcfg, params, prov)
 
 
-def eval_scenes(world: WorldConfig, n: int, prompts: list[str] | None = None) -> list[Scene]:
-    if prompts:
-        return [parse_prompt(p, world) for p in prompts]
+def eval_scenes(world: WorldConfig, n: int) -> list[Scene]:
     return [sample_scene(np.random.default_rng([EVAL_SEED, i]), world) for i in range(n)]
 
 
-def generate(cfg: WanConfig, params, world: WorldConfig, scenes: list[Scene], num_blocks: int, key,
-             pcfg: PipelineConfig, schedule: str = "sequential", window: str = "causal",
-             given_blocks: int = 0) -> np.ndarray:
-    """Latents [B, num_blocks * block_frames, H, W, C] for the scenes' prompts (one batch); the
-    first given_blocks blocks are the ground truth (sequential only)."""
-    context = jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes]))
-    text = encode_text(cfg, params, context)
-    hw = (world.size, world.size)
-    if given_blocks:
-        if schedule != "sequential":
-            raise ValueError(f"given_blocks={given_blocks} needs the sequential pipeline; got schedule {schedule!r}")
-        return _generate_after_given(cfg, params, world, scenes, num_blocks, key, pcfg, text, given_blocks)
+def settings(schedules=SCHEDULES, windows=WINDOWS) -> list[tuple[str, str | None]]:
+    """(schedule, window) pairs; sequential has no window."""
+    return [(s, None) if s == "sequential" else (s, w) for s in schedules for w in ((None,) if s == "sequential" else windows)]
+
+
+def setting_name(schedule: str, window: str | None) -> str:
+    return schedule if window is None else f"{schedule}-{window}"
+
+
+def generate(model: ToyModel, scenes: list[Scene], num_blocks: int, key, schedule: str = "sequential",
+             window: str | None = None, params=None, mesh=None) -> np.ndarray:
+    """[B, (1 + num_blocks) * bf, H, W, C]: the given still first block, then num_blocks generated
+    by the public pipeline API (SequentialPipeline or Cascade, `context=` the first block)."""
+    world, cfg, pcfg = model.world, model.cfg, model.pcfg
+    params = model.params if params is None else params
+    bf, hw = pcfg.block_frames, (world.size, world.size)
+    first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
+    text = encode_text(cfg, params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
     if schedule == "sequential":
-        out = SequentialPipeline(cfg, pcfg, hw).generate(params, text, num_blocks, key)
+        from bcjax.pipeline.sequential import SequentialPipeline
+
+        out = SequentialPipeline(cfg, pcfg, hw).generate(params, text, num_blocks, key, context=first)
     else:
         from bcjax.cascade.cascade import Cascade
 
-        out = Cascade(cfg, pcfg, hw, schedule=schedule, window=window).generate(params, text, num_blocks, key)
-    return np.asarray(out)
+        out = Cascade(cfg, pcfg, hw, schedule, window or "bidirectional", mesh).generate(
+            params, text, num_blocks, key, context=first)
+    return np.concatenate([np.asarray(first), np.asarray(out)], axis=1)
 
 
-def _generate_after_given(cfg, params, world, scenes, num_blocks, key, pcfg, text, given_blocks):
-    bf, hw = pcfg.block_frames, (world.size, world.size)
-    truth = jnp.asarray(np.stack([render(s, given_blocks * bf, world) for s in scenes]))
-    pipe = SequentialPipeline(cfg, pcfg, hw)
-    cache = pipe.init_cache(len(scenes))
-    clean = jax.jit(cached_pass, static_argnums=0)
-    for b in range(given_blocks):  # the clean pass the sampler runs after a block, on the true frames
-        ids = b * bf + jnp.arange(bf)
-        t_ctx = jnp.full((len(scenes), bf), pcfg.context_noise, jnp.float32)
-        _, kv = clean(cfg, params, truth[:, b * bf:(b + 1) * bf], t_ctx, text, cache, ids)
-        cache = write_frames(cache, kv, ids, pcfg.sink_frames)
-    step = jax.jit(partial(denoise_block, cfg, pcfg, latent_hw=hw))  # what SequentialPipeline compiles
-    out = [truth]
-    for b in range(given_blocks, num_blocks):
-        cache, x0 = step(params, text, cache, key, jnp.int32(b))
-        out.append(x0)
-    return np.asarray(jnp.concatenate(out, axis=1))
-
-
-def teacher_forced_x0_error(world: WorldConfig, cfg: WanConfig, params, num_blocks: int = 4, batch: int = 8,
-                           seed: int = 0, pcfg: PipelineConfig | None = None) -> dict:
-    """What the sampler's first pass sees, without its own errors fed back: x0 MSE per block
-    [num_blocks] of one teacher-forced pass (true clean blocks as context) at each of the sampler's
-    sigmas, beside the all-zeros prediction. {"sigma=...": [...], "zeros": [...]}."""
-    from bcjax.toyworld.train import teacher_forced_flow
-    from bcjax.toyworld.world import sample_batch
-
-    pcfg = pcfg or PipelineConfig()
-    x0, ctx = sample_batch(np.random.default_rng([EVAL_SEED, 10**6]), world, batch, num_blocks * pcfg.block_frames)
-    x0 = jnp.asarray(x0)
-    text = encode_text(cfg, params, jnp.asarray(ctx))
-    eps = jax.random.normal(jax.random.key(seed), x0.shape)
-    flow_fn = jax.jit(teacher_forced_flow, static_argnums=(0, 1))
-
-    def per_block(err):  # [B, F, H, W, C] -> [num_blocks]
-        return np.asarray(err).reshape(batch, num_blocks, -1).mean((0, 2))
-
-    out = {}
-    for sigma, t in zip(pcfg.sigmas, pcfg.timesteps):
-        x_t = (1.0 - sigma) * x0 + sigma * eps
-        flow = flow_fn(cfg, pcfg, params, x0, x_t, jnp.full(x0.shape[:2], t), text)
-        out[f"sigma={sigma:.4f}"] = per_block((x_t - sigma * flow - x0) ** 2)
-    out["zeros"] = per_block(x0**2)
+def block_metrics(latents, scenes: list[Scene], world: WorldConfig, reference=None) -> dict[str, np.ndarray]:
+    """{field: [B, blocks]} over the generated blocks (the given first block excluded)."""
+    latents = np.asarray(latents)
+    bf = world.block_frames
+    f = latents.shape[1]
+    nb = f // bf - 1
+    out = {k: np.zeros((len(scenes), nb)) for k in FIELDS}
+    for i, scene in enumerate(scenes):
+        truth = render(scene, f, world)
+        gen = latents[i, bf:]
+        out["mse"][i] = ((gen - truth[bf:]) ** 2).reshape(nb, -1).mean(1)
+        err, valid = position_error(latents[i], scene, world)
+        err, valid = err[bf:].reshape(nb, bf, -1), valid[bf:].reshape(nb, bf, -1)
+        out["pos_err"][i] = (err * valid).sum((1, 2)) / np.maximum(valid.sum((1, 2)), 1)
+        # seams: the step from each block's predecessor's last frame into its first frame
+        read, true = read_positions(latents[i], scene, world), read_positions(truth, scene, world)
+        seam = np.arange(bf, f, bf)
+        d_read, d_true = read[seam] - read[seam - 1], true[seam] - true[seam - 1]
+        jump = np.linalg.norm(d_read - d_true, axis=-1)  # [nb, S]
+        valid = np.isfinite(d_true).all(-1)  # seams where the truth shows the sprite on both sides
+        jump = np.where(np.isfinite(jump), jump, float(world.size))  # lost in the generated frames
+        out["jump"][i] = (jump * valid).sum(1) / np.maximum(valid.sum(1), 1)
+        if reference is not None:
+            out["div_seq"][i] = ((gen - np.asarray(reference)[i, bf:]) ** 2).reshape(nb, -1).mean(1)
+    out["psnr"] = 10 * np.log10((2 * world.amplitude) ** 2 / np.maximum(out["mse"], 1e-12))
     return out
 
 
-def block_metrics(latents, scenes: list[Scene], world: WorldConfig) -> dict:
-    """Per-block metrics [B, num_blocks] against the ground-truth renders: mse, psnr (peak-to-peak
-    2 * amplitude), pos_err (mean pixel distance of the sprites' corners, occluded ones skipped)."""
-    latents = np.asarray(latents)
+def still_baseline(scenes: list[Scene], world: WorldConfig, num_blocks: int) -> np.ndarray:
+    """The given image held for the whole video."""
     bf = world.block_frames
-    nb = latents.shape[1] // bf
-    mse = np.zeros((len(scenes), nb))
-    pos = np.zeros((len(scenes), nb))
-    for i, scene in enumerate(scenes):
-        truth = render(scene, latents.shape[1], world)
-        mse[i] = ((latents[i] - truth) ** 2).reshape(nb, -1).mean(1)
-        err, valid = position_error(latents[i], scene, world)
-        err, valid = err.reshape(nb, -1), valid.reshape(nb, -1)
-        pos[i] = (err * valid).sum(1) / np.maximum(valid.sum(1), 1)
-    psnr = 10 * np.log10((2 * world.amplitude) ** 2 / np.maximum(mse, 1e-12))
-    return {"mse": mse, "psnr": psnr, "pos_err": pos}
+    first = np.stack([render(s, bf, world) for s in scenes])
+    return np.concatenate([first, np.repeat(first[:, -1:], num_blocks * bf, axis=1)], axis=1)
 
 
-def evaluate(world: WorldConfig, cfg: WanConfig, params, scenes: list[Scene], num_blocks: int, seed: int = 0,
-             pcfg: PipelineConfig | None = None, init_seed: int = 0, cascade: str | None = None,
-             window: str = "bidirectional", given_blocks: int = 0) -> tuple[dict, dict]:
-    """(metrics {name: block_metrics}, latents {name: [B, F, H, W, C]}) for the trained model
-    (sequential, optionally the cascade; text-to-video, and after `given_blocks` true blocks when
-    > 0), its initialisation, and the all-background baseline. Given blocks' metrics are NaN."""
-    pcfg = pcfg or PipelineConfig()
+def run_grid(model: ToyModel, scenes: list[Scene], num_blocks: int, seed: int = 0, grid=None,
+             baselines: bool = True, mesh=None, progress=print) -> tuple[dict, dict, dict]:
+    """(metrics {setting: {field: [B, blocks]}}, latents {setting: [B, F, H, W, C]}, seconds
+    {setting: wall time incl. compile}) for every setting of the grid, plus the baselines."""
     key = jax.random.key(seed)
-    init = init_params(cfg, jax.random.key(init_seed))
-    lat = {"trained/sequential": generate(cfg, params, world, scenes, num_blocks, key, pcfg)}
-    if cascade:
-        lat[f"trained/{cascade}-{window}"] = generate(cfg, params, world, scenes, num_blocks, key, pcfg, cascade, window)
-    lat["init/sequential"] = generate(cfg, init, world, scenes, num_blocks, key, pcfg)
-    lat["zeros"] = np.zeros_like(lat["trained/sequential"])
-    metrics = {name: block_metrics(x, scenes, world) for name, x in lat.items()}
-    if given_blocks:
-        g = f"given{given_blocks}"
-        lat[f"trained/sequential/{g}"] = generate(cfg, params, world, scenes, num_blocks, key, pcfg, given_blocks=given_blocks)
-        lat[f"init/sequential/{g}"] = generate(cfg, init, world, scenes, num_blocks, key, pcfg, given_blocks=given_blocks)
-        for name in (f"trained/sequential/{g}", f"init/sequential/{g}"):
-            m = block_metrics(lat[name], scenes, world)
-            metrics[name] = {k: np.where(np.arange(num_blocks) < given_blocks, np.nan, v) for k, v in m.items()}
-    return metrics, lat
+    lat, secs = {}, {}
+    for schedule, window in grid or settings():
+        name = setting_name(schedule, window)
+        t0 = time.perf_counter()
+        lat[name] = generate(model, scenes, num_blocks, key, schedule, window, mesh=mesh)
+        secs[name] = time.perf_counter() - t0
+        if progress:
+            progress(f"  {name:<20s} {secs[name]:6.1f} s")
+    ref = lat.get("sequential")
+    metrics = {name: block_metrics(x, scenes, model.world, ref) for name, x in lat.items()}
+    if baselines:
+        lat["still"] = still_baseline(scenes, model.world, num_blocks)
+        init = init_params(model.cfg, jax.random.key(int(model.provenance.get("train", {}).get("seed", 0))))
+        lat["init"] = generate(model, scenes, num_blocks, key, params=init)
+        for name in ("still", "init"):
+            metrics[name] = block_metrics(lat[name], scenes, model.world, ref)
+    return metrics, lat, secs
 
 
-def report(metrics: dict) -> str:
-    """A text table: for each method, per-block MSE / PSNR / position error averaged over prompts."""
-    lines = []
+def summary(metrics: dict, world: WorldConfig) -> dict[str, dict[str, float]]:
+    """{setting: {field: mean over prompts and blocks}}; psnr of the mean MSE (a block that is exact
+    by chance, e.g. the still baseline when every sprite is back at its start, would make the
+    mean of per-block PSNRs meaningless)."""
+    out = {name: {k: float(np.mean(m[k])) for k in FIELDS} for name, m in metrics.items()}
+    for name, m in metrics.items():
+        out[name]["psnr"] = float(10 * np.log10((2 * world.amplitude) ** 2 / max(out[name]["mse"], 1e-12)))
+    return out
+
+
+def table_md(metrics: dict, world: WorldConfig) -> str:
+    """Markdown: the means per setting, relative MSE vs sequential, then per-block MSE."""
+    s = summary(metrics, world)
+    base = s.get("sequential", {}).get("mse")
+    lines = ["| setting | MSE | vs sequential | PSNR dB | position err px | seam jump px | MSE to sequential |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in s.items():
+        rel = f"{100 * (v['mse'] / base - 1):+.1f}%" if base else "-"
+        lines.append(f"| {name} | {v['mse']:.4f} | {rel} | {v['psnr']:.2f} | {v['pos_err']:.2f} | {v['jump']:.2f} | "
+                     f"{v['div_seq']:.4f} |")
     nb = next(iter(metrics.values()))["mse"].shape[1]
-    head = "".join(f"  blk{b:<2d}" for b in range(nb))
-    for field, fmt in (("mse", "{:7.4f}"), ("psnr", "{:7.2f}"), ("pos_err", "{:7.2f}")):
-        lines.append(f"{field:<32s}{head}    mean")
-        for name, m in metrics.items():
-            per_block = m[field].mean(0)
-            cells = ["  given" if np.isnan(v) else fmt.format(v) for v in per_block]
-            lines.append(f"  {name:<30s}" + "".join(" " + c for c in cells) + "  " + fmt.format(np.nanmean(per_block)))
+    lines += ["", "MSE per generated block (mean over prompts):", "",
+              "| setting | " + " | ".join(f"b{b + 1}" for b in range(nb)) + " |", "|---" * (nb + 1) + "|"]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in m["mse"].mean(0)) + " |")
     return "\n".join(lines)
 
 
-def frame_strip(latents: dict, scenes: list[Scene], world: WorldConfig, scale: int = 4) -> np.ndarray:
-    """uint8 image: per prompt, rows = ground truth then each method; columns = frames."""
-    from bcjax.toyworld.png import image_grid
+def write_outputs(out: str, metrics: dict, lat: dict, scenes: list[Scene], world: WorldConfig, extra: dict) -> None:
+    from bcjax.toyworld.png import image_grid, line_plot, write_png
+    from bcjax.toyworld.world import prompt_text, to_rgb
 
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table_md(metrics, world) + "\n")
+    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", "prompt", "block", *FIELDS])
+        for name, m in metrics.items():
+            for i in range(m["mse"].shape[0]):
+                for b in range(m["mse"].shape[1]):
+                    w.writerow([name, i, b + 1, *(f"{m[k][i, b]:.6g}" for k in FIELDS)])
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({**extra, "prompts": [prompt_text(s) for s in scenes], "summary": summary(metrics, world)}, f, indent=2)
+    series = {n: np.maximum(m["mse"].mean(0), 1e-6) for n, m in metrics.items() if n != "init"}
+    palette = ((0, 0, 0), (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
+               (152, 223, 138), (150, 150, 150))
+    write_png(os.path.join(out, "mse_per_block.png"), line_plot(series, log_y=True, colours=palette[:len(series)]))
+    f = next(iter(lat.values())).shape[1]
     rows = []
-    f = next(iter(latents.values())).shape[1]
-    for i, scene in enumerate(scenes):
+    for i, scene in enumerate(scenes[:4]):
         rows.append(to_rgb(render(scene, f, world), world))
-        rows += [to_rgb(x[i], world) for name, x in latents.items() if name != "zeros"]
-    return image_grid(rows, scale=scale)
+        rows += [to_rgb(x[i], world) for n, x in lat.items() if n not in ("init",)]
+    write_png(os.path.join(out, "frames.png"), image_grid(rows, scale=3))
+
+
+SHIP_GRID = (("sequential", None), ("P4", "bidirectional"), ("P4", "causal"))
+
+
+def ship(run: str, dst: str = SHIPPED, prompts: int = 4, blocks: int = 6, seed: int = 0) -> dict:
+    """Copy a training run's model into the package as the embedded checkpoint and record the
+    metrics a test re-derives from it (metrics.json: grid, prompts, blocks, seed, summary)."""
+    import shutil
+
+    src = os.path.join(run, "model")
+    model = load_model(src)
+    scenes = eval_scenes(model.world, prompts)
+    metrics, _, _ = run_grid(model, scenes, blocks, seed, SHIP_GRID, baselines=False, progress=None)
+    still = block_metrics(still_baseline(scenes, model.world, blocks), scenes, model.world)
+    record = {"grid": [list(g) for g in SHIP_GRID], "prompts": prompts, "blocks": blocks, "seed": seed,
+              "summary": summary(metrics, model.world), "still_mse": float(still["mse"].mean()),
+              "jax": jax.__version__, "backend": jax.default_backend()}
+    with open(os.path.join(run, "summary.json")) as f:
+        record["training"] = json.load(f)
+    tmp = dst.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return record
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a bcjax.toyworld.train output folder")
-    p.add_argument("--prompts", type=int, default=4, help="number of fixed-seed evaluation prompts")
-    p.add_argument("--prompt", action="append", help="explicit prompt(s) instead, e.g. 'red top-left east fast'")
-    p.add_argument("--blocks", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0, help="sampler noise seed")
-    p.add_argument("--cascade", help="also run Block Cascading with this schedule (P1, P2, P4)")
-    p.add_argument("--window", default="bidirectional", choices=("causal", "bidirectional"))
-    p.add_argument("--given-blocks", type=int, default=1,
-                   help="also generate after this many ground-truth blocks in the cache (0: off)")
-    p.add_argument("--out", help="folder for eval.json and frames.png (default RUN/eval)")
-    a = p.parse_args(argv)
-    world, cfg, params, init_seed = load_model(a.run)
-    scenes = eval_scenes(world, a.prompts, a.prompt)
-    metrics, latents = evaluate(world, cfg, params, scenes, a.blocks, a.seed, init_seed=init_seed,
-                                cascade=a.cascade, window=a.window, given_blocks=a.given_blocks)
-    out = a.out or os.path.join(a.run, "eval")
-    os.makedirs(out, exist_ok=True)
-    from bcjax.toyworld.png import write_png
+    import argparse
 
-    write_png(os.path.join(out, "frames.png"), frame_strip(latents, scenes, world))
-    result = {"prompts": [prompt_text(s) for s in scenes], "blocks": a.blocks, "seed": a.seed,
-              "given_blocks": a.given_blocks,
-              "rows_in_frames_png": ["ground truth", *[n for n in latents if n != "zeros"]],
-              "world": dataclasses.asdict(world),
-              "metrics": {n: {k: np.where(np.isnan(v), None, v).tolist() for k, v in m.items()}
-                          for n, m in metrics.items()}}
-    tf = teacher_forced_x0_error(world, cfg, params, seed=a.seed)
-    tf_init = teacher_forced_x0_error(world, cfg, init_params(cfg, jax.random.key(init_seed)), seed=a.seed)
-    result["teacher_forced_x0_mse"] = {"trained": {k: v.tolist() for k, v in tf.items()},
-                                       "init": {k: v.tolist() for k, v in tf_init.items()}}
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    for i, s in enumerate(scenes):
-        print(f"prompt {i}: {prompt_text(s)}")
-    print(report(metrics))
-    print("teacher-forced x0 MSE per block (true clean context, one pass; 8 fresh prompts):")
-    for name, rows in (("trained", tf), ("init", tf_init)):
-        for k, v in rows.items():
-            if name == "init" and k == "zeros":
-                continue
-            print(f"  {name + ' ' + k if k != 'zeros' else 'zeros':<24s}" + "".join(f" {x:7.4f}" for x in v))
-    print(f"wrote {out}/eval.json and {out}/frames.png")
-    return result
+    p = argparse.ArgumentParser(prog="bcjax eval toyworld", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="toy-world checkpoint or training run folder (default: the shipped one)")
+    p.add_argument("--prompts", type=int, default=8, help="fixed-seed evaluation prompts")
+    p.add_argument("--blocks", type=int, default=8, help="blocks generated after the given first block")
+    p.add_argument("--seed", type=int, default=0, help="sampler noise seed")
+    p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of sequential,P1,P2,P4")
+    p.add_argument("--windows", default=",".join(WINDOWS), help="comma list of causal,bidirectional")
+    p.add_argument("--out", default="eval-toyworld", help="folder for table.md, metrics.csv, PNGs")
+    a = p.parse_args(argv)
+    schedules = [s for s in a.schedules.split(",") if s]
+    for s in schedules:
+        if s not in SCHEDULES:
+            raise SystemExit(f"--schedules: unknown schedule {s!r}; expected some of {SCHEDULES}")
+    windows = [w for w in a.windows.split(",") if w]
+    for w in windows:
+        if w not in WINDOWS:
+            raise SystemExit(f"--windows: unknown window {w!r}; expected some of {WINDOWS}")
+    model = load_model(a.checkpoint)
+    scenes = eval_scenes(model.world, a.prompts)
+    print(f"toy world: {a.prompts} prompts x {a.blocks} blocks after the given image, seed {a.seed}")
+    metrics, lat, secs = run_grid(model, scenes, a.blocks, a.seed, settings(schedules, windows))
+    write_outputs(a.out, metrics, lat, scenes, model.world,
+                  {"blocks": a.blocks, "seed": a.seed, "seconds": secs, "checkpoint": a.checkpoint or "shipped"})
+    print(table_md(metrics, model.world))
+    print(f"wrote {a.out}/table.md, metrics.csv, summary.json, mse_per_block.png, frames.png")
+    return summary(metrics, model.world)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """PNG figures without a plotting library: a zlib PNG encoder, a line plot and an image grid in numpy.
 
-Enough for a loss curve and frame strips; labels use a built-in 3x5 pixel font (digits, '.', '-', 'e').
+Enough for a loss curve, frame strips and labelled video panels; labels use a built-in 3x5 pixel
+font (digits, A-Z, '.', '-', '+', '%', ':', '/', and 'e' for exponents).
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ _FONT = {  # 3x5 glyphs, rows top to bottom, 3 bits each (MSB = left column)
     "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7),
     "4": (5, 5, 7, 1, 1), "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1),
     "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7), ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0),
-    "e": (0, 7, 7, 4, 7), " ": (0, 0, 0, 0, 0),
+    "e": (0, 7, 7, 4, 7), " ": (0, 0, 0, 0, 0), "%": (5, 1, 2, 4, 5), "+": (0, 2, 7, 2, 0), ":": (0, 2, 0, 2, 0),
+    "/": (1, 1, 2, 4, 4), "A": (2, 5, 7, 5, 5), "B": (6, 5, 6, 5, 6), "C": (3, 4, 4, 4, 3), "D": (6, 5, 5, 5, 6),
+    "E": (7, 4, 6, 4, 7), "F": (7, 4, 6, 4, 4), "G": (3, 4, 5, 5, 3), "H": (5, 5, 7, 5, 5), "I": (7, 2, 2, 2, 7),
+    "J": (1, 1, 1, 5, 2), "K": (5, 5, 6, 5, 5), "L": (4, 4, 4, 4, 7), "M": (5, 7, 7, 5, 5), "N": (6, 5, 5, 5, 5),
+    "O": (2, 5, 5, 5, 2), "P": (6, 5, 6, 4, 4), "Q": (2, 5, 5, 6, 3), "R": (6, 5, 6, 5, 5), "S": (3, 4, 2, 1, 6),
+    "T": (7, 2, 2, 2, 2), "U": (5, 5, 5, 5, 7), "V": (5, 5, 5, 5, 2), "W": (5, 5, 7, 7, 5), "X": (5, 5, 2, 5, 5),
+    "Y": (5, 5, 2, 2, 2), "Z": (7, 1, 2, 4, 7),
 }
 
 
@@ -57,7 +64,7 @@ def read_png(path: str) -> np.ndarray:
 
 
 def draw_text(img: np.ndarray, text: str, row: int, col: int, colour=(0, 0, 0), scale: int = 1) -> None:
-    """Stamp `text` (digits . - e) with its top-left at (row, col), in place; clipped at the edges."""
+    """Stamp `text` (see _FONT) with its top-left at (row, col), in place; clipped at the edges."""
     for i, ch in enumerate(text):
         glyph = _FONT.get(ch, _FONT[" "])
         for r, bits in enumerate(glyph):

@@ -1,15 +1,23 @@
-"""Block-causal flow-matching training of a tiny Wan DiT on the toy world (teacher forcing, clean context).
+"""Block-causal flow-matching training of a tiny Wan DiT on the toy world (clean context, one target block).
 
-One forward per video over `[clean blocks 0..N-1 | noisy blocks 0..N-1]`: both halves carry the
-same absolute RoPE frame ids, clean frames run at t = context_noise and each noisy block at its
-own sigma. Under `teacher_forcing_mask` a noisy block sees the clean blocks before it and itself,
-a clean block the clean blocks up to itself: exactly what block b sees at sampling time (the KV
-cache of finished blocks, then its own tokens), so one pass trains every block of the video.
-The loss is the MSE of the flow v = eps - x0 on the noisy half. Noisy-block sigmas come mostly
-from the few-step sampler's table (PipelineConfig().sigmas = [1, 0.9375, 0.8333, 0.625]), the
-rest shifted-uniform, so the model is good where the real few-step x0/re-noise sampler queries it.
+Each training clip is what the sampler shows the model when it denoises one block: up to
+`context_blocks` clean blocks (the KV cache of a [rolling window] of finished blocks, at
+t = context_noise) and the block being denoised at one noise level, in one forward over
+`[clean blocks | noisy block]`. Clean blocks attend block-causally among themselves (as they did
+when their cache entries were written), the noisy block to every visible clean block and
+itself. This is teacher forcing with clean context, the regime of the paper's models (cascading
+then feeds them noisy context they never saw); unlike teacher forcing over a whole video
+([clean | noisy] copies of every block), each forward is only (context + 1) blocks long, which
+on a 2-core CPU buys ~2x more supervised blocks per second because attention dominates.
 
-    python -m bcjax.toyworld.train --out /tmp/toyrun --steps 1800 --time-limit 1140
+Clips are drawn at the start of a video (the still first block as the only context: the
+image-to-video step, where only the prompt says how the sprites move) a third of the time, else
+later in the stream (moving, bouncing context); the number of visible context blocks varies
+from 1 to context_blocks, so every window fill the sampler meets is trained. The loss is the MSE
+of the flow v = eps - x0 on the noisy block. Its sigma comes mostly from the few-step sampler's
+table (PipelineConfig().sigmas = [1, 0.9375, 0.8333, 0.625]), the rest shifted-uniform.
+
+    python -m bcjax.toyworld.train --out /tmp/toyrun --time-limit 1080
 
 Restarting with the same --out continues from the last checkpoint. The folder holds
 `run.json` (configs), `ckpt/` (orbax: params, optimizer state, step, loss history), `model/`
@@ -35,17 +43,21 @@ import optax
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, forward, init_params
 from bcjax.pipeline.config import PipelineConfig
-from bcjax.toyworld.world import WorldConfig, sample_batch
+from bcjax.toyworld.world import WorldConfig, prompt_embedding, render, sample_scene
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings. num_blocks: blocks per training video; table_prob: fraction of noisy
-    blocks whose sigma is drawn from the sampler's table (the rest: shifted-uniform)."""
+    """Optimisation settings. context_blocks: clean blocks before the target (the sampler's window
+    minus the block itself); max_block: latest video block a target is drawn from; first_prob:
+    fraction of clips whose target is the first moving block (after the still image);
+    table_prob: fraction of sigmas drawn from the sampler's table (the rest: shifted-uniform)."""
 
-    steps: int = 1800
-    batch: int = 2
-    num_blocks: int = 4
+    steps: int = 1900
+    batch: int = 8
+    context_blocks: int = 2
+    max_block: int = 12
+    first_prob: float = 1 / 3
     lr: float = 2e-3
     warmup: int = 100
     end_lr_ratio: float = 0.05
@@ -56,61 +68,60 @@ class TrainConfig:
     checkpoint_every: int = 200
 
 
-def toy_model_config(world: WorldConfig, **overrides) -> WanConfig:
-    """A tiny Wan DiT for the toy world: patch (1, 2, 2) -> 64 tokens per 16x16 frame, head_dim 32.
+def toy_pipeline_config(tcfg: TrainConfig | None = None) -> PipelineConfig:
+    """The sampler the toy model is trained for: the real models' 4-step sigma table, a window of
+    the trained context + the block itself, no sink."""
+    k = (tcfg or TrainConfig()).context_blocks
+    return PipelineConfig(window_frames=(k + 1) * PipelineConfig.block_frames)
 
-    Sized for the 20-minute, 2-core CPU budget: attention over the [clean | noisy] sequence
-    (2 x 12 frames x 64 tokens) dominates the step, so heads and layers cost, width barely does.
+
+def toy_model_config(world: WorldConfig, **overrides) -> WanConfig:
+    """A tiny Wan DiT for the toy world: patch (1, 2, 2) -> 64 tokens per 16x16 frame, head_dim 32
+    (RoPE gives 5 frequencies to each spatial axis: enough to attend at a sprite-sized offset).
+
+    Sized for the 20-minute, 2-core CPU budget; four layers because carrying a sprite along a
+    prompt's velocity takes a cross-attention hop (which velocity) before the self-attention
+    hops that fetch the sprite from the right offset of the previous frames.
     """
-    base = {"dim": 64, "ffn_dim": 256, "num_heads": 2, "num_layers": 2, "in_channels": world.channels,
+    base = {"dim": 96, "ffn_dim": 256, "num_heads": 3, "num_layers": 4, "in_channels": world.channels,
             "out_channels": world.channels, "text_dim": world.text_dim, "text_len": world.text_len, "attention": "xla"}
     return WanConfig(**{**base, **overrides})
 
 
-# -- the teacher-forcing forward (pure functions) ----------------------------------------------
+# -- the training forward (pure functions) ----------------------------------------------------
 
-def visible_frames(pcfg: PipelineConfig, num_frames: int) -> np.ndarray:
-    """bool [F, F]: the clean frames (keys) the block of frame q attends to at sampling time when it
-    is written to the cache: its own block, the sink frames, and the newest cache_frames -
-    sink_frames finished frames before its block (the [sink | rolling window] cache)."""
-    bf, sink, rolling = pcfg.block_frames, pcfg.sink_frames, pcfg.cache_frames - pcfg.sink_frames
-    q = np.arange(num_frames)[:, None]
-    k = np.arange(num_frames)[None, :]
-    start = (q // bf) * bf
-    own = (start <= k) & (k < start + bf)
-    return own | ((k < start) & ((k < sink) | (k >= start - rolling)))
+def context_mask(num_context: int, visible, tokens_per_block: int):
+    """bool [B, K + 1, (K + 1) * tokens_per_block] key mask of one [K clean | 1 noisy] forward.
 
-
-def teacher_forcing_mask(pcfg: PipelineConfig, num_blocks: int, tokens_per_frame: int) -> np.ndarray:
-    """bool [1, 2N, 2F*P] key mask of one forward over [clean blocks | noisy blocks] (F = N*bf frames).
-
-    Query block c < N (clean block c) sees the clean frames visible to it (blocks <= c within the
-    window); query block N + b (noisy block b) sees the clean frames before its block within the
-    window, and its own noisy block: the sampler's [cache | own tokens].
+    visible int [B]: how many of the K context blocks (the newest) the sample shows. Clean block
+    c sees the visible clean blocks up to itself (block-causal, as when it entered the cache); the
+    noisy block sees every visible clean block and itself; a hidden block sees only itself.
     """
-    bf = pcfg.block_frames
-    f = num_blocks * bf
-    vis = visible_frames(pcfg, f)
-    own = (np.arange(f)[:, None] // bf) == (np.arange(f)[None, :] // bf)
-    clean_q = np.concatenate([vis, np.zeros_like(vis)], 1)
-    noisy_q = np.concatenate([vis & ~own, own], 1)
-    block_rows = np.concatenate([clean_q, noisy_q], 0)[::bf]  # frames of a block share one row
-    return np.repeat(block_rows, tokens_per_frame, axis=1)[None]
+    k = num_context
+    q = jnp.arange(k + 1)[:, None]
+    kb = jnp.arange(k + 1)[None, :]
+    first = (k - jnp.asarray(visible))[:, None, None]  # [B, 1, 1] first visible context block
+    clean = (q < k) & (kb <= q) & (kb >= first) & (q >= first)
+    noisy = (q == k) & (((kb < k) & (kb >= first)) | (kb == k))
+    own = q == kb
+    return jnp.repeat(clean | noisy | own, tokens_per_block, axis=2)
 
 
-def teacher_forced_flow(cfg: WanConfig, pcfg: PipelineConfig, params, x0, x_t, t_noisy, text):
-    """Flow prediction on the noisy half of one [clean | noisy] forward.
+def context_flow(cfg: WanConfig, params, context, x_t, t_noisy, visible, text, context_noise: float = 0.0):
+    """Flow prediction for a noisy block after its clean context, in one forward.
 
-    x0, x_t [B, F, H, W, C] clean and noised latents (F a multiple of block_frames); t_noisy [B, F]
-    timesteps of the noisy frames; text: encode_text(...). Returns [B, F, H, W, C] float32.
+    context [B, K * bf, H, W, C] clean blocks; x_t [B, bf, H, W, C] the noisy block; t_noisy [B]
+    its timestep; visible int [B] context blocks shown (the newest). Returns [B, bf, H, W, C].
     """
-    b, f, hh, ww, _ = x0.shape
-    nb = f // pcfg.block_frames
-    mask = jnp.asarray(teacher_forcing_mask(pcfg, nb, cfg.tokens_per_frame(hh, ww)))
-    seq = jnp.concatenate([x0, x_t], axis=1)
-    t = jnp.concatenate([jnp.full((b, f), pcfg.context_noise, jnp.float32), t_noisy.astype(jnp.float32)], axis=1)
-    flow, _ = forward(cfg, params, seq, t, text, jnp.tile(jnp.arange(f), 2), None, mask)
-    return flow[:, f:]
+    b, kf, hh, ww, _ = context.shape
+    bf = x_t.shape[1]
+    k = kf // bf
+    mask = context_mask(k, visible, bf * cfg.tokens_per_frame(hh, ww))
+    seq = jnp.concatenate([context, x_t.astype(context.dtype)], axis=1)
+    t = jnp.concatenate([jnp.full((b, kf), context_noise, jnp.float32),
+                         jnp.broadcast_to(t_noisy.astype(jnp.float32)[:, None], (b, bf))], axis=1)
+    flow, _ = forward(cfg, params, seq, t, text, jnp.arange(kf + bf), None, mask)
+    return flow[:, kf:]
 
 
 def sample_sigmas(key, shape, pcfg: PipelineConfig, table_prob: float):
@@ -125,20 +136,37 @@ def sample_sigmas(key, shape, pcfg: PipelineConfig, table_prob: float):
     return jnp.where(pick, table_s[idx], s_u), jnp.where(pick, table_t[idx], 1000.0 * s_u)
 
 
-def flow_loss(cfg: WanConfig, pcfg: PipelineConfig, table_prob: float, params, x0, context, key):
-    """MSE of the flow (eps - x0) on the noisy blocks. x0 [B, F, H, W, C]; context [B, Lt, text_dim]."""
-    b, f = x0.shape[:2]
+def flow_loss(cfg: WanConfig, pcfg: PipelineConfig, table_prob: float, params, clip, visible, context, key):
+    """MSE of the flow (eps - x0) on a clip's last block. clip [B, (K + 1) * bf, H, W, C];
+    visible int [B]; context: prompt embeddings [B, Lt, text_dim]."""
     bf = pcfg.block_frames
+    x0 = clip[:, -bf:]
     k_sig, k_eps = jax.random.split(key)
-    sigma, t = sample_sigmas(k_sig, (b, f // bf), pcfg, table_prob)
-    # [batch, frames] per-frame sigma / timestep of each frame's block
-    sigma_f, t_f = (jnp.repeat(a, bf, axis=1) for a in (sigma, t))
+    sigma, t = sample_sigmas(k_sig, (clip.shape[0],), pcfg, table_prob)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    s = sigma_f[:, :, None, None, None]
+    s = sigma[:, None, None, None, None]
     x_t = (1.0 - s) * x0 + s * eps
     text = encode_text(cfg, params, context)
-    flow = teacher_forced_flow(cfg, pcfg, params, x0, x_t, t_f, text)
+    flow = context_flow(cfg, params, clip[:, :-bf], x_t, t, visible, text, pcfg.context_noise)
     return jnp.mean((flow - (eps - x0)) ** 2)
+
+
+def sample_clips(rng: np.random.Generator, world: WorldConfig, tcfg: TrainConfig):
+    """(clips float32 [B, (K + 1) * bf, H, W, C], visible int32 [B], prompt embeddings [B, Lt, Dt]).
+
+    The target is video block j (j = 1, the first moving block, with prob first_prob, else
+    uniform in [2, max_block]); visible ~ uniform [1, min(K, j)]. Hidden context blocks (before
+    the video's start or outside `visible`) are rendered but masked out.
+    """
+    k, bf = tcfg.context_blocks, world.block_frames
+    clips, visible, text = [], [], []
+    for _ in range(tcfg.batch):
+        scene = sample_scene(rng, world)
+        j = 1 if rng.random() < tcfg.first_prob else int(rng.integers(2, max(tcfg.max_block, 2) + 1))
+        visible.append(int(rng.integers(1, min(k, j) + 1)))
+        clips.append(render(scene, (k + 1) * bf, world, start_frame=(j - k) * bf))
+        text.append(prompt_embedding(scene, world))
+    return np.stack(clips), np.asarray(visible, np.int32), np.stack(text)
 
 
 # -- optimisation ------------------------------------------------------------------------------
@@ -163,13 +191,13 @@ def init_state(cfg: WanConfig, tcfg: TrainConfig) -> TrainState:
 
 @functools.lru_cache(maxsize=4)
 def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
-    """jitted (state, x0, context, key) -> (state, loss); the state is donated. Cached per config,
+    """jitted (state, clips, visible, context, key) -> (state, loss); the state is donated. Cached per config,
     so a resumed session in the same process reuses the compiled step."""
     opt = make_optimizer(tcfg)
     loss_fn = partial(flow_loss, cfg, pcfg, tcfg.table_prob)
 
-    def step(state: TrainState, x0, context, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, x0, context, key)
+    def step(state: TrainState, clips, visible, context, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, clips, visible, context, key)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
@@ -179,9 +207,8 @@ def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
 def batch_for_step(world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig, step: int):
     """The data and noise key of a step depend only on (seed, step): a resumed run sees what an
     uninterrupted one would."""
-    rng = np.random.default_rng([tcfg.seed, step])
-    x0, ctx = sample_batch(rng, world, tcfg.batch, tcfg.num_blocks * pcfg.block_frames)
-    return jnp.asarray(x0), jnp.asarray(ctx), jax.random.fold_in(jax.random.key(tcfg.seed + 1), step)
+    clips, visible, ctx = sample_clips(np.random.default_rng([tcfg.seed, step]), world, tcfg)
+    return jnp.asarray(clips), jnp.asarray(visible), jnp.asarray(ctx), jax.random.fold_in(jax.random.key(tcfg.seed + 1), step)
 
 
 # -- the run folder ----------------------------------------------------------------------------
@@ -235,13 +262,15 @@ def restore_state(mngr, cfg: WanConfig, tcfg: TrainConfig):
     return TrainState(*got["state"]), dict(got["meta"])
 
 
-def export_model(out: str, cfg: WanConfig, params, world: WorldConfig, tcfg: TrainConfig, step: int) -> str:
-    """The trained DiT as a bcjax checkpoint folder out/model (provenance: world and train configs)."""
+def export_model(out: str, cfg: WanConfig, params, world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig,
+                 step: int) -> str:
+    """The trained DiT as a bcjax checkpoint folder out/model (provenance: world, sampler, training)."""
     from bcjax.checkpoint import save
 
     path = os.path.join(out, "model")
     save(path, {"dit": (cfg, params)}, {"source": "bcjax.toyworld.train", "step": step,
-                                         "world": dataclasses.asdict(world), "train": dataclasses.asdict(tcfg)},
+                                         "world": dataclasses.asdict(world), "pipeline": dataclasses.asdict(pcfg),
+                                         "train": dataclasses.asdict(tcfg)},
          overwrite=True)
     return path
 
@@ -296,9 +325,9 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     bar = tqdm(total=tcfg.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     try:
         for step in range(start, stop):
-            x0, ctx, key = batch_for_step(world, pcfg, tcfg, step)
+            clips, visible, ctx, key = batch_for_step(world, pcfg, tcfg, step)
             t0 = time.perf_counter()
-            state, loss = step_fn(state, x0, ctx, key)
+            state, loss = step_fn(state, clips, visible, ctx, key)
             loss = float(loss)  # blocks: the step time below is the real one
             step_times.append(time.perf_counter() - t0)
             losses.append(loss)
@@ -325,14 +354,14 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
         bar.close()
     wall = prior_wall + time.perf_counter() - t_begin
     if int(state.step) > start or not os.path.isdir(os.path.join(out, "model")):
-        export_model(out, cfg, state.params, world, tcfg, int(state.step))
+        export_model(out, cfg, state.params, world, pcfg, tcfg, int(state.step))
         plot_losses(os.path.join(out, "loss.png"), losses)
     steady = step_times[1:] or step_times
     head = np.mean(losses[:10]) if losses else float("nan")
     tail = np.mean(losses[-50:]) if losses else float("nan")
     summary = {
         "steps": int(state.step), "planned_steps": tcfg.steps, "resumed_from": start, "batch": tcfg.batch,
-        "num_blocks": tcfg.num_blocks,
+        "context_blocks": tcfg.context_blocks,
         "session_wall_s": time.perf_counter() - t_begin,
         "ms_per_step": 1e3 * float(np.median(steady)) if steady else None,
         "first_step_s (compile)": step_times[0] if step_times else None,
@@ -349,8 +378,8 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder; an existing one is resumed")
-    p.add_argument("--steps", type=int, help="total optimisation steps (default 1800)")
-    for name, typ in (("batch", int), ("blocks", int), ("lr", float), ("warmup", int), ("seed", int),
+    p.add_argument("--steps", type=int, help="total optimisation steps (default 1900)")
+    for name, typ in (("batch", int), ("context-blocks", int), ("lr", float), ("warmup", int), ("seed", int),
                       ("table-prob", float), ("checkpoint-every", int), ("dim", int), ("ffn-dim", int),
                       ("heads", int), ("layers", int), ("patch", int)):
         p.add_argument(f"--{name}", type=typ)
@@ -358,7 +387,7 @@ def main(argv=None) -> dict:
     p.add_argument("--time-limit", type=float, help="stop (checkpointed) after this many seconds of this session")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    train_args = {"steps": a.steps, "batch": a.batch, "num_blocks": a.blocks, "lr": a.lr, "warmup": a.warmup,
+    train_args = {"steps": a.steps, "batch": a.batch, "context_blocks": a.context_blocks, "lr": a.lr, "warmup": a.warmup,
                   "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every}
     model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers,
                   "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
@@ -373,8 +402,8 @@ def main(argv=None) -> dict:
                              f"got {({k: c[1] for k, c in clash.items()})} (use a new --out)")
         tcfg = dataclasses.replace(tcfg, **train_args)
     else:
-        world, pcfg = WorldConfig(), PipelineConfig()
-        cfg, tcfg = toy_model_config(world, **model_args), TrainConfig(**train_args)
+        world, tcfg = WorldConfig(), TrainConfig(**train_args)
+        cfg, pcfg = toy_model_config(world, **model_args), toy_pipeline_config(tcfg)
     summary = train(a.out, world, cfg, pcfg, tcfg, progress=not a.no_progress, until=a.until, time_limit=a.time_limit)
     print(json.dumps(summary, indent=2))
     return summary

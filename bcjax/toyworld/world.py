@@ -1,19 +1,27 @@
 """A procedural video world with known ground truth, whose frames are a block-causal DiT's latents.
 
-A scene is a few coloured square sprites on a small canvas, each moving at constant velocity and
-bouncing off the walls, drawn in prompt order (a later sprite covers an earlier one). The prompt
-names everything, one four-word phrase per sprite:
+A scene is a walled canvas (a one-pixel white rim) holding a few coloured square sprites, drawn in
+prompt order (a later sprite covers an earlier one). The video is image-to-video: the first block
+is the still image (every sprite at its start), and from the second block on each sprite moves
+at the velocity its prompt phrase names, one step per block (by default), bouncing elastically
+off the walls:
 
-    "red top-left south-east fast, blue centre west slow"
+    "red south-east fast, blue west slow"      (colour, direction of 8, speed in pixels/frame)
 
-colour, starting position on a 3x3 grid, direction (8 compass points), speed (pixels per frame).
-So the whole video, first frame included, is a deterministic function of the prompt: a model
-generating from noise can be scored frame by frame against `render(scene)`.
+So the video is a deterministic function of the prompt and the first block: a model continuing
+the given first block can be scored frame by frame against `render(scene)`. The first block says
+where, the prompt says how: the second block cannot be predicted without the prompt, and later
+blocks (after bounces) not without the earlier frames.
 
 Frames are channels-last `[F, H, W, 3]` float32 and go into the DiT as latents directly: background
-0, a sprite's pixels `amplitude * (+-1, +-1, +-1)` (its colour's sign pattern), so a typical frame
-has roughly unit variance. Positions are integers (top-left corner, (row, col)), so renders are
-exact and the position readout can recover them exactly.
+0, a sprite's pixels `amplitude * (+-1, +-1, +-1)` (its colour's sign pattern), walls
+`amplitude * (1, 1, 1)`. Positions are integers (top-left corner, (row, col)), so renders are
+exact and the position readout recovers them exactly.
+
+Why walls are drawn and positions come from an image, not from words: Wan's DiT has no absolute
+positions (3D RoPE is relative, the patch embedding a convolution), so a tiny one cannot place a
+sprite at "top-left" from noise; everything asked of it here is translation-equivariant (carry a
+sprite along the prompt's velocity, bounce at a visible wall).
 """
 
 from __future__ import annotations
@@ -26,81 +34,90 @@ from typing import NamedTuple
 
 import numpy as np
 
-# Colour words -> channel sign pattern (r, g, b); all distinct and none equal to the 0 background.
+# Colour words -> channel sign pattern (r, g, b); distinct, none the 0 background or the white wall.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1),
     "yellow": (1, 1, -1), "cyan": (-1, 1, 1), "magenta": (1, -1, 1),
 }
-# Starting-position words -> (row, col) on a 3x3 grid of top-left corners, in units of half the free range.
-STARTS: dict[str, tuple[int, int]] = {
-    "top-left": (0, 0), "top": (0, 1), "top-right": (0, 2),
-    "left": (1, 0), "centre": (1, 1), "right": (1, 2),
-    "bottom-left": (2, 0), "bottom": (2, 1), "bottom-right": (2, 2),
-}
+WALL = (1, 1, 1)
 # Direction words -> unit step (d_row, d_col); rows grow downwards.
 DIRECTIONS: dict[str, tuple[int, int]] = {
     "north": (-1, 0), "north-east": (-1, 1), "east": (0, 1), "south-east": (1, 1),
     "south": (1, 0), "south-west": (1, -1), "west": (0, -1), "north-west": (-1, -1),
 }
-# Speed words -> pixels per frame along each moving axis.
-SPEEDS: dict[str, int] = {"slow": 1, "fast": 2}
+# Speed words -> pixels per world step along each moving axis. Even, so a sprite moves by whole
+# (1, 2, 2) patches, bounces included (a reflection off a wall moves it by 2 hi - 2 p - v): every
+# token of the next block is a copy of a token of the last one, which attention does exactly;
+# odd pixel shifts would ask a tiny DiT to resample pixels inside patches.
+SPEEDS: dict[str, int] = {"slow": 2, "fast": 4}
 
-FIELDS = (COLOURS, STARTS, DIRECTIONS, SPEEDS)  # the order of the words in a sprite's phrase
+FIELDS = (COLOURS, DIRECTIONS, SPEEDS)  # the order of the words in a sprite's phrase
 WORDS_PER_SPRITE = len(FIELDS)
-PAD = "<pad>"
-VOCAB: tuple[str, ...] = (PAD, *COLOURS, *STARTS, *DIRECTIONS, *SPEEDS)
-WORD_ID = {w: i for i, w in enumerate(VOCAB)}
 
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Canvas, sprites and prompt encoding of the toy world.
 
-    size: canvas height = width in pixels (= latent positions); sprite: sprite side in pixels;
-    amplitude: channel magnitude of a sprite pixel; text_len x text_dim: the prompt embedding
-    the DiT's cross-attention reads (zero-padded like Wan's umT5 embeddings); embed_seed: the
-    fixed rotation that turns word codes into dense embeddings.
+    size: canvas height = width in pixels (= latent positions), walls included; sprite: sprite
+    side; amplitude: channel magnitude of a drawn pixel; still_frames: frames the sprites rest
+    before moving (the given first block); frames_per_step: frames that show one world step
+    (3 = one step per block, the default: a tiny DiT cannot learn within a 20-minute CPU budget to
+    place frame k of a block k steps ahead, since RoPE scores add over t/h/w and cannot couple a
+    time offset with a proportional space offset in one attention hop; 1 = a step every frame);
+    text_len x text_dim: the prompt embedding the DiT's cross-attention reads (one token per
+    sprite phrase, zero-padded like Wan's umT5 embeddings); embed_seed: the fixed rotation that makes the word codes dense.
     """
 
-    size: int = 16
-    sprite: int = 4
+    size: int = 12
+    sprite: int = 3
     min_sprites: int = 1
-    max_sprites: int = 3
+    max_sprites: int = 2
     amplitude: float = 2.0
-    text_len: int = 16
+    still_frames: int = 3
+    frames_per_step: int = 3
+    text_len: int = 4
     text_dim: int = 32
     block_frames: int = 3
     embed_seed: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.sprite < self.size:
-            raise ValueError(f"sprite side {self.sprite} must be in [1, canvas size {self.size})")
-        if (self.size - self.sprite) % 2:
-            raise ValueError(f"canvas {self.size} minus sprite {self.sprite} must be even so the 3x3 start grid is on pixels")
+        if not 1 <= self.sprite <= self.size - 3:
+            raise ValueError(f"sprite side {self.sprite} must be in [1, canvas size {self.size} - 3] (walls + room to move)")
+        if self.frames_per_step < 1 or self.still_frames < 0:
+            raise ValueError(f"frames_per_step {self.frames_per_step} must be >= 1 and still_frames {self.still_frames} >= 0")
         if not 1 <= self.min_sprites <= self.max_sprites <= len(COLOURS):
             raise ValueError(f"sprites per scene [{self.min_sprites}, {self.max_sprites}] must lie in [1, {len(COLOURS)}]")
-        if self.max_sprites > len(STARTS):
-            raise ValueError(f"max_sprites {self.max_sprites} > {len(STARTS)} distinct starting positions")
-        if self.text_len < WORDS_PER_SPRITE * self.max_sprites:
-            raise ValueError(f"text_len {self.text_len} cannot hold {self.max_sprites} phrases of {WORDS_PER_SPRITE} words")
-        if self.text_dim < len(VOCAB) - 1 + self.max_sprites:
-            raise ValueError(f"text_dim {self.text_dim} < {len(VOCAB) - 1} word codes + {self.max_sprites} sprite-slot codes")
+        if self.text_len < self.max_sprites:
+            raise ValueError(f"text_len {self.text_len} cannot hold {self.max_sprites} sprite phrases (one token each)")
+        if self.text_dim < _code_dim(self):
+            raise ValueError(f"text_dim {self.text_dim} < {_code_dim(self)} word and sprite-slot codes")
 
     @property
     def channels(self) -> int:
         return 3
 
     @property
-    def free(self) -> int:
-        """Largest top-left coordinate: a sprite's corner moves in [0, free]."""
-        return self.size - self.sprite
+    def lo(self) -> int:
+        """Smallest top-left coordinate of a sprite (inside the wall)."""
+        return 1
+
+    @property
+    def hi(self) -> int:
+        """Largest top-left coordinate of a sprite."""
+        return self.size - 1 - self.sprite
+
+
+def _code_dim(cfg: WorldConfig) -> int:
+    return sum(len(f) for f in FIELDS) + cfg.max_sprites
 
 
 class Sprite(NamedTuple):
     colour: str
-    start: str
     direction: str
     speed: str
+    row: int = 0  # start corner, from the first block (the image), not from the prompt
+    col: int = 0
 
 
 Scene = tuple[Sprite, ...]  # in drawing order: later sprites cover earlier ones
@@ -109,23 +126,28 @@ Scene = tuple[Sprite, ...]  # in drawing order: later sprites cover earlier ones
 # -- prompts ------------------------------------------------------------------------------------
 
 def prompt_text(scene: Scene) -> str:
-    """'red top-left south-east fast, blue centre west slow'."""
-    return ", ".join(" ".join(s) for s in scene)
+    """'red south-east fast, blue west slow' (the start positions are the image's, not the prompt's)."""
+    return ", ".join(f"{s.colour} {s.direction} {s.speed}" for s in scene)
 
 
-def parse_prompt(text: str, cfg: WorldConfig | None = None) -> Scene:
-    """The inverse of `prompt_text`; errors name the unknown word and the words its slot accepts."""
+def parse_prompt(text: str, cfg: WorldConfig | None = None, starts: Sequence[tuple[int, int]] | None = None) -> Scene:
+    """The inverse of `prompt_text` (start corners from `starts`, default all at (lo, lo)); errors
+    name the unknown word and the words its slot accepts."""
+    cfg = cfg or WorldConfig()
     phrases = [p.split() for p in re.split(r"[,;]", text) if p.strip()]
+    starts = list(starts) if starts is not None else [(cfg.lo, cfg.lo)] * len(phrases)
+    if len(starts) != len(phrases):
+        raise ValueError(f"{len(phrases)} sprite phrases but {len(starts)} start positions")
     scene = []
     for i, words in enumerate(phrases):
         if len(words) != WORDS_PER_SPRITE:
             raise ValueError(f"sprite phrase {i} {' '.join(words)!r} has {len(words)} words; expected "
-                             "'<colour> <start> <direction> <speed>'")
+                             "'<colour> <direction> <speed>'")
         for word, field in zip(words, FIELDS):
             if word not in field:
                 raise ValueError(f"sprite phrase {i}: unknown word {word!r}; expected one of {sorted(field)}")
-        scene.append(Sprite(*words))
-    _check_scene(tuple(scene), cfg or WorldConfig())
+        scene.append(Sprite(*words, *(int(v) for v in starts[i])))
+    _check_scene(tuple(scene), cfg)
     return tuple(scene)
 
 
@@ -135,25 +157,21 @@ def _check_scene(scene: Scene, cfg: WorldConfig) -> None:
     colours = [s.colour for s in scene]
     if len(set(colours)) != len(colours):
         raise ValueError(f"sprite colours {colours} repeat; each sprite needs its own colour (the readout tells them apart by it)")
+    for s in scene:
+        if not (cfg.lo <= s.row <= cfg.hi and cfg.lo <= s.col <= cfg.hi):
+            raise ValueError(f"sprite {s.colour} starts at ({s.row}, {s.col}); corners must lie in [{cfg.lo}, {cfg.hi}]")
 
 
 def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
-    """A random scene: distinct colours, distinct starting positions, any direction and speed."""
+    """A random scene: distinct colours, any direction, speed and start inside the walls."""
     n = int(rng.integers(cfg.min_sprites, cfg.max_sprites + 1))
     colours = rng.choice(len(COLOURS), n, replace=False)
-    starts = rng.choice(len(STARTS), n, replace=False)
     dirs = rng.integers(0, len(DIRECTIONS), n)
     speeds = rng.integers(0, len(SPEEDS), n)
+    corners = rng.integers(cfg.lo, cfg.hi + 1, (n, 2))
     names = [list(f) for f in FIELDS]
-    return tuple(Sprite(names[0][c], names[1][s], names[2][d], names[3][v])
-                 for c, s, d, v in zip(colours, starts, dirs, speeds))
-
-
-def prompt_tokens(scene: Scene, cfg: WorldConfig) -> np.ndarray:
-    """int32 [text_len] word ids, one phrase per sprite in drawing order, then PAD (0)."""
-    _check_scene(scene, cfg)
-    ids = [WORD_ID[w] for s in scene for w in s]
-    return np.asarray(ids + [WORD_ID[PAD]] * (cfg.text_len - len(ids)), np.int32)
+    return tuple(Sprite(names[0][c], names[1][d], names[2][v], int(r), int(q))
+                 for c, d, v, (r, q) in zip(colours, dirs, speeds, corners))
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,46 +180,45 @@ def _rotation(text_dim: int, seed: int) -> np.ndarray:
     return (q * np.sign(np.diag(r))).astype(np.float32)  # a fixed orthogonal [text_dim, text_dim]
 
 
-def prompt_embedding(prompt: Scene | np.ndarray, cfg: WorldConfig) -> np.ndarray:
-    """The prompt as the DiT's text input: float32 [text_len, text_dim] (or [B, text_len, text_dim]
-    for token ids [B, text_len]).
+def prompt_embedding(scene: Scene, cfg: WorldConfig) -> np.ndarray:
+    """The prompt as the DiT's text input: float32 [text_len, text_dim].
 
-    Wan's cross-attention has no positions on text tokens, so each word's code carries its
-    sprite slot: token i = sqrt(text_dim / 2) * R (onehot(word) + onehot(sprite i // 4)), R a fixed
-    orthogonal rotation (dense like a real text encoder's output, information-equivalent to the
-    one-hots). PAD tokens are exactly zero, as in Wan's padded umT5 embeddings.
+    One token per sprite phrase (what a text encoder's contextual output gives a cross-attention
+    to read in one hop): sqrt(text_dim / 4) * R (onehot(colour) + onehot(direction) + onehot(speed)
+    + onehot(drawing slot)), R a fixed orthogonal rotation. Wan's cross-attention has no positions
+    on text tokens, so the slot code carries the drawing order. Padding tokens are exactly zero,
+    as in Wan's padded umT5 embeddings.
     """
-    tokens = prompt_tokens(prompt, cfg) if isinstance(prompt, tuple) else np.asarray(prompt)
-    if tokens.shape[-1] != cfg.text_len:
-        raise ValueError(f"prompt tokens have length {tokens.shape[-1]}; this world's text_len is {cfg.text_len}")
-    words = len(VOCAB) - 1
-    # [..., text_len, text_dim] one-hot word code (PAD -> none) + sprite-slot code
-    code = np.zeros((*tokens.shape, cfg.text_dim), np.float32)
-    np.put_along_axis(code, np.maximum(tokens - 1, 0)[..., None], 1.0, axis=-1)
-    slot = np.minimum(np.arange(cfg.text_len) // WORDS_PER_SPRITE, cfg.max_sprites - 1)
-    code[..., np.arange(cfg.text_len), words + slot] += 1.0
-    code *= (tokens != WORD_ID[PAD])[..., None]
-    return np.sqrt(cfg.text_dim / 2.0).astype(np.float32) * code @ _rotation(cfg.text_dim, cfg.embed_seed).T
+    _check_scene(scene, cfg)
+    code = np.zeros((cfg.text_len, cfg.text_dim), np.float32)
+    for i, s in enumerate(scene):
+        offset = 0
+        for word, field in zip((s.colour, s.direction, s.speed), FIELDS):
+            code[i, offset + list(field).index(word)] = 1.0
+            offset += len(field)
+        code[i, offset + i] = 1.0
+    return np.sqrt(cfg.text_dim / 4.0).astype(np.float32) * code @ _rotation(cfg.text_dim, cfg.embed_seed).T
 
 
 # -- dynamics and rendering -----------------------------------------------------------------------
 
-def _reflect(p, free: int):
-    """Fold an unbounded coordinate into [0, free] (elastic bounces off both walls)."""
+def _reflect(p, lo: int, hi: int):
+    """Fold an unbounded coordinate into [lo, hi] (elastic bounces off both walls)."""
+    free = hi - lo
     if free == 0:
-        return np.zeros_like(p)
-    m = np.mod(p, 2 * free)
-    return np.where(m <= free, m, 2 * free - m)
+        return np.full_like(p, lo)
+    m = np.mod(p - lo, 2 * free)
+    return lo + np.where(m <= free, m, 2 * free - m)
 
 
 def positions(scene: Scene, num_frames: int, cfg: WorldConfig, start_frame: int = 0) -> np.ndarray:
     """int32 [F, S, 2] top-left (row, col) of every sprite at frames start_frame .. start_frame + F - 1."""
-    half = cfg.free // 2
-    p0 = np.asarray([STARTS[s.start] for s in scene], np.int64) * half  # [S, 2]
+    p0 = np.asarray([(s.row, s.col) for s in scene], np.int64)  # [S, 2]
     v = np.asarray([DIRECTIONS[s.direction] for s in scene], np.int64) * np.asarray(
         [SPEEDS[s.speed] for s in scene], np.int64)[:, None]  # [S, 2]
-    t = np.arange(start_frame, start_frame + num_frames, dtype=np.int64)[:, None, None]
-    return _reflect(p0[None] + v[None] * t, cfg.free).astype(np.int32)
+    frames = np.arange(start_frame, start_frame + num_frames, dtype=np.int64)
+    t = np.where(frames >= cfg.still_frames, (frames - cfg.still_frames) // cfg.frames_per_step + 1, 0)  # world steps
+    return _reflect(p0[None] + v[None] * t[:, None, None], cfg.lo, cfg.hi).astype(np.int32)
 
 
 def colour_values(scene: Scene, cfg: WorldConfig) -> np.ndarray:
@@ -210,10 +227,13 @@ def colour_values(scene: Scene, cfg: WorldConfig) -> np.ndarray:
 
 
 def render(scene: Scene, num_frames: int, cfg: WorldConfig, start_frame: int = 0) -> np.ndarray:
-    """Ground-truth latents float32 [F, size, size, 3]: sprites drawn in order over a 0 background."""
+    """Ground-truth latents float32 [F, size, size, 3]: walls, then sprites in order, over a 0 background."""
     pos = positions(scene, num_frames, cfg, start_frame)
     col = colour_values(scene, cfg)
     frames = np.zeros((num_frames, cfg.size, cfg.size, 3), np.float32)
+    wall = cfg.amplitude * np.float32(WALL)
+    frames[:, [0, -1], :] = wall
+    frames[:, :, [0, -1]] = wall
     k = cfg.sprite
     for f in range(num_frames):
         for s in range(len(scene)):
@@ -222,10 +242,15 @@ def render(scene: Scene, num_frames: int, cfg: WorldConfig, start_frame: int = 0
     return frames
 
 
-def sample_batch(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_frames: int):
-    """A training batch: (latents float32 [B, F, size, size, 3], prompt embeddings [B, text_len, text_dim])."""
+def sample_batch(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_frames: int, max_start_block: int = 0):
+    """A training batch: (latents float32 [B, F, size, size, 3], prompt embeddings [B, text_len, text_dim]).
+
+    Each clip starts at a random block in [0, max_start_block] of its video (0: the still first
+    block), so clips cover both the image-to-video start and a stream's later, bouncing blocks.
+    """
     scenes = [sample_scene(rng, cfg) for _ in range(batch)]
-    frames = np.stack([render(s, num_frames, cfg) for s in scenes])
+    starts = rng.integers(0, max_start_block + 1, batch) * cfg.block_frames
+    frames = np.stack([render(s, num_frames, cfg, int(t)) for s, t in zip(scenes, starts)])
     text = np.stack([prompt_embedding(s, cfg) for s in scenes])
     return frames, text
 
@@ -236,7 +261,7 @@ def read_positions(frames, scene: Scene, cfg: WorldConfig, min_visible: int | No
     """Each sprite's top-left (row, col) read back from (generated) latents: float [F, S, 2], NaN
     where fewer than min_visible pixels (default a quarter of the sprite) show its colour.
 
-    Every pixel is assigned to the nearest of {background, the 6 palette colours}; the estimate is
+    Every pixel is assigned to the nearest of {background, the 6 colours, wall}; the estimate is
     the sprite-sized window with the most pixels of the sprite's colour minus background pixels
     (another sprite's pixels are neutral: they may be covering it). Exact on renders unless the
     sprite is covered on two opposite sides.
@@ -244,9 +269,9 @@ def read_positions(frames, scene: Scene, cfg: WorldConfig, min_visible: int | No
     frames = np.asarray(frames, np.float32)
     if frames.ndim != 4 or frames.shape[1:] != (cfg.size, cfg.size, cfg.channels):
         raise ValueError(f"frames must be [F, {cfg.size}, {cfg.size}, {cfg.channels}]; got {frames.shape}")
-    k, n = cfg.sprite, cfg.free + 1
+    k, n = cfg.sprite, cfg.size - cfg.sprite + 1  # n x n candidate corners, walls included
     min_visible = k * k // 4 if min_visible is None else min_visible
-    palette = np.concatenate([np.zeros((1, 3), np.float32), cfg.amplitude * np.asarray(list(COLOURS.values()), np.float32)])
+    palette = cfg.amplitude * np.asarray([(0, 0, 0), *COLOURS.values(), WALL], np.float32)
     # [F, H, W] index into palette of each pixel's nearest colour
     nearest = np.argmin(((frames[..., None, :] - palette) ** 2).sum(-1), axis=-1)
     names = list(COLOURS)

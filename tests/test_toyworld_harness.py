@@ -1,0 +1,78 @@
+"""The quality harness and the shipped toy-world checkpoint (`bcjax demo`'s default model)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bcjax.model import init_params
+from bcjax.toyworld import evaluate as ev
+from bcjax.toyworld import train as tw
+from bcjax.toyworld.world import WorldConfig, render
+
+SMALL = WorldConfig(size=8, sprite=2)
+
+
+def _small_model() -> ev.ToyModel:
+    cfg = tw.toy_model_config(SMALL, dim=32, ffn_dim=64, num_heads=2, num_layers=2)
+    tcfg = tw.TrainConfig()
+    return ev.ToyModel(SMALL, cfg, tw.toy_pipeline_config(tcfg), init_params(cfg, jax.random.key(3)), {"train": {"seed": 0}})
+
+
+def test_metrics_of_the_ground_truth_and_the_still_baseline():
+    scenes = ev.eval_scenes(SMALL, 3)
+    truth = np.stack([render(s, 5 * 3, SMALL) for s in scenes])
+    m = ev.block_metrics(truth, scenes, SMALL, reference=truth)
+    assert m["mse"].shape == (3, 4)
+    for k in ("mse", "pos_err", "jump", "div_seq"):
+        np.testing.assert_array_equal(m[k], 0.0, err_msg=k)
+    still = ev.block_metrics(ev.still_baseline(scenes, SMALL, 4), scenes, SMALL)
+    # holding the image is wrong wherever a sprite has moved (a bounce can bring one back to its start)
+    assert still["mse"].mean() > 0.05 and still["pos_err"].mean() > 0.5 and still["jump"][:, 0].mean() > 0.5
+
+
+def test_grid_runs_every_setting_through_the_public_api():
+    model = _small_model()
+    scenes = ev.eval_scenes(SMALL, 2)
+    metrics, lat, _ = ev.run_grid(model, scenes, 4, seed=1, progress=None)
+    names = [ev.setting_name(s, w) for s, w in ev.settings()]
+    assert names == ["sequential", "P1-causal", "P1-bidirectional", "P2-causal", "P2-bidirectional",
+                     "P4-causal", "P4-bidirectional"]
+    assert set(metrics) == {*names, "still", "init"}
+    for name in names:
+        assert lat[name].shape == (2, 15, 8, 8, 3)
+        np.testing.assert_array_equal(lat[name][:, :3], lat["still"][:, :3])  # the given image
+    assert np.all(metrics["sequential"]["div_seq"] == 0)
+    assert metrics["P1-causal"]["div_seq"].max() < 1e-9  # P1-causal is the sequential pipeline
+    assert metrics["P4-bidirectional"]["div_seq"].max() > 1e-6
+    table = ev.table_md(metrics, SMALL)
+    assert "| P4-bidirectional |" in table and "MSE per generated block" in table
+
+
+def test_cli_harness_writes_its_files(tmp_path):
+    from bcjax.cli import main
+
+    assert main(["eval", "toyworld", "--checkpoint", ev.SHIPPED, "--prompts", "2", "--blocks", "2",
+                 "--schedules", "sequential,P4", "--windows", "bidirectional", "--out", str(tmp_path)]) == 0
+    for f in ("table.md", "metrics.csv", "summary.json", "mse_per_block.png", "frames.png"):
+        assert os.path.getsize(tmp_path / f) > 0, f
+    assert set(json.load(open(tmp_path / "summary.json"))["summary"]) == {"sequential", "P4-bidirectional", "still", "init"}
+
+
+def test_shipped_checkpoint_reproduces_its_recorded_metrics():
+    """The checkpoint `bcjax demo` uses loads and, re-evaluated, gives the metrics recorded when it shipped."""
+    with open(os.path.join(ev.SHIPPED, "metrics.json")) as f:
+        recorded = json.load(f)
+    model = ev.load_model()
+    grid = [tuple(g) for g in recorded["grid"]]
+    scenes = ev.eval_scenes(model.world, recorded["prompts"])
+    metrics, _, _ = ev.run_grid(model, scenes, recorded["blocks"], recorded["seed"], grid, baselines=False, progress=None)
+    got = ev.summary(metrics, model.world)
+    for name, want in recorded["summary"].items():
+        assert got[name]["mse"] == pytest.approx(want["mse"], rel=0.05), name
+        assert got[name]["div_seq"] == pytest.approx(want["div_seq"], rel=0.1, abs=2e-3), name
+        assert got[name]["pos_err"] == pytest.approx(want["pos_err"], abs=0.75), name  # readout is discrete
+    # it learned something of the world: clearly better than holding the image, far from its init
+    assert got["sequential"]["mse"] < 0.75 * recorded["still_mse"]
