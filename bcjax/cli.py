@@ -32,6 +32,13 @@ def _info(args) -> int:
     return 0
 
 
+def _primary() -> bool:
+    """Whether this process writes outputs (always, on one host; process 0 of a multi-host job)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _save_atomic(path: str, array) -> None:
     import numpy as np
 
@@ -58,6 +65,13 @@ def _setup(args):
     return port, cfg, params, encode_text(cfg, params, prompt), jax.random.fold_in(key, 3)
 
 
+def _pipeline(port, args):
+    """The port's sampler, with --positions applied."""
+    import dataclasses
+
+    return dataclasses.replace(port.pipeline, positions=args.positions)
+
+
 def _run(cfg, port, params, text, key, args, schedule, window):
     """Generate block by block, printing each block's latency. Returns (latents, seconds per block)."""
     import jax
@@ -68,11 +82,11 @@ def _run(cfg, port, params, text, key, args, schedule, window):
 
     hw = tuple(args.latent_hw)
     if schedule == "sequential":
-        stream = ((b, x) for b, x in enumerate(SequentialPipeline(cfg, port.pipeline, hw).blocks(params, text, key, args.blocks)))
+        stream = ((b, x) for b, x in enumerate(SequentialPipeline(cfg, _pipeline(port, args), hw).blocks(params, text, key, args.blocks)))
         label = "sequential"
     else:
         mesh = make_mesh(args.devices) if args.devices > 1 else None
-        cas = Cascade(cfg, port.pipeline, hw, schedule, window, mesh)
+        cas = Cascade(cfg, _pipeline(port, args), hw, schedule, window, mesh)
         stream = cas.blocks(params, text, key, args.blocks)
         label = f"{schedule} {window}, {cas.stagger.in_flight} blocks in flight on {args.devices} device(s)"
     blocks, times = [], []
@@ -102,7 +116,7 @@ def _stream(args) -> int:
     from bcjax.toyworld import demo
 
     demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint, blocks=args.blocks, schedule=args.schedule,
-                    window=args.window, policy=args.policy, seed=args.seed, devices=args.devices)
+                    window=args.window, policy=args.policy, seed=args.seed, devices=args.devices, positions=args.positions)
     return 0
 
 
@@ -124,7 +138,7 @@ def _generate(args) -> int:
     print(f"bcjax generate: {args.preset} random-weight model, {port.name} sampling, {args.blocks} blocks "
           f"(pass --checkpoint for a converted model and an mp4)")
     latents, _ = _run(cfg, port, params, text, key, args, args.schedule, args.window)
-    if args.out:
+    if args.out and _primary():
         _save_atomic(args.out, latents)
         print(f"latents [B, F, H, W, C] {tuple(latents.shape)} written to {args.out}")
     return 0
@@ -142,8 +156,8 @@ def _generate_video(args) -> int:
     if not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: no such folder (make one with `bcjax convert`)")
     mesh = make_mesh(args.devices) if args.devices > 1 else None
-    t2v = TextToVideo(args.checkpoint, ports.get(args.port).pipeline, tuple(args.size), args.schedule, args.window, mesh)
-    t = t2v.write_mp4(args.prompt, args.blocks, args.out, seed=args.seed)
+    t2v = TextToVideo(args.checkpoint, _pipeline(ports.get(args.port), args), tuple(args.size), args.schedule, args.window, mesh)
+    t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed)
     print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | encode {t['encode_s']:.2f} s | "
           f"denoise {t['denoise_fps']:.2f} FPS steady (first block {t['denoise_s'][0]:.2f} s incl. compile) | "
           f"decode {sum(t['decode_s']):.2f} s | end-to-end {t['end_to_end_fps']:.2f} FPS | "
@@ -185,6 +199,16 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bcjax", description="Block Cascading for block-causal Wan video models, in JAX.")
+    g = p.add_argument_group("runtime (options before the command)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: process 0's address, with --num-processes "
+                   "and --process-id (every process runs the same command)")
+    g.add_argument("--num-processes", type=_positive, help="multi-host: processes in the job")
+    g.add_argument("--process-id", type=int, help="multi-host: this process's rank, 0 .. num-processes - 1")
+    g.add_argument("--distributed", action="store_true",
+                   help="multi-host with jax.distributed's auto-detection (TPU pod slices, SLURM, Open MPI)")
+    g.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache (default: $BCJAX_COMPILE_CACHE "
+                   "or ~/.cache/bcjax/jax-compile)")
+    g.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="devices, mesh and versions")
@@ -196,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--preset", default="tiny", help="model shape: tiny, wan2.1-1.3b, wan2.1-14b (random weights)")
         s.add_argument("--latent-hw", type=_positive, nargs=2, default=(8, 8), metavar=("H", "W"))
         s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis")
+        s.add_argument("--positions", default="absolute", choices=["absolute", "rolling"],
+                       help="RoPE positions: absolute (streams end at the 1024-frame table) or rolling (no end)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--out", help="output: latents .npy (random weights) or .mp4 (--checkpoint); written atomically")
         s.add_argument("-v", "--verbose", action="store_true", help="print every block's latency")
@@ -220,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
     s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
     s.add_argument("--policy", default="no-recache", choices=["no-recache", "recache"], help="KV cache at a switch")
+    s.add_argument("--positions", default="absolute", choices=["absolute", "rolling"],
+                   help="RoPE positions: rolling streams past the model's position table")
     s.add_argument("--devices", type=_positive, default=1)
     s.add_argument("--seed", type=int, default=0, help="noise and the sprites' start positions")
     s.set_defaults(fn=_stream)
@@ -260,17 +288,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_convert)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch"])
+    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p
 
 
+def _runtime(args) -> None:
+    """Compile cache and multi-host set-up, before anything touches a device."""
+    from bcjax import compile_cache
+
+    if args.no_compile_cache:
+        compile_cache.disable()
+    elif args.compile_cache:
+        compile_cache.enable(args.compile_cache)
+    if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+        from bcjax import distributed
+
+        if args.distributed and args.coordinator:
+            raise ValueError("--distributed auto-detects the cluster; drop it when giving --coordinator")
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _runtime(args)
         return args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ConnectionError) as e:  # bad input: one clear line
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"bcjax {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@ import os
 # Five fake CPU devices for the cascade's mesh tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=5")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the suite does not read or fill the user's persistent compile cache (test_compile_cache turns it on)
+os.environ["BCJAX_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -20,4 +20,4 @@ def full_cache(cfg, pcfg, batch: int, tokens_per_frame: int, key) -> KVCache:
     shape = (cfg.num_layers, batch, cap * tokens_per_frame, cfg.num_heads, cfg.head_dim)
     k1, k2 = jax.random.split(key)
     return KVCache(jax.random.normal(k1, shape, cfg.compute_dtype), jax.random.normal(k2, shape, cfg.compute_dtype),
-                   jnp.arange(cap, dtype=jnp.int32))
+                   jnp.arange(cap, dtype=jnp.int32), jnp.int32(0))

@@ -9,6 +9,7 @@ with idle slots (see `make_stagger`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from functools import partial
 
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from bcjax.cascade.masks import WINDOWS
 from bcjax.cascade.tick import CascadeState, TickSpec, tick
+from bcjax.distributed import local, put, replicate
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, init_cache
 from bcjax.model.wan import KV, check_latents, encode_text
@@ -59,6 +61,8 @@ class Cascade:
         check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
         if self.window not in WINDOWS:
             raise ValueError(f"window {self.window!r}: expected one of {WINDOWS}")
+        if self.pcfg.positions == "rolling":
+            self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
         devices = 1
         if self.mesh is not None:
             if STAGE not in self.mesh.shape:
@@ -70,24 +74,24 @@ class Cascade:
             devices = self.mesh.shape[STAGE]
         self.stagger = make_stagger(self.schedule, self.pcfg.num_steps, devices)
         self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, tuple(self.latent_hw))
-        step = self._distribute(partial(tick, self.spec))
-        self._step = jax.jit(step, donate_argnums=(4,))
+        self._step = self._distribute(partial(tick, self.spec))
         self._runs: dict[int, callable] = {}
 
     # -- placement -------------------------------------------------------------------------
-    def _distribute(self, fn):
-        """fn(params, text, key, num_blocks, state, slot_ids[, axis]) on the mesh (or batched)."""
-        slots = jnp.arange(self.stagger.num_slots)
+    def _distribute(self, fn) -> "_WithSlots":
+        """fn(params, text, key, num_blocks, state, slot_ids[, axis]) jitted on the mesh (or batched,
+        without one), the state donated; called without slot_ids. The slot ids are an argument,
+        not a closed-over constant: over several processes they are a global array."""
+        slots = np.arange(self.stagger.num_slots, dtype=np.int32)
         if self.mesh is None:
-            return lambda *a: fn(*a, slots)
-        state_spec = CascadeState(P(STAGE), KVCache(P(), P(), P()), P(), P())
+            return _WithSlots(jax.jit(fn, donate_argnums=(4,)), jnp.asarray(slots))
+        state_spec = CascadeState(P(STAGE), KVCache(P(), P(), P(), P()), P(), P())
         mapped = jax.shard_map(
             partial(fn, axis=STAGE), mesh=self.mesh,
             in_specs=(P(), P(), P(), P(), state_spec, P(STAGE)),
             out_specs=(state_spec, P()), check_vma=False,
         )
-        slots = jax.device_put(slots, NamedSharding(self.mesh, P(STAGE)))
-        return lambda *a: mapped(*a, slots)
+        return _WithSlots(jax.jit(mapped, donate_argnums=(4,)), put(slots, NamedSharding(self.mesh, P(STAGE))))
 
     def init_state(self, batch: int, cache: KVCache | None = None, first_block: int = 0) -> CascadeState:
         """A cascade before its first tick; `cache` (e.g. from `prefill`) holds given context
@@ -97,9 +101,7 @@ class Cascade:
             cache = init_cache(self.cfg, batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         state = CascadeState(x, cache, jnp.int32(0), jnp.int32(first_block))
         if self.mesh is not None:
-            rep = NamedSharding(self.mesh, P())
-            state = CascadeState(jax.device_put(x, NamedSharding(self.mesh, P(STAGE))),
-                                 *jax.device_put(state[1:], rep))
+            state = CascadeState(put(x, NamedSharding(self.mesh, P(STAGE))), *replicate(state[1:], self.mesh))
         return state
 
     def prefill(self, params, text: KV, frames) -> tuple[KVCache, int]:
@@ -108,19 +110,24 @@ class Cascade:
         pipe = SequentialPipeline(self.cfg, self.pcfg, self.latent_hw)
         return pipe.prefill(params, text, frames), frames.shape[1] // self.pcfg.block_frames
 
+    def _placed(self, params, text):
+        """params and text K/V replicated over the mesh (global arrays when the mesh spans
+        processes); a no-op for arrays already there and without a mesh."""
+        return (params, text) if self.mesh is None else replicate((params, text), self.mesh)
+
     def _check_length(self, num_blocks: int, first_block: int = 0):
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         last = (first_block + num_blocks) * self.pcfg.block_frames
-        if last > self.cfg.rope_max_positions:
+        if self.pcfg.positions == "absolute" and last > self.cfg.rope_max_positions:
             raise ValueError(f"{num_blocks} blocks reach latent frame {last - 1}, past the "
-                             f"{self.cfg.rope_max_positions}-position RoPE table of this model")
+                             f"{self.cfg.rope_max_positions}-position RoPE table of this model "
+                             "(PipelineConfig(positions='rolling') streams past it)")
 
     # -- whole generation: one scan ----------------------------------------------------------
     def _run(self, num_ticks: int):
         if num_ticks not in self._runs:
-            step = self._distribute(partial(_scan_ticks, self.spec, num_ticks))
-            self._runs[num_ticks] = jax.jit(step, donate_argnums=(4,))
+            self._runs[num_ticks] = self._distribute(partial(_scan_ticks, self.spec, num_ticks))
         return self._runs[num_ticks]
 
     def generate(self, params, text: KV, num_blocks: int, key, context=None) -> jax.Array:
@@ -130,12 +137,14 @@ class Cascade:
         first block, a video to continue): prefilled into the cache, generation continues after.
         """
         st = self.stagger
+        params, text = self._placed(params, text)
         if context is None:
             state = self.init_state(text.k.shape[1])
         else:
             state = self.init_state(text.k.shape[1], *self.prefill(params, text, context))
         self._check_length(num_blocks, int(state.first_block))
         _, (emitted, _) = self._run(st.num_ticks(num_blocks))(params, text, key, jnp.int32(num_blocks), state)
+        emitted = local(emitted)  # several hosts: this process's replica
         ticks = np.asarray([st.emit_tick(b) for b in range(num_blocks)])
         return jnp.concatenate(list(emitted[ticks]), axis=1)
 
@@ -147,16 +156,33 @@ class Cascade:
         num_blocks None streams until the caller stops (or the RoPE table ends). `state` (from
         `init_state`, e.g. with a prefilled cache) continues a stream.
         """
+        params, text = self._placed(params, text)
         state = state if state is not None else self.init_state(text.k.shape[1])
         first = int(state.first_block)
-        total = num_blocks if num_blocks is not None else self.cfg.rope_max_positions // self.pcfg.block_frames - first
-        self._check_length(total, first)
+        total = num_blocks if num_blocks is not None else self.pcfg.stream_blocks(self.cfg.rope_max_positions, first)
+        if total is not None:
+            self._check_length(total, first)
         n_blocks = jnp.int32(num_blocks if num_blocks is not None else ENDLESS)
         st = self.stagger
-        for tau in range(st.emit_tick(total - 1) + 1):  # the last clean pass has no reader: skipped
+        ticks = range(st.emit_tick(total - 1) + 1) if total is not None else itertools.count()
+        for tau in ticks:  # the last clean pass has no reader: skipped
             state, (x0, _) = self._step(params, text, key, n_blocks, state)
             if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
-                yield first + (tau - st.emit_stage) // st.stride, x0
+                yield first + (tau - st.emit_stage) // st.stride, local(x0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithSlots:
+    """A jitted tick/scan bound to its slot ids: f(params, text, key, num_blocks, state)."""
+
+    jitted: callable
+    slots: jax.Array
+
+    def __call__(self, *args):
+        return self.jitted(*args, self.slots)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, self.slots)
 
 
 def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, slot_ids, axis=None):

@@ -18,6 +18,7 @@ from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, write_frames
 from bcjax.model.wan import KV, forward
 from bcjax.pipeline.config import PipelineConfig
+from bcjax.pipeline.sequential import place
 from bcjax.schedule.flow import block_noise, predict_x0, renoise
 from bcjax.schedule.stagger import Stagger, slot_state
 
@@ -84,16 +85,19 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
                   jnp.where(per_slot(stages < n), renoise(state.x, eps, per_slot(sigmas[stage_c])), state.x))
     # [B, Q * bf]: every frame carries its own block's noise level
     t = jnp.broadcast_to(jnp.repeat(timesteps[stage_c], bf)[None], (batch, q * bf))
-    frame_ids = jnp.clip(blocks[:, None] * bf + jnp.arange(bf)[None], 0, cfg.rope_max_positions - 1).reshape(-1)
+    # rolling positions: the pass's newest frame is the last frame of the newest busy block
+    newest = jnp.max(jnp.where(all_busy, all_blocks, 0)) * bf + bf - 1
+    cache, positions = place(cfg, pcfg, state.cache, (blocks[:, None] * bf + jnp.arange(bf)[None]).reshape(-1), newest)
+    positions = jnp.clip(positions, 0, cfg.rope_max_positions - 1)  # idle slots past the stream's end
     key_mask = tick_key_mask(
-        slot_ids, all_blocks, all_busy, state.cache.frame_ids, block_frames=bf, tokens_per_frame=p,
+        slot_ids, all_blocks, all_busy, cache.frame_ids, block_frames=bf, tokens_per_frame=p,
         sink=pcfg.sink_frames, rolling=pcfg.cache_frames - pcfg.sink_frames, window=spec.window,
     )
     # the block in the clean stage (at most one) hands its K/V to the cache after this pass
     is_writer = all_busy & (all_stages == n)
     writer = jnp.argmax(is_writer)
     x_flat = jnp.swapaxes(x, 0, 1).reshape(batch, q * bf, *x.shape[3:])
-    flow, kv = forward(cfg, params, x_flat, t, text, frame_ids, state.cache.as_context(), key_mask,
+    flow, kv = forward(cfg, params, x_flat, t, text, positions, cache.as_context(), key_mask,
                        kv_axis=axis, kv_out=(writer * bf * p, bf * p))
     flow = jnp.swapaxes(flow.reshape(batch, q, *spec.block_shape), 0, 1)
 
@@ -107,5 +111,5 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     emitted_block = jnp.where(jnp.any(all_emitting), all_blocks[jnp.argmax(all_emitting)], -1)
 
     writer_frames = all_blocks[writer] * bf + jnp.arange(bf)
-    cache = write_frames(state.cache, kv, writer_frames, pcfg.sink_frames, enabled=jnp.any(is_writer))
+    cache = write_frames(cache, kv, writer_frames, pcfg.sink_frames, enabled=jnp.any(is_writer))
     return CascadeState(x0, cache, state.tick + 1, state.first_block), (emitted, emitted_block)

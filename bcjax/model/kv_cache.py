@@ -4,8 +4,9 @@ Static shapes whatever the stream length: `capacity` frame slots of `tokens_per_
 a frame-id per slot (-1 = empty) that doubles as the validity mask, and writes through
 `dynamic_update_slice`. The first `sink` frames of the video keep their slots forever; every
 later frame goes to a ring over the remaining slots, so the oldest non-sink frame is the one
-overwritten. Keys are stored post-RoPE (absolute positions), so slot order is irrelevant to
-attention and no shifting is needed.
+overwritten. Keys are stored post-RoPE, so slot order is irrelevant to attention and no
+shifting is needed; `base` records the rolling-position shift their rotation holds (see rope.py),
+and `rebase` rotates them when it moves.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bcjax.model.config import WanConfig
+from bcjax.model.rope import apply_rope, time_shift
 from bcjax.model.wan import KV
 
 
@@ -23,6 +25,8 @@ class KVCache(NamedTuple):
     k: jax.Array  # [layers, batch, capacity * tokens_per_frame, heads, head_dim]
     v: jax.Array  # same
     frame_ids: jax.Array  # int32 [capacity]; absolute latent frame held by each slot, -1 = empty
+    # int32 []: non-sink keys are rotated at position frame - base (0 unless positions="rolling")
+    base: jax.Array
 
     @property
     def capacity(self) -> int:
@@ -43,7 +47,8 @@ class KVCache(NamedTuple):
 def init_cache(cfg: WanConfig, batch: int, capacity: int, tokens_per_frame: int, dtype=None) -> KVCache:
     shape = (cfg.num_layers, batch, capacity * tokens_per_frame, cfg.num_heads, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((capacity,), -1, jnp.int32))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((capacity,), -1, jnp.int32),
+                   jnp.int32(0))
 
 
 def frame_slot(frame, sink: int, capacity: int):
@@ -69,4 +74,18 @@ def write_frames(cache: KVCache, kv: KV, frame_ids, sink: int, enabled=True) -> 
         k = jax.lax.dynamic_update_slice(k, jnp.where(enabled, new_k.astype(k.dtype), old_k), start)
         v = jax.lax.dynamic_update_slice(v, jnp.where(enabled, new_v.astype(v.dtype), old_v), start)
         ids = ids.at[slot].set(jnp.where(enabled, frame_ids[i], ids[slot]))
-    return KVCache(k, v, ids)
+    return KVCache(k, v, ids, cache.base)
+
+
+def rebase(cfg: WanConfig, cache: KVCache, base, sink: int) -> KVCache:
+    """The cache with its non-sink keys re-rotated from `cache.base` to `base` (traced int >=
+    cache.base). Costs one elementwise pass over the keys, and only on a tick where base moves."""
+
+    def rotate(cache):
+        rotate = jnp.repeat((cache.frame_ids >= sink), cache.tokens_per_frame)
+        cos, sin = time_shift(cfg, base - cache.base, rotate.shape[0], rotate)
+        k = cache.k.reshape(-1, *cache.k.shape[2:])
+        k = apply_rope(k, cos, sin).reshape(cache.k.shape)
+        return KVCache(k, cache.v, cache.frame_ids, jnp.asarray(base, jnp.int32))
+
+    return jax.lax.cond(base != cache.base, rotate, lambda c: c, cache)

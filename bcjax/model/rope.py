@@ -2,6 +2,18 @@
 
 The temporal index is the *absolute* latent-frame index, so a block rotated at frames
 [3b, 3b+3) and cached post-RoPE lines up with every later block without re-rotation.
+
+Past the end of the table (`rope_max_positions` frames, 1024 for Wan: ~4 minutes of video) a
+stream has two options (`PipelineConfig.positions`):
+
+* "absolute": the base models' semantics; a stream that would run past the table is refused.
+* "rolling": positions of non-sink frames are `frame - base`, where `base` jumps forward by a
+  fixed `period` whenever the newest frame of a pass would leave the table, and the cached keys
+  (stored post-RoPE) are rotated back by the jump. RoPE scores depend only on position
+  differences, so every offset between window frames and in-flight blocks is unchanged: with no
+  sink the stream is the absolute one, exactly (up to rounding), forever. Sink frames keep their
+  original positions 0..sink-1 (LongLive keeps its sink in place), so after a jump the oldest
+  window frame sits right after the sink, and every offset the model sees stays inside the table.
 """
 
 from __future__ import annotations
@@ -45,6 +57,35 @@ def rope_tables(cfg: WanConfig, frame_ids, grid_hw: tuple[int, int]):
         return jnp.concatenate([tf, th, tw], axis=-1).reshape(f * h * w, -1)
 
     return grid(ct, ch, cw), grid(st, sh, sw)
+
+
+def rope_base(max_positions: int, period: int, last_frame, xp=jnp):
+    """Rolling positions: frames subtracted from non-sink positions in a pass whose newest frame
+    is `last_frame` (int, may be traced): 0 until the table ends, then the smallest multiple of
+    `period` that brings `last_frame` back inside [0, max_positions)."""
+    over = xp.asarray(last_frame) - (max_positions - 1)
+    return xp.where(over > 0, period * ((over + period - 1) // period), 0).astype(xp.int32)
+
+
+def rope_positions(frame_ids, base, sink: int):
+    """RoPE time index of absolute frames frame_ids (int [F]): sink frames keep theirs, the rest
+    are shifted back by `base` (0 in absolute mode)."""
+    frame_ids = jnp.asarray(frame_ids, jnp.int32)
+    return jnp.where(frame_ids < sink, frame_ids, frame_ids - base)
+
+
+def time_shift(cfg: WanConfig, delta, tokens: int, rotate):
+    """cos/sin [tokens, head_dim//2] that move post-RoPE keys back by `delta` frames (int, traced,
+    0 <= delta < rope_max_positions) on the temporal frequencies, for the tokens where `rotate`
+    (bool [tokens]) holds; identity elsewhere and on the height/width frequencies."""
+    (ct, st), _, _ = _angle_tables(cfg.head_dim, cfg.rope_split, cfg.rope_max_positions, cfg.rope_theta)
+    n_t, half = ct.shape[1], cfg.head_dim // 2
+    # R(p - d) = R(-d) R(p): cos(-a) = cos(a), sin(-a) = -sin(a), from the same float64 table
+    cos = jnp.concatenate([jnp.asarray(ct)[delta], jnp.ones((half - n_t,), jnp.float32)])
+    sin = jnp.concatenate([-jnp.asarray(st)[delta], jnp.zeros((half - n_t,), jnp.float32)])
+    rotate = jnp.asarray(rotate)[:, None]
+    return (jnp.where(rotate, cos[None], 1.0) * jnp.ones((tokens, 1)),
+            jnp.where(rotate, sin[None], 0.0) * jnp.ones((tokens, 1)))
 
 
 def apply_rope(x, cos, sin):

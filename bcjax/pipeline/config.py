@@ -8,6 +8,8 @@ import numpy as np
 
 from bcjax.schedule.flow import denoising_schedule
 
+POSITIONS = ("absolute", "rolling")
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -17,6 +19,10 @@ class PipelineConfig:
     (Self-Forcing's global 21-frame cache; LongLive's local_attn_size 12); sink_frames of them are
     the first frames of the video, kept forever (LongLive's attention sink). The clean cache holds
     window_frames - block_frames finished frames.
+
+    positions: "absolute" (RoPE at the absolute frame index, the base models' semantics; a stream
+    ends at the RoPE table) or "rolling" (the same until the table ends, then non-sink positions
+    jump back by `rope_period` frames and cached keys are re-rotated; see bcjax.model.rope).
     """
 
     denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
@@ -26,8 +32,11 @@ class PipelineConfig:
     window_frames: int = 21
     sink_frames: int = 0
     context_noise: float = 0.0
+    positions: str = "absolute"
 
     def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}: expected one of {POSITIONS}")
         if self.block_frames < 1:
             raise ValueError(f"block_frames={self.block_frames} must be >= 1")
         if self.sink_frames < 0:
@@ -43,6 +52,25 @@ class PipelineConfig:
     @property
     def cache_frames(self) -> int:
         return self.window_frames - self.block_frames
+
+    def rope_period(self, max_positions: int) -> int:
+        """Frames a rolling stream's positions jump back by, a whole number of blocks: as far as
+        the table allows while the sink, the rolling cache and up to num_steps + 1 in-flight
+        blocks (a P1 cascade's) still fit behind the newest frame."""
+        bf = self.block_frames
+        span = self.cache_frames - self.sink_frames + (self.num_steps + 1) * bf
+        period = bf * ((max_positions - self.sink_frames - span) // bf)
+        if period < bf:
+            raise ValueError(f"positions='rolling' needs a RoPE table longer than sink {self.sink_frames} + rolling cache "
+                             f"{self.cache_frames - self.sink_frames} + {self.num_steps + 1} in-flight blocks of {bf} "
+                             f"frames + one block; the model has {max_positions} positions")
+        return period
+
+    def stream_blocks(self, max_positions: int, first_block: int = 0) -> int | None:
+        """Blocks a stream starting at `first_block` can generate: None (unbounded) when rolling."""
+        if self.positions == "rolling":
+            return None
+        return max_positions // self.block_frames - first_block
 
     @property
     def timesteps(self) -> np.ndarray:

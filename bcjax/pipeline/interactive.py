@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax.distributed import local, put, replicate
 from bcjax.model.wan import KV
 from bcjax.pipeline.recache import frames_for_cache, recache
 
@@ -93,7 +94,7 @@ class _Recacher:
     def __call__(self, params, text: KV, cache):
         like = next(iter(self.blocks.values()))
         frames = frames_for_cache(jax.device_get(cache.frame_ids), self.blocks, self.bf, like)
-        frames = jax.device_put(frames, self.sharding) if self.sharding is not None else jnp.asarray(frames)
+        frames = put(frames, self.sharding) if self.sharding is not None else jnp.asarray(frames)
         return jax.block_until_ready(self.fn(params, text, frames, cache))
 
 
@@ -124,7 +125,7 @@ def stream(runner, params, schedule: Sequence[tuple[int, KV]], key, num_blocks: 
         from jax.sharding import NamedSharding, PartitionSpec
 
         sharding = NamedSharding(runner.mesh, PartitionSpec())
-        params, texts = jax.device_put((params, texts), sharding)
+        params, texts = replicate((params, texts), runner.mesh)
     rec = _Recacher(runner.cfg, runner.pcfg, keep_sink, sharding)
     batch = texts[0].k.shape[1]
     if context is not None:
@@ -180,7 +181,7 @@ def _cascade_stream(cas, params, texts, starts, key, num_blocks, policy, rec, co
         state, (x0, _) = cas._step(params, texts[p], key, n_blocks, state)
         if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
             b = first + (tau - st.emit_stage) // st.stride
-            x0 = np.asarray(x0)
+            x0 = np.asarray(local(x0))
             rec.add(b, x0)
             now = time.perf_counter()
             yield StreamEvent(b, x0, _active(starts, b), now - t0, spent, switched)

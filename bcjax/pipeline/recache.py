@@ -15,6 +15,7 @@ import numpy as np
 
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
+from bcjax.model.rope import rope_positions
 from bcjax.model.wan import KV, forward
 from bcjax.pipeline.config import PipelineConfig
 
@@ -38,13 +39,14 @@ def recache(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, frames, cach
     ids = cache.frame_ids
     mask = recache_mask(ids, pcfg.block_frames, cache.tokens_per_frame)
     t = jnp.full(frames.shape[:2], pcfg.context_noise, jnp.float32)
-    _, kv = forward(cfg, params, frames, t, text, jnp.maximum(ids, 0), None, mask)
+    positions = rope_positions(jnp.maximum(ids, 0), cache.base, pcfg.sink_frames)  # the rotation the cache holds
+    _, kv = forward(cfg, params, frames, t, text, positions, None, mask)
     k, v = kv.k.astype(cache.k.dtype), kv.v.astype(cache.v.dtype)
     if keep_sink and pcfg.sink_frames:
         sink_tokens = pcfg.sink_frames * cache.tokens_per_frame
         k = k.at[:, :, :sink_tokens].set(cache.k[:, :, :sink_tokens])
         v = v.at[:, :, :sink_tokens].set(cache.v[:, :, :sink_tokens])
-    return KVCache(k, v, ids)
+    return KVCache(k, v, ids, cache.base)
 
 
 def frames_for_cache(frame_ids, blocks: dict[int, np.ndarray], block_frames: int, like: np.ndarray) -> np.ndarray:

@@ -18,20 +18,33 @@ import jax
 import jax.numpy as jnp
 
 from bcjax.model.config import WanConfig
-from bcjax.model.kv_cache import KVCache, init_cache, write_frames
+from bcjax.model.kv_cache import KVCache, init_cache, rebase, write_frames
+from bcjax.model.rope import rope_base, rope_positions
 from bcjax.model.wan import KV, check_latents, forward
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.schedule.flow import block_noise, predict_x0, renoise
 
 
-def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, frame_ids):
+def place(cfg: WanConfig, pcfg: PipelineConfig, cache: KVCache, frame_ids, last_frame):
+    """(cache, positions): the cache rebased for a pass whose newest frame is `last_frame`, and the
+    RoPE positions of frame_ids (int [F]) in that pass. Absolute positions: (cache, frame_ids)."""
+    frame_ids = jnp.asarray(frame_ids, jnp.int32)
+    if pcfg.positions == "absolute":
+        return cache, frame_ids
+    base = rope_base(cfg.rope_max_positions, pcfg.rope_period(cfg.rope_max_positions), last_frame)
+    cache = rebase(cfg, cache, base, pcfg.sink_frames)
+    return cache, rope_positions(frame_ids, base, pcfg.sink_frames)
+
+
+def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, positions):
     """One DiT pass of a block over [valid cache | its own tokens] (bidirectional inside the block).
 
-    x [B, F, H, W, C], t [B, F]. Returns (flow [B, F, H, W, C], this pass's KV).
+    x [B, F, H, W, C], t [B, F], positions int [F] (RoPE time index). Returns (flow
+    [B, F, H, W, C], this pass's KV).
     """
     own = x.shape[1] * cache.tokens_per_frame
     key_mask = jnp.concatenate([cache.valid_tokens(), jnp.ones((own,), bool)])[None, None, :]
-    return forward(cfg, params, x, t, text, frame_ids, cache.as_context(), key_mask)
+    return forward(cfg, params, x, t, text, positions, cache.as_context(), key_mask)
 
 
 def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache: KVCache, key, block,
@@ -41,13 +54,14 @@ def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache:
     bf = pcfg.block_frames
     shape = (batch, bf, *latent_hw, cfg.in_channels)
     frame_ids = block * bf + jnp.arange(bf)
+    cache, positions = place(cfg, pcfg, cache, frame_ids, frame_ids[-1])
     timesteps = jnp.asarray(pcfg.timesteps)
     sigmas = jnp.asarray(pcfg.sigmas)
     next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), sigmas.dtype)])
 
     def step(x, xs):
         k, t_k, s_k, s_next = xs
-        flow, _ = cached_pass(cfg, params, x, jnp.full((batch, bf), t_k), text, cache, frame_ids)
+        flow, _ = cached_pass(cfg, params, x, jnp.full((batch, bf), t_k), text, cache, positions)
         x0 = predict_x0(x, flow, s_k)
         # The last step's re-noise is unused (s_next = 0 gives x0 back); keeping it makes every
         # step the same program.
@@ -65,8 +79,9 @@ def clean_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, x0, cach
     into the cache (after denoising, for given context frames, and for a recache)."""
     bf = x0.shape[1]
     frame_ids = block * bf + jnp.arange(bf)
+    cache, positions = place(cfg, pcfg, cache, frame_ids, frame_ids[-1])
     t_ctx = jnp.full((x0.shape[0], bf), pcfg.context_noise, jnp.float32)
-    _, kv = cached_pass(cfg, params, x0, t_ctx, text, cache, frame_ids)
+    _, kv = cached_pass(cfg, params, x0, t_ctx, text, cache, positions)
     return write_frames(cache, kv, frame_ids, pcfg.sink_frames)
 
 
@@ -84,6 +99,8 @@ class SequentialPipeline:
 
     def __post_init__(self):
         check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
+        if self.pcfg.positions == "rolling":
+            self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
         self._block_fn = jax.jit(
             partial(denoise_block, self.cfg, self.pcfg, latent_hw=tuple(self.latent_hw)), donate_argnums=(2,)
         )
@@ -98,10 +115,10 @@ class SequentialPipeline:
 
     def _check_length(self, num_blocks: int, first_block: int = 0):
         last = (first_block + num_blocks) * self.pcfg.block_frames
-        if last > self.cfg.rope_max_positions:
+        if self.pcfg.positions == "absolute" and last > self.cfg.rope_max_positions:
             raise ValueError(
                 f"{num_blocks} blocks reach latent frame {last - 1}, past the {self.cfg.rope_max_positions}-position "
-                "RoPE table of this model"
+                "RoPE table of this model (PipelineConfig(positions='rolling') streams past it)"
             )
 
     def prefill(self, params, text: KV, frames, cache: KVCache | None = None, first_block: int = 0) -> KVCache:

@@ -19,12 +19,25 @@ from bcjax.cascade.cascade import Cascade
 from bcjax.model.wan import KV, encode_text
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.sequential import SequentialPipeline
-from bcjax.pipeline.video import Mp4Writer, to_uint8
+from bcjax.pipeline.streaming import drain, overlapped
+from bcjax.pipeline.video import Mp4Writer, NullWriter, to_uint8
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings
 from bcjax.vae.wan_vae import decode_step, init_decode_state
 
 VIDEO_FPS = 16  # Wan2.1's frame rate
+
+
+def _timed(blocks: Iterator[jax.Array], seconds: list) -> Iterator[jax.Array]:
+    """Pass blocks through, appending the wall time each took to be computed."""
+    while True:
+        t1 = time.perf_counter()
+        x0 = next(blocks, None)
+        if x0 is None:
+            return
+        jax.block_until_ready(x0)
+        seconds.append(time.perf_counter() - t1)
+        yield x0
 
 
 @dataclasses.dataclass
@@ -79,44 +92,64 @@ class TextToVideo:
             for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks):
                 yield x0
 
-    def frames(self, prompt: str, num_blocks: int, seed: int = 0, timings: dict | None = None) -> Iterator[np.ndarray]:
-        """Yield uint8 video frames [T, H, W, 3] block by block (the first block: 1 + 4*(F-1) frames)."""
-        timings = {} if timings is None else timings
-        t0 = time.perf_counter()
+    def _timed_blocks(self, prompt: str, num_blocks: int, seed: int, timings: dict) -> Iterator[jax.Array]:
+        """The denoiser's x0 blocks, timing the prompt encode and each block's denoise."""
+        timings.update(t0=time.perf_counter(), denoise_s=[], decode_s=[], blocks=0)
         text = jax.block_until_ready(self.encode(prompt))
-        timings["encode_s"] = time.perf_counter() - t0
+        timings["encode_s"] = time.perf_counter() - timings["t0"]
+        for x0 in _timed(self._latent_blocks(text, num_blocks, jax.random.key(seed)), timings["denoise_s"]):
+            yield x0
+
+    def _decoder(self, timings: dict):
+        """decode(x0 [1, F, h, w, C]) -> uint8 frames [T, H, W, 3], carrying the VAE's causal caches."""
         state = init_decode_state(self.vae_cfg, 1, self.latent_hw)
-        timings.update(denoise_s=[], decode_s=[], blocks=0)
-        blocks = self._latent_blocks(text, num_blocks, jax.random.key(seed))
-        while True:
-            t1 = time.perf_counter()
-            x0 = next(blocks, None)
-            if x0 is None:
-                break
-            jax.block_until_ready(x0)
+
+        def decode(x0) -> np.ndarray:
+            nonlocal state
             t2 = time.perf_counter()
             state, video = decode_step(self.vae_cfg, self.vae, state, x0)
             if timings["blocks"] == 0:
                 video = video[:, self.vae_cfg.first_chunk_padding:]
             out = to_uint8(video[0])
             t3 = time.perf_counter()
-            timings["denoise_s"].append(t2 - t1)
             timings["decode_s"].append(t3 - t2)
             timings["blocks"] += 1
-            timings.setdefault("first_frame_s", t3 - t0)
-            yield out
+            timings.setdefault("first_frame_s", t3 - timings["t0"])
+            return out
 
-    def write_mp4(self, prompt: str, num_blocks: int, path: str, seed: int = 0, progress: bool = True) -> dict:
+        return decode
+
+    def frames(self, prompt: str, num_blocks: int, seed: int = 0, timings: dict | None = None) -> Iterator[np.ndarray]:
+        """Yield uint8 video frames [T, H, W, 3] block by block (the first block: 1 + 4*(F-1) frames)."""
+        timings = {} if timings is None else timings
+        decode = None
+        for x0 in self._timed_blocks(prompt, num_blocks, seed, timings):
+            decode = decode or self._decoder(timings)  # after the timings exist
+            yield decode(x0)
+
+    def write_mp4(self, prompt: str, num_blocks: int, path: str | None, seed: int = 0, progress: bool = True) -> dict:
         """Generate and write an mp4; returns timings (seconds; per-block lists for denoise/decode) and FPS
-        (denoise: 12 frames / median steady-state seconds per block; end to end: frames / wall time)."""
+        (denoise: 12 frames / median steady-state seconds per block; end to end: frames / wall time).
+
+        Decode and writing run on a background thread (`overlapped`), off the denoising critical path.
+        path None writes nothing (the processes of a multi-host job other than 0).
+        """
         from tqdm import tqdm
 
         timings: dict = {}
         t0 = time.perf_counter()
-        with Mp4Writer(path, fps=VIDEO_FPS) as writer:
-            for frames in tqdm(self.frames(prompt, num_blocks, seed, timings), total=num_blocks, unit="block",
-                               disable=not progress, desc=f"{self.schedule}"):
-                writer.write(frames)
+        with (Mp4Writer(path, fps=VIDEO_FPS) if path is not None else NullWriter()) as writer:
+            blocks = tqdm(self._timed_blocks(prompt, num_blocks, seed, timings), total=num_blocks, unit="block",
+                          disable=not progress, desc=f"{self.schedule}")
+            decoders = []
+
+            def sink(x0):  # on the worker thread, while the next block denoises
+                if not decoders:
+                    decoders.append(self._decoder(timings))
+                writer.write(decoders[0](x0))
+
+            drain(overlapped(blocks, sink))
+        timings.pop("t0", None)
         timings["total_s"] = time.perf_counter() - t0
         timings["frames"] = writer.frames
         # steady state: the first block pays compilation (and, for a cascade, the pipeline fill)

@@ -70,3 +70,21 @@ class Mp4Writer:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+
+class NullWriter:
+    """Mp4Writer's interface, writing nothing: the processes of a multi-host job other than 0."""
+
+    path = None
+
+    def __init__(self):
+        self.frames = 0
+
+    def write(self, frames) -> None:
+        self.frames += len(frames)
+
+    def __enter__(self) -> "NullWriter":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False

@@ -145,7 +145,7 @@ if __name__ == "__main__":
 
 def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | None = None, blocks: int = 12,
                schedule: str = "P4", window: str = "bidirectional", policy: str = "no-recache", seed: int = 0,
-               devices: int = 1, fps: float = 8.0, scale: int = 8) -> list:
+               devices: int = 1, fps: float = 8.0, scale: int = 8, positions: str = "absolute") -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
     is ready (an interrupted stream leaves a playable file). Returns the StreamEvents."""
@@ -156,11 +156,15 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     from bcjax.model.wan import encode_text
     from bcjax.pipeline.interactive import parse_prompt_schedule, stream
     from bcjax.pipeline.sequential import SequentialPipeline
+    from bcjax.pipeline.streaming import overlapped
     from bcjax.pipeline.video import Mp4Writer
     from bcjax.toyworld.world import parse_prompt, prompt_embedding
 
+    import dataclasses
+
     model = load_model(checkpoint)
-    world, cfg, pcfg = model.world, model.cfg, model.pcfg
+    world, cfg = model.world, model.cfg
+    pcfg = dataclasses.replace(model.pcfg, positions=positions)
     sched = parse_prompt_schedule(prompts)
     rng = np.random.default_rng(seed)
     scenes = [parse_prompt(text, world) for _, text in sched]  # the embedding holds no positions
@@ -180,9 +184,12 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     bar = tqdm(total=blocks, unit="block", desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
     with Mp4Writer(out, fps=fps) as w:
         w.write(big(first[0]))
-        for e in stream(runner, model.params, [(b, t) for (b, _), t in zip(sched, texts)], jax.random.key(seed), blocks,
-                        policy=policy, context=jnp.asarray(first)):
+        def sink(e):  # on a background thread, while the next block denoises
             w.write(big(e.x0[0]))
+            return e
+
+        for e in overlapped(stream(runner, model.params, [(b, t) for (b, _), t in zip(sched, texts)],
+                                   jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
             events.append(e)
             bar.update(1)
             bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{bf / max(e.seconds, 1e-9):.1f}",

@@ -383,6 +383,8 @@ def main(argv=None) -> dict:
                       ("table-prob", float), ("checkpoint-every", int), ("dim", int), ("ffn-dim", int),
                       ("heads", int), ("layers", int), ("patch", int)):
         p.add_argument(f"--{name}", type=typ)
+    for name in ("size", "sprite", "min-sprites", "max-sprites"):
+        p.add_argument(f"--{name}", type=int, help=f"world {name.replace('-', ' ')} (new runs only)")
     p.add_argument("--until", type=int, help="stop (checkpointed) at this step; rerun to continue")
     p.add_argument("--time-limit", type=float, help="stop (checkpointed) after this many seconds of this session")
     p.add_argument("--no-progress", action="store_true")
@@ -391,7 +393,9 @@ def main(argv=None) -> dict:
                   "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every}
     model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers,
                   "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
+    world_args = {"size": a.size, "sprite": a.sprite, "min_sprites": a.min_sprites, "max_sprites": a.max_sprites}
     train_args = {k: v for k, v in train_args.items() if v is not None}
+    world_args = {k: v for k, v in world_args.items() if v is not None}
     model_args = {k: v for k, v in model_args.items() if v is not None}
     if os.path.isfile(os.path.join(a.out, "run.json")):
         # Resuming: the run's configs stand; a flag may only restate them (or change --steps etc.).
@@ -400,9 +404,11 @@ def main(argv=None) -> dict:
         if clash:
             raise SystemExit(f"run {a.out} was started with model {({k: c[0] for k, c in clash.items()})}; "
                              f"got {({k: c[1] for k, c in clash.items()})} (use a new --out)")
+        if any(getattr(world, k) != v for k, v in world_args.items()):
+            raise SystemExit(f"run {a.out} was started with world {world}; world flags {world_args} cannot change it")
         tcfg = dataclasses.replace(tcfg, **train_args)
     else:
-        world, tcfg = WorldConfig(), TrainConfig(**train_args)
+        world, tcfg = WorldConfig(**world_args), TrainConfig(**train_args)
         cfg, pcfg = toy_model_config(world, **model_args), toy_pipeline_config(tcfg)
     summary = train(a.out, world, cfg, pcfg, tcfg, progress=not a.no_progress, until=a.until, time_limit=a.time_limit)
     print(json.dumps(summary, indent=2))

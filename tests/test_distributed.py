@@ -1,0 +1,102 @@
+"""Several processes, one `stage` mesh: the cascade across 3 local processes (2 fake CPU devices
+each, gloo collectives; the mesh takes 5 of the 6, so it spans all three) equals the
+single-process 5-device cascade, with params restored by orbax straight onto that mesh; bad
+setups fail fast. (Equal devices per process: JAX's and orbax's multi-host utilities assume it.)"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import bcjax.distributed as dist
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def test_three_processes_form_one_stage_mesh_and_match_one_process(tmp_path):
+    if jax.device_count() < 5:
+        pytest.skip("needs 5 devices (XLA_FLAGS=--xla_force_host_platform_device_count=5)")
+    from distributed_case import run_case, tiny_params
+
+    from bcjax import checkpoint
+
+    reference = np.asarray(run_case())
+    checkpoint.save(str(tmp_path / "ckpt"), {"dit": tiny_params()}, {"layout": "test"})
+    port, out = _free_port(), tmp_path / "latents.npy"
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(i), "3", str(port), "2", str(out),
+                               str(tmp_path / "ckpt")],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(3)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    print(f"3 processes: {time.perf_counter() - t0:.1f} s")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    for i, log in enumerate(logs):
+        assert f"process {i}/3, 2 local of 6 devices" in log, log[-2000:]
+    latents = np.load(out)  # written by process 0 only
+    assert latents.shape == reference.shape
+    assert float(np.abs(latents - reference).max()) <= 1e-5
+
+
+def test_unreachable_coordinator_fails_fast_with_its_address():
+    port = _free_port()  # nothing listens there
+    code = ("import os; os.environ['JAX_PLATFORMS'] = 'cpu'\n"
+            "import bcjax.distributed as d\n"
+            f"d.initialize('localhost:{port}', 2, 1, timeout_s=5)\n")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"coordinator localhost:{port} did not answer within 5 s (process 1 of 2)" in r.stderr, r.stderr[-2000:]
+    assert time.perf_counter() - t0 < 60
+
+
+def test_missing_processes_abort_after_the_timeout_naming_the_job():
+    port = _free_port()
+    code = ("import os; os.environ['JAX_PLATFORMS'] = 'cpu'\n"
+            "import bcjax.distributed as d\n"
+            f"d.initialize('localhost:{port}', 2, 0, timeout_s=5)\n")  # process 1 never comes
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"joining localhost:{port} as process 0 of 2 (timeout 5 s)" in r.stderr, r.stderr[-2000:]
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("args, match", [
+    (("localhost:1234", None, None), "go together"),
+    (("localhost", 2, 0), "HOST:PORT"),
+    (("localhost:99999", 2, 0), "HOST:PORT"),
+    (("localhost:1234", 2, 2), r"process_id 2 must lie in \[0, num_processes=2\)"),
+])
+def test_bad_arguments_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        dist.initialize(*args)
+
+
+def test_cli_runtime_flags_are_checked_before_anything_runs():
+    r = subprocess.run([sys.executable, "-m", "bcjax.cli", "--coordinator", "localhost:1234", "info"], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "go together" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "bcjax.cli", "--distributed", "--coordinator", "h:1", "--num-processes", "2",
+                        "--process-id", "0", "info"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--distributed auto-detects" in r.stderr, r.stderr[-2000:]
