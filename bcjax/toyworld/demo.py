@@ -107,13 +107,19 @@ def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, v
     return text
 
 
+def _check_out(out: str) -> None:
+    """Before any compute: the video path is an .mp4 in a folder that exists (or is created)."""
+    if not out.lower().endswith(".mp4"):
+        raise ValueError(f"--out {out!r} must end in .mp4")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+
 def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str | None = None, prompts: int = 3,
         blocks: int = 10, seed: int = 0, devices: int = 1, fps: float = 8.0) -> dict:
     from bcjax.cascade.cascade import make_mesh
     from bcjax.pipeline.video import Mp4Writer
 
-    if not out.lower().endswith(".mp4"):
-        raise ValueError(f"--out {out!r} must end in .mp4")
+    _check_out(out)
     if devices > jax.device_count():
         raise ValueError(f"--devices {devices}: only {jax.device_count()} device(s) available")
     model = load_model(checkpoint)
@@ -149,6 +155,8 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
     is ready (an interrupted stream leaves a playable file). Returns the StreamEvents."""
+    import dataclasses
+
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
@@ -160,8 +168,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     from bcjax.pipeline.video import Mp4Writer
     from bcjax.toyworld.world import parse_prompt, prompt_embedding
 
-    import dataclasses
-
+    _check_out(out)
     model = load_model(checkpoint)
     world, cfg = model.world, model.cfg
     pcfg = dataclasses.replace(model.pcfg, positions=positions)
