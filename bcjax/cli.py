@@ -23,7 +23,11 @@ def _info(args) -> int:
     devices = jax.devices()
     print(f"bcjax {md.version('bcjax')}  python {sys.version.split()[0]}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"backend: {jax.default_backend()}  processes: {jax.process_count()}  devices: {len(devices)}")
+    from bcjax import compile_cache
+
+    print(f"backend: {jax.default_backend()}  processes: {jax.process_count()} (this: {jax.process_index()})  "
+          f"devices: {len(devices)} ({jax.local_device_count()} local)")
+    print(f"compile cache: {compile_cache.current() or 'off'}")
     for d in devices:
         print(f"  {d.id}: {d.device_kind} ({d.platform})")
     n = len(devices)

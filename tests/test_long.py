@@ -125,3 +125,12 @@ def test_soak_ten_thousand_frames_no_recompile_no_growth(tiny_cfg, tiny_params, 
     assert cc.count == 0
     assert live1 <= live0 + x0.nbytes  # at most the last block held here
     assert _rss_mib() - rss0 < 64
+
+
+def test_cli_generate_takes_the_positions_option(tmp_path):
+    from bcjax.cli import main
+
+    out = tmp_path / "latents.npy"
+    assert main(["generate", "--positions", "rolling", "--port", "longlive", "--blocks", "2", "--latent-hw", "4", "6",
+                 "--out", str(out)]) == 0
+    assert np.load(out).shape[:4] == (1, 6, 4, 6)

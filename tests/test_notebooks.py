@@ -27,3 +27,5 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     assert not errors
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert images, f"{path.name} drew no figure"
+    if path.stem == "quickstart":  # the video itself, embedded
+        assert any("<video" in o.get("data", {}).get("text/html", "") for c in code for o in c.outputs)
