@@ -32,6 +32,7 @@ def place(cfg: WanConfig, pcfg: PipelineConfig, cache: KVCache, frame_ids, last_
     if pcfg.positions == "absolute":
         return cache, frame_ids
     base = rope_base(cfg.rope_max_positions, pcfg.rope_period(cfg.rope_max_positions), last_frame)
+    base = jnp.maximum(base, cache.base)  # never backwards (a drained tick has no newest block)
     cache = rebase(cfg, cache, base, pcfg.sink_frames)
     return cache, rope_positions(frame_ids, base, pcfg.sink_frames)
 

@@ -76,15 +76,22 @@ def toy_pipeline_config(tcfg: TrainConfig | None = None) -> PipelineConfig:
 
 
 def toy_model_config(world: WorldConfig, **overrides) -> WanConfig:
-    """A tiny Wan DiT for the toy world: patch (1, 2, 2) -> 64 tokens per 16x16 frame, head_dim 32
-    (RoPE gives 5 frequencies to each spatial axis: enough to attend at a sprite-sized offset).
+    """A tiny Wan DiT for the toy world: patch (1, 2, 2) -> 36 tokens per 12x12 frame, head_dim 32.
 
     Sized for the 20-minute, 2-core CPU budget; four layers because carrying a sprite along a
     prompt's velocity takes a cross-attention hop (which velocity) before the self-attention
     hops that fetch the sprite from the right offset of the previous frames.
+
+    rope_theta 100, not Wan's 10 000: head_dim 32 leaves each spatial axis 5 RoPE frequencies,
+    and with theta 10 000 only the first two turn by a useful angle across a 6-token grid, so an
+    attention score can barely tell offset v from v +- 1 (qk-norm bounds the logits). Theta 100
+    spreads the 5 frequencies over periods of 6 to 250 tokens, as Wan's spread over its 30x52
+    grid; measured (one sprite, 1900 steps): loss 0.145 -> 0.132, sequential sprite position
+    error 9.5 -> 7.3 px.
     """
     base = {"dim": 96, "ffn_dim": 256, "num_heads": 3, "num_layers": 4, "in_channels": world.channels,
-            "out_channels": world.channels, "text_dim": world.text_dim, "text_len": world.text_len, "attention": "xla"}
+            "out_channels": world.channels, "text_dim": world.text_dim, "text_len": world.text_len, "attention": "xla",
+            "rope_theta": 100.0}
     return WanConfig(**{**base, **overrides})
 
 
@@ -381,7 +388,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, help="total optimisation steps (default 1900)")
     for name, typ in (("batch", int), ("context-blocks", int), ("lr", float), ("warmup", int), ("seed", int),
                       ("table-prob", float), ("checkpoint-every", int), ("dim", int), ("ffn-dim", int),
-                      ("heads", int), ("layers", int), ("patch", int)):
+                      ("heads", int), ("layers", int), ("patch", int), ("rope-theta", float)):
         p.add_argument(f"--{name}", type=typ)
     for name in ("size", "sprite", "min-sprites", "max-sprites"):
         p.add_argument(f"--{name}", type=int, help=f"world {name.replace('-', ' ')} (new runs only)")
@@ -391,7 +398,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     train_args = {"steps": a.steps, "batch": a.batch, "context_blocks": a.context_blocks, "lr": a.lr, "warmup": a.warmup,
                   "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every}
-    model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers,
+    model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers, "rope_theta": a.rope_theta,
                   "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
     world_args = {"size": a.size, "sprite": a.sprite, "min_sprites": a.min_sprites, "max_sprites": a.max_sprites}
     train_args = {k: v for k, v in train_args.items() if v is not None}
