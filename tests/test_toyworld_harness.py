@@ -56,7 +56,7 @@ def test_cli_harness_writes_its_files(tmp_path):
 
     assert main(["eval", "toyworld", "--checkpoint", ev.SHIPPED, "--prompts", "2", "--blocks", "2",
                  "--schedules", "sequential,P4", "--windows", "bidirectional", "--out", str(tmp_path)]) == 0
-    for f in ("table.md", "metrics.csv", "summary.json", "mse_per_block.png", "frames.png"):
+    for f in ("table.md", "metrics.csv", "summary.json", "mse_per_block.png", "pos_err_per_block.png", "frames.png"):
         assert os.path.getsize(tmp_path / f) > 0, f
     assert set(json.load(open(tmp_path / "summary.json"))["summary"]) == {"sequential", "P4-bidirectional", "still", "init"}
 

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+from bcjax.distributed import is_primary
 from bcjax.toyworld.evaluate import ToyModel, block_metrics, eval_scenes, load_model, setting_name, summary
 from bcjax.toyworld.png import draw_text
 from bcjax.toyworld.world import prompt_text, render, to_rgb
@@ -137,9 +138,11 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
     ref = lat["sequential"]
     rows = summary({n: block_metrics(x, scenes, model.world, ref) for n, x in lat.items()}, model.world)
     video = compose(list(lat.values()), scenes, model)
+    report = report or os.path.splitext(out)[0] + ".md"
+    if not is_primary():  # a multi-host job: process 0 writes
+        return {"summary": rows, "timing": timing, "video": None, "report": None}
     with Mp4Writer(out, fps=fps) as w:
         w.write(video)
-    report = report or os.path.splitext(out)[0] + ".md"
     print(write_report(report, model, scenes, rows, timing, out))
     print(f"wrote {out} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]}) and {report}")
     return {"summary": rows, "timing": timing, "video": out, "report": report}
@@ -165,7 +168,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     from bcjax.pipeline.interactive import parse_prompt_schedule, stream
     from bcjax.pipeline.sequential import SequentialPipeline
     from bcjax.pipeline.streaming import overlapped
-    from bcjax.pipeline.video import Mp4Writer
+    from bcjax.pipeline.video import Mp4Writer, NullWriter
     from bcjax.toyworld.world import parse_prompt, prompt_embedding
 
     _check_out(out)
@@ -189,7 +192,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
 
     events = []
     bar = tqdm(total=blocks, unit="block", desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
-    with Mp4Writer(out, fps=fps) as w:
+    with (Mp4Writer(out, fps=fps) if is_primary() else NullWriter()) as w:  # multi-host: process 0 writes
         w.write(big(first[0]))
         def sink(e):  # on a background thread, while the next block denoises
             w.write(big(e.x0[0]))

@@ -14,7 +14,7 @@ bidirectional window} (sequential has no in-flight neighbours: one row) this rep
   changed), 0 for sequential itself.
 
 Baselines: "still" (the given image held: no motion learned), "init" (the same network at its
-initialisation). Outputs: `table.md`, `metrics.csv`, `mse_per_block.png`, `frames.png`.
+initialisation). Outputs: `table.md`, `metrics.csv`, `mse_per_block.png`, `pos_err_per_block.png`, `frames.png`.
 
     bcjax eval toyworld [--checkpoint DIR] [--prompts 8] [--blocks 8] [--out eval/]
 """
@@ -209,10 +209,12 @@ def write_outputs(out: str, metrics: dict, lat: dict, scenes: list[Scene], world
                     w.writerow([name, i, b + 1, *(f"{m[k][i, b]:.6g}" for k in FIELDS)])
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({**extra, "prompts": [prompt_text(s) for s in scenes], "summary": summary(metrics, world)}, f, indent=2)
-    series = {n: np.maximum(m["mse"].mean(0), 1e-6) for n, m in metrics.items() if n != "init"}
+    series = {n: m["mse"].mean(0) for n, m in metrics.items() if n != "init"}
     palette = ((0, 0, 0), (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
                (152, 223, 138), (150, 150, 150))
-    write_png(os.path.join(out, "mse_per_block.png"), line_plot(series, log_y=True, colours=palette[:len(series)]))
+    write_png(os.path.join(out, "mse_per_block.png"), line_plot(series, log_y=False, colours=palette, legend=True))
+    series = {n: m["pos_err"].mean(0) for n, m in metrics.items() if n != "init"}
+    write_png(os.path.join(out, "pos_err_per_block.png"), line_plot(series, log_y=False, colours=palette, legend=True))
     f = next(iter(lat.values())).shape[1]
     rows = []
     for i, scene in enumerate(scenes[:4]):
@@ -276,7 +278,7 @@ def main(argv=None) -> dict:
     write_outputs(a.out, metrics, lat, scenes, model.world,
                   {"blocks": a.blocks, "seed": a.seed, "seconds": secs, "checkpoint": a.checkpoint or "shipped"})
     print(table_md(metrics, model.world))
-    print(f"wrote {a.out}/table.md, metrics.csv, summary.json, mse_per_block.png, frames.png")
+    print(f"wrote {a.out}/table.md, metrics.csv, summary.json, mse_per_block.png, pos_err_per_block.png, frames.png")
     return summary(metrics, model.world)
 
 

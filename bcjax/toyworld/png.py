@@ -75,13 +75,26 @@ def draw_text(img: np.ndarray, text: str, row: int, col: int, colour=(0, 0, 0), 
 
 
 def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
     return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e") if (v < 1e-2 or v >= 1e4) else f"{v:.3g}"
 
 
 def line_plot(series: dict[str, np.ndarray], *, height: int = 300, width: int = 600, log_y: bool = True,
-              colours=((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)), text_scale: int = 2) -> np.ndarray:
+              colours=((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)), text_scale: int = 2,
+              legend: bool = False) -> np.ndarray:
     """uint8 [height, width, 3]: each series (y over its index) as a polyline on shared axes,
-    y ticks labelled at the decades (log) or quartiles, x ticks at the ends."""
+    y ticks labelled at the decades (log) or quartiles, x ticks at the ends; legend: the series
+    names, upper-cased, in their colours, stacked in a column right of the plot."""
+    if legend:
+        names = [n.upper() for n in series]
+        key_w = 4 * text_scale * max(len(n) for n in names) + 12
+        plot = line_plot(series, height=height, width=width, log_y=log_y, colours=colours, text_scale=text_scale)
+        img = np.full((height, width + key_w, 3), 255, np.uint8)
+        img[:, :width] = plot
+        for i, (name, colour) in enumerate(zip(names, colours)):
+            draw_text(img, name, 10 + i * 8 * text_scale, width + 6, colour=colour, scale=text_scale)
+        return img
     img = np.full((height, width, 3), 255, np.uint8)
     left, right, top, bottom = 4 + 16 * text_scale, 10, 10, 8 + 6 * text_scale
     ph, pw = height - top - bottom, width - left - right
