@@ -9,6 +9,7 @@ with idle slots (see `make_stagger`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Iterator
 from functools import partial
@@ -107,8 +108,12 @@ class Cascade:
     def prefill(self, params, text: KV, frames) -> tuple[KVCache, int]:
         """(cache, first_block): given clean frames [B, G * block_frames, H, W, C] written to the
         cache by the sampler's clean pass, block by block, as if they had been generated."""
-        pipe = SequentialPipeline(self.cfg, self.pcfg, self.latent_hw)
-        return pipe.prefill(params, text, frames), frames.shape[1] // self.pcfg.block_frames
+        return self._sequential.prefill(params, text, frames), frames.shape[1] // self.pcfg.block_frames
+
+    @functools.cached_property
+    def _sequential(self) -> SequentialPipeline:
+        # built once: a new pipeline per prefill would re-jit (and recompile) its clean pass
+        return SequentialPipeline(self.cfg, self.pcfg, self.latent_hw)
 
     def _placed(self, params, text):
         """params and text K/V replicated over the mesh (global arrays when the mesh spans
@@ -116,13 +121,7 @@ class Cascade:
         return (params, text) if self.mesh is None else replicate((params, text), self.mesh)
 
     def _check_length(self, num_blocks: int, first_block: int = 0):
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
-        last = (first_block + num_blocks) * self.pcfg.block_frames
-        if self.pcfg.positions == "absolute" and last > self.cfg.rope_max_positions:
-            raise ValueError(f"{num_blocks} blocks reach latent frame {last - 1}, past the "
-                             f"{self.cfg.rope_max_positions}-position RoPE table of this model "
-                             "(PipelineConfig(positions='rolling') streams past it)")
+        self.pcfg.check_length(self.cfg.rope_max_positions, num_blocks, first_block)
 
     # -- whole generation: one scan ----------------------------------------------------------
     def _run(self, num_ticks: int):

@@ -83,9 +83,8 @@ def time_shift(cfg: WanConfig, delta, tokens: int, rotate):
     # R(p - d) = R(-d) R(p): cos(-a) = cos(a), sin(-a) = -sin(a), from the same float64 table
     cos = jnp.concatenate([jnp.asarray(ct)[delta], jnp.ones((half - n_t,), jnp.float32)])
     sin = jnp.concatenate([-jnp.asarray(st)[delta], jnp.zeros((half - n_t,), jnp.float32)])
-    rotate = jnp.asarray(rotate)[:, None]
-    return (jnp.where(rotate, cos[None], 1.0) * jnp.ones((tokens, 1)),
-            jnp.where(rotate, sin[None], 0.0) * jnp.ones((tokens, 1)))
+    rotate = jnp.broadcast_to(jnp.asarray(rotate)[:, None], (tokens, half))
+    return jnp.where(rotate, cos[None], 1.0), jnp.where(rotate, sin[None], 0.0)
 
 
 def apply_rope(x, cos, sin):

@@ -66,6 +66,15 @@ class PipelineConfig:
                              f"frames + one block; the model has {max_positions} positions")
         return period
 
+    def check_length(self, max_positions: int, num_blocks: int, first_block: int = 0) -> None:
+        """Refuse a stream of num_blocks blocks from first_block that absolute positions cannot hold."""
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+        last = (first_block + num_blocks) * self.block_frames
+        if self.positions == "absolute" and last > max_positions:
+            raise ValueError(f"{num_blocks} blocks reach latent frame {last - 1}, past the {max_positions}-position "
+                             "RoPE table of this model (PipelineConfig(positions='rolling') streams past it)")
+
     def stream_blocks(self, max_positions: int, first_block: int = 0) -> int | None:
         """Blocks a stream starting at `first_block` can generate: None (unbounded) when rolling."""
         if self.positions == "rolling":

@@ -115,12 +115,7 @@ class SequentialPipeline:
         return init_cache(self.cfg, batch, self.pcfg.cache_frames, self.tokens_per_frame)
 
     def _check_length(self, num_blocks: int, first_block: int = 0):
-        last = (first_block + num_blocks) * self.pcfg.block_frames
-        if self.pcfg.positions == "absolute" and last > self.cfg.rope_max_positions:
-            raise ValueError(
-                f"{num_blocks} blocks reach latent frame {last - 1}, past the {self.cfg.rope_max_positions}-position "
-                "RoPE table of this model (PipelineConfig(positions='rolling') streams past it)"
-            )
+        self.pcfg.check_length(self.cfg.rope_max_positions, num_blocks, first_block)
 
     def prefill(self, params, text: KV, frames, cache: KVCache | None = None, first_block: int = 0) -> KVCache:
         """Write given clean frames [B, G * block_frames, H, W, C] (an image-to-video first block,
