@@ -61,7 +61,7 @@ def _setup(args):
     import ports
     from bcjax.model import WanConfig, encode_text, init_params
 
-    port = ports.get(args.port)
+    port = ports.get(args.port or "self_forcing")
     cfg = WanConfig.preset(args.preset)
     key = jax.random.key(args.seed)
     params = init_params(cfg, jax.random.fold_in(key, 1), tuple(args.latent_hw))
@@ -82,15 +82,18 @@ def _run(cfg, port, params, text, key, args, schedule, window):
     import jax.numpy as jnp
 
     from bcjax.cascade import Cascade, make_mesh
-    from bcjax.pipeline import SequentialPipeline
 
     hw = tuple(args.latent_hw)
+    pcfg = _pipeline(port, args)
     if schedule == "sequential":
-        stream = ((b, x) for b, x in enumerate(SequentialPipeline(cfg, _pipeline(port, args), hw).blocks(params, text, key, args.blocks)))
-        label = "sequential"
+        from bcjax.runners import make_runner
+
+        runner = make_runner(cfg, pcfg, hw)  # Krea's loop for a rebuilt context; latent only, so R = the latent
+        label = "sequential (Krea: context rebuilt per block, R = latent)" if pcfg.context == "rebuild" else "sequential"
+        stream = enumerate(runner.blocks(params, text, key, args.blocks))
     else:
         mesh = make_mesh(args.devices) if args.devices > 1 else None
-        cas = Cascade(cfg, _pipeline(port, args), hw, schedule, window, mesh)
+        cas = Cascade(cfg, pcfg, hw, schedule, window, mesh)
         stream = cas.blocks(params, text, key, args.blocks)
         label = f"{schedule} {window}, {cas.stagger.in_flight} blocks in flight on {args.devices} device(s)"
     blocks, times = [], []
@@ -120,7 +123,31 @@ def _stream(args) -> int:
     from bcjax.toyworld import demo
 
     demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint, blocks=args.blocks, schedule=args.schedule,
-                    window=args.window, policy=args.policy, seed=args.seed, devices=args.devices, positions=args.positions)
+                    window=args.window, policy=args.policy, seed=args.seed, devices=args.devices, positions=args.positions,
+                    interpolate=args.interpolate)
+    return 0
+
+
+def _serve(args) -> int:
+    try:
+        from bcjax.serve import CheckpointBackend, ToyBackend, make_app, server
+    except ImportError as e:
+        raise ValueError(f"bcjax serve needs the serve extra (pip install 'bcjax[serve]'): {e}") from None
+    from bcjax.cascade import make_mesh
+    from bcjax.checkpoint import read_config
+
+    mesh = make_mesh(args.devices) if args.devices > 1 else None
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such folder")
+    if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
+        backend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh)
+    else:  # the shipped toy-world model, or another toy-world checkpoint
+        backend = ToyBackend(args.checkpoint, mesh)
+    srv, sock = server(make_app(backend, queue=args.queue, max_sessions=args.max_tabs), args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"bcjax serve: {backend.describe()['title']} on http://{'[' + host + ']' if ':' in host else host}:{port}/ "
+          "(Ctrl-C stops)", flush=True)
+    srv.run(sockets=[sock])
     return 0
 
 
@@ -136,6 +163,8 @@ def _generate(args) -> int:
 
     if args.devices > jax.device_count():
         raise ValueError(f"--devices {args.devices}: only {jax.device_count()} device(s) available")
+    if args.video and not args.checkpoint:
+        raise ValueError("--video needs --checkpoint (its VAE encodes the input video)")
     if args.checkpoint:
         return _generate_video(args)
     port, cfg, params, text, key = _setup(args)
@@ -160,8 +189,23 @@ def _generate_video(args) -> int:
     if not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: no such folder (make one with `bcjax convert`)")
     mesh = make_mesh(args.devices) if args.devices > 1 else None
-    t2v = TextToVideo(args.checkpoint, _pipeline(ports.get(args.port), args), tuple(args.size), args.schedule, args.window, mesh)
-    t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed)
+    port = args.port
+    if port is None:  # a Krea checkpoint runs Krea's own loop unless told otherwise
+        from bcjax import checkpoint
+
+        layout = checkpoint.read_config(args.checkpoint).get("provenance", {}).get("layout")
+        port = "krea_14b" if layout == "krea" and args.schedule == "sequential" else \
+            "krea_14b_clean_pass" if layout == "krea" else "self_forcing"
+    pcfg = _pipeline(ports.get(port), args)
+    if args.video:
+        from bcjax.pipeline.prompts import with_strength
+
+        if args.schedule != "sequential":
+            raise ValueError(f"--video runs sequentially for now; got --schedule {args.schedule}")
+        pcfg = with_strength(pcfg, args.strength)
+    t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.schedule, args.window, mesh)
+    source = t2v.encode_video(args.video) if args.video else None
+    t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed, source=source)
     print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | encode {t['encode_s']:.2f} s | "
           f"denoise {t['denoise_fps']:.2f} FPS steady (first block {t['denoise_s'][0]:.2f} s incl. compile) | "
           f"decode {sum(t['decode_s']):.2f} s | end-to-end {t['end_to_end_fps']:.2f} FPS | "
@@ -221,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(s, blocks):
         s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=blocks)
-        s.add_argument("--port", default="self_forcing", help="sampling preset: self_forcing, causvid, longlive, krea_14b")
+        s.add_argument("--port", default=None, help="sampling preset: self_forcing (default), causvid, longlive, krea_14b "
+                       "(Krea's loop; the default for a Krea checkpoint), krea_14b_clean_pass")
         s.add_argument("--preset", default="tiny", help="model shape: tiny, wan2.1-1.3b, wan2.1-14b (random weights)")
         s.add_argument("--latent-hw", type=_positive, nargs=2, default=(8, 8), metavar=("H", "W"))
         s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis")
@@ -250,12 +295,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=12)
     s.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
     s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
-    s.add_argument("--policy", default="no-recache", choices=["no-recache", "recache"], help="KV cache at a switch")
+    s.add_argument("--policy", default="no-recache", choices=["no-recache", "recache", "recache-causal"],
+                   help="KV cache at a switch: keep it (Block Cascading), or LongLive v1.0's recache (bidirectional, "
+                        "as upstream runs it) or its block-causal variant")
     s.add_argument("--positions", default="absolute", choices=["absolute", "rolling"],
                    help="RoPE positions: rolling streams past the model's position table")
     s.add_argument("--devices", type=_positive, default=1)
     s.add_argument("--seed", type=int, default=0, help="noise and the sprites' start positions")
+    s.add_argument("--interpolate", type=int, default=0, metavar="N",
+                   help="Krea's prompt interpolation: each switch ramps the prompt embeddings over N >= 2 blocks")
     s.set_defaults(fn=_stream)
+
+    s = sub.add_parser("serve", help="a local web page: the video streams live, the prompt changes mid-stream")
+    s.add_argument("--checkpoint", help="a converted real model (`bcjax convert`) or a toy-world checkpoint "
+                   "(default: the shipped toy-world model, CPU, no download)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed)")
+    s.add_argument("--sampler", default="self_forcing", help="real model: sampling preset (self_forcing, causvid, longlive, krea_14b)")
+    s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
+                   help="real model: video size in pixels")
+    s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
+    s.add_argument("--queue", type=_positive, default=8, help="messages that may wait per tab before its generation waits")
+    s.add_argument("--max-tabs", type=_positive, default=8, help="tabs (connections) served at once")
+    s.set_defaults(fn=_serve)
 
     s = sub.add_parser("eval", help="quality harness (`bcjax eval toyworld --help`)")
     s.add_argument("what", choices=["toyworld"])
@@ -270,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video size in pixels (with --checkpoint)")
     s.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
     s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
+    s.add_argument("--video", help="video-to-video (with --checkpoint, --schedule sequential): an mp4 of --size "
+                   "whose latents, noised to --strength, start the blocks (Krea's / StreamDiffusionV2's strength)")
+    s.add_argument("--strength", type=float, default=0.6, help="video-to-video: 1 = pure noise, lower keeps more of "
+                   "the input (the step list spread over [strength * 1000, 0])")
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("convert", help="upstream checkpoint files -> a bcjax checkpoint folder")
@@ -293,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_convert)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup"])
+    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup", "memory", "gpu"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p

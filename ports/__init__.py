@@ -13,7 +13,7 @@ import importlib
 
 from bcjax.pipeline.config import PipelineConfig
 
-NAMES = ("self_forcing", "causvid", "longlive", "krea_14b")
+NAMES = ("self_forcing", "causvid", "longlive", "krea_14b", "krea_14b_clean_pass")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,16 @@
-"""Krea Realtime 14B (krea-ai/realtime-video, configs/self_forcing_server_14b.yaml).
+"""Krea Realtime 14B as Krea's server runs it (krea-ai/realtime-video, `release_server.py`).
 
-Self-Forcing-distilled Wan2.1-14B. The config spells the schedule out un-warped as
-[1000, 937, 833, 625, 0] (the trailing 0 is the end point, so 4 passes) at shift 5.
-Krea attends to kv_cache_num_frames=3 context frames plus the 3-frame block, and rebuilds that
-context from clean frames before every block (`do_kv_recomp`); here the context is the usual
-clean-pass cache with the same 6-frame span, which is what Block Cascading keeps.
+Self-Forcing-distilled Wan2.1-14B. `GenerationSession.generate_block` with the default
+`GenerateParams` (num_denoising_steps 5, kv_cache_num_frames 3, keep_first_frame False, shift 5):
+the server builds its own float32 step list, the warp of [1000, 750, 500, 250, 0] =
+[1000, 937.5, 833.33, 625, 0] (the yaml's [1000, 937, 833, 625, 0] is not used), runs every
+entry as a pass (the trailing 0 included), keeps no cache between blocks and rebuilds 3 context
+frames before every block (`bcjax.pipeline.krea`). With 4 steps ("use 4 for performance") the
+list is [1000, 666, 333, 0] warped = [1000, 908.843, 713.979, 0]:
+`dataclasses.replace(PORT.pipeline, denoising_steps=(1000, 666, 333, 0))`.
+
+`krea_14b_clean_pass` is the same model sampled like Self-Forcing (4 passes and a clean-pass
+cache of the same span), what Block Cascading's cascade keeps.
 """
 
 from bcjax.pipeline.config import PipelineConfig
@@ -14,9 +20,9 @@ PORT = Port(
     name="krea_14b",
     model="wan2.1-14b",
     pipeline=PipelineConfig(
-        denoising_steps=(1000, 937, 833, 625, 0), warp_denoising_step=False, shift=5.0,
-        block_frames=3, window_frames=6, sink_frames=0, context_noise=0.0,
+        denoising_steps=(1000, 750, 500, 250, 0), warp_denoising_step=True, shift=5.0, trailing_zero="pass",
+        block_frames=3, window_frames=6, sink_frames=0, context_noise=0.0, context="rebuild",
     ),
-    source="krea-ai/realtime-video configs/self_forcing_server_14b.yaml",
-    notes="KV recomputation before every block is replaced by the clean-pass cache (same span).",
+    source="krea-ai/realtime-video release_server.py GenerationSession.generate_block (default GenerateParams)",
+    notes="context rebuilt before every block from the last 3 frames, the first re-encoded by the VAE",
 )

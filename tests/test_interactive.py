@@ -9,8 +9,8 @@ from bcjax.cascade import Cascade, make_mesh
 from bcjax.compile_count import CompileCounter
 from bcjax.model import encode_text
 from bcjax.pipeline import PipelineConfig, SequentialPipeline
-from bcjax.pipeline.interactive import parse_prompt_schedule, stream
-from bcjax.pipeline.recache import recache
+from bcjax.interactive import parse_prompt_schedule, stream
+from bcjax.pipeline.recache import POLICIES
 
 HW = (4, 6)
 GLOBAL = PipelineConfig(window_frames=21)
@@ -43,25 +43,6 @@ def test_schedule_parsing_names_the_problem():
         parse_prompt_schedule("a@0;b")
 
 
-def test_recache_with_the_same_prompt_rebuilds_the_same_cache(tiny_cfg, tiny_params, texts):
-    pipe = SequentialPipeline(tiny_cfg, GLOBAL, HW)
-    key = jax.random.key(3)
-    cache = pipe.init_cache(1)
-    blocks = []
-    for b in range(4):
-        cache, x0 = pipe._block_fn(tiny_params, texts[0], cache, key, jnp.int32(b))
-        blocks.append(x0)
-    frames = jnp.concatenate(blocks, axis=1)
-    pad = jnp.zeros((1, cache.capacity - frames.shape[1], *frames.shape[2:]))
-    again = jax.jit(recache, static_argnums=(0, 1))(tiny_cfg, GLOBAL, tiny_params, texts[0],
-                                                     jnp.concatenate([frames, pad], axis=1), cache)
-    valid = np.asarray(cache.valid_tokens())
-    np.testing.assert_allclose(np.asarray(again.k)[:, :, valid], np.asarray(cache.k)[:, :, valid], atol=2e-5)
-    np.testing.assert_allclose(np.asarray(again.v)[:, :, valid], np.asarray(cache.v)[:, :, valid], atol=2e-5)
-    other = recache(tiny_cfg, GLOBAL, tiny_params, texts[1], jnp.concatenate([frames, pad], axis=1), cache)
-    assert float(jnp.abs(other.k - cache.k).max()) > 1e-3  # a new prompt really rewrites it
-
-
 def test_sequential_switch_policies(tiny_cfg, tiny_params, texts):
     pipe = SequentialPipeline(tiny_cfg, ROLLING, HW)
     key = jax.random.key(4)
@@ -84,7 +65,7 @@ def test_sequential_switch_policies(tiny_cfg, tiny_params, texts):
     assert np.abs(rc[:, 9:] - got[:, 9:]).max() > 1e-4  # the rebuilt cache changes what follows
 
 
-@pytest.mark.parametrize("policy", ["no-recache", "recache"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_switching_never_retraces(tiny_cfg, tiny_params, texts, policy):
     for runner in (SequentialPipeline(tiny_cfg, ROLLING, HW), Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional")):
         key = jax.random.key(5)
@@ -97,12 +78,14 @@ def test_switching_never_retraces(tiny_cfg, tiny_params, texts, policy):
 
 
 def test_p1_causal_with_recache_is_the_sequential_recache(tiny_cfg, tiny_params, texts, mesh5=None):
-    """With a global window the cascade's recache (before the tick the new prompt's block enters)
-    rebuilds exactly what the sequential pipeline's does, so P1-causal still equals sequential."""
+    """With a global window the cascade's block-causal recache (before the tick the new prompt's
+    block enters, while its predecessor takes its clean pass under the new prompt) rebuilds
+    exactly what the sequential pipeline's does, so P1-causal still equals sequential. (LongLive's
+    bidirectional recache lets older frames see that predecessor, which a P1 tick cannot yet.)"""
     key = jax.random.key(6)
     sched = [(0, texts[0]), (3, texts[1])]
-    seq = _cat(_run(SequentialPipeline(tiny_cfg, GLOBAL, HW), tiny_params, sched, key, 6, policy="recache"))
-    p1 = _cat(_run(Cascade(tiny_cfg, GLOBAL, HW, "P1", "causal"), tiny_params, sched, key, 6, policy="recache"))
+    seq = _cat(_run(SequentialPipeline(tiny_cfg, GLOBAL, HW), tiny_params, sched, key, 6, policy="recache-causal"))
+    p1 = _cat(_run(Cascade(tiny_cfg, GLOBAL, HW, "P1", "causal"), tiny_params, sched, key, 6, policy="recache-causal"))
     np.testing.assert_allclose(p1, seq, atol=1e-5)
 
 
@@ -111,7 +94,7 @@ def test_sharded_cascade_switch_equals_batched(tiny_cfg, tiny_params, texts):
         pytest.skip("needs 5 devices")
     key = jax.random.key(7)
     sched = [(0, texts[0]), (4, texts[1])]
-    for policy in ("no-recache", "recache"):
+    for policy in POLICIES:
         one = _cat(_run(Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional"), tiny_params, sched, key, 7, policy=policy))
         five = _cat(_run(Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional", make_mesh(5)), tiny_params, sched, key, 7,
                          policy=policy))

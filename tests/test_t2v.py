@@ -113,3 +113,40 @@ def test_convert_errors_are_named(sources, tmp_path, capsys):
         assert main(["convert", *args]) == 2, args
         assert message in capsys.readouterr().err, args
     assert not (tmp_path / "o").exists()
+
+
+def test_krea_mode_reencodes_the_first_frame_through_the_vae(tiny_checkpoint, tmp_path):
+    """Krea's R: the last pixel frame decoded from latent frame 3b-3, encoded alone as an image;
+    the CLI runs the krea_14b port (context rebuilt per block) end to end."""
+    import jax.numpy as jnp
+
+    import ports
+    from bcjax.pipeline.t2v import TextToVideo, VAERoundTrip
+    from bcjax.vae.wan_vae import decode, encode
+
+    t2v = TextToVideo(str(tiny_checkpoint), ports.get("krea_14b").pipeline, video_hw=(32, 48))
+    text = t2v.encode("a red fox in the snow")
+    trip = VAERoundTrip(t2v.vae_cfg, t2v.vae, 1, t2v.latent_hw)
+    rs = []
+    latents = t2v.denoiser.generate(t2v.dit, text, 3, jax.random.key(0), lambda x0: rs.append(trip(x0)) or rs[-1])
+    video = decode(t2v.vae_cfg, t2v.vae, latents)  # whole clip: 1 + 4 * 8 frames
+    for b in (1, 2):  # latent frame 3b decodes to pixel frames 4(3b) - 3 .. 4(3b); R is the last of them
+        ref = encode(t2v.vae_cfg, t2v.vae, video[:, 12 * b:12 * b + 1])
+        np.testing.assert_allclose(np.asarray(rs[b]), np.asarray(ref), atol=1e-4)
+    assert float(jnp.abs(rs[1] - latents[:, 3:4]).max()) > 1e-3  # the round trip is not the identity
+    out = tmp_path / "krea.mp4"
+    rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--port", "krea_14b",
+               "--num-blocks", "2", "--size", "32", "48", "--schedule", "sequential", "--out", str(out)])
+    assert rc == 0 and _probe(out) == ((48, 32), 21)
+
+
+def test_video_to_video_from_an_mp4(tiny_checkpoint, tmp_path, capsys):
+    src, out = tmp_path / "in.mp4", tmp_path / "v2v.mp4"
+    base = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "2",
+            "--size", "32", "48", "--schedule", "sequential"]
+    assert main(base + ["--out", str(src)]) == 0
+    assert main(base + ["--video", str(src), "--strength", "0.5", "--out", str(out)]) == 0
+    assert _probe(out) == ((48, 32), 21)
+    capsys.readouterr()
+    assert main(base + ["--video", str(src), "--size", "64", "48", "--out", str(out)]) == 2
+    assert "is 32x48; this run makes 64x48" in capsys.readouterr().err

@@ -1,5 +1,8 @@
 """The toy world (ground truth, prompts, readout) and its block-causal training recipe."""
 
+import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +32,9 @@ SMALL = WorldConfig(size=8, sprite=2)
 # Two layers: a clean block's layer-2 K/V depend on what its layer-1 queries were allowed to see.
 SMALL_CFG = tw.toy_model_config(SMALL, dim=32, ffn_dim=64, num_heads=2, num_layers=2)
 SMALL_TCFG = tw.TrainConfig(steps=40, batch=2, context_blocks=2, lr=3e-3, warmup=2, checkpoint_every=2)
+# The later stages of the same run (one compiled step each, shared by the tests).
+STAGE_TCFG = {stage: dataclasses.replace(SMALL_TCFG, stage=stage, in_flight=2, rollout_blocks=2)
+              for stage in ("diffusion-forcing", "self-rollout")}
 _cached_pass = jax.jit(cached_pass, static_argnums=0)
 
 
@@ -239,3 +245,99 @@ def test_png_round_trip(tmp_path):
     write_png(str(tmp_path / "x.png"), img)
     np.testing.assert_array_equal(read_png(str(tmp_path / "x.png")), img)
     assert (img != 255).any()
+
+
+# -- diffusion forcing and self-rollout -------------------------------------------------------
+
+@pytest.mark.parametrize("window", ["causal", "bidirectional"])
+def test_diffusion_forcing_mask_is_a_cascade_ticks(window):
+    """In-flight blocks of a training layout see exactly what a P4 tick shows them: the clean
+    cache inside their window, older in-flight blocks inside it, newer ones when bidirectional."""
+    from bcjax.cascade.masks import tick_key_mask
+    from bcjax.schedule.stagger import make_stagger
+
+    bf, k = 3, 2  # window: the block + 2 blocks of cache
+    st = make_stagger("P4", 4)
+    blocks = np.arange(4, 4 + st.num_slots)  # blocks 4..8 in flight, 2 and 3 finished in the cache
+    slot_blocks = np.zeros(st.num_slots, int)
+    slot_blocks[blocks % st.num_slots] = blocks
+    cache_ids = np.arange(2 * bf, 4 * bf)
+    tick = np.asarray(tick_key_mask(jnp.arange(st.num_slots), jnp.asarray(slot_blocks), jnp.ones(st.num_slots, bool),
+                                    jnp.asarray(cache_ids), block_frames=bf, tokens_per_frame=1, sink=0,
+                                    rolling=k * bf, window=window))[0]
+    index = np.arange(2, 9)
+    kind = np.asarray([tw.CLEAN] * 2 + [tw.FLIGHT] * 5)
+    ours = np.asarray(tw.layout_mask(index, kind, jnp.ones((1, 7), bool), jnp.asarray([window == "bidirectional"]), k,
+                                     bf))[0]
+    for qi, qb in enumerate(index):
+        if kind[qi] != tw.FLIGHT:
+            continue
+        for ki, kb in enumerate(index):
+            col = (list(cache_ids).index(kb * bf) if kb < 4 else len(cache_ids) + (kb % st.num_slots) * bf)
+            assert ours[qi, ki * bf] == tick[qb % st.num_slots, col], (window, qb, kb)
+    # a clean block's view is its clean pass's: the clean blocks before it in the window, itself
+    np.testing.assert_array_equal(ours[1, ::bf], [True, True, False, False, False, False, False])
+
+
+def test_rollout_is_the_sequential_pipeline():
+    """The self-rollout's sampler through its KV buffer generates what SequentialPipeline does
+    (same noise per block and step), and the training layout recomputes its passes exactly."""
+    world, cfg = SMALL, SMALL_CFG
+    tcfg = tw.TrainConfig(batch=2, context_blocks=1, rollout_blocks=2, stage="self-rollout")
+    pcfg = tw.toy_pipeline_config(tcfg)
+    params = init_params(cfg, jax.random.key(1))
+    bf = pcfg.block_frames
+    clips, visible, ctx = tw.sample_clips(np.random.default_rng(6), world, tcfg, targets=2)
+    clips, ctx = jnp.asarray(clips), jnp.asarray(ctx)
+    key = jax.random.key(7)
+    text = encode_text(cfg, params, ctx)
+    want = SequentialPipeline(cfg, pcfg, (world.size, world.size)).generate(params, text, 2, key, context=clips[:, :bf])
+    last = jnp.full((2, 2), pcfg.num_steps - 1)
+    x0, gen = jax.jit(tw.self_rollout_x0, static_argnums=(0, 1, 2))(cfg, pcfg, tcfg, params, clips, jnp.asarray(visible),
+                                                                   ctx, key, last)
+    np.testing.assert_allclose(np.asarray(gen), np.asarray(want), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(x0), np.asarray(gen), atol=1e-4)  # the last step's pass, with gradient
+
+
+@pytest.mark.parametrize("stage", ["diffusion-forcing", "self-rollout"])
+def test_a_few_steps_of_each_stage_reduce_the_loss(stage):
+    tcfg = STAGE_TCFG[stage]
+    pcfg = tw.toy_pipeline_config(tcfg)
+    batch = tw.batch_for_step(SMALL, pcfg, tcfg, 0)
+    state = jax.device_put(tw.init_state(SMALL_CFG, tcfg), jax.devices()[0])
+    step = tw.make_train_step(SMALL_CFG, pcfg, tcfg)
+    losses = []
+    for _ in range(12):
+        state, loss = step(state, *batch)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_stages_resume_one_run_and_record_their_minutes(tmp_path):
+    """clean -> diffusion-forcing on one run folder: the second session continues the first's
+    state, the stage history has both (steps, wall and CPU seconds), each stage's model stays."""
+    out = str(tmp_path / "run")
+    pcfg = tw.toy_pipeline_config(SMALL_TCFG)
+    tw.train(out, SMALL, SMALL_CFG, pcfg, SMALL_TCFG, progress=False, until=2)
+    df = STAGE_TCFG["diffusion-forcing"]
+    summary = tw.train(out, SMALL, SMALL_CFG, pcfg, df, progress=False, until=3)
+    assert summary["steps"] == 3 and summary["resumed_from"] == 2
+    assert [(s["stage"], s["from_step"], s["to_step"]) for s in summary["stages"]] == [("clean", 0, 2),
+                                                                                       ("diffusion-forcing", 2, 3)]
+    assert all(s["cpu_s"] > 0 and s["wall_s"] > 0 for s in summary["stages"])
+    assert os.path.isdir(os.path.join(out, "model-clean")) and os.path.isdir(os.path.join(out, "model-diffusion-forcing"))
+    with pytest.raises(ValueError, match="training stage 'dmd'"):
+        tw.TrainConfig(stage="dmd")
+
+
+def test_colour_readout():
+    from bcjax.toyworld.world import colour_correct
+
+    scene = parse_prompt("red east slow", WORLD, [(5, 5)])
+    frames = render(scene, 3, WORLD)
+    assert colour_correct(frames, scene, WORLD).all()
+    wrong = render(parse_prompt("magenta east slow", WORLD, [(5, 5)]), 3, WORLD)
+    assert not colour_correct(wrong, scene, WORLD).any()  # right place, wrong colour
+    smeared = frames.copy()
+    smeared[:, 5:9, 5:9] *= 0.3  # faded towards the background
+    assert not colour_correct(smeared, scene, WORLD).any()

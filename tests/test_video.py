@@ -8,9 +8,15 @@ from bcjax.pipeline.video import Mp4Writer
 
 
 def _probe(path):
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    return meta["size"], sum(1 for _ in reader)
+    """((width, height), frames) of an mp4, decoded by ffmpeg through a plain subprocess (not
+    imageio_ffmpeg.read_frames, whose pre-exec hook would fork() under JAX's threads)."""
+    import re
+    import subprocess
+
+    run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], capture_output=True, check=True)
+    w, h = map(int, re.search(rb"Video: .*?, (\d+)x(\d+)", run.stderr).groups())
+    return (w, h), len(run.stdout) // (w * h * 3)
 
 
 def test_frames_appended_in_chunks(tmp_path):
@@ -41,3 +47,37 @@ def test_bad_output_is_named(tmp_path):
         with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
             w.write(np.zeros((2, 8, 8)))
     assert not list(tmp_path.iterdir())  # nothing written, nothing left
+
+
+_FORK_SCRIPT = """
+import sys, numpy as np, jax.numpy as jnp
+jnp.zeros(3).block_until_ready()  # a JAX backend is up: its at-fork hook warns on os.fork()
+if sys.argv[1] == "imageio":  # how the writer used to start ffmpeg (preexec_fn=os.setpgrp)
+    import imageio_ffmpeg
+    g = imageio_ffmpeg.write_frames(sys.argv[2], (32, 32), fps=8, macro_block_size=1, ffmpeg_log_level="error")
+    g.send(None); g.send(np.zeros((32, 32, 3), np.uint8).tobytes()); g.close()
+else:
+    from bcjax.pipeline.video import Mp4Writer
+    with Mp4Writer(sys.argv[2], fps=8) as w:
+        w.write(np.zeros((4, 32, 32, 3), np.uint8))
+"""
+
+
+def test_ffmpeg_starts_without_os_fork_in_a_jax_process(tmp_path):
+    """imageio-ffmpeg's preexec_fn makes subprocess fork() through Python's at-fork handlers,
+    where JAX warns "os.fork() was called ... JAX is multithreaded"; the writer's own start does not."""
+    import subprocess
+    import sys
+
+    def run(how):
+        out = tmp_path / f"{how}.mp4"
+        r = subprocess.run([sys.executable, "-W", "default", "-c", _FORK_SCRIPT, how, str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stderr, out
+
+    stderr, out = run("imageio")
+    assert "os.fork() was called" in stderr  # the check sees the warning where it happens
+    stderr, out = run("bcjax")
+    assert "os.fork()" not in stderr, stderr
+    assert _probe(out) == ((32, 32), 4)

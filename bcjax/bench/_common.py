@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import jax
 import jax.numpy as jnp
 
@@ -10,11 +13,22 @@ from bcjax.model.kv_cache import KVCache
 VIDEO_FRAMES_PER_BLOCK = 12  # one block = 3 latent frames = 12 video frames (paper's FPS)
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median seconds of fn() (which must block), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def full_cache(cfg, pcfg, batch: int, tokens_per_frame: int, key) -> KVCache:
     """A cache with every slot holding a frame (random K/V): the steady state of a long stream.
 
-    Shapes are static and attention is masked over the whole capacity, so a pass costs the same
-    however full the cache is; starting full skips filling it with real (slow) blocks.
+    A full cache is the costliest case (attention skips what no query sees, so an empty cache is
+    cheaper); starting full skips filling it with real (slow) blocks.
     """
     cap = pcfg.cache_frames
     shape = (cfg.num_layers, batch, cap * tokens_per_frame, cfg.num_heads, cfg.head_dim)

@@ -25,23 +25,12 @@ import jax
 import jax.numpy as jnp
 
 import ports
-from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache
+from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache, median_seconds
 from bcjax.cascade import Cascade
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import KV, encode_text, forward, init_params
 from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
 from bcjax.schedule.stagger import make_stagger
-
-
-def _time(fn, repeats: int) -> float:
-    """Median seconds of fn() (which must block), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _flops(jitted, *args) -> float:
@@ -57,6 +46,32 @@ def _pass_flops(cfg: WanConfig, q_tokens: int, k_tokens: int) -> float:
     per_token = 8 * d * d + 4 * d * d + 4 * d * f + 4 * d * k_tokens + 4 * d * cfg.text_len
     embed_head = 2 * cfg.patch_features * d + 2 * d * cfg.out_channels * cfg.patch_size[1] * cfg.patch_size[2]
     return float(q_tokens * (cfg.num_layers * per_token + embed_head))
+
+
+def _krea_cost(cfg: WanConfig, pp: int) -> float:
+    """Krea's own loop (`bcjax.pipeline.krea`: a 3-frame rebuild pass + 5 passes over [3 context
+    | 3] frames) against the same model sampled with a clean-pass cache (4 passes + a clean pass,
+    each over [3 cached | 3] frames), per block at `pp` tokens per frame. Returns the FLOP ratio."""
+    krea, clean = ports.get("krea_14b").pipeline, ports.get("krea_14b_clean_pass").pipeline
+    bf, c = krea.block_frames, krea.cache_frames
+    f_block = _pass_flops(cfg, bf * pp, (c + bf) * pp)
+    f_rebuild = _pass_flops(cfg, c * pp, c * pp)
+    f_krea = f_rebuild + krea.num_steps * f_block
+    f_clean = (clean.num_steps + 1) * f_block
+    print(f"\n== Krea's loop vs the clean-pass cache, per block at {pp} tokens/frame ({cfg.num_layers} layers, dim {cfg.dim}) ==")
+    print(f"  Krea (krea_14b): 1 rebuild pass over {c} frames + {krea.num_steps} passes = {1 + krea.num_steps} dependent "
+          f"passes (+ the VAE round trip of R): {f_krea / 1e12:.2f} TFLOP")
+    print(f"  clean-pass (krea_14b_clean_pass): {clean.num_steps} passes + 1 clean pass = {clean.num_steps + 1} dependent "
+          f"passes: {f_clean / 1e12:.2f} TFLOP")
+    print(f"  ratio {f_krea / f_clean:.3f}x")
+    # in a cascade, Krea's rebuild pass of block b's context is block b-1's clean stage (t = 0, seeing only itself)
+    print(f"  critical path in Krea's mode: sequential {krea.num_steps + 1} dependent passes per block; cascade "
+          f"({krea.num_steps} passes + the rebuild as the clean stage):", end="")
+    for sched in ("P1", "P2", "P4"):
+        st = make_stagger(sched, krea.num_steps)
+        print(f" {sched} {st.stride} ({st.in_flight} in flight)", end="")
+    print()
+    return f_krea / f_clean
 
 
 def run(args) -> dict:
@@ -99,8 +114,9 @@ def run(args) -> dict:
     gather_480 = 2 * cfg.num_layers * (st4.num_slots - 1) * bf * pp * cfg.dim * 2  # bf16 K and V
     print(f"  at 480x832 bf16: per-layer K/V all-gather {gather_480 / 1e9:.2f} GB per tick per device = "
           f"{1e3 * gather_480 / (args.link_gbps * 1e9):.1f} ms at {args.link_gbps:g} GB/s")
+    krea_ratio = _krea_cost(cfg, pp)
     if args.skip_timing:
-        return {"f_seq": f_seq, "f_stage": f_stage, "f_tick": f_tick}
+        return {"f_seq": f_seq, "f_stage": f_stage, "f_tick": f_tick, "krea_ratio": krea_ratio}
 
     params = init_params(cfg, key, hw)
     text = encode_text(cfg, params, jax.random.normal(key, (1, cfg.text_len, cfg.text_dim)))
@@ -129,8 +145,8 @@ def run(args) -> dict:
     print(f"  XLA cost analysis ratios (cross-check): P4 stage share {x_stage / x_seq:.3f}x, "
           f"P4 batched tick {x_tick / x_seq:.3f}x a sequential pass")
     print("\n== wall time, steady state, same device ==")
-    t_pass = _time(lambda: jax.block_until_ready(seq_pass(params, cache, x)), args.repeats)
-    t_stage = _time(lambda: jax.block_until_ready(stage_pass(params, cache, x)), args.repeats)
+    t_pass = median_seconds(lambda: jax.block_until_ready(seq_pass(params, cache, x)), args.repeats)
+    t_stage = median_seconds(lambda: jax.block_until_ready(stage_pass(params, cache, x)), args.repeats)
 
     seq_cache, block = jax.tree_util.tree_map(jnp.copy, cache), pcfg.cache_frames // bf
     seq_times = []

@@ -2,9 +2,10 @@
 
     python -m bcjax.bench.sequential [--preset tiny|wan2.1-1.3b] [--latent-hw H W] [--blocks N]
                                      [--dtype float32|bfloat16] [--no-torch] [--repeats R]
+                                     [--attention auto|dense|chunked|...]
 
 Both sides get the same random original-layout Wan weights. bcjax is timed in steady state (cache
-full and rolling, compile excluded); diffusers, which has no KV cache, is timed on one block alone and on the
+full and rolling, compile excluded) and on a stream's first block (empty cache); diffusers, which has no KV cache, is timed on one block alone and on the
 full uncached [context frames | block] sequence that a cache-less driver re-runs every pass.
 FPS = 12 video frames / seconds per block (one block = 3 latent frames = 12 video frames).
 """
@@ -113,6 +114,17 @@ def _bench_bcjax(cfg, pcfg, hw, context, blocks: int, repeats: int) -> dict[str,
         per_block.append(1e3 * (time.perf_counter() - t0))
     print("bcjax: ms per block (first is warm-up): " + " ".join(f"{t:.1f}" for t in per_block), flush=True)
     out["block_ms"] = statistics.median(per_block[1:])
+    # a stream's first block: the same executable on an empty cache (attention skips what no
+    # query sees, so this is cheaper than the steady state above)
+    empty_ms = []
+    for _ in range(1 + blocks):
+        empty = pipe.init_cache(1)
+        t0 = time.perf_counter()
+        jax.block_until_ready(block_fn(params, text, empty, key, jnp.int32(0)))
+        empty_ms.append(1e3 * (time.perf_counter() - t0))
+    print("bcjax: ms per block 0 on an empty cache (first is warm-up): " + " ".join(f"{t:.1f}" for t in empty_ms),
+          flush=True)
+    out["empty_block_ms"] = statistics.median(empty_ms[1:])
 
     # [batch, block_frames, H, W, C] at the first denoising timestep, the next block's positions
     x = jax.random.normal(jax.random.key(1), x0.shape)
@@ -198,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=3, help="steady-state blocks timed after the cache is full")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--no-torch", action="store_true", help="skip the diffusers oracle")
+    ap.add_argument("--attention", default="auto", help="WanConfig.attention backend (default: by platform)")
     ap.add_argument("--repeats", type=int, help="timed repeats of each single forward pass (3 for tiny, else 1)")
     args = ap.parse_args(argv)
     if args.repeats is None:  # a real-size pass takes tens of seconds on a CPU
@@ -205,7 +218,8 @@ def main(argv=None) -> int:
     if args.blocks < 1 or args.repeats < 1:
         ap.error(f"--blocks {args.blocks} and --repeats {args.repeats} must both be >= 1")
 
-    cfg, pcfg, hw = WanConfig.preset(args.preset, dtype=args.dtype), PipelineConfig(), tuple(args.latent_hw)
+    cfg = WanConfig.preset(args.preset, dtype=args.dtype, attention=args.attention)
+    pcfg, hw = PipelineConfig(), tuple(args.latent_hw)
     context = np.random.default_rng(2).standard_normal((1, cfg.text_len, cfg.text_dim), np.float32)
     torch_version = "not used"
     if not args.no_torch:
@@ -220,7 +234,8 @@ def main(argv=None) -> int:
     print(f"device {jax.devices()} | jax {jax.__version__} | torch {torch_version} | preset {args.preset} "
           f"dim {cfg.dim} layers {cfg.num_layers} heads {cfg.num_heads} | latent {hw[0]}x{hw[1]} "
           f"{cfg.tokens_per_frame(*hw)} tokens/frame | block {pcfg.block_frames} frames window "
-          f"{pcfg.window_frames} (cache {pcfg.cache_frames}) | {pcfg.num_steps} steps | dtype {cfg.dtype}", flush=True)
+          f"{pcfg.window_frames} (cache {pcfg.cache_frames}) | {pcfg.num_steps} steps | dtype {cfg.dtype} | "
+          f"attention {cfg.attention}", flush=True)
 
     jx = _bench_bcjax(cfg, pcfg, hw, context, args.blocks, args.repeats)
     gc.collect()  # release bcjax's weights before diffusers builds its own copy
@@ -228,7 +243,10 @@ def main(argv=None) -> int:
 
     fps = lambda ms: f"{VIDEO_FRAMES_PER_BLOCK / (ms / 1e3):.2f}"  # noqa: E731
     n, w = pcfg.num_steps, pcfg.window_frames
-    rows = [("bcjax cached block fn (%d denoise + 1 clean pass)" % n, "", f"{jx['block_ms']:.1f}", fps(jx["block_ms"])),
+    rows = [("bcjax cached block fn (%d denoise + 1 clean pass), full cache" % n, "", f"{jx['block_ms']:.1f}",
+             fps(jx["block_ms"])),
+            ("bcjax cached block fn, empty cache (a stream's first block)", "", f"{jx['empty_block_ms']:.1f}",
+             fps(jx["empty_block_ms"])),
             (f"bcjax 1 forward, block + full cache ({pcfg.cache_frames} frames)", f"{jx['fwd_cache_ms']:.1f}", "", ""),
             ("bcjax 1 forward, block alone (no context)", f"{jx['fwd_alone_ms']:.1f}", "", "")]
     if th is None:

@@ -23,7 +23,8 @@ import ports
 from bcjax.cascade import Cascade
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
-from bcjax.pipeline.interactive import stream
+from bcjax.interactive import stream
+from bcjax.pipeline.recache import POLICIES
 from bcjax.pipeline.sequential import SequentialPipeline
 
 
@@ -74,10 +75,10 @@ def main(argv=None) -> dict:
     runners = {"sequential": SequentialPipeline(cfg, port.pipeline, hw),
                "P4-bidirectional": Cascade(cfg, port.pipeline, hw, "P4", "bidirectional")}
     for name, runner in runners.items():
-        for policy in ("no-recache", "recache"):
+        for policy in POLICIES:
             m = measure(runner, params, texts, key, a.blocks, a.switch_at, policy, a.repeats)
             out[f"{name}/{policy}"] = m
-            print(f"  {name:<18s} {policy:<11s} steady {m['steady_ms']:9.2f} ms/block  block after switch "
+            print(f"  {name:<18s} {policy:<14s} steady {m['steady_ms']:9.2f} ms/block  block after switch "
                   f"{m['switch_ms']:9.2f} ms  stall {m['stall_ms']:+9.2f} ms  (recache pass {m['recache_ms']:8.2f} ms)")
     return out
 

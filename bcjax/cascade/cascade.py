@@ -27,8 +27,9 @@ from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, init_cache
 from bcjax.model.wan import KV, check_latents, encode_text
 from bcjax.pipeline.config import PipelineConfig
-from bcjax.pipeline.sequential import SequentialPipeline
-from bcjax.schedule.stagger import make_stagger
+from bcjax.pipeline.sequential import SequentialPipeline, check_rebuild
+from bcjax.pipeline.stepping import Step, StepState
+from bcjax.schedule.stagger import make_stagger, slot_state
 
 STAGE, MODEL = "stage", "model"
 ENDLESS = np.iinfo(np.int32).max  # num_blocks of a stream with no planned end
@@ -62,6 +63,7 @@ class Cascade:
         check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
         if self.window not in WINDOWS:
             raise ValueError(f"window {self.window!r}: expected one of {WINDOWS}")
+        check_rebuild(self.pcfg, "Cascade")
         if self.pcfg.positions == "rolling":
             self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
         devices = 1
@@ -168,6 +170,58 @@ class Cascade:
             state, (x0, _) = self._step(params, text, key, n_blocks, state)
             if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
                 yield first + (tau - st.emit_stage) // st.stride, local(x0)
+
+    # -- the stepping interface shared with SequentialPipeline (bcjax.pipeline.stepping) ---------
+    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
+        """A stream before its first tick. context: given clean frames [B, G * block_frames, H, W, C]
+        written under `text` (generation starts at block G); num_blocks None: until the caller
+        stops (absolute positions: until the RoPE table ends)."""
+        params, text = self._placed(params, text)
+        batch = text.k.shape[1]
+        carry = self.init_state(batch) if context is None else self.init_state(batch, *self.prefill(params, text, context))
+        first = int(carry.first_block)
+        if num_blocks is None:
+            num_blocks = self.pcfg.stream_blocks(self.cfg.rope_max_positions, first)
+        if num_blocks is not None:
+            self._check_length(num_blocks, first)
+        return StepState(carry, key, 0, first, num_blocks)
+
+    def step(self, params, text: KV, state: StepState) -> tuple[StepState, Step]:
+        """One tick under `text`: a joint pass over every block in flight (the state is donated).
+        Emits the block that finished denoising this tick, if any (none while the cascade fills,
+        and on stride - 1 of every stride ticks)."""
+        st, tau = self.stagger, state.step
+        params, text = self._placed(params, text)
+        total = ENDLESS if state.num_blocks is None else state.num_blocks
+        carry, (x0, _) = self._step(params, text, state.key, jnp.int32(total), state.carry)
+        blocks, stages, busy = slot_state(st, tau, np.arange(st.num_slots), total)
+        in_flight = tuple(sorted((state.first_block + int(b), int(s)) for b, s, u in zip(blocks, stages, busy) if u))
+        block = -1
+        if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
+            block = state.first_block + (tau - st.emit_stage) // st.stride
+        return state._replace(carry=carry, step=tau + 1), Step(block, local(x0) if block >= 0 else None, in_flight)
+
+    def entering(self, state: StepState) -> int:
+        """The newest block in flight at the next tick: its prompt is the one in force for that
+        tick (every in-flight block is computed under it)."""
+        newest = state.step // self.stagger.stride
+        if state.num_blocks is not None:
+            newest = min(newest, state.num_blocks - 1)
+        return state.first_block + newest
+
+    def done(self, state: StepState) -> bool:
+        return state.num_blocks is not None and state.step > self.stagger.emit_tick(state.num_blocks - 1)
+
+    def cache(self, state: StepState) -> KVCache:
+        return state.carry.cache
+
+    def with_cache(self, state: StepState, cache: KVCache) -> StepState:
+        return state._replace(carry=state.carry._replace(cache=cache))
+
+    def replicate(self, tree):
+        """Leaves replicated over the mesh (global arrays over several processes); without a mesh,
+        device arrays on the default device."""
+        return jax.tree_util.tree_map(jnp.asarray, tree) if self.mesh is None else replicate(tree, self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,11 +25,12 @@ def _in_window(frames, q_start, sink: int, rolling: int):
 
 
 def tick_key_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_frames: int,
-                  tokens_per_frame: int, sink: int, rolling: int, window: str):
+                  tokens_per_frame: int, sink: int, rolling: int, window: str, isolated=None):
     """bool [1, Q, (C + M * block_frames) * tokens_per_frame] for the query slots `q_slots` [Q].
 
     slot_blocks, slot_busy: [M] the block in every slot and whether the slot is busy;
-    cache_frame_ids: [C] absolute frame of each cache slot (-1 = empty).
+    cache_frame_ids: [C] absolute frame of each cache slot (-1 = empty); isolated: bool [Q],
+    query slots that see only their own block (Krea's rebuilt context in the clean stage).
     """
     if window not in WINDOWS:
         raise ValueError(f"window {window!r}: expected one of {WINDOWS}")
@@ -46,6 +47,9 @@ def tick_key_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_fra
     visible = slot_busy[owner][None, :] & _in_window(frames[None, :], q_start, sink, rolling)
     if window == "causal":
         visible &= slot_blocks[owner][None, :] <= q_blocks[:, None]
+    if isolated is not None:
+        cache = cache & ~isolated[:, None]
+        visible = visible & ~isolated[:, None]
     visible |= owner[None, :] == q_slots[:, None]  # a block always sees itself (idle slots too: no empty rows)
 
     mask = jnp.concatenate([cache, visible], axis=1)  # [Q, frames]

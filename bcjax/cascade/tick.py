@@ -75,7 +75,10 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     def per_slot(v):  # [Q] -> broadcastable over [Q, B, bf, H, W, C]
         return v[:, None, None, None, None, None]
 
-    timesteps = jnp.concatenate([jnp.asarray(pcfg.timesteps), jnp.full((1,), pcfg.context_noise, jnp.float32)])
+    # the clean stage: at context_noise, or for Krea's rebuilt context at t = 0 seeing only itself
+    rebuild = pcfg.context == "rebuild"
+    t_clean = 0.0 if rebuild else pcfg.context_noise
+    timesteps = jnp.concatenate([jnp.asarray(pcfg.timesteps), jnp.full((1,), t_clean, jnp.float32)])
     sigmas = jnp.concatenate([jnp.asarray(pcfg.sigmas), jnp.zeros((1,), jnp.float32)])
 
     # Stage 0 starts from noise (block, 0); stage k < n re-noises the last x0 with noise
@@ -92,6 +95,7 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     key_mask = tick_key_mask(
         slot_ids, all_blocks, all_busy, cache.frame_ids, block_frames=bf, tokens_per_frame=p,
         sink=pcfg.sink_frames, rolling=pcfg.cache_frames - pcfg.sink_frames, window=spec.window,
+        isolated=(stages == n) if rebuild else None,
     )
     # the block in the clean stage (at most one) hands its K/V to the cache after this pass
     is_writer = all_busy & (all_stages == n)

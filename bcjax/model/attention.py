@@ -1,66 +1,483 @@
-"""The one attention function every Wan attention goes through.
+"""The one attention function every Wan attention goes through, and its backends.
 
 Masks are *per query block*: the T query tokens are Qb equal contiguous blocks, and each block
 has its own boolean key mask over all S keys. Block-causal, bidirectional-window, cache
 validity and pipeline-fill masks are all of this form (a block of 3 latent frames either sees a
 key token or not), and it stays small: [Qb, S] instead of [T, S].
+
+Keys may come in parts (the clean cache, the pass's own tokens): `attend(q, (k_cache, k_own),
+(v_cache, v_own), mask)` attends as if the parts were concatenated along S, without building the
+concatenation. Each part is attended to alone, giving (output, log-sum-exp), and the parts are
+merged by their log-sum-exp; a part no query block sees is skipped (`lax.cond`), so a stream's
+first block does not pay for its empty cache.
+
+Backends (`WanConfig.attention`, or "auto": by platform):
+
+* "dense" (alias "xla"): the reference. One masked einsum, logits [B, Qb, N, T/Qb, S] in fp32:
+  memory O(T*S), 14.5 GiB for one 1.3B layer at 480x832 (the parts are concatenated; only a first
+  part no query sees is skipped). "auto" picks it off TPU/GPU only while those logits stay under
+  `DENSE_LOGITS_BYTES`.
+* "chunked": online softmax in XLA over key chunks of each part (running max and sum carried by
+  a `lax.scan`), memory O(T*chunk). A chunk that no query block sees is skipped with `lax.cond`,
+  so work is proportional to the visible keys. Everywhere else, and whenever a kernel refuses a
+  shape (one warning, then this path).
+* "splash" (TPU): Pallas splash attention, one kernel call per key chunk inside the same chunk
+  loop, with the same skipping. How traced visibility meets splash's static masks: splash skips
+  blocks from a `MaskInfo` computed from a static mask at trace time; a tick's visibility (which
+  cache slots hold frames, which slots are busy, the window) is traced, and splash's dynamic-mask
+  mode materialises the whole [heads, T, S] mask (1.3 GiB of bools per layer at 480x832). Lists of
+  precompiled variants under `lax.switch` grow with every fill level, window and stagger phase,
+  and reordering keys into a visible prefix copies the cache every layer. So: the kernel gets a
+  static full mask over one key chunk (block sizes divide the chunk), the within-chunk
+  visibility goes in as segment ids (queries 1, keys 1 if visible else 0; the mask is per query
+  block, so a query block's rows all see the same keys), and the skipping of fully masked key
+  blocks is lifted to chunk granularity, one `lax.cond` per chunk in XLA. Skipped chunks cost no
+  FLOPs and no memory; visible ones cost one kernel call with O(block) VMEM.
+* "pallas_gpu" (GPU): a Triton-lowered Pallas flash kernel (this module's `_flash_gpu_chunk`,
+  modelled on jax.experimental.pallas.ops.gpu.attention, whose segment ids need len(q) ==
+  len(kv)) taking a per-key visibility vector, in the same chunk loop.
+* "cudnn" (GPU, half precision): `jax.nn.dot_product_attention(implementation="cudnn")` with the
+  block mask expanded per query block (today's fused path); the cache part is skipped by a
+  `lax.cond` when no query sees it. It is the GPU default until a GPU run of `bcjax bench gpu`
+  shows pallas_gpu faster (no GPU has run this code yet).
+
+A Pallas backend with the suffix "-interpret" ("splash-interpret", "pallas_gpu-interpret")
+runs the kernel in Pallas interpret mode on any platform: the CPU tests use it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 
+F32 = jnp.float32
+NEG_INF = -jnp.inf
+DENSE_LOGITS_BYTES = 256 * 2**20  # "auto" off TPU/GPU: dense while its fp32 logits fit this
+CHUNK_LOGITS_BYTES = 256 * 2**20  # chunked: keys per chunk so that one chunk's logits fit this
+MIN_CHUNK = 512  # keys per chunk at least (a multiple of every kernel's key block)
+_KERNELS = ("splash", "pallas_gpu")
+BACKENDS = ("auto", "dense", "xla", "chunked", "splash", "pallas_gpu", "cudnn",
+            *(f"{k}-interpret" for k in _KERNELS))
+
+
+def backends_for(platform: str) -> tuple[str, ...]:
+    """The backends that run on `platform` ("cpu", "gpu", "tpu", ...), default first."""
+    if platform == "tpu":
+        return ("splash", "chunked", "dense")
+    if platform == "gpu":
+        return ("cudnn", "pallas_gpu", "chunked", "dense")
+    return ("chunked", "dense")
+
+
+def check_backend(name: str, platform: str | None = None) -> None:
+    """Raise a clear error for a backend that is unknown or that `platform` lacks."""
+    platform = platform or jax.default_backend()
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {BACKENDS}")
+    base = name.removesuffix("-interpret")
+    if name in ("auto", "xla") or name.endswith("-interpret") or base in backends_for(platform):
+        return
+    raise ValueError(f"attention backend {name!r} needs a {'TPU' if base == 'splash' else 'GPU'}; this "
+                     f"platform ({platform}) has {backends_for(platform)} (or 'auto'; "
+                     f"'{base}-interpret' runs the kernel in Pallas interpret mode anywhere)")
+
 
 def attend(q, k, v, key_mask=None, *, implementation: str = "auto"):
     """Scaled dot-product attention with a per-query-block key mask.
 
-    q: [B, T, N, H]; k, v: [B, S, N, H]; key_mask: bool [B or 1, Qb, S] with T % Qb == 0,
-    True = attend. Every query block must see at least one key.
-    Returns [B, T, N, H] in q's dtype.
+    q: [B, T, N, H]; k, v: [B, S, N, H], or tuples of parts [B, S_i, N, H] attended as if
+    concatenated along S; key_mask: bool [B or 1, Qb, S] with T % Qb == 0, True = attend (None =
+    all). Every query block must see at least one key. Returns [B, T, N, H] in q's dtype.
     """
-    if implementation == "auto":
-        implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    if implementation == "cudnn":
-        return _attend_fused(q, k, v, key_mask)
-    return _attend_xla(q, k, v, key_mask)
-
-
-def _attend_xla(q, k, v, key_mask):
+    ks, vs = (tuple(a) if isinstance(a, (tuple, list)) else (a,) for a in (k, v))
+    # zero-length parts (a pass without a cache) have no mask columns: dropped
+    ks, vs = zip(*[(kp, vp) for kp, vp in zip(ks, vs) if kp.shape[1]]) if any(a.shape[1] for a in ks) else (ks, vs)
     b, t, n, h = q.shape
+    s = sum(a.shape[1] for a in ks)
     qb = 1 if key_mask is None else key_mask.shape[1]
     if t % qb:
         raise ValueError(f"{t} query tokens do not split into {qb} equal mask blocks")
+    if key_mask is not None and key_mask.shape[2] != s:
+        raise ValueError(f"key_mask covers {key_mask.shape[2]} keys; k has {s}")
+    backend = _resolve(implementation, q, s)
+    if backend == "dense":
+        cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        if len(ks) == 1 or key_mask is None:
+            return _attend_dense(q, cat(ks), cat(vs), key_mask)
+        # the first part (the clean cache) is left out when no query block sees it
+        s0 = ks[0].shape[1]
+        return jax.lax.cond(jnp.any(key_mask[:, :, :s0]),
+                            lambda: _attend_dense(q, cat(ks), cat(vs), key_mask),
+                            lambda: _attend_dense(q, cat(ks[1:]), cat(vs[1:]), key_mask[:, :, s0:]))
+    if key_mask is None:
+        key_mask = jnp.ones((1, 1, s), bool)
+    if backend == "cudnn":
+        return _attend_cudnn(q, ks, vs, key_mask)
+    kernel, interpret = backend.removesuffix("-interpret"), backend.endswith("-interpret")
+    # [batch, query_block, tokens_in_block, heads, head_dim]
+    qr = q.reshape(b, qb, t // qb, n, h)
+    o, lse = None, None
+    start = 0
+    for kp, vp in zip(ks, vs):
+        mp = key_mask[:, :, start:start + kp.shape[1]]
+        start += kp.shape[1]
+        o, lse = _attend_part(kernel, interpret, qr, kp, vp, mp, o, lse)
+    return o.reshape(b, t, n, h).astype(q.dtype)
+
+
+# -- backend choice ---------------------------------------------------------------------------
+
+
+def _resolve(name: str, q, s: int) -> str:
+    check_backend(name)
+    if name == "xla":
+        return "dense"
+    if name != "auto":
+        return name
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    b, t, n, _ = q.shape
+    return "dense" if b * t * n * s * 4 <= DENSE_LOGITS_BYTES else "chunked"
+
+
+_warned: set[str] = set()
+
+
+def _refuse(kernel: str, why: str) -> None:
+    """One warning per kernel and reason; the caller then takes the chunked path."""
+    if (kernel, why) not in _warned:
+        _warned.add((kernel, why))
+        warnings.warn(f"attention backend {kernel!r} cannot take this shape ({why}); using 'chunked'",
+                      stacklevel=4)
+
+
+# -- log-sum-exp merge ------------------------------------------------------------------------
+
+
+def _merge(o1, l1, o2, l2):
+    """Two normalised partial attentions (o [..., H] f32, lse [...] with -inf = no keys) -> one."""
+    if o1 is None:
+        return o2, l2
+    m = jnp.maximum(l1, l2)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w1, w2 = jnp.exp(l1 - m), jnp.exp(l2 - m)
+    tot = w1 + w2
+    o = (o1 * w1[..., None] + o2 * w2[..., None]) / jnp.where(tot > 0, tot, 1.0)[..., None]
+    return o, m + jnp.log(tot)
+
+
+# -- dense (reference) ------------------------------------------------------------------------
+
+
+def _attend_dense(q, k, v, key_mask):
+    b, t, n, h = q.shape
+    qb = 1 if key_mask is None else key_mask.shape[1]
     # [batch, query_block, tokens_in_block, heads, head_dim]
     qr = q.reshape(b, qb, t // qb, n, h)
     # [batch, query_block, heads, tokens_in_block, keys]
-    logits = jnp.einsum("BQTNH,BSNH->BQNTS", qr, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BQTNH,BSNH->BQNTS", qr, k, preferred_element_type=F32)
     logits = logits * (h**-0.5)
     if key_mask is not None:
-        logits = jnp.where(key_mask[:, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(key_mask[:, :, None, None, :], logits, jnp.finfo(F32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BQNTS,BSNH->BQTNH", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("BQNTS,BSNH->BQTNH", probs, v, preferred_element_type=F32)
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def _attend_fused(q, k, v, key_mask):
+# -- chunk loop shared by chunked / splash / pallas_gpu -----------------------------------------
+
+
+def _chunk_size(kernel: str, qr, s: int) -> int:
+    """Keys per chunk: one chunk's fp32 logits within CHUNK_LOGITS_BYTES, a multiple of MIN_CHUNK
+    (the kernels' key blocks divide it), never more than the part."""
+    b, qb, tq, n, _ = qr.shape
+    c = CHUNK_LOGITS_BYTES // (4 * b * qb * tq * n)
+    c = max(MIN_CHUNK, min(8192, c // MIN_CHUNK * MIN_CHUNK))
+    if kernel != "chunked":
+        c = min(c, 2048)
+    return min(c, s)
+
+
+def _attend_part(kernel, interpret, qr, k, v, mask, o_acc, lse_acc):
+    """Attend qr [B, Qb, Tq, N, H] to one key part k, v [B, S, N, H] under mask [B|1, Qb, S],
+    merged into the running (o [B, Qb, Tq, N, H] f32, lse [B, Qb, Tq, N]) (None at the start)."""
+    b, qb, tq, n, h = qr.shape
+    s = k.shape[1]
+    chunk_fn = _chunk_fn(kernel, interpret, qr)
+    if chunk_fn is None:
+        kernel = "chunked"
+        chunk_fn = _chunk_xla
+    c = _chunk_size(kernel, qr, s)
+    num = -(-s // c)
+    mask = jnp.broadcast_to(mask, (b, qb, s))
+    if o_acc is None:
+        o_acc = jnp.zeros((b, qb, tq, n, h), F32)
+        lse_acc = jnp.full((b, qb, tq, n), NEG_INF, F32)
+
+    def body(carry, i):
+        # the last chunk is shifted back to end at S; keys an earlier chunk covered are masked
+        start = jnp.minimum(i * c, s - c)
+        # [batch, query_block, chunk]
+        mc = jax.lax.dynamic_slice_in_dim(mask, start, c, axis=2)
+        mc &= (start + jnp.arange(c) >= i * c)[None, None, :]
+
+        def run(carry):
+            kc, vc = (jax.lax.dynamic_slice_in_dim(a, start, c, axis=1) for a in (k, v))
+            o, lse = chunk_fn(qr, kc, vc, mc)
+            # query blocks that see nothing of this chunk contribute nothing
+            rows = jnp.any(mc, axis=2)[:, :, None, None]  # [batch, query_block, 1, 1]
+            lse = jnp.where(rows, lse, NEG_INF)
+            o = jnp.where(rows[..., None], o, 0.0)
+            return _merge(*carry, o, lse)
+
+        return jax.lax.cond(jnp.any(mc), run, lambda c_: c_, carry), None
+
+    carry, _ = jax.lax.scan(body, (o_acc, lse_acc), jnp.arange(num))
+    return carry
+
+
+def _chunk_xla(qr, k, v, mask):
+    """(o [B, Qb, Tq, N, H] f32, lse [B, Qb, Tq, N]) of qr over one chunk k, v [B, C, N, H]."""
+    h = qr.shape[-1]
+    # [batch, query_block, heads, tokens_in_block, chunk] (batch dims leading, as the dense path)
+    logits = jnp.einsum("BQTNH,BCNH->BQNTC", qr, k, preferred_element_type=F32) * (h**-0.5)
+    logits = jnp.where(mask[:, :, None, None, :], logits, -1e30)
+    m = jnp.max(logits, axis=-1)
+    p = jnp.exp(logits - m[..., None])
+    den = jnp.sum(p, axis=-1)  # [batch, query_block, heads, tokens_in_block]
+    o = jnp.einsum("BQNTC,BCNH->BQTNH", p.astype(v.dtype), v, preferred_element_type=F32)
+    den_t = jnp.swapaxes(den, 2, 3)
+    return o / den_t[..., None], jnp.swapaxes(m, 2, 3) + jnp.log(den_t)
+
+
+def _chunk_fn(kernel: str, interpret: bool, qr):
+    """The per-chunk function of a backend, or None (after one warning) if it refuses the shape."""
+    if kernel == "chunked":
+        return _chunk_xla
+    h = qr.shape[-1]
+    if kernel == "splash":
+        mod = _splash_module()
+        if mod is None:
+            _refuse(kernel, "jax.experimental.pallas.ops.tpu.splash_attention is not importable")
+            return None
+        if not interpret and h % 128:
+            _refuse(kernel, f"head_dim {h} is not a multiple of 128")
+            return None
+        return functools.partial(_splash_chunk, interpret)
+    if kernel == "pallas_gpu":
+        if _pallas_gpu() is None:
+            _refuse(kernel, "jax.experimental.pallas.gpu is not importable")
+            return None
+        if h < 16 or h & (h - 1):
+            _refuse(kernel, f"head_dim {h} is not a power of two >= 16")
+            return None
+        return functools.partial(_flash_gpu_chunk, interpret)
+    raise ValueError(f"attention backend {kernel!r} has no chunk kernel")
+
+
+def _pad_queries(qr, block: int):
+    tq = qr.shape[2]
+    pad = -tq % block
+    return (jnp.pad(qr, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))) if pad else qr), tq
+
+
+def _pad_keys(k, v, mask, block: int):
+    """Chunks shorter than one kernel block (small parts) are padded with masked keys."""
+    pad = -k.shape[1] % block
+    if not pad:
+        return k, v, mask
+    k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
+    return k, v, jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
+
+
+# -- splash (TPU) -----------------------------------------------------------------------------
+
+
+@functools.cache
+def _splash_module():
+    try:
+        from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    except ImportError:
+        return None
+    needed = ("make_splash_mha_single_device", "FullMask", "MultiHeadMask", "SegmentIds", "BlockSizes")
+    if not all(hasattr(sa, a) for a in needed) or "save_residuals" not in inspect.signature(
+            sa.make_splash_mha_single_device).parameters:
+        return None
+    return sa
+
+
+_SPLASH_BLOCK = 128  # multiple of the TPU lane width; divides every chunk (multiples of 512)
+
+
+@functools.cache
+def _splash_kernel(heads: int, tq: int, c: int, interpret: bool):
+    sa = _splash_module()
+    bq, bkv = min(512, tq), min(512, c)
+    while tq % bq:
+        bq //= 2
+    while c % bkv:
+        bkv //= 2
+    mask = sa.MultiHeadMask([sa.FullMask((tq, c)) for _ in range(heads)])
+    sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv)
+    with jax.ensure_compile_time_eval():  # its MaskInfo arrays are constants, cached across traces
+        return sa.make_splash_mha_single_device(mask, block_sizes=sizes, save_residuals=True, interpret=interpret)
+
+
+def _splash_chunk(interpret: bool, qr, k, v, mask):
+    sa = _splash_module()
+    b, qb, _, n, h = qr.shape
+    qp, tq = _pad_queries(qr, _SPLASH_BLOCK)
+    k, v, mask = _pad_keys(k, v, mask, _SPLASH_BLOCK)
+    c, tqp = k.shape[1], qp.shape[2]
+    kernel = _splash_kernel(n, tqp, c, interpret)
+    # splash takes one example [heads, tokens, head_dim] and does not scale the logits
+    qh = (qp * jnp.asarray(h**-0.5, qp.dtype)).reshape(b * qb, tqp, n, h).transpose(0, 2, 1, 3)
+    kh, vh = (jnp.repeat(a, qb, axis=0).transpose(0, 2, 1, 3) for a in (k, v))
+    seg_q = jnp.ones((tqp,), jnp.int32)
+    seg_kv = mask.reshape(b * qb, c).astype(jnp.int32)
+
+    def one(qi, ki, vi, si):
+        out, (lse,) = kernel(qi, ki, vi, segment_ids=sa.SegmentIds(seg_q, si))
+        return out, lse
+
+    out, lse = jax.vmap(one)(qh, kh, vh, seg_kv)  # [rows, heads, tokens, head_dim], [rows, heads, tokens]
+    out = out.transpose(0, 2, 1, 3).reshape(b, qb, tqp, n, h)[:, :, :tq].astype(F32)
+    lse = lse.transpose(0, 2, 1).reshape(b, qb, tqp, n)[:, :, :tq]
+    return out, lse
+
+
+# -- Pallas GPU flash kernel --------------------------------------------------------------------
+
+
+@functools.cache
+def _pallas_gpu():
+    try:
+        from jax.experimental import pallas as pl
+        from jax.experimental.pallas import triton as plgpu
+    except ImportError:
+        return None
+    # names checked, not assumed: jax 0.10 and 0.11 both have these (pl.ds is the newer alias of
+    # pl.dslice; CompilerParams was TritonCompilerParams before)
+    ds = getattr(pl, "ds", None) or getattr(pl, "dslice", None)
+    params = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
+    if ds is None or params is None or not all(hasattr(pl, a) for a in ("pallas_call", "BlockSpec")):
+        return None
+    return pl, plgpu, ds, params
+
+
+_GPU_BLOCK_Q, _GPU_BLOCK_K = 64, 64
+
+
+def _flash_gpu_kernel(q_ref, k_ref, v_ref, m_ref, o_ref, lse_ref, *, scale: float, block_k: int):
+    """One (query block, row, head): online softmax over the chunk's key blocks, keys masked by
+    m_ref (int32 [C], 1 = visible). Modelled on jax.experimental.pallas.ops.gpu.attention."""
+    _, plgpu, ds, _ = _pallas_gpu()
+    c = k_ref.shape[0]
+    bq = q_ref.shape[0]
+    q = q_ref[...]
+    log2e = math.log2(math.e)
+
+    def body(j, carry):
+        o, m_prev, l_prev = carry
+        ks = ds(j * block_k, block_k)
+        k = k_ref[ks, :]
+        # [block_q, block_k] logits in base-2 units
+        s = plgpu.dot(q, k.T) * (scale * log2e) if hasattr(plgpu, "dot") else (q @ k.T).astype(F32) * (scale * log2e)
+        visible = m_ref[ks] > 0
+        s = jnp.where(visible[None, :], s.astype(F32), -1e30)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+        corr = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = corr * l_prev + jnp.sum(p, axis=-1)
+        v = v_ref[ks, :]
+        pv = plgpu.dot(p.astype(v.dtype), v) if hasattr(plgpu, "dot") else (p.astype(v.dtype) @ v).astype(F32)
+        return corr[:, None] * o + pv.astype(F32), m_next, l_next
+
+    o0 = jnp.zeros((bq, q_ref.shape[1]), F32)
+    m0 = jnp.full((bq,), -jnp.inf, F32)
+    l0 = jnp.zeros((bq,), F32)
+    o, m, l = jax.lax.fori_loop(0, c // block_k, body, (o0, m0, l0))
+    o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = (m + jnp.log2(l)) / log2e  # natural log
+
+
+def _flash_gpu_chunk(interpret: bool, qr, k, v, mask):
+    pl, _, _, compiler_params = _pallas_gpu()
+    b, qb, _, n, h = qr.shape
+    qp, tq = _pad_queries(qr, _GPU_BLOCK_Q)
+    k, v, mask = _pad_keys(k, v, mask, _GPU_BLOCK_K)
+    c, tqp = k.shape[1], qp.shape[2]
+    rows = b * qb
+    q2 = qp.reshape(rows, tqp, n, h)
+    k2, v2 = (jnp.repeat(a, qb, axis=0) for a in (k, v))  # one chunk per query block: small
+    m2 = mask.reshape(rows, c).astype(jnp.int32)
+    kernel = functools.partial(_flash_gpu_kernel, scale=h**-0.5, block_k=min(_GPU_BLOCK_K, c))
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(tqp // _GPU_BLOCK_Q, rows, n),
+        in_specs=[pl.BlockSpec((None, _GPU_BLOCK_Q, None, h), lambda i, r, hh: (r, i, hh, 0)),
+                  pl.BlockSpec((None, c, None, h), lambda i, r, hh: (r, 0, hh, 0)),
+                  pl.BlockSpec((None, c, None, h), lambda i, r, hh: (r, 0, hh, 0)),
+                  pl.BlockSpec((None, c), lambda i, r, hh: (r, 0))],
+        out_specs=[pl.BlockSpec((None, _GPU_BLOCK_Q, None, h), lambda i, r, hh: (r, i, hh, 0)),
+                   pl.BlockSpec((None, None, _GPU_BLOCK_Q), lambda i, r, hh: (r, hh, i))],
+        out_shape=[jax.ShapeDtypeStruct((rows, tqp, n, h), qr.dtype),
+                   jax.ShapeDtypeStruct((rows, n, tqp), F32)],
+        compiler_params=compiler_params(num_warps=4 if h <= 64 else 8, num_stages=2),
+        interpret=interpret,
+        name="bcjax_flash_chunk",
+    )(q2, k2, v2, m2)
+    out = out.reshape(b, qb, tqp, n, h)[:, :, :tq].astype(F32)
+    lse = lse.transpose(0, 2, 1).reshape(b, qb, tqp, n)[:, :, :tq]
+    return out, lse
+
+
+# -- cuDNN (GPU) ------------------------------------------------------------------------------
+
+
+def _attend_cudnn(q, ks, vs, key_mask):
+    if q.dtype not in (jnp.bfloat16, jnp.float16):  # cuDNN flash attention is half precision only
+        _refuse("cudnn", f"dtype {q.dtype} (cuDNN flash attention takes bf16/fp16)")
+        return attend(q, ks, vs, key_mask, implementation="chunked")
+    if len(ks) == 1:
+        return _cudnn_one(q, ks[0], vs[0], key_mask)
+    # the first part (the clean cache) is left out of the call when no query block sees it
+    s0 = ks[0].shape[1]
+    rest = lambda: _cudnn_one(q, jnp.concatenate(ks[1:], 1) if len(ks) > 2 else ks[1],
+                              jnp.concatenate(vs[1:], 1) if len(vs) > 2 else vs[1], key_mask[:, :, s0:])
+    whole = lambda: _cudnn_one(q, jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), key_mask)
+    return jax.lax.cond(jnp.any(key_mask[:, :, :s0]), whole, rest)
+
+
+def _cudnn_one(q, k, v, key_mask):
     # Fold query blocks into the batch (keys repeated per query block) so each batch row has
     # one block's queries and that block's key mask.
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return _attend_xla(q, k, v, key_mask)  # cuDNN flash attention is half precision only
     b, t, n, h = q.shape
-    qb = 1 if key_mask is None else key_mask.shape[1]
+    qb = key_mask.shape[1]
     qr = q.reshape(b * qb, t // qb, n, h)
     kr, vr = (jnp.repeat(a, qb, axis=0) if qb > 1 else a for a in (k, v))
     # cuDNN wants its bias as [batch, 1, T, S] (no broadcast over T), so the block's key mask is
     # expanded over the block's queries: one bias per query block, not per head.
-    mask = None if key_mask is None else jnp.broadcast_to(
-        key_mask[:, :, None, :], (b, qb, t // qb, k.shape[1])).reshape(b * qb, 1, t // qb, -1)
+    mask = jnp.broadcast_to(key_mask[:, :, None, :], (b, qb, t // qb, k.shape[1])).reshape(b * qb, 1, t // qb, -1)
     try:
         out = jax.nn.dot_product_attention(qr, kr, vr, mask=mask, implementation="cudnn")
     except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:  # no cuDNN, or a shape it refuses
-        warnings.warn(f"cuDNN attention unavailable ({e}); using the XLA path", stacklevel=2)
-        return _attend_xla(q, k, v, key_mask)
+        _refuse("cudnn", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        return attend(q, k, v, key_mask, implementation="chunked")
     return out.reshape(b, t, n, h)
+
+
+def _attend_fused(q, k, v, key_mask):
+    """The cuDNN path on one key array (kept for callers and tests of the fused path)."""
+    if key_mask is None:
+        key_mask = jnp.ones((1, 1, k.shape[1]), bool)
+    return _attend_cudnn(q, (k,), (v,), key_mask)
+

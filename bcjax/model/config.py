@@ -6,6 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from bcjax.model.attention import BACKENDS
 from bcjax.presets import check_dtypes, from_preset
 
 _PRESETS: dict[str, dict] = {
@@ -37,7 +38,9 @@ class WanConfig:
     rope_theta: float = 10000.0
     param_dtype: str = "float32"
     dtype: str = "float32"  # matmul/attention compute dtype; norms, modulation and residual stay fp32
-    attention: str = "auto"  # "auto" | "xla" | "cudnn"
+    # attention backend (bcjax.model.attention.BACKENDS): "auto" picks by platform; "dense" (alias
+    # "xla"), "chunked", "splash" (TPU), "pallas_gpu" / "cudnn" (GPU), "<kernel>-interpret"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -46,8 +49,8 @@ class WanConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even and >= 6 for Wan's 3D RoPE")
         if self.patch_size[0] != 1:
             raise ValueError(f"patch_size {self.patch_size}: per-frame timesteps need a temporal patch of 1")
-        if self.attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"attention={self.attention!r}: expected 'auto', 'xla' or 'cudnn'")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention={self.attention!r}: expected one of {BACKENDS}")
         check_dtypes(self)
 
     @classmethod

@@ -60,10 +60,12 @@ def frame_slot(frame, sink: int, capacity: int):
 def write_frames(cache: KVCache, kv: KV, frame_ids, sink: int, enabled=True) -> KVCache:
     """Write the K/V of F frames (kv: [L, B, F*P, N, H]) at their slots.
 
-    enabled (traced bool): when False the slots are rewritten with what they hold, so a tick
-    with no finished block costs a slot-sized copy, not a select over the whole cache.
+    enabled (traced bool, or bool [F] per frame): when False the slots are rewritten with what
+    they hold, so a tick with no finished block costs a slot-sized copy, not a select over the
+    whole cache. Frames are written in order, so a later frame wins a ring slot.
     """
     frame_ids = jnp.asarray(frame_ids, jnp.int32)
+    enabled = jnp.broadcast_to(jnp.asarray(enabled, bool), frame_ids.shape)
     p = cache.tokens_per_frame
     k, v, ids = cache.k, cache.v, cache.frame_ids
     for i in range(frame_ids.shape[0]):  # static: block_frames writes
@@ -71,9 +73,9 @@ def write_frames(cache: KVCache, kv: KV, frame_ids, sink: int, enabled=True) -> 
         start = (0, 0, slot * p, 0, 0)
         new_k, new_v = (a[:, :, i * p:(i + 1) * p] for a in (kv.k, kv.v))
         old_k, old_v = (jax.lax.dynamic_slice(a, start, new_k.shape) for a in (k, v))
-        k = jax.lax.dynamic_update_slice(k, jnp.where(enabled, new_k.astype(k.dtype), old_k), start)
-        v = jax.lax.dynamic_update_slice(v, jnp.where(enabled, new_v.astype(v.dtype), old_v), start)
-        ids = ids.at[slot].set(jnp.where(enabled, frame_ids[i], ids[slot]))
+        k = jax.lax.dynamic_update_slice(k, jnp.where(enabled[i], new_k.astype(k.dtype), old_k), start)
+        v = jax.lax.dynamic_update_slice(v, jnp.where(enabled[i], new_v.astype(v.dtype), old_v), start)
+        ids = ids.at[slot].set(jnp.where(enabled[i], frame_ids[i], ids[slot]))
     return KVCache(k, v, ids, cache.base)
 
 

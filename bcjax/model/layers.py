@@ -144,9 +144,9 @@ class WanBlock(nn.Module):
             # [batch, all devices' tokens, heads, head_dim], device-major
             k = jax.lax.all_gather(k, self.kv_axis, axis=1, tiled=True)
             v = jax.lax.all_gather(v, self.kv_axis, axis=1, tiled=True)
-        k_all = jnp.concatenate([ctx_kv[0].astype(dt), k], axis=1)
-        v_all = jnp.concatenate([ctx_kv[1].astype(dt), v], axis=1)
-        o = attend(q, k_all, v_all, key_mask, implementation=cfg.attention)
+        # the cache and the pass's own keys are attended as two parts merged by log-sum-exp: no
+        # [cache | own] copy per layer, and a cache no query sees is skipped
+        o = attend(q, (ctx_kv[0].astype(dt), k), (ctx_kv[1].astype(dt), v), key_mask, implementation=cfg.attention)
         x = x + gated(self.self_attn.project_out(o), gate)
 
         # cross-attention to the prompt (all text tokens, as Wan's T2V does)

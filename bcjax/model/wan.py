@@ -95,12 +95,20 @@ def param_shapes(cfg: WanConfig):
 
 @partial(jax.jit, static_argnums=0)
 def encode_text(cfg: WanConfig, params, context) -> KV:
-    """Prompt embeddings [B, Lt, text_dim] -> per-layer cross-attention K/V [L, B, Lt, N, H].
+    """Prompt embeddings [B, Lt <= text_len, text_dim] -> per-layer cross-attention K/V
+    [L, B, text_len, N, H].
 
-    Computed once per prompt; every forward pass (and every tick of a cascade) reuses it.
+    Shorter embeddings are zero-padded to cfg.text_len before the text embedding, as Wan's
+    `WanModel.forward` pads every prompt (the padded rows still go through the text MLP and are
+    attended to, so an unpadded prompt would give a different video). Computed once per prompt;
+    every forward pass (and every tick of a cascade) reuses it.
     """
     if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
         raise ValueError(f"prompt embeddings must be [batch, tokens, {cfg.text_dim}]; got shape {context.shape}")
+    if context.shape[1] > cfg.text_len:
+        raise ValueError(f"prompt embeddings have {context.shape[1]} tokens (shape {context.shape}); the model's "
+                         f"text_len is {cfg.text_len}")
+    context = jnp.pad(context, ((0, 0), (0, cfg.text_len - context.shape[1]), (0, 0)))
     emb = WanEmbed(cfg).apply({"params": params["embed"]}, context, method=WanEmbed.text)
 
     def layer(_, p):

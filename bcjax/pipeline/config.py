@@ -9,6 +9,7 @@ import numpy as np
 from bcjax.schedule.flow import denoising_schedule
 
 POSITIONS = ("absolute", "rolling")
+CONTEXTS = ("clean-pass", "rebuild")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,17 @@ class PipelineConfig:
     positions: "absolute" (RoPE at the absolute frame index, the base models' semantics; a stream
     ends at the RoPE table) or "rolling" (the same until the table ends, then non-sink positions
     jump back by `rope_period` frames and cached keys are re-rotated; see bcjax.model.rope).
+
+    trailing_zero: what a trailing 0 in denoising_steps is: "end" (the end point, not a pass:
+    Self-Forcing) or "pass" (a DiT pass at t = 0 whose x0 is the output: Krea).
+
+    context: what a block attends to besides itself. "clean-pass" (Self-Forcing, CausVid,
+    LongLive): a cache of finished blocks' K/V, written by a clean pass at context_noise after
+    each block. "rebuild" (Krea Realtime 14B): nothing persists; before every block the previous
+    block's frames are re-run in one pass at t = 0 attending only to each other (the first of
+    them re-encoded through the VAE as an image, or the video's frame 0 when keep_first_frame),
+    and the block attends to them (`bcjax.pipeline.krea`). In the sequential pipeline and the
+    cascade that rebuild pass is the clean pass (t = 0, seeing only itself; R = the latent).
     """
 
     denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
@@ -33,10 +45,19 @@ class PipelineConfig:
     sink_frames: int = 0
     context_noise: float = 0.0
     positions: str = "absolute"
+    trailing_zero: str = "end"
+    context: str = "clean-pass"
+    keep_first_frame: bool = False
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
             raise ValueError(f"positions={self.positions!r}: expected one of {POSITIONS}")
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context={self.context!r}: expected one of {CONTEXTS}")
+        if self.keep_first_frame and self.context != "rebuild":
+            raise ValueError("keep_first_frame=True needs context='rebuild' (Krea's rebuilt context)")
+        if self.context == "rebuild" and self.sink_frames:
+            raise ValueError(f"context='rebuild' keeps no cache, so no sink: sink_frames={self.sink_frames}")
         if self.block_frames < 1:
             raise ValueError(f"block_frames={self.block_frames} must be >= 1")
         if self.sink_frames < 0:
@@ -47,7 +68,7 @@ class PipelineConfig:
                 f"window_frames={self.window_frames} leaves {rolling} rolling cache frames after the "
                 f"{self.block_frames}-frame block and {self.sink_frames} sink frames; need >= {self.block_frames}"
             )
-        denoising_schedule(self.denoising_steps, self.shift, self.warp_denoising_step)  # validates
+        denoising_schedule(self.denoising_steps, self.shift, self.warp_denoising_step, self.trailing_zero)  # validates
 
     @property
     def cache_frames(self) -> int:
@@ -83,11 +104,11 @@ class PipelineConfig:
 
     @property
     def timesteps(self) -> np.ndarray:
-        return denoising_schedule(self.denoising_steps, self.shift, self.warp_denoising_step)[0]
+        return denoising_schedule(self.denoising_steps, self.shift, self.warp_denoising_step, self.trailing_zero)[0]
 
     @property
     def sigmas(self) -> np.ndarray:
-        return denoising_schedule(self.denoising_steps, self.shift, self.warp_denoising_step)[1]
+        return denoising_schedule(self.denoising_steps, self.shift, self.warp_denoising_step, self.trailing_zero)[1]
 
     @property
     def num_steps(self) -> int:

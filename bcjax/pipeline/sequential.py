@@ -3,6 +3,10 @@
 Per block of `block_frames` latent frames: `num_steps` denoising passes (predict x0, re-noise to
 the next sigma with fresh noise), then one clean pass at t = context_noise on the final x0 whose
 post-RoPE K/V are written into the clean cache. Every pass attends to [clean cache | the block].
+Given context frames (an image-to-video first block, a video to continue) are written by the
+same pass at t = 0 whatever context_noise is: upstream Self-Forcing's
+`CausalInferencePipeline.inference` writes `initial_latent` at t = 0, and context_noise applies
+only to the clean pass of generated blocks.
 
 One jitted function denoises one block; the block index is a traced scalar and the cache has
 a fixed capacity, so the same executable serves a stream of any length.
@@ -22,7 +26,22 @@ from bcjax.model.kv_cache import KVCache, init_cache, rebase, write_frames
 from bcjax.model.rope import rope_base, rope_positions
 from bcjax.model.wan import KV, check_latents, forward
 from bcjax.pipeline.config import PipelineConfig
+from bcjax.pipeline.stepping import Step, StepState
 from bcjax.schedule.flow import block_noise, predict_x0, renoise
+
+
+def check_rebuild(pcfg: PipelineConfig, runner: str) -> None:
+    """Krea's rebuilt context in a clean-pass runner: the clean pass of block b-1 at t = 0,
+    attending only to itself, IS the rebuild pass of block b's context (at the same relative
+    RoPE offsets), so a cache of one block serves it; R is the latent frame itself (no VAE here).
+    keep_first_frame needs frame 0 in place of R: only KreaPipeline has it."""
+    if pcfg.context == "rebuild":
+        if pcfg.keep_first_frame:
+            raise ValueError(f"{runner} rebuilds Krea's context from the previous block as it is; keep_first_frame=True "
+                             "needs bcjax.pipeline.krea.KreaPipeline")
+        if pcfg.cache_frames != pcfg.block_frames:
+            raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={pcfg.window_frames} must be "
+                             f"2 x block_frames={pcfg.block_frames}")
 
 
 def place(cfg: WanConfig, pcfg: PipelineConfig, cache: KVCache, frame_ids, last_frame):
@@ -37,20 +56,23 @@ def place(cfg: WanConfig, pcfg: PipelineConfig, cache: KVCache, frame_ids, last_
     return cache, rope_positions(frame_ids, base, pcfg.sink_frames)
 
 
-def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, positions):
+def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, positions, see_cache: bool = True):
     """One DiT pass of a block over [valid cache | its own tokens] (bidirectional inside the block).
 
-    x [B, F, H, W, C], t [B, F], positions int [F] (RoPE time index). Returns (flow
-    [B, F, H, W, C], this pass's KV).
+    x [B, F, H, W, C], t [B, F], positions int [F] (RoPE time index); see_cache False: the block
+    attends only to itself (Krea's rebuilt context). Returns (flow [B, F, H, W, C], this pass's KV).
     """
     own = x.shape[1] * cache.tokens_per_frame
-    key_mask = jnp.concatenate([cache.valid_tokens(), jnp.ones((own,), bool)])[None, None, :]
+    key_mask = jnp.concatenate([cache.valid_tokens() & see_cache, jnp.ones((own,), bool)])[None, None, :]
     return forward(cfg, params, x, t, text, positions, cache.as_context(), key_mask)
 
 
 def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache: KVCache, key, block,
-                  latent_hw: tuple[int, int]):
-    """Denoise block `block` (traced int) and write its clean K/V. Returns (cache, x0 [B, F, H, W, C])."""
+                  latent_hw: tuple[int, int], source=None):
+    """Denoise block `block` (traced int) and write its clean K/V. Returns (cache, x0 [B, F, H, W, C]).
+
+    source: video-to-video, the input video's latents of this block [B, F, H, W, C], noised to
+    the first step's sigma instead of starting from pure noise (`bcjax.pipeline.prompts.with_strength`)."""
     batch = text.k.shape[1]
     bf = pcfg.block_frames
     shape = (batch, bf, *latent_hw, cfg.in_channels)
@@ -69,20 +91,26 @@ def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache:
         return renoise(x0, block_noise(key, block, k + 1, shape), s_next), x0
 
     x = block_noise(key, block, 0, shape)
+    if source is not None:
+        x = renoise(source.astype(jnp.float32), x, sigmas[0])
     steps = jnp.arange(pcfg.num_steps)
     _, x0s = jax.lax.scan(step, x, (steps, timesteps, sigmas, next_sigmas))
     x0 = x0s[-1]
     return clean_block(cfg, pcfg, params, text, x0, cache, block), x0
 
 
-def clean_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, x0, cache: KVCache, block) -> KVCache:
-    """The clean pass: block `block`'s x0 [B, F, H, W, C] at t = context_noise, its K/V written
-    into the cache (after denoising, for given context frames, and for a recache)."""
+def clean_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, x0, cache: KVCache, block,
+                timestep: float | None = None) -> KVCache:
+    """The clean pass: block `block`'s x0 [B, F, H, W, C] at t = `timestep` (default
+    context_noise, the generated blocks' convention; 0 for given context frames), its K/V
+    written into the cache."""
     bf = x0.shape[1]
     frame_ids = block * bf + jnp.arange(bf)
     cache, positions = place(cfg, pcfg, cache, frame_ids, frame_ids[-1])
-    t_ctx = jnp.full((x0.shape[0], bf), pcfg.context_noise, jnp.float32)
-    _, kv = cached_pass(cfg, params, x0, t_ctx, text, cache, positions)
+    rebuild = pcfg.context == "rebuild"  # Krea: the context frames at t = 0, attending only to each other
+    t = 0.0 if rebuild else pcfg.context_noise if timestep is None else timestep
+    t_ctx = jnp.full((x0.shape[0], bf), t, jnp.float32)
+    _, kv = cached_pass(cfg, params, x0, t_ctx, text, cache, positions, see_cache=not rebuild)
     return write_frames(cache, kv, frame_ids, pcfg.sink_frames)
 
 
@@ -97,15 +125,23 @@ class SequentialPipeline:
     cfg: WanConfig
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
+    mesh = None  # one device (Cascade's `mesh` is its stage mesh): the runners share this attribute
 
     def __post_init__(self):
         check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
+        check_rebuild(self.pcfg, "SequentialPipeline")
         if self.pcfg.positions == "rolling":
             self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
         self._block_fn = jax.jit(
             partial(denoise_block, self.cfg, self.pcfg, latent_hw=tuple(self.latent_hw)), donate_argnums=(2,)
         )
-        self._clean_fn = jax.jit(partial(clean_block, self.cfg, self.pcfg), donate_argnums=(3,))
+        # video-to-video: the same block program started from a noised input block
+        self._v2v_fn = jax.jit(
+            lambda params, text, cache, key, block, source: denoise_block(
+                self.cfg, self.pcfg, params, text, cache, key, block, tuple(self.latent_hw), source),
+            donate_argnums=(2,))
+        # given context is written at t = 0 (upstream's initial_latent), not at context_noise
+        self._context_fn = jax.jit(partial(clean_block, self.cfg, self.pcfg, timestep=0.0), donate_argnums=(3,))
 
     @property
     def tokens_per_frame(self) -> int:
@@ -120,7 +156,8 @@ class SequentialPipeline:
     def prefill(self, params, text: KV, frames, cache: KVCache | None = None, first_block: int = 0) -> KVCache:
         """Write given clean frames [B, G * block_frames, H, W, C] (an image-to-video first block,
         a video to continue) into the cache as blocks first_block .. first_block + G - 1, by the
-        same clean pass a generated block gets."""
+        clean pass at t = 0 (Self-Forcing writes `initial_latent` at t = 0 whatever
+        context_noise is)."""
         bf = self.pcfg.block_frames
         if frames.ndim != 5 or frames.shape[1] % bf or frames.shape[2:] != (*self.latent_hw, self.cfg.in_channels):
             raise ValueError(f"context frames must be [B, G * {bf}, {self.latent_hw[0]}, {self.latent_hw[1]}, "
@@ -128,17 +165,28 @@ class SequentialPipeline:
         self._check_length(frames.shape[1] // bf, first_block)
         cache = cache if cache is not None else self.init_cache(frames.shape[0])
         for g in range(frames.shape[1] // bf):
-            cache = self._clean_fn(params, text, frames[:, g * bf:(g + 1) * bf], cache, jnp.int32(first_block + g))
+            cache = self._context_fn(params, text, frames[:, g * bf:(g + 1) * bf], cache, jnp.int32(first_block + g))
         return cache
 
     def blocks(self, params, text: KV, key, num_blocks: int, cache: KVCache | None = None,
-               first_block: int = 0) -> Iterator[jax.Array]:
+               first_block: int = 0, source=None) -> Iterator[jax.Array]:
         """Yield each block's x0 latents [B, block_frames, H, W, C] as soon as it is denoised;
-        blocks first_block .. first_block + num_blocks - 1 (after a prefilled cache)."""
+        blocks first_block .. first_block + num_blocks - 1 (after a prefilled cache).
+
+        source: video-to-video input latents [B, num_blocks * block_frames, H, W, C], block i of
+        them noised to the first sigma as the start of generated block first_block + i (use a
+        sampler from `bcjax.pipeline.prompts.with_strength`)."""
         self._check_length(num_blocks, first_block)
+        bf = self.pcfg.block_frames
+        if source is not None and (source.ndim != 5 or source.shape[1] < num_blocks * bf):
+            raise ValueError(f"video-to-video source latents must be [B, >= {num_blocks * bf}, H, W, C] for "
+                             f"{num_blocks} blocks; got {tuple(source.shape)}")
         cache = cache if cache is not None else self.init_cache(text.k.shape[1])
-        for b in range(first_block, first_block + num_blocks):
-            cache, x0 = self._block_fn(params, text, cache, key, jnp.int32(b))
+        for i, b in enumerate(range(first_block, first_block + num_blocks)):
+            if source is None:
+                cache, x0 = self._block_fn(params, text, cache, key, jnp.int32(b))
+            else:
+                cache, x0 = self._v2v_fn(params, text, cache, key, jnp.int32(b), source[:, i * bf:(i + 1) * bf])
             yield x0
 
     def generate(self, params, text: KV, num_blocks: int, key, context=None) -> jax.Array:
@@ -148,3 +196,41 @@ class SequentialPipeline:
         if context is not None:
             cache, first = self.prefill(params, text, context), context.shape[1] // self.pcfg.block_frames
         return jnp.concatenate(list(self.blocks(params, text, key, num_blocks, cache, first)), axis=1)
+
+    # -- the stepping interface shared with Cascade (bcjax.pipeline.stepping) --------------------
+    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
+        """A stream before its first step. context: given clean frames [B, G * block_frames, H, W, C]
+        written under `text` (generation starts at block G); num_blocks None: until the caller
+        stops (absolute positions: until the RoPE table ends)."""
+        first = 0 if context is None else context.shape[1] // self.pcfg.block_frames
+        if num_blocks is None:
+            num_blocks = self.pcfg.stream_blocks(self.cfg.rope_max_positions, first)
+        if num_blocks is not None:
+            self._check_length(num_blocks, first)
+        cache = self.init_cache(text.k.shape[1]) if context is None else self.prefill(params, text, context)
+        return StepState(cache, key, 0, first, num_blocks)
+
+    def step(self, params, text: KV, state: StepState) -> tuple[StepState, Step]:
+        """Denoise the next block under `text` and write its clean K/V (one compiled call; the
+        cache is donated). Every step emits its block."""
+        b = self.entering(state)
+        cache, x0 = self._block_fn(params, text, state.carry, state.key, jnp.int32(b))
+        stages = tuple((b, s) for s in range(self.pcfg.num_steps + 1))
+        return state._replace(carry=cache, step=state.step + 1), Step(b, x0, stages)
+
+    def entering(self, state: StepState) -> int:
+        """The block the next step starts: its prompt is the one in force for that step."""
+        return state.first_block + state.step
+
+    def done(self, state: StepState) -> bool:
+        return state.num_blocks is not None and state.step >= state.num_blocks
+
+    def cache(self, state: StepState) -> KVCache:
+        return state.carry
+
+    def with_cache(self, state: StepState, cache: KVCache) -> StepState:
+        return state._replace(carry=cache)
+
+    def replicate(self, tree):
+        """Leaves as device arrays where this runner computes (one device: the default one)."""
+        return jax.tree_util.tree_map(jnp.asarray, tree)

@@ -18,14 +18,33 @@ from bcjax import checkpoint
 from bcjax.cascade.cascade import Cascade
 from bcjax.model.wan import KV, encode_text
 from bcjax.pipeline.config import PipelineConfig
+from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.pipeline.streaming import drain, overlapped
 from bcjax.pipeline.video import Mp4Writer, NullWriter, to_uint8
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings
-from bcjax.vae.wan_vae import decode_step, init_decode_state
+from bcjax.vae.wan_vae import VAEConfig, decode_step, encode, init_decode_state
 
 VIDEO_FPS = 16  # Wan2.1's frame rate
+
+
+class VAERoundTrip:
+    """Krea's R (rule 4 of `bcjax.pipeline.krea`): called with every block's x0 in order, it
+    decodes the stream with its own causal caches and encodes the last pixel frame of the block's
+    first latent frame alone, as an image: [B, 1, h, w, C] normalised latents. Krea encodes in
+    fp16; this runs in the VAE's own dtype (float32 here)."""
+
+    def __init__(self, cfg: VAEConfig, params, batch: int, latent_hw: tuple[int, int]):
+        self.cfg, self.params = cfg, params
+        self.state = init_decode_state(cfg, batch, latent_hw)
+
+    def __call__(self, x0):
+        self.state, video = decode_step(self.cfg, self.params, self.state, x0)
+        # latent frame 0 of a chunk decodes to pixel frames 0..3 (the clip's first chunk: 3 zero
+        # padding frames, then latent frame 0's single frame), so its last pixel frame is index 3
+        last = self.cfg.temporal_scale - 1
+        return encode(self.cfg, self.params, video[:, last:last + 1])
 
 
 def _timed(blocks: Iterator[jax.Array], seconds: list) -> Iterator[jax.Array]:
@@ -75,29 +94,71 @@ class TextToVideo:
         if h % scale or w % scale:
             raise ValueError(f"video size {h}x{w} must be a multiple of {scale} (VAE stride x DiT patch)")
         self.latent_hw = (h // self.vae_cfg.spatial_scale, w // self.vae_cfg.spatial_scale)
-        if self.schedule == "sequential":
+        if self.pcfg.context == "rebuild":  # Krea's loop: the context's first frame through the real VAE
+            if self.schedule != "sequential":
+                raise ValueError(f"schedule {self.schedule!r}: a cascade of Krea's rebuilt context (port krea_14b) "
+                                 "takes R = the latent, not Krea's VAE round trip, so it would not make Krea's video; "
+                                 "use --schedule sequential, or the Python API's Cascade, or the port krea_14b_clean_pass")
+            self.denoiser = KreaPipeline(self.dit_cfg, self.pcfg, self.latent_hw)
+        elif self.schedule == "sequential":
             self.denoiser = SequentialPipeline(self.dit_cfg, self.pcfg, self.latent_hw)
         else:
             self.denoiser = Cascade(self.dit_cfg, self.pcfg, self.latent_hw, self.schedule, self.window, self.mesh)
         self._embed = jax.jit(lambda p, ids, mask: prompt_embeddings(self.text_cfg, p, ids, mask))
 
+    def encode_video(self, path: str) -> jax.Array:
+        """Video-to-video input: an mp4 of exactly video_hw -> normalised latents [1, F, h, w, C]
+        (its first 1 + 4k frames through the VAE encoder, whole clip)."""
+        import re
+        import subprocess
+
+        import imageio_ffmpeg
+
+        if not os.path.isfile(path):
+            raise ValueError(f"--video {path}: no such file")
+        # plain subprocess (no pre-exec hook, unlike imageio_ffmpeg.read_frames): no fork() under JAX's threads
+        run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", path, "-f", "rawvideo", "-pix_fmt",
+                              "rgb24", "-"], capture_output=True, check=False)
+        size = re.search(rb"Video: .*?(\d{2,5})x(\d{2,5})", run.stderr)
+        if run.returncode or size is None:
+            raise ValueError(f"--video {path}: ffmpeg cannot read it ({run.stderr.decode(errors='replace')[-300:]})")
+        w, h = int(size.group(1)), int(size.group(2))
+        if (h, w) != tuple(self.video_hw):
+            raise ValueError(f"--video {path} is {h}x{w}; this run makes {self.video_hw[0]}x{self.video_hw[1]} "
+                             "(resize it or pass --size)")
+        frames = np.frombuffer(run.stdout, np.uint8).reshape(-1, h, w, 3)
+        t = self.vae_cfg.temporal_scale
+        usable = 1 + t * ((len(frames) - 1) // t)
+        need = 1 + t * (self.pcfg.block_frames - 1)  # one block's latent frames
+        if len(frames) < need:
+            raise ValueError(f"--video {path} has {len(frames)} frames; one block needs {need}")
+        video = frames[:usable].astype(np.float32)[None] / 127.5 - 1.0
+        return encode(self.vae_cfg, self.vae, video)
+
     def encode(self, prompt: str) -> KV:
         ids, mask = tokenize(self.tokenizer, prompt, self.text_cfg.text_len)
         return encode_text(self.dit_cfg, self.dit, self._embed(self.text, ids, mask))
 
-    def _latent_blocks(self, text: KV, num_blocks: int, key) -> Iterator[jax.Array]:
-        if isinstance(self.denoiser, SequentialPipeline):
-            yield from self.denoiser.blocks(self.dit, text, key, num_blocks)
+    def _latent_blocks(self, text: KV, num_blocks: int, key, source=None) -> Iterator[jax.Array]:
+        if source is not None and not isinstance(self.denoiser, (KreaPipeline, SequentialPipeline)):
+            raise ValueError(f"video-to-video runs sequentially for now; schedule {self.schedule!r} is a cascade")
+        if isinstance(self.denoiser, KreaPipeline):
+            # a fresh round trip per video (its decoder state starts with the clip); the writer
+            # decodes the same blocks again on its own thread
+            trip = VAERoundTrip(self.vae_cfg, self.vae, text.k.shape[1], self.latent_hw)
+            yield from self.denoiser.blocks(self.dit, text, key, num_blocks, reencode=trip, source=source)
+        elif isinstance(self.denoiser, SequentialPipeline):
+            yield from self.denoiser.blocks(self.dit, text, key, num_blocks, source=source)
         else:
             for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks):
                 yield x0
 
-    def _timed_blocks(self, prompt: str, num_blocks: int, seed: int, timings: dict) -> Iterator[jax.Array]:
+    def _timed_blocks(self, prompt: str, num_blocks: int, seed: int, timings: dict, source=None) -> Iterator[jax.Array]:
         """The denoiser's x0 blocks, timing the prompt encode and each block's denoise."""
         timings.update(t0=time.perf_counter(), denoise_s=[], decode_s=[], blocks=0)
         text = jax.block_until_ready(self.encode(prompt))
         timings["encode_s"] = time.perf_counter() - timings["t0"]
-        for x0 in _timed(self._latent_blocks(text, num_blocks, jax.random.key(seed)), timings["denoise_s"]):
+        for x0 in _timed(self._latent_blocks(text, num_blocks, jax.random.key(seed), source), timings["denoise_s"]):
             yield x0
 
     def _decoder(self, timings: dict):
@@ -127,19 +188,24 @@ class TextToVideo:
             decode = decode or self._decoder(timings)  # after the timings exist
             yield decode(x0)
 
-    def write_mp4(self, prompt: str, num_blocks: int, path: str | None, seed: int = 0, progress: bool = True) -> dict:
+    def write_mp4(self, prompt: str, num_blocks: int, path: str | None, seed: int = 0, progress: bool = True,
+                  source=None) -> dict:
         """Generate and write an mp4; returns timings (seconds; per-block lists for denoise/decode) and FPS
         (denoise: 12 frames / median steady-state seconds per block; end to end: frames / wall time).
 
         Decode and writing run on a background thread (`overlapped`), off the denoising critical path.
-        path None writes nothing (the processes of a multi-host job other than 0).
+        path None writes nothing (the processes of a multi-host job other than 0). source:
+        video-to-video input latents (`encode_video`; the sampler from `prompts.with_strength`),
+        at most its whole blocks are generated.
         """
+        if source is not None:
+            num_blocks = min(num_blocks, source.shape[1] // self.pcfg.block_frames)
         from tqdm import tqdm
 
         timings: dict = {}
         t0 = time.perf_counter()
         with (Mp4Writer(path, fps=VIDEO_FPS) if path is not None else NullWriter()) as writer:
-            blocks = tqdm(self._timed_blocks(prompt, num_blocks, seed, timings), total=num_blocks, unit="block",
+            blocks = tqdm(self._timed_blocks(prompt, num_blocks, seed, timings, source), total=num_blocks, unit="block",
                           disable=not progress, desc=f"{self.schedule}")
             decoders = []
 

@@ -4,12 +4,22 @@ Frames go to a temporary file beside the target through ffmpeg (imageio-ffmpeg s
 binary); `close()` finalises the container and renames it into place. If the stream dies
 (exception, Ctrl-C) the frames written so far are still finalised and renamed, so what was
 produced stays playable.
+
+ffmpeg is started here, not by `imageio_ffmpeg.write_frames`: that passes
+`preexec_fn=os.setpgrp` (to keep Ctrl-C away from ffmpeg), and a Python pre-exec hook forces
+CPython's subprocess to fork() and run the at-fork handlers -- where JAX warns "os.fork() was
+called ... JAX is multithreaded" once a backend is up. `process_group=0` puts ffmpeg in its own
+process group just the same, inside the child's C code, so subprocess can vfork/exec without any
+Python fork handler (and the child never runs Python in a copy of a multithreaded process).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+from fractions import Fraction
 
 import numpy as np
 
@@ -31,7 +41,7 @@ class Mp4Writer:
             raise FileNotFoundError(f"output folder {folder} does not exist")
         self.fps, self.quality = fps, quality
         self.frames = 0
-        self._gen = None
+        self._proc = None
         fd, self._tmp = tempfile.mkstemp(prefix=".bcjax-", suffix=".mp4", dir=folder)
         os.close(fd)
         self._size = None
@@ -42,24 +52,27 @@ class Mp4Writer:
             raise ValueError(f"frames must be [T, H, W, 3]; got shape {frames.shape}")
         if frames.dtype != np.uint8:
             frames = to_uint8(frames)
-        if self._gen is None:
-            import imageio_ffmpeg
-
+        if self._proc is None:
             self._size = (frames.shape[2], frames.shape[1])
-            self._gen = imageio_ffmpeg.write_frames(self._tmp, self._size, fps=self.fps, quality=self.quality,
-                                                    macro_block_size=1, ffmpeg_log_level="error")
-            self._gen.send(None)
+            self._proc = _start_ffmpeg(self._tmp, self._size, self.fps, self.quality)
         elif (frames.shape[2], frames.shape[1]) != self._size:
             raise ValueError(f"frame size {frames.shape[2]}x{frames.shape[1]} differs from the stream's "
                              f"{self._size[0]}x{self._size[1]}")
-        for frame in frames:
-            self._gen.send(np.ascontiguousarray(frame).tobytes())
+        try:
+            self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
+        except BrokenPipeError as e:
+            raise OSError(f"ffmpeg writing {self._tmp} exited with code {self._proc.poll()}") from e
         self.frames += len(frames)
 
     def close(self) -> None:
-        if self._gen is not None:
-            self._gen.close()
-            self._gen = None
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            if proc.wait() != 0:
+                raise OSError(f"ffmpeg writing {self._tmp} exited with code {proc.returncode}")
             os.replace(self._tmp, self.path)
         elif os.path.exists(self._tmp):
             os.remove(self._tmp)  # nothing was written: no empty file left behind
@@ -70,6 +83,24 @@ class Mp4Writer:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+
+def ffmpeg_command(path: str, size: tuple[int, int], fps: float, quality: int) -> list[str]:
+    """imageio-ffmpeg's `write_frames` command for rgb24 frames of size (width, height) -> H.264
+    yuv420p at the given quality (0-10, crf = int((1 - quality / 10) * 51)), no resizing."""
+    import imageio_ffmpeg
+
+    rate = str(Fraction(fps).limit_denominator())
+    return [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{size[0]}x{size[1]}",
+            "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+            "-crf", str(int((1 - quality / 10.0) * 51)), "-v", "error", path]
+
+
+def _start_ffmpeg(path: str, size: tuple[int, int], fps: float, quality: int) -> subprocess.Popen:
+    # No preexec_fn (see the module docstring): the process group is set by the C child code.
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+    return subprocess.Popen(ffmpeg_command(path, size, fps, quality), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            close_fds=True, **group)
 
 
 class NullWriter:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NUM_TRAIN_TIMESTEPS = 1000
+TRAILING_ZERO = ("end", "pass")
 
 
 def shifted_sigmas(shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
@@ -40,13 +41,18 @@ def sigma_of_timestep(timesteps, shift: float, num_train_timesteps: int = NUM_TR
     return sig[np.argmin(np.abs(table[None, :] - t[:, None]), axis=1)]
 
 
-def denoising_schedule(steps, shift: float, warp: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, sigmas) of a few-step sampler, float32 [n_steps] each.
+def denoising_schedule(steps, shift: float, warp: bool, trailing_zero: str = "end") -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of a few-step sampler, float32 [n_passes] each.
 
-    A trailing 0 in `steps` (Krea writes [1000, 937, 833, 625, 0]) is the end point, not a pass.
+    A trailing 0 in `steps` is either the end point, not a pass (trailing_zero="end": how
+    Self-Forcing reads its configs), or a DiT pass at t = 0 whose x0 is the block's output
+    (trailing_zero="pass": Krea's `release_server.py` runs every entry of its list, the 0
+    included, with sigma = the nearest table entry, 0.00498 at shift 5).
     """
+    if trailing_zero not in TRAILING_ZERO:
+        raise ValueError(f"trailing_zero={trailing_zero!r}: expected one of {TRAILING_ZERO}")
     steps = list(steps)
-    if steps and steps[-1] == 0:
+    if steps and steps[-1] == 0 and trailing_zero == "end":
         steps = steps[:-1]
     if not steps:
         raise ValueError("the denoising step list is empty")

@@ -83,20 +83,50 @@ def compose(latents: list[np.ndarray], scenes, model: ToyModel, scale: int = 8) 
     return video
 
 
-def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, video: str) -> str:
+def frames_png(path: str, latents: list[np.ndarray], scenes, model: ToyModel, scale: int = 6) -> np.ndarray:
+    """Write a still of the demo: per prompt one row per panel (truth, then each setting) with the
+    last frame of every block, the given first block included, labelled. Returns the image."""
+    from bcjax.toyworld.png import image_grid, write_png
+
+    world = model.world
+    bf = world.block_frames
+    f = latents[0].shape[1]
+    pick = np.arange(bf - 1, f, bf)  # each block's last frame
+    rows = []
+    for i, scene in enumerate(scenes):
+        rows.append(to_rgb(render(scene, f, world)[pick], world))
+        rows += [to_rgb(lat[i][pick], world) for lat in latents]
+    grid = image_grid(rows, scale=scale, gap=2, background=(32, 32, 32))
+    label_w = 4 * 10 * 2 + 8  # room for a 10-character label at font scale 2
+    img = np.full((grid.shape[0], grid.shape[1] + label_w, 3), 32, np.uint8)
+    img[:, label_w:] = grid
+    side = world.size * scale + 2
+    for r in range(len(rows)):
+        draw_text(img, LABELS[r % len(LABELS)], 2 + r * side + side // 2 - 5, 4, colour=(255, 255, 255), scale=2)
+    write_png(path, img)
+    return img
+
+
+def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, video: str,
+                 frames: str | None = None) -> str:
     lines = ["# bcjax demo: the toy world, sequential vs Block Cascading", "",
              f"Model: shipped toy-world Wan DiT ({model.cfg.num_layers} layers, dim {model.cfg.dim}, "
-             f"{sum(x.size for x in jax.tree_util.tree_leaves(model.params)):,} parameters), "
+             f"{sum(x.size for x in jax.tree_util.tree_leaves(model.params)):,} parameters, trained by "
+             f"{' -> '.join(dict.fromkeys(s['stage'] for s in model.provenance.get('stages', []))) or 'clean-context teacher forcing'}), "
              f"{model.pcfg.num_steps}-step sampler, window {model.pcfg.window_frames} latent frames; "
              f"{jax.default_backend()}, {jax.device_count()} device(s).", "",
              "Prompts (first block given as the still image, the rest generated):", ""]
     lines += [f"{i}. {prompt_text(s)}" for i, s in enumerate(scenes)]
     lines += ["", "| setting | MSE vs truth | PSNR dB | position err px | seam jump px | MSE to sequential | "
-                  "first block s | steady ms/block |", "|---|---|---|---|---|---|---|---|"]
+                  "colour right % | first block s | steady ms/block |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in rows.items():
         first, steady = timing.get(name, (float("nan"), float("nan")))
         lines.append(f"| {name} | {v['mse']:.4f} | {v['psnr']:.2f} | {v['pos_err']:.2f} | {v['jump']:.2f} | "
-                     f"{v['div_seq']:.4f} | {first:.2f} | {steady:.1f} |")
+                     f"{v['div_seq']:.4f} | {100 * v['colour']:.1f} | {first:.2f} | {steady:.1f} |")
+    if frames:
+        lines += ["", f"![truth and every setting, the last frame of every block]({os.path.basename(frames)})", "",
+                  f"`{os.path.basename(frames)}`: per prompt, rows {', '.join(LABELS)}; columns: the last frame of every "
+                  "block, the given still image first."]
     lines += ["", f"Video: `{os.path.basename(video)}` (columns: {', '.join(LABELS)}; frame counter red on the given frames).",
               "Steady ms/block on one device is not the cascade's speed-up: that needs one device per in-flight "
               "block (`--devices 5` with 5 devices)."]
@@ -143,9 +173,11 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
         return {"summary": rows, "timing": timing, "video": None, "report": None}
     with Mp4Writer(out, fps=fps) as w:
         w.write(video)
-    print(write_report(report, model, scenes, rows, timing, out))
-    print(f"wrote {out} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]}) and {report}")
-    return {"summary": rows, "timing": timing, "video": out, "report": report}
+    frames = os.path.splitext(report)[0] + "-frames.png"
+    frames_png(frames, list(lat.values()), scenes, model)
+    print(write_report(report, model, scenes, rows, timing, out, frames))
+    print(f"wrote {out} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]}), {frames} and {report}")
+    return {"summary": rows, "timing": timing, "video": out, "report": report, "frames": frames}
 
 
 if __name__ == "__main__":
@@ -154,7 +186,8 @@ if __name__ == "__main__":
 
 def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | None = None, blocks: int = 12,
                schedule: str = "P4", window: str = "bidirectional", policy: str = "no-recache", seed: int = 0,
-               devices: int = 1, fps: float = 8.0, scale: int = 8, positions: str = "absolute") -> list:
+               devices: int = 1, fps: float = 8.0, scale: int = 8, positions: str = "absolute",
+               interpolate: int = 0) -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
     is ready (an interrupted stream leaves a playable file). Returns the StreamEvents."""
@@ -163,11 +196,12 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from bcjax.cascade.cascade import Cascade, make_mesh
+    from bcjax.cascade.cascade import make_mesh
+    from bcjax.interactive import parse_prompt_schedule, stream
     from bcjax.model.wan import encode_text
-    from bcjax.pipeline.interactive import parse_prompt_schedule, stream
-    from bcjax.pipeline.sequential import SequentialPipeline
+    from bcjax.pipeline.prompts import interpolate_schedule
     from bcjax.pipeline.streaming import overlapped
+    from bcjax.runners import make_runner
     from bcjax.pipeline.video import Mp4Writer, NullWriter
     from bcjax.toyworld.world import parse_prompt, prompt_embedding
 
@@ -179,12 +213,12 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     rng = np.random.default_rng(seed)
     scenes = [parse_prompt(text, world) for _, text in sched]  # the embedding holds no positions
     starts = [tuple(int(v) for v in rng.integers(world.lo, world.hi + 1, 2)) for _ in scenes[0]]
-    texts = [encode_text(cfg, model.params, jnp.asarray(prompt_embedding(s, world)[None])) for s in scenes]
+    embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(sched, scenes)]
+    if interpolate:  # Krea's prompt interpolation: each switch ramps over `interpolate` blocks
+        embeds = interpolate_schedule(embeds, interpolate)
+    schedule_kv = [(b, encode_text(cfg, model.params, jnp.asarray(e))) for b, e in embeds]
     hw, bf = (world.size, world.size), world.block_frames
-    if schedule == "sequential":
-        runner = SequentialPipeline(cfg, pcfg, hw)
-    else:
-        runner = Cascade(cfg, pcfg, hw, schedule, window, make_mesh(devices) if devices > 1 else None)
+    runner = make_runner(cfg, pcfg, hw, schedule, window, make_mesh(devices) if devices > 1 else None)
     first = render(parse_prompt(sched[0][1], world, starts), bf, world)[None]
 
     def big(frames):
@@ -198,7 +232,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
             w.write(big(e.x0[0]))
             return e
 
-        for e in overlapped(stream(runner, model.params, [(b, t) for (b, _), t in zip(sched, texts)],
+        for e in overlapped(stream(runner, model.params, schedule_kv,
                                    jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
             events.append(e)
             bar.update(1)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax.pipeline.recache import POLICIES
 from bcjax.toyworld.evaluate import ToyModel, eval_scenes, load_model
 from bcjax.toyworld.world import DIRECTIONS, Scene, Sprite, WorldConfig, positions, prompt_embedding, read_positions, render
 
@@ -46,7 +47,7 @@ def adherence(model: ToyModel, scenes: list[Scene], num_blocks: int, at_block: i
     continuation and against the old one ([blocks] means over prompts), and blocks-to-adherence."""
     from bcjax.cascade.cascade import Cascade
     from bcjax.model.wan import encode_text
-    from bcjax.pipeline.interactive import stream
+    from bcjax.interactive import stream
     from bcjax.pipeline.sequential import SequentialPipeline
 
     world, cfg, pcfg = model.world, model.cfg, model.pcfg
@@ -95,7 +96,7 @@ def main(argv=None) -> dict:
     scenes = eval_scenes(model.world, a.prompts)
     out = {}
     for kind in ("sequential", "P4"):
-        for policy in ("no-recache", "recache"):
+        for policy in POLICIES:
             r = adherence(model, scenes, a.blocks, a.switch_at, a.seed, kind, policy)
             out[f"{kind}/{policy}"] = r
             print(f"{kind:<10s} {policy:<11s} blocks to adherence {r['blocks_to_adherence']}  "

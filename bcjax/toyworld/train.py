@@ -1,27 +1,41 @@
-"""Block-causal flow-matching training of a tiny Wan DiT on the toy world (clean context, one target block).
+"""Block-causal training of a tiny Wan DiT on the toy world, in the stages of the real lineage.
 
-Each training clip is what the sampler shows the model when it denoises one block: up to
-`context_blocks` clean blocks (the KV cache of a [rolling window] of finished blocks, at
-t = context_noise) and the block being denoised at one noise level, in one forward over
-`[clean blocks | noisy block]`. Clean blocks attend block-causally among themselves (as they did
-when their cache entries were written), the noisy block to every visible clean block and
-itself. This is teacher forcing with clean context, the regime of the paper's models (cascading
-then feeds them noisy context they never saw); unlike teacher forcing over a whole video
-([clean | noisy] copies of every block), each forward is only (context + 1) blocks long, which
-on a 2-core CPU buys ~2x more supervised blocks per second because attention dominates.
+Every recipe trains one forward over a *layout* of blocks -- what the sampler shows the model in
+its passes -- with finished context as clean blocks (t = context_noise, block-causal among
+themselves, so their K/V are exactly the clean pass's cache entries) and a window of the trained
+context + the block itself. `--stage` picks the recipe of a session; a run folder may go through
+several (each resumable, each stage's last model kept as model-<stage>):
+
+* clean (teacher forcing with clean context, the old recipe): up to `context_blocks` clean blocks
+  and one target block at one noise level; flow-matching loss. Cascading then feeds the model
+  partly denoised context it never saw, and sequential generation drifts (exposure bias).
+* diffusion-forcing (CausVid's / Self-Forcing's initialisation): a clip of clean context and
+  `in_flight` blocks, each at its own noise level (the sampler's sigmas and continuous ones,
+  sorted like a cascade's stages half the time, sometimes the oldest in the clean stage), which
+  attend to each other exactly as in a cascade tick (`bcjax.cascade.masks`) under the causal or
+  the bidirectional window; 1..in_flight of them exist (fill, drain, and the sequential pass).
+  Loss: x0 regression of every in-flight block.
+* self-rollout (Self-Forcing): the model generates `rollout_blocks` blocks after clean context
+  with the few-step sampler through a KV cache (no gradient through the rollout), then one
+  forward recomputes each generated block's pass at one random sampler step, with its own
+  generated blocks as context, and regresses x0 on the ground truth (the world is deterministic,
+  so no distillation teacher is needed).
 
 Clips are drawn at the start of a video (the still first block as the only context: the
 image-to-video step, where only the prompt says how the sprites move) a third of the time, else
 later in the stream (moving, bouncing context); the number of visible context blocks varies
-from 1 to context_blocks, so every window fill the sampler meets is trained. The loss is the MSE
-of the flow v = eps - x0 on the noisy block. Its sigma comes mostly from the few-step sampler's
-table (PipelineConfig().sigmas = [1, 0.9375, 0.8333, 0.625]), the rest shifted-uniform.
+from 1 to context_blocks, so every window fill the sampler meets is trained. Sigmas come mostly
+from the few-step sampler's table (PipelineConfig().sigmas = [1, 0.9375, 0.8333, 0.625]), the
+rest shifted-uniform.
 
-    python -m bcjax.toyworld.train --out /tmp/toyrun --time-limit 1080
+    python -m bcjax.toyworld.train --out run/ --stage diffusion-forcing --steps 1700 --until 1300
+    python -m bcjax.toyworld.train --out run/ --stage self-rollout      # continues to --steps
 
 Restarting with the same --out continues from the last checkpoint. The folder holds
-`run.json` (configs), `ckpt/` (orbax: params, optimizer state, step, loss history), `model/`
-(the final DiT as a bcjax checkpoint, `bcjax.checkpoint.restore`-able), `loss.png`, `summary.json`.
+`run.json` (configs), `ckpt/` (orbax: params, optimizer state, step, loss history, the stages
+run with their wall and CPU seconds), `model/` (the final DiT as a bcjax checkpoint,
+`bcjax.checkpoint.restore`-able), `model-<stage>/`, `loss.png`, `summary.json`, and with
+`--snapshots` a model per checkpoint under `snapshots/`.
 """
 
 from __future__ import annotations
@@ -31,6 +45,8 @@ import dataclasses
 import functools
 import json
 import os
+import resource
+import shutil
 import time
 from functools import partial
 from typing import NamedTuple
@@ -46,12 +62,29 @@ from bcjax.pipeline.config import PipelineConfig
 from bcjax.toyworld.world import WorldConfig, prompt_embedding, render, sample_scene
 
 
+# Training recipes, in the order of the block-causal lineage (CausVid / Self-Forcing / LongLive):
+# clean-context teacher forcing, diffusion forcing (noisy context as in a cascade tick), then
+# training on the model's own rollouts through the KV cache.
+STAGES = ("clean", "diffusion-forcing", "self-rollout")
+# Kinds of the blocks of one training forward (a "layout"): finished context (clean, t =
+# context_noise, block-causal among themselves: their K/V are the clean pass's), in-flight blocks
+# of a cascade tick (noisy, each at its own level), and teacher-forced targets (noisy; see only
+# the clean context before them, as the sequential sampler's passes do).
+CLEAN, FLIGHT, TARGET = 0, 1, 2
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings. context_blocks: clean blocks before the target (the sampler's window
     minus the block itself); max_block: latest video block a target is drawn from; first_prob:
     fraction of clips whose target is the first moving block (after the still image);
-    table_prob: fraction of sigmas drawn from the sampler's table (the rest: shifted-uniform)."""
+    table_prob: fraction of sigmas drawn from the sampler's table (the rest: shifted-uniform).
+
+    stage: the recipe of the steps this config drives (`STAGES`; a run may change it between
+    sessions: the lineage clean -> diffusion-forcing -> self-rollout). diffusion-forcing:
+    in_flight noisy blocks per clip, each at its own sigma, sorted like a cascade's stages with
+    prob cascade_prob, under the bidirectional window with prob bidirectional_prob (else causal).
+    self-rollout: rollout_blocks blocks generated by the sampler, then trained on."""
 
     steps: int = 1900
     batch: int = 8
@@ -66,6 +99,17 @@ class TrainConfig:
     table_prob: float = 0.75
     seed: int = 0
     checkpoint_every: int = 200
+    stage: str = "clean"
+    in_flight: int = 3
+    cascade_prob: float = 0.5
+    bidirectional_prob: float = 0.5
+    rollout_blocks: int = 3
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"training stage {self.stage!r}: expected one of {STAGES}")
+        if self.in_flight < 1 or self.rollout_blocks < 1:
+            raise ValueError(f"in_flight {self.in_flight} and rollout_blocks {self.rollout_blocks} must be >= 1")
 
 
 def toy_pipeline_config(tcfg: TrainConfig | None = None) -> PipelineConfig:
@@ -158,10 +202,10 @@ def flow_loss(cfg: WanConfig, pcfg: PipelineConfig, table_prob: float, params, c
     return jnp.mean((flow - (eps - x0)) ** 2)
 
 
-def sample_clips(rng: np.random.Generator, world: WorldConfig, tcfg: TrainConfig):
-    """(clips float32 [B, (K + 1) * bf, H, W, C], visible int32 [B], prompt embeddings [B, Lt, Dt]).
+def sample_clips(rng: np.random.Generator, world: WorldConfig, tcfg: TrainConfig, targets: int = 1):
+    """(clips float32 [B, (K + targets) * bf, H, W, C], visible int32 [B], prompt embeddings [B, Lt, Dt]).
 
-    The target is video block j (j = 1, the first moving block, with prob first_prob, else
+    The (first) target is video block j (j = 1, the first moving block, with prob first_prob, else
     uniform in [2, max_block]); visible ~ uniform [1, min(K, j)]. Hidden context blocks (before
     the video's start or outside `visible`) are rendered but masked out.
     """
@@ -171,9 +215,200 @@ def sample_clips(rng: np.random.Generator, world: WorldConfig, tcfg: TrainConfig
         scene = sample_scene(rng, world)
         j = 1 if rng.random() < tcfg.first_prob else int(rng.integers(2, max(tcfg.max_block, 2) + 1))
         visible.append(int(rng.integers(1, min(k, j) + 1)))
-        clips.append(render(scene, (k + 1) * bf, world, start_frame=(j - k) * bf))
+        clips.append(render(scene, (k + targets) * bf, world, start_frame=(j - k) * bf))
         text.append(prompt_embedding(scene, world))
     return np.stack(clips), np.asarray(visible, np.int32), np.stack(text)
+
+
+# -- diffusion forcing and self-rollout (pure functions) --------------------------------------
+
+def layout_mask(index, kind, visible, bidirectional, window_blocks: int, tokens_per_block: int):
+    """bool [B, N, N * tokens_per_block] key mask of one training forward over N blocks.
+
+    index int [N] (static): each block's position in the clip (a target and the clean copy of the
+    same video block share it, and their RoPE positions); kind int [N] (static): CLEAN, FLIGHT or
+    TARGET; visible bool [B, N]: blocks that exist in the sample (hidden ones are no one's keys);
+    bidirectional bool [B]: the window of a cascade tick among in-flight blocks.
+
+    The rules are the sampler's (`bcjax.cascade.masks.tick_key_mask` for a tick, the sequential
+    pipeline's cached passes for clean context): a query block q sees older CLEAN blocks inside
+    its window (the window_blocks blocks before it) -- a CLEAN query thus gets exactly the K/V
+    its clean pass wrote to the cache; a FLIGHT query also sees older in-flight blocks inside its
+    window and, under the bidirectional window, every newer in-flight block; a TARGET query sees
+    only the clean context; every block sees itself.
+    """
+    index, kind = np.asarray(index), np.asarray(kind)
+    q, k = index[:, None], index[None, :]
+    qk, kk = kind[:, None], kind[None, :]
+    older = (k < q) & (k >= q - window_blocks)
+    rule = (kk == CLEAN) & older
+    rule |= (qk == FLIGHT) & (kk == FLIGHT) & older
+    newer = jnp.asarray((qk == FLIGHT) & (kk == FLIGHT) & (k > q))
+    mask = jnp.asarray(rule)[None] | (newer[None] & jnp.asarray(bidirectional)[:, None, None])
+    mask = (mask & jnp.asarray(visible)[:, None, :]) | jnp.eye(len(index), dtype=bool)[None]
+    return jnp.repeat(mask, tokens_per_block, axis=2)
+
+
+def layout_flow(cfg: WanConfig, params, seq, t, index, mask, text):
+    """One forward over a layout: seq [B, N * bf, H, W, C] blocks, t [B, N * bf] per-frame
+    timesteps, index int [N] block positions (RoPE: frame index * bf + f), mask from
+    `layout_mask`. Returns the flow [B, N * bf, H, W, C]."""
+    bf = seq.shape[1] // len(index)
+    frame_ids = (np.asarray(index)[:, None] * bf + np.arange(bf)[None]).reshape(-1)
+    flow, _ = forward(cfg, params, seq, t, text, jnp.asarray(frame_ids, jnp.int32), None, mask)
+    return flow
+
+
+def _per_block(x, bf: int):
+    """[B, N * bf, ...] -> [B, N, bf * ...]."""
+    return x.reshape(x.shape[0], x.shape[1] // bf, -1)
+
+
+def cascade_sigmas(key, shape, pcfg: PipelineConfig, tcfg: TrainConfig):
+    """(sigma, timestep) float32 [B, M] of M in-flight blocks (oldest first), each its own draw of
+    `sample_sigmas`; with prob cascade_prob a sample is sorted like a cascade tick's stages (older
+    = less noisy), and then a quarter of the time its oldest block is in the clean stage (sigma 0,
+    t = context_noise: the t_c pass of a finished x0)."""
+    k_sig, k_sort, k_tc = jax.random.split(key, 3)
+    sigma, t = sample_sigmas(k_sig, shape, pcfg, tcfg.table_prob)
+    order = jnp.argsort(sigma, axis=1)
+    ordered = jax.random.uniform(k_sort, (shape[0], 1)) < tcfg.cascade_prob
+    sigma = jnp.where(ordered, jnp.take_along_axis(sigma, order, 1), sigma)
+    t = jnp.where(ordered, jnp.take_along_axis(t, order, 1), t)
+    clean = ordered[:, 0] & (jax.random.uniform(k_tc, (shape[0],)) < 0.25)
+    sigma = sigma.at[:, 0].set(jnp.where(clean, 0.0, sigma[:, 0]))
+    t = t.at[:, 0].set(jnp.where(clean, pcfg.context_noise, t[:, 0]))
+    return sigma, t
+
+
+def diffusion_forcing_loss(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig, params, clip, visible, flying,
+                           context, key):
+    """x0 regression of every in-flight block of a cascade-tick-shaped clip.
+
+    clip [B, (K + M) * bf, H, W, C]: K finished context blocks (clean, `visible` [B] of them, the
+    newest), then M in-flight blocks, `flying` [B] of them (the oldest; the rest hidden: pipeline
+    fill and drain, and flying = 1 is the sequential sampler's pass). Each in-flight block is
+    noised to its own sigma (`cascade_sigmas`); the window is causal or bidirectional per sample.
+    Loss: mean over the in-flight blocks at sigma > 0 of the MSE of x0 = x_t - sigma v.
+    """
+    bf, k, m = pcfg.block_frames, tcfg.context_blocks, tcfg.in_flight
+    b = clip.shape[0]
+    k_sig, k_win, k_eps = jax.random.split(key, 3)
+    sigma, t = cascade_sigmas(k_sig, (b, m), pcfg, tcfg)
+    pos = jnp.arange(k + m)[None]
+    vis = (pos >= k - visible[:, None]) & (pos < k + flying[:, None])  # [B, K + M]
+    bidirectional = jax.random.uniform(k_win, (b,)) < tcfg.bidirectional_prob
+    x0 = clip[:, k * bf:]
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    s = jnp.repeat(sigma, bf, axis=1)[:, :, None, None, None]
+    x_t = (1.0 - s) * x0 + s * eps
+    seq = jnp.concatenate([clip[:, :k * bf], x_t], axis=1)
+    tt = jnp.concatenate([jnp.full((b, k * bf), pcfg.context_noise, jnp.float32), jnp.repeat(t, bf, axis=1)], axis=1)
+    hh, ww = clip.shape[2:4]
+    mask = layout_mask(np.arange(k + m), np.asarray([CLEAN] * k + [FLIGHT] * m), vis, bidirectional, k,
+                       bf * cfg.tokens_per_frame(hh, ww))
+    flow = layout_flow(cfg, params, seq, tt, np.arange(k + m), mask, encode_text(cfg, params, context))[:, k * bf:]
+    err = jnp.mean(_per_block((x_t - s * flow - x0) ** 2, bf), axis=-1)  # [B, M]
+    w = (vis[:, k:] & (sigma > 0)).astype(jnp.float32)
+    return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def rollout(cfg: WanConfig, pcfg: PipelineConfig, params, text, context, visible, key, num_blocks: int, record):
+    """The few-step sampler through a KV cache, after given context, as `SequentialPipeline` runs it.
+
+    context [B, K * bf, H, W, C] clean blocks (clip blocks 0..K-1, `visible` [B] of them, the
+    newest, written by clean passes); generates clip blocks K..K + num_blocks - 1 with noise
+    block_noise(key, block, step). The cache is a [layers, B, (K + num_blocks) * block tokens]
+    K/V buffer with a per-sample validity mask, so samples may show different context.
+    record int [B, num_blocks]: the sampler step whose input to keep per block.
+    Returns (x0 [B, R * bf, H, W, C], the recorded inputs [B, R * bf, H, W, C], their sigma
+    [B, R] and timestep [B, R]).
+    """
+    from bcjax.model.wan import KV
+    from bcjax.schedule.flow import block_noise, predict_x0, renoise
+
+    bf = pcfg.block_frames
+    b, kf, hh, ww, c = context.shape
+    k = kf // bf
+    n = k + num_blocks
+    window = pcfg.cache_frames // bf
+    tb = bf * cfg.tokens_per_frame(hh, ww)
+    buf = jnp.zeros((cfg.num_layers, b, n * tb, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
+    cache = KV(buf, buf)
+    valid = jnp.zeros((b, n), bool)
+    shape = (b, bf, hh, ww, c)
+
+    def block_pass(x, t, block, cache, valid):
+        keys = valid & (jnp.arange(n) >= block - window)[None] & (jnp.arange(n) < block)[None]
+        key_mask = jnp.concatenate([jnp.repeat(keys, tb, axis=1), jnp.ones((b, tb), bool)], axis=1)[:, None]
+        return forward(cfg, params, x, t, text, block * bf + jnp.arange(bf), cache, key_mask)
+
+    def write(cache, kv, block):
+        return KV(*(jax.lax.dynamic_update_slice_in_dim(a, u.astype(a.dtype), block * tb, axis=2)
+                    for a, u in zip(cache, kv)))
+
+    t_clean = jnp.full((b, bf), pcfg.context_noise, jnp.float32)
+    for blk in range(k):
+        _, kv = block_pass(context[:, blk * bf:(blk + 1) * bf], t_clean, blk, cache, valid)
+        cache = write(cache, kv, blk)
+        valid = valid.at[:, blk].set(blk >= k - visible)
+
+    timesteps, sigmas = jnp.asarray(pcfg.timesteps), jnp.asarray(pcfg.sigmas)
+    next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), sigmas.dtype)])
+    outs, inputs = [], []
+    for blk in range(k, n):
+        def step(x, xs, blk=blk, cache=cache, valid=valid):
+            i, t_i, s_i, s_next = xs
+            flow, _ = block_pass(x, jnp.full((b, bf), t_i), blk, cache, valid)
+            x0 = predict_x0(x, flow, s_i)
+            return renoise(x0, block_noise(key, blk, i + 1, shape), s_next), (x, x0)
+
+        steps = jnp.arange(pcfg.num_steps)
+        _, (xs_in, x0s) = jax.lax.scan(step, block_noise(key, blk, 0, shape), (steps, timesteps, sigmas, next_sigmas))
+        x0 = x0s[-1]
+        pick = record[:, blk - k]
+        inputs.append(xs_in[pick, jnp.arange(b)])
+        _, kv = block_pass(x0, t_clean, blk, cache, valid)
+        cache = write(cache, kv, blk)
+        valid = valid.at[:, blk].set(True)
+        outs.append(x0)
+    return (jnp.concatenate(outs, axis=1), jnp.concatenate(inputs, axis=1), sigmas[record], timesteps[record])
+
+
+def self_rollout_loss(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig, params, clip, visible, context, key):
+    """Self-Forcing with x0 regression: the model generates R blocks after the clip's K clean
+    context blocks with the few-step sampler through the KV cache (no gradient through the
+    rollout), keeping each block's input at one random sampler step; then one forward over
+    [context | generated blocks as clean context | the kept noisy inputs as targets] recomputes
+    exactly those passes with gradient, and their x0 regresses on the ground truth (the world is
+    deterministic: no teacher). clip [B, (K + R) * bf, H, W, C]; visible [B] context blocks shown.
+    """
+    k_roll, k_step = jax.random.split(key)
+    record = jax.random.randint(k_step, (clip.shape[0], tcfg.rollout_blocks), 0, pcfg.num_steps)
+    x0, _ = self_rollout_x0(cfg, pcfg, tcfg, params, clip, visible, context, k_roll, record)
+    return jnp.mean((x0 - clip[:, tcfg.context_blocks * pcfg.block_frames:]) ** 2)
+
+
+def self_rollout_x0(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig, params, clip, visible, context, key,
+                    record):
+    """(x0 predictions with gradient [B, R * bf, H, W, C], the rollout's blocks [B, R * bf, ...]) of
+    `self_rollout_loss`; record int [B, R]: the sampler step each generated block is trained at."""
+    bf, k, r = pcfg.block_frames, tcfg.context_blocks, tcfg.rollout_blocks
+    b, _, hh, ww, _ = clip.shape
+    k_roll = key
+    text = encode_text(cfg, params, context)
+    frozen = jax.lax.stop_gradient((params, text))  # no gradient through the rollout
+    gen, x_in, sigma, t = rollout(cfg, pcfg, *frozen, clip[:, :k * bf], visible, k_roll, r, record)
+    index = np.concatenate([np.arange(k + r - 1), np.arange(k, k + r)])
+    kind = np.asarray([CLEAN] * (k + r - 1) + [TARGET] * r)
+    vis = jnp.concatenate([jnp.arange(k)[None] >= k - visible[:, None], jnp.ones((b, 2 * r - 1), bool)], axis=1)
+    mask = layout_mask(index, kind, vis, jnp.zeros((b,), bool), k, bf * cfg.tokens_per_frame(hh, ww))
+    seq = jnp.concatenate([clip[:, :k * bf], gen[:, :(r - 1) * bf], x_in], axis=1)
+    tt = jnp.concatenate([jnp.full((b, (k + r - 1) * bf), pcfg.context_noise, jnp.float32),
+                          jnp.repeat(t, bf, axis=1)], axis=1)
+    flow = layout_flow(cfg, params, seq, tt, index, mask, text)[:, (k + r - 1) * bf:]
+    s = jnp.repeat(sigma, bf, axis=1)[:, :, None, None, None]
+    return x_in - s * flow, gen
 
 
 # -- optimisation ------------------------------------------------------------------------------
@@ -198,13 +433,18 @@ def init_state(cfg: WanConfig, tcfg: TrainConfig) -> TrainState:
 
 @functools.lru_cache(maxsize=4)
 def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
-    """jitted (state, clips, visible, context, key) -> (state, loss); the state is donated. Cached per config,
-    so a resumed session in the same process reuses the compiled step."""
+    """jitted (state, *batch_for_step(...)) -> (state, loss) for tcfg.stage's loss; the state is
+    donated. Cached per config, so a resumed session in the same process reuses the compiled step."""
     opt = make_optimizer(tcfg)
-    loss_fn = partial(flow_loss, cfg, pcfg, tcfg.table_prob)
+    if tcfg.stage == "clean":
+        loss_fn = partial(flow_loss, cfg, pcfg, tcfg.table_prob)
+    elif tcfg.stage == "diffusion-forcing":
+        loss_fn = partial(diffusion_forcing_loss, cfg, pcfg, tcfg)
+    else:
+        loss_fn = partial(self_rollout_loss, cfg, pcfg, tcfg)
 
-    def step(state: TrainState, clips, visible, context, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, clips, visible, context, key)
+    def step(state: TrainState, *batch):  # batch: the data of `batch_for_step`, then the key
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
@@ -212,10 +452,19 @@ def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
 
 
 def batch_for_step(world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig, step: int):
-    """The data and noise key of a step depend only on (seed, step): a resumed run sees what an
-    uninterrupted one would."""
-    clips, visible, ctx = sample_clips(np.random.default_rng([tcfg.seed, step]), world, tcfg)
-    return jnp.asarray(clips), jnp.asarray(visible), jnp.asarray(ctx), jax.random.fold_in(jax.random.key(tcfg.seed + 1), step)
+    """(*data, key) of a step for tcfg.stage's loss. They depend only on (seed, step): a resumed
+    run sees what an uninterrupted one would."""
+    rng = np.random.default_rng([tcfg.seed, step])
+    key = jax.random.fold_in(jax.random.key(tcfg.seed + 1), step)
+    if tcfg.stage == "clean":
+        clips, visible, ctx = sample_clips(rng, world, tcfg)
+        return jnp.asarray(clips), jnp.asarray(visible), jnp.asarray(ctx), key
+    if tcfg.stage == "diffusion-forcing":
+        clips, visible, ctx = sample_clips(rng, world, tcfg, tcfg.in_flight)
+        flying = rng.integers(1, tcfg.in_flight + 1, tcfg.batch).astype(np.int32)
+        return jnp.asarray(clips), jnp.asarray(visible), jnp.asarray(flying), jnp.asarray(ctx), key
+    clips, visible, ctx = sample_clips(rng, world, tcfg, tcfg.rollout_blocks)
+    return jnp.asarray(clips), jnp.asarray(visible), jnp.asarray(ctx), key
 
 
 # -- the run folder ----------------------------------------------------------------------------
@@ -270,14 +519,15 @@ def restore_state(mngr, cfg: WanConfig, tcfg: TrainConfig):
 
 
 def export_model(out: str, cfg: WanConfig, params, world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig,
-                 step: int) -> str:
-    """The trained DiT as a bcjax checkpoint folder out/model (provenance: world, sampler, training)."""
+                 step: int, stages: list | None = None, name: str = "model") -> str:
+    """The trained DiT as a bcjax checkpoint folder out/<name> (provenance: world, sampler, training
+    and the stages that trained it, with their wall and CPU seconds)."""
     from bcjax.checkpoint import save
 
-    path = os.path.join(out, "model")
+    path = os.path.join(out, name)
     save(path, {"dit": (cfg, params)}, {"source": "bcjax.toyworld.train", "step": step,
                                          "world": dataclasses.asdict(world), "pipeline": dataclasses.asdict(pcfg),
-                                         "train": dataclasses.asdict(tcfg)},
+                                         "train": dataclasses.asdict(tcfg), "stages": stages or []},
          overwrite=True)
     return path
 
@@ -295,15 +545,24 @@ def plot_losses(path: str, losses) -> None:
     write_png(path, line_plot({"loss": y, "mean": mean}, log_y=True, colours=((170, 200, 230), (20, 70, 160))))
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig,
-          progress: bool = True, until: int | None = None, time_limit: float | None = None) -> dict:
+          progress: bool = True, until: int | None = None, time_limit: float | None = None,
+          snapshots: bool = False, cpu_limit: float | None = None) -> dict:
     """Train (or resume) into `out` up to tcfg.steps; stop early, checkpointed and exported, at step
-    `until` (as an interrupted session would) or once this session has run `time_limit` seconds.
-    Returns the summary also written to out/summary.json."""
+    `until` (as an interrupted session would) or once this session has run `time_limit` seconds
+    (or used `cpu_limit` process CPU seconds: equal-compute comparisons on a shared machine).
+    snapshots: also export the model at every checkpoint to out/snapshots/step-NNNNN (for the
+    curve of error against training minutes). Returns the summary also written to out/summary.json."""
     from tqdm.auto import tqdm
 
     os.makedirs(out, exist_ok=True)
@@ -317,24 +576,30 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     mngr = _checkpoint_manager(out)
     restored = restore_state(mngr, cfg, tcfg)
     if restored is None:
-        state, losses, prior_wall = init_state(cfg, tcfg), [], 0.0
+        state, losses, prior_wall, prior_cpu, history = init_state(cfg, tcfg), [], 0.0, 0.0, []
     else:
         state, meta = restored
         losses, prior_wall = list(meta["losses"]), float(meta.get("wall_s", 0.0))
+        prior_cpu, history = float(meta.get("cpu_s", 0.0)), list(meta.get("stages", []))
     # Restored arrays come back committed to a device; commit fresh ones too, so a fresh and a
     # resumed session in one process share one compiled step.
     state = jax.device_put(state, jax.devices()[0])
     start = int(state.step)
     step_fn = make_train_step(cfg, pcfg, tcfg)
-    t_begin = time.perf_counter()
+    t_begin, cpu_begin = time.perf_counter(), _cpu_seconds()
     step_times = []
+
+    def extra():  # wall and process CPU seconds of all sessions, and which steps ran which stage
+        wall, cpu = time.perf_counter() - t_begin, _cpu_seconds() - cpu_begin
+        run = {"stage": tcfg.stage, "from_step": start, "to_step": int(state.step), "wall_s": wall, "cpu_s": cpu}
+        return {"wall_s": prior_wall + wall, "cpu_s": prior_cpu + cpu, "stages": history + [run]}
     stop = tcfg.steps if until is None else min(until, tcfg.steps)
     bar = tqdm(total=tcfg.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     try:
         for step in range(start, stop):
-            clips, visible, ctx, key = batch_for_step(world, pcfg, tcfg, step)
+            batch = batch_for_step(world, pcfg, tcfg, step)
             t0 = time.perf_counter()
-            state, loss = step_fn(state, clips, visible, ctx, key)
+            state, loss = step_fn(state, *batch)
             loss = float(loss)  # blocks: the step time below is the real one
             step_times.append(time.perf_counter() - t0)
             losses.append(loss)
@@ -343,25 +608,32 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1e3 * step_times[-1]:.0f}")
             done = step + 1
-            out_of_time = time_limit is not None and time.perf_counter() - t_begin > time_limit
+            out_of_time = ((time_limit is not None and time.perf_counter() - t_begin > time_limit)
+                           or (cpu_limit is not None and _cpu_seconds() - cpu_begin > cpu_limit))
             if done % tcfg.checkpoint_every == 0 or done == stop or out_of_time:
-                save_state(mngr, state, losses, {"wall_s": prior_wall + time.perf_counter() - t_begin})
+                save_state(mngr, state, losses, extra())
                 plot_losses(os.path.join(out, "loss.png"), losses)
+                if snapshots:
+                    export_model(out, cfg, state.params, world, pcfg, tcfg, done, extra()["stages"],
+                                 os.path.join("snapshots", f"step-{done:05d}"))
             if out_of_time:
-                print(f"stopping at step {done}: this session ran past --time-limit {time_limit:.0f}s")
+                print(f"stopping at step {done}: this session ran past --time-limit {time_limit} s or --cpu-limit "
+                      f"{cpu_limit} s")
                 break
     except KeyboardInterrupt:  # keep what was done; rerunning continues from here
         try:
             if int(state.step) > start:
-                save_state(mngr, state, losses, {"wall_s": prior_wall + time.perf_counter() - t_begin})
+                save_state(mngr, state, losses, extra())
         except (RuntimeError, ValueError, OSError) as e:  # e.g. a donated state deleted mid-dispatch
             print(f"could not checkpoint the interrupted step ({e}); resuming starts from the last checkpoint")
         raise
     finally:
         bar.close()
-    wall = prior_wall + time.perf_counter() - t_begin
+    totals = extra()
     if int(state.step) > start or not os.path.isdir(os.path.join(out, "model")):
-        export_model(out, cfg, state.params, world, pcfg, tcfg, int(state.step))
+        path = export_model(out, cfg, state.params, world, pcfg, tcfg, int(state.step), totals["stages"])
+        # each stage's last model stays, so the lineage's models can be compared (model-<stage>)
+        shutil.copytree(path, os.path.join(out, f"model-{tcfg.stage}"), dirs_exist_ok=True)
         plot_losses(os.path.join(out, "loss.png"), losses)
     steady = step_times[1:] or step_times
     head = np.mean(losses[:10]) if losses else float("nan")
@@ -369,10 +641,12 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     summary = {
         "steps": int(state.step), "planned_steps": tcfg.steps, "resumed_from": start, "batch": tcfg.batch,
         "context_blocks": tcfg.context_blocks,
-        "session_wall_s": time.perf_counter() - t_begin,
+        "stage": tcfg.stage, "stages": totals["stages"],
+        "session_wall_s": time.perf_counter() - t_begin, "session_cpu_s": _cpu_seconds() - cpu_begin,
+        "cpu_s (all sessions)": totals["cpu_s"],
         "ms_per_step": 1e3 * float(np.median(steady)) if steady else None,
         "first_step_s (compile)": step_times[0] if step_times else None,
-        "wall_s (all sessions)": wall,
+        "wall_s (all sessions)": totals["wall_s"],
         "loss_first10": float(head), "loss_last50": float(tail),
         "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
         "model_bytes": dir_size(os.path.join(out, "model")), "ckpt_bytes": dir_size(os.path.join(out, "ckpt")),
@@ -387,17 +661,28 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="run folder; an existing one is resumed")
     p.add_argument("--steps", type=int, help="total optimisation steps (default 1900)")
     for name, typ in (("batch", int), ("context-blocks", int), ("lr", float), ("warmup", int), ("seed", int),
-                      ("table-prob", float), ("checkpoint-every", int), ("dim", int), ("ffn-dim", int),
+                      ("table-prob", float), ("checkpoint-every", int), ("in-flight", int), ("rollout-blocks", int),
+                      ("cascade-prob", float), ("bidirectional-prob", float), ("dim", int), ("ffn-dim", int),
                       ("heads", int), ("layers", int), ("patch", int), ("rope-theta", float)):
         p.add_argument(f"--{name}", type=typ)
     for name in ("size", "sprite", "min-sprites", "max-sprites"):
         p.add_argument(f"--{name}", type=int, help=f"world {name.replace('-', ' ')} (new runs only)")
+    p.add_argument("--stage", choices=STAGES,
+                   help="training recipe of this session's steps (default clean; a resumed run keeps its last "
+                        "unless given): clean-context teacher forcing, diffusion forcing (noisy cascade-tick "
+                        "context, causal and bidirectional windows), self-rollout (Self-Forcing: trained on its "
+                        "own KV-cached rollouts)")
     p.add_argument("--until", type=int, help="stop (checkpointed) at this step; rerun to continue")
     p.add_argument("--time-limit", type=float, help="stop (checkpointed) after this many seconds of this session")
+    p.add_argument("--cpu-limit", type=float, help="stop (checkpointed) after this many process CPU seconds of this session")
+    p.add_argument("--snapshots", action="store_true",
+                   help="export the model at every checkpoint to OUT/snapshots/step-N (error-vs-minutes curves)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     train_args = {"steps": a.steps, "batch": a.batch, "context_blocks": a.context_blocks, "lr": a.lr, "warmup": a.warmup,
-                  "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every}
+                  "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every, "stage": a.stage,
+                  "in_flight": a.in_flight, "rollout_blocks": a.rollout_blocks, "cascade_prob": a.cascade_prob,
+                  "bidirectional_prob": a.bidirectional_prob}
     model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers, "rope_theta": a.rope_theta,
                   "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
     world_args = {"size": a.size, "sprite": a.sprite, "min_sprites": a.min_sprites, "max_sprites": a.max_sprites}
@@ -417,7 +702,8 @@ def main(argv=None) -> dict:
     else:
         world, tcfg = WorldConfig(**world_args), TrainConfig(**train_args)
         cfg, pcfg = toy_model_config(world, **model_args), toy_pipeline_config(tcfg)
-    summary = train(a.out, world, cfg, pcfg, tcfg, progress=not a.no_progress, until=a.until, time_limit=a.time_limit)
+    summary = train(a.out, world, cfg, pcfg, tcfg, progress=not a.no_progress, until=a.until, time_limit=a.time_limit,
+                    snapshots=a.snapshots, cpu_limit=a.cpu_limit)
     print(json.dumps(summary, indent=2))
     return summary
 

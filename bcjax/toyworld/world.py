@@ -257,6 +257,30 @@ def sample_batch(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_fra
 
 # -- readout ------------------------------------------------------------------------------------
 
+def nearest_colours(frames, cfg: WorldConfig) -> np.ndarray:
+    """int [F, H, W]: each pixel's nearest palette entry (0 background, 1..6 the COLOURS in order,
+    7 the wall)."""
+    frames = np.asarray(frames, np.float32)
+    if frames.ndim != 4 or frames.shape[1:] != (cfg.size, cfg.size, cfg.channels):
+        raise ValueError(f"frames must be [F, {cfg.size}, {cfg.size}, {cfg.channels}]; got {frames.shape}")
+    palette = cfg.amplitude * np.asarray([(0, 0, 0), *COLOURS.values(), WALL], np.float32)
+    return np.argmin(((frames[..., None, :] - palette) ** 2).sum(-1), axis=-1)
+
+
+def colour_correct(frames, scene: Scene, cfg: WorldConfig) -> np.ndarray:
+    """bool [F, S]: the sprite shows in its own colour -- the readout finds it (`read_positions`)
+    and at least half of the pixels of the sprite-sized window there are nearest to its colour.
+    A sprite painted in another colour, smeared into blotches or lost is wrong."""
+    pos = read_positions(frames, scene, cfg)
+    nearest = nearest_colours(frames, cfg)
+    k, names = cfg.sprite, list(COLOURS)
+    out = np.zeros(pos.shape[:2], bool)
+    for f, s in zip(*np.nonzero(np.isfinite(pos).all(-1))):
+        r, c = pos[f, s].astype(int)
+        out[f, s] = (nearest[f, r:r + k, c:c + k] == 1 + names.index(scene[s].colour)).sum() * 2 >= k * k
+    return out
+
+
 def read_positions(frames, scene: Scene, cfg: WorldConfig, min_visible: int | None = None) -> np.ndarray:
     """Each sprite's top-left (row, col) read back from (generated) latents: float [F, S, 2], NaN
     where fewer than min_visible pixels (default a quarter of the sprite) show its colour.
@@ -266,21 +290,16 @@ def read_positions(frames, scene: Scene, cfg: WorldConfig, min_visible: int | No
     (another sprite's pixels are neutral: they may be covering it). Exact on renders unless the
     sprite is covered on two opposite sides.
     """
-    frames = np.asarray(frames, np.float32)
-    if frames.ndim != 4 or frames.shape[1:] != (cfg.size, cfg.size, cfg.channels):
-        raise ValueError(f"frames must be [F, {cfg.size}, {cfg.size}, {cfg.channels}]; got {frames.shape}")
     k, n = cfg.sprite, cfg.size - cfg.sprite + 1  # n x n candidate corners, walls included
     min_visible = k * k // 4 if min_visible is None else min_visible
-    palette = cfg.amplitude * np.asarray([(0, 0, 0), *COLOURS.values(), WALL], np.float32)
-    # [F, H, W] index into palette of each pixel's nearest colour
-    nearest = np.argmin(((frames[..., None, :] - palette) ** 2).sum(-1), axis=-1)
+    nearest = nearest_colours(frames, cfg)
     names = list(COLOURS)
-    out = np.full((frames.shape[0], len(scene), 2), np.nan)
+    out = np.full((nearest.shape[0], len(scene), 2), np.nan)
     def windows(mask):
         # [F, H+1, W+1] summed-area table -> [F, n*n] pixel count of every k x k window
         sat = np.pad(mask.astype(np.int32).cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
         counts = sat[:, k:k + n, k:k + n] - sat[:, :n, k:k + n] - sat[:, k:k + n, :n] + sat[:, :n, :n]
-        return counts.reshape(len(frames), -1)
+        return counts.reshape(len(nearest), -1)
 
     background = windows(nearest == 0)
     for s, sprite in enumerate(scene):

@@ -1,0 +1,199 @@
+"""Interactive streams: prompts that change between blocks, written once above both runners.
+
+The loop here drives any runner through the stepping interface (`bcjax.pipeline.stepping`:
+`start`, `entering`, `step`, `done`, `cache` / `with_cache`, `replicate`, `mesh`), which the
+sequential pipeline and the cascade share; it never asks which runner it holds. So prompt
+switching, `bcjax stream` and `bcjax serve` are the same code for both.
+
+Prompts come from a source with `at(block) -> prompt index` and `text(index) -> text K/V`:
+- `PromptSchedule`: a schedule fixed in advance, [(block id, text K/V)]: the prompt in force
+  from that block on;
+- `LivePrompts`: prompts pushed while the stream runs (from another thread: a web page); a push
+  takes effect at the next block that enters.
+The prompt in force for a step is that of the block the step starts (`runner.entering`: in the
+cascade the newest block in flight; every in-flight block is computed under it). Text K/V are
+plain arrays handed to the same compiled block / tick function: a switch never retraces.
+
+Policies at a switch (from the block where the new prompt starts; `bcjax.pipeline.recache`):
+- "no-recache": only the text changes. In the cascade this is the paper's point: every
+  in-flight block is recomputed every tick under the prompt in force anyway, and the clean cache
+  keeps the K/V its blocks were finished with.
+- "recache": LongLive v1.0's baseline, exactly: before the first block (tick) under the new
+  prompt, the last window_frames generated frames are re-run in one pass at t = context_noise
+  under the new prompt and rewrite the cache (the old sink kept once the stream is past the
+  window), a full-window pass on the critical path.
+- "recache-causal": the same pass under the block-causal mask LongLive builds but ignores.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bcjax.model.wan import KV
+from bcjax.pipeline.recache import POLICIES, Recacher
+
+
+class StreamEvent(NamedTuple):
+    block: int  # absolute block id
+    x0: np.ndarray  # [B, block_frames, H, W, C]
+    prompt: int  # index (into the schedule / pushed prompts) of the prompt in force when this block started
+    seconds: float  # wall time since the previous event (recache included)
+    recache_s: float  # of which spent recaching the cache for a switch (0 when none)
+    switched: bool  # a new prompt took effect during this interval (in the cascade: when its first block entered)
+
+
+class Tick(NamedTuple):
+    """One runner step as the interactive loop saw it (a block for the sequential pipeline, a
+    tick for the cascade)."""
+
+    step: int
+    prompt: int  # the prompt in force for this step
+    # (block id, stage, prompt the block started under) of every block the step worked on;
+    # stage num_steps is the clean pass
+    stages: tuple[tuple[int, int, int], ...]
+    seconds: float  # wall time of this step, recache included
+    recache_s: float  # of which recaching for a switch
+    event: StreamEvent | None  # the block this step finished, if any
+
+
+def parse_prompt_schedule(spec: str) -> list[tuple[int, str]]:
+    """'a fox@0;a wolf@40;snow@80' -> [(0, 'a fox'), (40, 'a wolf'), (80, 'snow')] (block ids).
+
+    A prompt without '@' starts at block 0 when it is the first one; starts must increase.
+    """
+    out = []
+    for i, part in enumerate(p for p in spec.split(";") if p.strip()):
+        text, at, start = part.rpartition("@")
+        if not at:
+            text, start = part, "0" if i == 0 else None
+        if start is None or not start.strip().lstrip("-").isdigit():
+            raise ValueError(f"prompt {i} {part.strip()!r}: expected 'TEXT@BLOCK' (e.g. 'a red fox@40')")
+        out.append((int(start), text.strip()))
+    if not out:
+        raise ValueError("empty prompt schedule")
+    starts = [s for s, _ in out]
+    if starts[0] != 0:
+        raise ValueError(f"the first prompt must start at block 0; got @{starts[0]}")
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"prompt starts {starts} must strictly increase")
+    if any(not t for _, t in out):
+        raise ValueError("a prompt in the schedule is empty")
+    return out
+
+
+class PromptSchedule:
+    """Prompts fixed in advance: [(first block id, text K/V)], starts strictly increasing."""
+
+    def __init__(self, schedule: Sequence[tuple[int, KV]]):
+        if not schedule:
+            raise ValueError("empty prompt schedule")
+        self.starts = [int(s) for s, _ in schedule]
+        if any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+            raise ValueError(f"prompt starts {self.starts} must strictly increase")
+        self.texts = [t for _, t in schedule]
+
+    def at(self, block: int) -> int:
+        starts = self.starts
+        return max(i for i, s in enumerate(starts) if s <= block) if block >= starts[0] else 0
+
+    def text(self, index: int) -> KV:
+        return self.texts[index]
+
+
+class LivePrompts:
+    """Prompts pushed while a stream runs; thread-safe. A pushed prompt is in force from the next
+    block that enters; a block keeps the prompt it entered under (`at` pins it on first ask)."""
+
+    _PINS = 256  # pinned blocks kept (a stream only asks about blocks still in flight)
+
+    def __init__(self, first: KV):
+        self._texts = [first]
+        self._pinned: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def push(self, text: KV) -> int:
+        """Add a prompt; returns its index (what `at` and StreamEvent.prompt will report)."""
+        with self._lock:
+            self._texts.append(text)
+            return len(self._texts) - 1
+
+    def at(self, block: int) -> int:
+        with self._lock:
+            if block not in self._pinned:
+                self._pinned[block] = len(self._texts) - 1
+                if len(self._pinned) > self._PINS:
+                    newest = max(self._pinned)
+                    self._pinned = {b: p for b, p in self._pinned.items() if b > newest - self._PINS // 2}
+            return self._pinned[block]
+
+    def text(self, index: int) -> KV:
+        with self._lock:
+            return self._texts[index]
+
+
+def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy: str = "no-recache",
+          context=None) -> Iterator[Tick]:
+    """Drive `runner` step by step, the prompt of each step from `prompts` (`at`, `text`),
+    recaching at a switch under `policy`. Yields a Tick per step. num_blocks None: until the
+    caller stops (closing the generator ends the stream). context: given clean frames
+    [B, G * block_frames, H, W, C] (blocks 0..G-1, written under the prompt in force at block G;
+    generation starts at block G)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
+    bf = runner.pcfg.block_frames
+    first = 0 if context is None else context.shape[1] // bf
+    params = runner.replicate(params)
+    current = prompts.at(first)
+    state = runner.start(params, runner.replicate(prompts.text(current)), key, num_blocks, context)
+    rec = Recacher(runner.cfg, runner.pcfg, policy, None if runner.mesh is None else NamedSharding(runner.mesh, P()))
+    for g in range(first):
+        rec.add(g, context[:, g * bf:(g + 1) * bf])
+    t_event, spent, switched = time.perf_counter(), 0.0, False
+    while not runner.done(state):
+        t0 = time.perf_counter()
+        p = prompts.at(runner.entering(state))
+        text = runner.replicate(prompts.text(p))
+        r = 0.0
+        if p != current:
+            switched = True
+            if rec.active:
+                r0 = time.perf_counter()
+                state = runner.with_cache(state, rec(params, text, runner.cache(state)))
+                r = time.perf_counter() - r0
+            current = p
+        spent += r
+        n = state.step
+        state, out = runner.step(params, text, state)
+        event = None
+        if out.block >= 0:
+            x0 = np.asarray(out.x0)  # waits for the block
+            rec.add(out.block, x0)
+            now = time.perf_counter()
+            event = StreamEvent(out.block, x0, prompts.at(out.block), now - t_event, spent, switched)
+            t_event, spent, switched = now, 0.0, False
+        stages = tuple((b, s, prompts.at(b)) for b, s in out.stages)
+        yield Tick(n, p, stages, time.perf_counter() - t0, r, event)
+
+
+def stream(runner, params, schedule: Sequence[tuple[int, KV]], key, num_blocks: int, *, policy: str = "no-recache",
+           context=None) -> Iterator[StreamEvent]:
+    """Yield a StreamEvent per block, switching prompts per `schedule` under `policy`.
+
+    runner: a SequentialPipeline or a Cascade (anything with the stepping interface); schedule:
+    [(first block id, text K/V)], the first at block <= the first generated one; context:
+    optional given clean frames [B, G*bf, H, W, C] (blocks 0..G-1; generation starts at block G).
+    """
+    prompts = PromptSchedule(schedule)
+    first = 0 if context is None else context.shape[1] // runner.pcfg.block_frames
+    if prompts.starts[0] > first:
+        raise ValueError(f"the first prompt starts at block {prompts.starts[0]}; the stream starts at block {first}")
+    for tick in steps(runner, params, prompts, key, num_blocks, policy=policy, context=context):
+        if tick.event is not None:
+            yield tick.event

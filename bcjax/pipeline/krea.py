@@ -1,0 +1,210 @@
+"""Krea Realtime 14B's per-block loop: the context rebuilt before every block, a final pass at t = 0.
+
+Upstream: krea-ai/realtime-video `release_server.py`, `GenerationSession.generate_block` with
+the default `GenerateParams` (kv_cache_num_frames 3, keep_first_frame False, 5 steps, shift 5),
+as that code runs:
+
+1. Timesteps: the warp of [1000, 750, 500, 250, 0] at shift 5 = [1000, 937.5, 833.33, 625, 0]
+   (float32; the yaml's [1000, 937, 833, 625, 0] is ignored). Every entry is a DiT pass, the
+   trailing 0 included (`PipelineConfig(trailing_zero="pass")`).
+2. Each pass: x0 = x - sigma(t) flow with sigma(t) the scheduler's nearest table entry (0.00498
+   for t = 0); between passes x = (1 - sigma_next) x0 + sigma_next eps, a fresh draw. The block's
+   output is the x0 of the t = 0 pass.
+3. Nothing persists between blocks: no clean pass writes a cache.
+4. Before every block b >= 1, one pass at t = 0 over the 3 (kv_cache_num_frames = cache_frames
+   = the block size) context frames rebuilds the K/V the block attends to: block 1 attends to
+   frames 0, 1, 2 as generated; block b >= 2 to [R, 3b-2, 3b-1], R the VAE encoding (as a lone
+   first frame, an image latent) of the last pixel frame decoded from latent frame 3b-3. The
+   context frames attend only to each other, at RoPE frames 0 .. 2.
+5. The block's passes sit at RoPE frames C .. C + bf - 1 (block 0: 0 .. bf - 1) and attend to
+   [the C context frames | the block's own frames], bidirectional within the block.
+6. keep_first_frame: the context's first frame is the video's frame 0 instead of R.
+
+The rebuild pass of block b's context, block b-1's frames at t = 0 seeing only each other, is
+exactly a clean pass that ignores the cache; with a cache of one block, the block's passes then
+read what Krea's rebuild computes (RoPE offsets between the two blocks are the same 3 frames). So
+`SequentialPipeline` and `Cascade` run Krea's mode too (`check_rebuild`): in the cascade an
+in-flight block's context is its predecessor's K/V at its current noise level, as in every
+cascade, and the rebuilt clean K/V once the predecessor has passed its clean stage; R there is
+the latent frame itself and keep_first_frame is refused. P1-causal equals this loop (tests).
+
+R needs the VAE: `KreaPipeline.blocks(..., reencode=...)` takes the round trip
+(`bcjax.pipeline.t2v.VAERoundTrip`: the checkpoint's VAE decodes the stream and encodes the last
+pixel frame alone); without one (latent-only runs, tests) R is the latent frame itself, unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from bcjax.model.config import WanConfig
+from bcjax.model.wan import KV, check_latents, forward
+from bcjax.pipeline.config import PipelineConfig
+from bcjax.pipeline.stepping import Step, StepState
+from bcjax.schedule.flow import block_noise, predict_x0, renoise
+
+
+def context_frames(pcfg: PipelineConfig, previous, first_frame, reencoded):
+    """[B, C, H, W, Ch] the frames block b >= 2 attends to, from block b-1's x0 (`previous`), the
+    video's frame 0 [B, 1, ...] and R, the re-encoded first frame of block b-1 [B, 1, ...]
+    (rules 4, 6). Block 1 attends to block 0's frames as they are."""
+    head = first_frame if pcfg.keep_first_frame else reencoded
+    return jnp.concatenate([head, previous[:, 1:]], axis=1)
+
+
+def rebuild(cfg: WanConfig, params, text: KV, context) -> KV:
+    """Rule 4: the context frames [B, C, ...] at t = 0, attending only to each other, at RoPE
+    frames 0 .. C-1. Returns their K/V [L, B, C * P, N, H]."""
+    c = context.shape[1]
+    _, kv = forward(cfg, params, context, jnp.zeros(context.shape[:2], jnp.float32), text, jnp.arange(c))
+    return kv
+
+
+def krea_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, context, key, block,
+               latent_hw: tuple[int, int], source=None):
+    """Block `block` (traced int) under Krea's rules: the rebuild pass over `context` [B, C, H, W,
+    Ch] (ignored for block 0), then one pass per timestep. Returns x0 [B, bf, H, W, Ch].
+    source: video-to-video input latents of the block, noised to the first sigma (Krea's v2v)."""
+    batch = text.k.shape[1]
+    bf, c = pcfg.block_frames, context.shape[1]
+    shape = (batch, bf, *latent_hw, cfg.in_channels)
+    has_context = block > 0
+    ctx = rebuild(cfg, params, text, context)
+    p = cfg.tokens_per_frame(*latent_hw)
+    # one program for every block: block 0 masks the (rebuilt-from-zeros) context away and sits at 0..bf-1
+    key_mask = jnp.concatenate([jnp.repeat(has_context, c * p), jnp.ones((bf * p,), bool)])[None, None]
+    positions = jnp.where(has_context, c, 0) + jnp.arange(bf)
+    timesteps, sigmas = jnp.asarray(pcfg.timesteps), jnp.asarray(pcfg.sigmas)
+    next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), sigmas.dtype)])
+
+    def step(x, xs):
+        k, t_k, s_k, s_next = xs
+        flow, _ = forward(cfg, params, x, jnp.full((batch, bf), t_k), text, positions, ctx, key_mask)
+        x0 = predict_x0(x, flow, s_k)
+        # the last pass's re-noise is unused (s_next = 0 gives x0 back): every pass is one program
+        return renoise(x0, block_noise(key, block, k + 1, shape), s_next), x0
+
+    x = block_noise(key, block, 0, shape)
+    if source is not None:  # Krea: latents * (1 - sigma) + randn * sigma
+        x = renoise(source.astype(jnp.float32), x, sigmas[0])
+    _, x0s = jax.lax.scan(step, x, (jnp.arange(pcfg.num_steps), timesteps, sigmas, next_sigmas))
+    return x0s[-1]
+
+
+@dataclasses.dataclass
+class KreaPipeline:
+    """Sequential generation in Krea's mode (`PipelineConfig(context="rebuild")`).
+
+    >>> pipe = KreaPipeline(cfg, ports.get("krea_14b").pipeline, latent_hw=(60, 104))
+    >>> latents = pipe.generate(params, text_kv, num_blocks=7, key=jax.random.key(0))
+
+    """
+
+    cfg: WanConfig
+    pcfg: PipelineConfig
+    latent_hw: tuple[int, int]
+
+    def __post_init__(self):
+        check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
+        if self.pcfg.context != "rebuild":
+            raise ValueError(f"KreaPipeline needs PipelineConfig(context='rebuild'); got {self.pcfg.context!r} "
+                             "(use SequentialPipeline for a clean-pass cache)")
+        if self.pcfg.cache_frames != self.pcfg.block_frames:
+            raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={self.pcfg.window_frames} "
+                             f"must be 2 x block_frames={self.pcfg.block_frames} (kv_cache_num_frames = the block)")
+        self._block_fn = jax.jit(partial(krea_block, self.cfg, self.pcfg, latent_hw=tuple(self.latent_hw)))
+        self._v2v_fn = jax.jit(lambda params, text, context, key, block, source: krea_block(
+            self.cfg, self.pcfg, params, text, context, key, block, tuple(self.latent_hw), source))
+
+    def blocks(self, params, text: KV, key, num_blocks: int, reencode: Callable | None = None,
+               source=None) -> Iterator[jax.Array]:
+        """Yield each block's x0 [B, block_frames, H, W, C] as soon as it is denoised.
+
+        reencode: called with every block's x0 in order, returns R [B, 1, H, W, C], the VAE round
+        trip of the block's first latent frame (rule 4; `bcjax.pipeline.t2v.VAERoundTrip` decodes
+        the stream and encodes that frame's last pixel frame as an image). None: R is the latent
+        frame itself, unchanged (latent-only runs, tests).
+        source: video-to-video input latents [B, >= num_blocks * block_frames, H, W, C].
+        """
+        bf = self.pcfg.block_frames
+        if source is not None and (source.ndim != 5 or source.shape[1] < num_blocks * bf):
+            raise ValueError(f"video-to-video source latents must be [B, >= {num_blocks * bf}, H, W, C] for "
+                             f"{num_blocks} blocks; got {tuple(source.shape)}")
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+        carry = self._empty(text.k.shape[1])
+        for b in range(num_blocks):
+            if source is None:
+                x0 = self._block_fn(params, text, self._context(carry, b), key, jnp.int32(b))
+            else:
+                x0 = self._v2v_fn(params, text, self._context(carry, b), key, jnp.int32(b),
+                                  source[:, b * bf:(b + 1) * bf])
+            # every block goes through the round trip, so a streaming VAE decoder stays in step
+            carry = self._advance(carry, x0, b, x0[:, :1] if reencode is None else reencode(x0))
+            yield x0
+
+    # -- what a stream carries between blocks: (block b-1's x0, frame 0, R of block b-1) -------------
+    def _empty(self, batch: int):
+        zeros = jnp.zeros((batch, self.pcfg.block_frames, *self.latent_hw, self.cfg.in_channels), jnp.float32)
+        return zeros, zeros[:, :1], zeros[:, :1]
+
+    def _context(self, carry, b: int):
+        previous, first, r = carry
+        # block 0: masked away; block 1: frames 0..2 as they are, frame 0 an image latent already
+        return previous if b <= 1 else context_frames(self.pcfg, previous, first, r)
+
+    @staticmethod
+    def _advance(carry, x0, b: int, r):
+        return x0, (x0[:, :1] if b == 0 else carry[1]), r
+
+    # -- the stepping interface shared with the other runners (bcjax.pipeline.stepping) ----------------
+    mesh = None  # one device
+
+    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
+        """A stream before its first block; context: given frames [B, G * block_frames, H, W, C]
+        (blocks 0..G-1; generation starts at block G). R is the latent frame itself here (no VAE
+        in a latent stream); num_blocks None: until the caller stops (positions never grow)."""
+        carry, first = self._empty(text.k.shape[1]), 0
+        if context is not None:
+            bf = self.pcfg.block_frames
+            if context.ndim != 5 or context.shape[1] % bf or context.shape[1] == 0:
+                raise ValueError(f"context frames must be [B, G * {bf}, H, W, C]; got {tuple(context.shape)}")
+            first = context.shape[1] // bf
+            for g in range(first):
+                block = jnp.asarray(context[:, g * bf:(g + 1) * bf], jnp.float32)
+                carry = self._advance(carry, block, g, block[:, :1])
+        return StepState(carry, key, 0, first, num_blocks)
+
+    def step(self, params, text: KV, state: StepState) -> tuple[StepState, Step]:
+        """The next block under `text` (its context rebuilt under `text` too: nothing to recache)."""
+        b = self.entering(state)
+        x0 = self._block_fn(params, text, self._context(state.carry, b), state.key, jnp.int32(b))
+        carry = self._advance(state.carry, x0, b, x0[:, :1])
+        stages = tuple((b, s) for s in range(self.pcfg.num_steps))
+        return state._replace(carry=carry, step=state.step + 1), Step(b, x0, stages)
+
+    def entering(self, state: StepState) -> int:
+        return state.first_block + state.step
+
+    def done(self, state: StepState) -> bool:
+        return state.num_blocks is not None and state.step >= state.num_blocks
+
+    def cache(self, state: StepState):
+        raise ValueError("Krea's loop keeps no cache: its context is rebuilt under the prompt in force before every "
+                         "block, so a recache policy does not apply (use 'no-recache')")
+
+    def with_cache(self, state: StepState, cache):
+        raise ValueError("Krea's loop keeps no cache to replace")
+
+    def replicate(self, tree):
+        return jax.tree_util.tree_map(jnp.asarray, tree)
+
+    def generate(self, params, text: KV, num_blocks: int, key, reencode: Callable | None = None,
+                 source=None) -> jax.Array:
+        """Latents [B, num_blocks * block_frames, H, W, C]."""
+        return jnp.concatenate(list(self.blocks(params, text, key, num_blocks, reencode, source)), axis=1)

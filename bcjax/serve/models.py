@@ -1,0 +1,184 @@
+"""What `bcjax serve` serves: the embedded toy-world model or a converted real checkpoint.
+
+Both backends have one shape, which the sessions use without asking which they hold:
+    cfg, pcfg, latent_hw, params, mesh     the DiT and its sampler (runners are built from these)
+    describe() -> dict                     what the page shows (prompt kind, vocabulary, stage labels)
+    check(prompt, first=None) -> str       the prompt normalised, or ValueError naming what is wrong
+                                           (first: the stream's first prompt, for a switch)
+    encode(prompt) -> KV                   the checked prompt's text K/V
+    context(prompt, seed) -> array | None  given clean first frames [1, G * bf, H, W, C], or None
+    frame_encoder() -> fn                  per stream: x0 [1, bf, H, W, C] -> encoded images
+    mime                                   their type
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+
+MAX_PROMPT_CHARS = 1000  # a prompt longer than this is refused before it reaches a tokenizer
+
+
+def _images(frames: np.ndarray, fmt: str, **opts) -> list[bytes]:
+    """uint8 [F, H, W, 3] -> one encoded image per frame."""
+    from PIL import Image
+
+    out = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(f)).save(buf, fmt, **opts)
+        out.append(buf.getvalue())
+    return out
+
+
+def _stage_labels(pcfg) -> list[str]:
+    return [f"t={round(float(t))}" for t in pcfg.timesteps] + ["clean"]
+
+
+class _TextCache:
+    """Text K/V of the last prompts, so a prompt typed again is not encoded again."""
+
+    def __init__(self, encode, size: int = 64):
+        self.encode, self.size, self.kv = encode, size, {}
+
+    def __call__(self, text: str):
+        if text not in self.kv:
+            if len(self.kv) >= self.size:
+                self.kv.pop(next(iter(self.kv)))
+            self.kv[text] = self.encode(text)
+        return self.kv[text]
+
+
+def _common_checks(prompt: str) -> str:
+    text = " ".join(prompt.split())
+    if not text:
+        raise ValueError("the prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS}")
+    return text
+
+
+class ToyBackend:
+    """The toy-world DiT (default: the checkpoint shipped in the package). Prompts are sprite
+    phrases ('red south-east fast'); the stream continues a still image whose sprites start at
+    seeded positions. A switch may change directions and speeds, not the sprites (the image
+    holds them). Frames are the latents themselves (3 channels), sent as lossless PNGs."""
+
+    mime = "image/png"
+
+    def __init__(self, checkpoint: str | None = None, mesh=None):
+        from bcjax.toyworld.evaluate import load_model
+
+        model = load_model(checkpoint)
+        self.world, self.cfg, self.params, self.mesh = model.world, model.cfg, model.params, mesh
+        # rolling positions: a page's stream has no planned end
+        self.pcfg = dataclasses.replace(model.pcfg, positions="rolling")
+        self.latent_hw = (self.world.size, self.world.size)
+        self._encode = _TextCache(self._embed)
+
+    def describe(self) -> dict:
+        from bcjax.toyworld.world import COLOURS, DIRECTIONS, SPEEDS
+
+        w = self.world
+        return {"kind": "toy", "title": f"toy world ({self.cfg.num_layers} layers, dim {self.cfg.dim})",
+                "vocabulary": [list(COLOURS), list(DIRECTIONS), list(SPEEDS)], "max_sprites": w.max_sprites,
+                "example": "red south-east fast" if w.max_sprites == 1 else "red south-east fast, blue west slow",
+                "block_frames": w.block_frames, "stages": _stage_labels(self.pcfg), "width": w.size, "height": w.size,
+                "max_prompt": MAX_PROMPT_CHARS}
+
+    def check(self, prompt: str, first: str | None = None) -> str:
+        from bcjax.toyworld.world import parse_prompt, prompt_text
+
+        scene = parse_prompt(_common_checks(prompt), self.world)
+        if first is not None:
+            was = [s.colour for s in parse_prompt(first, self.world)]
+            now = [s.colour for s in scene]
+            if now != was:
+                raise ValueError(f"this stream's sprites are {', '.join(was)} (the image holds them); a switch may change "
+                                 "directions and speeds: press reset for other sprites")
+        return prompt_text(scene)
+
+    def encode(self, prompt: str):
+        return self._encode(self.check(prompt))
+
+    def _embed(self, text: str):
+        import jax.numpy as jnp
+
+        from bcjax.model.wan import encode_text
+        from bcjax.toyworld.world import parse_prompt, prompt_embedding
+
+        emb = prompt_embedding(parse_prompt(text, self.world), self.world)
+        return encode_text(self.cfg, self.params, jnp.asarray(emb[None]))
+
+    def context(self, prompt: str, seed: int):
+        """The still first block: the prompt's sprites at seeded start corners, [1, bf, H, W, 3]."""
+        from bcjax.toyworld.world import parse_prompt, render
+
+        w = self.world
+        n = len(parse_prompt(prompt, w))
+        rng = np.random.default_rng(seed)
+        starts = [tuple(int(v) for v in rng.integers(w.lo, w.hi + 1, 2)) for _ in range(n)]
+        return render(parse_prompt(prompt, w, starts), w.block_frames, w)[None]
+
+    def frame_encoder(self):
+        from bcjax.toyworld.world import to_rgb
+
+        return lambda x0: _images(to_rgb(np.asarray(x0)[0], self.world), "PNG")
+
+
+class CheckpointBackend:
+    """A converted real checkpoint (`bcjax convert`: dit + text + vae + tokenizer): free-text
+    prompts through umT5, text to video from noise, each block VAE-decoded (the decoder's causal
+    caches carried per stream) and sent as JPEGs."""
+
+    mime = "image/jpeg"
+
+    def __init__(self, path: str, port: str = "self_forcing", video_hw: tuple[int, int] = (480, 832), mesh=None,
+                 quality: int = 85):
+        import ports
+        from bcjax.pipeline.t2v import TextToVideo
+
+        pcfg = dataclasses.replace(ports.get(port).pipeline, positions="rolling")
+        self.t2v = TextToVideo(path, pcfg, tuple(video_hw), mesh=mesh)
+        self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
+        self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, tuple(video_hw), quality
+        self.port = port
+        self._encode = _TextCache(self.t2v.encode)
+
+    def describe(self) -> dict:
+        return {"kind": "text", "title": f"{self.port} checkpoint ({self.cfg.num_layers} layers, dim {self.cfg.dim})",
+                "vocabulary": None, "max_sprites": None, "example": "a red fox running through fresh snow",
+                "block_frames": 4 * self.pcfg.block_frames, "stages": _stage_labels(self.pcfg),
+                "width": self.video_hw[1], "height": self.video_hw[0], "max_prompt": MAX_PROMPT_CHARS}
+
+    def check(self, prompt: str, first: str | None = None) -> str:
+        from bcjax.text.tokenizer import clean_prompt
+
+        text = _common_checks(prompt)
+        tokens = len(self.t2v.tokenizer.encode(clean_prompt(text))) + 1  # + EOS
+        if tokens > self.t2v.text_cfg.text_len:
+            raise ValueError(f"the prompt is {tokens} tokens long; the text encoder reads at most {self.t2v.text_cfg.text_len}")
+        return text
+
+    def encode(self, prompt: str):
+        return self._encode(self.check(prompt))
+
+    def context(self, prompt: str, seed: int):
+        return None  # text to video: the first block is generated too
+
+    def frame_encoder(self):
+        from bcjax.pipeline.video import to_uint8
+        from bcjax.vae.wan_vae import decode_step, init_decode_state
+
+        vcfg, vae = self.t2v.vae_cfg, self.t2v.vae
+        state = [init_decode_state(vcfg, 1, self.latent_hw)]
+
+        def encode(x0) -> list[bytes]:
+            first = int(state[0].frames) == 0
+            state[0], video = decode_step(vcfg, vae, state[0], x0)
+            video = video[:, vcfg.first_chunk_padding:] if first else video
+            return _images(to_uint8(video[0]), "JPEG", quality=self.quality)
+
+        return encode

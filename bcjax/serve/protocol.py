@@ -1,0 +1,104 @@
+"""The page <-> server messages: parsing what a page sends, packing what the server sends.
+
+Page -> server: one JSON object per text message, at most MAX_MESSAGE bytes:
+    {"type": "start", "prompt": str, "schedule": "P4", "window": "bidirectional",
+     "policy": "no-recache", "seed": 0, "fps": 16}      a new stream (or resume a stopped one)
+    {"type": "prompt", "prompt": str}                   switch at the next block
+    {"type": "stop"} | {"type": "reset"}               pause | end the stream
+    {"type": "pace", "fps": 16}                         frames/s the stream is paced to (0: as fast as it computes)
+
+Server -> page: JSON text messages {"type": "hello" | "state" | "prompt" | "tick" | "error", ...}
+and one binary message per generated block: a 4-byte big-endian header length, the header
+(UTF-8 JSON: {"type": "block", "block", "prompt", "tick", "stages", "mime", "sizes", ...}),
+then the block's frames as images, back to back (header["sizes"] their byte lengths).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+MAX_MESSAGE = 4096  # bytes of one page message (a prompt and a few fields fit many times over)
+MAX_SEED = 2 ** 31 - 1
+MAX_FPS = 120
+SCHEDULES = ("sequential", "P1", "P2", "P4")
+WINDOWS = ("causal", "bidirectional")
+TYPES = ("start", "prompt", "stop", "reset", "pace")
+
+
+class BadMessage(ValueError):
+    """A page message the server will not act on; its text goes back in an error frame."""
+
+
+def parse(raw: str | bytes | None, policies: tuple[str, ...]) -> dict:
+    """A page message -> a checked command dict (see the module docstring); BadMessage naming
+    what is wrong otherwise. raw: the text of a text message, bytes of a binary one."""
+    if isinstance(raw, bytes):
+        raise BadMessage(f"binary message of {len(raw)} bytes: the server reads JSON text messages only")
+    if raw is None:
+        raise BadMessage("empty message")
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_MESSAGE:
+        raise BadMessage(f"message of {size} bytes is over the {MAX_MESSAGE}-byte limit")
+    try:
+        msg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadMessage(f"message is not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(msg, dict):
+        raise BadMessage(f"message is a JSON {type(msg).__name__}; expected an object with a 'type'")
+    kind = msg.get("type")
+    if kind not in TYPES:
+        raise BadMessage(f"message type {kind!r}: expected one of {list(TYPES)}")
+    out = {"type": kind}
+    if kind in ("start", "prompt"):
+        out["prompt"] = _field(msg, "prompt", str)
+    if kind == "start":
+        out["schedule"] = _choice(msg, "schedule", SCHEDULES, "P4")
+        out["window"] = _choice(msg, "window", WINDOWS, "bidirectional")
+        out["policy"] = _choice(msg, "policy", policies, "no-recache")
+        out["seed"] = _number(msg, "seed", 0, MAX_SEED, 0, integer=True)
+    if kind in ("start", "pace"):
+        out["fps"] = _number(msg, "fps", 0, MAX_FPS, 16)
+    return out
+
+
+def _field(msg: dict, name: str, kind: type):
+    if name not in msg:
+        raise BadMessage(f"{msg['type']!r} message lacks field {name!r}")
+    value = msg[name]
+    if not isinstance(value, kind):
+        raise BadMessage(f"field {name!r} is a {type(value).__name__}; expected a {kind.__name__}")
+    return value
+
+
+def _choice(msg: dict, name: str, choices, default):
+    value = msg.get(name, default)
+    if value not in choices:
+        raise BadMessage(f"field {name!r} = {value!r}: expected one of {list(choices)}")
+    return value
+
+
+def _number(msg: dict, name: str, lo, hi, default, integer: bool = False):
+    value = msg.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise BadMessage(f"field {name!r} = {value!r}: expected {'an integer' if integer else 'a number'}")
+    if not lo <= value <= hi:
+        raise BadMessage(f"field {name!r} = {value!r}: expected {lo} .. {hi}")
+    return value
+
+
+def pack_block(header: dict, images: list[bytes]) -> bytes:
+    """One binary block message: header length, header JSON (with "sizes" added), the images."""
+    head = json.dumps({**header, "sizes": [len(b) for b in images]}, separators=(",", ":")).encode()
+    return struct.pack(">I", len(head)) + head + b"".join(images)
+
+
+def unpack_block(data: bytes) -> tuple[dict, list[bytes]]:
+    """The inverse of `pack_block` (the page does the same in JavaScript)."""
+    (n,) = struct.unpack(">I", data[:4])
+    header = json.loads(data[4:4 + n])
+    images, at = [], 4 + n
+    for size in header["sizes"]:
+        images.append(data[at:at + size])
+        at += size
+    return header, images

@@ -1,0 +1,204 @@
+"""The quality study: several toy models (training recipes) x every schedule, with confidence intervals.
+
+For each model, each sampler seed and the fixed evaluation prompts, `evaluate.run_grid` scores
+{sequential, P1, P2, P4} x {causal, bidirectional} against the ground truth. A sample is one
+(prompt, seed) pair's mean over the generated blocks; a cell reports mean +- the 95% confidence
+half-width (Student t over the samples), and for the cascades the paired difference to sequential
+on the same (prompt, seed) with its own interval -- a difference whose interval excludes 0 is a
+significant change. Outputs: study.md (tables), study.json, per_block.csv, and per model
+pos_err_per_block-<model>.png.
+
+    python -m bcjax.toyworld.study --model clean=CKPT --model df=RUN/model-diffusion-forcing ...
+        [--prompts 16 --seeds 3 --blocks 10 --out study/]
+    python -m bcjax.toyworld.study --curve RUN [--prompts 16 --blocks 10]   # error vs training minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+
+import numpy as np
+
+from bcjax.toyworld.evaluate import FIELDS, eval_scenes, load_model, run_grid, setting_name, settings
+
+# Two-sided 95% Student t quantiles by degrees of freedom (scipy is not a dependency).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t95(dof: int) -> float:
+    """The 95% two-sided Student t quantile (the nearest tabulated dof at or below; 1.96 past 120)."""
+    if dof < 1:
+        return float("nan")
+    if dof > 120:
+        return 1.96
+    return _T95[max(d for d in _T95 if d <= dof)]
+
+
+def mean_ci(x) -> tuple[float, float]:
+    """(mean, 95% confidence half-width) of the samples x [N]."""
+    x = np.asarray(x, np.float64).ravel()
+    if x.size < 2:
+        return float(x.mean()) if x.size else float("nan"), float("nan")
+    return float(x.mean()), float(t95(x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+
+
+def run_model(path: str, prompts: int, seeds: int, blocks: int, progress=print) -> dict:
+    """{setting: {field: [seeds, prompts, blocks]}} for one model over every schedule."""
+    model = load_model(path)
+    scenes = eval_scenes(model.world, prompts)
+    out: dict[str, dict[str, list]] = {}
+    for seed in range(seeds):
+        t0 = time.perf_counter()
+        metrics, _, _ = run_grid(model, scenes, blocks, seed, settings(), baselines=seed == 0, progress=None)
+        for name, m in metrics.items():
+            for k in FIELDS:
+                out.setdefault(name, {}).setdefault(k, []).append(m[k])
+        if progress:
+            progress(f"  {path}: seed {seed} in {time.perf_counter() - t0:.0f} s")
+    peak2 = (2 * model.world.amplitude) ** 2
+    res = {name: {k: np.stack(v) for k, v in m.items()} for name, m in out.items()}
+    for m in res.values():  # a sample's PSNR is of its mean MSE (as the harness's summary)
+        m["psnr_sample"] = 10 * np.log10(peak2 / np.maximum(m["mse"].mean(-1), 1e-12))
+    return res
+
+
+def cells(metrics: dict, field: str) -> dict[str, dict]:
+    """{setting: {mean, ci, diff, diff_ci}} of one field: per-sample means over blocks; diff is the
+    paired difference to sequential (same prompt and seed)."""
+    def samples(m):  # [seeds, prompts]
+        return m["psnr_sample"] if field == "psnr" and "psnr_sample" in m else m[field].mean(-1)
+
+    seq = samples(metrics["sequential"])
+    out = {}
+    for name, m in metrics.items():
+        x = samples(m)
+        mean, ci = mean_ci(x)
+        cell = {"mean": mean, "ci": ci, "n": int(x.size)}
+        if name not in ("sequential", "still", "init") and x.shape == seq.shape:
+            cell["diff"], cell["diff_ci"] = mean_ci(x - seq)
+        out[name] = cell
+    return out
+
+
+def study_md(results: dict, blocks: int) -> str:
+    names = [setting_name(s, w) for s, w in settings()] + ["still"]
+    lines = []
+    for field, label in (("pos_err", "sprite position error, px"), ("psnr", "PSNR, dB"), ("mse", "MSE"),
+                         ("colour", "frames with the sprite's colour right"), ("jump", "seam jump, px")):
+        lines += [f"### {label}: mean +- 95% CI (paired difference to sequential in brackets)", "",
+                  "| setting | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+        per_model = {m: cells(r, field) for m, r in results.items()}
+        for name in names:
+            row = []
+            for m in results:
+                c = per_model[m].get(name)
+                if c is None:
+                    row.append("-")
+                    continue
+                s = f"{c['mean']:.3f} +- {c['ci']:.3f}"
+                if "diff" in c:
+                    sig = "*" if abs(c["diff"]) > c["diff_ci"] else ""
+                    s += f" [{c['diff']:+.3f} +- {c['diff_ci']:.3f}{sig}]"
+                row.append(s)
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["`*`: the paired difference's 95% interval excludes 0. A sample is one (prompt, seed); its PSNR is of its mean MSE.", "",
+              f"Position error per block (mean over prompts and seeds), blocks 1..{blocks}:", "",
+              "| model | setting | " + " | ".join(f"b{b + 1}" for b in range(blocks)) + " |",
+              "|---" * (blocks + 2) + "|"]
+    for m, r in results.items():
+        for name in names:
+            if name in r:
+                lines.append(f"| {m} | {name} | " + " | ".join(f"{v:.2f}" for v in r[name]["pos_err"].mean((0, 1))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_study(out: str, results: dict, blocks: int, extra: dict) -> str:
+    from bcjax.toyworld.png import line_plot, write_png
+
+    os.makedirs(out, exist_ok=True)
+    text = study_md(results, blocks)
+    with open(os.path.join(out, "study.md"), "w") as f:
+        f.write(text)
+    summary = {m: {k: cells(r, k) for k in FIELDS} for m, r in results.items()}
+    with open(os.path.join(out, "study.json"), "w") as f:
+        json.dump({**extra, "cells": summary}, f, indent=2)
+    with open(os.path.join(out, "per_block.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "setting", "block", *(f"{k}_mean" for k in FIELDS)])
+        for m, r in results.items():
+            for name, v in r.items():
+                for b in range(blocks):
+                    w.writerow([m, name, b + 1, *(f"{v[k][..., b].mean():.6g}" for k in FIELDS)])
+    palette = ((0, 0, 0), (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
+               (152, 223, 138), (150, 150, 150))
+    for m, r in results.items():
+        series = {n: v["pos_err"].mean((0, 1)) for n, v in r.items() if n != "init"}
+        write_png(os.path.join(out, f"pos_err_per_block-{m}.png"),
+                  line_plot(series, log_y=False, colours=palette, legend=True))
+    return text
+
+
+def curve(run: str, prompts: int, blocks: int, seed: int = 0) -> list[dict]:
+    """Sequential error of every snapshot of a run (`train --snapshots`) against its training
+    minutes (wall and process CPU, all sessions), and the final model's."""
+    from bcjax.checkpoint import read_config
+    from bcjax.toyworld.evaluate import summary
+
+    root = os.path.join(run, "snapshots")
+    paths = [os.path.join(root, d) for d in sorted(os.listdir(root))] if os.path.isdir(root) else []
+    rows = []
+    for path in paths:
+        prov = read_config(path)["provenance"]
+        stages = prov.get("stages", [])
+        model = load_model(path)
+        scenes = eval_scenes(model.world, prompts)
+        metrics, _, _ = run_grid(model, scenes, blocks, seed, [("sequential", None)], baselines=False, progress=None)
+        s = summary(metrics, model.world)["sequential"]
+        rows.append({"step": prov["step"], "stage": stages[-1]["stage"] if stages else "?",
+                     "wall_min": sum(x["wall_s"] for x in stages) / 60, "cpu_min": sum(x["cpu_s"] for x in stages) / 60,
+                     "pos_err": s["pos_err"], "pos_err_last": float(metrics["sequential"]["pos_err"][:, -1].mean()),
+                     "psnr": s["psnr"], "colour": s["colour"]})
+        print(json.dumps(rows[-1]))
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", default=[], help="NAME=CHECKPOINT (repeat); a run folder or model dir")
+    p.add_argument("--curve", help="a training run folder with snapshots/: error against training minutes")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--blocks", type=int, default=10)
+    p.add_argument("--out", default="study")
+    a = p.parse_args(argv)
+    if a.curve:
+        rows = curve(a.curve, a.prompts, a.blocks)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "curve.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+        return {"curve": rows}
+    if not a.model:
+        raise SystemExit("give --model NAME=CHECKPOINT (one or more) or --curve RUN")
+    models = {}
+    for spec in a.model:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--model {spec!r}: expected NAME=CHECKPOINT")
+        models[name] = path
+    results = {}
+    for name, path in models.items():
+        results[name] = run_model(path, a.prompts, a.seeds, a.blocks)
+    text = write_study(a.out, results, a.blocks, {"models": models, "prompts": a.prompts, "seeds": a.seeds,
+                                                  "blocks": a.blocks})
+    print(text)
+    return {"results": results}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Krea Realtime 14B's loop (issue 17, rules 1-6 of `bcjax.pipeline.krea`), each against a case
+computed by hand: closed forms for the sampler, and one plain forward over [context | block]
+with a block-causal mask for the rebuilt context and its positions."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ports
+from bcjax.cascade import Cascade
+from bcjax.model import encode_text
+from bcjax.model.wan import forward
+from bcjax.pipeline import SequentialPipeline
+from bcjax.pipeline.krea import KreaPipeline
+from bcjax.schedule.flow import block_noise
+
+HW = (4, 6)
+KREA = ports.get("krea_14b").pipeline
+forward = jax.jit(forward, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def text(tiny_cfg, tiny_params):
+    ctx = np.random.default_rng(17).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
+    return encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx))
+
+
+def test_rule1_timesteps_and_sigmas():
+    # the server's float32 list: the warp of [1000, 750, 500, 250, 0] at shift 5, every entry a pass
+    np.testing.assert_allclose(KREA.timesteps, [1000.0, 937.5, 833.3333, 625.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(KREA.sigmas, [1.0, 0.9375, 0.8333333, 0.625, 0.0049800797], rtol=1e-6)
+    four = dataclasses.replace(KREA, denoising_steps=(1000, 666, 333, 0))
+    np.testing.assert_allclose(four.timesteps, [1000.0, 908.8428, 713.9794, 0.0], rtol=1e-6)
+    # the same list with the trailing 0 as the end point (Self-Forcing's reading): 4 passes
+    assert dataclasses.replace(KREA, trailing_zero="end").num_steps == 4 and KREA.num_steps == 5
+
+
+def _constant_flow(cfg, params, flow):
+    """Parameters whose DiT predicts the same flow [C] everywhere (head kernel 0, bias = flow)."""
+    _, ph, pw = cfg.patch_size
+    head = dict(params["head"])
+    head["head"] = {"kernel": jnp.zeros_like(params["head"]["head"]["kernel"]),
+                    "bias": jnp.asarray(np.tile(flow, ph * pw), jnp.float32)}
+    return {**params, "head": head}
+
+
+def test_rule2_every_entry_a_pass_output_the_t0_x0(tiny_cfg, tiny_params, text):
+    flow = np.linspace(-1, 1, tiny_cfg.out_channels).astype(np.float32)
+    params = _constant_flow(tiny_cfg, tiny_params, flow)
+    key = jax.random.key(2)
+    got = np.asarray(KreaPipeline(tiny_cfg, KREA, HW).generate(params, text, 2, key))
+    sig = [1.0, 0.9375, 0.8333333, 0.625, 0.0049800797]  # sigma(0) = table entry 999, not 0
+    for b in range(2):
+        shape = (1, 3, *HW, tiny_cfg.in_channels)
+        x = np.asarray(block_noise(key, b, 0, shape))
+        for k in range(5):
+            x0 = x - sig[k] * flow
+            if k < 4:
+                x = (1 - sig[k + 1]) * x0 + sig[k + 1] * np.asarray(block_noise(key, b, k + 1, shape))  # 4 fresh draws
+        np.testing.assert_allclose(got[:, 3 * b:3 * b + 3], x0, atol=1e-5)
+
+
+def _by_hand(cfg, params, text, context, key, block):
+    """Block `block` (>= 1) as one plain forward per pass over [context (t = 0, RoPE 0..2) |
+    block (RoPE 3..5)] where the context rows see only the context (rules 3-5)."""
+    p = cfg.tokens_per_frame(*HW)
+    mask = np.ones((1, 2, 6 * p), bool)
+    mask[0, 0, 3 * p:] = False
+    shape = (1, 3, *HW, cfg.in_channels)
+    x = block_noise(key, block, 0, shape)
+    for k, (t, s) in enumerate(zip(KREA.timesteps, KREA.sigmas)):
+        t_all = jnp.concatenate([jnp.zeros((1, 3)), jnp.full((1, 3), t)], axis=1)
+        v, _ = forward(cfg, params, jnp.concatenate([context, x], axis=1), t_all, text, jnp.arange(6), None,
+                       jnp.asarray(mask))
+        x0 = x - s * v[:, 3:]
+        if k < KREA.num_steps - 1:
+            x = (1 - KREA.sigmas[k + 1]) * x0 + KREA.sigmas[k + 1] * block_noise(key, block, k + 1, shape)
+    return np.asarray(x0)
+
+
+@pytest.mark.parametrize("keep_first_frame", [False, True])
+def test_rules3_to_6_rebuilt_context(tiny_cfg, tiny_params, text, keep_first_frame):
+    pcfg = dataclasses.replace(KREA, keep_first_frame=keep_first_frame)
+    key = jax.random.key(3)
+    seen = []
+
+    def reencode(x0):  # a stand-in VAE round trip that is easy to recognise
+        seen.append(np.asarray(x0))
+        return 0.5 * x0[:, :1] + 0.25
+
+    out = np.asarray(KreaPipeline(tiny_cfg, pcfg, HW).generate(tiny_params, text, 4, key, reencode))
+    assert len(seen) == 4  # every block goes through the round trip, in order
+    blocks = [out[:, 3 * b:3 * b + 3] for b in range(4)]
+    # block 0: no context, RoPE 0..2
+    shape = (1, 3, *HW, tiny_cfg.in_channels)
+    x = block_noise(key, 0, 0, shape)
+    for k, (t, s) in enumerate(zip(KREA.timesteps, KREA.sigmas)):
+        v, _ = forward(tiny_cfg, tiny_params, x, jnp.full((1, 3), t), text, jnp.arange(3))
+        x0 = x - s * v
+        if k < 4:
+            x = (1 - KREA.sigmas[k + 1]) * x0 + KREA.sigmas[k + 1] * block_noise(key, 0, k + 1, shape)
+    np.testing.assert_allclose(blocks[0], np.asarray(x0), atol=2e-5)
+    # block 1: frames 0, 1, 2 as generated
+    np.testing.assert_allclose(blocks[1], _by_hand(tiny_cfg, tiny_params, text, blocks[0], key, 1), atol=2e-5)
+    # block b >= 2: [R (or frame 0), 3b-2, 3b-1]; nothing else of the past matters
+    for b in (2, 3):
+        head = blocks[0][:, :1] if keep_first_frame else 0.5 * blocks[b - 1][:, :1] + 0.25
+        context = np.concatenate([head, blocks[b - 1][:, 1:]], axis=1)
+        np.testing.assert_allclose(blocks[b], _by_hand(tiny_cfg, tiny_params, text, context, key, b), atol=2e-5)
+
+
+def test_clean_pass_variant_keeps_its_name_and_bad_combinations_are_named(tiny_cfg):
+    clean = ports.get("krea_14b_clean_pass").pipeline
+    assert clean.context == "clean-pass" and clean.num_steps == 4
+    keep = dataclasses.replace(KREA, keep_first_frame=True)
+    with pytest.raises(ValueError, match="keep_first_frame=True needs bcjax.pipeline.krea.KreaPipeline"):
+        SequentialPipeline(tiny_cfg, keep, HW)
+    with pytest.raises(ValueError, match="keep_first_frame=True needs bcjax.pipeline.krea.KreaPipeline"):
+        Cascade(tiny_cfg, keep, HW, "P1", "causal")
+    with pytest.raises(ValueError, match="needs PipelineConfig\\(context='rebuild'\\)"):
+        KreaPipeline(tiny_cfg, clean, HW)
+    with pytest.raises(ValueError, match="keep_first_frame=True needs context='rebuild'"):
+        dataclasses.replace(clean, keep_first_frame=True)
+
+
+def test_cascade_in_krea_mode(tiny_cfg, tiny_params, text):
+    """Krea's rebuild pass is the cascade's clean stage (block b-1 at t = 0 seeing only itself;
+    its K/V a one-block cache): P1-causal == Krea's own loop; the same for the sequential
+    pipeline; P4 sharded over 5 devices == batched."""
+    key = jax.random.key(6)
+    ref = np.asarray(KreaPipeline(tiny_cfg, KREA, HW).generate(tiny_params, text, 5, key))
+    seq = np.asarray(SequentialPipeline(tiny_cfg, KREA, HW).generate(tiny_params, text, 5, key))
+    p1 = np.asarray(Cascade(tiny_cfg, KREA, HW, "P1", "causal").generate(tiny_params, text, 5, key))
+    print(f"Krea mode vs KreaPipeline: sequential {np.abs(seq - ref).max():.1e}, P1-causal {np.abs(p1 - ref).max():.1e}")
+    assert np.abs(seq - ref).max() <= 1e-5 and np.abs(p1 - ref).max() <= 1e-5
+    for window in ("causal", "bidirectional"):
+        one = np.asarray(Cascade(tiny_cfg, KREA, HW, "P4", window).generate(tiny_params, text, 5, key))
+        assert np.abs(one - ref).max() > 1e-3  # a real cascade: blocks start from noisy context
+        if jax.device_count() >= 5:
+            from bcjax.cascade import make_mesh
+
+            five = np.asarray(Cascade(tiny_cfg, KREA, HW, "P4", window, make_mesh(5)).generate(tiny_params, text, 5, key))
+            assert np.abs(five - one).max() <= 1e-5
+
+
+_BITS = """
+import os, sys, hashlib
+sys.path.insert(0, {tests!r})
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from torch_oracle import random_wan_state_dict, to_numpy
+from checkpoints_conv import wan as wan_conv
+import ports
+from bcjax.model import WanConfig, encode_text
+from bcjax.pipeline.krea import KreaPipeline
+cfg = WanConfig.preset("tiny", attention="xla")
+params = jax.tree_util.tree_map(jnp.asarray, wan_conv.convert(to_numpy(random_wan_state_dict(cfg, seed=0)), cfg))
+ctx = np.random.default_rng(17).standard_normal((1, cfg.text_len, cfg.text_dim)).astype(np.float32)
+text = encode_text(cfg, params, jnp.asarray(ctx))
+out = KreaPipeline(cfg, ports.get("krea_14b").pipeline, (4, 6)).generate(params, text, 3, jax.random.key(5))
+print(jax.device_count(), hashlib.sha256(np.asarray(out).tobytes()).hexdigest())
+"""
+
+
+def test_sequential_krea_mode_is_bit_stable_across_1_and_5_devices():
+    pytest.importorskip("torch")
+    code = _BITS.format(tests=os.path.dirname(__file__))
+    digests = []
+    for n in (1, 5):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        count, digest = out.stdout.split()[-2:]
+        assert int(count) == n
+        digests.append(digest)
+    assert digests[0] == digests[1]

@@ -1,0 +1,130 @@
+"""Krea's interactive features (issue 17, part 5): prompt interpolation over N blocks (combinable
+with the cascade) and video-to-video strength."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ports
+from bcjax.cascade import Cascade
+from bcjax.compile_count import CompileCounter
+from bcjax.model import encode_text
+from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.interactive import stream
+from bcjax.pipeline.krea import KreaPipeline
+from bcjax.pipeline.prompts import interpolate_schedule, with_strength
+
+HW = (4, 6)
+
+
+def test_interpolation_ramps_like_torch_lerp():
+    a, b, c = (np.full((1, 2, 3), v, np.float32) for v in (0.0, 3.0, 9.0))
+    got = interpolate_schedule([(0, a), (3, b)], 4)
+    assert [s for s, _ in got] == [0, 3, 4, 5, 6]
+    np.testing.assert_allclose([e[0, 0, 0] for _, e in got], [0.0, 0.0, 1.0, 2.0, 3.0], atol=1e-6)
+    # a switch during a ramp starts from the embedding in force there, and cuts the ramp
+    got = interpolate_schedule([(0, a), (3, b), (5, c)], 4)
+    assert [s for s, _ in got] == [0, 3, 4, 5, 6, 7, 8]
+    np.testing.assert_allclose([e[0, 0, 0] for _, e in got], [0, 0, 1, 1, 1 + 8 / 3, 1 + 16 / 3, 9], atol=1e-5)
+    with pytest.raises(ValueError, match="need >= 2"):
+        interpolate_schedule([(0, a), (3, b)], 1)
+
+
+def test_interpolated_stream_in_sequential_and_cascade(tiny_cfg, tiny_params):
+    rng = np.random.default_rng(7)
+    embs = [rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32) for _ in range(2)]
+    ramp = interpolate_schedule([(0, embs[0]), (2, embs[1])], 3)
+    sched = [(s, encode_text(tiny_cfg, tiny_params, jnp.asarray(e))) for s, e in ramp]
+    pcfg = PipelineConfig(window_frames=9)
+    key = jax.random.key(1)
+    seq = list(stream(SequentialPipeline(tiny_cfg, pcfg, HW), tiny_params, sched, key, 6))
+    assert [e.prompt for e in seq] == [0, 0, 1, 2, 3, 3]  # blocks 2, 3, 4 ramp (w = 0, 1/2, 1)
+    # P1-causal == sequential up to the first block with weight > 0 (a cascade tick has one
+    # text, the entering block's, so later its predecessor's clean pass already sees the next one)
+    p1 = list(stream(Cascade(tiny_cfg, pcfg, HW, "P1", "causal"), tiny_params, sched, key, 6))
+    np.testing.assert_allclose(np.concatenate([e.x0 for e in p1[:3]], 1), np.concatenate([e.x0 for e in seq[:3]], 1),
+                               atol=1e-5)
+    cas = Cascade(tiny_cfg, pcfg, HW, "P4", "bidirectional")
+    plain = np.concatenate([e.x0 for e in stream(cas, tiny_params, sched[:1], key, 6)], 1)
+    with CompileCounter() as cc:  # every ramp block's K/V go through the same compiled tick
+        p4 = list(stream(cas, tiny_params, sched, key, 6))
+    assert cc.count == 0 and [e.block for e in p4] == list(range(6))
+    assert np.abs(np.concatenate([e.x0 for e in p4], 1)[:, 12:] - plain[:, 12:]).max() > 1e-3
+
+
+def test_strength_spreads_the_steps_as_krea_does():
+    krea = ports.get("krea_14b").pipeline
+    assert with_strength(krea, 1.0).denoising_steps == krea.denoising_steps
+    half = with_strength(krea, 0.6)
+    assert half.denoising_steps == (600, 450, 300, 150, 0) and half.num_steps == 5
+    np.testing.assert_allclose(half.timesteps[0], 1000 * 5 * 0.6 / (1 + 4 * 0.6), rtol=1e-6)  # warped
+    sf = ports.get("self_forcing").pipeline
+    assert with_strength(sf, 1.0).denoising_steps == tuple(sf.denoising_steps)
+    assert with_strength(sf, 0.6).denoising_steps == (600, 450, 300, 150)  # the 0 stays the end point
+    assert with_strength(ports.get("causvid").pipeline, 0.8).denoising_steps == (757, 522)  # un-warped: cut
+    with pytest.raises(ValueError, match="must lie in"):
+        with_strength(sf, 0.0)
+
+
+@pytest.mark.parametrize("runner", ["sequential", "krea"])
+def test_video_to_video_follows_the_source_as_strength_drops(tiny_cfg, tiny_params, runner):
+    text = encode_text(tiny_cfg, tiny_params, jnp.asarray(
+        np.random.default_rng(8).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
+    source = jax.random.normal(jax.random.key(9), (1, 6, *HW, tiny_cfg.in_channels))
+    base = ports.get("krea_14b").pipeline if runner == "krea" else PipelineConfig(window_frames=9)
+    errs = []
+    for strength in (1.0, 0.5, 0.05):
+        pcfg = with_strength(base, strength)
+        pipe = KreaPipeline(tiny_cfg, pcfg, HW) if runner == "krea" else SequentialPipeline(tiny_cfg, pcfg, HW)
+        out = pipe.generate(tiny_params, text, 2, jax.random.key(3), source=source) if runner == "krea" else \
+            jnp.concatenate(list(pipe.blocks(tiny_params, text, jax.random.key(3), 2, source=source)), axis=1)
+        errs.append(float(jnp.sqrt(jnp.mean((out - source) ** 2))))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.5 * errs[0], errs
+    with pytest.raises(ValueError, match="source latents must be"):
+        next(SequentialPipeline(tiny_cfg, PipelineConfig(window_frames=9), HW).blocks(
+            tiny_params, text, jax.random.key(3), 3, source=source))
+
+
+def test_krea_steps_like_the_other_runners(tiny_cfg, tiny_params):
+    """KreaPipeline has the shared stepping interface: a stream (with a prompt switch and a
+    given first block) equals its own block loop; a recache policy is refused by name."""
+    rng = np.random.default_rng(11)
+    texts = [encode_text(tiny_cfg, tiny_params, jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)),
+                                                           jnp.float32)) for _ in range(2)]
+    pipe = KreaPipeline(tiny_cfg, ports.get("krea_14b").pipeline, HW)
+    key = jax.random.key(4)
+    ref = np.asarray(pipe.generate(tiny_params, texts[0], 4, key))
+    got = np.concatenate([e.x0 for e in stream(pipe, tiny_params, [(0, texts[0])], key, 4)], axis=1)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    cont = [e for e in stream(pipe, tiny_params, [(0, texts[0]), (2, texts[1])], key, 3, context=jnp.asarray(ref[:, :3]))]
+    assert [e.block for e in cont] == [1, 2, 3] and [e.prompt for e in cont] == [0, 1, 1]
+    np.testing.assert_allclose(cont[0].x0, ref[:, 3:6], atol=1e-6)  # block 1 from the given block 0
+    assert np.abs(cont[1].x0 - ref[:, 6:9]).max() > 1e-3  # the switch takes effect at block 2
+    with pytest.raises(ValueError, match="keeps no cache"):
+        list(stream(pipe, tiny_params, [(0, texts[0]), (1, texts[1])], key, 3, policy="recache"))
+
+
+def test_video_to_video_on_the_toy_world():
+    """The shipped toy model continues its still image with the ground-truth video as the v2v
+    input: at a low strength the output stays close to that video. (In between, this weak model's
+    x0 predictions blur more than its pure-noise samples: the figures are printed, not pinned.)"""
+    from bcjax.toyworld.evaluate import eval_scenes, load_model
+    from bcjax.toyworld.world import position_error, prompt_embedding, render
+
+    model = load_model()
+    world, cfg = model.world, model.cfg
+    bf, hw, nb = world.block_frames, (world.size, world.size), 4
+    scenes = eval_scenes(world, 4)
+    truth = np.stack([render(s, (1 + nb) * bf, world) for s in scenes])
+    text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
+    errs, mses = {}, {}
+    for strength in (1.0, 0.6, 0.3, 0.02):
+        pipe = SequentialPipeline(cfg, with_strength(model.pcfg, strength), hw)
+        cache = pipe.prefill(model.params, text, jnp.asarray(truth[:, :bf]))
+        out = np.concatenate([np.asarray(x) for x in pipe.blocks(model.params, text, jax.random.key(0), nb, cache,
+                                                                first_block=1, source=jnp.asarray(truth[:, bf:]))], 1)
+        errs[strength] = float(np.mean([position_error(o, s, world, bf)[0].mean() for o, s in zip(out, scenes)]))
+        mses[strength] = float(np.mean((out - truth[:, bf:]) ** 2))
+    print("toy-world v2v from the true video: position error px", errs, "MSE", mses)
+    assert mses[0.02] < 0.5 * mses[1.0] and errs[0.02] < errs[1.0]

@@ -1,0 +1,88 @@
+"""`bcjax serve` in a real browser: Debian's headless Chromium, driven by playwright-python, loads
+the page, sees frames arrive, switches the prompt, sees the switch latency, and saves a screenshot."""
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+CHROMIUM = os.environ.get("BCJAX_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+def _wait(page, js: str, timeout_s: float = 60.0, what: str = ""):
+    """Poll a JavaScript expression until it is truthy; its value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = page.evaluate(js)
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what or js}")
+
+
+def test_page_streams_switches_and_shows_the_latency(tmp_path):
+    from playwright.sync_api import sync_playwright
+    from serve_helpers import served
+
+    s = served()
+    shot = os.environ.get("BCJAX_SCREENSHOT") or str(tmp_path / "serve.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 960, "height": 720})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(s.url + "/")
+            _wait(page, "document.getElementById('conn').textContent === 'online' && window.bcjax.model", what="the hello")
+            assert page.input_value("#prompt") == "red south-east fast"
+            page.fill("#prompt", "red so")  # completion from the world's vocabulary
+            options = page.eval_on_selector_all("#completions option", "os => os.map(o => o.value)")
+            assert options == ["red south-east", "red south", "red south-west"]
+            page.fill("#prompt", "red south-east fast")
+            assert page.locator("#strip .cell").count() == 5  # 4 denoising stages + the clean pass
+            page.select_option("#schedule", "P4")
+            page.select_option("#fps", "30")
+            page.click("#start")
+            _wait(page, "window.bcjax.framesDrawn >= 4", what="frames drawn")
+            first = page.evaluate("document.getElementById('video').toDataURL()")
+            _wait(page, f"document.getElementById('video').toDataURL() !== {first!r}", what="the canvas to change")
+            # the strip shows P4's five blocks at five noise levels
+            _wait(page, "[...document.querySelectorAll('#strip .blk')].filter(b => b.textContent).length === 5",
+                  what="a full cascade in the strip")
+            # a bad prompt: a message, and the stream goes on under the old prompt
+            drawn = page.evaluate("window.bcjax.framesDrawn")
+            page.fill("#prompt", "red sideways fast")
+            page.press("#prompt", "Enter")
+            _wait(page, "document.getElementById('message').textContent.includes('unknown word')", what="the error message")
+            _wait(page, f"window.bcjax.framesDrawn > {drawn + 3}", what="frames after the bad prompt")
+            assert page.text_content("#latency") == "–"
+            # a good one: the switch latency appears
+            page.fill("#prompt", "red west slow")
+            page.press("#prompt", "Enter")
+            latency = _wait(page, "(t => /^\\d+ ms$/.test(t) && t)(document.getElementById('latency').textContent)",
+                            what="the switch latency")
+            assert page.text_content("#message") == ""
+            ms = int(re.match(r"(\d+)", latency).group(1))
+            assert 0 < ms < 30_000
+            assert page.locator("#switches tbody tr").count() == 1
+            assert page.evaluate("window.bcjax.latencies[0].policy") == "no-recache"
+            page.screenshot(path=shot)
+            page.click("#stop")
+            _wait(page, "document.getElementById('state').textContent.startsWith('stopped')", what="stopped")
+            time.sleep(0.3)  # frames already queued may still arrive
+            blocks = page.evaluate("window.bcjax.blocks")
+            time.sleep(0.5)
+            assert page.evaluate("window.bcjax.blocks") == blocks, "blocks kept coming after stop"
+            page.click("#reset")
+            _wait(page, "window.bcjax.stream === null && document.getElementById('bps').textContent === '–'",
+                  what="the page reset")
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert os.path.getsize(shot) > 10_000
