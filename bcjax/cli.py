@@ -46,12 +46,14 @@ def _primary() -> bool:
 def _save_atomic(path: str, array) -> None:
     import numpy as np
 
+    from bcjax.pipeline.video import publish
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy", delete=False) as f:
         np.save(f, np.asarray(array))
         tmp = f.name
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def _setup(args):

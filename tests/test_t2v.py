@@ -2,13 +2,13 @@
 
 import dataclasses
 
-import imageio_ffmpeg
 import jax
 import numpy as np
 import pytest
 
 from bcjax import checkpoint
 from bcjax.cli import main
+from bcjax.pipeline.video import read_mp4
 from bcjax.text.umt5 import UMT5Config
 from bcjax.vae.wan_vae import VAEConfig
 
@@ -64,9 +64,8 @@ def tiny_checkpoint(sources, tiny_cfg, tiny_params):
 
 
 def _probe(path):
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    return meta["size"], sum(1 for _ in reader)
+    frames = read_mp4(str(path))  # not imageio_ffmpeg.read_frames: its pre-exec hook forks under JAX
+    return (frames.shape[2], frames.shape[1]), len(frames)
 
 
 @pytest.mark.parametrize("schedule", ["sequential", "P4"])

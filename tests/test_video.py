@@ -1,22 +1,17 @@
 """The mp4 writer: right frame count and size, playable after an interruption, clear errors."""
 
-import imageio_ffmpeg
+import os
+
 import numpy as np
 import pytest
 
-from bcjax.pipeline.video import Mp4Writer
+from bcjax.pipeline.video import Mp4Writer, read_mp4
 
 
 def _probe(path):
-    """((width, height), frames) of an mp4, decoded by ffmpeg through a plain subprocess (not
-    imageio_ffmpeg.read_frames, whose pre-exec hook would fork() under JAX's threads)."""
-    import re
-    import subprocess
-
-    run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-f", "rawvideo", "-pix_fmt",
-                          "rgb24", "-"], capture_output=True, check=True)
-    w, h = map(int, re.search(rb"Video: .*?, (\d+)x(\d+)", run.stderr).groups())
-    return (w, h), len(run.stdout) // (w * h * 3)
+    """((width, height), frames) of an mp4."""
+    frames = read_mp4(str(path))
+    return (frames.shape[2], frames.shape[1]), len(frames)
 
 
 def test_frames_appended_in_chunks(tmp_path):
@@ -27,6 +22,9 @@ def test_frames_appended_in_chunks(tmp_path):
             w.write(np.random.default_rng(0).uniform(-1, 1, (12, 48, 64, 3)))
     assert _probe(out) == ((64, 48), 37)
     assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
 
 
 def test_interrupted_stream_leaves_a_playable_file(tmp_path):
@@ -57,7 +55,7 @@ if sys.argv[1] == "imageio":  # how the writer used to start ffmpeg (preexec_fn=
     g = imageio_ffmpeg.write_frames(sys.argv[2], (32, 32), fps=8, macro_block_size=1, ffmpeg_log_level="error")
     g.send(None); g.send(np.zeros((32, 32, 3), np.uint8).tobytes()); g.close()
 else:
-    from bcjax.pipeline.video import Mp4Writer
+    from bcjax.pipeline.video import Mp4Writer, read_mp4
     with Mp4Writer(sys.argv[2], fps=8) as w:
         w.write(np.zeros((4, 32, 32, 3), np.uint8))
 """

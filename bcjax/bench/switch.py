@@ -21,9 +21,9 @@ import numpy as np
 
 import ports
 from bcjax.cascade import Cascade
+from bcjax.interactive import stream
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
-from bcjax.interactive import stream
 from bcjax.pipeline.recache import POLICIES
 from bcjax.pipeline.sequential import SequentialPipeline
 

@@ -21,7 +21,7 @@ from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.pipeline.streaming import drain, overlapped
-from bcjax.pipeline.video import Mp4Writer, NullWriter, to_uint8
+from bcjax.pipeline.video import Mp4Writer, NullWriter, read_mp4, to_uint8
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings
 from bcjax.vae.wan_vae import VAEConfig, decode_step, encode, init_decode_state
@@ -109,24 +109,11 @@ class TextToVideo:
     def encode_video(self, path: str) -> jax.Array:
         """Video-to-video input: an mp4 of exactly video_hw -> normalised latents [1, F, h, w, C]
         (its first 1 + 4k frames through the VAE encoder, whole clip)."""
-        import re
-        import subprocess
-
-        import imageio_ffmpeg
-
-        if not os.path.isfile(path):
-            raise ValueError(f"--video {path}: no such file")
-        # plain subprocess (no pre-exec hook, unlike imageio_ffmpeg.read_frames): no fork() under JAX's threads
-        run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", path, "-f", "rawvideo", "-pix_fmt",
-                              "rgb24", "-"], capture_output=True, check=False)
-        size = re.search(rb"Video: .*?(\d{2,5})x(\d{2,5})", run.stderr)
-        if run.returncode or size is None:
-            raise ValueError(f"--video {path}: ffmpeg cannot read it ({run.stderr.decode(errors='replace')[-300:]})")
-        w, h = int(size.group(1)), int(size.group(2))
+        frames = read_mp4(path)
+        h, w = frames.shape[1:3]
         if (h, w) != tuple(self.video_hw):
             raise ValueError(f"--video {path} is {h}x{w}; this run makes {self.video_hw[0]}x{self.video_hw[1]} "
                              "(resize it or pass --size)")
-        frames = np.frombuffer(run.stdout, np.uint8).reshape(-1, h, w, 3)
         t = self.vae_cfg.temporal_scale
         usable = 1 + t * ((len(frames) - 1) // t)
         need = 1 + t * (self.pcfg.block_frames - 1)  # one block's latent frames

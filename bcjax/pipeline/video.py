@@ -24,6 +24,34 @@ from fractions import Fraction
 import numpy as np
 
 
+def publish(tmp: str, path: str) -> None:
+    """Move a finished temporary file into place with the permissions a plain open() would have
+    given it (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def read_mp4(path: str) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] of a video file, decoded by imageio-ffmpeg's ffmpeg through a plain
+    subprocess (not `imageio_ffmpeg.read_frames`, whose pre-exec hook would fork() under JAX's
+    threads; see the module docstring)."""
+    import re
+
+    import imageio_ffmpeg
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such video file")
+    run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], capture_output=True, check=False)
+    size = re.search(rb"Video: .*?(\d{2,5})x(\d{2,5})", run.stderr)
+    if run.returncode or size is None:
+        raise ValueError(f"{path}: ffmpeg cannot read it ({run.stderr.decode(errors='replace')[-300:]})")
+    w, h = int(size.group(1)), int(size.group(2))
+    return np.frombuffer(run.stdout, np.uint8).reshape(-1, h, w, 3)
+
+
 def to_uint8(frames) -> np.ndarray:
     """Video in [-1, 1] (the VAE's range), [T, H, W, 3] -> uint8."""
     return np.clip((np.asarray(frames, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
@@ -73,7 +101,7 @@ class Mp4Writer:
                 pass
             if proc.wait() != 0:
                 raise OSError(f"ffmpeg writing {self._tmp} exited with code {proc.returncode}")
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
         elif os.path.exists(self._tmp):
             os.remove(self._tmp)  # nothing was written: no empty file left behind
 

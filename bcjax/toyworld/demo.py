@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from bcjax.distributed import is_primary
+from bcjax.pipeline.video import publish
 from bcjax.toyworld.evaluate import ToyModel, block_metrics, eval_scenes, load_model, setting_name, summary
 from bcjax.toyworld.png import draw_text
 from bcjax.toyworld.world import prompt_text, render, to_rgb
@@ -134,7 +135,7 @@ def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, v
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".md", delete=False) as f:
         f.write(text)
-    os.replace(f.name, path)
+    publish(f.name, path)
     return text
 
 
@@ -201,8 +202,8 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     from bcjax.model.wan import encode_text
     from bcjax.pipeline.prompts import interpolate_schedule
     from bcjax.pipeline.streaming import overlapped
-    from bcjax.runners import make_runner
     from bcjax.pipeline.video import Mp4Writer, NullWriter
+    from bcjax.runners import make_runner
     from bcjax.toyworld.world import parse_prompt, prompt_embedding
 
     _check_out(out)

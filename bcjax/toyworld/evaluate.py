@@ -36,8 +36,7 @@ import numpy as np
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
 from bcjax.pipeline.config import PipelineConfig
-from bcjax.toyworld.world import (Scene, WorldConfig, colour_correct, position_error, prompt_embedding, read_positions,
-                                  render, sample_scene)
+from bcjax.toyworld.world import Scene, WorldConfig, colour_correct, position_error, prompt_embedding, read_positions, render, sample_scene
 
 EVAL_SEED = 12345  # prompts are drawn from default_rng([EVAL_SEED, i]); training uses [seed, step]
 SCHEDULES = ("sequential", "P1", "P2", "P4")

@@ -46,8 +46,8 @@ def adherence(model: ToyModel, scenes: list[Scene], num_blocks: int, at_block: i
     """Per generated block after the given image: position error against the new prompt's
     continuation and against the old one ([blocks] means over prompts), and blocks-to-adherence."""
     from bcjax.cascade.cascade import Cascade
-    from bcjax.model.wan import encode_text
     from bcjax.interactive import stream
+    from bcjax.model.wan import encode_text
     from bcjax.pipeline.sequential import SequentialPipeline
 
     world, cfg, pcfg = model.world, model.cfg, model.pcfg

@@ -61,7 +61,6 @@ from bcjax.model.wan import encode_text, forward, init_params
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.toyworld.world import WorldConfig, prompt_embedding, render, sample_scene
 
-
 # Training recipes, in the order of the block-causal lineage (CausVid / Self-Forcing / LongLive):
 # clean-context teacher forcing, diffusion forcing (noisy context as in a cascade tick), then
 # training on the model's own rollouts through the KV cache.
