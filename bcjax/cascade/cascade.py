@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from collections.abc import Iterator
 from functools import partial
 
@@ -158,18 +157,11 @@ class Cascade:
         `init_state`, e.g. with a prefilled cache) continues a stream.
         """
         params, text = self._placed(params, text)
-        state = state if state is not None else self.init_state(text.k.shape[1])
-        first = int(state.first_block)
-        total = num_blocks if num_blocks is not None else self.pcfg.stream_blocks(self.cfg.rope_max_positions, first)
-        if total is not None:
-            self._check_length(total, first)
-        n_blocks = jnp.int32(num_blocks if num_blocks is not None else ENDLESS)
-        st = self.stagger
-        ticks = range(st.emit_tick(total - 1) + 1) if total is not None else itertools.count()
-        for tau in ticks:  # the last clean pass has no reader: skipped
-            state, (x0, _) = self._step(params, text, key, n_blocks, state)
-            if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
-                yield first + (tau - st.emit_stage) // st.stride, local(x0)
+        step = self._begin(state if state is not None else self.init_state(text.k.shape[1]), key, num_blocks)
+        while not self.done(step):  # the last clean pass has no reader: skipped
+            step, out = self.step(params, text, step)
+            if out.block >= 0:
+                yield out.block, out.x0
 
     # -- the stepping interface shared with SequentialPipeline (bcjax.pipeline.stepping) ---------
     def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
@@ -179,6 +171,9 @@ class Cascade:
         params, text = self._placed(params, text)
         batch = text.k.shape[1]
         carry = self.init_state(batch) if context is None else self.init_state(batch, *self.prefill(params, text, context))
+        return self._begin(carry, key, num_blocks)
+
+    def _begin(self, carry: CascadeState, key, num_blocks: int | None) -> StepState:
         first = int(carry.first_block)
         if num_blocks is None:
             num_blocks = self.pcfg.stream_blocks(self.cfg.rope_max_positions, first)

@@ -15,13 +15,13 @@ import jax
 import numpy as np
 
 from bcjax import checkpoint
-from bcjax.cascade.cascade import Cascade
 from bcjax.model.wan import KV, encode_text
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.pipeline.streaming import drain, overlapped
 from bcjax.pipeline.video import Mp4Writer, NullWriter, read_mp4, to_uint8
+from bcjax.runners import make_runner
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings
 from bcjax.vae.wan_vae import VAEConfig, decode_step, encode, init_decode_state
@@ -94,16 +94,12 @@ class TextToVideo:
         if h % scale or w % scale:
             raise ValueError(f"video size {h}x{w} must be a multiple of {scale} (VAE stride x DiT patch)")
         self.latent_hw = (h // self.vae_cfg.spatial_scale, w // self.vae_cfg.spatial_scale)
-        if self.pcfg.context == "rebuild":  # Krea's loop: the context's first frame through the real VAE
-            if self.schedule != "sequential":
-                raise ValueError(f"schedule {self.schedule!r}: a cascade of Krea's rebuilt context (port krea_14b) "
-                                 "takes R = the latent, not Krea's VAE round trip, so it would not make Krea's video; "
-                                 "use --schedule sequential, or the Python API's Cascade, or the port krea_14b_clean_pass")
-            self.denoiser = KreaPipeline(self.dit_cfg, self.pcfg, self.latent_hw)
-        elif self.schedule == "sequential":
-            self.denoiser = SequentialPipeline(self.dit_cfg, self.pcfg, self.latent_hw)
-        else:
-            self.denoiser = Cascade(self.dit_cfg, self.pcfg, self.latent_hw, self.schedule, self.window, self.mesh)
+        if self.pcfg.context == "rebuild" and self.schedule != "sequential":
+            raise ValueError(f"schedule {self.schedule!r}: a cascade of Krea's rebuilt context (port krea_14b) "
+                             "takes R = the latent, not Krea's VAE round trip, so it would not make Krea's video; "
+                             "use --schedule sequential, or the Python API's Cascade, or the port krea_14b_clean_pass")
+        # Krea's loop runs as KreaPipeline here: its context's first frame goes through the real VAE
+        self.denoiser = make_runner(self.dit_cfg, self.pcfg, self.latent_hw, self.schedule, self.window, self.mesh)
         self._embed = jax.jit(lambda p, ids, mask: prompt_embeddings(self.text_cfg, p, ids, mask))
 
     def encode_video(self, path: str) -> jax.Array:
