@@ -6,8 +6,9 @@
       tokenizer/         the sentencepiece model, when a text encoder is bundled
 
 A checkpoint is written into a temporary folder beside DST and renamed into place, so a crash
-never leaves a half-written DST. `restore` reads a part straight onto a mesh (replicated by
-default): every process reads only the shards its devices hold.
+never leaves a half-written DST. `restore` reads a part straight onto a mesh (the DiT split over
+its `model` axis, everything else replicated): every device reads only the shard it holds, so no
+device or host holds a whole copy of a tensor-parallel model.
 """
 
 from __future__ import annotations
@@ -122,14 +123,27 @@ def read_config(path: str) -> dict:
     return meta
 
 
-def restore(path: str, part: str = "dit", *, mesh=None, spec: P = P()):
-    """(config, params) of one part, restored onto `mesh` with PartitionSpec `spec` (default:
-    replicated, what the cascade's `stage` axis wants) or onto the default device."""
+def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None):
+    """(config, params) of one part, restored onto `mesh` or onto the default device.
+
+    spec: one PartitionSpec for every leaf; by default the DiT takes the tensor-parallel layout
+    of `bcjax.model.tensor_parallel` (split over the mesh's `model` axis, replicated over
+    `stage`; fully replicated when model = 1) and other parts are replicated. orbax reads each
+    device's slice of each tensor from the file, so a host reads only what its devices hold.
+    """
     meta = read_config(path)
     if part not in meta["configs"]:
         raise ValueError(f"{path} holds parts {sorted(meta['configs'])}; no {part!r}")
     cfg = meta["configs"][part]
     shapes = _parts()[part][1](cfg)
-    sharding = NamedSharding(mesh, spec) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    if mesh is None:
+        shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+    elif spec is None and part == "dit":
+        from bcjax.model.tensor_parallel import Layout
+        from bcjax.model.tensor_parallel import shardings as tp_shardings
+
+        shardings = tp_shardings(mesh, Layout(cfg, mesh).params)
+    else:
+        shardings = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, spec or P()), shapes)
+    target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return cfg, ocp.StandardCheckpointer().restore(os.path.join(path, part), target)

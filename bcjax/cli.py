@@ -83,21 +83,23 @@ def _run(cfg, port, params, text, key, args, schedule, window):
     import jax
     import jax.numpy as jnp
 
-    from bcjax.cascade import Cascade, make_mesh
+    from bcjax.cascade import Cascade
 
     hw = tuple(args.latent_hw)
     pcfg = _pipeline(port, args)
+    mesh = _mesh(args, cfg)
     if schedule == "sequential":
         from bcjax.runners import make_runner
 
-        runner = make_runner(cfg, pcfg, hw)  # Krea's loop for a rebuilt context; latent only, so R = the latent
+        runner = make_runner(cfg, pcfg, hw, mesh=mesh)  # Krea's loop for a rebuilt context; latent only, so R = the latent
         label = "sequential (Krea: context rebuilt per block, R = latent)" if pcfg.context == "rebuild" else "sequential"
         stream = enumerate(runner.blocks(params, text, key, args.blocks))
     else:
-        mesh = make_mesh(args.devices) if args.devices > 1 else None
         cas = Cascade(cfg, pcfg, hw, schedule, window, mesh)
         stream = cas.blocks(params, text, key, args.blocks)
         label = f"{schedule} {window}, {cas.stagger.in_flight} blocks in flight on {args.devices} device(s)"
+        if args.model > 1:
+            label += f" x {args.model} (tensor parallel)"
     blocks, times = [], []
     t0 = time.perf_counter()
     for b, x0 in stream:
@@ -111,6 +113,20 @@ def _run(cfg, port, params, text, key, args, schedule, window):
     print(f"{label:<60} first block {1e3 * times[0]:7.0f} ms (compile incl.), steady {1e3 * per_block:7.1f} ms/block "
           f"= {12 / per_block:7.1f} FPS")
     return jnp.concatenate(blocks, axis=1), per_block
+
+
+def _mesh(args, cfg=None):
+    """The (stage = --devices, model = --model) mesh, or None for one device; `cfg` checks that
+    --model divides its heads and FFN width before anything compiles."""
+    import jax
+
+    from bcjax.cascade import make_mesh
+
+    model = getattr(args, "model", 1)
+    if args.devices * model > jax.device_count():
+        raise ValueError(f"--devices {args.devices} x --model {model} = {args.devices * model} devices; only "
+                         f"{jax.device_count()} available")
+    return make_mesh(args.devices, model, cfg=cfg) if args.devices * model > 1 else None
 
 
 def _demo(args) -> int:
@@ -135,10 +151,9 @@ def _serve(args) -> int:
         from bcjax.serve import CheckpointBackend, ToyBackend, make_app, server
     except ImportError as e:
         raise ValueError(f"bcjax serve needs the serve extra (pip install 'bcjax[serve]'): {e}") from None
-    from bcjax.cascade import make_mesh
     from bcjax.checkpoint import read_config
 
-    mesh = make_mesh(args.devices) if args.devices > 1 else None
+    mesh = _mesh(args)
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: no such folder")
     if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
@@ -163,8 +178,8 @@ def _eval(args) -> int:
 def _generate(args) -> int:
     import jax
 
-    if args.devices > jax.device_count():
-        raise ValueError(f"--devices {args.devices}: only {jax.device_count()} device(s) available")
+    if args.devices * args.model > jax.device_count():
+        raise ValueError(f"--devices {args.devices} x --model {args.model}: only {jax.device_count()} device(s) available")
     if args.video and not args.checkpoint:
         raise ValueError("--video needs --checkpoint (its VAE encodes the input video)")
     if args.checkpoint:
@@ -181,7 +196,6 @@ def _generate(args) -> int:
 
 def _generate_video(args) -> int:
     import ports
-    from bcjax.cascade import make_mesh
     from bcjax.pipeline.t2v import TextToVideo
 
     if not args.prompt:
@@ -190,7 +204,7 @@ def _generate_video(args) -> int:
         raise ValueError(f"--checkpoint writes a video: --out must name an .mp4 file (got {args.out!r})")
     if not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: no such folder (make one with `bcjax convert`)")
-    mesh = make_mesh(args.devices) if args.devices > 1 else None
+    mesh = _mesh(args)
     port = args.port
     if port is None:  # a Krea checkpoint runs Krea's own loop unless told otherwise
         from bcjax import checkpoint
@@ -272,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--preset", default="tiny", help="model shape: tiny, wan2.1-1.3b, wan2.1-14b (random weights)")
         s.add_argument("--latent-hw", type=_positive, nargs=2, default=(8, 8), metavar=("H", "W"))
         s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis")
+        s.add_argument("--model", type=_positive, default=1,
+                       help="devices on the 'model' mesh axis: tensor-parallel weights (heads and FFN split), "
+                            "devices x model in all")
         s.add_argument("--positions", default="absolute", choices=["absolute", "rolling"],
                        help="RoPE positions: absolute (streams end at the 1024-frame table) or rolling (no end)")
         s.add_argument("--seed", type=int, default=0)
@@ -317,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
                    help="real model: video size in pixels")
     s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
+    s.add_argument("--model", type=_positive, default=1, help="devices on the 'model' mesh axis (tensor-parallel weights)")
     s.add_argument("--queue", type=_positive, default=8, help="messages that may wait per tab before its generation waits")
     s.add_argument("--max-tabs", type=_positive, default=8, help="tabs (connections) served at once")
     s.set_defaults(fn=_serve)

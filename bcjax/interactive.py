@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bcjax.model.tensor_parallel import model_size
 from bcjax.model.wan import KV
 from bcjax.pipeline.recache import POLICIES, Recacher
 
@@ -149,9 +150,12 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
         raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
     bf = runner.pcfg.block_frames
     first = 0 if context is None else context.shape[1] // bf
-    params = runner.replicate(params)
+    if policy != "no-recache" and model_size(runner.mesh) > 1:
+        raise ValueError(f"policy {policy!r} recaches with one device's weights; the runner's mesh splits them over "
+                         f"'model' = {model_size(runner.mesh)} devices (use policy 'no-recache', which a cascade needs anyway)")
+    params = runner.place_params(params)
     current = prompts.at(first)
-    state = runner.start(params, runner.replicate(prompts.text(current)), key, num_blocks, context)
+    state = runner.start(params, runner.place_text(prompts.text(current)), key, num_blocks, context)
     rec = Recacher(runner.cfg, runner.pcfg, policy, None if runner.mesh is None else NamedSharding(runner.mesh, P()))
     for g in range(first):
         rec.add(g, context[:, g * bf:(g + 1) * bf])
@@ -159,7 +163,7 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
     while not runner.done(state):
         t0 = time.perf_counter()
         p = prompts.at(runner.entering(state))
-        text = runner.replicate(prompts.text(p))
+        text = runner.place_text(prompts.text(p))
         r = 0.0
         if p != current:
             switched = True

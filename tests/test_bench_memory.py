@@ -14,6 +14,6 @@ def test_bench_memory_chunked_needs_far_less_than_dense(capsys, monkeypatch):
                         "--cases", "sequential", "p4-mesh", "--layers", "1", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     temps = {(m[1], m[2]): float(m[3]) for m in re.finditer(r"\| tiny \| (\S+) \| (\w+) \| 1 \| ([\d.e+-]+) \|", out)}
-    assert set(temps) == {(c, b) for c in ("sequential", "p4-mesh") for b in ("dense", "chunked")}, out
-    for case in ("sequential", "p4-mesh"):
+    assert set(temps) == {(c, b) for c in ("sequential", "p4-mesh:5x1") for b in ("dense", "chunked")}, out
+    for case in ("sequential", "p4-mesh:5x1"):
         assert temps[case, "chunked"] * 3 < temps[case, "dense"], (case, temps)

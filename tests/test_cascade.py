@@ -166,7 +166,7 @@ def test_bad_mesh_and_flags_are_named(tiny_cfg, mesh5):
         Cascade(tiny_cfg, GLOBAL, HW, "P4x", "causal")
     with pytest.raises(ValueError, match="no 'stage' axis"):
         Cascade(tiny_cfg, GLOBAL, HW, mesh=Mesh(np.asarray(jax.devices()[:5]), ("data",)))
-    with pytest.raises(NotImplementedError, match="'model' has 5 devices"):
+    with pytest.raises(ValueError, match="'model' = 5 must divide num_heads = 2 and ffn_dim = 128"):
         Cascade(tiny_cfg, GLOBAL, HW, mesh=make_mesh(1, 5))
     with pytest.raises(ValueError, match="needs 10 devices"):
         make_mesh(5, 2)

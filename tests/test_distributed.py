@@ -1,7 +1,7 @@
-"""Several processes, one `stage` mesh: the cascade across 3 local processes (2 fake CPU devices
-each, gloo collectives; the mesh takes 5 of the 6, so it spans all three) equals the
-single-process 5-device cascade, with params restored by orbax straight onto that mesh; bad
-setups fail fast. (Equal devices per process: JAX's and orbax's multi-host utilities assume it.)"""
+"""Several processes, one mesh: the cascade across 3 local processes (2 fake CPU devices each,
+gloo collectives; the `stage` mesh takes 5 of the 6, so it spans all three), and across 2
+processes of 5 devices forming (stage 5, model 2), equals the single-process 5-device cascade,
+with params restored by orbax straight onto that mesh; bad setups fail fast. (Equal devices per process: JAX's and orbax's multi-host utilities assume it.)"""
 
 import os
 import pathlib
@@ -32,7 +32,11 @@ def _env():
     return env
 
 
-def test_three_processes_form_one_stage_mesh_and_match_one_process(tmp_path):
+@pytest.mark.parametrize("processes, devices, model", [(3, 2, 1), (2, 5, 2)], ids=["3x2 devices, (5,1)", "2x5 devices, (5,2)"])
+def test_processes_form_one_mesh_and_match_one_process(tmp_path, processes, devices, model):
+    """3 processes x 2 devices, the `stage` mesh taking 5 of the 6; 2 x 5 forming (stage 5,
+    model 2), the weights split over `model` and restored that way. Both equal one process's
+    (5, 1) cascade."""
     if jax.device_count() < 5:
         pytest.skip("needs 5 devices (XLA_FLAGS=--xla_force_host_platform_device_count=5)")
     from distributed_case import run_case, tiny_params
@@ -43,16 +47,17 @@ def test_three_processes_form_one_stage_mesh_and_match_one_process(tmp_path):
     checkpoint.save(str(tmp_path / "ckpt"), {"dit": tiny_params()}, {"layout": "test"})
     port, out = _free_port(), tmp_path / "latents.npy"
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(i), "3", str(port), "2", str(out),
-                               str(tmp_path / "ckpt")],
+    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(i), str(processes), str(port),
+                               str(devices), str(out), str(tmp_path / "ckpt"), str(model)],
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(3)]
+             for i in range(processes)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    print(f"3 processes: {time.perf_counter() - t0:.1f} s")
+    print(f"{processes} processes: {time.perf_counter() - t0:.1f} s")
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
+    total = processes * devices
     for i, log in enumerate(logs):
-        assert f"process {i}/3, 2 local of 6 devices" in log, log[-2000:]
+        assert f"process {i}/{processes}, {devices} local of {total} devices" in log, log[-2000:]
     latents = np.load(out)  # written by process 0 only
     assert latents.shape == reference.shape
     assert float(np.abs(latents - reference).max()) <= 1e-5

@@ -2,6 +2,7 @@
 
     python -m bcjax.bench.memory [--preset wan2.1-1.3b wan2.1-14b] [--latent-hw 60 104]
                                  [--backends dense chunked ...] [--cases sequential p4 p4-mesh vae]
+                                 [--meshes 5x1 5x2 5x4 5x8] [--port krea_14b_clean_pass]
                                  [--layers 1] [--dtype bfloat16]
 
 Every figure comes from XLA's own buffer assignment of the compiled program
@@ -11,8 +12,9 @@ Every figure comes from XLA's own buffer assignment of the compiled program
 * sequential: the block function of the sequential pipeline (num_steps denoising passes and the
   clean pass over the clean cache; `SequentialPipeline._block_fn`);
 * p4: one Block Cascading P4 tick with its 5 slots batched on one device;
-* p4-mesh: the same tick under `shard_map` on a 5-device `stage` mesh, per device (this process
-  forces 5 host devices when jax has not started yet);
+* p4-mesh: the same tick under `shard_map` on a (stage, model) mesh per --meshes (default 5x1:
+  5 stage devices), per device; the weights split over `model` (tensor parallel), the cache and
+  text K/V by heads (this process forces 40 host devices when jax has not started yet);
 * vae: the Wan VAE decoder's streaming step for one block (block_frames latent frames).
 
 "temp/layer" is the temporaries of the program compiled with ONE DiT layer (what one layer's
@@ -28,13 +30,14 @@ from __future__ import annotations
 
 import os
 
-# The p4-mesh case needs 5 devices: forced here, which works as long as no jax backend has
-# started yet (importing jax does not start one).
+# The p4-mesh case needs up to 40 devices (5 x 8): forced here, which works as long as no jax
+# backend has started yet (importing jax does not start one).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=5"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=40"
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import itertools  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
@@ -100,8 +103,16 @@ def _analyse(lowered, layers: int = 1) -> dict[str, float]:
             "compile_s": time.perf_counter() - t0}
 
 
-def _lower_dit(case: str, cfg, pcfg, hw):
-    """The lowered program of a DiT case, and the bytes of its weights and cache inputs."""
+def _per_device(tree, specs, model: int) -> int:
+    """Bytes one device holds of `tree` laid out by `specs` (leaves split over 'model' by `model`)."""
+    from bcjax.model.tensor_parallel import MODEL
+
+    leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, P))
+    return sum(_nbytes(a) // (model if MODEL in s else 1) for a, s in zip(jax.tree_util.tree_leaves(tree), leaves))
+
+
+def _lower_dit(case: str, cfg, pcfg, hw, mesh_shape: tuple[int, int] = (5, 1)):
+    """The lowered program of a DiT case, and the bytes of its weights and cache inputs per device."""
     from bcjax.cascade import Cascade, make_mesh
     from bcjax.cascade.tick import CascadeState
     from bcjax.pipeline.sequential import SequentialPipeline
@@ -113,10 +124,11 @@ def _lower_dit(case: str, cfg, pcfg, hw):
         return lowered, _nbytes(params), _nbytes(cache)
     mesh = None
     if case == "p4-mesh":
-        if jax.device_count() < 5:
-            raise RuntimeError(f"case p4-mesh needs 5 devices; jax has {jax.device_count()} (run this module "
-                               "as its own process so it can force 5 host devices)")
-        mesh = make_mesh(5, devices=jax.devices()[:5])
+        n = mesh_shape[0] * mesh_shape[1]
+        if jax.device_count() < n:
+            raise RuntimeError(f"case p4-mesh {mesh_shape} needs {n} devices; jax has {jax.device_count()} (run this "
+                               "module as its own process so it can force 40 host devices)")
+        mesh = make_mesh(*mesh_shape, devices=jax.devices()[:n], cfg=cfg)
     cas = Cascade(cfg, pcfg, hw, schedule="P4", window="bidirectional", mesh=mesh)
     x = jax.ShapeDtypeStruct((cas.stagger.num_slots, 1, *cas.spec.block_shape), jnp.float32)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -124,10 +136,19 @@ def _lower_dit(case: str, cfg, pcfg, hw):
         state = CascadeState(x, cache, scalar, scalar)
         args = (params, text, key, jnp.int32(100), state)
     else:
-        rep = NamedSharding(mesh, P())
-        state = CascadeState(_sds(x, NamedSharding(mesh, P("stage"))), _sds(cache, rep), _sds(scalar, rep),
+        from bcjax.model.tensor_parallel import shardings
+
+        rep, lay = NamedSharding(mesh, P()), cas.layout
+
+        def put(tree, specs):
+            return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                                          shardings(mesh, specs))
+
+        state = CascadeState(_sds(x, NamedSharding(mesh, P("stage"))), put(cache, lay.cache), _sds(scalar, rep),
                              _sds(scalar, rep))
-        args = (_sds(params, rep), _sds(text, rep), key, jnp.int32(100), state)
+        args = (put(params, lay.params), put(text, lay.text), key, jnp.int32(100), state)
+        model = mesh_shape[1]
+        return cas._step.lower(*args), _per_device(params, lay.params, model), _per_device(cache, lay.cache, model)
     return cas._step.lower(*args), _nbytes(params), _nbytes(cache)
 
 
@@ -163,34 +184,43 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, nargs="+", default=None,
                     help="layer counts to compile (default: 1 and the model's; `--layers 1` is the quick subset)")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--meshes", nargs="+", default=["5x1"], metavar="STAGExMODEL",
+                    help="meshes of the p4-mesh case (model > 1: tensor-parallel weights)")
+    ap.add_argument("--port", help="the sampler's window and steps from this port (default: PipelineConfig())")
     args = ap.parse_args(argv)
     backends = args.backends or available_backends()
-    hw, pcfg = tuple(args.latent_hw), PipelineConfig()
+    meshes = [tuple(int(v) for v in m.lower().split("x")) for m in args.meshes]
+    hw = tuple(args.latent_hw)
+    if args.port:
+        import ports
+
+        pcfg = ports.get(args.port).pipeline
+    else:
+        pcfg = PipelineConfig()
     print(f"jax {jax.__version__} | {jax.default_backend()} x{jax.device_count()} | latent {hw[0]}x{hw[1]} | "
           f"{args.dtype} weights and compute | window {pcfg.window_frames} frames (cache {pcfg.cache_frames}) | "
-          f"block {pcfg.block_frames} frames | XLA memory_analysis of the compiled program (GiB)", flush=True)
+          f"block {pcfg.block_frames} frames | XLA memory_analysis of the compiled program (GiB, per device)", flush=True)
     head = ("| model | case | backend | layers | temp | weights | cache | total = args+temp+out-alias | "
             "CPU-only f32 upcasts | total - upcasts | compile s |")
     print(head + "\n|" + "---|" * (head.count("|") - 1), flush=True)
     for preset in args.preset:
         base = WanConfig.preset(preset, dtype=args.dtype, param_dtype=args.dtype)
-        for case in args.cases:
-            if case == "vae":
+        runs = [(case, m) for case in args.cases if case != "vae"
+                for m in (meshes if case == "p4-mesh" else [None])]
+        for (case, mesh_shape), backend, layers in itertools.product(runs, backends, args.layers or [1, base.num_layers]):
+            cfg = dataclasses.replace(base, num_layers=layers, attention=backend)
+            label = case if mesh_shape is None else f"p4-mesh:{mesh_shape[0]}x{mesh_shape[1]}"
+            try:
+                lowered, weights, cache = _lower_dit(case, cfg, pcfg, hw, *([mesh_shape] if mesh_shape else []))
+                r = _analyse(lowered, layers)
+            except Exception as e:  # noqa: BLE001 - a row that cannot compile is reported, not fatal
+                print(f"| {preset} | {label} | {backend} | {layers} | failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:160]} |", flush=True)
                 continue
-            for backend in backends:
-                for layers in args.layers or [1, base.num_layers]:
-                    cfg = dataclasses.replace(base, num_layers=layers, attention=backend)
-                    try:
-                        lowered, weights, cache = _lower_dit(case, cfg, pcfg, hw)
-                        r = _analyse(lowered, layers)
-                    except Exception as e:  # noqa: BLE001 - a row that cannot compile is reported, not fatal
-                        print(f"| {preset} | {case} | {backend} | {layers} | failed: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160]} |", flush=True)
-                        continue
-                    total = r["args"] + r["temp"] + r["out"] - r["alias"]
-                    print(f"| {preset} | {case} | {backend} | {layers} | {_gib(r['temp'])} | {weights / GiB:.2f} | "
-                          f"{cache / GiB:.2f} | {total:.2f} | {r['upcast']:.2f} | {total - r['upcast']:.2f} | "
-                          f"{r['compile_s']:.0f} |", flush=True)
+            total = r["args"] + r["temp"] + r["out"] - r["alias"]
+            print(f"| {preset} | {label} | {backend} | {layers} | {_gib(r['temp'])} | {weights / GiB:.2f} | "
+                  f"{cache / GiB:.2f} | {total:.2f} | {r['upcast']:.2f} | {total - r['upcast']:.2f} | "
+                  f"{r['compile_s']:.0f} |", flush=True)
     if "vae" in args.cases:
         # one block per decode step, and Wan's own schedule (one latent frame per step) for scale;
         # its attention is per frame (h*w tokens of one latent frame), so its logits are

@@ -1,9 +1,10 @@
 """Block Cascading: the tick compiled into one `lax.scan` per generation, or stepped for a stream.
 
-Devices: a `Mesh` with a `stage` axis (and a `model` axis kept for tensor-parallel weights,
-size 1 for now). Each stage device holds num_slots / stage_devices slots; with one device all
-slots are batched on it. A mesh whose stage size does not divide the in-flight count is padded
-with idle slots (see `make_stagger`).
+Devices: a `Mesh` with a `stage` axis and a `model` axis for tensor-parallel weights
+(`bcjax.model.tensor_parallel`: heads and FFN split over `model`, one shard_map over both axes).
+Each stage device holds num_slots / stage_devices slots; with one device all slots are batched on
+it. A mesh whose stage size does not divide the in-flight count is padded with idle slots (see
+`make_stagger`).
 """
 
 from __future__ import annotations
@@ -23,20 +24,28 @@ from bcjax.cascade.masks import WINDOWS
 from bcjax.cascade.tick import CascadeState, TickSpec, tick
 from bcjax.distributed import local, put, replicate
 from bcjax.model.config import WanConfig
-from bcjax.model.kv_cache import KVCache, init_cache
+from bcjax.model.kv_cache import KVCache
+from bcjax.model.tensor_parallel import MODEL, Layout, check_model_axis
 from bcjax.model.wan import KV, check_latents, encode_text
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.sequential import SequentialPipeline, check_rebuild
 from bcjax.pipeline.stepping import Step, StepState
 from bcjax.schedule.stagger import make_stagger, slot_state
 
-STAGE, MODEL = "stage", "model"
+STAGE = "stage"
 ENDLESS = np.iinfo(np.int32).max  # num_blocks of a stream with no planned end
 
 
-def make_mesh(stage: int | None = None, model: int = 1, devices=None) -> Mesh:
-    """A ('stage', 'model') mesh; by default every device on `stage`."""
+def make_mesh(stage: int | None = None, model: int = 1, devices=None, cfg: WanConfig | None = None) -> Mesh:
+    """A ('stage', 'model') mesh; by default every device on `stage`. Devices are laid out
+    stage-major, so a `model` group is `model` consecutive devices (the same host, the fastest
+    links: its reductions run every sublayer, the stage all-gather once per layer). cfg: checks
+    that `model` divides its heads and FFN width."""
     devices = list(devices if devices is not None else jax.devices())
+    if model < 1:
+        raise ValueError(f"mesh axis 'model' = {model} must be >= 1")
+    if cfg is not None:
+        check_model_axis(cfg, model)
     stage = stage or len(devices) // model
     if stage * model > len(devices):
         raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; {len(devices)} available")
@@ -69,11 +78,9 @@ class Cascade:
         if self.mesh is not None:
             if STAGE not in self.mesh.shape:
                 raise ValueError(f"mesh axes {tuple(self.mesh.shape)} have no {STAGE!r} axis")
-            if self.mesh.shape.get(MODEL, 1) != 1:
-                raise NotImplementedError(
-                    f"mesh axis {MODEL!r} has {self.mesh.shape[MODEL]} devices; tensor-parallel weights are not "
-                    "implemented yet (use model=1)")
             devices = self.mesh.shape[STAGE]
+        # weights split over `model` (checks that it divides heads and FFN before anything compiles)
+        self.layout = Layout(self.cfg, self.mesh)
         self.stagger = make_stagger(self.schedule, self.pcfg.num_steps, devices)
         self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, tuple(self.latent_hw))
         self._step = self._distribute(partial(tick, self.spec))
@@ -87,10 +94,11 @@ class Cascade:
         slots = np.arange(self.stagger.num_slots, dtype=np.int32)
         if self.mesh is None:
             return _WithSlots(jax.jit(fn, donate_argnums=(4,)), jnp.asarray(slots))
-        state_spec = CascadeState(P(STAGE), KVCache(P(), P(), P(), P()), P(), P())
+        lay = self.layout
+        state_spec = CascadeState(P(STAGE), lay.cache, P(), P())
         mapped = jax.shard_map(
-            partial(fn, axis=STAGE), mesh=self.mesh,
-            in_specs=(P(), P(), P(), P(), state_spec, P(STAGE)),
+            partial(fn, axis=STAGE, model_axis=lay.axis), mesh=self.mesh,
+            in_specs=(lay.params, lay.text, P(), P(), state_spec, P(STAGE)),
             out_specs=(state_spec, P()), check_vma=False,
         )
         return _WithSlots(jax.jit(mapped, donate_argnums=(4,)), put(slots, NamedSharding(self.mesh, P(STAGE))))
@@ -100,10 +108,11 @@ class Cascade:
         blocks, after which generation starts at block `first_block`."""
         x = jnp.zeros((self.stagger.num_slots, batch, *self.spec.block_shape), jnp.float32)
         if cache is None:
-            cache = init_cache(self.cfg, batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
+            cache = self.layout.init_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         state = CascadeState(x, cache, jnp.int32(0), jnp.int32(first_block))
         if self.mesh is not None:
-            state = CascadeState(put(x, NamedSharding(self.mesh, P(STAGE))), *replicate(state[1:], self.mesh))
+            state = CascadeState(put(x, NamedSharding(self.mesh, P(STAGE))), self.layout.place_cache(cache),
+                                 *replicate(state[2:], self.mesh))
         return state
 
     def prefill(self, params, text: KV, frames) -> tuple[KVCache, int]:
@@ -113,13 +122,26 @@ class Cascade:
 
     @functools.cached_property
     def _sequential(self) -> SequentialPipeline:
-        # built once: a new pipeline per prefill would re-jit (and recompile) its clean pass
-        return SequentialPipeline(self.cfg, self.pcfg, self.latent_hw)
+        # built once: a new pipeline per prefill would re-jit (and recompile) its clean pass; on
+        # the mesh (tensor parallel over `model`, replicated over `stage`) so its cache is in place
+        return SequentialPipeline(self.cfg, self.pcfg, self.latent_hw, self.mesh)
 
     def _placed(self, params, text):
-        """params and text K/V replicated over the mesh (global arrays when the mesh spans
-        processes); a no-op for arrays already there and without a mesh."""
-        return (params, text) if self.mesh is None else replicate((params, text), self.mesh)
+        """params and text K/V on the mesh: replicated over `stage`, split over `model` (global
+        arrays when the mesh spans processes); a no-op for arrays already there and without a mesh."""
+        return self.layout.place_params(params), self.layout.place_text(text)
+
+    def place_params(self, params):
+        """DiT params in the layout the tick takes (split over `model`, replicated over `stage`)."""
+        return self.layout.place_params(params)
+
+    def place_text(self, text: KV) -> KV:
+        """Text K/V in the layout the tick takes (split by heads over `model`)."""
+        return self.layout.place_text(text)
+
+    def encode_text(self, params, context) -> KV:
+        """Prompt embeddings [B, Lt, text_dim] -> text K/V computed on the mesh, split by heads."""
+        return self.layout.encode_text(params, context)
 
     def _check_length(self, num_blocks: int, first_block: int = 0):
         self.pcfg.check_length(self.cfg.rope_max_positions, num_blocks, first_block)
@@ -233,9 +255,10 @@ class _WithSlots:
         return self.jitted.lower(*args, self.slots)
 
 
-def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, slot_ids, axis=None):
+def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, slot_ids, axis=None,
+                model_axis=None):
     def body(state, _):
-        return tick(spec, params, text, key, num_blocks, state, slot_ids, axis)
+        return tick(spec, params, text, key, num_blocks, state, slot_ids, axis, model_axis)
 
     return jax.lax.scan(body, state, None, length=num_ticks)
 

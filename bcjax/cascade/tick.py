@@ -53,12 +53,15 @@ class TickSpec:
         return (self.pcfg.block_frames, *self.latent_hw, self.cfg.in_channels)
 
 
-def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState, slot_ids, axis: str | None = None):
+def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState, slot_ids, axis: str | None = None,
+         model_axis: str | None = None):
     """Advance the cascade by one tick.
 
     slot_ids: int [Q] the slots held here (all of them when batched); state.x holds those Q slots.
     num_blocks: blocks to generate in the whole stream (traced; a huge number for an endless
     stream), the first one with absolute id state.first_block (frame ids, noise, cache slots).
+    axis: the `stage` mesh axis the slots are spread over; model_axis: the tensor-parallel axis
+    (params, text and cache hold this device's heads), both inside shard_map.
     Returns (state, (x0 [B, block_frames, H, W, C] of the block that finished denoising this
     tick or zeros, its block id or -1)).
     """
@@ -102,7 +105,7 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     writer = jnp.argmax(is_writer)
     x_flat = jnp.swapaxes(x, 0, 1).reshape(batch, q * bf, *x.shape[3:])
     flow, kv = forward(cfg, params, x_flat, t, text, positions, cache.as_context(), key_mask,
-                       kv_axis=axis, kv_out=(writer * bf * p, bf * p))
+                       kv_axis=axis, kv_out=(writer * bf * p, bf * p), model_axis=model_axis)
     flow = jnp.swapaxes(flow.reshape(batch, q, *spec.block_shape), 0, 1)
 
     x0 = predict_x0(x, flow, per_slot(sigmas[stage_c]))

@@ -40,33 +40,78 @@ def sinusoidal_embedding(t, dim: int):
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
+def _shards(axis: str | None) -> int:
+    """Devices on the tensor-parallel mesh axis (1 outside shard_map or without one)."""
+    return 1 if axis is None else jax.lax.axis_size(axis)
+
+
 class RMSNorm(nn.Module):
+    """RMS norm over the last dim. axis: the features are split over this mesh axis (Wan's qk-norm
+    spans every head, so heads sharded over `model` need the sum of squares of all of them: one
+    [B, T, 1] psum, not a gather of q)."""
+
     eps: float
     param_dtype: jnp.dtype = F32
+    axis: str | None = None
 
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         xf = x.astype(F32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if _shards(self.axis) == 1:
+            ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        else:
+            ms = jax.lax.psum(jnp.sum(xf * xf, axis=-1, keepdims=True), self.axis) / (x.shape[-1] * _shards(self.axis))
+        y = xf * jax.lax.rsqrt(ms + self.eps)
         return (y * scale.astype(F32)).astype(x.dtype)
 
 
+class RowParallelDense(nn.Module):
+    """nn.Dense (same `kernel`/`bias` parameters) whose input features are split over mesh axis
+    `axis`: each device multiplies its rows, one psum sums the partial products, and the bias is
+    added once, after it (Megatron's row-parallel layer: the one reduction of a sublayer)."""
+
+    features: int
+    axis: str
+    dtype: jnp.dtype = F32
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        return jax.lax.psum(y, self.axis) + bias.astype(self.dtype)
+
+
+def _out_dense(cfg: WanConfig, features: int, name: str, axis: str | None):
+    """The sublayer's output projection: plain, or row-parallel when its input is sharded."""
+    if _shards(axis) == 1:
+        return _dense(cfg, features, name)
+    return RowParallelDense(features, axis, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name)
+
+
 class Attention(nn.Module):
-    """q/k/v/o projections with RMSNorm on q and k across all heads (Wan's qk-norm)."""
+    """q/k/v/o projections with RMSNorm on q and k across all heads (Wan's qk-norm).
+
+    model_axis: inside shard_map, the mesh axis the heads are split over (tensor parallel): q/k/v
+    are column-split (this device's heads), o row-split with one psum."""
 
     cfg: WanConfig
+    model_axis: str | None = None
 
     def setup(self):
         cfg = self.cfg
-        self.q, self.k, self.v, self.o = (_dense(cfg, cfg.dim, n) for n in "qkvo")
+        inner = cfg.dim // _shards(self.model_axis)  # this device's heads x head_dim
+        self.q, self.k, self.v = (_dense(cfg, inner, n) for n in "qkv")
+        self.o = _out_dense(cfg, cfg.dim, "o", self.model_axis)
         if cfg.qk_norm:
-            self.norm_q = RMSNorm(cfg.eps, cfg.params_dtype)
-            self.norm_k = RMSNorm(cfg.eps, cfg.params_dtype)
+            self.norm_q = RMSNorm(cfg.eps, cfg.params_dtype, self.model_axis)
+            self.norm_k = RMSNorm(cfg.eps, cfg.params_dtype, self.model_axis)
 
     def _heads(self, x):
-        # [batch, tokens, heads, head_dim]
-        return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
+        # [batch, tokens, heads (this device's), head_dim]
+        return x.reshape(*x.shape[:-1], -1, self.cfg.head_dim)
 
     def project_q(self, x):
         q = self.q(x)
@@ -87,20 +132,24 @@ class WanBlock(nn.Module):
     kv_axis: inside `shard_map`, the mesh axis over which the pass's tokens are spread (the
     cascade's `stage`): each device's keys/values are all-gathered in every layer so the sharded
     pass attends exactly as the joint pass over all devices' tokens would.
+    model_axis: inside `shard_map`, the tensor-parallel axis: this device holds num_heads / m
+    heads and ffn_dim / m FFN columns (bcjax.model.tensor_parallel); the residual stream, norms
+    and modulation are replicated, and each sublayer ends in one psum.
     """
 
     cfg: WanConfig
     kv_axis: str | None = None
+    model_axis: str | None = None
 
     def setup(self):
         cfg = self.cfg
-        self.self_attn = Attention(cfg)
-        self.cross_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, self.model_axis)
+        self.cross_attn = Attention(cfg, self.model_axis)
         self.norm1 = _layer_norm(cfg, "norm1")
         self.norm2 = _layer_norm(cfg, "norm2")
         self.norm3 = _layer_norm(cfg, "norm3", affine=True) if cfg.cross_attn_norm else (lambda x: x)
-        self.ffn_0 = _dense(cfg, cfg.ffn_dim, "ffn_0")
-        self.ffn_2 = _dense(cfg, cfg.dim, "ffn_2")
+        self.ffn_0 = _dense(cfg, cfg.ffn_dim // _shards(self.model_axis), "ffn_0")
+        self.ffn_2 = _out_dense(cfg, cfg.dim, "ffn_2", self.model_axis)
         self.modulation = self.param(
             "modulation", nn.initializers.normal(cfg.dim**-0.5), (6, cfg.dim), cfg.params_dtype
         )

@@ -93,15 +93,16 @@ def param_shapes(cfg: WanConfig):
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
-@partial(jax.jit, static_argnums=0)
-def encode_text(cfg: WanConfig, params, context) -> KV:
+@partial(jax.jit, static_argnums=0, static_argnames="model_axis")
+def encode_text(cfg: WanConfig, params, context, *, model_axis: str | None = None) -> KV:
     """Prompt embeddings [B, Lt <= text_len, text_dim] -> per-layer cross-attention K/V
     [L, B, text_len, N, H].
 
     Shorter embeddings are zero-padded to cfg.text_len before the text embedding, as Wan's
     `WanModel.forward` pads every prompt (the padded rows still go through the text MLP and are
     attended to, so an unpadded prompt would give a different video). Computed once per prompt;
-    every forward pass (and every tick of a cascade) reuses it.
+    every forward pass (and every tick of a cascade) reuses it. model_axis: inside shard_map, the
+    tensor-parallel axis; the K/V come out split by heads like the cross-attention weights.
     """
     if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
         raise ValueError(f"prompt embeddings must be [batch, tokens, {cfg.text_dim}]; got shape {context.shape}")
@@ -112,38 +113,40 @@ def encode_text(cfg: WanConfig, params, context) -> KV:
     emb = WanEmbed(cfg).apply({"params": params["embed"]}, context, method=WanEmbed.text)
 
     def layer(_, p):
-        return None, WanBlock(cfg).apply({"params": p}, emb, method=WanBlock.cross_kv)
+        return None, WanBlock(cfg, model_axis=model_axis).apply({"params": p}, emb, method=WanBlock.cross_kv)
 
     _, (k, v) = jax.lax.scan(layer, None, params["blocks"])
     return KV(k, v)
 
 
-def empty_context(cfg: WanConfig, batch: int) -> KV:
-    """A zero-length clean K/V context, for forwards with no cache."""
-    z = jnp.zeros((cfg.num_layers, batch, 0, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
+def empty_context(cfg: WanConfig, batch: int, heads: int | None = None) -> KV:
+    """A zero-length clean K/V context, for forwards with no cache (heads: this device's)."""
+    z = jnp.zeros((cfg.num_layers, batch, 0, heads or cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
     return KV(z, z)
 
 
 def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | None = None, key_mask=None, *,
-            kv_axis: str | None = None, kv_out: tuple | None = None):
+            kv_axis: str | None = None, kv_out: tuple | None = None, model_axis: str | None = None):
     """One DiT pass.
 
     x [B, F, H, W, C] latents; t [B, F] per-frame timesteps (0..1000); text: encode_text(...);
     frame_ids int [F] absolute latent-frame index of each frame (RoPE); context: clean K/V
     [L, B, S, N, H] the tokens also attend to; key_mask bool [B|1, Qb, S + G*F*h*w] (None = all).
     kv_axis: inside shard_map, the mesh axis (size G) whose devices' tokens form one joint pass.
+    model_axis: inside shard_map, the tensor-parallel axis (bcjax.model.tensor_parallel): params,
+    text and context hold this device's heads; the returned K/V too.
     Returns (flow prediction [B, F, H, W, C] float32, KV [L, B, F*h*w, N, H] of this pass's tokens,
     or of the gathered tokens [start, start + length) when kv_out = (start, length)).
     """
     check_latents(cfg, x, t)
     b, f, hh, ww, _ = x.shape
     if context is None:
-        context = empty_context(cfg, b)
+        context = empty_context(cfg, b, text.k.shape[3])
     rope = rope_tables(cfg, frame_ids, grid_hw(cfg, hh, ww))
     embed = WanEmbed(cfg)
     h = embed.apply({"params": params["embed"]}, patchify(cfg, x), method=WanEmbed.patches)
     e, e0 = embed.apply({"params": params["embed"]}, t, method=WanEmbed.time)
-    block = WanBlock(cfg, kv_axis=kv_axis)
+    block = WanBlock(cfg, kv_axis=kv_axis, model_axis=model_axis)
 
     def layer(h, xs):
         p, tk, tv, ck, cv = xs

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from bcjax.model.config import WanConfig
-from bcjax.model.wan import KV, check_latents, forward
+from bcjax.model.wan import KV, check_latents, encode_text, forward
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.stepping import Step, StepState
 from bcjax.schedule.flow import block_noise, predict_x0, renoise
@@ -203,6 +203,11 @@ class KreaPipeline:
 
     def replicate(self, tree):
         return jax.tree_util.tree_map(jnp.asarray, tree)
+
+    place_params = place_text = replicate  # one device: no tensor-parallel layout
+
+    def encode_text(self, params, context) -> KV:
+        return encode_text(self.cfg, params, context)
 
     def generate(self, params, text: KV, num_blocks: int, key, reencode: Callable | None = None,
                  source=None) -> jax.Array:

@@ -20,10 +20,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
-from bcjax.model.kv_cache import KVCache, init_cache, rebase, write_frames
+from bcjax.model.kv_cache import KVCache, rebase, write_frames
 from bcjax.model.rope import rope_base, rope_positions
+from bcjax.model.tensor_parallel import Layout, model_size
 from bcjax.model.wan import KV, check_latents, forward
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.stepping import Step, StepState
@@ -56,7 +59,8 @@ def place(cfg: WanConfig, pcfg: PipelineConfig, cache: KVCache, frame_ids, last_
     return cache, rope_positions(frame_ids, base, pcfg.sink_frames)
 
 
-def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, positions, see_cache: bool = True):
+def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, positions, see_cache: bool = True,
+                model_axis: str | None = None):
     """One DiT pass of a block over [valid cache | its own tokens] (bidirectional inside the block).
 
     x [B, F, H, W, C], t [B, F], positions int [F] (RoPE time index); see_cache False: the block
@@ -64,15 +68,17 @@ def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, position
     """
     own = x.shape[1] * cache.tokens_per_frame
     key_mask = jnp.concatenate([cache.valid_tokens() & see_cache, jnp.ones((own,), bool)])[None, None, :]
-    return forward(cfg, params, x, t, text, positions, cache.as_context(), key_mask)
+    return forward(cfg, params, x, t, text, positions, cache.as_context(), key_mask, model_axis=model_axis)
 
 
 def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache: KVCache, key, block,
-                  latent_hw: tuple[int, int], source=None):
+                  latent_hw: tuple[int, int], source=None, model_axis: str | None = None):
     """Denoise block `block` (traced int) and write its clean K/V. Returns (cache, x0 [B, F, H, W, C]).
 
     source: video-to-video, the input video's latents of this block [B, F, H, W, C], noised to
-    the first step's sigma instead of starting from pure noise (`bcjax.pipeline.prompts.with_strength`)."""
+    the first step's sigma instead of starting from pure noise (`bcjax.pipeline.prompts.with_strength`).
+    model_axis: inside shard_map, the tensor-parallel axis (params, text and cache hold this
+    device's heads)."""
     batch = text.k.shape[1]
     bf = pcfg.block_frames
     shape = (batch, bf, *latent_hw, cfg.in_channels)
@@ -84,7 +90,7 @@ def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache:
 
     def step(x, xs):
         k, t_k, s_k, s_next = xs
-        flow, _ = cached_pass(cfg, params, x, jnp.full((batch, bf), t_k), text, cache, positions)
+        flow, _ = cached_pass(cfg, params, x, jnp.full((batch, bf), t_k), text, cache, positions, model_axis=model_axis)
         x0 = predict_x0(x, flow, s_k)
         # The last step's re-noise is unused (s_next = 0 gives x0 back); keeping it makes every
         # step the same program.
@@ -96,11 +102,11 @@ def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache:
     steps = jnp.arange(pcfg.num_steps)
     _, x0s = jax.lax.scan(step, x, (steps, timesteps, sigmas, next_sigmas))
     x0 = x0s[-1]
-    return clean_block(cfg, pcfg, params, text, x0, cache, block), x0
+    return clean_block(cfg, pcfg, params, text, x0, cache, block, model_axis=model_axis), x0
 
 
 def clean_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, x0, cache: KVCache, block,
-                timestep: float | None = None) -> KVCache:
+                timestep: float | None = None, model_axis: str | None = None) -> KVCache:
     """The clean pass: block `block`'s x0 [B, F, H, W, C] at t = `timestep` (default
     context_noise, the generated blocks' convention; 0 for given context frames), its K/V
     written into the cache."""
@@ -110,7 +116,7 @@ def clean_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, x0, cach
     rebuild = pcfg.context == "rebuild"  # Krea: the context frames at t = 0, attending only to each other
     t = 0.0 if rebuild else pcfg.context_noise if timestep is None else timestep
     t_ctx = jnp.full((x0.shape[0], bf), t, jnp.float32)
-    _, kv = cached_pass(cfg, params, x0, t_ctx, text, cache, positions, see_cache=not rebuild)
+    _, kv = cached_pass(cfg, params, x0, t_ctx, text, cache, positions, see_cache=not rebuild, model_axis=model_axis)
     return write_frames(cache, kv, frame_ids, pcfg.sink_frames)
 
 
@@ -125,30 +131,50 @@ class SequentialPipeline:
     cfg: WanConfig
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
-    mesh = None  # one device (Cascade's `mesh` is its stage mesh): the runners share this attribute
+    # Tensor parallel: a mesh whose `model` axis splits heads and FFN (bcjax.model.tensor_parallel;
+    # a `stage` axis, if any, holds replicas). None or model = 1: one device, as before.
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
         check_rebuild(self.pcfg, "SequentialPipeline")
         if self.pcfg.positions == "rolling":
             self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
-        self._block_fn = jax.jit(
-            partial(denoise_block, self.cfg, self.pcfg, latent_hw=tuple(self.latent_hw)), donate_argnums=(2,)
-        )
+        if model_size(self.mesh) <= 1:
+            self.mesh = None  # nothing to split: one device (a `stage` axis is the cascade's business)
+        self.layout = Layout(self.cfg, self.mesh)
+        cfg, pcfg, hw, lay = self.cfg, self.pcfg, tuple(self.latent_hw), self.layout
+        if lay.axis is not None:
+            w, t, c = lay.params, lay.text, lay.cache
+        else:
+            w = t = c = None
+        self._block_fn = jax.jit(lay.shard_map(partial(denoise_block, cfg, pcfg, latent_hw=hw),
+                                               (w, t, c, P(), P()), (c, P())), donate_argnums=(2,))
+
         # video-to-video: the same block program started from a noised input block
-        self._v2v_fn = jax.jit(
-            lambda params, text, cache, key, block, source: denoise_block(
-                self.cfg, self.pcfg, params, text, cache, key, block, tuple(self.latent_hw), source),
-            donate_argnums=(2,))
+        def v2v(params, text, cache, key, block, source, model_axis=None):
+            return denoise_block(cfg, pcfg, params, text, cache, key, block, hw, source, model_axis)
+
+        self._v2v_fn = jax.jit(lay.shard_map(v2v, (w, t, c, P(), P(), P()), (c, P())), donate_argnums=(2,))
         # given context is written at t = 0 (upstream's initial_latent), not at context_noise
-        self._context_fn = jax.jit(partial(clean_block, self.cfg, self.pcfg, timestep=0.0), donate_argnums=(3,))
+        self._context_fn = jax.jit(lay.shard_map(partial(clean_block, cfg, pcfg, timestep=0.0), (w, t, P(), c, P()), c),
+                                   donate_argnums=(3,))
 
     @property
     def tokens_per_frame(self) -> int:
         return self.cfg.tokens_per_frame(*self.latent_hw)
 
     def init_cache(self, batch: int) -> KVCache:
-        return init_cache(self.cfg, batch, self.pcfg.cache_frames, self.tokens_per_frame)
+        return self.layout.init_cache(batch, self.pcfg.cache_frames, self.tokens_per_frame)
+
+    def _placed(self, params, text):
+        """params and text K/V in the layout the compiled passes take (a no-op without tensor parallelism)."""
+        return self.layout.place_params(params), self.layout.place_text(text)
+
+    def encode_text(self, params, context) -> KV:
+        """Prompt embeddings [B, Lt, text_dim] -> text K/V, computed where they live (split by heads
+        under tensor parallelism, so no device needs every layer's cross-attention weights)."""
+        return self.layout.encode_text(params, context)
 
     def _check_length(self, num_blocks: int, first_block: int = 0):
         self.pcfg.check_length(self.cfg.rope_max_positions, num_blocks, first_block)
@@ -163,6 +189,7 @@ class SequentialPipeline:
             raise ValueError(f"context frames must be [B, G * {bf}, {self.latent_hw[0]}, {self.latent_hw[1]}, "
                              f"{self.cfg.in_channels}]; got {tuple(frames.shape)}")
         self._check_length(frames.shape[1] // bf, first_block)
+        params, text = self._placed(params, text)
         cache = cache if cache is not None else self.init_cache(frames.shape[0])
         for g in range(frames.shape[1] // bf):
             cache = self._context_fn(params, text, frames[:, g * bf:(g + 1) * bf], cache, jnp.int32(first_block + g))
@@ -181,6 +208,7 @@ class SequentialPipeline:
         if source is not None and (source.ndim != 5 or source.shape[1] < num_blocks * bf):
             raise ValueError(f"video-to-video source latents must be [B, >= {num_blocks * bf}, H, W, C] for "
                              f"{num_blocks} blocks; got {tuple(source.shape)}")
+        params, text = self._placed(params, text)
         cache = cache if cache is not None else self.init_cache(text.k.shape[1])
         for i, b in enumerate(range(first_block, first_block + num_blocks)):
             if source is None:
@@ -207,6 +235,7 @@ class SequentialPipeline:
             num_blocks = self.pcfg.stream_blocks(self.cfg.rope_max_positions, first)
         if num_blocks is not None:
             self._check_length(num_blocks, first)
+        params, text = self._placed(params, text)
         cache = self.init_cache(text.k.shape[1]) if context is None else self.prefill(params, text, context)
         return StepState(cache, key, 0, first, num_blocks)
 
@@ -214,6 +243,7 @@ class SequentialPipeline:
         """Denoise the next block under `text` and write its clean K/V (one compiled call; the
         cache is donated). Every step emits its block."""
         b = self.entering(state)
+        params, text = self._placed(params, text)
         cache, x0 = self._block_fn(params, text, state.carry, state.key, jnp.int32(b))
         stages = tuple((b, s) for s in range(self.pcfg.num_steps + 1))
         return state._replace(carry=cache, step=state.step + 1), Step(b, x0, stages)
@@ -232,5 +262,16 @@ class SequentialPipeline:
         return state._replace(carry=cache)
 
     def replicate(self, tree):
-        """Leaves as device arrays where this runner computes (one device: the default one)."""
-        return jax.tree_util.tree_map(jnp.asarray, tree)
+        """Leaves as device arrays where this runner computes (one device: the default one;
+        replicated over the mesh under tensor parallelism)."""
+        if self.layout.mesh is None:
+            return jax.tree_util.tree_map(jnp.asarray, tree)
+        return self.layout.place(tree, P())
+
+    def place_params(self, params):
+        """DiT params in the layout the passes take (split over `model` under tensor parallelism)."""
+        return self.layout.place_params(params)
+
+    def place_text(self, text: KV) -> KV:
+        """Text K/V in the layout the passes take (split by heads under tensor parallelism)."""
+        return self.layout.place_text(text)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from bcjax import checkpoint
-from bcjax.model.wan import KV, encode_text
+from bcjax.model.wan import KV
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
@@ -120,7 +120,8 @@ class TextToVideo:
 
     def encode(self, prompt: str) -> KV:
         ids, mask = tokenize(self.tokenizer, prompt, self.text_cfg.text_len)
-        return encode_text(self.dit_cfg, self.dit, self._embed(self.text, ids, mask))
+        # on the runner's layout: split by heads when the DiT is split over a `model` axis
+        return self.denoiser.encode_text(self.dit, self._embed(self.text, ids, mask))
 
     def _latent_blocks(self, text: KV, num_blocks: int, key, source=None) -> Iterator[jax.Array]:
         if source is not None and not isinstance(self.denoiser, (KreaPipeline, SequentialPipeline)):

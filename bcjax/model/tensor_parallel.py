@@ -1,0 +1,174 @@
+"""Tensor-parallel weights: the `model` mesh axis (Megatron's layout of the Wan DiT).
+
+With m devices on `model`, each holds num_heads / m attention heads and ffn_dim / m FFN columns:
+
+* self- and cross-attention q/k/v are column-split (this device's heads, with their qk-norm
+  scales), o is row-split: one psum per attention sublayer;
+* ffn_0 is column-split, ffn_2 row-split: one psum for the FFN;
+* the text K/V and the clean KV cache are split by heads like the k/v weights that made them;
+* modulation, norms, embeddings and the head are replicated (small; the residual stream is
+  replicated over `model`).
+
+Wan's qk-norm is an RMS norm over all heads (dim), so a device's q and k need the sum of squares
+of every device's heads: one more psum, of [B, T, 1] (tiny), per normed projection.
+
+**shard_map over both axes, not sharding annotations under jit.** The communication decides it:
+
+* The cascade already runs its tick under `shard_map` over `stage`, with the per-layer K/V
+  all-gather written by hand. With `model` in the same shard_map that all-gather stays exactly as
+  it is and moves only this device's heads (1/m of the bytes); under jit annotations GSPMD would
+  have to rediscover it from a sharded layout and may choose another collective.
+* Every byte on the wire is one we wrote: three [B, T, dim] psums and three [B, T, 1] psums per
+  layer, the stage all-gather of [B, T_tick, heads/m, head_dim] K and V. `bcjax bench memory`
+  counts them from the compiled HLO and checks them against that formula. Under annotations the
+  partitioner chooses; with a head-spanning norm and the cache's dynamic-update-slices it can
+  insert all-gathers of q/k or of the cache, invisible in the source.
+* One mechanism for one process and many: shard_map over global arrays.
+
+The cost is that the model code knows it is sharded: `forward`/`encode_text` take `model_axis`,
+which only `layers.py` reads (its projections are sized num_heads / m, its output projections
+are row-parallel). Nothing changes with model = 1: the same modules, no collectives.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bcjax.model.config import WanConfig
+
+MODEL = "model"
+
+# (module, parameter) of a block -> the axis of its per-layer shape split over `model`
+_COLUMN = {(proj, "kernel"): 1 for proj in "qkv"} | {(proj, "bias"): 0 for proj in "qkv"} | {
+    ("norm_q", "scale"): 0, ("norm_k", "scale"): 0, ("o", "kernel"): 0,
+    ("ffn_0", "kernel"): 1, ("ffn_0", "bias"): 0, ("ffn_2", "kernel"): 0}
+
+KV_SPEC = P(None, None, None, MODEL, None)  # [L, B, S, heads, head_dim]: split by heads
+
+
+def model_size(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else mesh.shape.get(MODEL, 1)
+
+
+def check_model_axis(cfg: WanConfig, model: int) -> None:
+    """A clear error, before anything compiles, when `model` cannot split the heads or the FFN."""
+    bad = [name for name, n in (("num_heads", cfg.num_heads), ("ffn_dim", cfg.ffn_dim)) if model < 1 or n % model]
+    if bad:
+        raise ValueError(f"mesh axis {MODEL!r} = {model} must divide num_heads = {cfg.num_heads} and ffn_dim = "
+                         f"{cfg.ffn_dim} (it splits heads and FFN columns); it does not divide {' and '.join(bad)}")
+
+
+def param_specs(params):
+    """PartitionSpec per leaf of a DiT parameter tree (arrays or ShapeDtypeStructs)."""
+
+    def spec(path, leaf):
+        keys = [getattr(k, "key", None) for k in path]
+        axis = _COLUMN.get(tuple(keys[-2:])) if keys[0] == "blocks" else None
+        if axis is None:
+            return P()
+        parts = [None] * leaf.ndim
+        parts[1 + axis] = MODEL  # after the stacked layer axis
+        return P(*parts)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def text_specs():
+    """Specs of encode_text's KV: split by heads."""
+    from bcjax.model.wan import KV
+
+    return KV(KV_SPEC, KV_SPEC)
+
+
+def cache_specs():
+    """Specs of a KVCache: K/V split by heads, frame ids and base replicated."""
+    from bcjax.model.kv_cache import KVCache
+
+    return KVCache(KV_SPEC, KV_SPEC, P(), P())
+
+
+def shardings(mesh: Mesh, specs):
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def place(tree, mesh: Mesh, specs):
+    """`tree` on `mesh` with `specs` (global arrays over several processes; see bcjax.distributed.put)."""
+    from bcjax.distributed import put
+
+    return jax.tree_util.tree_map(put, tree, shardings(mesh, specs))
+
+
+def _for_mesh(specs, mesh: Mesh):
+    """specs with MODEL dropped when the mesh has no such axis (a plain 'stage' mesh)."""
+    if MODEL in mesh.shape:
+        return specs
+    return jax.tree_util.tree_map(lambda s: P(*(None if a == MODEL else a for a in s)), specs,
+                                  is_leaf=lambda s: isinstance(s, P))
+
+
+class Layout:
+    """Where a runner's DiT tensors live on its mesh: params by `param_specs`, text K/V and the
+    cache by heads (all replicated when model = 1), and the shard_map wrapper of its passes."""
+
+    def __init__(self, cfg: WanConfig, mesh: Mesh | None):
+        check_model_axis(cfg, model_size(mesh))
+        self.cfg, self.mesh, self.model = cfg, mesh, model_size(mesh)
+        self.axis = MODEL if self.model > 1 else None  # what forward(model_axis=) gets
+
+    @functools.cached_property
+    def params(self):
+        from bcjax.model.wan import param_shapes
+
+        return _for_mesh(param_specs(param_shapes(self.cfg)), self.mesh)
+
+    @property
+    def text(self):
+        return _for_mesh(text_specs(), self.mesh)
+
+    @property
+    def cache(self):
+        return _for_mesh(cache_specs(), self.mesh)
+
+    def place(self, tree, spec: P):
+        """Every leaf of `tree` on the mesh with one spec (P(): replicated)."""
+        return place(tree, self.mesh, jax.tree_util.tree_map(lambda _: spec, tree))
+
+    def place_params(self, params):
+        return params if self.mesh is None else place(params, self.mesh, self.params)
+
+    def place_text(self, text):
+        return text if self.mesh is None else place(text, self.mesh, self.text)
+
+    def place_cache(self, cache):
+        return cache if self.mesh is None else place(cache, self.mesh, self.cache)
+
+    def init_cache(self, batch: int, capacity: int, tokens_per_frame: int):
+        """An empty cache made where it lives (each device allocates only its heads)."""
+        from bcjax.model.kv_cache import init_cache
+
+        make = lambda: init_cache(self.cfg, batch, capacity, tokens_per_frame)  # noqa: E731
+        if self.mesh is None:
+            return make()
+        return jax.jit(make, out_shardings=shardings(self.mesh, self.cache))()
+
+    def shard_map(self, fn, in_specs, out_specs):
+        """fn(..., model_axis=) mapped over the whole mesh (the `model` axis splitting heads);
+        fn itself (model_axis None) when model = 1."""
+        if self.axis is None:
+            return fn
+        return jax.shard_map(functools.partial(fn, model_axis=self.axis), mesh=self.mesh, in_specs=in_specs,
+                             out_specs=out_specs, check_vma=False)
+
+    def encode_text(self, params, context):
+        """encode_text on this layout: prompt embeddings [B, Lt, text_dim] (replicated) -> K/V split by heads."""
+        from bcjax.model.wan import encode_text
+
+        if self.axis is None:
+            return self.place_text(encode_text(self.cfg, params, context))
+        fn = jax.jit(self.shard_map(lambda p, c, model_axis: encode_text(self.cfg, p, c, model_axis=model_axis),
+                                    (self.params, P()), self.text))
+        return fn(self.place_params(params), context)

@@ -1,0 +1,86 @@
+"""The tensor-parallel equality case, run by tests/test_tensor_parallel.py in its own process
+with 10 fake CPU devices (the suite's process has 5): `python tensor_parallel_case.py OUT.json CKPT`.
+
+The tiny DiT with 4 heads (2 per device on `model` = 2) and a sink + window cache, continuing a
+given first block: sequential and P4 (causal, bidirectional) latents on meshes (stage, model)
+= (1, 2), (5, 1), (5, 2) against one device (the sequential pipeline replicates over `stage`), text K/V computed on each runner's layout, params
+restored by orbax straight into the (5, 2) layout; plus where the tensors ended up.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=10"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from bcjax import checkpoint  # noqa: E402
+from bcjax.cascade import Cascade, make_mesh  # noqa: E402
+from bcjax.model import WanConfig, init_params  # noqa: E402
+from bcjax.pipeline import PipelineConfig, SequentialPipeline  # noqa: E402
+
+HW = (4, 6)
+CFG = WanConfig.preset("tiny", num_heads=4, attention="xla")
+PCFG = PipelineConfig(window_frames=9, sink_frames=3)
+
+
+def runner(kind: str, mesh):
+    return SequentialPipeline(CFG, PCFG, HW, mesh) if kind == "sequential" else Cascade(CFG, PCFG, HW, "P4", kind, mesh)
+
+
+def main(out: str, ckpt: str) -> None:
+    params = init_params(CFG, jax.random.key(0), HW)
+    rng = np.random.default_rng(0)
+    prompt = jnp.asarray(rng.standard_normal((1, CFG.text_len, CFG.text_dim)).astype(np.float32))
+    first = jnp.asarray(rng.standard_normal((1, PCFG.block_frames, *HW, CFG.in_channels)).astype(np.float32))
+    key = jax.random.key(1)
+    checkpoint.save(ckpt, {"dit": (CFG, params)}, {"layout": "test"})
+    report = {"devices": jax.device_count(), "max_abs": {}}
+    for kind in ("sequential", "causal", "bidirectional"):
+        ref = None
+        for stage, model in ((1, 1), (1, 2), (5, 1), (5, 2)):
+            mesh = None if stage * model == 1 else make_mesh(stage, model)
+            run = runner(kind, mesh)
+            prm = params
+            if (stage, model) == (5, 2):  # orbax straight into the split layout
+                _, prm = checkpoint.restore(ckpt, "dit", mesh=mesh)
+                q = prm["blocks"]["self_attn"]["q"]["kernel"]
+                report["restored_q_spec"] = str(q.sharding.spec)
+                report["restored_q_shard"] = list(q.addressable_shards[0].data.shape)
+                report["restored_bytes_per_device"] = sum(
+                    a.addressable_shards[0].data.nbytes for a in jax.tree_util.tree_leaves(prm))
+                report["full_bytes"] = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
+            text = run.encode_text(prm, prompt)
+            lat = np.asarray(jax.device_get(run.generate(prm, text, 5, key, context=first)))
+            if ref is None:
+                ref = lat
+                continue
+            report["max_abs"][f"{kind} {stage}x{model}"] = float(np.abs(lat - ref).max())
+            if (stage, model) == (5, 2) and kind == "bidirectional":
+                state = run.start(prm, text, key, 5, context=first)
+                k = run.cache(state).k
+                report["cache_shape"] = list(k.shape)
+                report["cache_shard"] = list(k.addressable_shards[0].data.shape)
+                report["text_shard"] = list(text.k.addressable_shards[0].data.shape)
+    # collectives of the compiled tick against the formula (bytes per tick per device)
+    from bcjax.bench.comm import compiled_tick_collectives, tick_bytes
+    from bcjax.schedule.stagger import make_stagger
+
+    report["comm"] = {}
+    for stage, model in ((5, 1), (1, 2), (5, 2)):
+        hlo = compiled_tick_collectives(CFG, PCFG, HW, stage, model)
+        formula = tick_bytes(CFG, PCFG, HW, make_stagger("P4", PCFG.num_steps, stage).num_slots, stage, model)
+        report["comm"][f"{stage}x{model}"] = {
+            src: {axis: [v["payload"], v["wire"]] for axis, v in d.items()} for src, d in (("hlo", hlo), ("formula", formula))}
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

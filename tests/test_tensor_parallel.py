@@ -1,0 +1,116 @@
+"""Tensor-parallel weights (the `model` mesh axis): split latents equal one device's, tensors live
+split by heads, orbax restores straight into the split layout, and bad sizes are named."""
+
+import json
+import os
+import re
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from bcjax.cascade import Cascade, make_mesh
+from bcjax.model import WanConfig
+from bcjax.model.tensor_parallel import MODEL, param_specs
+from bcjax.model.wan import param_shapes
+from bcjax.pipeline import PipelineConfig, SequentialPipeline
+
+HERE = pathlib.Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """tensor_parallel_case.py's figures, from its own 10-device process."""
+    tmp = tmp_path_factory.mktemp("tp")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(HERE / "tensor_parallel_case.py"), str(tmp / "out.json"), str(tmp / "ckpt")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp / "out.json").read_text())
+
+
+def test_split_meshes_give_one_devices_latents(report):
+    assert report["devices"] == 10
+    expected = {f"{kind} {mesh}" for kind in ("sequential", "causal", "bidirectional") for mesh in ("1x2", "5x1", "5x2")}
+    assert set(report["max_abs"]) == expected
+    for case, err in report["max_abs"].items():
+        assert err <= 1e-5, (case, err)
+
+
+def test_tensors_live_split_by_heads(report):
+    # tiny with 4 heads of 16 on model = 2: each device holds 2 heads of q, the cache and the text K/V
+    assert report["restored_q_spec"] == "P(None, None, 'model')"
+    assert report["restored_q_shard"] == [2, 64, 32]
+    assert report["cache_shape"][3] == 4 and report["cache_shard"][3] == 2
+    assert report["cache_shard"][:3] == report["cache_shape"][:3]
+    assert report["text_shard"][3] == 2
+
+
+def test_restored_bytes_per_device_follow_the_specs(report):
+    cfg = WanConfig.preset("tiny", num_heads=4, attention="xla")
+    shapes, specs = param_shapes(cfg), param_specs(param_shapes(cfg))
+    per_device = sum(a.size * a.dtype.itemsize // (2 if MODEL in s else 1)
+                     for a, s in zip(jax.tree_util.tree_leaves(shapes),
+                                     jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))))
+    assert report["full_bytes"] == sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(shapes))
+    assert report["restored_bytes_per_device"] == per_device < report["full_bytes"]
+
+
+def test_compiled_collectives_are_the_formulas_bytes(report):
+    """Every byte the compiled tick moves is the stage all-gather of K/V (this device's heads) or a
+    model psum, as `bcjax.bench.comm.tick_bytes` states."""
+    for mesh, axes in (("5x1", {"stage"}), ("1x2", {"model"}), ("5x2", {"stage", "model"})):
+        got = report["comm"][mesh]
+        assert set(got["hlo"]) == set(got["formula"]) == axes, mesh
+        for axis in axes:
+            assert got["hlo"][axis] == pytest.approx(got["formula"][axis], rel=1e-9), (mesh, axis)
+    # model = 2 halves the heads each stage all-gather moves
+    assert got["formula"]["stage"][0] < report["comm"]["5x1"]["formula"]["stage"][0]
+
+
+def test_bench_comm_prints_bytes_and_the_fps_model(capsys):
+    from bcjax.bench import comm
+
+    assert comm.main(["--preset", "wan2.1-14b", "--meshes", "5x1", "5x4"]) == 0
+    out = capsys.readouterr().out
+    # 14B, Krea's sampler, 480x832: per layer K and V of 23 400 tokens x 40 heads x 128 bf16 = 479 MB
+    assert "| (5, 1) | 18,282.4 MiB / 14,626.8 MiB | 0.0 KiB / 0.0 KiB | 81 / 0 | formula |" in out, out
+    assert "| (5, 4) | 4,571.5 MiB / 3,658.1 MiB |" in out, out
+    rows = {m[1]: float(m[2]) for m in re.finditer(r"^\| ([^|]+) \| \(\d, \d\) \|(?: [^|]+ \|){6} ([\d.]+) \|", out, re.M)}
+    assert rows["5 H100 (paper)"] == pytest.approx(12.5, abs=0.05)  # the calibration row reproduces the paper
+
+
+def test_specs_split_heads_and_ffn_and_replicate_the_rest():
+    specs = param_specs(param_shapes(WanConfig.preset("tiny")))
+    blocks = specs["blocks"]
+    for attn in ("self_attn", "cross_attn"):
+        for proj in "qkv":
+            assert blocks[attn][proj] == {"kernel": P(None, None, MODEL), "bias": P(None, MODEL)}
+        assert blocks[attn]["o"] == {"kernel": P(None, MODEL, None), "bias": P()}
+        assert blocks[attn]["norm_q"]["scale"] == blocks[attn]["norm_k"]["scale"] == P(None, MODEL)
+    assert blocks["ffn_0"] == {"kernel": P(None, None, MODEL), "bias": P(None, MODEL)}
+    assert blocks["ffn_2"] == {"kernel": P(None, MODEL, None), "bias": P()}
+    assert blocks["modulation"] == P() and blocks["norm3"]["scale"] == P()
+    assert all(s == P() for s in jax.tree_util.tree_leaves(
+        {"embed": specs["embed"], "head": specs["head"]}, is_leaf=lambda x: isinstance(x, P)))
+
+
+def test_a_model_size_that_does_not_divide_is_named_before_compiling():
+    if jax.device_count() < 3:
+        pytest.skip("needs 3 devices")
+    cfg = WanConfig.preset("tiny", attention="xla")  # 2 heads, FFN 128
+    mesh = make_mesh(1, 3)
+    with pytest.raises(ValueError, match=r"'model' = 3 must divide num_heads = 2 and ffn_dim = 128.*does not divide num_heads and ffn_dim"):
+        Cascade(cfg, PipelineConfig(), (4, 6), "P4", "bidirectional", mesh)
+    with pytest.raises(ValueError, match=r"'model' = 3 must divide num_heads = 2"):
+        SequentialPipeline(cfg, PipelineConfig(), (4, 6), mesh)
+    with pytest.raises(ValueError, match=r"num_heads = 40 and ffn_dim = 13824.*does not divide num_heads$"):
+        make_mesh(1, 3, cfg=WanConfig.preset("wan2.1-14b"))
+    make_mesh(1, 2, cfg=WanConfig.preset("wan2.1-14b"))  # 2 divides both
+    with pytest.raises(ValueError, match="ffn_dim = 8960.*does not divide ffn_dim$"):
+        make_mesh(1, 3, cfg=WanConfig.preset("wan2.1-1.3b", num_heads=12))
