@@ -68,6 +68,17 @@ def main(out: str, ckpt: str) -> None:
                 report["cache_shape"] = list(k.shape)
                 report["cache_shard"] = list(k.addressable_shards[0].data.shape)
                 report["text_shard"] = list(text.k.addressable_shards[0].data.shape)
+    # Krea's own loop (context rebuilt before every block, R = the latent): one device vs (1, 2)
+    import ports
+    from bcjax.pipeline.krea import KreaPipeline
+
+    kcfg = ports.get("krea_14b").pipeline
+    lat = {}
+    for model in (1, 2):
+        krea = KreaPipeline(CFG, kcfg, HW, make_mesh(1, model) if model > 1 else None)
+        lat[model] = np.asarray(jax.device_get(krea.generate(params, krea.encode_text(params, prompt), 4, key)))
+    report["max_abs"]["krea 1x2"] = float(np.abs(lat[2] - lat[1]).max())
+
     # collectives of the compiled tick against the formula (bytes per tick per device)
     from bcjax.bench.comm import compiled_tick_collectives, tick_bytes
     from bcjax.schedule.stagger import make_stagger

@@ -37,6 +37,7 @@ def report(tmp_path_factory):
 def test_split_meshes_give_one_devices_latents(report):
     assert report["devices"] == 10
     expected = {f"{kind} {mesh}" for kind in ("sequential", "causal", "bidirectional") for mesh in ("1x2", "5x1", "5x2")}
+    expected.add("krea 1x2")  # Krea's own loop
     assert set(report["max_abs"]) == expected
     for case, err in report["max_abs"].items():
         assert err <= 1e-5, (case, err)

@@ -41,9 +41,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
-from bcjax.model.wan import KV, check_latents, encode_text, forward
+from bcjax.model.tensor_parallel import Layout, model_size
+from bcjax.model.wan import KV, check_latents, forward
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.stepping import Step, StepState
 from bcjax.schedule.flow import block_noise, predict_x0, renoise
@@ -57,24 +60,26 @@ def context_frames(pcfg: PipelineConfig, previous, first_frame, reencoded):
     return jnp.concatenate([head, previous[:, 1:]], axis=1)
 
 
-def rebuild(cfg: WanConfig, params, text: KV, context) -> KV:
+def rebuild(cfg: WanConfig, params, text: KV, context, model_axis: str | None = None) -> KV:
     """Rule 4: the context frames [B, C, ...] at t = 0, attending only to each other, at RoPE
     frames 0 .. C-1. Returns their K/V [L, B, C * P, N, H]."""
     c = context.shape[1]
-    _, kv = forward(cfg, params, context, jnp.zeros(context.shape[:2], jnp.float32), text, jnp.arange(c))
+    _, kv = forward(cfg, params, context, jnp.zeros(context.shape[:2], jnp.float32), text, jnp.arange(c),
+                    model_axis=model_axis)
     return kv
 
 
 def krea_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, context, key, block,
-               latent_hw: tuple[int, int], source=None):
+               latent_hw: tuple[int, int], source=None, model_axis: str | None = None):
     """Block `block` (traced int) under Krea's rules: the rebuild pass over `context` [B, C, H, W,
     Ch] (ignored for block 0), then one pass per timestep. Returns x0 [B, bf, H, W, Ch].
-    source: video-to-video input latents of the block, noised to the first sigma (Krea's v2v)."""
+    source: video-to-video input latents of the block, noised to the first sigma (Krea's v2v).
+    model_axis: inside shard_map, the tensor-parallel axis (params and text split by heads)."""
     batch = text.k.shape[1]
     bf, c = pcfg.block_frames, context.shape[1]
     shape = (batch, bf, *latent_hw, cfg.in_channels)
     has_context = block > 0
-    ctx = rebuild(cfg, params, text, context)
+    ctx = rebuild(cfg, params, text, context, model_axis)
     p = cfg.tokens_per_frame(*latent_hw)
     # one program for every block: block 0 masks the (rebuilt-from-zeros) context away and sits at 0..bf-1
     key_mask = jnp.concatenate([jnp.repeat(has_context, c * p), jnp.ones((bf * p,), bool)])[None, None]
@@ -84,7 +89,8 @@ def krea_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, context, 
 
     def step(x, xs):
         k, t_k, s_k, s_next = xs
-        flow, _ = forward(cfg, params, x, jnp.full((batch, bf), t_k), text, positions, ctx, key_mask)
+        flow, _ = forward(cfg, params, x, jnp.full((batch, bf), t_k), text, positions, ctx, key_mask,
+                          model_axis=model_axis)
         x0 = predict_x0(x, flow, s_k)
         # the last pass's re-noise is unused (s_next = 0 gives x0 back): every pass is one program
         return renoise(x0, block_noise(key, block, k + 1, shape), s_next), x0
@@ -108,6 +114,9 @@ class KreaPipeline:
     cfg: WanConfig
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
+    # Tensor parallel: a mesh whose `model` axis splits heads and FFN (bcjax.model.tensor_parallel);
+    # None or model = 1: one device. The carried frames (previous block, frame 0, R) are replicated.
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
@@ -117,9 +126,17 @@ class KreaPipeline:
         if self.pcfg.cache_frames != self.pcfg.block_frames:
             raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={self.pcfg.window_frames} "
                              f"must be 2 x block_frames={self.pcfg.block_frames} (kv_cache_num_frames = the block)")
-        self._block_fn = jax.jit(partial(krea_block, self.cfg, self.pcfg, latent_hw=tuple(self.latent_hw)))
-        self._v2v_fn = jax.jit(lambda params, text, context, key, block, source: krea_block(
-            self.cfg, self.pcfg, params, text, context, key, block, tuple(self.latent_hw), source))
+        if model_size(self.mesh) <= 1:
+            self.mesh = None
+        self.layout = lay = Layout(self.cfg, self.mesh)
+        cfg, pcfg, hw = self.cfg, self.pcfg, tuple(self.latent_hw)
+        w, t = (lay.params, lay.text) if lay.axis else (None, None)
+        self._block_fn = jax.jit(lay.shard_map(partial(krea_block, cfg, pcfg, latent_hw=hw), (w, t, P(), P(), P()), P()))
+
+        def v2v(params, text, context, key, block, source, model_axis=None):
+            return krea_block(cfg, pcfg, params, text, context, key, block, hw, source, model_axis)
+
+        self._v2v_fn = jax.jit(lay.shard_map(v2v, (w, t, P(), P(), P(), P()), P()))
 
     def blocks(self, params, text: KV, key, num_blocks: int, reencode: Callable | None = None,
                source=None) -> Iterator[jax.Array]:
@@ -137,6 +154,7 @@ class KreaPipeline:
                              f"{num_blocks} blocks; got {tuple(source.shape)}")
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+        params, text = self.place_params(params), self.place_text(text)
         carry = self._empty(text.k.shape[1])
         for b in range(num_blocks):
             if source is None:
@@ -163,8 +181,6 @@ class KreaPipeline:
         return x0, (x0[:, :1] if b == 0 else carry[1]), r
 
     # -- the stepping interface shared with the other runners (bcjax.pipeline.stepping) ----------------
-    mesh = None  # one device
-
     def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
         """A stream before its first block; context: given frames [B, G * block_frames, H, W, C]
         (blocks 0..G-1; generation starts at block G). R is the latent frame itself here (no VAE
@@ -183,6 +199,7 @@ class KreaPipeline:
     def step(self, params, text: KV, state: StepState) -> tuple[StepState, Step]:
         """The next block under `text` (its context rebuilt under `text` too: nothing to recache)."""
         b = self.entering(state)
+        params, text = self.place_params(params), self.place_text(text)
         x0 = self._block_fn(params, text, self._context(state.carry, b), state.key, jnp.int32(b))
         carry = self._advance(state.carry, x0, b, x0[:, :1])
         stages = tuple((b, s) for s in range(self.pcfg.num_steps))
@@ -202,12 +219,18 @@ class KreaPipeline:
         raise ValueError("Krea's loop keeps no cache to replace")
 
     def replicate(self, tree):
-        return jax.tree_util.tree_map(jnp.asarray, tree)
+        if self.layout.mesh is None:
+            return jax.tree_util.tree_map(jnp.asarray, tree)
+        return self.layout.place(tree, P())
 
-    place_params = place_text = replicate  # one device: no tensor-parallel layout
+    def place_params(self, params):
+        return self.layout.place_params(params)
+
+    def place_text(self, text: KV) -> KV:
+        return self.layout.place_text(text)
 
     def encode_text(self, params, context) -> KV:
-        return encode_text(self.cfg, params, context)
+        return self.layout.encode_text(params, context)
 
     def generate(self, params, text: KV, num_blocks: int, key, reencode: Callable | None = None,
                  source=None) -> jax.Array:
