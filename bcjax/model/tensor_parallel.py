@@ -137,6 +137,12 @@ class Layout:
         """Every leaf of `tree` on the mesh with one spec (P(): replicated)."""
         return place(tree, self.mesh, jax.tree_util.tree_map(lambda _: spec, tree))
 
+    def replicate(self, tree):
+        """Leaves on every device of the mesh; without one, device arrays on the default device."""
+        if self.mesh is None:
+            return jax.tree_util.tree_map(jax.numpy.asarray, tree)
+        return self.place(tree, P())
+
     def place_params(self, params):
         return params if self.mesh is None else place(params, self.mesh, self.params)
 

@@ -129,6 +129,8 @@ class KreaPipeline:
         if model_size(self.mesh) <= 1:
             self.mesh = None
         self.layout = lay = Layout(self.cfg, self.mesh)
+        # the stepping interface's placement (as SequentialPipeline's): the layout's own methods
+        self.replicate, self.place_params, self.place_text = lay.replicate, lay.place_params, lay.place_text
         cfg, pcfg, hw = self.cfg, self.pcfg, tuple(self.latent_hw)
         w, t = (lay.params, lay.text) if lay.axis else (None, None)
         self._block_fn = jax.jit(lay.shard_map(partial(krea_block, cfg, pcfg, latent_hw=hw), (w, t, P(), P(), P()), P()))
@@ -218,16 +220,7 @@ class KreaPipeline:
     def with_cache(self, state: StepState, cache):
         raise ValueError("Krea's loop keeps no cache to replace")
 
-    def replicate(self, tree):
-        if self.layout.mesh is None:
-            return jax.tree_util.tree_map(jnp.asarray, tree)
-        return self.layout.place(tree, P())
-
-    def place_params(self, params):
-        return self.layout.place_params(params)
-
-    def place_text(self, text: KV) -> KV:
-        return self.layout.place_text(text)
+    # replicate / place_params / place_text: the layout's (see __post_init__)
 
     def encode_text(self, params, context) -> KV:
         return self.layout.encode_text(params, context)

@@ -143,6 +143,10 @@ class SequentialPipeline:
         if model_size(self.mesh) <= 1:
             self.mesh = None  # nothing to split: one device (a `stage` axis is the cascade's business)
         self.layout = Layout(self.cfg, self.mesh)
+        # the stepping interface's placement: leaves where the passes compute (replicated; DiT
+        # params split over `model`; text K/V split by heads), the layout's own methods
+        self.replicate, self.place_params, self.place_text = (
+            self.layout.replicate, self.layout.place_params, self.layout.place_text)
         cfg, pcfg, hw, lay = self.cfg, self.pcfg, tuple(self.latent_hw), self.layout
         if lay.axis is not None:
             w, t, c = lay.params, lay.text, lay.cache
@@ -169,7 +173,7 @@ class SequentialPipeline:
 
     def _placed(self, params, text):
         """params and text K/V in the layout the compiled passes take (a no-op without tensor parallelism)."""
-        return self.layout.place_params(params), self.layout.place_text(text)
+        return self.place_params(params), self.place_text(text)
 
     def encode_text(self, params, context) -> KV:
         """Prompt embeddings [B, Lt, text_dim] -> text K/V, computed where they live (split by heads
@@ -261,17 +265,4 @@ class SequentialPipeline:
     def with_cache(self, state: StepState, cache: KVCache) -> StepState:
         return state._replace(carry=cache)
 
-    def replicate(self, tree):
-        """Leaves as device arrays where this runner computes (one device: the default one;
-        replicated over the mesh under tensor parallelism)."""
-        if self.layout.mesh is None:
-            return jax.tree_util.tree_map(jnp.asarray, tree)
-        return self.layout.place(tree, P())
-
-    def place_params(self, params):
-        """DiT params in the layout the passes take (split over `model` under tensor parallelism)."""
-        return self.layout.place_params(params)
-
-    def place_text(self, text: KV) -> KV:
-        """Text K/V in the layout the passes take (split by heads under tensor parallelism)."""
-        return self.layout.place_text(text)
+    # replicate / place_params / place_text: the layout's (see __post_init__)
