@@ -341,3 +341,17 @@ def test_colour_readout():
     smeared = frames.copy()
     smeared[:, 5:9, 5:9] *= 0.3  # faded towards the background
     assert not colour_correct(smeared, scene, WORLD).any()
+
+
+def test_block_frames_flag_sets_the_world_and_the_sampler(tmp_path):
+    """`--block-frames 1` (the shipped model's blocks): the still image is one frame, the world
+    steps once per block, and the sampler's blocks and window follow."""
+    out = str(tmp_path / "run")
+    tw.main(["--out", out, "--size", "8", "--sprite", "2", "--block-frames", "1", "--dim", "32", "--ffn-dim", "64",
+             "--heads", "2", "--layers", "2", "--steps", "1", "--batch", "2", "--stage", "diffusion-forcing",
+             "--no-progress"])
+    world, _, pcfg, tcfg = tw.load_run(out)
+    assert (world.block_frames, world.still_frames, world.frames_per_step) == (1, 1, 1)
+    assert (pcfg.block_frames, pcfg.window_frames) == (1, tcfg.context_blocks + 1)
+    scene = parse_prompt("red east slow", world, [(2, 2)])
+    assert positions(scene, 3, world)[:, 0, 1].tolist() == [2, 4, 4]  # block 0 still, then a step a block, a bounce

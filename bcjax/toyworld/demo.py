@@ -147,7 +147,7 @@ def _check_out(out: str) -> None:
 
 
 def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str | None = None, prompts: int = 3,
-        blocks: int = 10, seed: int = 0, devices: int = 1, fps: float = 8.0) -> dict:
+        blocks: int = 10, seed: int = 0, devices: int = 1, fps: float | None = None) -> dict:
     from bcjax.cascade.cascade import make_mesh
     from bcjax.pipeline.video import Mp4Writer
 
@@ -172,6 +172,8 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
     report = report or os.path.splitext(out)[0] + ".md"
     if not is_primary():  # a multi-host job: process 0 writes
         return {"summary": rows, "timing": timing, "video": None, "report": None}
+    # default: a block every 3/8 s whatever the block's frames, so a 1-frame-block world can be followed
+    fps = fps or 8.0 * model.world.block_frames / 3
     with Mp4Writer(out, fps=fps) as w:
         w.write(video)
     frames = os.path.splitext(report)[0] + "-frames.png"
@@ -187,7 +189,7 @@ if __name__ == "__main__":
 
 def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | None = None, blocks: int = 12,
                schedule: str = "P4", window: str = "bidirectional", policy: str = "no-recache", seed: int = 0,
-               devices: int = 1, fps: float = 8.0, scale: int = 8, positions: str = "absolute",
+               devices: int = 1, fps: float | None = None, scale: int = 8, positions: str = "absolute",
                interpolate: int = 0) -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
@@ -227,6 +229,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
 
     events = []
     bar = tqdm(total=blocks, unit="block", desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
+    fps = fps or 8.0 * bf / 3  # a block every 3/8 s, as in `run`
     with (Mp4Writer(out, fps=fps) if is_primary() else NullWriter()) as w:  # multi-host: process 0 writes
         w.write(big(first[0]))
         def sink(e):  # on a background thread, while the next block denoises

@@ -28,8 +28,12 @@ from 1 to context_blocks, so every window fill the sampler meets is trained. Sig
 from the few-step sampler's table (PipelineConfig().sigmas = [1, 0.9375, 0.8333, 0.625]), the
 rest shifted-uniform.
 
-    python -m bcjax.toyworld.train --out run/ --stage diffusion-forcing --steps 1700 --until 1300
-    python -m bcjax.toyworld.train --out run/ --stage self-rollout      # continues to --steps
+    # the shipped model: diffusion forcing from scratch (18 min wall on 2 shared CPU cores), then
+    # self-rollout, which extends the cosine schedule from 6000 to 9000 steps; shipped is
+    # run/snapshots/step-08500 (26.8 min wall in all), the best of the last snapshots on held-out prompts
+    python -m bcjax.toyworld.train --out run/ --stage diffusion-forcing --size 12 --max-sprites 1 \
+        --block-frames 1 --batch 16 --lr 3e-3 --steps 6000 --until 5879 --snapshots
+    python -m bcjax.toyworld.train --out run/ --stage self-rollout --batch 8 --steps 9000
 
 Restarting with the same --out continues from the last checkpoint. The folder holds
 `run.json` (configs), `ckpt/` (orbax: params, optimizer state, step, loss history, the stages
@@ -111,11 +115,12 @@ class TrainConfig:
             raise ValueError(f"in_flight {self.in_flight} and rollout_blocks {self.rollout_blocks} must be >= 1")
 
 
-def toy_pipeline_config(tcfg: TrainConfig | None = None) -> PipelineConfig:
-    """The sampler the toy model is trained for: the real models' 4-step sigma table, a window of
-    the trained context + the block itself, no sink."""
+def toy_pipeline_config(tcfg: TrainConfig | None = None, world: WorldConfig | None = None) -> PipelineConfig:
+    """The sampler the toy model is trained for: the real models' 4-step sigma table, blocks of the
+    world's block_frames, a window of the trained context + the block itself, no sink."""
     k = (tcfg or TrainConfig()).context_blocks
-    return PipelineConfig(window_frames=(k + 1) * PipelineConfig.block_frames)
+    bf = (world or WorldConfig()).block_frames
+    return PipelineConfig(block_frames=bf, window_frames=(k + 1) * bf)
 
 
 def toy_model_config(world: WorldConfig, **overrides) -> WanConfig:
@@ -666,6 +671,8 @@ def main(argv=None) -> dict:
         p.add_argument(f"--{name}", type=typ)
     for name in ("size", "sprite", "min-sprites", "max-sprites"):
         p.add_argument(f"--{name}", type=int, help=f"world {name.replace('-', ' ')} (new runs only)")
+    p.add_argument("--block-frames", type=int,
+                   help="latent frames per block, the world stepping once per block (new runs only; default 3)")
     p.add_argument("--stage", choices=STAGES,
                    help="training recipe of this session's steps (default clean; a resumed run keeps its last "
                         "unless given): clean-context teacher forcing, diffusion forcing (noisy cascade-tick "
@@ -685,6 +692,8 @@ def main(argv=None) -> dict:
     model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers, "rope_theta": a.rope_theta,
                   "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
     world_args = {"size": a.size, "sprite": a.sprite, "min_sprites": a.min_sprites, "max_sprites": a.max_sprites}
+    if a.block_frames is not None:  # the first block is the still image; the world steps once per block
+        world_args.update(block_frames=a.block_frames, still_frames=a.block_frames, frames_per_step=a.block_frames)
     train_args = {k: v for k, v in train_args.items() if v is not None}
     world_args = {k: v for k, v in world_args.items() if v is not None}
     model_args = {k: v for k, v in model_args.items() if v is not None}
@@ -700,7 +709,7 @@ def main(argv=None) -> dict:
         tcfg = dataclasses.replace(tcfg, **train_args)
     else:
         world, tcfg = WorldConfig(**world_args), TrainConfig(**train_args)
-        cfg, pcfg = toy_model_config(world, **model_args), toy_pipeline_config(tcfg)
+        cfg, pcfg = toy_model_config(world, **model_args), toy_pipeline_config(tcfg, world)
     summary = train(a.out, world, cfg, pcfg, tcfg, progress=not a.no_progress, until=a.until, time_limit=a.time_limit,
                     snapshots=a.snapshots, cpu_limit=a.cpu_limit)
     print(json.dumps(summary, indent=2))
