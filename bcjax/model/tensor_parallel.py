@@ -119,6 +119,18 @@ class Layout:
         self.cfg, self.mesh, self.model = cfg, mesh, model_size(mesh)
         self.axis = MODEL if self.model > 1 else None  # what forward(model_axis=) gets
 
+    @classmethod
+    def split_only(cls, cfg: WanConfig, mesh: Mesh | None) -> "Layout":
+        """The layout of a runner that uses a mesh only to split weights (the sequential
+        pipeline, Krea's loop): one device unless the mesh's `model` axis is > 1 (a `stage` axis
+        then holds replicas)."""
+        return cls(cfg, mesh if model_size(mesh) > 1 else None)
+
+    def specs(self):
+        """(params, text, cache) specs for `shard_map`; Nones without tensor parallelism, where
+        shard_map is not used (no parameter shapes are traced for them)."""
+        return (self.params, self.text, self.cache) if self.axis else (None, None, None)
+
     @functools.cached_property
     def params(self):
         from bcjax.model.wan import param_shapes
@@ -156,10 +168,17 @@ class Layout:
         """An empty cache made where it lives (each device allocates only its heads)."""
         from bcjax.model.kv_cache import init_cache
 
-        make = lambda: init_cache(self.cfg, batch, capacity, tokens_per_frame)  # noqa: E731
         if self.mesh is None:
-            return make()
-        return jax.jit(make, out_shardings=shardings(self.mesh, self.cache))()
+            return init_cache(self.cfg, batch, capacity, tokens_per_frame)
+        return self._make_cache(batch, capacity, tokens_per_frame)
+
+    @functools.cached_property
+    def _make_cache(self):
+        # one jitted maker per layout: a stream start must not recompile it
+        from bcjax.model.kv_cache import init_cache
+
+        return jax.jit(functools.partial(init_cache, self.cfg), static_argnums=(0, 1, 2),
+                       out_shardings=shardings(self.mesh, self.cache))
 
     def shard_map(self, fn, in_specs, out_specs):
         """fn(..., model_axis=) mapped over the whole mesh (the `model` axis splitting heads);
@@ -175,6 +194,12 @@ class Layout:
 
         if self.axis is None:
             return self.place_text(encode_text(self.cfg, params, context))
-        fn = jax.jit(self.shard_map(lambda p, c, model_axis: encode_text(self.cfg, p, c, model_axis=model_axis),
-                                    (self.params, P()), self.text))
-        return fn(self.place_params(params), context)
+        return self._encode(self.place_params(params), context)
+
+    @functools.cached_property
+    def _encode(self):
+        # jitted once per layout: every prompt (a switch mid-stream included) reuses the program
+        from bcjax.model.wan import encode_text
+
+        return jax.jit(self.shard_map(lambda p, c, model_axis: encode_text(self.cfg, p, c, model_axis=model_axis),
+                                      (self.params, P()), self.text))

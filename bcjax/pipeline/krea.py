@@ -45,7 +45,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
-from bcjax.model.tensor_parallel import Layout, model_size
+from bcjax.model.tensor_parallel import Layout
 from bcjax.model.wan import KV, check_latents, forward
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.stepping import Step, StepState
@@ -126,13 +126,12 @@ class KreaPipeline:
         if self.pcfg.cache_frames != self.pcfg.block_frames:
             raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={self.pcfg.window_frames} "
                              f"must be 2 x block_frames={self.pcfg.block_frames} (kv_cache_num_frames = the block)")
-        if model_size(self.mesh) <= 1:
-            self.mesh = None
-        self.layout = lay = Layout(self.cfg, self.mesh)
+        self.layout = lay = Layout.split_only(self.cfg, self.mesh)
+        self.mesh = lay.mesh
         # the stepping interface's placement (as SequentialPipeline's): the layout's own methods
         self.replicate, self.place_params, self.place_text = lay.replicate, lay.place_params, lay.place_text
         cfg, pcfg, hw = self.cfg, self.pcfg, tuple(self.latent_hw)
-        w, t = (lay.params, lay.text) if lay.axis else (None, None)
+        w, t, _ = lay.specs()
         self._block_fn = jax.jit(lay.shard_map(partial(krea_block, cfg, pcfg, latent_hw=hw), (w, t, P(), P(), P()), P()))
 
         def v2v(params, text, context, key, block, source, model_axis=None):

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, rebase, write_frames
 from bcjax.model.rope import rope_base, rope_positions
-from bcjax.model.tensor_parallel import Layout, model_size
+from bcjax.model.tensor_parallel import Layout
 from bcjax.model.wan import KV, check_latents, forward
 from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.stepping import Step, StepState
@@ -140,18 +140,13 @@ class SequentialPipeline:
         check_rebuild(self.pcfg, "SequentialPipeline")
         if self.pcfg.positions == "rolling":
             self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
-        if model_size(self.mesh) <= 1:
-            self.mesh = None  # nothing to split: one device (a `stage` axis is the cascade's business)
-        self.layout = Layout(self.cfg, self.mesh)
+        self.layout = lay = Layout.split_only(self.cfg, self.mesh)
+        self.mesh = lay.mesh  # nothing to split: one device (a `stage` axis is the cascade's business)
         # the stepping interface's placement: leaves where the passes compute (replicated; DiT
         # params split over `model`; text K/V split by heads), the layout's own methods
-        self.replicate, self.place_params, self.place_text = (
-            self.layout.replicate, self.layout.place_params, self.layout.place_text)
-        cfg, pcfg, hw, lay = self.cfg, self.pcfg, tuple(self.latent_hw), self.layout
-        if lay.axis is not None:
-            w, t, c = lay.params, lay.text, lay.cache
-        else:
-            w = t = c = None
+        self.replicate, self.place_params, self.place_text = lay.replicate, lay.place_params, lay.place_text
+        cfg, pcfg, hw = self.cfg, self.pcfg, tuple(self.latent_hw)
+        w, t, c = lay.specs()
         self._block_fn = jax.jit(lay.shard_map(partial(denoise_block, cfg, pcfg, latent_hw=hw),
                                                (w, t, c, P(), P()), (c, P())), donate_argnums=(2,))
 
