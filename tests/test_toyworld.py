@@ -355,3 +355,67 @@ def test_block_frames_flag_sets_the_world_and_the_sampler(tmp_path):
     assert (pcfg.block_frames, pcfg.window_frames) == (1, tcfg.context_blocks + 1)
     scene = parse_prompt("red east slow", world, [(2, 2)])
     assert positions(scene, 3, world)[:, 0, 1].tolist() == [2, 4, 4]  # block 0 still, then a step a block, a bounce
+
+
+def test_ema_is_the_moving_average_of_the_steps_weights():
+    """ema = d * ema + (1 - d) * params after every step, starting from the initial weights; with
+    ema = 0 it is the live weights. The exported model is the average."""
+    tcfg = dataclasses.replace(SMALL_TCFG, ema=0.75)
+    pcfg = tw.toy_pipeline_config(tcfg)
+    batch = tw.batch_for_step(SMALL, pcfg, tcfg, 0)
+    state = jax.device_put(tw.init_state(SMALL_CFG, tcfg), jax.devices()[0])
+    step = tw.make_train_step(SMALL_CFG, pcfg, tcfg)
+    expect = jax.tree_util.tree_map(np.asarray, state.params)
+    for _ in range(3):
+        state, _ = step(state, *batch)
+        expect = jax.tree_util.tree_map(lambda e, p: 0.75 * e + 0.25 * np.asarray(p), expect, state.params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.ema, expect)
+    assert state.export_params(tcfg) is state.ema and state.export_params(SMALL_TCFG) is state.params
+    moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), state.ema, state.params))
+    assert max(moved) > 1e-4  # the average lags the live weights
+    with pytest.raises(ValueError, match="ema decay 1.0"):
+        tw.TrainConfig(ema=1.0)
+
+
+def test_init_starts_a_stage_from_an_earlier_model(tmp_path):
+    """--init: a new run starts from another run's exported DiT with a fresh optimizer, inherits
+    its world, model and stage history (so the training minutes add up), and refuses a mismatch."""
+    first = str(tmp_path / "df")
+    small = ["--size", "8", "--sprite", "2", "--block-frames", "1", "--dim", "32", "--ffn-dim", "64", "--heads", "2",
+             "--layers", "2", "--batch", "2", "--no-progress"]
+    tw.main(["--out", first, *small, "--steps", "2", "--stage", "diffusion-forcing"])
+    second = str(tmp_path / "sr")
+    summary = tw.main(["--out", second, "--init", os.path.join(first, "model-diffusion-forcing"), "--steps", "1",
+                       "--batch", "2", "--stage", "self-rollout", "--rollout-blocks", "2", "--no-progress",
+                       "--until", "0"])  # 0 steps: the exported model is the init's
+    assert [(s["stage"], s["to_step"]) for s in summary["stages"]] == [("diffusion-forcing", 2), ("self-rollout", 0)]
+    world, cfg, _, tcfg = tw.load_run(second)
+    assert tw.load_run(first)[:2] == (world, cfg) and tcfg.stage == "self-rollout"
+    from bcjax.checkpoint import restore
+
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), restore(os.path.join(second, "model"))[1],
+                           restore(os.path.join(first, "model"))[1])
+    with pytest.raises(SystemExit, match="fixes the world and model"):
+        tw.main(["--out", str(tmp_path / "bad"), "--init", os.path.join(first, "model"), "--size", "12"])
+    with pytest.raises(ValueError, match="different DiT"):
+        tw.init_params_from(os.path.join(first, "model"), dataclasses.replace(cfg, dim=64), world)
+
+
+def test_crisp_frames_are_clean_renders_wherever_the_sprite_is():
+    from bcjax.toyworld.world import crisp_frames
+
+    scene = parse_prompt("red east slow, blue south fast", WORLD, [(5, 5), (2, 9)])
+    frames = render(scene, 6, WORLD)
+    assert crisp_frames(frames, scene, WORLD).all()
+    moved = render(parse_prompt("red east slow, blue south fast", WORLD, [(7, 3), (2, 9)]), 6, WORLD)
+    assert crisp_frames(moved, scene, WORLD).all()  # wrong place but sharp: position_error's business
+    noisy = frames + 0.3 * np.random.default_rng(0).standard_normal(frames.shape).clip(-3, 3).astype(np.float32)
+    assert crisp_frames(noisy, scene, WORLD).all()
+    smear = 0.5 * (frames + moved)  # two hypotheses averaged
+    assert not crisp_frames(smear, scene, WORLD).any()
+    ghost = frames.copy()
+    ghost[:, 12, 12] = WORLD.amplitude * np.float32([1, -1, -1])  # a stray red pixel
+    assert not crisp_frames(ghost, scene, WORLD).any()
+    lost = frames.copy()
+    lost[:, 1:-1, 1:-1] = 0.0
+    assert not crisp_frames(lost, scene, WORLD).any()

@@ -109,7 +109,7 @@ def frames_png(path: str, latents: list[np.ndarray], scenes, model: ToyModel, sc
 
 
 def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, video: str,
-                 frames: str | None = None) -> str:
+                 frames: str | None = None, per_block: dict | None = None) -> str:
     lines = ["# bcjax demo: the toy world, sequential vs Block Cascading", "",
              f"Model: shipped toy-world Wan DiT ({model.cfg.num_layers} layers, dim {model.cfg.dim}, "
              f"{sum(x.size for x in jax.tree_util.tree_leaves(model.params)):,} parameters, trained by "
@@ -119,11 +119,20 @@ def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, v
              "Prompts (first block given as the still image, the rest generated):", ""]
     lines += [f"{i}. {prompt_text(s)}" for i, s in enumerate(scenes)]
     lines += ["", "| setting | MSE vs truth | PSNR dB | position err px | seam jump px | MSE to sequential | "
-                  "colour right % | first block s | steady ms/block |", "|---|---|---|---|---|---|---|---|---|"]
+                  "colour right % | crisp frames % | first block s | steady ms/block |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in rows.items():
         first, steady = timing.get(name, (float("nan"), float("nan")))
         lines.append(f"| {name} | {v['mse']:.4f} | {v['psnr']:.2f} | {v['pos_err']:.2f} | {v['jump']:.2f} | "
-                     f"{v['div_seq']:.4f} | {100 * v['colour']:.1f} | {first:.2f} | {steady:.1f} |")
+                     f"{v['div_seq']:.4f} | {100 * v['colour']:.1f} | {100 * v['crisp']:.1f} | {first:.2f} | "
+                     f"{steady:.1f} |")
+    if per_block:
+        nb = next(iter(per_block.values()))["crisp"].shape[1]
+        lines += ["", "Crisp frames per generated block, % of prompts (a clean render of the world at the read-back "
+                  "sprite corners: no smear, blotch or ghost):", "",
+                  "| setting | " + " | ".join(f"b{b + 1}" for b in range(nb)) + " |", "|---" * (nb + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{100 * v:.0f}" for v in m["crisp"].mean(0)) + " |"
+                  for name, m in per_block.items()]
     if frames:
         lines += ["", f"![truth and every setting, the last frame of every block]({os.path.basename(frames)})", "",
                   f"`{os.path.basename(frames)}`: per prompt, rows {', '.join(LABELS)}; columns: the last frame of every "
@@ -167,20 +176,21 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
         timing[name] = (first, steady)
         print(f"  {name:<18s} first block {first:6.2f} s (compile incl.), steady {steady:7.1f} ms/block")
     ref = lat["sequential"]
-    rows = summary({n: block_metrics(x, scenes, model.world, ref) for n, x in lat.items()}, model.world)
+    blocks_m = {n: block_metrics(x, scenes, model.world, ref) for n, x in lat.items()}
+    rows = summary(blocks_m, model.world)
     video = compose(list(lat.values()), scenes, model)
     report = report or os.path.splitext(out)[0] + ".md"
     if not is_primary():  # a multi-host job: process 0 writes
-        return {"summary": rows, "timing": timing, "video": None, "report": None}
+        return {"summary": rows, "blocks": blocks_m, "timing": timing, "video": None, "report": None}
     # default: a block every 3/8 s whatever the block's frames, so a 1-frame-block world can be followed
     fps = fps or 8.0 * model.world.block_frames / 3
     with Mp4Writer(out, fps=fps) as w:
         w.write(video)
     frames = os.path.splitext(report)[0] + "-frames.png"
     frames_png(frames, list(lat.values()), scenes, model)
-    print(write_report(report, model, scenes, rows, timing, out, frames))
+    print(write_report(report, model, scenes, rows, timing, out, frames, blocks_m))
     print(f"wrote {out} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]}), {frames} and {report}")
-    return {"summary": rows, "timing": timing, "video": out, "report": report, "frames": frames}
+    return {"summary": rows, "blocks": blocks_m, "timing": timing, "video": out, "report": report, "frames": frames}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ bidirectional window} (sequential has no in-flight neighbours: one row) this rep
 - div_seq: MSE against the sequential output for the same prompt and seed (what the schedule
   changed), 0 for sequential itself;
 - colour: fraction of frames in which every sprite shows in its own colour (`colour_correct`:
-  found, and at least half of its window in its colour).
+  found, and at least half of its window in its colour);
+- crisp: fraction of frames that are a clean render of the world at the read-back corners
+  (`crisp_frames`: no pixel off by half the amplitude -- no smear, blotch or ghost).
 
 Baselines: "still" (the given image held: no motion learned), "init" (the same network at its
 initialisation). Outputs: `table.md`, `metrics.csv`, `mse_per_block.png`, `pos_err_per_block.png`, `frames.png`.
@@ -36,12 +38,22 @@ import numpy as np
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
 from bcjax.pipeline.config import PipelineConfig
-from bcjax.toyworld.world import Scene, WorldConfig, colour_correct, position_error, prompt_embedding, read_positions, render, sample_scene
+from bcjax.toyworld.world import (
+    Scene,
+    WorldConfig,
+    colour_correct,
+    crisp_frames,
+    position_error,
+    prompt_embedding,
+    read_positions,
+    render,
+    sample_scene,
+)
 
 EVAL_SEED = 12345  # prompts are drawn from default_rng([EVAL_SEED, i]); training uses [seed, step]
 SCHEDULES = ("sequential", "P1", "P2", "P4")
 WINDOWS = ("causal", "bidirectional")
-FIELDS = ("mse", "psnr", "pos_err", "jump", "div_seq", "colour")
+FIELDS = ("mse", "psnr", "pos_err", "jump", "div_seq", "colour", "crisp")
 SHIPPED = os.path.join(os.path.dirname(__file__), "checkpoint")
 
 
@@ -124,6 +136,7 @@ def block_metrics(latents, scenes: list[Scene], world: WorldConfig, reference=No
         out["pos_err"][i] = (err * valid).sum((1, 2)) / np.maximum(valid.sum((1, 2)), 1)
         ok = colour_correct(latents[i], scene, world)[bf:].reshape(nb, bf, -1) | ~valid  # covered: not judged
         out["colour"][i] = ok.all(-1).mean(-1)
+        out["crisp"][i] = crisp_frames(gen, scene, world).reshape(nb, bf).mean(-1)
         # seams: the step from each block's predecessor's last frame into its first frame
         read, true = read_positions(latents[i], scene, world), read_positions(truth, scene, world)
         seam = np.arange(bf, f, bf)
@@ -184,11 +197,11 @@ def table_md(metrics: dict, world: WorldConfig) -> str:
     s = summary(metrics, world)
     base = s.get("sequential", {}).get("mse")
     lines = ["| setting | MSE | vs sequential | PSNR dB | position err px | seam jump px | MSE to sequential | "
-             "colour right % |", "|---|---|---|---|---|---|---|---|"]
+             "colour right % | crisp frames % |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in s.items():
         rel = f"{100 * (v['mse'] / base - 1):+.1f}%" if base else "-"
         lines.append(f"| {name} | {v['mse']:.4f} | {rel} | {v['psnr']:.2f} | {v['pos_err']:.2f} | {v['jump']:.2f} | "
-                     f"{v['div_seq']:.4f} | {100 * v['colour']:.1f} |")
+                     f"{v['div_seq']:.4f} | {100 * v['colour']:.1f} | {100 * v['crisp']:.1f} |")
     nb = next(iter(metrics.values()))["mse"].shape[1]
     lines += ["", "MSE per generated block (mean over prompts):", "",
               "| setting | " + " | ".join(f"b{b + 1}" for b in range(nb)) + " |", "|---" * (nb + 1) + "|"]

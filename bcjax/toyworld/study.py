@@ -89,7 +89,8 @@ def study_md(results: dict, blocks: int) -> str:
     names = [setting_name(s, w) for s, w in settings()] + ["still"]
     lines = []
     for field, label in (("pos_err", "sprite position error, px"), ("psnr", "PSNR, dB"), ("mse", "MSE"),
-                         ("colour", "frames with the sprite's colour right"), ("jump", "seam jump, px")):
+                         ("colour", "frames with the sprite's colour right"), ("crisp", "crisp frames"),
+                         ("jump", "seam jump, px")):
         lines += [f"### {label}: mean +- 95% CI (paired difference to sequential in brackets)", "",
                   "| setting | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
         per_model = {m: cells(r, field) for m, r in results.items()}
@@ -163,7 +164,7 @@ def curve(run: str, prompts: int, blocks: int, seed: int = 0) -> list[dict]:
         rows.append({"step": prov["step"], "stage": stages[-1]["stage"] if stages else "?",
                      "wall_min": sum(x["wall_s"] for x in stages) / 60, "cpu_min": sum(x["cpu_s"] for x in stages) / 60,
                      "pos_err": s["pos_err"], "pos_err_last": float(metrics["sequential"]["pos_err"][:, -1].mean()),
-                     "psnr": s["psnr"], "colour": s["colour"]})
+                     "psnr": s["psnr"], "colour": s["colour"], "crisp": s["crisp"]})
         print(json.dumps(rows[-1]))
     return rows
 

@@ -281,6 +281,27 @@ def colour_correct(frames, scene: Scene, cfg: WorldConfig) -> np.ndarray:
     return out
 
 
+def crisp_frames(frames, scene: Scene, cfg: WorldConfig) -> np.ndarray:
+    """bool [F]: the frame is a clean render -- every channel of every pixel within amplitude / 2
+    of the world drawn with its sprites at their read-back corners (right or wrong). A sprite
+    smeared over two hypotheses (half-amplitude pixels), a blotch, a ghost, or a lost sprite fails.
+    Position accuracy is `position_error`'s; this is what the eye calls sharp."""
+    frames = np.asarray(frames, np.float32)
+    pos = read_positions(frames, scene, cfg)
+    ok = np.isfinite(pos).all((1, 2))
+    wall, col, k = cfg.amplitude * np.float32(WALL), colour_values(scene, cfg), cfg.sprite
+    out = np.zeros(len(frames), bool)
+    for f in np.nonzero(ok)[0]:
+        ref = np.zeros(frames.shape[1:], np.float32)
+        ref[[0, -1], :] = wall
+        ref[:, [0, -1]] = wall
+        for s in range(len(scene)):
+            r, c = pos[f, s].astype(int)
+            ref[r:r + k, c:c + k] = col[s]
+        out[f] = np.abs(frames[f] - ref).max() < cfg.amplitude / 2
+    return out
+
+
 def read_positions(frames, scene: Scene, cfg: WorldConfig, min_visible: int | None = None) -> np.ndarray:
     """Each sprite's top-left (row, col) read back from (generated) latents: float [F, S, 2], NaN
     where fewer than min_visible pixels (default a quarter of the sprite) show its colour.
