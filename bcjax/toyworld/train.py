@@ -24,7 +24,8 @@ several (each resumable, each stage's last model kept as model-<stage>):
 Clips are drawn at the start of a video (the still first block as the only context: the
 image-to-video step, where only the prompt says how the sprites move) a `first_prob` of the time
 (default a third; the shipped self-rollout stage two thirds: a first move that is a bounce is the
-hardest block of a video, and at a third the model drew it soft), else later in the stream (moving, bouncing context); the number of visible context blocks varies
+hardest block of a video, and at a third the model drew it soft), else later in the stream
+(moving, bouncing context); the number of visible context blocks varies
 from 1 to context_blocks, so every window fill the sampler meets is trained. Sigmas come mostly
 from the few-step sampler's table (PipelineConfig().sigmas = [1, 0.9375, 0.8333, 0.625]), the
 rest shifted-uniform.
@@ -706,7 +707,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder; an existing one is resumed")
     p.add_argument("--steps", type=int, help="total optimisation steps (default 1900)")
-    for name, typ in (("batch", int), ("context-blocks", int), ("lr", float), ("first-prob", float), ("warmup", int), ("seed", int),
+    for name, typ in (("batch", int), ("context-blocks", int), ("lr", float), ("first-prob", float), ("warmup", int),
+                      ("seed", int),
                       ("table-prob", float), ("checkpoint-every", int), ("in-flight", int), ("rollout-blocks", int),
                       ("cascade-prob", float), ("bidirectional-prob", float), ("dim", int), ("ffn-dim", int),
                       ("heads", int), ("layers", int), ("patch", int), ("rope-theta", float)):
@@ -730,7 +732,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ema", type=float, help="export an exponential moving average of the weights with this decay (0: none)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    train_args = {"steps": a.steps, "batch": a.batch, "first_prob": a.first_prob, "context_blocks": a.context_blocks, "lr": a.lr, "warmup": a.warmup,
+    train_args = {"steps": a.steps, "batch": a.batch, "first_prob": a.first_prob, "context_blocks": a.context_blocks,
+                  "lr": a.lr, "warmup": a.warmup,
                   "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every, "stage": a.stage,
                   "in_flight": a.in_flight, "rollout_blocks": a.rollout_blocks, "cascade_prob": a.cascade_prob,
                   "bidirectional_prob": a.bidirectional_prob, "ema": a.ema}
@@ -758,10 +761,10 @@ def main(argv=None) -> dict:
         meta = read_config(os.path.abspath(a.init))
         world = config_from_dict(WorldConfig, meta["provenance"]["world"])
         cfg = config_from_dict(WanConfig, meta["parts"]["dit"])
-        given = {**{k: (getattr(world, k), v) for k, v in world_args.items()},
-                 **{k: (getattr(cfg, k), v) for k, v in model_args.items()}}
-        if any(was != now for was, now in given.values()):
-            raise SystemExit(f"--init {a.init} fixes the world and model; flags {given} (its, given) contradict it")
+        clash = {**{k: (getattr(world, k), v) for k, v in world_args.items() if getattr(world, k) != v},
+                 **{k: (getattr(cfg, k), v) for k, v in model_args.items() if getattr(cfg, k) != v}}
+        if clash:
+            raise SystemExit(f"--init {a.init} fixes the world and model; flags {clash} (its, given) contradict it")
         tcfg = TrainConfig(**train_args)
         pcfg = toy_pipeline_config(tcfg, world)
     else:

@@ -226,20 +226,26 @@ def colour_values(scene: Scene, cfg: WorldConfig) -> np.ndarray:
     return cfg.amplitude * np.asarray([COLOURS[s.colour] for s in scene], np.float32)
 
 
-def render(scene: Scene, num_frames: int, cfg: WorldConfig, start_frame: int = 0) -> np.ndarray:
-    """Ground-truth latents float32 [F, size, size, 3]: walls, then sprites in order, over a 0 background."""
-    pos = positions(scene, num_frames, cfg, start_frame)
+def draw(corners, scene: Scene, cfg: WorldConfig) -> np.ndarray:
+    """Latents float32 [F, size, size, 3] of the scene's sprites at the given top-left corners (int
+    [F, S, 2]): walls, then sprites in order, over a 0 background."""
+    corners = np.asarray(corners)
     col = colour_values(scene, cfg)
-    frames = np.zeros((num_frames, cfg.size, cfg.size, 3), np.float32)
+    frames = np.zeros((len(corners), cfg.size, cfg.size, 3), np.float32)
     wall = cfg.amplitude * np.float32(WALL)
     frames[:, [0, -1], :] = wall
     frames[:, :, [0, -1]] = wall
     k = cfg.sprite
-    for f in range(num_frames):
+    for f in range(len(corners)):
         for s in range(len(scene)):
-            r, c = pos[f, s]
+            r, c = corners[f, s]
             frames[f, r:r + k, c:c + k] = col[s]
     return frames
+
+
+def render(scene: Scene, num_frames: int, cfg: WorldConfig, start_frame: int = 0) -> np.ndarray:
+    """Ground-truth latents float32 [F, size, size, 3]: the scene drawn at its true positions."""
+    return draw(positions(scene, num_frames, cfg, start_frame), scene, cfg)
 
 
 def sample_batch(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_frames: int, max_start_block: int = 0):
@@ -288,17 +294,10 @@ def crisp_frames(frames, scene: Scene, cfg: WorldConfig) -> np.ndarray:
     Position accuracy is `position_error`'s; this is what the eye calls sharp."""
     frames = np.asarray(frames, np.float32)
     pos = read_positions(frames, scene, cfg)
-    ok = np.isfinite(pos).all((1, 2))
-    wall, col, k = cfg.amplitude * np.float32(WALL), colour_values(scene, cfg), cfg.sprite
+    found = np.isfinite(pos).all((1, 2))
     out = np.zeros(len(frames), bool)
-    for f in np.nonzero(ok)[0]:
-        ref = np.zeros(frames.shape[1:], np.float32)
-        ref[[0, -1], :] = wall
-        ref[:, [0, -1]] = wall
-        for s in range(len(scene)):
-            r, c = pos[f, s].astype(int)
-            ref[r:r + k, c:c + k] = col[s]
-        out[f] = np.abs(frames[f] - ref).max() < cfg.amplitude / 2
+    ref = draw(pos[found].astype(np.int64), scene, cfg)
+    out[found] = np.abs(frames[found] - ref).max((1, 2, 3)) < cfg.amplitude / 2
     return out
 
 
