@@ -251,7 +251,11 @@ def _convert(args) -> int:
 def _bench(args) -> int:
     import importlib
 
-    importlib.import_module(f"bcjax.bench.{args.what}").main(args.rest)  # prints its figures
+    what, rest = args.what, args.rest
+    if what == "memory":  # folded into `bench compile`: XLA:CPU is its target "cpu"
+        print("bcjax bench memory is `bcjax bench compile --target cpu` now", file=sys.stderr)
+        what, rest = "compile", ["--target", "cpu", *rest]
+    importlib.import_module(f"bcjax.bench.{what}").main(rest)  # prints its figures
     return 0
 
 
@@ -379,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_convert)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup", "memory", "gpu"])
+    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup", "compile", "memory", "gpu"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p

@@ -15,6 +15,7 @@ from bcjax.cascade.masks import tick_key_mask
 from bcjax.model import attention
 from bcjax.model.attention import _attend_fused, attend, check_backend
 from bcjax.model.config import WanConfig
+from bcjax.pipeline.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger, slot_state
 
 BACKENDS = ["chunked", "splash-interpret", "pallas_gpu-interpret"]
@@ -138,10 +139,22 @@ def test_a_backend_the_platform_lacks_is_named():
         check_backend("cudnn", "tpu")
     with pytest.raises(ValueError, match="attention='flash3'"):
         WanConfig.preset("tiny", attention="flash3")
-    q = jnp.zeros((1, 4, 1, 8))
-    if jax.default_backend() == "cpu":
-        with pytest.raises(ValueError, match="pallas_gpu.*needs a GPU"):
-            attend(q, q, q, implementation="pallas_gpu")
+    # a runner checks its backend against the platform of the devices it compiles for, at construction
+    from bcjax.pipeline.sequential import SequentialPipeline
+
+    cpu = WanConfig.preset("tiny", attention="pallas_gpu")
+    with pytest.raises(ValueError, match="pallas_gpu.*needs a GPU"):
+        SequentialPipeline(cpu, PipelineConfig(), (4, 4))
+
+
+def test_auto_follows_the_platform_compiled_for():
+    assert attention.for_platform("auto", "tpu") == "splash"
+    assert attention.for_platform("auto", "gpu", jnp.bfloat16) == attention.GPU_DEFAULT
+    assert attention.for_platform("auto", "gpu", jnp.float32) == "auto"  # fp32: dense/chunked by size
+    assert attention.for_platform("auto", "cpu") == "auto"
+    assert attention.for_platform("chunked", "tpu") == "chunked"
+    assert attention.backends_for("gpu")[0] == attention.GPU_DEFAULT
+    assert attention.platform_of(jax.devices()[:1]) == "cpu"
 
 
 def test_a_shape_the_kernel_refuses_warns_once_and_takes_the_chunked_path(monkeypatch):

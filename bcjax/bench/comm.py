@@ -267,12 +267,15 @@ def compiled_tick_collectives(cfg, pcfg, latent_hw, stage: int, model: int) -> d
     abstract inputs: nothing of the model's size is allocated."""
     import jax
 
-    from bcjax.bench.memory import _lower_dit
+    from bcjax.bench.compile import dit_lowering
     from bcjax.cascade import make_mesh
 
-    lowered, _, _ = _lower_dit("p4-mesh", cfg, pcfg, latent_hw, (stage, model))  # raises when devices lack
-    mesh = make_mesh(stage, model, devices=jax.devices()[: stage * model])  # the mesh it compiled for
-    hlo = lowered.compile().as_text()
+    n = stage * model
+    if jax.device_count() < n:
+        raise RuntimeError(f"a {stage}x{model} mesh needs {n} devices; jax has {jax.device_count()} (run this module "
+                           "as its own process so it can force 40 host devices)")
+    mesh = make_mesh(stage, model, devices=jax.devices()[:n], cfg=cfg)
+    hlo = dit_lowering("p4", cfg, pcfg, latent_hw, mesh)().compile().as_text()
     return hlo_collectives(hlo, mesh)
 
 

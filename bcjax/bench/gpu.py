@@ -73,7 +73,7 @@ def run(args) -> dict:
     pipe = SequentialPipeline(cfg, pcfg, hw)
     first = pcfg.cache_frames // bf  # a full cache holds frames [0, cache_frames)
     cache = full_cache(cfg, pcfg, 1, p, key)
-    block_fn = _compiled("sequential block fn", pipe._block_fn, params, text, cache, key, jnp.int32(first))
+    block_fn = _compiled("sequential block fn", pipe, params, text, cache, key, jnp.int32(first))
     vstate = wan_vae.init_decode_state(vcfg, 1, hw)
     z = jnp.zeros((1, bf, *hw, vcfg.z_dim), jnp.float32)
     decode = _compiled("VAE decode step (one block)", wan_vae.decode_step, vcfg, vparams, vstate, z)
@@ -115,11 +115,11 @@ def run(args) -> dict:
     state = state._replace(x=jax.random.normal(key, state.x.shape), cache=full_cache(cfg, pcfg, 1, p, key),
                            tick=jnp.int32(steady))
     nb = jnp.int32(10**6)
-    step = _compiled("P4 tick", cas._step, params, text, key, nb, state)
+    step = _compiled("P4 tick", cas, params, text, key, nb, state)
     ticks = []
     for i in range(args.blocks + 1):
         t0 = time.perf_counter()
-        state, emitted = step(params, text, key, nb, state, cas._step.slots)
+        state, emitted = step(params, text, key, nb, state)
         jax.block_until_ready(emitted)
         if i:
             ticks.append(time.perf_counter() - t0)

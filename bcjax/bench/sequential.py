@@ -103,7 +103,7 @@ def _bench_bcjax(cfg, pcfg, hw, context, blocks: int, repeats: int) -> dict[str,
     # AOT-compiled once: every later call reuses this executable (static shapes), so no call
     # below pays compilation.
     first = pcfg.cache_frames // bf  # the cache holds frames [0, cache_frames): blocks go on from there
-    block_fn = pipe._block_fn.lower(params, text, cache, key, jnp.int32(first)).compile()
+    block_fn = pipe.lower(params, text, cache, key, jnp.int32(first)).compile()
     out = {"compile_s": time.perf_counter() - t0}
     print(f"bcjax: compiled block fn in {out['compile_s']:.1f} s; cache starts full ({pcfg.cache_frames} frames)",
           flush=True)

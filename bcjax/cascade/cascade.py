@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import jax
@@ -40,12 +40,27 @@ def make_mesh(stage: int | None = None, model: int = 1, devices=None, cfg: WanCo
     """A ('stage', 'model') mesh; by default every device on `stage`. Devices are laid out
     stage-major, so a `model` group is `model` consecutive devices (the same host, the fastest
     links: its reductions run every sublayer, the stage all-gather once per layer). cfg: checks
-    that `model` divides its heads and FFN width."""
+    that `model` divides its heads and FFN width.
+
+    On a TPU slice that XLA:TPU needs used whole (a v5e slice of more than 16 chips, see
+    `bcjax.targets`), the stage axis is padded so that stage x model covers every chip: the extra
+    stage devices hold idle cascade slots (or replicas for the sequential runners). A `model` that
+    does not divide the slice is refused, saying why."""
+    from bcjax.targets import whole_slice_required
+
     devices = list(devices if devices is not None else jax.devices())
     if model < 1:
         raise ValueError(f"mesh axis 'model' = {model} must be >= 1")
     if cfg is not None:
         check_model_axis(cfg, model)
+    if whole_slice_required(devices):
+        n = len(devices)
+        if n % model:
+            raise ValueError(f"this TPU slice ({n} x {devices[0].device_kind}) must be used whole: XLA:TPU refuses a "
+                             f"program on part of it (limited ICI routing), and 'model' = {model} does not divide {n}")
+        if stage is not None and stage * model > n:
+            raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; {n} available")
+        stage = n // model  # padded: the extra stage devices hold idle slots
     stage = stage or len(devices) // model
     if stage * model > len(devices):
         raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; {len(devices)} available")
@@ -81,27 +96,46 @@ class Cascade:
             devices = self.mesh.shape[STAGE]
         # weights split over `model` (checks that it divides heads and FFN before anything compiles)
         self.layout = Layout(self.cfg, self.mesh)
+        self.cfg = self.layout.resolve(self.cfg)  # attention for the mesh's platform, not the process default
         self.stagger = make_stagger(self.schedule, self.pcfg.num_steps, devices)
         self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, tuple(self.latent_hw))
         self._step = self._distribute(partial(tick, self.spec))
-        self._runs: dict[int, callable] = {}
+        self._runs: dict[int, Callable] = {}
 
     # -- placement -------------------------------------------------------------------------
-    def _distribute(self, fn) -> "_WithSlots":
-        """fn(params, text, key, num_blocks, state, slot_ids[, axis]) jitted on the mesh (or batched,
-        without one), the state donated; called without slot_ids. The slot ids are an argument,
-        not a closed-over constant: over several processes they are a global array."""
-        slots = np.arange(self.stagger.num_slots, dtype=np.int32)
+    def _distribute(self, fn) -> Callable:
+        """fn(params, text, key, num_blocks, state[, axis]) jitted on the mesh (or batched, without
+        one), the state donated. Nothing is placed on a device here: each device derives its slot
+        ids from its `stage` index, so the program lowers from abstract values alone."""
         if self.mesh is None:
-            return _WithSlots(jax.jit(fn, donate_argnums=(4,)), jnp.asarray(slots))
+            return jax.jit(fn, donate_argnums=(4,))
         lay = self.layout
         state_spec = CascadeState(P(STAGE), lay.cache, P(), P())
         mapped = jax.shard_map(
             partial(fn, axis=STAGE, model_axis=lay.axis), mesh=self.mesh,
-            in_specs=(lay.params, lay.text, P(), P(), state_spec, P(STAGE)),
+            in_specs=(lay.params, lay.text, P(), P(), state_spec),
             out_specs=(state_spec, P()), check_vma=False,
         )
-        return _WithSlots(jax.jit(mapped, donate_argnums=(4,)), put(slots, NamedSharding(self.mesh, P(STAGE))))
+        return jax.jit(mapped, donate_argnums=(4,))
+
+    # -- compiled programs for given inputs (benches, compile-only targets) -----------------
+    def abstract_inputs(self, batch: int = 1) -> tuple:
+        """(params, text, key, num_blocks, state) of one tick as ShapeDtypeStructs placed on the
+        mesh as the tick takes them; nothing is allocated (works in a compile-only process)."""
+        lay = self.layout
+        x = jax.ShapeDtypeStruct((self.stagger.num_slots, batch, *self.spec.block_shape), jnp.float32)
+        cache = lay.abstract_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
+        scalar = lay.abstract_scalar()
+        state = CascadeState(lay.abstract(x, P(STAGE)) if self.mesh is not None else lay.abstract(x), cache, scalar,
+                             scalar)
+        return lay.abstract_params(), lay.abstract_text(batch), lay.abstract_key(), scalar, state
+
+    def lower(self, params, text: KV, key, num_blocks, state: CascadeState,
+              num_ticks: int | None = None) -> jax.stages.Lowered:
+        """One tick (or, with num_ticks, the whole-generation scan of that many ticks) lowered for
+        these inputs, concrete or abstract (`abstract_inputs`); `.compile()` gives the executable."""
+        fn = self._step if num_ticks is None else self._run(num_ticks)
+        return fn.lower(params, text, key, num_blocks, state)
 
     def init_state(self, batch: int, cache: KVCache | None = None, first_block: int = 0) -> CascadeState:
         """A cascade before its first tick; `cache` (e.g. from `prefill`) holds given context
@@ -241,24 +275,9 @@ class Cascade:
         return jax.tree_util.tree_map(jnp.asarray, tree) if self.mesh is None else replicate(tree, self.mesh)
 
 
-@dataclasses.dataclass(frozen=True)
-class _WithSlots:
-    """A jitted tick/scan bound to its slot ids: f(params, text, key, num_blocks, state)."""
-
-    jitted: callable
-    slots: jax.Array
-
-    def __call__(self, *args):
-        return self.jitted(*args, self.slots)
-
-    def lower(self, *args):
-        return self.jitted.lower(*args, self.slots)
-
-
-def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, slot_ids, axis=None,
-                model_axis=None):
+def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, axis=None, model_axis=None):
     def body(state, _):
-        return tick(spec, params, text, key, num_blocks, state, slot_ids, axis, model_axis)
+        return tick(spec, params, text, key, num_blocks, state, axis, model_axis)
 
     return jax.lax.scan(body, state, None, length=num_ticks)
 

@@ -53,11 +53,13 @@ class TickSpec:
         return (self.pcfg.block_frames, *self.latent_hw, self.cfg.in_channels)
 
 
-def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState, slot_ids, axis: str | None = None,
+def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState, axis: str | None = None,
          model_axis: str | None = None):
     """Advance the cascade by one tick.
 
-    slot_ids: int [Q] the slots held here (all of them when batched); state.x holds those Q slots.
+    state.x holds the Q slots held here: all of them when batched, else the Q consecutive slots of
+    this device's index on `axis` (computed, not passed: a compiled tick takes no constant array,
+    so it lowers from abstract values alone).
     num_blocks: blocks to generate in the whole stream (traced; a huge number for an endless
     stream), the first one with absolute id state.first_block (frame ids, noise, cache slots).
     axis: the `stage` mesh axis the slots are spread over; model_axis: the tensor-parallel axis
@@ -68,7 +70,8 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     cfg, pcfg, st = spec.cfg, spec.pcfg, spec.stagger
     bf, n, p = pcfg.block_frames, st.num_steps, spec.tokens_per_frame
     batch = state.x.shape[1]
-    q = slot_ids.shape[0]
+    q = state.x.shape[0]
+    slot_ids = jnp.arange(q) + (0 if axis is None else jax.lax.axis_index(axis) * q)
 
     all_blocks, all_stages, all_busy = slot_state(st, state.tick, jnp.arange(st.num_slots), num_blocks, xp=jnp)
     all_blocks = all_blocks + state.first_block

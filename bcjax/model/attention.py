@@ -38,8 +38,15 @@ Backends (`WanConfig.attention`, or "auto": by platform):
   len(kv)) taking a per-key visibility vector, in the same chunk loop.
 * "cudnn" (GPU, half precision): `jax.nn.dot_product_attention(implementation="cudnn")` with the
   block mask expanded per query block (today's fused path); the cache part is skipped by a
-  `lax.cond` when no query sees it. It is the GPU default until a GPU run of `bcjax bench gpu`
-  shows pallas_gpu faster (no GPU has run this code yet).
+  `lax.cond` when no query sees it.
+
+The GPU default (`GPU_DEFAULT`) is chosen by what XLA:GPU compiles for an H100 (`bcjax bench
+compile --target h100`): the backend whose programs need the least memory. No GPU has timed them
+yet; a run of `bcjax bench gpu` may change it.
+
+"auto" resolves by the platform the program is compiled FOR (`for_platform`: the runner's mesh
+devices, or a compile-only target's), not by the process's default backend: a process compiling
+for a TPU or GPU target without one still has "cpu" as its default.
 
 A Pallas backend with the suffix "-interpret" ("splash-interpret", "pallas_gpu-interpret")
 runs the kernel in Pallas interpret mode on any platform: the CPU tests use it.
@@ -65,13 +72,45 @@ BACKENDS = ("auto", "dense", "xla", "chunked", "splash", "pallas_gpu", "cudnn",
             *(f"{k}-interpret" for k in _KERNELS))
 
 
+GPU_DEFAULT = "pallas_gpu"  # see the module docstring: least memory in XLA:GPU's H100 compile
+
+
+def platform_of(devices) -> str:
+    """The attention platform ("cpu", "gpu", "tpu") of a device list, a Mesh or one device
+    (compile-only topology devices included): CUDA and ROCm devices are "gpu"."""
+    if hasattr(devices, "devices") and not callable(devices.devices):  # a Mesh
+        devices = devices.devices.flat
+    elif hasattr(devices, "platform"):
+        devices = [devices]
+    platforms = {d.platform for d in devices}
+    if len(platforms) != 1:
+        raise ValueError(f"devices span platforms {sorted(platforms)}; a program is compiled for one")
+    platform = platforms.pop()
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
 def backends_for(platform: str) -> tuple[str, ...]:
     """The backends that run on `platform` ("cpu", "gpu", "tpu", ...), default first."""
     if platform == "tpu":
         return ("splash", "chunked", "dense")
     if platform == "gpu":
-        return ("cudnn", "pallas_gpu", "chunked", "dense")
+        return (GPU_DEFAULT, *(b for b in ("cudnn", "pallas_gpu") if b != GPU_DEFAULT), "chunked", "dense")
     return ("chunked", "dense")
+
+
+def for_platform(name: str, platform: str, dtype=jnp.bfloat16) -> str:
+    """The backend `name` resolves to in a program compiled for `platform` with compute `dtype`:
+    "auto" becomes the platform's kernel ("splash" on TPU, `GPU_DEFAULT` on GPU in half
+    precision); elsewhere "auto" stays, choosing dense or chunked by size at trace time. A
+    backend the platform lacks is refused here, before anything is traced."""
+    check_backend(name, platform)
+    if name != "auto":
+        return name
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return GPU_DEFAULT
+    return "auto"
 
 
 def check_backend(name: str, platform: str | None = None) -> None:
@@ -134,16 +173,16 @@ def attend(q, k, v, key_mask=None, *, implementation: str = "auto"):
 
 
 def _resolve(name: str, q, s: int) -> str:
-    check_backend(name)
+    # platform checks happen where the platform is known (`for_platform`, at a runner's
+    # construction): a compile-only process traces splash with "cpu" as its default backend
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {BACKENDS}")
     if name == "xla":
         return "dense"
+    if name == "auto":  # not resolved by a runner: the process's default backend decides
+        name = for_platform(name, jax.default_backend(), q.dtype)
     if name != "auto":
         return name
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return "splash"
-    if platform == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
     b, t, n, _ = q.shape
     return "dense" if b * t * n * s * 4 <= DENSE_LOGITS_BYTES else "chunked"
 

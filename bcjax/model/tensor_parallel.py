@@ -35,7 +35,8 @@ from __future__ import annotations
 import functools
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
@@ -114,17 +115,76 @@ class Layout:
     """Where a runner's DiT tensors live on its mesh: params by `param_specs`, text K/V and the
     cache by heads (all replicated when model = 1), and the shard_map wrapper of its passes."""
 
-    def __init__(self, cfg: WanConfig, mesh: Mesh | None):
+    def __init__(self, cfg: WanConfig, mesh: Mesh | None, device=None):
         check_model_axis(cfg, model_size(mesh))
         self.cfg, self.mesh, self.model = cfg, mesh, model_size(mesh)
         self.axis = MODEL if self.model > 1 else None  # what forward(model_axis=) gets
+        # without a mesh: the one device the passes compile for (a compile-only target's device,
+        # or the default one); its platform picks the attention backend
+        self.device = device if device is not None else mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
 
     @classmethod
     def split_only(cls, cfg: WanConfig, mesh: Mesh | None) -> "Layout":
         """The layout of a runner that uses a mesh only to split weights (the sequential
-        pipeline, Krea's loop): one device unless the mesh's `model` axis is > 1 (a `stage` axis
-        then holds replicas)."""
-        return cls(cfg, mesh if model_size(mesh) > 1 else None)
+        pipeline, Krea's loop): one device (the mesh's first) unless the mesh's `model` axis is
+        > 1 or the mesh is a TPU slice that must be used whole (a `stage` axis then holds replicas)."""
+        from bcjax.targets import whole_slice_required
+
+        keep = mesh is not None and (model_size(mesh) > 1 or whole_slice_required(mesh.devices.flat))
+        # a slice that must be used whole keeps its mesh: the passes run replicated over it
+        return cls(cfg, mesh if keep else None, None if mesh is None else mesh.devices.flat[0])
+
+    @property
+    def platform(self) -> str:
+        """The platform its programs compile for ("cpu", "gpu", "tpu")."""
+        from bcjax.model.attention import platform_of
+
+        return platform_of(self.mesh if self.mesh is not None else [self.device])
+
+    def resolve(self, cfg: WanConfig) -> WanConfig:
+        """cfg with "auto" attention resolved for this layout's platform (checked against it),
+        also used by the layout itself from now on."""
+        self.cfg = cfg.for_platform(self.platform)
+        return self.cfg
+
+    # -- abstract values: what `lower` takes in a process that cannot (or need not) allocate ---------
+    def sharding(self, spec: P = P()):
+        return NamedSharding(self.mesh, spec) if self.mesh is not None else SingleDeviceSharding(self.device)
+
+    def abstract(self, tree, specs=None):
+        """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) placed by `specs` (a tree of
+        PartitionSpecs; None: replicated), nothing allocated."""
+        if specs is None:
+            specs = jax.tree_util.tree_map(lambda _: P(), tree)
+        flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, P))
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return jax.tree_util.tree_unflatten(treedef, [
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding(s)) for a, s in zip(leaves, flat_specs)])
+
+    def abstract_params(self):
+        from bcjax.model.wan import param_shapes
+
+        shapes = param_shapes(self.cfg)
+        return self.abstract(shapes, self.params if self.mesh is not None else None)
+
+    def abstract_text(self, batch: int):
+        from bcjax.model.wan import KV
+
+        cfg = self.cfg
+        kv = jax.ShapeDtypeStruct((cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
+        return self.abstract(KV(kv, kv), self.text if self.mesh is not None else None)
+
+    def abstract_cache(self, batch: int, capacity: int, tokens_per_frame: int):
+        from bcjax.model.kv_cache import init_cache
+
+        shapes = jax.eval_shape(lambda: init_cache(self.cfg, batch, capacity, tokens_per_frame))
+        return self.abstract(shapes, self.cache if self.mesh is not None else None)
+
+    def abstract_scalar(self, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((), dtype, sharding=self.sharding())
+
+    def abstract_key(self):
+        return self.abstract(jax.eval_shape(lambda: jax.random.key(0)))
 
     def specs(self):
         """(params, text, cache) specs for `shard_map`; Nones without tensor parallelism, where

@@ -127,6 +127,7 @@ class KreaPipeline:
             raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={self.pcfg.window_frames} "
                              f"must be 2 x block_frames={self.pcfg.block_frames} (kv_cache_num_frames = the block)")
         self.layout = lay = Layout.split_only(self.cfg, self.mesh)
+        self.cfg = lay.resolve(self.cfg)  # attention for the platform compiled for, not the process default
         self.mesh = lay.mesh
         # the stepping interface's placement (as SequentialPipeline's): the layout's own methods
         self.replicate, self.place_params, self.place_text = lay.replicate, lay.place_params, lay.place_text
@@ -138,6 +139,20 @@ class KreaPipeline:
             return krea_block(cfg, pcfg, params, text, context, key, block, hw, source, model_axis)
 
         self._v2v_fn = jax.jit(lay.shard_map(v2v, (w, t, P(), P(), P(), P()), P()))
+
+    # -- compiled programs for given inputs (benches, compile-only targets) ---------------------
+    def abstract_inputs(self, batch: int = 1) -> tuple:
+        """(params, text, context, key, block) of one block of Krea's loop as ShapeDtypeStructs
+        placed where it computes; nothing is allocated (works in a compile-only process)."""
+        lay = self.layout
+        ctx = jax.ShapeDtypeStruct((batch, self.pcfg.block_frames, *self.latent_hw, self.cfg.in_channels), jnp.float32)
+        return (lay.abstract_params(), lay.abstract_text(batch), lay.abstract(ctx), lay.abstract_key(),
+                lay.abstract_scalar())
+
+    def lower(self, params, text: KV, context, key, block) -> jax.stages.Lowered:
+        """One block of Krea's loop (the rebuilt-context pass and the denoising passes) lowered
+        for these inputs, concrete or abstract (`abstract_inputs`)."""
+        return self._block_fn.lower(params, text, context, key, block)
 
     def blocks(self, params, text: KV, key, num_blocks: int, reencode: Callable | None = None,
                source=None) -> Iterator[jax.Array]:

@@ -141,6 +141,7 @@ class SequentialPipeline:
         if self.pcfg.positions == "rolling":
             self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
         self.layout = lay = Layout.split_only(self.cfg, self.mesh)
+        self.cfg = lay.resolve(self.cfg)  # attention for the platform compiled for, not the process default
         self.mesh = lay.mesh  # nothing to split: one device (a `stage` axis is the cascade's business)
         # the stepping interface's placement: leaves where the passes compute (replicated; DiT
         # params split over `model`; text K/V split by heads), the layout's own methods
@@ -162,6 +163,20 @@ class SequentialPipeline:
     @property
     def tokens_per_frame(self) -> int:
         return self.cfg.tokens_per_frame(*self.latent_hw)
+
+    # -- compiled programs for given inputs (benches, compile-only targets) ---------------------
+    def abstract_inputs(self, batch: int = 1) -> tuple:
+        """(params, text, cache, key, block) of one block step as ShapeDtypeStructs placed where
+        the block function computes; nothing is allocated (works in a compile-only process)."""
+        lay = self.layout
+        return (lay.abstract_params(), lay.abstract_text(batch),
+                lay.abstract_cache(batch, self.pcfg.cache_frames, self.tokens_per_frame), lay.abstract_key(),
+                lay.abstract_scalar())
+
+    def lower(self, params, text: KV, cache: KVCache, key, block) -> jax.stages.Lowered:
+        """The block function (num_steps denoising passes and the clean pass) lowered for these
+        inputs, concrete or abstract (`abstract_inputs`); `.compile()` gives the executable."""
+        return self._block_fn.lower(params, text, cache, key, block)
 
     def init_cache(self, batch: int) -> KVCache:
         return self.layout.init_cache(batch, self.pcfg.cache_frames, self.tokens_per_frame)

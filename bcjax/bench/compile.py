@@ -1,0 +1,361 @@
+"""Compile bcjax's real programs with the real TPU and GPU compilers: no accelerator needed.
+
+    bcjax bench compile --target {v5e-8,v5e-16,v5e-32,v5p-8,v5p-16,v6e-8,v6e-16,h100,h200,cpu}
+                        [--preset wan2.1-1.3b wan2.1-14b] [--cases sequential krea p4 vae umt5]
+                        [--backends splash chunked ...] [--meshes 5x1 8x4 ...] [--latent-hw 60 104]
+                        [--layers N] [--dtype bfloat16] [--headroom 0.1] [--port krea_14b_clean_pass]
+
+Every row is one program lowered from abstract values (the runners' `abstract_inputs`, nothing
+allocated) and compiled for the target's devices (`bcjax.targets`): XLA:TPU with Mosaic (splash),
+XLA:GPU with Triton (pallas_gpu) and cuDNN, or XLA:CPU (`--target cpu`, this host's devices; what
+`bench memory` printed before). Per device, from the compiler's buffer assignment
+(`compiled.memory_analysis()`): arguments, temporaries, output, total = args + temp + out - alias;
+whether it fits the device's memory with `--headroom` kept free (default 10%, for the runtime,
+fragmentation and what XLA does not count); compile seconds; the collectives of the optimised HLO
+per mesh axis (ops per call, loops counted by trip count, and their payload bytes).
+
+Programs:
+* sequential: the sequential pipeline's block function (num_steps denoising passes and the clean
+  pass over a full cache), on (1, model) meshes (tensor parallel over `model`);
+* krea: one block of Krea's own loop (the rebuilt-context pass and the denoising passes; the
+  `krea_14b` port's sampler);
+* p4: one P4 bidirectional tick under shard_map over (stage, model), per device;
+* vae: the Wan VAE decoder's streaming step for one block (block_frames latent frames);
+* umt5: the umT5-XXL encoder for one prompt (512 tokens).
+
+Meshes: by default every mesh of the target worth a row: model sizes from the smallest whose
+weights take at most half a device, stage 5 (one P4 block per device) and the whole target; a
+target that must be used whole (v5e-32) gets its stage axis padded to the slice (`make_mesh`).
+A program the compiler refuses is one row with the compiler's first line; one that does not fit is
+marked "does not fit: X GiB > Y GiB". Nothing runs: no timing.
+"""
+
+from __future__ import annotations
+
+import os
+
+# --target cpu compiles meshes of up to 40 host devices: forced here, which works as long as no
+# jax backend has started yet (importing jax does not start one)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=40"
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from bcjax import targets  # noqa: E402
+
+GiB = 2**30
+CASES = ("sequential", "krea", "p4", "vae", "umt5")
+DIT_CASES = ("sequential", "krea", "p4")
+
+
+@dataclasses.dataclass
+class Row:
+    """One compiled (or refused) program: figures in bytes per device."""
+
+    model: str
+    program: str
+    mesh: str
+    backend: str
+    args: float = 0.0
+    temp: float = 0.0
+    out: float = 0.0
+    alias: float = 0.0
+    compile_s: float = 0.0
+    collectives: dict = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def total(self) -> float:
+        return self.args + self.temp + self.out - self.alias
+
+    def fits(self, memory: float, headroom: float) -> tuple[bool, str]:
+        limit = memory * (1 - headroom)
+        if self.total <= limit:
+            return True, "yes"
+        return False, f"does not fit: {self.total / GiB:.2f} GiB > {limit / GiB:.2f} GiB"
+
+
+def compile_row(model: str, program: str, mesh_label: str, backend: str, lower: Callable, mesh: Mesh | None) -> Row:
+    """Compile lower() and read its memory and collectives; a refusal is a row, not a crash."""
+    from bcjax.model import attention
+
+    row = Row(model, program, mesh_label, backend)
+    t0 = time.perf_counter()
+    attention._warned.clear()  # so that a kernel's refusal of this program's shapes is seen here
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = lower().compile()
+    except Exception as e:  # noqa: BLE001 - the compiler's refusal is the row's content
+        row.error = f"{type(e).__name__}: {_first_line(e)}"
+        row.compile_s = time.perf_counter() - t0
+        return row
+    row.compile_s = time.perf_counter() - t0
+    # a kernel that refused a shape at trace time fell back to chunked: the row must say so
+    if any("using 'chunked'" in str(w.message) for w in caught):
+        row.backend += " (fell back to chunked)"
+    m = compiled.memory_analysis()
+    row.args, row.temp = m.argument_size_in_bytes, m.temp_size_in_bytes
+    row.out, row.alias = m.output_size_in_bytes, m.alias_size_in_bytes
+    if mesh is not None and mesh.size > 1:
+        from bcjax.bench.comm import hlo_collectives
+
+        row.collectives = hlo_collectives(compiled.as_text(), mesh)
+    return row
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("===")]
+    # XLA's RET_CHECKs put the reason after the check; keep both, within a table cell
+    return " ".join(lines[:2])[:300] if lines else type(e).__name__
+
+
+# -- programs -----------------------------------------------------------------------------------
+
+
+def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh) -> Callable:
+    """A thunk lowering the DiT program `case` on `mesh` from the runner's abstract inputs."""
+    from bcjax.cascade import Cascade
+    from bcjax.pipeline.krea import KreaPipeline
+    from bcjax.pipeline.sequential import SequentialPipeline
+
+    if case == "sequential":
+        runner = SequentialPipeline(cfg, pcfg, hw, mesh)
+    elif case == "krea":
+        import ports
+
+        runner = KreaPipeline(cfg, ports.get("krea_14b").pipeline, hw, mesh)
+    elif case == "p4":
+        runner = Cascade(cfg, pcfg, hw, schedule="P4", window="bidirectional", mesh=mesh)
+    else:
+        raise ValueError(f"not a DiT program: {case!r}")
+    return lambda: runner.lower(*runner.abstract_inputs(1))
+
+
+def _placement(devices, whole: bool):
+    """Where a one-device program (VAE, umT5) goes: device 0, or replicated over the whole slice
+    where the target needs every program to use all of it."""
+    if whole:
+        return NamedSharding(Mesh(np.asarray(devices), ("all",)), P()), Mesh(np.asarray(devices), ("all",))
+    return SingleDeviceSharding(devices[0]), None
+
+
+def vae_lowering(hw, block_frames: int, dtype: str, sharding) -> Callable:
+    from bcjax.vae import wan_vae
+
+    vcfg = wan_vae.VAEConfig.preset("wan2.1", dtype=dtype, param_dtype=dtype)
+
+    def lower():
+        put = _abstract(sharding)
+        state = wan_vae.DecodeState(wan_vae._cache_shapes(vcfg, 1, hw), jax.ShapeDtypeStruct((), jnp.int32))
+        z = jax.ShapeDtypeStruct((1, block_frames, *hw, vcfg.z_dim), jnp.float32)
+        return wan_vae.decode_step.lower(vcfg, put(wan_vae.param_shapes(vcfg)), put(state), put(z))
+
+    return lower
+
+
+def umt5_lowering(dtype: str, sharding) -> Callable:
+    from bcjax.text import umt5
+
+    tcfg = umt5.UMT5Config.preset("umt5-xxl", dtype=dtype, param_dtype=dtype)
+
+    def lower():
+        put = _abstract(sharding)
+        ids = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+        mask = jax.ShapeDtypeStruct((1, 512), jnp.bool_)
+        return umt5.encode.lower(tcfg, put(umt5.param_shapes(tcfg)), put(ids), put(mask))
+
+    return lower
+
+
+def _abstract(sharding):
+    return lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+# -- meshes --------------------------------------------------------------------------------------
+
+
+def model_sizes(cfg, target: targets.Target, n: int) -> list[int]:
+    """`model` sizes that split the heads and FFN, from the smallest whose DiT weights take at most
+    half a device (the rest is cache, activations and the runtime) up to n."""
+    from bcjax.model.wan import param_shapes
+
+    weights = sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                  for a in jax.tree_util.tree_leaves(param_shapes(cfg)))
+    valid = [m for m in (1, 2, 4, 8, 16) if m <= n and cfg.num_heads % m == 0 and cfg.ffn_dim % m == 0]
+    fitting = [m for m in valid if weights / m <= target.memory_bytes / 2]
+    return fitting[:1] or valid[-1:]
+
+
+def default_meshes(case: str, cfg, target: targets.Target, n: int) -> list[tuple[int, int]]:
+    meshes = []
+    for m in model_sizes(cfg, target, n):
+        if case in ("sequential", "krea"):
+            meshes.append((1, m))
+        else:
+            meshes += [(s, m) for s in (5, n // m) if 1 <= s and s * m <= n]
+    return list(dict.fromkeys(meshes))
+
+
+def build_mesh(stage: int, model: int, devices, cfg):
+    """make_mesh over the target's devices: on a whole-slice target the stage axis is padded so the
+    mesh covers every chip (and the label says so)."""
+    from bcjax.cascade import make_mesh
+
+    mesh = make_mesh(stage, model, devices=devices, cfg=cfg)
+    label = f"{stage}x{model}"
+    if mesh.shape["stage"] != stage:
+        label += f" (padded to {mesh.shape['stage']}x{model}: whole slice)"
+    return mesh, label
+
+
+# -- printing ------------------------------------------------------------------------------------
+
+
+def _gib(x: float) -> str:
+    """GiB with two decimals; small figures (tiny test models) in e-notation rather than 0.00."""
+    g = x / GiB
+    return f"{g:.2f}" if g >= 0.01 or g == 0 else f"{g:.1e}"
+
+
+def _fmt_collectives(coll: dict) -> str:
+    if not coll:
+        return "-"
+    return "; ".join(f"{axis} {int(c['ops'])} ops {_gib(c['payload'])} GiB" for axis, c in sorted(coll.items()))
+
+
+def print_row(row: Row, target: targets.Target, headroom: float) -> None:
+    if row.error:
+        print(f"| {row.model} | {row.program} | {row.mesh} | {row.backend} | refused by the compiler: {row.error} "
+              f"| | | | | {row.compile_s:.0f} | |", flush=True)
+        return
+    _, fit = row.fits(target.memory_bytes, headroom)
+    print(f"| {row.model} | {row.program} | {row.mesh} | {row.backend} | {_gib(row.args)} | {_gib(row.temp)} | "
+          f"{_gib(row.out)} | {_gib(row.total)} | {fit} | {row.compile_s:.0f} | "
+          f"{_fmt_collectives(row.collectives)} |", flush=True)
+
+
+HEADER = ("| model | program | mesh (stage x model) | attention | args | temp | out | total | fits | compile s | "
+          "collectives per call (optimised HLO) |")
+
+
+def _parse_mesh(text: str) -> tuple[int, int]:
+    try:
+        stage, model = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--meshes {text!r}: expected STAGExMODEL, e.g. 5x1") from None
+    return stage, model
+
+
+def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str, pcfg, layers=None,
+        headroom: float = 0.1, emit: Callable[[Row], None] | None = None) -> list[Row]:
+    """Compile every (preset, case, mesh, backend) for `target`; returns the rows (also emitted as
+    each one finishes)."""
+    from bcjax.model import attention
+    from bcjax.model.config import WanConfig
+
+    devices = target.devices()
+    n = len(devices)
+    whole = targets.whole_slice_required(devices)
+    rows: list[Row] = []
+
+    def add(row: Row):
+        rows.append(row)
+        if emit:
+            emit(row)
+
+    for preset in presets:
+        base = WanConfig.preset(preset, dtype=dtype, param_dtype=dtype)
+        if layers:
+            base = dataclasses.replace(base, num_layers=layers)
+        for case in (c for c in cases if c in DIT_CASES):
+            for stage, model in meshes or default_meshes(case, base, target, n):
+                if stage * model > n:
+                    raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; target {target.name} has {n}")
+                for backend in backends or attention.backends_for(target.platform):
+                    cfg = dataclasses.replace(base, attention=backend)
+                    if case in ("sequential", "krea"):
+                        stage = 1  # a `stage` axis would only hold replicas
+                    try:
+                        mesh, label = build_mesh(stage, model, devices, cfg)
+                        lower = dit_lowering(case, cfg, pcfg, hw, mesh)
+                    except ValueError as e:  # a mesh this model or target cannot take
+                        add(Row(preset, case, f"{stage}x{model}", backend, error=str(e)))
+                        continue
+                    add(compile_row(preset, case, label, backend, lower, mesh))
+    sharding, mesh = _placement(devices, whole)
+    label = f"{n} replicas (whole slice)" if whole else "1 device"
+    if "vae" in cases:
+        bf = pcfg.block_frames
+        add(compile_row("wan2.1 VAE", f"decode {bf} latent frames", label, "-", vae_lowering(hw, bf, dtype, sharding),
+                        mesh))
+    if "umt5" in cases:
+        add(compile_row("umt5-xxl", "encode 1 prompt (512 tokens)", label, "-", umt5_lowering(dtype, sharding), mesh))
+    return rows
+
+
+def main(argv=None) -> int:
+    from bcjax.model.config import WanConfig
+    from bcjax.pipeline.config import PipelineConfig
+
+    ap = argparse.ArgumentParser(prog="bcjax bench compile", description=__doc__.split("\n")[0])
+    ap.add_argument("--target", required=True, help=f"one of: {', '.join(targets.TARGETS)}")
+    ap.add_argument("--preset", nargs="+", default=["wan2.1-1.3b", "wan2.1-14b"], choices=WanConfig.preset_names())
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--backends", nargs="+", help="attention backends (default: every one the target's platform has)")
+    ap.add_argument("--meshes", nargs="+", metavar="STAGExMODEL", help="meshes of the DiT programs (default: see above)")
+    ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"),
+                    help="latent size (default 60 104 = 480x832 video)")
+    ap.add_argument("--layers", type=int, help="DiT layers to compile (default: the preset's)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free (default 0.1)")
+    ap.add_argument("--port", help="the sampler (window, steps) of the sequential and P4 programs from this port "
+                                   "(default: PipelineConfig(), Self-Forcing's)")
+    args = ap.parse_args(argv)
+    target = targets.get(args.target)
+    from bcjax import compile_cache
+
+    compile_cache.disable()  # a compile-only client cannot load cached executables (and nothing runs)
+    if not 0 <= args.headroom < 1:
+        raise ValueError(f"--headroom {args.headroom}: expected a fraction in [0, 1)")
+    from bcjax.model import attention
+
+    for b in args.backends or ():
+        attention.check_backend(b, target.platform)
+    meshes = [_parse_mesh(m) for m in args.meshes] if args.meshes else None
+    if args.port:
+        import ports
+
+        pcfg = ports.get(args.port).pipeline
+    else:
+        pcfg = PipelineConfig()
+    hw = tuple(args.latent_hw)
+    devices = target.devices()
+    for stage, model in meshes or ():
+        if stage * model > len(devices):
+            raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; target {target.name} has "
+                             f"{len(devices)}")
+    whole = " | programs must use the whole slice" if targets.whole_slice_required(devices) else ""
+    print(f"target {target.name}: {target.what} | {len(devices)} x {devices[0].device_kind} ({target.platform}), "
+          f"{target.memory_gib:.1f} GiB each, headroom {args.headroom:.0%}{whole} | jax {jax.__version__} | latent "
+          f"{hw[0]}x{hw[1]} | {args.dtype} | window {pcfg.window_frames} frames (cache {pcfg.cache_frames}) | "
+          f"GiB per device from the compiler's buffer assignment", flush=True)
+    print(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1), flush=True)
+    run(target, args.preset, args.cases, args.backends, meshes, hw, args.dtype, pcfg, args.layers, args.headroom,
+        emit=lambda row: print_row(row, target, args.headroom))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
