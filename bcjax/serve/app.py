@@ -190,17 +190,15 @@ async def _send(websocket: WebSocket, outbox: Outbox) -> None:
         outbox.close()
 
 
-def server(app, host: str = "127.0.0.1", port: int = 8000):
-    """(uvicorn.Server, bound socket): port 0 picks a free port (read it from the socket). A port
-    out of range, a host that is no address and a port in use are ValueErrors naming them."""
-    import uvicorn
-
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A socket bound to (host, port), before any model loads: a port out of range, a host that is
+    no address and a port in use are ValueErrors naming them. Port 0 picks a free port."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port}: expected 0 .. 65535")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise ValueError(f"--host {host!r}: not an address this machine can listen on ({e.strerror})") from None
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host!r}: not an address this machine can listen on ({e})") from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -212,6 +210,14 @@ def server(app, host: str = "127.0.0.1", port: int = 8000):
             raise ValueError(f"--port {port}: {host}:{port} is in use (another bcjax serve?); pick another --port, "
                              "or --port 0 for any free one") from None
         raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+    return sock
+
+
+def server(app, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None):
+    """(uvicorn.Server, bound socket): on `sock`, or on one `bind(host, port)` makes."""
+    import uvicorn
+
+    sock = sock if sock is not None else bind(host, port)
     # websockets' sans-I/O protocol where uvicorn has it (its legacy one is deprecated)
     ws = "websockets-sansio" if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "auto"
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", ws=ws, ws_max_size=WS_MAX_SIZE)), sock
