@@ -194,3 +194,24 @@ def test_100_prompts_leave_threads_rss_and_text_kv_bounded():
     finally:
         cache.max_bytes = saved
     assert _rss_mb() - rss < 100, f"RSS grew {_rss_mb() - rss:.0f} MB over 96 prompts"
+
+
+def test_a_tab_past_the_cap_gets_the_hello_then_why():
+    """The 9th tab still fills its controls from the hello, says why it waits, and retries."""
+    import contextlib
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect as ws_connect
+
+    s = served()
+    with contextlib.ExitStack() as tabs:
+        for _ in range(8):
+            tabs.enter_context(connect(s))
+        with ws_connect(s.ws_url, open_timeout=10) as ninth:
+            hello = json.loads(ninth.recv(timeout=10))
+            assert hello["type"] == "hello" and hello["schedules"] and hello["model"]["stages"]
+            error = json.loads(ninth.recv(timeout=10))
+            assert error["full"] and "8 tabs" in error["message"]
+            with pytest.raises(ConnectionClosed) as closed:
+                ninth.recv(timeout=10)
+            assert closed.value.rcvd.code == 1013
