@@ -111,13 +111,21 @@ def save(dst: str, parts: Mapping[str, tuple], provenance: Mapping, *, files: Ma
 
 def read_config(path: str) -> dict:
     """config.json of a bcjax checkpoint, with each part's config as its dataclass."""
+    if os.path.isfile(path):
+        raise ValueError(f"{path} is a file; a bcjax checkpoint is a folder (convert one with `bcjax convert`)")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path} is not a bcjax checkpoint: no config.json (convert one with `bcjax convert`)")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not a bcjax config.json (not JSON text: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        raise ValueError(f"{cfg_path}: format {got!r}, expected {FORMAT!r}")
+    if not isinstance(meta.get("parts"), dict):
+        raise ValueError(f"{cfg_path}: not a bcjax config.json (no 'parts' object)")
     known = _parts()
     meta["configs"] = {name: config_from_dict(known[name][0], data) for name, data in meta["parts"].items()}
     return meta

@@ -8,6 +8,8 @@ import sys
 import tempfile
 import time
 
+from bcjax.paths import check_output
+
 
 def _info(args) -> int:
     import importlib.metadata as md
@@ -63,7 +65,7 @@ def _setup(args):
     import ports
     from bcjax.model import WanConfig, encode_text, init_params
 
-    port = ports.get(args.port or "self_forcing")
+    port = ports.get(args.sampler or "self_forcing")
     cfg = WanConfig.preset(args.preset)
     key = jax.random.key(args.seed)
     params = init_params(cfg, jax.random.fold_in(key, 1), tuple(args.latent_hw))
@@ -140,31 +142,43 @@ def _demo(args) -> int:
 def _stream(args) -> int:
     from bcjax.toyworld import demo
 
+    try:
+        _stream_run(demo, args)
+    except KeyboardInterrupt:  # the mp4 holds every block written so far (it is finished on the way out)
+        print(f"bcjax stream: interrupted; {args.out} holds the blocks made so far", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _stream_run(demo, args) -> None:
     demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint, blocks=args.blocks, schedule=args.schedule,
                     window=args.window, policy=args.policy, seed=args.seed, devices=args.devices, positions=args.positions,
                     interpolate=args.interpolate)
-    return 0
 
 
 def _serve(args) -> int:
     try:
-        from bcjax.serve import CheckpointBackend, ToyBackend, make_app, server
+        from bcjax.serve import CheckpointBackend, ToyBackend, bind, make_app, server
     except ImportError as e:
         raise ValueError(f"bcjax serve needs the serve extra (pip install 'bcjax[serve]'): {e}") from None
     from bcjax.checkpoint import read_config
 
     mesh = _mesh(args)
-    if args.checkpoint and not os.path.isdir(args.checkpoint):
-        raise ValueError(f"--checkpoint {args.checkpoint}: no such folder")
-    if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
-        backend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh)
-    else:  # the shipped toy-world model, or another toy-world checkpoint
-        backend = ToyBackend(args.checkpoint, mesh)
-    srv, sock = server(make_app(backend, queue=args.queue, max_sessions=args.max_tabs), args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    print(f"bcjax serve: {backend.describe()['title']} on http://{'[' + host + ']' if ':' in host else host}:{port}/ "
-          "(Ctrl-C stops)", flush=True)
-    srv.run(sockets=[sock])
+    _check_checkpoint(args.checkpoint)
+    if args.checkpoint:
+        read_config(args.checkpoint)  # a bad config.json is named before the port is taken
+    with bind(args.host, args.port) as sock:  # a port in use is named before a model loads
+        if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
+            backend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh)
+        else:  # the shipped toy-world model, or another toy-world checkpoint
+            backend = ToyBackend(args.checkpoint, mesh)
+        app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
+                       allow_origins=tuple(args.allow_origin or ()))
+        srv, _ = server(app, sock=sock)
+        host, port = sock.getsockname()[:2]
+        print(f"bcjax serve: {backend.describe()['title']} on http://{'[' + host + ']' if ':' in host else host}:{port}/ "
+              "(Ctrl-C stops)", flush=True)
+        srv.run(sockets=[sock])
     return 0
 
 
@@ -182,6 +196,8 @@ def _generate(args) -> int:
         raise ValueError(f"--devices {args.devices} x --model {args.model}: only {jax.device_count()} device(s) available")
     if args.video and not args.checkpoint:
         raise ValueError("--video needs --checkpoint (its VAE encodes the input video)")
+    if args.out:  # before anything is computed
+        check_output(args.out)
     if args.checkpoint:
         return _generate_video(args)
     port, cfg, params, text, key = _setup(args)
@@ -202,10 +218,9 @@ def _generate_video(args) -> int:
         raise ValueError("--checkpoint needs --prompt")
     if not args.out or not args.out.lower().endswith(".mp4"):
         raise ValueError(f"--checkpoint writes a video: --out must name an .mp4 file (got {args.out!r})")
-    if not os.path.isdir(args.checkpoint):
-        raise ValueError(f"--checkpoint {args.checkpoint}: no such folder (make one with `bcjax convert`)")
+    _check_checkpoint(args.checkpoint)
     mesh = _mesh(args)
-    port = args.port
+    port = args.sampler
     if port is None:  # a Krea checkpoint runs Krea's own loop unless told otherwise
         from bcjax import checkpoint
 
@@ -259,6 +274,28 @@ def _bench(args) -> int:
     return 0
 
 
+def _check_checkpoint(path: str | None) -> None:
+    """--checkpoint names a folder (`bcjax convert` makes one)."""
+    if path and os.path.isfile(path):
+        raise ValueError(f"--checkpoint {path}: is a file; a checkpoint is a folder (make one with `bcjax convert`)")
+    if path and not os.path.isdir(path):
+        raise ValueError(f"--checkpoint {path}: no such folder (make one with `bcjax convert`)")
+
+
+class _OldName(argparse.Action):
+    """A flag's deprecated spelling: works, and says the new one."""
+
+    def __init__(self, *args, new: str, **kwargs):
+        self.new = new
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.new:
+            print(f"bcjax: {option_string} is deprecated here; it is spelled {self.new} (--port is serve's TCP port)",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -285,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(s, blocks):
         s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=blocks)
-        s.add_argument("--port", default=None, help="sampling preset: self_forcing (default), causvid, longlive, krea_14b "
-                       "(Krea's loop; the default for a Krea checkpoint), krea_14b_clean_pass")
+        s.add_argument("--sampler", "--port", dest="sampler", default=None, action=_OldName, new="--sampler",
+                       help="sampling preset: self_forcing (default), causvid, longlive, krea_14b (Krea's loop; the "
+                            "default for a Krea checkpoint), krea_14b_clean_pass (--port: its deprecated name)")
         s.add_argument("--preset", default="tiny", help="model shape: tiny, wan2.1-1.3b, wan2.1-14b (random weights)")
         s.add_argument("--latent-hw", type=_positive, nargs=2, default=(8, 8), metavar=("H", "W"))
         s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis")
@@ -341,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", type=_positive, default=1, help="devices on the 'model' mesh axis (tensor-parallel weights)")
     s.add_argument("--queue", type=_positive, default=8, help="messages that may wait per tab before its generation waits")
     s.add_argument("--max-tabs", type=_positive, default=8, help="tabs (connections) served at once")
+    s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="another page allowed to open the stream's WebSocket, e.g. http://localhost:3000 (repeatable; "
+                        "by default only the page this server serves)")
     s.set_defaults(fn=_serve)
 
     s = sub.add_parser("eval", help="quality harness (`bcjax eval toyworld --help`)")
@@ -414,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"bcjax {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"bcjax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -108,27 +108,47 @@ class PromptSchedule:
         return self.texts[index]
 
 
+def kv_bytes(text: KV) -> int:
+    """Bytes a text K/V holds (device or host)."""
+    import jax
+
+    return sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree_util.tree_leaves(text))
+
+
 class LivePrompts:
     """Prompts pushed while a stream runs; thread-safe. A pushed prompt is in force from the next
-    block that enters; a block keeps the prompt it entered under (`at` pins it on first ask)."""
+    block that enters; a block keeps the prompt it entered under (`at` pins it on first ask).
+
+    The text K/V of old prompts are dropped, least recently used first, once the ones held
+    exceed `max_bytes` (a real model's K/V is ~94 MB per prompt at 1.3B): a stream asks only for
+    the newest prompt and those of blocks still in flight, which are never dropped."""
 
     _PINS = 256  # pinned blocks kept (a stream only asks about blocks still in flight)
+    # newest pinned blocks whose prompts are kept whatever the budget: `steps` asks for the text
+    # of the entering block only, the newest (or, before the next one enters, the one before)
+    _IN_FLIGHT = 2
 
-    def __init__(self, first: KV):
-        self._texts = [first]
+    def __init__(self, first: KV, max_bytes: int = 256 * 2 ** 20):
+        self.max_bytes = max_bytes
+        self._texts: dict[int, KV] = {0: first}  # index -> K/V, least recently used first
+        self._bytes = {0: kv_bytes(first)}
+        self._newest = 0
         self._pinned: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def push(self, text: KV) -> int:
         """Add a prompt; returns its index (what `at` and StreamEvent.prompt will report)."""
         with self._lock:
-            self._texts.append(text)
-            return len(self._texts) - 1
+            self._newest += 1
+            self._texts[self._newest] = text
+            self._bytes[self._newest] = kv_bytes(text)
+            self._evict()
+            return self._newest
 
     def at(self, block: int) -> int:
         with self._lock:
             if block not in self._pinned:
-                self._pinned[block] = len(self._texts) - 1
+                self._pinned[block] = self._newest
                 if len(self._pinned) > self._PINS:
                     newest = max(self._pinned)
                     self._pinned = {b: p for b, p in self._pinned.items() if b > newest - self._PINS // 2}
@@ -136,7 +156,29 @@ class LivePrompts:
 
     def text(self, index: int) -> KV:
         with self._lock:
+            if index not in self._texts:
+                raise KeyError(f"prompt {index}'s text K/V was dropped (LivePrompts keeps {self.max_bytes} bytes)")
+            self._texts[index] = self._texts.pop(index)  # most recently used
             return self._texts[index]
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(self._bytes.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._texts)
+
+    def _evict(self) -> None:
+        recent = sorted(self._pinned)[-self._IN_FLIGHT:]
+        keep = {self._newest} | {self._pinned[b] for b in recent}
+        total = sum(self._bytes.values())
+        for index in list(self._texts):
+            if total <= self.max_bytes:
+                break
+            if index not in keep:
+                del self._texts[index]
+                total -= self._bytes.pop(index)
 
 
 def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy: str = "no-recache",

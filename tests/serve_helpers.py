@@ -29,11 +29,11 @@ def served() -> Served:
     return start_server(ToyBackend())
 
 
-def start_server(backend) -> Served:
-    """`make_app(backend)` served by uvicorn on a free loopback port, in a daemon thread."""
+def start_server(backend, **options) -> Served:
+    """`make_app(backend, **options)` served by uvicorn on a free loopback port, in a daemon thread."""
     from bcjax.serve import make_app, server
 
-    app = make_app(backend, queue=4)
+    app = make_app(backend, **{"queue": 4, **options})
     srv, sock = server(app, "127.0.0.1", 0)
     threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="bcjax-test-server", daemon=True).start()
     deadline = time.monotonic() + 20
@@ -46,14 +46,17 @@ def start_server(backend) -> Served:
 
 
 @contextlib.contextmanager
-def connect(s: Served):
-    """A WebSocket to the server, its hello already read."""
+def connect(s: Served, **options):
+    """A WebSocket to the server, its hello already read (options: websockets' connect's, e.g. origin)."""
     from websockets.sync.client import connect as ws_connect
 
-    with ws_connect(s.ws_url, max_size=None, open_timeout=10) as ws:
+    with ws_connect(s.ws_url, max_size=None, open_timeout=10, **options) as ws:
         hello = json.loads(ws.recv(timeout=10))
         assert hello["type"] == "hello", hello
-        yield ws
+        try:
+            yield ws
+        finally:
+            _received.pop(id(ws), None)
 
 
 def start(ws, prompt="red east fast", **settings):
@@ -61,25 +64,39 @@ def start(ws, prompt="red east fast", **settings):
                         "policy": "no-recache", "seed": 0, "fps": 0, **settings}))
 
 
-def read(ws, blocks: int, timeout: float = 60.0):
-    """(block messages [(header, images)], JSON messages other than ticks) until `blocks` blocks came."""
+_received: dict = {}  # websocket -> {stream: blocks received}, for the acknowledgements the page sends too
+
+
+def ack(ws, data: bytes):
+    """Acknowledge a block message as the page does (the server waits for acks); its (header, images)."""
     from bcjax.serve.protocol import unpack_block
 
+    header, images = unpack_block(data)
+    seen = _received.setdefault(id(ws), {})
+    seen[header["stream"]] = seen.get(header["stream"], 0) + 1
+    ws.send(json.dumps({"type": "ack", "stream": header["stream"], "blocks": seen[header["stream"]]}))
+    return header, images
+
+
+def read(ws, blocks: int, timeout: float = 60.0):
+    """(block messages [(header, images)], JSON messages other than ticks) until `blocks` blocks came."""
     out, other = [], []
     deadline = time.monotonic() + timeout
     while len(out) < blocks:
         m = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
         if isinstance(m, bytes):
-            out.append(unpack_block(m))
+            out.append(ack(ws, m))
         elif (j := json.loads(m))["type"] != "tick":
             other.append(j)
     return out, other
 
 
 def until(ws, pred, timeout: float = 30.0):
-    """Read messages until pred(JSON message) holds (blocks and ticks skipped); that message."""
+    """Read messages until pred(JSON message) holds (blocks, acknowledged, and ticks skipped); that message."""
     deadline = time.monotonic() + timeout
     while True:
         m = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-        if not isinstance(m, bytes) and pred(j := json.loads(m)):
+        if isinstance(m, bytes):
+            ack(ws, m)
+        elif pred(j := json.loads(m)):
             return j

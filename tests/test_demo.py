@@ -24,3 +24,25 @@ def test_demo_writes_video_frames_and_report_and_the_sequential_sprite_is_crisp(
     seq = next(line for line in crisp if line.startswith("| sequential |"))
     per_block = [float(v) for v in seq.strip("| ").split("|")[1:]]
     assert per_block == [100.0] * 10, seq  # every prompt, every block: a clean render of the world
+
+
+def test_the_frame_counter_sits_on_the_dark_footer():
+    """The counter is drawn below the panels, whose walls are white: every pixel of its box is
+    the dark background or the counter's own colour, and the glyphs are there."""
+    import numpy as np
+
+    from bcjax.toyworld.demo import compose
+    from bcjax.toyworld.evaluate import eval_scenes, load_model
+    from bcjax.toyworld.world import render
+
+    model = load_model()
+    world = model.world
+    scenes = eval_scenes(world, 2)
+    f = 2 * world.block_frames
+    truth = np.stack([render(s, f, world) for s in scenes])
+    video = compose([truth, truth], scenes, model)
+    for t in (0, f - 1):
+        box = video[t, -14:, -32:].reshape(-1, 3)
+        colours = {tuple(int(v) for v in c) for c in box}
+        ink = (255, 80, 80) if t < world.block_frames else (255, 255, 255)
+        assert colours == {(32, 32, 32), ink}, (t, colours)

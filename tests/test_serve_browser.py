@@ -49,6 +49,11 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
             page.select_option("#schedule", "P4")
             page.select_option("#fps", "30")
             page.click("#start")
+            # the first start compiles: the page says so, counting seconds, then runs
+            _wait(page, "window.bcjax.states.includes('compiling')", what="the compiling state")
+            assert page.evaluate("window.bcjax.compilingShown[0]").startswith("compiling… ")
+            _wait(page, "window.bcjax.phase === 'running'", what="running after the compile")
+            assert page.text_content("#compile") != "–"
             _wait(page, "window.bcjax.framesDrawn >= 4", what="frames drawn")
             first = page.evaluate("document.getElementById('video').toDataURL()")
             _wait(page, f"document.getElementById('video').toDataURL() !== {first!r}", what="the canvas to change")
@@ -57,9 +62,11 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
                   what="a full cascade in the strip")
             # a bad prompt: a message, and the stream goes on under the old prompt
             drawn = page.evaluate("window.bcjax.framesDrawn")
+            controls = page.locator("#start").bounding_box()
             page.fill("#prompt", "red sideways fast")
             page.press("#prompt", "Enter")
             _wait(page, "document.getElementById('message').textContent.includes('unknown word')", what="the error message")
+            assert page.locator("#start").bounding_box() == controls, "the error line moved the controls"
             _wait(page, f"window.bcjax.framesDrawn > {drawn + 3}", what="frames after the bad prompt")
             assert page.text_content("#latency") == "–"
             # a good one: the switch latency appears
@@ -68,6 +75,7 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
             latency = _wait(page, "(t => /^\\d+ ms$/.test(t) && t)(document.getElementById('latency').textContent)",
                             what="the switch latency")
             assert page.text_content("#message") == ""
+            assert re.fullmatch(r"\d+ ms", page.text_content("#latency-touched"))  # the new text's first visible block
             ms = int(re.match(r"(\d+)", latency).group(1))
             assert 0 < ms < 30_000
             assert page.locator("#switches tbody tr").count() == 1
@@ -79,6 +87,14 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
             blocks = page.evaluate("window.bcjax.blocks")
             time.sleep(0.5)
             assert page.evaluate("window.bcjax.blocks") == blocks, "blocks kept coming after stop"
+            assert page.text_content("#bps") == "–" and page.text_content("#latency") == "–"  # no stale figures
+            # stop, another prompt, start: that prompt runs, in a new stream
+            stream = page.evaluate("window.bcjax.stream")
+            page.fill("#prompt", "red north fast")
+            page.click("#start")
+            _wait(page, f"window.bcjax.stream === {stream + 1} && window.bcjax.blocks >= 2", what="the new stream")
+            assert page.evaluate("window.bcjax.prompt") == "red north fast"
+            assert page.text_content("#where").endswith("prompt 0")
             page.click("#reset")
             _wait(page, "window.bcjax.stream === null && document.getElementById('bps').textContent === '–'",
                   what="the page reset")
@@ -86,3 +102,7 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
         finally:
             browser.close()
     assert os.path.getsize(shot) > 10_000
+    import urllib.request
+
+    with urllib.request.urlopen(s.url + "/favicon.ico", timeout=10) as icon:
+        assert icon.status == 200 and icon.read().startswith(b"<svg")

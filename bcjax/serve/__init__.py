@@ -13,10 +13,10 @@ block's header (its prompt, its tick). Frames as images on the same socket as th
 messages arrive in order with their metadata, need no codec, and cost at most a JPEG encode per
 frame, far below the DiT's time per block.
 
-    bcjax serve [--checkpoint DIR] [--host 127.0.0.1] [--port 8000]
+    bcjax serve [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--allow-origin ORIGIN ...]
 """
 
-from bcjax.serve.app import make_app, server
+from bcjax.serve.app import bind, make_app, server
 from bcjax.serve.models import CheckpointBackend, ToyBackend
 
-__all__ = ["CheckpointBackend", "ToyBackend", "make_app", "server"]
+__all__ = ["CheckpointBackend", "ToyBackend", "bind", "make_app", "server"]

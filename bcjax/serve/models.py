@@ -13,12 +13,15 @@ Both backends have one shape, which the sessions use without asking which they h
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
+import threading
 
 import numpy as np
 
 MAX_PROMPT_CHARS = 1000  # a prompt longer than this is refused before it reaches a tokenizer
+TEXT_CACHE_BYTES = 1024 * 2 ** 20  # per server: ~10 prompts of a 1.3B model, every toy prompt many times over
 
 
 def _images(frames: np.ndarray, fmt: str, **opts) -> list[bytes]:
@@ -37,18 +40,34 @@ def _stage_labels(pcfg) -> list[str]:
     return [f"t={round(float(t))}" for t in pcfg.timesteps] + ["clean"]
 
 
-class _TextCache:
-    """Text K/V of the last prompts, so a prompt typed again is not encoded again."""
+class TextCache:
+    """Text K/V of the last prompts, so a prompt typed again is not encoded again; least recently
+    used dropped first once they hold over `max_bytes` (the newest is kept whatever its size)."""
 
-    def __init__(self, encode, size: int = 64):
-        self.encode, self.size, self.kv = encode, size, {}
+    def __init__(self, encode, max_bytes: int):
+        self.encode, self.max_bytes = encode, max_bytes
+        self.kv: collections.OrderedDict = collections.OrderedDict()
+        self._bytes: dict[str, int] = {}
+        self._lock = threading.Lock()  # tabs encode from their own threads
 
     def __call__(self, text: str):
-        if text not in self.kv:
-            if len(self.kv) >= self.size:
-                self.kv.pop(next(iter(self.kv)))
-            self.kv[text] = self.encode(text)
-        return self.kv[text]
+        from bcjax.interactive import kv_bytes
+
+        with self._lock:
+            if text in self.kv:
+                self.kv.move_to_end(text)
+                return self.kv[text]
+        kv = self.encode(text)
+        with self._lock:
+            self.kv[text], self._bytes[text] = kv, kv_bytes(kv)
+            while len(self.kv) > 1 and sum(self._bytes.values()) > self.max_bytes:
+                old, _ = self.kv.popitem(last=False)
+                del self._bytes[old]
+        return kv
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(self._bytes.values())
 
 
 def _common_checks(prompt: str) -> str:
@@ -68,7 +87,7 @@ class ToyBackend:
 
     mime = "image/png"
 
-    def __init__(self, checkpoint: str | None = None, mesh=None):
+    def __init__(self, checkpoint: str | None = None, mesh=None, text_cache_bytes: int = TEXT_CACHE_BYTES):
         from bcjax.toyworld.evaluate import load_model
 
         model = load_model(checkpoint)
@@ -76,7 +95,7 @@ class ToyBackend:
         # rolling positions: a page's stream has no planned end
         self.pcfg = dataclasses.replace(model.pcfg, positions="rolling")
         self.latent_hw = (self.world.size, self.world.size)
-        self._encode = _TextCache(self._embed)
+        self.text_cache = TextCache(self._embed, text_cache_bytes)
 
     def describe(self) -> dict:
         from bcjax.toyworld.world import COLOURS, DIRECTIONS, SPEEDS
@@ -89,19 +108,15 @@ class ToyBackend:
                 "max_prompt": MAX_PROMPT_CHARS}
 
     def check(self, prompt: str, first: str | None = None) -> str:
-        from bcjax.toyworld.world import parse_prompt, prompt_text
+        from bcjax.toyworld.world import check_switch, parse_prompt, prompt_text
 
         scene = parse_prompt(_common_checks(prompt), self.world)
         if first is not None:
-            was = [s.colour for s in parse_prompt(first, self.world)]
-            now = [s.colour for s in scene]
-            if now != was:
-                raise ValueError(f"this stream's sprites are {', '.join(was)} (the image holds them); a switch may change "
-                                 "directions and speeds: press reset for other sprites")
+            check_switch(parse_prompt(first, self.world), scene)
         return prompt_text(scene)
 
     def encode(self, prompt: str):
-        return self._encode(self.check(prompt))
+        return self.text_cache(self.check(prompt))
 
     def _embed(self, text: str):
         import jax.numpy as jnp
@@ -136,7 +151,7 @@ class CheckpointBackend:
     mime = "image/jpeg"
 
     def __init__(self, path: str, port: str = "self_forcing", video_hw: tuple[int, int] = (480, 832), mesh=None,
-                 quality: int = 85):
+                 quality: int = 85, text_cache_bytes: int = TEXT_CACHE_BYTES):
         import ports
         from bcjax.pipeline.t2v import TextToVideo
 
@@ -145,7 +160,7 @@ class CheckpointBackend:
         self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
         self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, tuple(video_hw), quality
         self.port = port
-        self._encode = _TextCache(self.t2v.encode)
+        self.text_cache = TextCache(self.t2v.encode, text_cache_bytes)
 
     def describe(self) -> dict:
         return {"kind": "text", "title": f"{self.port} checkpoint ({self.cfg.num_layers} layers, dim {self.cfg.dim})",
@@ -163,7 +178,7 @@ class CheckpointBackend:
         return text
 
     def encode(self, prompt: str):
-        return self._encode(self.check(prompt))
+        return self.text_cache(self.check(prompt))
 
     def context(self, prompt: str, seed: int):
         return None  # text to video: the first block is generated too

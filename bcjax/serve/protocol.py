@@ -6,6 +6,7 @@ Page -> server: one JSON object per text message, at most MAX_MESSAGE bytes:
     {"type": "prompt", "prompt": str}                   switch at the next block
     {"type": "stop"} | {"type": "reset"}               pause | end the stream
     {"type": "pace", "fps": 16}                         frames/s the stream is paced to (0: as fast as it computes)
+    {"type": "ack", "stream": 1, "blocks": 7}          the page has received 7 blocks of stream 1
 
 Server -> page: JSON text messages {"type": "hello" | "state" | "prompt" | "tick" | "error", ...}
 and one binary message per generated block: a 4-byte big-endian header length, the header
@@ -19,11 +20,16 @@ import json
 import struct
 
 MAX_MESSAGE = 4096  # bytes of one page message (a prompt and a few fields fit many times over)
+# no page message nests deeper than 1; a small limit, checked before json.loads, keeps a
+# message of 2000 '[' from reaching the decoder's recursion limit
+MAX_DEPTH = 4
 MAX_SEED = 2 ** 31 - 1
-MAX_FPS = 120
+# fps 0 is "unpaced"; otherwise a block of 12-48 frames waits at most a few seconds
+MIN_FPS, MAX_FPS = 1, 120
+MAX_STREAM = 2 ** 31 - 1
 SCHEDULES = ("sequential", "P1", "P2", "P4")
 WINDOWS = ("causal", "bidirectional")
-TYPES = ("start", "prompt", "stop", "reset", "pace")
+TYPES = ("start", "prompt", "stop", "reset", "pace", "ack")
 
 
 class BadMessage(ValueError):
@@ -40,6 +46,9 @@ def parse(raw: str | bytes | None, policies: tuple[str, ...]) -> dict:
     size = len(raw.encode("utf-8", "surrogatepass"))
     if size > MAX_MESSAGE:
         raise BadMessage(f"message of {size} bytes is over the {MAX_MESSAGE}-byte limit")
+    depth = _depth(raw)
+    if depth > MAX_DEPTH:
+        raise BadMessage(f"message nests {depth} levels deep; at most {MAX_DEPTH}")
     try:
         msg = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -59,7 +68,34 @@ def parse(raw: str | bytes | None, policies: tuple[str, ...]) -> dict:
         out["seed"] = _number(msg, "seed", 0, MAX_SEED, 0, integer=True)
     if kind in ("start", "pace"):
         out["fps"] = _number(msg, "fps", 0, MAX_FPS, 16)
+        if 0 < out["fps"] < MIN_FPS:
+            raise BadMessage(f"field 'fps' = {out['fps']!r}: expected 0 (unpaced) or {MIN_FPS} .. {MAX_FPS}")
+    if kind == "ack":
+        out["stream"] = _number(msg, "stream", 0, MAX_STREAM, None, integer=True)
+        out["blocks"] = _number(msg, "blocks", 0, MAX_STREAM, None, integer=True)
     return out
+
+
+def _depth(text: str) -> int:
+    """How deep [ and { nest in a JSON text (outside strings), without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _field(msg: dict, name: str, kind: type):
@@ -79,6 +115,8 @@ def _choice(msg: dict, name: str, choices, default):
 
 
 def _number(msg: dict, name: str, lo, hi, default, integer: bool = False):
+    if default is None and name not in msg:
+        raise BadMessage(f"{msg['type']!r} message lacks field {name!r}")
     value = msg.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise BadMessage(f"field {name!r} = {value!r}: expected {'an integer' if integer else 'a number'}")

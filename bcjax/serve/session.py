@@ -1,24 +1,61 @@
-"""One browser tab's generation: its own stream, thread and bounded outbox; shared compiled runners.
+"""One browser tab's generation: one thread per tab, its streams, a bounded outbox; shared compiled runners.
 
-A `Session` belongs to one WebSocket connection. `start` builds a `Generation`: a thread that
-drives `bcjax.interactive.steps` over the runner for the chosen (schedule, window), with a
-`LivePrompts` the page pushes into. Every step becomes one message (a binary block message when a
-block finished, a JSON tick otherwise) put on the session's `Outbox`, a bounded queue: when the
-page reads slower than the model generates, the generation waits (back-pressure; memory stays
-flat). Sessions share nothing mutable but the `Runners`, whose jitted programs are keyed by the
-runner's config: the second tab with a config does not compile again.
+A `Session` belongs to one WebSocket connection and owns at most one thread, made on the first
+start and ended with the connection. Start, stop, pace and reset are state changes the thread
+reads between steps, never new threads, so a page (or a script) sending 1000 starts costs one
+thread and only the newest stream computes. The thread drives `bcjax.interactive.steps` over the
+runner for the chosen (schedule, window), with a `LivePrompts` the page pushes into. Every step
+becomes one message (a binary block message when a block finished, a JSON tick otherwise) on
+the session's `Outbox`.
+
+The thread computes only while the page keeps up: the page acknowledges the blocks it has
+received (`ack`), and the thread waits, costing nothing, while `ack_window` blocks are
+unacknowledged. The kernel's socket buffers would otherwise absorb minutes of a never-reading
+client's video before any queue on this side filled. Sessions share nothing mutable but the
+`Runners`, whose jitted programs are keyed by the runner's config: the second tab with a config
+does not compile again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import itertools
 import threading
 import time
+
+import jax
 
 from bcjax.interactive import LivePrompts, steps
 from bcjax.pipeline.recache import POLICIES
 from bcjax.serve import protocol
+
+# the compile events jax reports (tracing, lowering, XLA); their durations add up to a compile
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compiling = threading.local()
+_listening = threading.Lock()
+_tab_ids = itertools.count(1)
+
+
+def _on_jax_event(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compiling.seconds = getattr(_compiling, "seconds", 0.0) + duration
+
+
+def listen_for_compiles() -> None:
+    """Count compile time per thread (jax reports it on the thread that compiles), once per
+    process: how a stream tells its one-time compiles apart from its switch latency."""
+    with _listening:
+        if not getattr(listen_for_compiles, "done", False):
+            jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+            listen_for_compiles.done = True
+
+
+def compile_seconds() -> float:
+    """Seconds this thread has spent compiling so far (see `listen_for_compiles`)."""
+    return getattr(_compiling, "seconds", 0.0)
 
 
 class Runners:
@@ -47,10 +84,13 @@ class Outbox:
         self.loop, self.queue = loop, asyncio.Queue(maxsize)
         self.closed = threading.Event()
 
-    def put(self, msg, cancelled: threading.Event | None = None) -> bool:
+    def put(self, msg, cancelled=None) -> bool:
         """Queue msg (dict: a JSON text message; bytes: a binary one), waiting while the queue is
-        full. False once the outbox (or `cancelled`) is closed; never call from the loop's thread."""
-        if self.closed.is_set() or (cancelled is not None and cancelled.is_set()):
+        full. False once the outbox is closed or `cancelled()` holds; never call from the loop's thread."""
+        def stop() -> bool:
+            return self.closed.is_set() or (cancelled is not None and cancelled())
+
+        if stop():
             return False
         try:
             fut = asyncio.run_coroutine_threadsafe(self.queue.put(msg), self.loop)
@@ -61,7 +101,7 @@ class Outbox:
                 fut.result(timeout=0.1)
                 return True
             except concurrent.futures.TimeoutError:
-                if self.closed.is_set() or (cancelled is not None and cancelled.is_set()):
+                if stop():
                     fut.cancel()
                     return False
 
@@ -72,107 +112,42 @@ class Outbox:
         self.closed.set()
 
 
-class Generation:
-    """One stream: a thread stepping a runner, paused and resumed, ended by `end`."""
+@dataclasses.dataclass(eq=False)
+class Stream:
+    """One stream's state. The page's commands change `running`, `fps` and `acked` (under the
+    session's lock); only the session's thread steps it."""
 
-    def __init__(self, stream_id: int, backend, runner, settings: dict, prompt: str, outbox: Outbox):
-        self.id, self.backend, self.runner, self.settings, self.outbox = stream_id, backend, runner, settings, outbox
-        self.first_prompt = prompt
-        self.fps = settings["fps"]
-        self.live = LivePrompts(backend.encode(prompt))
-        self.pushed = {0: time.perf_counter()}
-        self.running, self.ended = threading.Event(), threading.Event()
-        self.running.set()
-        self.thread = threading.Thread(target=self._run, name=f"bcjax-stream-{stream_id}", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def push(self, prompt: str) -> int:
-        """Switch to a checked prompt from the next block that enters; its index."""
-        kv = self.backend.encode(prompt)
-        t = time.perf_counter()
-        index = self.live.push(kv)
-        self.pushed[index] = t  # read by the stream's thread once a block under it is done (steps later)
-        return index
-
-    def pause(self) -> None:
-        self.running.clear()
-
-    def resume(self, fps) -> None:
-        self.fps = fps
-        self.running.set()
-
-    def end(self) -> None:
-        self.ended.set()
-        self.running.set()  # a paused thread wakes up to leave
-
-    def _send(self, msg) -> bool:
-        return self.outbox.put(msg, self.ended)
-
-    def _run(self) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        s = self.settings
-        ticks = None
-        try:
-            context = self.backend.context(self.first_prompt, s["seed"])
-            encode = self.backend.frame_encoder()
-            ticks = steps(self.runner, self.backend.params, self.live, jax.random.key(s["seed"]), None,
-                          policy=s["policy"], context=None if context is None else jnp.asarray(context))
-            shown, last_block, compute = {0}, None, 0.0
-            recached: dict[int, float] = {}  # prompt -> seconds its switch spent recaching
-            for tick in ticks:
-                if self.ended.is_set():
-                    break
-                stages = [list(x) for x in tick.stages]
-                base = {"stream": self.id, "tick": tick.step, "prompt": tick.prompt, "stages": stages,
-                        "step_ms": 1e3 * tick.seconds, "recache_ms": 1e3 * tick.recache_s}
-                e = tick.event
-                compute += tick.seconds
-                if tick.recache_s:
-                    recached[tick.prompt] = recached.get(tick.prompt, 0.0) + tick.recache_s
-                if e is None:
-                    sent = self._send({"type": "tick", **base})
-                else:
-                    images = encode(e.x0)
-                    if self.fps > 0 and last_block is not None:  # pace: bf frames per block at fps
-                        self.ended.wait(max(0.0, last_block + len(images) / self.fps - time.perf_counter()))
-                    last_block = time.perf_counter()
-                    header = {"type": "block", **base, "block": e.block, "block_prompt": e.prompt,
-                              "block_ms": 1e3 * e.seconds, "block_recache_ms": 1e3 * e.recache_s,
-                              "compute_ms": 1e3 * compute, "mime": self.backend.mime}
-                    compute = 0.0
-                    if e.prompt not in shown and e.prompt in self.pushed:  # the first block under a new prompt
-                        shown.add(e.prompt)
-                        header["switch_ms"] = 1e3 * (last_block - self.pushed[e.prompt])
-                        header["switch_recache_ms"] = 1e3 * recached.pop(e.prompt, 0.0)
-                    sent = self._send(protocol.pack_block(header, images))
-                if not sent:
-                    break
-                while not self.running.is_set():
-                    self.running.wait(0.1)
-        except Exception as exc:  # a stream's failure is reported to its page, never raised into the server
-            self._send({"type": "error", "what": "stream", "stream": self.id, "message": f"{type(exc).__name__}: {exc}"})
-        finally:
-            if ticks is not None:
-                ticks.close()
-            self._send({"type": "state", "state": "ended", "stream": self.id})  # unless the page ended it
+    id: int
+    settings: dict
+    first_prompt: str
+    prompt: str  # the newest prompt pushed (what a start compares against to resume)
+    live: LivePrompts
+    running: bool = True
+    fps: float = 16
+    sent: int = 0  # blocks put on the outbox
+    acked: int = 0  # blocks the page says it received
+    pushed: dict = dataclasses.field(default_factory=dict)  # prompt index -> time of the switch
 
 
 class Session:
-    """One connection: at most one Generation at a time; commands from the page in order."""
+    """One connection: at most one stream and one thread; commands from the page in order."""
 
-    def __init__(self, backend, runners: Runners, outbox: Outbox):
+    def __init__(self, backend, runners: Runners, outbox: Outbox, *, ack_window: int = 4,
+                 text_bytes: int = 256 * 2 ** 20):
         self.backend, self.runners, self.outbox = backend, runners, outbox
-        self.gen: Generation | None = None
+        self.ack_window, self.text_bytes = ack_window, text_bytes
+        self.gen: Stream | None = None
         self._streams = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.tab = next(_tab_ids)
 
     def hello(self) -> dict:
         return {"type": "hello", "model": self.backend.describe(), "schedules": list(protocol.SCHEDULES),
                 "windows": list(protocol.WINDOWS), "policies": list(POLICIES),
-                "limits": {"max_message": protocol.MAX_MESSAGE, "queue": self.outbox.queue.maxsize}}
+                "limits": {"max_message": protocol.MAX_MESSAGE, "queue": self.outbox.queue.maxsize,
+                           "ack_window": self.ack_window, "min_fps": protocol.MIN_FPS, "max_fps": protocol.MAX_FPS}}
 
     def handle(self, raw) -> None:
         """Act on one page message (call from a worker thread, in arrival order); replies go to the outbox."""
@@ -181,15 +156,24 @@ class Session:
         except protocol.BadMessage as e:
             self.outbox.put({"type": "error", "what": "message", "message": str(e)})
             return
+        self.act(cmd)
+
+    def act(self, cmd: dict) -> None:
+        """Act on one parsed page message (an `ack` only takes a lock: fine on the event loop)."""
         try:
             getattr(self, f"_on_{cmd['type']}")(cmd)
         except Exception as e:  # a bug or a backend failure: this page hears of it, the server goes on
             self.outbox.put({"type": "error", "what": "server", "message": f"{cmd['type']}: {type(e).__name__}: {e}"})
 
     def close(self) -> None:
-        if self.gen is not None:
-            self.gen.end()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
         self.outbox.close()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
 
     def _state(self, state: str, **extra) -> None:
         self.outbox.put({"type": "state", "state": state, "stream": self.gen.id if self.gen else None, **extra})
@@ -200,48 +184,217 @@ class Session:
                          "message": str(e), "stream": self.gen.id if self.gen else None})
 
     def _on_start(self, cmd: dict) -> None:
-        settings = {k: cmd[k] for k in ("schedule", "window", "policy", "seed", "fps")}
-        same = self.gen is not None and {**self.gen.settings, "fps": cmd["fps"]} == settings
-        if same and not self.gen.running.is_set():
-            self.gen.resume(cmd["fps"])
-            self._state("running", settings=settings)
-            return
+        settings = {k: cmd[k] for k in ("schedule", "window", "policy", "seed")}
         try:
             prompt = self.backend.check(cmd["prompt"])
         except ValueError as e:
             self._bad_prompt(cmd, e)
             return
-        if self.gen is not None:
-            self.gen.end()
-        self._streams += 1
+        with self._cond:
+            gen = self.gen
+            if gen is not None and not gen.running and gen.settings == settings and gen.prompt == prompt:
+                gen.running, gen.fps = True, cmd["fps"]  # the stopped stream, under the prompt the page shows
+                self._cond.notify_all()
+                resumed = True
+            else:
+                resumed = False
+        if resumed:
+            self._state("running", settings={**settings, "fps": cmd["fps"]}, prompt=prompt, resumed=True)
+            return
+        kv = self.backend.encode(prompt)  # before the stream exists: a failure leaves the old one alone
         runner = self.runners.get(settings["schedule"], settings["window"])
-        self.gen = Generation(self._streams, self.backend, runner, settings, prompt, self.outbox)
-        self._state("running", settings=settings, prompt=prompt)  # before the stream's first tick
-        self.gen.start()
+        with self._cond:
+            self._streams += 1
+            self.gen = Stream(self._streams, settings, prompt, prompt, LivePrompts(kv, self.text_bytes), fps=cmd["fps"])
+            self.gen.runner = runner
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"bcjax-tab-{self.tab}", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        # before the stream's first tick: the page shows "compiling" until the thread says "running"
+        self._state("compiling", settings={**settings, "fps": cmd["fps"]}, prompt=prompt)
 
     def _on_prompt(self, cmd: dict) -> None:
-        if self.gen is None:
+        gen = self.gen
+        if gen is None:
             self._bad_prompt(cmd, ValueError("no stream is running: press start"))
             return
         try:
-            prompt = self.backend.check(cmd["prompt"], first=self.gen.first_prompt)
+            prompt = self.backend.check(cmd["prompt"], first=gen.first_prompt)
         except ValueError as e:
             self._bad_prompt(cmd, e)
             return
-        index = self.gen.push(prompt)
-        self.outbox.put({"type": "prompt", "stream": self.gen.id, "index": index, "prompt": prompt})
+        kv = self.backend.encode(prompt)
+        with self._cond:
+            t = time.perf_counter()
+            index = gen.live.push(kv)
+            gen.pushed[index], gen.prompt = t, prompt
+        self.outbox.put({"type": "prompt", "stream": gen.id, "index": index, "prompt": prompt})
 
     def _on_stop(self, cmd: dict) -> None:
-        if self.gen is not None:
-            self.gen.pause()
-        self._state("stopped" if self.gen else "idle")
+        with self._cond:
+            if self.gen is not None:
+                self.gen.running = False
+        self._state("stopped" if self.gen else "idle", prompt=self.gen.prompt if self.gen else None)
 
     def _on_reset(self, cmd: dict) -> None:
-        if self.gen is not None:
-            self.gen.end()
-        self.gen = None
+        with self._cond:
+            self.gen = None
+            self._cond.notify_all()
         self._state("idle")
 
     def _on_pace(self, cmd: dict) -> None:
-        if self.gen is not None:
-            self.gen.fps = cmd["fps"]
+        with self._cond:
+            if self.gen is not None:
+                self.gen.fps = cmd["fps"]
+                self._cond.notify_all()  # a thread waiting out the old pace recomputes its deadline
+
+    def _on_ack(self, cmd: dict) -> None:
+        with self._cond:
+            gen = self.gen
+            if gen is not None and cmd["stream"] == gen.id and cmd["blocks"] > gen.acked:
+                gen.acked = min(cmd["blocks"], gen.sent)
+                self._cond.notify_all()
+
+    # the session's thread
+
+    def _current(self, gen: Stream) -> bool:
+        return not self._closed and self.gen is gen
+
+    def _next(self, gen: Stream | None) -> tuple[bool, Stream | None]:
+        """(closed, stream): wait until the session closes, its stream is replaced or reset
+        (another than `gen`), or `gen` runs and the page has read enough to step it."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return True, None
+                if self.gen is not gen or (gen is not None and gen.running and gen.sent - gen.acked < self.ack_window):
+                    return False, self.gen
+                self._cond.wait()
+
+    def _wait_until(self, gen: Stream, last_block: float, frames: int) -> bool:
+        """Pace: wait until `frames` frames after last_block at the stream's fps (re-read when the
+        page changes it); False when the stream ended meanwhile."""
+        with self._cond:
+            while self._current(gen):
+                left = last_block + frames / gen.fps - time.perf_counter() if gen.fps > 0 else 0.0
+                if left <= 0:
+                    return True
+                self._cond.wait(left)
+            return False
+
+    def _send(self, gen: Stream, msg) -> bool:
+        return self.outbox.put(msg, lambda: not self._current(gen))
+
+    def _run(self) -> None:
+        ticks, gen = None, None
+        try:
+            while True:
+                closed, nxt = self._next(gen)
+                if closed:
+                    return
+                if nxt is not gen:  # replaced or reset: the old stream's state is freed now, not at the next start
+                    if ticks is not None:
+                        ticks.close()
+                        self.outbox.put({"type": "state", "state": "ended", "stream": gen.id})
+                    gen, ticks = nxt, None
+                    if gen is None:
+                        continue
+                try:
+                    if ticks is None:
+                        ticks = self._ticks(gen)
+                    next(ticks)
+                except StopIteration:  # it saw its stream replaced, or the tab gone
+                    ticks = None
+                    if self.outbox.closed.is_set():
+                        return
+                except Exception as exc:  # a stream's failure is reported to its page, never raised into the server
+                    self._failed(gen, exc)
+                    gen, ticks = None, None
+        finally:
+            if ticks is not None:
+                ticks.close()
+
+    def _failed(self, gen: Stream, exc: Exception) -> None:
+        """The stream cannot go on: the page hears why, and a later start builds a new one."""
+        with self._cond:
+            if self.gen is gen:
+                self.gen = None
+        self.outbox.put({"type": "error", "what": "stream", "stream": gen.id, "message": f"{type(exc).__name__}: {exc}"})
+        self.outbox.put({"type": "state", "state": "ended", "stream": gen.id})
+
+    def _ticks(self, gen: Stream):
+        """A generator sending one message per step of `gen` (one step per next())."""
+        import jax.numpy as jnp
+
+        s = gen.settings
+        context = self.backend.context(gen.first_prompt, s["seed"])
+        encode = self.backend.frame_encoder()
+        ticks = steps(gen.runner, self.backend.params, gen.live, jax.random.key(s["seed"]), None,
+                      policy=s["policy"], context=None if context is None else jnp.asarray(context))
+        return self._messages(gen, ticks, encode)
+
+    def _messages(self, gen: Stream, ticks, encode):
+        try:
+            t_start, c_start = time.perf_counter(), compile_seconds()
+            last_block, started, touched, in_force, first = None, 0, 0, 0, True
+            compile_since: dict[int, float] = {}  # prompt -> compile seconds when its switch came in force
+            recached: dict[int, float] = {}  # prompt -> seconds its switch spent recaching
+            compute = 0.0
+            for tick in ticks:
+                if not self._current(gen):
+                    return
+                if first:
+                    first = False
+                    self._send(gen, {"type": "state", "state": "running", "stream": gen.id,
+                                     "first_tick_ms": 1e3 * (time.perf_counter() - t_start),
+                                     "compile_ms": 1e3 * (compile_seconds() - c_start)})
+                if tick.prompt > in_force:  # a switch takes effect: from here every step runs under its text
+                    in_force = tick.prompt
+                    compile_since.setdefault(tick.prompt, compile_seconds())
+                stages = [list(x) for x in tick.stages]
+                base = {"stream": gen.id, "tick": tick.step, "prompt": tick.prompt, "stages": stages,
+                        "step_ms": 1e3 * tick.seconds, "recache_ms": 1e3 * tick.recache_s}
+                e = tick.event
+                compute += tick.seconds
+                if tick.recache_s:
+                    recached[tick.prompt] = recached.get(tick.prompt, 0.0) + tick.recache_s
+                if e is None:
+                    sent = self._send(gen, {"type": "tick", **base})
+                else:
+                    images = encode(e.x0)
+                    if last_block is not None and not self._wait_until(gen, last_block, len(images)):
+                        return
+                    last_block = time.perf_counter()
+                    header = {"type": "block", **base, "block": e.block, "block_prompt": e.prompt,
+                              "block_ms": 1e3 * e.seconds, "block_recache_ms": 1e3 * e.recache_s,
+                              "compute_ms": 1e3 * compute, "mime": self.backend.mime}
+                    compute = 0.0
+                    with self._cond:
+                        pushed = dict(gen.pushed)
+                    # two moments a switch becomes visible under a cascade: the first block with
+                    # any pass under the new text (every block in flight runs under the prompt in
+                    # force), and the first block that started under it
+                    if tick.prompt > touched and tick.prompt in pushed:
+                        touched = tick.prompt
+                        header.update(touched_prompt=touched, touched_ms=1e3 * (last_block - pushed[touched]),
+                                      touched_compile_ms=1e3 * (compile_seconds() - compile_since.get(touched, 0.0)))
+                    if e.prompt > started and e.prompt in pushed:
+                        started = e.prompt
+                        header.update(switch_ms=1e3 * (last_block - pushed[started]),
+                                      switch_recache_ms=1e3 * recached.pop(started, 0.0),
+                                      switch_compile_ms=1e3 * (compile_seconds() - compile_since.pop(started, 0.0)))
+                        with self._cond:  # switches up to this one are shown: their times are not needed again
+                            for p in [p for p in gen.pushed if p <= started]:
+                                del gen.pushed[p]
+                        recached = {p: r for p, r in recached.items() if p > started}
+                    sent = self._send(gen, protocol.pack_block(header, images))
+                    if sent:
+                        with self._cond:
+                            gen.sent += 1
+                if not sent:
+                    return
+                yield
+            raise RuntimeError("the stream ended")  # steps() runs until closed: not reached
+        finally:
+            ticks.close()

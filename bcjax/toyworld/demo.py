@@ -63,8 +63,8 @@ def compose(latents: list[np.ndarray], scenes, model: ToyModel, scale: int = 8) 
     world = model.world
     f = latents[0].shape[1]
     panels = [np.stack([render(s, f, world) for s in scenes]), *latents]  # [B, F, h, w, C] each
-    gap, head, side = 4, 14, world.size * scale
-    h = head + len(scenes) * (side + gap) + gap
+    gap, head, foot, side = 4, 14, 14, world.size * scale
+    h = head + len(scenes) * (side + gap) + gap + foot
     w = len(panels) * (side + gap) + gap
     h16, w16 = -(-h // 16) * 16, -(-w // 16) * 16
     video = np.full((f, h16, w16, 3), 32, np.uint8)  # dark, so the white walls stand out
@@ -77,7 +77,8 @@ def compose(latents: list[np.ndarray], scenes, model: ToyModel, scale: int = 8) 
             big = np.repeat(np.repeat(rgb, scale, 1), scale, 2)
             y, x = head + gap + i * (side + gap), gap + j * (side + gap)
             video[:, y:y + side, x:x + side] = big
-    # frame counter under the header's right edge; given frames marked so the seam is visible
+    # frame counter in the footer's right corner, on the dark background below the panels (their
+    # walls are white); given frames marked red so the seam is visible
     for t in range(f):
         draw_text(video[t], f"{t:02d}", h16 - 12, w16 - 30,
                   colour=(255, 80, 80) if t < world.block_frames else (255, 255, 255), scale=2)
@@ -149,10 +150,13 @@ def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, v
 
 
 def _check_out(out: str) -> None:
-    """Before any compute: the video path is an .mp4 in a folder that exists (or is created)."""
+    """Before any compute: the video path is an .mp4 that can be written (its folder is made
+    only when the video is, so a refused run leaves nothing)."""
+    from bcjax.paths import check_output
+
     if not out.lower().endswith(".mp4"):
         raise ValueError(f"--out {out!r} must end in .mp4")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    check_output(out)
 
 
 def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str | None = None, prompts: int = 3,
@@ -184,6 +188,7 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
         return {"summary": rows, "blocks": blocks_m, "timing": timing, "video": None, "report": None}
     # default: a block every 3/8 s whatever the block's frames, so a 1-frame-block world can be followed
     fps = fps or 8.0 * model.world.block_frames / 3
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with Mp4Writer(out, fps=fps) as w:
         w.write(video)
     frames = os.path.splitext(report)[0] + "-frames.png"
@@ -216,7 +221,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     from bcjax.pipeline.streaming import overlapped
     from bcjax.pipeline.video import Mp4Writer, NullWriter
     from bcjax.runners import make_runner
-    from bcjax.toyworld.world import parse_prompt, prompt_embedding
+    from bcjax.toyworld.world import check_switch, parse_prompt, prompt_embedding
 
     _check_out(out)
     model = load_model(checkpoint)
@@ -225,6 +230,14 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     sched = parse_prompt_schedule(prompts)
     rng = np.random.default_rng(seed)
     scenes = [parse_prompt(text, world) for _, text in sched]  # the embedding holds no positions
+    for (at, text), scene in zip(sched[1:], scenes[1:]):  # the rules `bcjax serve` applies to a switch
+        if at > blocks:
+            raise ValueError(f"--prompts: {text!r}@{at} starts after the stream's last block ({blocks}); "
+                             f"raise --blocks to {at} or more, or move the switch")
+        try:
+            check_switch(scenes[0], scene)
+        except ValueError as e:
+            raise ValueError(f"--prompts: {text!r}@{at}: {e}") from None
     starts = [tuple(int(v) for v in rng.integers(world.lo, world.hi + 1, 2)) for _ in scenes[0]]
     embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(sched, scenes)]
     if interpolate:  # Krea's prompt interpolation: each switch ramps over `interpolate` blocks
@@ -240,6 +253,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     events = []
     bar = tqdm(total=blocks, unit="block", desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
     fps = fps or 8.0 * bf / 3  # a block every 3/8 s, as in `run`
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with (Mp4Writer(out, fps=fps) if is_primary() else NullWriter()) as w:  # multi-host: process 0 writes
         w.write(big(first[0]))
         def sink(e):  # on a background thread, while the next block denoises

@@ -151,6 +151,15 @@ def parse_prompt(text: str, cfg: WorldConfig | None = None, starts: Sequence[tup
     return tuple(scene)
 
 
+def check_switch(first: Scene, scene: Scene) -> None:
+    """A switch keeps the stream's sprites (the image holds them): ValueError naming them unless
+    `scene` has the colours of `first`, in order. `bcjax stream` and `bcjax serve` share the rule."""
+    was, now = [s.colour for s in first], [s.colour for s in scene]
+    if now != was:
+        raise ValueError(f"this stream's sprites are {', '.join(was)} (the image holds them); a switch to "
+                         f"{', '.join(now)} may change directions and speeds only: start a new stream for other sprites")
+
+
 def _check_scene(scene: Scene, cfg: WorldConfig) -> None:
     if not cfg.min_sprites <= len(scene) <= cfg.max_sprites:
         raise ValueError(f"scene has {len(scene)} sprites; this world holds {cfg.min_sprites}..{cfg.max_sprites}")
