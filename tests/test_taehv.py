@@ -24,6 +24,13 @@ def _reference_module():
     return module
 
 
+def upstream_random_state_dict(seed: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded random taew2_1 weights in upstream's key layout (the reference's, by default)."""
+    module = _reference_module()
+    shapes = taehv_conv.upstream_shapes(taehv.TAEHVConfig.preset("taew2_1"))
+    return module.random_state_dict(shapes, module.SEED if seed is None else seed)
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return taehv.TAEHVConfig.preset("taew2_1")
@@ -138,3 +145,29 @@ def test_bad_latents_are_named(cfg, params):
         taehv.decode_step(cfg, params, state, jnp.zeros((1, 2, 3, 4, 48)))
     with pytest.raises(ValueError, match="made for batch 1, latent 3x4"):
         taehv.decode_step(cfg, params, state, jnp.zeros((1, 2, 4, 4, 16)))
+
+
+def test_decode_device_outside_the_mesh(cfg, params, ref):
+    """On the 5 fake CPU devices: a 4-stage mesh leaves device 4 for decoding; a full mesh leaves the
+    host; a device inside the mesh is allowed with a warning that names the cost."""
+    from bcjax.cascade import make_mesh
+    from bcjax.vae.decoders import PixelDecoder, decode_device
+
+    assert jax.device_count() == 5, "conftest sets 5 fake CPU devices before jax starts"
+    mesh4 = make_mesh(4)
+    device = decode_device(None, mesh4)
+    assert device == jax.devices()[4] and decode_device("auto", mesh4) == device
+    assert decode_device(None, make_mesh(5)) == jax.devices("cpu")[0]
+    assert decode_device(None, None) == jax.devices()[1]  # one-device runs decode beside device 0
+    with pytest.warns(UserWarning, match="stage 0 of the denoising mesh.*lockstep"):
+        assert decode_device("0", mesh4) == jax.devices()[0]
+    with pytest.raises(ValueError, match=r"--decode-device 9: no such device; ids are \[0, 1, 2, 3, 4\]"):
+        decode_device("9", mesh4)
+    with pytest.raises(ValueError, match="expected auto, cpu or a device id"):
+        decode_device("gpu", mesh4)
+    pixels = PixelDecoder("taehv", cfg, params, device)
+    z = ref["latents"][:, :2]
+    state, video = pixels.step(pixels.init_state(1, z.shape[2:4]), z)
+    assert video.devices() == {device} and state.cache["stage_0_mem_0"].devices() == {device}
+    _, here = taehv.decode_step(cfg, params, taehv.init_decode_state(cfg, 1, z.shape[2:4]), z)
+    np.testing.assert_allclose(np.asarray(video), np.asarray(here), atol=1e-6)
