@@ -2,7 +2,7 @@
 
     DST/
       config.json        {"format": "bcjax", "parts": {"dit": {...WanConfig}, ...}, "provenance": {...}}
-      dit/  text/  vae/  orbax PyTree checkpoints (dtype preserved, bf16 stays bf16)
+      dit/  text/  vae/  taehv/  orbax PyTree checkpoints (dtype preserved, bf16 stays bf16)
       tokenizer/         the sentencepiece model, when a text encoder is bundled
 
 A checkpoint is written into a temporary folder beside DST and renamed into place, so a crash
@@ -45,6 +45,10 @@ def _parts():
         parts["vae"] = (VAEConfig, vae_shapes)
     except ImportError:  # the VAE port is optional for DiT-only checkpoints
         pass
+    from bcjax.vae.taehv import TAEHVConfig
+    from bcjax.vae.taehv import param_shapes as taehv_shapes
+
+    parts["taehv"] = (TAEHVConfig, taehv_shapes)
     return parts
 
 

@@ -169,7 +169,8 @@ def _serve(args) -> int:
         read_config(args.checkpoint)  # a bad config.json is named before the port is taken
     with bind(args.host, args.port) as sock:  # a port in use is named before a model loads
         if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
-            backend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh)
+            backend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh, decoder=args.decoder,
+                                        decode_device=args.decode_device)
         else:  # the shipped toy-world model, or another toy-world checkpoint
             backend = ToyBackend(args.checkpoint, mesh)
         app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
@@ -234,12 +235,14 @@ def _generate_video(args) -> int:
         if args.schedule != "sequential":
             raise ValueError(f"--video runs sequentially for now; got --schedule {args.schedule}")
         pcfg = with_strength(pcfg, args.strength)
-    t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.schedule, args.window, mesh)
+    t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.schedule, args.window, mesh,
+                      decoder=args.decoder or "wan", decode_device=args.decode_device)
     source = t2v.encode_video(args.video) if args.video else None
     t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed, source=source)
     print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | encode {t['encode_s']:.2f} s | "
           f"denoise {t['denoise_fps']:.2f} FPS steady (first block {t['denoise_s'][0]:.2f} s incl. compile) | "
-          f"decode {sum(t['decode_s']):.2f} s | end-to-end {t['end_to_end_fps']:.2f} FPS | "
+          f"decode ({t2v.decoder} on {t2v.pixels.device}) {sum(t['decode_s']):.2f} s, "
+          f"{t['decodes'] / max(t['blocks'], 1):.0f} per block | end-to-end {t['end_to_end_fps']:.2f} FPS | "
           f"first frame after {t['first_frame_s']:.2f} s")
     return 0
 
@@ -247,7 +250,7 @@ def _generate_video(args) -> int:
 def _convert(args) -> int:
     from checkpoints_conv.bundle import convert_bundle
 
-    for flag in ("src", "lora", "text_encoder", "tokenizer", "vae"):
+    for flag in ("src", "lora", "text_encoder", "tokenizer", "vae", "taehv"):
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             raise ValueError(f"{flag.replace('_', '-')} {path}: no such file or folder")
@@ -255,7 +258,7 @@ def _convert(args) -> int:
         args.layout, args.src, args.dst, lora=args.lora, lora_alpha=args.lora_alpha, ema=args.ema,
         num_heads=args.num_heads, dtype=args.dtype, text_encoder=args.text_encoder, text_layout=args.text_layout,
         text_preset=args.text_preset, tokenizer=args.tokenizer, vae=args.vae, vae_preset=args.vae_preset,
-        overwrite=args.overwrite)
+        taehv=args.taehv, overwrite=args.overwrite)
     cfg = summary["dit_config"]
     parts = ", ".join(f"{k} {v / 1e6:.1f}M params" for k, v in summary["parts"].items())
     print(f"wrote {summary['dst']}: {parts}; DiT dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
@@ -301,6 +304,16 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _decoder_flags(s, default: str) -> None:
+    from bcjax.vae.decoders import DECODERS
+
+    s.add_argument("--decoder", choices=DECODERS, default=None,
+                   help=f"pixel decoder (with a real checkpoint): the Wan VAE or TAEHV, the tiny preview decoder; {default}")
+    s.add_argument("--decode-device", default=None, metavar="auto|cpu|ID",
+                   help="where decoding runs: auto (default: a device outside the stage x model mesh, else the "
+                        "host CPU), cpu, or a jax device id (one inside the mesh is allowed with a warning)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real model: video size in pixels")
     s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
     s.add_argument("--model", type=_positive, default=1, help="devices on the 'model' mesh axis (tensor-parallel weights)")
+    _decoder_flags(s, "default: taehv when the checkpoint has it (not for Krea's loop), else wan")
     s.add_argument("--queue", type=_positive, default=8, help="messages that may wait per tab before its generation waits")
     s.add_argument("--max-tabs", type=_positive, default=8, help="tabs (connections) served at once")
     s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
@@ -401,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "whose latents, noised to --strength, start the blocks (Krea's / StreamDiffusionV2's strength)")
     s.add_argument("--strength", type=float, default=0.6, help="video-to-video: 1 = pure noise, lower keeps more of "
                    "the input (the step list spread over [strength * 1000, 0])")
+    _decoder_flags(s, "default: wan")
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("convert", help="upstream checkpoint files -> a bcjax checkpoint folder")
@@ -420,11 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="umT5 sentencepiece model (file or folder holding spiece.model)")
     s.add_argument("--vae", help="Wan2.1 VAE weights (Wan .pth or diffusers files) to bundle")
     s.add_argument("--vae-preset", default="wan2.1", help="VAEConfig preset (wan2.1, tiny)")
+    s.add_argument("--taehv", help="TAEHV taew2_1 weights (.pth or .safetensors) to bundle: the tiny streaming "
+                   "preview decoder (--decoder taehv)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_convert)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup", "compile", "memory", "gpu"])
+    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup", "compile", "memory", "gpu",
+                                    "decode"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p

@@ -42,7 +42,7 @@ def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, 
                    ema: bool | None = None, num_heads: int | None = None, dtype: str = "keep",
                    text_encoder: str | None = None, text_layout: str = "wan", text_preset: str = "umt5-xxl",
                    tokenizer: str | None = None, vae: str | None = None, vae_preset: str = "wan2.1",
-                   overwrite: bool = False) -> dict:
+                   taehv: str | None = None, overwrite: bool = False) -> dict:
     """Convert and write; returns a summary (parts, parameter counts, seconds, peak RSS)."""
     from bcjax.text.tokenizer import find_tokenizer_model
     from bcjax.text.umt5 import UMT5Config
@@ -97,6 +97,13 @@ def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, 
         vae_cfg = VAEConfig.preset(vae_preset)
         parts["vae"] = (vae_cfg, vae_conv.convert(io.read_state_dict(vae), vae_cfg))
         sources["vae"] = os.path.abspath(vae)
+    if taehv:  # the tiny preview decoder, kept whole (its encoder serves video-to-video previews)
+        from bcjax.vae.taehv import TAEHVConfig
+        from checkpoints_conv import taehv as taehv_conv
+
+        taehv_cfg = TAEHVConfig.preset("taew2_1")
+        parts["taehv"] = (taehv_cfg, taehv_conv.convert_file(taehv, taehv_cfg))
+        sources["taehv"] = os.path.abspath(taehv)
     checkpoint.save(dst, parts, {"layout": layout, "sources": sources,
                                  "options": {"ema": ema, "lora_alpha": lora_alpha, "dtype": dtype}},
                     files=files, overwrite=overwrite)

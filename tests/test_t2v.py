@@ -43,6 +43,9 @@ def sources(tmp_path_factory, tiny_cfg, wan_sd):
                            temperal_downsample=list(v.temperal_downsample), latents_mean=list(v.latents_mean),
                            latents_std=list(v.latents_std))
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folder / "vae.safetensors")
+    from test_taehv import upstream_random_state_dict
+
+    torch.save({k: torch.from_numpy(v) for k, v in upstream_random_state_dict().items()}, folder / "taew2_1.pth")
     return folder
 
 
@@ -52,11 +55,11 @@ def tiny_checkpoint(sources, tiny_cfg, tiny_params):
     rc = main(["convert", "--from", "self-forcing", str(sources / "self_forcing.pt"), str(dst), "--num-heads", "2",
                "--text-encoder", str(sources / "umt5.safetensors"), "--text-layout", "transformers",
                "--text-preset", "tiny", "--tokenizer", str(sources), "--vae", str(sources / "vae.safetensors"),
-               "--vae-preset", "tiny"])
+               "--vae-preset", "tiny", "--taehv", str(sources / "taew2_1.pth")])
     assert rc == 0
     meta = checkpoint.read_config(str(dst))
     assert meta["configs"]["dit"] == dataclasses.replace(tiny_cfg, attention="auto")
-    assert meta["provenance"]["layout"] == "self-forcing" and set(meta["configs"]) == {"dit", "text", "vae"}
+    assert meta["provenance"]["layout"] == "self-forcing" and set(meta["configs"]) == {"dit", "text", "vae", "taehv"}
     _, dit = checkpoint.restore(str(dst), "dit")
     same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), dit, tiny_params)
     assert all(jax.tree_util.tree_leaves(same))
@@ -149,3 +152,39 @@ def test_video_to_video_from_an_mp4(tiny_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--video", str(src), "--size", "64", "48", "--out", str(out)]) == 2
     assert "is 32x48; this run makes 64x48" in capsys.readouterr().err
+
+
+def test_krea_mode_decodes_each_block_once(tiny_checkpoint, tmp_path, monkeypatch):
+    """Krea's round trip decodes every block with the Wan VAE; those frames go to the writer."""
+    import ports
+    from bcjax.pipeline import t2v as t2v_module
+    from bcjax.vae import wan_vae
+
+    calls = []
+    real = wan_vae.decode_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wan_vae, "decode_step", counted)
+    if hasattr(t2v_module, "decode_step"):
+        monkeypatch.setattr(t2v_module, "decode_step", counted)
+    t2v = t2v_module.TextToVideo(str(tiny_checkpoint), ports.get("krea_14b").pipeline, video_hw=(32, 48))
+    out = tmp_path / "krea.mp4"
+    timings = t2v.write_mp4("a red fox", 3, str(out), progress=False)
+    print(f"Krea mode: {len(calls)} VAE decodes for 3 blocks")
+    assert _probe(out) == ((48, 32), 33)
+    assert len(calls) == 3 == timings["decodes"]
+
+
+def test_taehv_decoder_writes_the_same_frame_count(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "taehv.mp4"
+    rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "2",
+               "--size", "32", "48", "--schedule", "P4", "--decoder", "taehv", "--out", str(out)])
+    assert rc == 0 and _probe(out) == ((48, 32), 21)  # TAEHV's trim keeps Wan's 1 + 4 (F - 1) frames
+    assert "decode (taehv on" in capsys.readouterr().out
+    rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "1",
+               "--size", "32", "48", "--schedule", "sequential", "--port", "krea_14b", "--decoder", "taehv",
+               "--out", str(out)])
+    assert rc == 2 and "round trip decodes every block with the Wan VAE" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Text to video, entirely in JAX: umT5 encode -> DiT (sequential or cascade) -> streamed VAE decode -> mp4.
 
 Each block's latents are decoded as soon as the denoiser emits them (the VAE carries its causal
-conv caches between blocks), so frames reach the mp4 while later blocks are still denoising.
+conv caches between blocks), so frames reach the mp4 while later blocks are still denoising. The
+decoder is the Wan VAE or TAEHV (`decoder`), on a device outside the denoising mesh by default
+(`bcjax.vae.decoders`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from bcjax.pipeline.video import Mp4Writer, NullWriter, read_mp4, to_uint8
 from bcjax.runners import make_runner
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings
-from bcjax.vae.wan_vae import VAEConfig, decode_step, encode, init_decode_state
+from bcjax.vae import wan_vae
+from bcjax.vae.decoders import PixelDecoder, decode_device
+from bcjax.vae.wan_vae import VAEConfig, encode, init_decode_state
 
 VIDEO_FPS = 16  # Wan2.1's frame rate
 
@@ -33,14 +37,18 @@ class VAERoundTrip:
     """Krea's R (rule 4 of `bcjax.pipeline.krea`): called with every block's x0 in order, it
     decodes the stream with its own causal caches and encodes the last pixel frame of the block's
     first latent frame alone, as an image: [B, 1, h, w, C] normalised latents. Krea encodes in
-    fp16; this runs in the VAE's own dtype (float32 here)."""
+    fp16; this runs in the VAE's own dtype (float32 here). `video` keeps the last block's decoded
+    frames [B, 4F, H, W, 3] (the first block's 3 leading frames padding), for the writer: each block
+    is decoded once."""
 
     def __init__(self, cfg: VAEConfig, params, batch: int, latent_hw: tuple[int, int]):
         self.cfg, self.params = cfg, params
         self.state = init_decode_state(cfg, batch, latent_hw)
+        self.video = None
 
     def __call__(self, x0):
-        self.state, video = decode_step(self.cfg, self.params, self.state, x0)
+        self.state, video = wan_vae.decode_step(self.cfg, self.params, self.state, x0)
+        self.video = video
         # latent frame 0 of a chunk decodes to pixel frames 0..3 (the clip's first chunk: 3 zero
         # padding frames, then latent frame 0's single frame), so its last pixel frame is index 3
         last = self.cfg.temporal_scale - 1
@@ -73,6 +81,8 @@ class TextToVideo:
     schedule: str = "sequential"
     window: str = "bidirectional"
     mesh: object = None
+    decoder: str = "wan"  # a name in bcjax.vae.decoders.DECODERS
+    decode_device: str | None = None  # see bcjax.vae.decoders.decode_device; None = auto
 
     def __post_init__(self):
         meta = checkpoint.read_config(self.path)
@@ -88,6 +98,14 @@ class TextToVideo:
                              f"expects [{self.dit_cfg.text_len}, {self.dit_cfg.text_dim}]")
         if self.vae_cfg.z_dim != self.dit_cfg.in_channels:
             raise ValueError(f"VAE has {self.vae_cfg.z_dim} latent channels; the DiT has {self.dit_cfg.in_channels}")
+        if self.decoder == "taehv" and "taehv" not in meta["configs"]:
+            raise ValueError(f"--decoder taehv: checkpoint {self.path} has no taehv part (bcjax convert ... "
+                             "--taehv taew2_1.safetensors)")
+        if self.decoder == "taehv" and self.pcfg.context == "rebuild":
+            raise ValueError("--decoder taehv with Krea's loop: its VAE round trip decodes every block with the Wan "
+                             "VAE already, and those frames go to the video; use --decoder wan")
+        cfg, params = (self.vae_cfg, self.vae) if self.decoder != "taehv" else checkpoint.restore(self.path, "taehv")
+        self.pixels = PixelDecoder(self.decoder, cfg, params, decode_device(self.decode_device, self.mesh))
         self.tokenizer = load_tokenizer(os.path.join(self.path, "tokenizer"))
         h, w = self.video_hw
         scale = self.vae_cfg.spatial_scale * self.dit_cfg.patch_size[1]
@@ -123,38 +141,49 @@ class TextToVideo:
         # on the runner's layout: split by heads when the DiT is split over a `model` axis
         return self.denoiser.encode_text(self.dit, self._embed(self.text, ids, mask))
 
-    def _latent_blocks(self, text: KV, num_blocks: int, key, source=None) -> Iterator[jax.Array]:
+    def _latent_blocks(self, text: KV, num_blocks: int, key, source=None, timings=None):
+        """(x0, its decoded video or None) per block: Krea's round trip decodes every block already."""
         if source is not None and not isinstance(self.denoiser, (KreaPipeline, SequentialPipeline)):
             raise ValueError(f"video-to-video runs sequentially for now; schedule {self.schedule!r} is a cascade")
         if isinstance(self.denoiser, KreaPipeline):
-            # a fresh round trip per video (its decoder state starts with the clip); the writer
-            # decodes the same blocks again on its own thread
+            # a fresh round trip per video (its decoder state starts with the clip); its decoded
+            # frames go to the writer, so each block is decoded once
             trip = VAERoundTrip(self.vae_cfg, self.vae, text.k.shape[1], self.latent_hw)
-            yield from self.denoiser.blocks(self.dit, text, key, num_blocks, reencode=trip, source=source)
+            for x0 in self.denoiser.blocks(self.dit, text, key, num_blocks, reencode=trip, source=source):
+                if timings is not None:
+                    timings["decodes"] += 1
+                yield x0, trip.video
         elif isinstance(self.denoiser, SequentialPipeline):
-            yield from self.denoiser.blocks(self.dit, text, key, num_blocks, source=source)
+            for x0 in self.denoiser.blocks(self.dit, text, key, num_blocks, source=source):
+                yield x0, None
         else:
             for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks):
-                yield x0
+                yield x0, None
 
-    def _timed_blocks(self, prompt: str, num_blocks: int, seed: int, timings: dict, source=None) -> Iterator[jax.Array]:
-        """The denoiser's x0 blocks, timing the prompt encode and each block's denoise."""
-        timings.update(t0=time.perf_counter(), denoise_s=[], decode_s=[], blocks=0)
+    def _timed_blocks(self, prompt: str, num_blocks: int, seed: int, timings: dict, source=None):
+        """The denoiser's (x0, decoded video or None) blocks, timing the prompt encode and each block's denoise."""
+        timings.update(t0=time.perf_counter(), denoise_s=[], decode_s=[], blocks=0, decodes=0)
         text = jax.block_until_ready(self.encode(prompt))
         timings["encode_s"] = time.perf_counter() - timings["t0"]
-        for x0 in _timed(self._latent_blocks(text, num_blocks, jax.random.key(seed), source), timings["denoise_s"]):
-            yield x0
+        blocks = self._latent_blocks(text, num_blocks, jax.random.key(seed), source, timings)
+        yield from _timed(blocks, timings["denoise_s"])
 
     def _decoder(self, timings: dict):
-        """decode(x0 [1, F, h, w, C]) -> uint8 frames [T, H, W, 3], carrying the VAE's causal caches."""
-        state = init_decode_state(self.vae_cfg, 1, self.latent_hw)
+        """decode(x0 [1, F, h, w, C], video=None) -> uint8 frames [T, H, W, 3], carrying the decoder's
+        state; a block's video already decoded (Krea's round trip, the Wan VAE) is used as is."""
+        pixels = self.pixels
+        state = pixels.init_state(1, self.latent_hw)
 
-        def decode(x0) -> np.ndarray:
+        def decode(x0, video=None) -> np.ndarray:
             nonlocal state
             t2 = time.perf_counter()
-            state, video = decode_step(self.vae_cfg, self.vae, state, x0)
+            pad = self.vae_cfg.first_chunk_padding
+            if video is None:
+                state, video = pixels.step(state, x0)
+                timings["decodes"] += 1
+                pad = pixels.first_chunk_padding
             if timings["blocks"] == 0:
-                video = video[:, self.vae_cfg.first_chunk_padding:]
+                video = video[:, pad:]
             out = to_uint8(video[0])
             t3 = time.perf_counter()
             timings["decode_s"].append(t3 - t2)
@@ -168,9 +197,9 @@ class TextToVideo:
         """Yield uint8 video frames [T, H, W, 3] block by block (the first block: 1 + 4*(F-1) frames)."""
         timings = {} if timings is None else timings
         decode = None
-        for x0 in self._timed_blocks(prompt, num_blocks, seed, timings):
+        for x0, video in self._timed_blocks(prompt, num_blocks, seed, timings):
             decode = decode or self._decoder(timings)  # after the timings exist
-            yield decode(x0)
+            yield decode(x0, video)
 
     def write_mp4(self, prompt: str, num_blocks: int, path: str | None, seed: int = 0, progress: bool = True,
                   source=None) -> dict:
@@ -193,10 +222,10 @@ class TextToVideo:
                           disable=not progress, desc=f"{self.schedule}")
             decoders = []
 
-            def sink(x0):  # on the worker thread, while the next block denoises
+            def sink(block):  # on the worker thread, while the next block denoises
                 if not decoders:
                     decoders.append(self._decoder(timings))
-                writer.write(decoders[0](x0))
+                writer.write(decoders[0](*block))
 
             drain(overlapped(blocks, sink))
         timings.pop("t0", None)

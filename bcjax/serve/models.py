@@ -151,19 +151,24 @@ class CheckpointBackend:
     mime = "image/jpeg"
 
     def __init__(self, path: str, port: str = "self_forcing", video_hw: tuple[int, int] = (480, 832), mesh=None,
-                 quality: int = 85, text_cache_bytes: int = TEXT_CACHE_BYTES):
+                 quality: int = 85, text_cache_bytes: int = TEXT_CACHE_BYTES, decoder: str | None = None,
+                 decode_device: str | None = None):
         import ports
+        from bcjax.checkpoint import read_config
         from bcjax.pipeline.t2v import TextToVideo
 
         pcfg = dataclasses.replace(ports.get(port).pipeline, positions="rolling")
-        self.t2v = TextToVideo(path, pcfg, tuple(video_hw), mesh=mesh)
+        if decoder is None:  # the tiny decoder keeps a live stream's pace, when the checkpoint has it
+            decoder = "taehv" if "taehv" in read_config(path)["configs"] and pcfg.context != "rebuild" else "wan"
+        self.t2v = TextToVideo(path, pcfg, tuple(video_hw), mesh=mesh, decoder=decoder, decode_device=decode_device)
         self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
         self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, tuple(video_hw), quality
         self.port = port
         self.text_cache = TextCache(self.t2v.encode, text_cache_bytes)
 
     def describe(self) -> dict:
-        return {"kind": "text", "title": f"{self.port} checkpoint ({self.cfg.num_layers} layers, dim {self.cfg.dim})",
+        return {"kind": "text", "title": f"{self.port} checkpoint ({self.cfg.num_layers} layers, dim {self.cfg.dim}, "
+                                         f"{self.t2v.decoder} decoder)",
                 "vocabulary": None, "max_sprites": None, "example": "a red fox running through fresh snow",
                 "block_frames": 4 * self.pcfg.block_frames, "stages": _stage_labels(self.pcfg),
                 "width": self.video_hw[1], "height": self.video_hw[0], "max_prompt": MAX_PROMPT_CHARS}
@@ -185,15 +190,14 @@ class CheckpointBackend:
 
     def frame_encoder(self):
         from bcjax.pipeline.video import to_uint8
-        from bcjax.vae.wan_vae import decode_step, init_decode_state
 
-        vcfg, vae = self.t2v.vae_cfg, self.t2v.vae
-        state = [init_decode_state(vcfg, 1, self.latent_hw)]
+        pixels = self.t2v.pixels  # the chosen decoder, on its decode device
+        state = [pixels.init_state(1, self.latent_hw)]
 
         def encode(x0) -> list[bytes]:
             first = int(state[0].frames) == 0
-            state[0], video = decode_step(vcfg, vae, state[0], x0)
-            video = video[:, vcfg.first_chunk_padding:] if first else video
+            state[0], video = pixels.step(state[0], x0)
+            video = video[:, pixels.first_chunk_padding:] if first else video
             return _images(to_uint8(video[0]), "JPEG", quality=self.quality)
 
         return encode
