@@ -151,10 +151,10 @@ def _placement(devices, whole: bool):
     return SingleDeviceSharding(devices[0]), None
 
 
-def vae_lowering(hw, block_frames: int, dtype: str, sharding) -> Callable:
+def vae_lowering(hw, block_frames: int, dtype: str, sharding, preset: str = "wan2.1") -> Callable:
     from bcjax.vae import wan_vae
 
-    vcfg = wan_vae.VAEConfig.preset("wan2.1", dtype=dtype, param_dtype=dtype)
+    vcfg = wan_vae.VAEConfig.preset(preset, dtype=dtype, param_dtype=dtype)
 
     def lower():
         put = _abstract(sharding)

@@ -54,6 +54,7 @@ runs the kernel in Pallas interpret mode on any platform: the CPU tests use it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -387,7 +388,12 @@ def _splash_chunk(interpret: bool, qr, k, v, mask):
         out, (lse,) = kernel(qi, ki, vi, segment_ids=sa.SegmentIds(seg_q, si))
         return out, lse
 
-    out, lse = jax.vmap(one)(qh, kh, vh, seg_kv)  # [rows, heads, tokens, head_dim], [rows, heads, tokens]
+    # Mosaic refuses a bf16 matmul at fp32 contract precision ("Bad lhs type", XLA:TPU v5e), which
+    # a process-wide jax_default_matmul_precision="highest" would ask for inside the kernel; the
+    # kernel accumulates in fp32 anyway, so its operands' own precision is the one to use
+    precision = "default" if qh.dtype in (jnp.bfloat16, jnp.float16) else None
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        out, lse = jax.vmap(one)(qh, kh, vh, seg_kv)  # [rows, heads, tokens, head_dim], [rows, heads, tokens]
     out = out.transpose(0, 2, 1, 3).reshape(b, qb, tqp, n, h)[:, :, :tq].astype(F32)
     lse = lse.transpose(0, 2, 1).reshape(b, qb, tqp, n)[:, :, :tq]
     return out, lse
