@@ -52,33 +52,85 @@ def _bytes(shapes: str) -> int:
     return sum(_ITEMSIZE[dt] * int(np.prod([int(d) for d in dims.split(",") if d])) for dt, dims in _SHAPE.findall(shapes))
 
 
+_VALUE = re.compile(r"^\s*%([\w.\-]+) = s32\[\]\S* (constant|copy)\((-?\d+|%[\w.\-]+)\)")
+_TUPLE_FIRST = re.compile(r"^\s*%([\w.\-]+) = \(.*\) tuple\(%([\w.\-]+)")
+_WHILE = re.compile(r"while\(%([\w.\-]+)\), condition=%([\w.\-]+), body=%([\w.\-]+)")
+_BOUND = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
+
+
 def _parse(hlo: str):
-    """{computation: (collectives [(kind, result bytes, first replica group or size)], callees [(name, times)])}, entry."""
+    """{computation: (collectives [(kind, result bytes, first replica group or size)], callees [(name, times)])}, entry.
+
+    A while loop counts its body `known_trip_count` times (XLA:CPU and XLA:GPU annotate it); where
+    the annotation is missing (XLA:TPU), from its condition `i < bound` and the induction
+    variable's initial constant. XLA:TPU's async collectives keep copies of the collective in their
+    continuation fusions and "done" computation: only the start's is counted."""
     comps, entry, name = {}, None, None
+    values: dict[str, dict[str, str]] = {}  # per computation: s32 scalar constants and copies
+    tuples: dict[str, dict[str, str]] = {}  # per computation: a tuple's first operand
+    bounds: dict[str, str] = {}  # condition computation -> the name its `i < bound` compares with
+    loops = []  # (computation, init tuple, condition, body) of whiles without a known trip count
+    done = set()
     for line in hlo.splitlines():
         m = _COMPUTATION.match(line)
         if m and line.rstrip().endswith("{"):
             name = m.group(1)
             comps[name] = ([], [])
+            values[name], tuples[name] = {}, {}
             if line.startswith("ENTRY"):
                 entry = name
             continue
         if name is None or "=" not in line:
             continue
         ops, calls = comps[name]
+        if v := _VALUE.match(line):
+            values[name][v.group(1)] = v.group(3)
+        if t := _TUPLE_FIRST.match(line):
+            tuples[name][t.group(1)] = t.group(2)
+        if (bnd := _BOUND.search(line)) and "ROOT" in line:
+            bounds[name] = bnd.group(1)
+        if ("ROOT" in line and 'custom_call_target="AsyncCollectiveDone"' in line) \
+                or name.startswith("async_collective_fusion"):  # XLA:TPU's continuation of a started one
+            done.add(name)
         c = _COLLECTIVE.search(line)
         if c and "-done" not in line.split("=", 1)[1].split("(", 1)[0]:
             g = _GROUPS_LIST.search(line)
             group = [int(d) for d in g.group(1).split(",")] if g else None
             if group is None and (io := _GROUPS_IOTA.search(line)):
                 group = int(io.group(2))  # iota form [groups, size]: the devices are not listed
-            ops.append((c.group(2), _bytes(c.group(1)), group))
+            shapes = _SHAPE.findall(c.group(1))
+            if c.group(2) in ("all-gather", "collective-permute") and f"{c.group(2)}-start(" in line:
+                shapes = shapes[len(shapes) // 2:]  # XLA:GPU's start returns (operands, results)
+            ops.append((c.group(2), _bytes(" ".join(f"{dt}[{dims}]" for dt, dims in shapes)), group))
         trip = _TRIP.search(line)
+        w = _WHILE.search(line)
+        if w and not trip:
+            loops.append((name, w.group(1), w.group(2), w.group(3), len(calls)))
         for callee in _CALLS.findall(line):
             body = f"body=%{callee}" in line
             calls.append((callee, int(trip.group(1)) if body and trip else 1))
         if b := _BRANCHES.search(line):
             calls.extend((n.strip().lstrip("%"), 1) for n in b.group(1).split(","))
+
+    def constant(comp: str, ref: str) -> int | None:
+        for _ in range(8):  # follow copies to the constant
+            ref = values.get(comp, {}).get(ref.lstrip("%"), ref)
+            if not ref.startswith("%"):
+                break
+        try:
+            return int(ref)
+        except ValueError:
+            return None
+
+    for comp, init_tuple, cond, body, _ in loops:
+        bound = constant(cond, "%" + bounds[cond]) if cond in bounds else None
+        first = tuples[comp].get(init_tuple)
+        init = constant(comp, "%" + first) if first else None
+        if bound is not None and init is not None and bound > init:
+            calls = comps[comp][1]
+            comps[comp] = (comps[comp][0], [(c, bound - init if c == body else k) for c, k in calls])
+    for name in done:
+        comps[name] = ([], comps[name][1])
     return comps, entry
 
 
