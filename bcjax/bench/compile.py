@@ -40,6 +40,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=40"
 
 import argparse  # noqa: E402
+import re  # noqa: E402
 import dataclasses  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -72,6 +73,7 @@ class Row:
     alias: float = 0.0
     compile_s: float = 0.0
     collectives: dict = dataclasses.field(default_factory=dict)
+    written: float = 0.0  # HBM bytes written per call (hbm_bytes_written)
     error: str | None = None
 
     @property
@@ -107,10 +109,12 @@ def compile_row(model: str, program: str, mesh_label: str, backend: str, lower: 
     m = compiled.memory_analysis()
     row.args, row.temp = m.argument_size_in_bytes, m.temp_size_in_bytes
     row.out, row.alias = m.output_size_in_bytes, m.alias_size_in_bytes
+    hlo = compiled.as_text()
+    row.written = hbm_bytes_written(hlo)
     if mesh is not None and mesh.size > 1:
         from bcjax.bench.comm import hlo_collectives
 
-        row.collectives = hlo_collectives(compiled.as_text(), mesh)
+        row.collectives = hlo_collectives(hlo, mesh)
     return row
 
 
@@ -119,6 +123,57 @@ def _first_line(e: Exception) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("===")]
     # XLA's RET_CHECKs put the reason after the check; keep both, within a table cell
     return " ".join(lines[:2])[:300] if lines else type(e).__name__
+
+
+# -- HBM traffic -------------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"(?:body|condition|true_computation|false_computation)=%([\w.\-]+)")
+_OP = re.compile(r"(?:^|[\s}\]])([a-z][a-z0-9\-]*)\(")
+_NO_TRAFFIC = ("parameter(", "constant(", "get-tuple-element(", "tuple(", "bitcast(", "while(", "conditional(",
+               "after-all(", "partition-id(", "replica-id(", "-done(")
+
+
+def hbm_bytes_written(hlo: str) -> float:
+    """Bytes the program's top-level ops (fusions, custom calls such as the attention kernels,
+    copies, collectives) write to device memory per call, loops counted by trip count: a proxy
+    for HBM traffic (reads are of the same order), from the optimised HLO. Ops inside a fusion
+    stay on chip and are not counted."""
+    from bcjax.bench.comm import _SHAPE, _bytes, _parse
+
+    trips = {callee: k for comp in _parse(hlo)[0].values() for callee, k in comp[1]}
+    comps: dict[str, tuple[list[int], list[str]]] = {}
+    entry, name = None, None
+    for line in hlo.splitlines():
+        m = re.match(r"^(ENTRY )?%([\w.\-]+) ", line)
+        if m and line.rstrip().endswith("{"):
+            name = m.group(2)
+            comps[name] = ([], [])
+            entry = name if m.group(1) else entry
+            continue
+        if name is None or " = " not in line:
+            continue
+        rhs = line.split(" = ", 1)[1]
+        calls = _CONTROL.findall(line)
+        if b := re.search(r"branch_computations=\{([^}]*)\}", line):
+            calls += [c.strip().lstrip("%") for c in b.group(1).split(",")]
+        comps[name][1].extend(calls)
+        # the op is the first lower-case word before "(" (layouts hold upper-case T(...) and S(...))
+        if not (op := _OP.search(rhs)):
+            continue
+        if not any((op.group(1) + "(").endswith(x) for x in _NO_TRAFFIC):
+            comps[name][0].append(_bytes(" ".join(f"{dt}[{d}]" for dt, d in _SHAPE.findall(rhs[:op.start(1)]))))
+    total = 0.0
+
+    def visit(comp: str, k: float):
+        nonlocal total
+        out, callees = comps.get(comp, ([], []))
+        total += k * sum(out)
+        for c in callees:
+            visit(c, k * trips.get(c, 1))
+
+    if entry:
+        visit(entry, 1)
+    return total
 
 
 # -- programs -----------------------------------------------------------------------------------
@@ -238,15 +293,16 @@ def _fmt_collectives(coll: dict) -> str:
 def print_row(row: Row, target: targets.Target, headroom: float) -> None:
     if row.error:
         print(f"| {row.model} | {row.program} | {row.mesh} | {row.backend} | refused by the compiler: {row.error} "
-              f"| | | | | {row.compile_s:.0f} | |", flush=True)
+              f"| | | | | | {row.compile_s:.0f} | |", flush=True)
         return
     _, fit = row.fits(target.memory_bytes, headroom)
     print(f"| {row.model} | {row.program} | {row.mesh} | {row.backend} | {_gib(row.args)} | {_gib(row.temp)} | "
-          f"{_gib(row.out)} | {_gib(row.total)} | {fit} | {row.compile_s:.0f} | "
+          f"{_gib(row.out)} | {_gib(row.total)} | {fit} | {_gib(row.written)} | {row.compile_s:.0f} | "
           f"{_fmt_collectives(row.collectives)} |", flush=True)
 
 
-HEADER = ("| model | program | mesh (stage x model) | attention | args | temp | out | total | fits | compile s | "
+HEADER = ("| model | program | mesh (stage x model) | attention | args | temp | out | total | fits | HBM written | "
+          "compile s | "
           "collectives per call (optimised HLO) |")
 
 
