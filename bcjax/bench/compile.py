@@ -137,11 +137,14 @@ def hbm_bytes_written(hlo: str) -> float:
     """Bytes the program's top-level ops (fusions, custom calls such as the attention kernels,
     copies, collectives) write to device memory per call, loops counted by trip count: a proxy
     for HBM traffic (reads are of the same order), from the optimised HLO. Ops inside a fusion
-    stay on chip and are not counted."""
+    stay on chip and are not counted; in-place updates (dynamic-update-slice, e.g. cache writes)
+    are left out, their slices being small beside the rest. A proxy to compare backends of one
+    program, not a measurement."""
     from bcjax.bench.comm import _SHAPE, _bytes, _parse
 
     trips = {callee: k for comp in _parse(hlo)[0].values() for callee, k in comp[1]}
-    comps: dict[str, tuple[list[int], list[str]]] = {}
+    comps: dict[str, tuple[list, list[str]]] = {}  # computation: ([(bytes, op or fused computation)], callees)
+    in_place: set[str] = set()  # fused computations rooted at a dynamic-update-slice
     entry, name = None, None
     for line in hlo.splitlines():
         m = re.match(r"^(ENTRY )?%([\w.\-]+) ", line)
@@ -160,14 +163,19 @@ def hbm_bytes_written(hlo: str) -> float:
         # the op is the first lower-case word before "(" (layouts hold upper-case T(...) and S(...))
         if not (op := _OP.search(rhs)):
             continue
+        if "ROOT" in line and op.group(1) == "dynamic-update-slice":
+            in_place.add(name)
         if not any((op.group(1) + "(").endswith(x) for x in _NO_TRAFFIC):
-            comps[name][0].append(_bytes(" ".join(f"{dt}[{d}]" for dt, d in _SHAPE.findall(rhs[:op.start(1)]))))
+            called = re.search(r"calls=%([\w.\-]+)", line) if op.group(1) == "fusion" else None
+            comps[name][0].append((_bytes(" ".join(f"{dt}[{d}]" for dt, d in _SHAPE.findall(rhs[:op.start(1)]))),
+                                   called.group(1) if called else op.group(1)))
     total = 0.0
 
     def visit(comp: str, k: float):
         nonlocal total
         out, callees = comps.get(comp, ([], []))
-        total += k * sum(out)
+        # an in-place update (a KV cache write) writes its slice, not the buffer its shape names
+        total += k * sum(b for b, what in out if what not in in_place and what != "dynamic-update-slice")
         for c in callees:
             visit(c, k * trips.get(c, 1))
 
