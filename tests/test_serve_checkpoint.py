@@ -1,5 +1,6 @@
 """`bcjax serve --checkpoint`: a converted real model's folder (a tiny random one here) behind the
-same page protocol: free-text prompts through the tokenizer and umT5, VAE-decoded JPEG frames."""
+same page protocol: free-text prompts through the tokenizer and umT5, JPEG frames decoded by the
+decoder the page picks among the checkpoint's (the Wan VAE, TAEHV), each block's decode time sent."""
 
 import json
 
@@ -17,13 +18,13 @@ SENTENCES = ["a red fox runs through the snow", "the cat sits on a warm mat", "w
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
-    """A bcjax checkpoint folder with random tiny dit + umT5 + VAE and a trained tokenizer."""
+    """A bcjax checkpoint folder with random tiny dit + umT5 + VAE + TAEHV and a trained tokenizer."""
     import sentencepiece as spm
 
     from bcjax import checkpoint
     from bcjax.model import WanConfig, param_shapes
     from bcjax.text import umt5
-    from bcjax.vae import wan_vae
+    from bcjax.vae import taehv, wan_vae
 
     folder = tmp_path_factory.mktemp("real")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_prefix=str(folder / "spiece"),
@@ -38,6 +39,8 @@ def checkpoint_dir(tmp_path_factory):
 
     parts = {"dit": (cfg, random(param_shapes(cfg))), "text": (tcfg, random(umt5.param_shapes(tcfg))),
              "vae": (vcfg, random(wan_vae.param_shapes(vcfg)))}
+    tae = taehv.TAEHVConfig.preset("taew2_1")
+    parts["taehv"] = (tae, random(taehv.param_shapes(tae)))
     dst = folder / "ckpt"
     checkpoint.save(str(dst), parts, {"source": "tests"}, files={"tokenizer/spiece.model": str(folder / "spiece.model")})
     return str(dst)
@@ -46,7 +49,7 @@ def checkpoint_dir(tmp_path_factory):
 def test_a_real_checkpoint_streams_jpeg_frames_and_switches_free_text(checkpoint_dir):
     from bcjax.serve import CheckpointBackend
 
-    s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48)))
+    s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48), decoder="wan"))
     assert s.backend.describe()["kind"] == "text"
     with pytest.raises(ValueError, match="tokens long; the text encoder reads at most 16"):
         s.backend.check("the cat sits on a warm mat " * 3)
@@ -64,3 +67,46 @@ def test_a_real_checkpoint_streams_jpeg_frames_and_switches_free_text(checkpoint
         assert until(ws, lambda j: j["type"] in ("error", "prompt"))["index"] == 1
         after, _ = read(ws, 6, timeout=120)
         assert any(h["block_prompt"] == 1 and "switch_ms" in h for h, _ in after)
+
+
+def test_the_page_picks_the_decoder_and_hears_each_blocks_decode_time(checkpoint_dir):
+    from bcjax.serve import CheckpointBackend
+
+    s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48)))
+    model = s.backend.describe()  # what the hello carries
+    assert model["decoders"] == ["wan", "taehv"] and model["decoder"] == "taehv" and model["decode_device"]
+    with connect(s) as ws:
+        start(ws, prompt="a red fox runs", schedule="sequential", decoder="taehv")
+        state = until(ws, lambda j: j["type"] == "state", timeout=120)
+        assert state["settings"]["decoder"] == "taehv"
+        (header, images), = read(ws, 1, timeout=120)[0]
+        assert header["decoder"] == "taehv" and header["decode_ms"] > 0 and len(images) == 9  # TAEHV keeps Wan's frames
+        start(ws, prompt="a red fox runs", schedule="sequential", decoder="wan")  # another decoder: a new stream
+        state = until(ws, lambda j: j["type"] == "state" and j["state"] == "compiling")
+        assert state["settings"]["decoder"] == "wan"
+        header = None
+        while header is None or header["stream"] != state["stream"]:  # blocks of the old stream may still come
+            (header, _), = read(ws, 1, timeout=120)[0]
+        assert header["decoder"] == "wan" and header["decode_ms"] > 0
+
+
+def test_the_toy_world_offers_no_decoder_and_says_why():
+    from serve_helpers import served
+
+    s = served()
+    model = s.backend.describe()
+    assert model["decoders"] == [] and model["decoder"] is None and "no VAE" in model["decoder_note"]
+    with connect(s) as ws:
+        start(ws, decoder="taehv")
+        err = until(ws, lambda j: j["type"] == "error")
+        assert err["what"] == "decoder" and "the toy world has no VAE" in err["message"]
+
+
+def test_a_decoder_the_checkpoint_lacks_is_refused_by_name(checkpoint_dir):
+    import ports
+    from bcjax.pipeline.t2v import TextToVideo
+
+    t2v = TextToVideo(checkpoint_dir, ports.get("krea_14b").pipeline, (32, 48))
+    assert t2v.decoders() == ["wan"]  # Krea's round trip decodes with the Wan VAE already
+    with pytest.raises(ValueError, match="--decoder taehv: with Krea's loop, its VAE round trip"):
+        t2v.pixel_decoder("taehv")
