@@ -4,46 +4,17 @@ decoder the page picks among the checkpoint's (the Wan VAE, TAEHV), each block's
 
 import json
 
-import jax
-import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
 pytest.importorskip("websockets")
 
-from serve_helpers import connect, read, start, start_server, until  # noqa: E402
-
-SENTENCES = ["a red fox runs through the snow", "the cat sits on a warm mat", "waves crash on a rocky shore"]
+from serve_helpers import connect, read, start, start_server, tiny_checkpoint, until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
-    """A bcjax checkpoint folder with random tiny dit + umT5 + VAE + TAEHV and a trained tokenizer."""
-    import sentencepiece as spm
-
-    from bcjax import checkpoint
-    from bcjax.model import WanConfig, param_shapes
-    from bcjax.text import umt5
-    from bcjax.vae import taehv, wan_vae
-
-    folder = tmp_path_factory.mktemp("real")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_prefix=str(folder / "spiece"),
-                                   vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-                                   minloglevel=2)
-    cfg = WanConfig.preset("tiny")
-    tcfg, vcfg = umt5.UMT5Config.preset("tiny"), wan_vae.VAEConfig.preset("tiny")
-    rng = np.random.default_rng(0)
-
-    def random(shapes):  # small random weights without compiling the initialisers
-        return jax.tree_util.tree_map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-
-    parts = {"dit": (cfg, random(param_shapes(cfg))), "text": (tcfg, random(umt5.param_shapes(tcfg))),
-             "vae": (vcfg, random(wan_vae.param_shapes(vcfg)))}
-    tae = taehv.TAEHVConfig.preset("taew2_1")
-    parts["taehv"] = (tae, random(taehv.param_shapes(tae)))
-    dst = folder / "ckpt"
-    checkpoint.save(str(dst), parts, {"source": "tests"}, files={"tokenizer/spiece.model": str(folder / "spiece.model")})
-    return str(dst)
+    return tiny_checkpoint(tmp_path_factory.mktemp("real"))
 
 
 def test_a_real_checkpoint_streams_jpeg_frames_and_switches_free_text(checkpoint_dir):

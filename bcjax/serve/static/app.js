@@ -77,8 +77,8 @@ function onHello(msg) {
   if (!$("prompt").value) $("prompt").value = m.example;
   $("prompt-hint").textContent = m.vocabulary ? `colour direction speed${m.max_sprites > 1 ? ", …" : ""}` : "free text";
   const scale = Math.max(1, Math.floor(384 / Math.max(m.width, m.height)));
-  canvas.width = m.width * (m.kind === "toy" ? scale : 1);
-  canvas.height = m.height * (m.kind === "toy" ? scale : 1);
+  canvas.width = m.width * scale;  // a small video (the toy world, a tiny checkpoint) drawn larger
+  canvas.height = m.height * scale;
   canvas.style.width = `${canvas.width}px`;
   canvas.style.height = `${canvas.height}px`;
   ctx.imageSmoothingEnabled = m.kind !== "toy";
