@@ -29,6 +29,39 @@ def served() -> Served:
     return start_server(ToyBackend())
 
 
+SENTENCES = ["a red fox runs through the snow", "the cat sits on a warm mat", "waves crash on a rocky shore"]
+
+
+def tiny_checkpoint(folder) -> str:
+    """A bcjax checkpoint folder under `folder` (a pathlib.Path) with random tiny dit + umT5 + VAE,
+    a random taew2_1 TAEHV and a trained tokenizer: `bcjax serve --checkpoint` in seconds."""
+    import jax
+    import numpy as np
+    import sentencepiece as spm
+
+    from bcjax import checkpoint
+    from bcjax.model import WanConfig, param_shapes
+    from bcjax.text import umt5
+    from bcjax.vae import taehv, wan_vae
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_prefix=str(folder / "spiece"),
+                                   vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+                                   minloglevel=2)
+    cfg = WanConfig.preset("tiny")
+    tcfg, vcfg = umt5.UMT5Config.preset("tiny"), wan_vae.VAEConfig.preset("tiny")
+    tae = taehv.TAEHVConfig.preset("taew2_1")
+    rng = np.random.default_rng(0)
+
+    def random(shapes):  # small random weights without compiling the initialisers
+        return jax.tree_util.tree_map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+    parts = {"dit": (cfg, random(param_shapes(cfg))), "text": (tcfg, random(umt5.param_shapes(tcfg))),
+             "vae": (vcfg, random(wan_vae.param_shapes(vcfg))), "taehv": (tae, random(taehv.param_shapes(tae)))}
+    dst = folder / "ckpt"
+    checkpoint.save(str(dst), parts, {"source": "tests"}, files={"tokenizer/spiece.model": str(folder / "spiece.model")})
+    return str(dst)
+
+
 def start_server(backend, **options) -> Served:
     """`make_app(backend, **options)` served by uvicorn on a free loopback port, in a daemon thread."""
     from bcjax.serve import make_app, server

@@ -24,7 +24,7 @@ POLICIES = ("no-recache", "recache")
 def test_messages_are_checked_and_the_problem_named():
     ok = protocol.parse(json.dumps({"type": "start", "prompt": "red east fast", "seed": 7}), POLICIES)
     assert ok == {"type": "start", "prompt": "red east fast", "schedule": "P4", "window": "bidirectional",
-                  "policy": "no-recache", "seed": 7, "fps": 16}
+                  "policy": "no-recache", "seed": 7, "fps": 16, "decoder": None}
     bad = {
         "not json": "not JSON",
         "[1, 2]": "JSON list",
@@ -36,6 +36,7 @@ def test_messages_are_checked_and_the_problem_named():
         '{"type": "start", "prompt": "a", "schedule": "P9"}': "field 'schedule' = 'P9'",
         '{"type": "start", "prompt": "a", "policy": "sometimes"}': "field 'policy'",
         '{"type": "pace", "fps": 1000}': "field 'fps' = 1000",
+        '{"type": "start", "prompt": "a", "decoder": "vqgan"}': "field 'decoder' = 'vqgan': expected one of ['wan', 'taehv']",
         json.dumps({"type": "prompt", "prompt": "x" * protocol.MAX_MESSAGE}): "over the 4096-byte limit",
     }
     for raw, words in bad.items():

@@ -4,6 +4,7 @@ the page, sees frames arrive, switches the prompt, sees the switch latency, and 
 import os
 import re
 import shutil
+import threading
 import time
 
 import pytest
@@ -41,6 +42,8 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
             page.goto(s.url + "/")
             _wait(page, "document.getElementById('conn').textContent === 'online' && window.bcjax.model", what="the hello")
             assert page.input_value("#prompt") == "red south-east fast"
+            # the toy world has no VAE: the decoder control is disabled, and the page says why
+            assert page.is_disabled("#decoder") and "no VAE" in page.text_content("#decoder-note")
             page.fill("#prompt", "red so")  # completion from the world's vocabulary
             options = page.eval_on_selector_all("#completions option", "os => os.map(o => o.value)")
             assert options == ["red south-east", "red south", "red south-west"]
@@ -54,6 +57,7 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
             assert page.evaluate("window.bcjax.compilingShown[0]").startswith("compiling… ")
             _wait(page, "window.bcjax.phase === 'running'", what="running after the compile")
             assert page.text_content("#compile") != "–"
+            _wait(page, "document.getElementById('decode-ms').textContent === 'none (no VAE)'", what="no decode figure")
             _wait(page, "window.bcjax.framesDrawn >= 4", what="frames drawn")
             first = page.evaluate("document.getElementById('video').toDataURL()")
             _wait(page, f"document.getElementById('video').toDataURL() !== {first!r}", what="the canvas to change")
@@ -106,3 +110,46 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
 
     with urllib.request.urlopen(s.url + "/favicon.ico", timeout=10) as icon:
         assert icon.status == 200 and icon.read().startswith(b"<svg")
+
+
+def test_page_picks_taehv_for_a_checkpoint_and_shows_its_decode_time(tmp_path):
+    """A tiny checkpoint with a TAEHV: the page offers its decoders, streams under TAEHV and shows
+    each block's decode time; the screenshot (BCJAX_SCREENSHOT_TAEHV) is docs/serve-taehv.png."""
+    from playwright.sync_api import sync_playwright
+    from serve_helpers import start_server, tiny_checkpoint
+
+    from bcjax.serve import CheckpointBackend
+
+    s = start_server(CheckpointBackend(tiny_checkpoint(tmp_path), video_hw=(96, 160)))
+    shot = os.environ.get("BCJAX_SCREENSHOT_TAEHV") or str(tmp_path / "serve-taehv.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 960, "height": 640})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(s.url + "/")
+            _wait(page, "document.getElementById('conn').textContent === 'online' && window.bcjax.model", what="the hello")
+            assert page.eval_on_selector_all("#decoder option", "os => os.map(o => o.value)") == ["wan", "taehv"]
+            assert page.input_value("#decoder") == "taehv" and not page.is_disabled("#decoder")
+            page.select_option("#schedule", "P2")
+            page.select_option("#fps", "8")
+            page.fill("#prompt", "a red fox runs")  # the tiny text encoder reads 16 tokens
+            page.click("#start")
+            decode = _wait(page, "(t => /^\\d+\\.\\d ms · taehv$/.test(t) && t)(document.getElementById('decode-ms').textContent)",
+                           timeout_s=180, what="the TAEHV decode time")
+            assert page.evaluate("window.bcjax.settings.decoder") == "taehv"
+            assert float(decode.split()[0]) > 0
+            _wait(page, "window.bcjax.framesDrawn >= 6 && /^\\d/.test(document.getElementById('bps').textContent)",
+                  timeout_s=120, what="frames drawn")
+            page.screenshot(path=shot)
+            page.click("#reset")
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert os.path.getsize(shot) > 5_000
+    # the tab's thread ends with its socket, after the decode it is in (seconds on CPU): one still
+    # inside XLA when the interpreter exits would abort it
+    deadline = time.monotonic() + 60
+    while any(t.name.startswith("bcjax-tab-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -1,52 +1,26 @@
 """`bcjax serve --checkpoint`: a converted real model's folder (a tiny random one here) behind the
-same page protocol: free-text prompts through the tokenizer and umT5, VAE-decoded JPEG frames."""
+same page protocol: free-text prompts through the tokenizer and umT5, JPEG frames decoded by the
+decoder the page picks among the checkpoint's (the Wan VAE, TAEHV), each block's decode time sent."""
 
 import json
 
-import jax
-import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
 pytest.importorskip("websockets")
 
-from serve_helpers import connect, read, start, start_server, until  # noqa: E402
-
-SENTENCES = ["a red fox runs through the snow", "the cat sits on a warm mat", "waves crash on a rocky shore"]
+from serve_helpers import connect, read, start, start_server, tiny_checkpoint, until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
-    """A bcjax checkpoint folder with random tiny dit + umT5 + VAE and a trained tokenizer."""
-    import sentencepiece as spm
-
-    from bcjax import checkpoint
-    from bcjax.model import WanConfig, param_shapes
-    from bcjax.text import umt5
-    from bcjax.vae import wan_vae
-
-    folder = tmp_path_factory.mktemp("real")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_prefix=str(folder / "spiece"),
-                                   vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-                                   minloglevel=2)
-    cfg = WanConfig.preset("tiny")
-    tcfg, vcfg = umt5.UMT5Config.preset("tiny"), wan_vae.VAEConfig.preset("tiny")
-    rng = np.random.default_rng(0)
-
-    def random(shapes):  # small random weights without compiling the initialisers
-        return jax.tree_util.tree_map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-
-    parts = {"dit": (cfg, random(param_shapes(cfg))), "text": (tcfg, random(umt5.param_shapes(tcfg))),
-             "vae": (vcfg, random(wan_vae.param_shapes(vcfg)))}
-    dst = folder / "ckpt"
-    checkpoint.save(str(dst), parts, {"source": "tests"}, files={"tokenizer/spiece.model": str(folder / "spiece.model")})
-    return str(dst)
+    return tiny_checkpoint(tmp_path_factory.mktemp("real"))
 
 
 def test_a_real_checkpoint_streams_jpeg_frames_and_switches_free_text(checkpoint_dir):
     from bcjax.serve import CheckpointBackend
 
-    s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48)))
+    s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48), decoder="wan"))
     assert s.backend.describe()["kind"] == "text"
     with pytest.raises(ValueError, match="tokens long; the text encoder reads at most 16"):
         s.backend.check("the cat sits on a warm mat " * 3)
@@ -64,3 +38,46 @@ def test_a_real_checkpoint_streams_jpeg_frames_and_switches_free_text(checkpoint
         assert until(ws, lambda j: j["type"] in ("error", "prompt"))["index"] == 1
         after, _ = read(ws, 6, timeout=120)
         assert any(h["block_prompt"] == 1 and "switch_ms" in h for h, _ in after)
+
+
+def test_the_page_picks_the_decoder_and_hears_each_blocks_decode_time(checkpoint_dir):
+    from bcjax.serve import CheckpointBackend
+
+    s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48)))
+    model = s.backend.describe()  # what the hello carries
+    assert model["decoders"] == ["wan", "taehv"] and model["decoder"] == "taehv" and model["decode_device"]
+    with connect(s) as ws:
+        start(ws, prompt="a red fox runs", schedule="sequential", decoder="taehv")
+        state = until(ws, lambda j: j["type"] == "state", timeout=120)
+        assert state["settings"]["decoder"] == "taehv"
+        (header, images), = read(ws, 1, timeout=120)[0]
+        assert header["decoder"] == "taehv" and header["decode_ms"] > 0 and len(images) == 9  # TAEHV keeps Wan's frames
+        start(ws, prompt="a red fox runs", schedule="sequential", decoder="wan")  # another decoder: a new stream
+        state = until(ws, lambda j: j["type"] == "state" and j["state"] == "compiling")
+        assert state["settings"]["decoder"] == "wan"
+        header = None
+        while header is None or header["stream"] != state["stream"]:  # blocks of the old stream may still come
+            (header, _), = read(ws, 1, timeout=120)[0]
+        assert header["decoder"] == "wan" and header["decode_ms"] > 0
+
+
+def test_the_toy_world_offers_no_decoder_and_says_why():
+    from serve_helpers import served
+
+    s = served()
+    model = s.backend.describe()
+    assert model["decoders"] == [] and model["decoder"] is None and "no VAE" in model["decoder_note"]
+    with connect(s) as ws:
+        start(ws, decoder="taehv")
+        err = until(ws, lambda j: j["type"] == "error")
+        assert err["what"] == "decoder" and "the toy world has no VAE" in err["message"]
+
+
+def test_a_decoder_the_checkpoint_lacks_is_refused_by_name(checkpoint_dir):
+    import ports
+    from bcjax.pipeline.t2v import TextToVideo
+
+    t2v = TextToVideo(checkpoint_dir, ports.get("krea_14b").pipeline, (32, 48))
+    assert t2v.decoders() == ["wan"]  # Krea's round trip decodes with the Wan VAE already
+    with pytest.raises(ValueError, match="--decoder taehv: with Krea's loop, its VAE round trip"):
+        t2v.pixel_decoder("taehv")

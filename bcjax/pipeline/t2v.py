@@ -27,7 +27,7 @@ from bcjax.runners import make_runner
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings
 from bcjax.vae import wan_vae
-from bcjax.vae.decoders import PixelDecoder, decode_device
+from bcjax.vae.decoders import DECODERS, PixelDecoder, decode_device
 from bcjax.vae.wan_vae import VAEConfig, encode, init_decode_state
 
 VIDEO_FPS = 16  # Wan2.1's frame rate
@@ -98,14 +98,9 @@ class TextToVideo:
                              f"expects [{self.dit_cfg.text_len}, {self.dit_cfg.text_dim}]")
         if self.vae_cfg.z_dim != self.dit_cfg.in_channels:
             raise ValueError(f"VAE has {self.vae_cfg.z_dim} latent channels; the DiT has {self.dit_cfg.in_channels}")
-        if self.decoder == "taehv" and "taehv" not in meta["configs"]:
-            raise ValueError(f"--decoder taehv: checkpoint {self.path} has no taehv part (bcjax convert ... "
-                             "--taehv taew2_1.safetensors)")
-        if self.decoder == "taehv" and self.pcfg.context == "rebuild":
-            raise ValueError("--decoder taehv with Krea's loop: its VAE round trip decodes every block with the Wan "
-                             "VAE already, and those frames go to the video; use --decoder wan")
-        cfg, params = (self.vae_cfg, self.vae) if self.decoder != "taehv" else checkpoint.restore(self.path, "taehv")
-        self.pixels = PixelDecoder(self.decoder, cfg, params, decode_device(self.decode_device, self.mesh))
+        self._parts = set(meta["configs"])
+        self.decode_on = decode_device(self.decode_device, self.mesh)
+        self.pixels = self.pixel_decoder(self.decoder)
         self.tokenizer = load_tokenizer(os.path.join(self.path, "tokenizer"))
         h, w = self.video_hw
         scale = self.vae_cfg.spatial_scale * self.dit_cfg.patch_size[1]
@@ -119,6 +114,30 @@ class TextToVideo:
         # Krea's loop runs as KreaPipeline here: its context's first frame goes through the real VAE
         self.denoiser = make_runner(self.dit_cfg, self.pcfg, self.latent_hw, self.schedule, self.window, self.mesh)
         self._embed = jax.jit(lambda p, ids, mask: prompt_embeddings(self.text_cfg, p, ids, mask))
+
+    def decoders(self) -> list[str]:
+        """The names in DECODERS this checkpoint and pipeline can decode with."""
+        return [d for d in DECODERS if self.decoder_refusal(d) is None]
+
+    def decoder_refusal(self, name: str) -> str | None:
+        """Why decoder `name` cannot decode this run's blocks, or None when it can."""
+        if name not in DECODERS:
+            return f"expected one of {', '.join(DECODERS)}"
+        if name == "taehv" and "taehv" not in self._parts:
+            return f"checkpoint {self.path} has no taehv part (bcjax convert ... --taehv taew2_1.safetensors)"
+        if name == "taehv" and self.pcfg.context == "rebuild":
+            return ("with Krea's loop, its VAE round trip decodes every block with the Wan VAE already, and those "
+                    "frames go to the video; use the wan decoder")
+        return None
+
+    def pixel_decoder(self, name: str) -> PixelDecoder:
+        """Decoder `name` (in `decoders()`) with its weights on this run's decode device: the one
+        placement rule for every stream of the checkpoint (the mp4 writer, the live page)."""
+        refusal = self.decoder_refusal(name)
+        if refusal:
+            raise ValueError(f"--decoder {name}: {refusal}")
+        cfg, params = (self.vae_cfg, self.vae) if name == "wan" else checkpoint.restore(self.path, "taehv")
+        return PixelDecoder(name, cfg, params, self.decode_on)
 
     def encode_video(self, path: str) -> jax.Array:
         """Video-to-video input: an mp4 of exactly video_hw -> normalised latents [1, F, h, w, C]

@@ -2,12 +2,16 @@
 
 Both backends have one shape, which the sessions use without asking which they hold:
     cfg, pcfg, latent_hw, params, mesh     the DiT and its sampler (runners are built from these)
-    describe() -> dict                     what the page shows (prompt kind, vocabulary, stage labels)
+    describe() -> dict                     what the page shows (prompt kind, vocabulary, stage labels,
+                                           the decoders it offers)
     check(prompt, first=None) -> str       the prompt normalised, or ValueError naming what is wrong
                                            (first: the stream's first prompt, for a switch)
     encode(prompt) -> KV                   the checked prompt's text K/V
     context(prompt, seed) -> array | None  given clean first frames [1, G * bf, H, W, C], or None
-    frame_encoder() -> fn                  per stream: x0 [1, bf, H, W, C] -> encoded images
+    decoder(name | None) -> name | None    the pixel decoder a stream asked for (None: the default),
+                                           or ValueError naming why it cannot have it
+    frame_encoder(decoder) -> fn           per stream: x0 [1, bf, H, W, C] -> (encoded images,
+                                           seconds the pixel decode took, or None without one)
     mime                                   their type
 """
 
@@ -17,9 +21,12 @@ import collections
 import dataclasses
 import io
 import threading
+import time
 
 import numpy as np
 
+# why the toy world offers no decoder choice (the page shows it beside the disabled control)
+NO_VAE = "the toy world has no VAE: its 3 latent channels are the pixels"
 MAX_PROMPT_CHARS = 1000  # a prompt longer than this is refused before it reaches a tokenizer
 TEXT_CACHE_BYTES = 1024 * 2 ** 20  # per server: ~10 prompts of a 1.3B model, every toy prompt many times over
 
@@ -105,7 +112,13 @@ class ToyBackend:
                 "vocabulary": [list(COLOURS), list(DIRECTIONS), list(SPEEDS)], "max_sprites": w.max_sprites,
                 "example": "red south-east fast" if w.max_sprites == 1 else "red south-east fast, blue west slow",
                 "block_frames": w.block_frames, "stages": _stage_labels(self.pcfg), "width": w.size, "height": w.size,
-                "max_prompt": MAX_PROMPT_CHARS}
+                "max_prompt": MAX_PROMPT_CHARS, "decoders": [], "decoder": None, "decoder_note": NO_VAE,
+                "decode_device": None}
+
+    def decoder(self, name: str | None) -> None:
+        if name is not None:
+            raise ValueError(f"decoder {name!r}: {NO_VAE}; there is nothing to decode")
+        return None
 
     def check(self, prompt: str, first: str | None = None) -> str:
         from bcjax.toyworld.world import check_switch, parse_prompt, prompt_text
@@ -137,16 +150,18 @@ class ToyBackend:
         starts = [tuple(int(v) for v in rng.integers(w.lo, w.hi + 1, 2)) for _ in range(n)]
         return render(parse_prompt(prompt, w, starts), w.block_frames, w)[None]
 
-    def frame_encoder(self):
+    def frame_encoder(self, decoder: None = None):
         from bcjax.toyworld.world import to_rgb
 
-        return lambda x0: _images(to_rgb(np.asarray(x0)[0], self.world), "PNG")
+        self.decoder(decoder)
+        return lambda x0: (_images(to_rgb(np.asarray(x0)[0], self.world), "PNG"), None)
 
 
 class CheckpointBackend:
     """A converted real checkpoint (`bcjax convert`: dit + text + vae + tokenizer): free-text
-    prompts through umT5, text to video from noise, each block VAE-decoded (the decoder's causal
-    caches carried per stream) and sent as JPEGs."""
+    prompts through umT5, text to video from noise, each block decoded by the stream's choice of
+    the checkpoint's pixel decoders (the Wan VAE, TAEHV; their causal caches carried per stream)
+    on the decode device `TextToVideo` picks, and sent as JPEGs."""
 
     mime = "image/jpeg"
 
@@ -164,14 +179,26 @@ class CheckpointBackend:
         self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
         self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, tuple(video_hw), quality
         self.port = port
+        # every decoder the checkpoint has, on the one decode device: a tab picks one per stream
+        self.pixels = {d: self.t2v.pixels if d == self.t2v.decoder else self.t2v.pixel_decoder(d)
+                       for d in self.t2v.decoders()}
         self.text_cache = TextCache(self.t2v.encode, text_cache_bytes)
 
     def describe(self) -> dict:
         return {"kind": "text", "title": f"{self.port} checkpoint ({self.cfg.num_layers} layers, dim {self.cfg.dim}, "
-                                         f"{self.t2v.decoder} decoder)",
+                                         f"decoded on {self.t2v.decode_on})",
                 "vocabulary": None, "max_sprites": None, "example": "a red fox running through fresh snow",
                 "block_frames": 4 * self.pcfg.block_frames, "stages": _stage_labels(self.pcfg),
-                "width": self.video_hw[1], "height": self.video_hw[0], "max_prompt": MAX_PROMPT_CHARS}
+                "width": self.video_hw[1], "height": self.video_hw[0], "max_prompt": MAX_PROMPT_CHARS,
+                "decoders": list(self.pixels), "decoder": self.t2v.decoder, "decoder_note": None,
+                "decode_device": str(self.t2v.decode_on)}
+
+    def decoder(self, name: str | None) -> str:
+        if name is None:
+            return self.t2v.decoder
+        if name not in self.pixels:  # the reason TextToVideo gives: no taehv part, or Krea's loop
+            raise ValueError(f"decoder {name!r}: {self.t2v.decoder_refusal(name)}")
+        return name
 
     def check(self, prompt: str, first: str | None = None) -> str:
         from bcjax.text.tokenizer import clean_prompt
@@ -188,16 +215,21 @@ class CheckpointBackend:
     def context(self, prompt: str, seed: int):
         return None  # text to video: the first block is generated too
 
-    def frame_encoder(self):
+    def frame_encoder(self, decoder: str | None = None):
+        import jax
+
         from bcjax.pipeline.video import to_uint8
 
-        pixels = self.t2v.pixels  # the chosen decoder, on its decode device
+        pixels = self.pixels[self.decoder(decoder)]  # on the decode device
         state = [pixels.init_state(1, self.latent_hw)]
 
-        def encode(x0) -> list[bytes]:
+        def encode(x0) -> tuple[list[bytes], float]:
             first = int(state[0].frames) == 0
+            t0 = time.perf_counter()
             state[0], video = pixels.step(state[0], x0)
+            video = jax.block_until_ready(video)  # the decode alone, not the JPEGs after it
+            seconds = time.perf_counter() - t0
             video = video[:, pixels.first_chunk_padding:] if first else video
-            return _images(to_uint8(video[0]), "JPEG", quality=self.quality)
+            return _images(to_uint8(video[0]), "JPEG", quality=self.quality), seconds
 
         return encode

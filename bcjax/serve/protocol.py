@@ -2,7 +2,9 @@
 
 Page -> server: one JSON object per text message, at most MAX_MESSAGE bytes:
     {"type": "start", "prompt": str, "schedule": "P4", "window": "bidirectional",
-     "policy": "no-recache", "seed": 0, "fps": 16}      a new stream (or resume a stopped one)
+     "policy": "no-recache", "seed": 0, "fps": 16,
+     "decoder": "taehv"}                                a new stream (or resume a stopped one); decoder:
+                                                        one the hello offers, absent or null: the default
     {"type": "prompt", "prompt": str}                   switch at the next block
     {"type": "stop"} | {"type": "reset"}               pause | end the stream
     {"type": "pace", "fps": 16}                         frames/s the stream is paced to (0: as fast as it computes)
@@ -10,7 +12,8 @@ Page -> server: one JSON object per text message, at most MAX_MESSAGE bytes:
 
 Server -> page: JSON text messages {"type": "hello" | "state" | "prompt" | "tick" | "error", ...}
 and one binary message per generated block: a 4-byte big-endian header length, the header
-(UTF-8 JSON: {"type": "block", "block", "prompt", "tick", "stages", "mime", "sizes", ...}),
+(UTF-8 JSON: {"type": "block", "block", "prompt", "tick", "stages", "mime", "sizes", "decoder",
+"decode_ms" (the pixel decode of this block on the decode device; null without a decoder), ...}),
 then the block's frames as images, back to back (header["sizes"] their byte lengths).
 """
 
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import json
 import struct
+
+from bcjax.vae.decoders import DECODERS
 
 MAX_MESSAGE = 4096  # bytes of one page message (a prompt and a few fields fit many times over)
 # no page message nests deeper than 1; a small limit, checked before json.loads, keeps a
@@ -66,6 +71,8 @@ def parse(raw: str | bytes | None, policies: tuple[str, ...]) -> dict:
         out["window"] = _choice(msg, "window", WINDOWS, "bidirectional")
         out["policy"] = _choice(msg, "policy", policies, "no-recache")
         out["seed"] = _number(msg, "seed", 0, MAX_SEED, 0, integer=True)
+        # which decoders a model has is the backend's to say; the names are checked here
+        out["decoder"] = None if msg.get("decoder") is None else _choice(msg, "decoder", DECODERS, None)
     if kind in ("start", "pace"):
         out["fps"] = _number(msg, "fps", 0, MAX_FPS, 16)
         if 0 < out["fps"] < MIN_FPS:

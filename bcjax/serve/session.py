@@ -184,7 +184,13 @@ class Session:
                          "message": str(e), "stream": self.gen.id if self.gen else None})
 
     def _on_start(self, cmd: dict) -> None:
-        settings = {k: cmd[k] for k in ("schedule", "window", "policy", "seed")}
+        try:
+            decoder = self.backend.decoder(cmd["decoder"])
+        except ValueError as e:  # a decoder this model lacks: the page says why; a running stream goes on
+            self.outbox.put({"type": "error", "what": "decoder", "decoder": cmd["decoder"], "message": str(e),
+                             "stream": self.gen.id if self.gen else None})
+            return
+        settings = {**{k: cmd[k] for k in ("schedule", "window", "policy", "seed")}, "decoder": decoder}
         try:
             prompt = self.backend.check(cmd["prompt"])
         except ValueError as e:
@@ -329,7 +335,7 @@ class Session:
 
         s = gen.settings
         context = self.backend.context(gen.first_prompt, s["seed"])
-        encode = self.backend.frame_encoder()
+        encode = self.backend.frame_encoder(s["decoder"])
         ticks = steps(gen.runner, self.backend.params, gen.live, jax.random.key(s["seed"]), None,
                       policy=s["policy"], context=None if context is None else jnp.asarray(context))
         return self._messages(gen, ticks, encode)
@@ -362,13 +368,14 @@ class Session:
                 if e is None:
                     sent = self._send(gen, {"type": "tick", **base})
                 else:
-                    images = encode(e.x0)
+                    images, decode_s = encode(e.x0)
                     if last_block is not None and not self._wait_until(gen, last_block, len(images)):
                         return
                     last_block = time.perf_counter()
                     header = {"type": "block", **base, "block": e.block, "block_prompt": e.prompt,
                               "block_ms": 1e3 * e.seconds, "block_recache_ms": 1e3 * e.recache_s,
-                              "compute_ms": 1e3 * compute, "mime": self.backend.mime}
+                              "compute_ms": 1e3 * compute, "mime": self.backend.mime, "decoder": gen.settings["decoder"],
+                              "decode_ms": None if decode_s is None else 1e3 * decode_s}
                     compute = 0.0
                     with self._cond:
                         pushed = dict(gen.pushed)

@@ -68,11 +68,17 @@ function onHello(msg) {
   fill($("schedule"), msg.schedules, "P4");
   fill($("window"), msg.windows, "bidirectional");
   fill($("policy"), msg.policies, "no-recache");
+  // the decoders this model has (the server's names); none: the control stays, disabled, with why
+  fill($("decoder"), m.decoders, m.decoder);
+  $("decoder").disabled = m.decoders.length === 0;
+  $("decoder-note").textContent = m.decoder_note || "";
+  $("decoder").title = m.decoder_note || "the pixel decoder of the next stream (start begins a new one)";
+  $("decode-where").textContent = m.decode_device ? `(on ${m.decode_device})` : "";
   if (!$("prompt").value) $("prompt").value = m.example;
   $("prompt-hint").textContent = m.vocabulary ? `colour direction speed${m.max_sprites > 1 ? ", …" : ""}` : "free text";
   const scale = Math.max(1, Math.floor(384 / Math.max(m.width, m.height)));
-  canvas.width = m.width * (m.kind === "toy" ? scale : 1);
-  canvas.height = m.height * (m.kind === "toy" ? scale : 1);
+  canvas.width = m.width * scale;  // a small video (the toy world, a tiny checkpoint) drawn larger
+  canvas.height = m.height * scale;
   canvas.style.width = `${canvas.width}px`;
   canvas.style.height = `${canvas.height}px`;
   ctx.imageSmoothingEnabled = m.kind !== "toy";
@@ -87,7 +93,7 @@ function onHello(msg) {
   complete();
 }
 
-const FIGURES = ["bps", "fps-now", "step-ms", "latency-touched", "latency", "where"];
+const FIGURES = ["bps", "fps-now", "step-ms", "decode-ms", "latency-touched", "latency", "where"];
 
 function clearFigures() {  // live figures only while blocks come: none left over from a stopped stream
   S.arrivals = [];
@@ -162,6 +168,8 @@ function onBlock(buf) {
       $("fps-now").textContent = (bps * h.sizes.length).toFixed(1);
     }
     $("step-ms").textContent = `${h.compute_ms.toFixed(1)} ms`;
+    // measured by the server around this block's decode on the decode device
+    $("decode-ms").textContent = h.decode_ms === null ? "none (no VAE)" : `${h.decode_ms.toFixed(1)} ms · ${h.decoder}`;
     $("where").textContent = `block ${h.block} · prompt ${h.block_prompt}`;
   }
   drawStrip(h.stages, h.prompt);
@@ -242,7 +250,8 @@ function complete() {  // toy world: complete the word being typed from the worl
 
 function settings() {
   return { schedule: $("schedule").value, window: $("window").value, policy: $("policy").value,
-           seed: Number($("seed").value) || 0, fps: Number($("fps").value) };
+           seed: Number($("seed").value) || 0, fps: Number($("fps").value),
+           decoder: $("decoder").disabled ? null : $("decoder").value };
 }
 
 $("prompt").addEventListener("input", complete);
@@ -257,7 +266,7 @@ $("start").addEventListener("click", () => {
   $("message").textContent = "";
   send({ type: "start", prompt: $("prompt").value, ...settings() });
 });
-for (const id of ["schedule", "window", "policy", "seed"]) {  // a stopped stream resumes only unchanged
+for (const id of ["schedule", "window", "policy", "seed", "decoder"]) {  // a stopped stream resumes only unchanged
   $(id).addEventListener("change", () => { if (S.phase === "stopped") $("state").textContent = "stopped · start begins a new stream"; });
 }
 $("stop").addEventListener("click", () => send({ type: "stop" }));
