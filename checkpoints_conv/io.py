@@ -192,7 +192,6 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: Path):
-    import pickle
 
     import torch
 
@@ -203,9 +202,9 @@ def _read_torch(path: Path):
             if "mmap" not in str(e):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - arbitrary bytes fail in any of pickle's ways (KeyError, struct.error, ...)
         # torch's own message suggests weights_only=False, i.e. running the file's code: not done here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint that loads as plain tensors ({first[:200]})") from None
     return as_numpy(obj)
 

@@ -149,7 +149,9 @@ def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
                 visit(callee, k * n)
 
     visit(entry, 1)
-    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    # replica groups name positions in the program's device assignment, which is the mesh's
+    # order; device ids agree with them only on some platforms (not on a v5e-32 topology)
+    ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
     axes = {name: [set(np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])[j].tolist()) for j in range(ids.size // ids.shape[i])]
             for i, name in enumerate(mesh.axis_names)}
     out = defaultdict(lambda: {"ops": 0, "payload": 0.0, "wire": 0.0})

@@ -98,6 +98,9 @@ def _devices(target: Target) -> tuple:
     if target.platform == "cpu":
         return tuple(jax.devices("cpu"))
     if target.platform == "tpu":
+        # compile-only needs no exclusive hold on a TPU: without this, a second process (a test run
+        # beside a bench) finds libtpu's lockfile taken and gets no topology
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
         except Exception as e:  # noqa: BLE001 - libtpu missing or refusing: say what to install
