@@ -192,7 +192,6 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: Path):
-
     import torch
 
     try:
