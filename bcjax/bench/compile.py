@@ -344,13 +344,14 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
         if layers:
             base = dataclasses.replace(base, num_layers=layers)
         for case in (c for c in cases if c in DIT_CASES):
-            for stage, model in meshes or default_meshes(case, base, target, n):
+            shapes = meshes or default_meshes(case, base, target, n)
+            if case in ("sequential", "krea"):  # a `stage` axis would only hold replicas
+                shapes = list(dict.fromkeys((1, model) for _, model in shapes))
+            for stage, model in shapes:
                 if stage * model > n:
                     raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; target {target.name} has {n}")
                 for backend in backends or attention.backends_for(target.platform):
                     cfg = dataclasses.replace(base, attention=backend)
-                    if case in ("sequential", "krea"):
-                        stage = 1  # a `stage` axis would only hold replicas
                     try:
                         mesh, label = build_mesh(stage, model, devices, cfg)
                         lower = dit_lowering(case, cfg, pcfg, hw, mesh)

@@ -126,8 +126,7 @@ class Cascade:
         x = jax.ShapeDtypeStruct((self.stagger.num_slots, batch, *self.spec.block_shape), jnp.float32)
         cache = lay.abstract_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         scalar = lay.abstract_scalar()
-        state = CascadeState(lay.abstract(x, P(STAGE)) if self.mesh is not None else lay.abstract(x), cache, scalar,
-                             scalar)
+        state = CascadeState(lay.abstract(x, P(STAGE)), cache, scalar, scalar)  # one device: the spec is moot
         return lay.abstract_params(), lay.abstract_text(batch), lay.abstract_key(), scalar, state
 
     def lower(self, params, text: KV, key, num_blocks, state: CascadeState,
