@@ -215,3 +215,21 @@ def test_a_tab_past_the_cap_gets_the_hello_then_why():
             with pytest.raises(ConnectionClosed) as closed:
                 ninth.recv(timeout=10)
             assert closed.value.rcvd.code == 1013
+
+
+def test_a_flood_through_a_slow_server_is_one_run_of_drops(monkeypatch):
+    """The server may accept one message every 1/rate s while a flood lasts: still one warning."""
+    from bcjax.serve import app as app_mod
+    clock = [100.0]
+    monkeypatch.setattr(app_mod.time, "monotonic", lambda: clock[0])
+    bucket = app_mod._Bucket(rate=20.0, burst=2)
+    warnings = 0
+    for _ in range(200):  # 10 s of a flood at 400 messages/s: some accepted, most dropped
+        clock[0] += 1 / 400
+        if not bucket.take():
+            warnings += bucket.warn()
+    assert warnings == 1
+    clock[0] += 1.5  # the tab went quiet, then floods again: a new run, a new warning
+    while bucket.take():
+        pass
+    assert bucket.warn()

@@ -117,7 +117,7 @@ class _Bucket:
 
     def __init__(self, rate: float, burst: int):
         self.rate, self.burst, self.tokens, self.t = rate, burst, float(burst), time.monotonic()
-        self.warned = False
+        self.last_drop = -float("inf")
 
     def take(self) -> bool:
         now = time.monotonic()
@@ -125,13 +125,17 @@ class _Bucket:
         self.t = now
         if self.tokens >= 1:
             self.tokens -= 1
-            self.warned = False
             return True
         return False
 
-    def warn(self) -> bool:
-        """True once per run of dropped messages: one error frame, not one per message."""
-        first, self.warned = not self.warned, True
+    def warn(self, quiet: float = 1.0) -> bool:
+        """True once per run of dropped messages: one error frame, not one per message.
+
+        A run ends after `quiet` seconds without a drop. It does not end at the next accepted
+        message: a flood refills one token per 1/rate s, and a slow server would otherwise split
+        one flood into many runs, each with its own error frame."""
+        now = time.monotonic()
+        first, self.last_drop = now - self.last_drop > quiet, now
         return first
 
 
