@@ -54,12 +54,13 @@ def test_sharded_tick_equals_batched_tick(tiny_cfg, tiny_params, text, mesh5, sc
     assert _max_err(batched, sharded) <= 1e-5
 
 
-def test_sharded_p1_with_idle_slots_is_still_sequential(tiny_cfg, tiny_params, text, mesh5):
+def test_sharded_p1_with_padding_groups_is_still_sequential(tiny_cfg, tiny_params, text, mesh5):
     import bcjax
 
     key = jax.random.key(8)
     cas = Cascade(tiny_cfg, GLOBAL, HW, "P1", "causal", mesh=mesh5)
-    assert cas.stagger.num_slots == 5 and cas.stagger.in_flight == 2  # 3 slots padded idle
+    # 2 blocks x 3 frames of one 6-token group each on 5 devices: 4 padding groups
+    assert cas.stagger.num_slots == 2 and cas.spec.split.padded_tokens - cas.spec.split.tokens == 4 * 6
     seq = SequentialPipeline(tiny_cfg, GLOBAL, HW).generate(tiny_params, text, 6, key)
     ctx = np.random.default_rng(11).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
     # the public one-call API, from raw prompt embeddings

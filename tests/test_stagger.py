@@ -82,10 +82,11 @@ def test_stagger_invariants(steps, schedule):
         assert busy.sum(axis=1).max() == 1
 
 
-def test_mesh_padding_and_errors():
-    st = make_stagger("P4", 4, num_devices=4)  # 5 in flight on 4 devices: 8 slots, 3 idle
-    assert (st.in_flight, st.num_slots) == (5, 8)
-    assert make_stagger("P2", 4, num_devices=5).num_slots == 5
+def test_one_slot_per_block_in_flight_and_errors():
+    # slots are not devices (the stage axis splits tokens): never a padded, idle slot
+    for schedule, slots in (("P4", 5), ("P2", 3), ("P1", 2), ("sequential", 1)):
+        st = make_stagger(schedule, 4)
+        assert st.in_flight == st.num_slots == slots
     with pytest.raises(ValueError, match="schedule 'P0'"):
         make_stagger("P0", 4)
     with pytest.raises(ValueError, match="schedule 'fast'"):

@@ -2,9 +2,9 @@
 
 Devices: a `Mesh` with a `stage` axis and a `model` axis for tensor-parallel weights
 (`bcjax.model.tensor_parallel`: heads and FFN split over `model`, one shard_map over both axes).
-Each stage device holds num_slots / stage_devices slots; with one device all slots are batched on
-it. A mesh whose stage size does not divide the in-flight count is padded with idle slots (see
-`make_stagger`).
+The stage devices split each tick's tokens (`bcjax.cascade.tokens`), so any number of them runs
+any schedule: P4's five blocks on 2, 4, 5, 8 or 16 devices, and the sequential schedule on N
+devices is context parallelism of one block. With one device the whole tick is batched on it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from bcjax.cascade.masks import WINDOWS
 from bcjax.cascade.tick import CascadeState, TickSpec, tick
-from bcjax.distributed import local, put, replicate
+from bcjax.cascade.tokens import token_split
+from bcjax.distributed import local, replicate
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
 from bcjax.model.tensor_parallel import MODEL, Layout, check_model_axis
@@ -43,9 +44,9 @@ def make_mesh(stage: int | None = None, model: int = 1, devices=None, cfg: WanCo
     that `model` divides its heads and FFN width.
 
     On a TPU slice that XLA:TPU needs used whole (a v5e slice of more than 16 chips, see
-    `bcjax.targets`), the stage axis is padded so that stage x model covers every chip: the extra
-    stage devices hold idle cascade slots (or replicas for the sequential runners). A `model` that
-    does not divide the slice is refused, saying why."""
+    `bcjax.targets`), the stage axis grows so that stage x model covers every chip: a cascade
+    splits its tick's tokens over all of them (replicas for the sequential runners). A `model`
+    that does not divide the slice is refused, saying why."""
     from bcjax.targets import whole_slice_required
 
     devices = list(devices if devices is not None else jax.devices())
@@ -60,7 +61,7 @@ def make_mesh(stage: int | None = None, model: int = 1, devices=None, cfg: WanCo
                              f"program on part of it (limited ICI routing), and 'model' = {model} does not divide {n}")
         if stage is not None and stage * model > n:
             raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; {n} available")
-        stage = n // model  # padded: the extra stage devices hold idle slots
+        stage = n // model  # the whole slice: the tick's tokens are split over every stage device
     stage = stage or len(devices) // model
     if stage * model > len(devices):
         raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; {len(devices)} available")
@@ -81,6 +82,8 @@ class Cascade:
     schedule: str | int = "P4"
     window: str = "bidirectional"
     mesh: Mesh | None = None
+    # tokens per group of the stage split (`bcjax.cascade.tokens`); None: the least padding
+    token_group: int | None = None
 
     def __post_init__(self):
         check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
@@ -97,8 +100,10 @@ class Cascade:
         # weights split over `model` (checks that it divides heads and FFN before anything compiles)
         self.layout = Layout(self.cfg, self.mesh)
         self.cfg = self.layout.resolve(self.cfg)  # attention for the mesh's platform, not the process default
-        self.stagger = make_stagger(self.schedule, self.pcfg.num_steps, devices)
-        self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, tuple(self.latent_hw))
+        self.stagger = make_stagger(self.schedule, self.pcfg.num_steps)
+        p = self.cfg.tokens_per_frame(*self.latent_hw)
+        split = token_split(self.stagger.num_slots * self.pcfg.block_frames, p, devices, self.token_group)
+        self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, tuple(self.latent_hw), split)
         self._step = self._distribute(partial(tick, self.spec))
         self._runs: dict[int, Callable] = {}
 
@@ -110,7 +115,7 @@ class Cascade:
         if self.mesh is None:
             return jax.jit(fn, donate_argnums=(4,))
         lay = self.layout
-        state_spec = CascadeState(P(STAGE), lay.cache, P(), P())
+        state_spec = CascadeState(P(), lay.cache, P(), P())  # x whole on every device (see tick)
         mapped = jax.shard_map(
             partial(fn, axis=STAGE, model_axis=lay.axis), mesh=self.mesh,
             in_specs=(lay.params, lay.text, P(), P(), state_spec),
@@ -126,7 +131,7 @@ class Cascade:
         x = jax.ShapeDtypeStruct((self.stagger.num_slots, batch, *self.spec.block_shape), jnp.float32)
         cache = lay.abstract_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         scalar = lay.abstract_scalar()
-        state = CascadeState(lay.abstract(x, P(STAGE)), cache, scalar, scalar)  # one device: the spec is moot
+        state = CascadeState(lay.abstract(x, P()), cache, scalar, scalar)
         return lay.abstract_params(), lay.abstract_text(batch), lay.abstract_key(), scalar, state
 
     def lower(self, params, text: KV, key, num_blocks, state: CascadeState,
@@ -144,8 +149,7 @@ class Cascade:
             cache = self.layout.init_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         state = CascadeState(x, cache, jnp.int32(0), jnp.int32(first_block))
         if self.mesh is not None:
-            state = CascadeState(put(x, NamedSharding(self.mesh, P(STAGE))), self.layout.place_cache(cache),
-                                 *replicate(state[2:], self.mesh))
+            state = CascadeState(replicate(x, self.mesh), self.layout.place_cache(cache), *replicate(state[2:], self.mesh))
         return state
 
     def prefill(self, params, text: KV, frames) -> tuple[KVCache, int]:

@@ -26,7 +26,16 @@ def _in_window(frames, q_start, sink: int, rolling: int):
 
 def tick_key_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_frames: int,
                   tokens_per_frame: int, sink: int, rolling: int, window: str, isolated=None):
-    """bool [1, Q, (C + M * block_frames) * tokens_per_frame] for the query slots `q_slots` [Q].
+    """bool [1, Q, (C + M * block_frames) * tokens_per_frame] for the query slots `q_slots` [Q]:
+    `tick_frame_mask` with every key frame spelled out as its tokens."""
+    mask = tick_frame_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, block_frames=block_frames, sink=sink,
+                           rolling=rolling, window=window, isolated=isolated)
+    return jnp.repeat(mask, tokens_per_frame, axis=1)[None]
+
+
+def tick_frame_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_frames: int, sink: int,
+                    rolling: int, window: str, isolated=None):
+    """bool [Q, C + M * block_frames]: which key frames each query slot of `q_slots` [Q] sees.
 
     slot_blocks, slot_busy: [M] the block in every slot and whether the slot is busy;
     cache_frame_ids: [C] absolute frame of each cache slot (-1 = empty); isolated: bool [Q],
@@ -52,5 +61,4 @@ def tick_key_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_fra
         visible = visible & ~isolated[:, None]
     visible |= owner[None, :] == q_slots[:, None]  # a block always sees itself (idle slots too: no empty rows)
 
-    mask = jnp.concatenate([cache, visible], axis=1)  # [Q, frames]
-    return jnp.repeat(mask, tokens_per_frame, axis=1)[None]
+    return jnp.concatenate([cache, visible], axis=1)

@@ -139,12 +139,31 @@ def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | Non
     or of the gathered tokens [start, start + length) when kv_out = (start, length)).
     """
     check_latents(cfg, x, t)
-    b, f, hh, ww, _ = x.shape
+    _, f, hh, ww, _ = x.shape
+    rope = rope_tables(cfg, frame_ids, grid_hw(cfg, hh, ww))
+    out, kv = forward_tokens(cfg, params, patchify(cfg, x), t, text, rope, context, key_mask,
+                             kv_axis=kv_axis, kv_out=kv_out, model_axis=model_axis)
+    return unpatchify(cfg, out, f, hh, ww), kv
+
+
+def forward_tokens(cfg: WanConfig, params, tokens, t, text: KV, rope, context: KV | None = None, key_mask=None, *,
+                   kv_axis: str | None = None, kv_out: tuple | None = None, model_axis: str | None = None):
+    """One DiT pass over patch tokens, in groups that each carry one timestep.
+
+    tokens [B, T, patch_features]: G groups of T / G consecutive tokens; t [B, G] each group's
+    timestep (a group lies inside one latent frame: the modulation is per group, so a frame may
+    be cut into several groups, e.g. a token shard of a pass, `bcjax.cascade.tick`); rope (cos,
+    sin) [T, head_dim // 2] each token's RoPE angles; key_mask bool [B|1, Qb, S + keys] per
+    query block. The rest as `forward`. Returns (flow tokens [B, T, patch_features_out] float32,
+    KV as `forward`).
+    """
+    b = tokens.shape[0]
+    if tokens.shape[1] % t.shape[1]:
+        raise ValueError(f"{tokens.shape[1]} tokens do not split into {t.shape[1]} equal timestep groups")
     if context is None:
         context = empty_context(cfg, b, text.k.shape[3])
-    rope = rope_tables(cfg, frame_ids, grid_hw(cfg, hh, ww))
     embed = WanEmbed(cfg)
-    h = embed.apply({"params": params["embed"]}, patchify(cfg, x), method=WanEmbed.patches)
+    h = embed.apply({"params": params["embed"]}, tokens, method=WanEmbed.patches)
     e, e0 = embed.apply({"params": params["embed"]}, t, method=WanEmbed.time)
     block = WanBlock(cfg, kv_axis=kv_axis, model_axis=model_axis)
 
@@ -153,5 +172,4 @@ def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | Non
         return block.apply({"params": p}, h, e0, rope, (tk, tv), (ck, cv), key_mask, kv_out)
 
     h, (k, v) = jax.lax.scan(layer, h, (params["blocks"], text.k, text.v, context.k, context.v))
-    out = WanHead(cfg).apply({"params": params["head"]}, h, e)
-    return unpatchify(cfg, out, f, hh, ww), KV(k, v)
+    return WanHead(cfg).apply({"params": params["head"]}, h, e), KV(k, v)

@@ -13,8 +13,9 @@ steps, rounded to the nearest step with halves up (stride = max(1, floor(n / k +
 * "sequential" (stride n + 1): no overlap at all.
 
 Blocks are stationary in *slots*: block b sits in slot b mod num_slots for its whole life, and
-num_slots >= ceil((n + 1) / stride) guarantees it is free again when block b + num_slots enters.
-Slots map onto devices of the `stage` mesh axis; spare slots are idle (masked) ticks.
+num_slots = ceil((n + 1) / stride) (the in-flight count) makes it free again when block
+b + num_slots enters. Slots are not devices: the `stage` mesh axis splits a tick's tokens
+(`bcjax.cascade.tokens`), whatever the slot count.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 class Stagger:
     num_steps: int  # n denoising steps; stages 0..n-1 denoise, stage n is the clean pass
     stride: int  # ticks between consecutive block entries
-    num_slots: int  # in-flight capacity (padded up to a multiple of the stage devices)
+    num_slots: int  # in-flight capacity (the in-flight count; more slots would only idle)
 
     def __post_init__(self):
         if not 1 <= self.stride <= self.num_steps + 1:
@@ -64,12 +65,9 @@ class Stagger:
         return block * self.stride + self.emit_stage
 
 
-def make_stagger(schedule: str | int, num_steps: int, num_devices: int = 1) -> Stagger:
-    """Stagger of a named schedule ("P1", "P2", "P4", "sequential") or an explicit stride.
-
-    num_slots is the in-flight count rounded up to a multiple of num_devices, so every device of
-    the `stage` axis holds the same number of slots (padding slots stay idle).
-    """
+def make_stagger(schedule: str | int, num_steps: int) -> Stagger:
+    """Stagger of a named schedule ("P1", "P2", "P4", "sequential") or an explicit stride; one
+    slot per block in flight."""
     if isinstance(schedule, int):
         stride = schedule
     elif schedule == "sequential":
@@ -82,7 +80,7 @@ def make_stagger(schedule: str | int, num_steps: int, num_devices: int = 1) -> S
     else:
         raise ValueError(f"schedule {schedule!r}: expected 'sequential', 'P1', 'P2', 'P4' (any P<k>) or a stride")
     in_flight = math.ceil((num_steps + 1) / stride)
-    return Stagger(num_steps, stride, num_devices * math.ceil(in_flight / num_devices))
+    return Stagger(num_steps, stride, in_flight)
 
 
 def slot_state(st: Stagger, tick, slot, num_blocks, xp=np):
