@@ -1,0 +1,71 @@
+"""The token-split equality case with 8 fake CPU devices (the suite's process has 5), run by
+tests/test_token_split.py in its own process: `python token_split_case.py OUT.json`.
+
+Every schedule on 8 stage devices, and (stage, model) meshes (2, 2) and (4, 2), against one
+device; and the compiles of a stream on the (4, 2) mesh after its first tick (must be 0).
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import ports  # noqa: E402
+from bcjax.cascade import Cascade, make_mesh  # noqa: E402
+from bcjax.compile_count import CompileCounter  # noqa: E402
+from bcjax.model import WanConfig, encode_text, init_params  # noqa: E402
+from bcjax.pipeline import PipelineConfig  # noqa: E402
+
+HW = (4, 6)
+CFG = WanConfig.preset("tiny", num_heads=4, attention="xla")
+ROLLING = PipelineConfig(window_frames=9, sink_frames=3)
+KREA = ports.get("krea_14b").pipeline
+CASES = {  # name: (pipeline config, schedule, window)
+    "sequential": (ROLLING, "sequential", "causal"),
+    "krea": (KREA, "sequential", "causal"),
+    "P2-causal": (ROLLING, "P2", "causal"),
+    "P2-bidirectional": (ROLLING, "P2", "bidirectional"),
+    "P4-causal": (ROLLING, "P4", "causal"),
+    "P4-bidirectional": (ROLLING, "P4", "bidirectional"),
+}
+BLOCKS = 5
+
+
+def main(out: str) -> None:
+    params = init_params(CFG, jax.random.key(0), HW)
+    prompt = jnp.asarray(np.random.default_rng(0).standard_normal((1, CFG.text_len, CFG.text_dim)), jnp.float32)
+    text = encode_text(CFG, params, prompt)
+    key = jax.random.key(3)
+    report: dict = {"errors": {}, "splits": {}}
+    for name, (pcfg, schedule, window) in CASES.items():
+        ref = Cascade(CFG, pcfg, HW, schedule, window).generate(params, text, BLOCKS, key)
+        meshes = {"8": (8, 1), "4x2": (4, 2), "2x2": (2, 2)} if name in ("sequential", "P4-bidirectional") else {"8": (8, 1)}
+        for label, (stage, model) in meshes.items():
+            for group in (None, 2):
+                cas = Cascade(CFG, pcfg, HW, schedule, window, make_mesh(stage, model), token_group=group)
+                got = cas.generate(params, text, BLOCKS, key)
+                report["errors"][f"{name} {label} group={group}"] = float(jnp.abs(got - ref).max())
+                report["splits"][f"{name} {label} group={group}"] = list(cas.spec.split)
+
+    # a stream on (4, 2): one compile of the tick, then none however long it runs
+    cas = Cascade(CFG, ROLLING, HW, "P4", "bidirectional", make_mesh(4, 2), token_group=2)
+    state = cas.start(params, text, key, num_blocks=None)
+    state, _ = cas.step(params, text, state)
+    with CompileCounter() as counter:
+        for _ in range(12):
+            state, _ = cas.step(params, text, state)
+    report["stream_compiles"] = counter.count
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
