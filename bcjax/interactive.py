@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -182,12 +182,17 @@ class LivePrompts:
 
 
 def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy: str = "no-recache",
-          context=None) -> Iterator[Tick]:
+          context=None, on_dispatch: Callable[[], None] | None = None) -> Iterator[Tick]:
     """Drive `runner` step by step, the prompt of each step from `prompts` (`at`, `text`),
     recaching at a switch under `policy`. Yields a Tick per step. num_blocks None: until the
     caller stops (closing the generator ends the stream). context: given clean frames
     [B, G * block_frames, H, W, C] (blocks 0..G-1, written under the prompt in force at block G;
-    generation starts at block G)."""
+    generation starts at block G).
+
+    on_dispatch: called once per step, after the step is dispatched and before its block is
+    waited for, so host work placed there (fetching the previous block's decoded pixels, encoding
+    and sending them) runs while the devices compute the step. Its time is left out of the
+    Tick's `seconds` (the time the step held the caller up), not out of StreamEvent's."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
     bf = runner.pcfg.block_frames
@@ -217,6 +222,11 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
         spent += r
         n = state.step
         state, out = runner.step(params, text, state)
+        beside = 0.0
+        if on_dispatch is not None:
+            h0 = time.perf_counter()
+            on_dispatch()
+            beside = time.perf_counter() - h0
         event = None
         if out.block >= 0:
             x0 = np.asarray(out.x0)  # waits for the block
@@ -225,7 +235,7 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
             event = StreamEvent(out.block, x0, prompts.at(out.block), now - t_event, spent, switched)
             t_event, spent, switched = now, 0.0, False
         stages = tuple((b, s, prompts.at(b)) for b, s in out.stages)
-        yield Tick(n, p, stages, time.perf_counter() - t0, r, event)
+        yield Tick(n, p, stages, time.perf_counter() - t0 - beside, r, event)
 
 
 def stream(runner, params, schedule: Sequence[tuple[int, KV]], key, num_blocks: int, *, policy: str = "no-recache",

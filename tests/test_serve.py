@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("websockets")
 
-from serve_helpers import connect, read, served, start, until  # noqa: E402
+from serve_helpers import ack, connect, read, served, start, until  # noqa: E402
 
 from bcjax.compile_count import CompileCounter  # noqa: E402
 from bcjax.interactive import LivePrompts, steps, stream  # noqa: E402
@@ -210,3 +210,84 @@ def test_serve_cli_names_a_bad_checkpoint(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path), "--port", "0"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+class _Recording:
+    """The toy backend (or a runner) as is, but for a log of the moments the overlap is about:
+    ("decode", block) when a block's decode is dispatched, ("fetch", block) when its pixels are
+    fetched, ("step", n) when runner step n has been dispatched."""
+
+    def __init__(self, inner, log: list):
+        self._inner, self._log = inner, log
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def frame_encoder(self, decoder=None):
+        encode, blocks = self._inner.frame_encoder(decoder), iter(range(10 ** 9))
+
+        def dispatch(x0):
+            k = next(blocks)
+            self._log.append(("decode", k))
+            fetch = encode(x0)
+
+            def fetched():
+                self._log.append(("fetch", k))
+                return fetch()
+
+            return fetched
+
+        return dispatch
+
+    def step(self, params, text, state):
+        out = self._inner.step(params, text, state)
+        self._log.append(("step", state.step))
+        return out
+
+
+def test_decode_overlaps_the_next_step_and_sends_the_same_frames():
+    """A block's pixels are fetched only once the next step is dispatched (the devices compute it
+    while the page's frames are fetched, encoded and sent), the frames equal those of decoding
+    each block before the next step, and a stop sends the block still held."""
+    import jax.numpy as jnp
+
+    from serve_helpers import start_server
+
+    base = served()
+    log: list = []
+    s = start_server(_Recording(base.backend, log), ack_window=100)
+    s.app.state.runners.get = lambda schedule, window: _Recording(base.app.state.runners.get(schedule, window), log)
+    for schedule in ("sequential", "P4"):
+        log.clear()
+        with connect(s) as ws:
+            start(ws, schedule=schedule, seed=4)
+            got, _ = read(ws, 6)
+            ws.send(json.dumps({"type": "stop"}))
+            until(ws, lambda j: j["type"] == "state" and j["state"] == "stopped")
+            time.sleep(1.0)  # a block decoding at the stop comes now, and nothing after it
+            while True:
+                try:
+                    m = ws.recv(timeout=1.0)
+                except TimeoutError:
+                    break
+                if isinstance(m, bytes):
+                    got.append(ack(ws, m))
+            ws.send(json.dumps({"type": "reset"}))
+        decoded = [k for what, k in log if what == "decode"]
+        assert len(got) == len(decoded), f"{schedule}: {len(decoded)} blocks decoded, {len(got)} sent after the stop"
+        at = {event: i for i, event in enumerate(log)}
+        for k, (header, _) in enumerate(got[:6]):
+            # the step after the block's: dispatched after the block's decode, before its pixels are fetched
+            assert at[("decode", k)] < at[("step", header["tick"] + 1)] < at[("fetch", k)], (schedule, k, log)
+        # the frames of decoding each block before the next step (the PNGs are lossless: same pixels)
+        b = base.backend
+        encode, ref = b.frame_encoder(), []
+        # endless, as the server's: a cascade told its length drains differently at the end
+        ticks = steps(base.app.state.runners.get(schedule, "bidirectional"), b.params,
+                      LivePrompts(b.encode("red east fast")), jax.random.key(4), None,
+                      context=jnp.asarray(b.context("red east fast", 4)))
+        while len(ref) < len(got):
+            if (e := next(ticks).event) is not None:
+                ref.append((e.block, encode(e.x0)()[0]))
+        ticks.close()
+        assert [(h["block"], imgs) for h, imgs in got] == ref, schedule

@@ -81,3 +81,27 @@ def test_a_decoder_the_checkpoint_lacks_is_refused_by_name(checkpoint_dir):
     assert t2v.decoders() == ["wan"]  # Krea's round trip decodes with the Wan VAE already
     with pytest.raises(ValueError, match="--decoder taehv: with Krea's loop, its VAE round trip"):
         t2v.pixel_decoder("taehv")
+
+
+def test_overlapped_decode_sends_the_frames_of_decoding_each_block_in_turn(checkpoint_dir):
+    """The server dispatches a block's TAEHV decode, then the next step, then fetches the pixels:
+    its JPEGs are those of decoding the same blocks one after another before each next step (the
+    decoder's carried state and the first block's trimmed frames included)."""
+    import jax
+
+    from bcjax.interactive import LivePrompts, steps
+    from bcjax.serve import CheckpointBackend
+
+    s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48)), ack_window=100)
+    with connect(s) as ws:
+        start(ws, prompt="a red fox runs", schedule="sequential", decoder="taehv", seed=3)
+        got, _ = read(ws, 3, timeout=120)
+    b, encode, ref = s.backend, s.backend.frame_encoder("taehv"), []
+    ticks = steps(s.app.state.runners.get("sequential", "bidirectional"), b.params,
+                  LivePrompts(b.encode("a red fox runs")), jax.random.key(3), None)
+    while len(ref) < len(got):
+        if (e := next(ticks).event) is not None:
+            ref.append((e.block, encode(e.x0)()[0]))  # decoded and fetched before the next step
+    ticks.close()
+    assert [len(imgs) for _, imgs in ref] == [9, 12, 12]
+    assert [(h["block"], imgs) for h, imgs in got] == ref

@@ -194,3 +194,58 @@ def test_bench_decode_flops_agree_with_a_hand_count(cfg):
     assert counted == 2 * hand
     # XLA leaves out the taps that fall on the zero padding: a fifth of them on a 2x3 latent, 0.3% at 60x104
     assert 0.75 < xla / counted <= 1.0, (xla, counted)
+
+
+def test_bench_compile_has_a_taehv_row_whose_memory_is_its_buffers(cfg, capsys):
+    """`bench compile --cases taehv`: the streaming step compiled for a target (XLA:CPU here; h100
+    and v5e the same way, see the README), its arguments exactly the weights + state + one block,
+    its output the state + 4F frames at 8x the latent size."""
+    from bcjax import targets
+    from bcjax.bench import compile as bench_compile
+
+    hw, bf = (8, 8), 3
+    sharding = jax.sharding.SingleDeviceSharding(targets.get("cpu").devices()[0])
+    lower = bench_compile.taehv_lowering(hw, bf, "float32", sharding)
+
+    def nbytes(tree):
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree))
+
+    weights = nbytes(taehv.param_shapes(cfg)["decoder"])  # the encoder's weights are pruned: unused
+    state = nbytes(jax.eval_shape(lambda: taehv.init_decode_state(cfg, 1, hw)))
+    block = 1 * bf * 8 * 8 * 16 * 4
+    video = jax.ShapeDtypeStruct((1, 4 * bf, 64, 64, 3), jnp.float32)
+    _, out = lower().out_info
+    assert (out.shape, out.dtype) == (video.shape, video.dtype)
+    row = bench_compile.compile_row("taew2_1 TAEHV", "decode", "1 device", "-", lower, None)
+    assert row.error is None, row.error
+    assert row.args == weights + state + block and weights > 30 * 2**20  # taew2_1's decoder, fp32
+    assert 0 <= row.out - (state + nbytes(video)) < 1024 and row.temp > 0  # + the output tuple's pointer table
+    assert bench_compile.main(["--target", "cpu", "--preset", "tiny", "--cases", "taehv", "--latent-hw", "8", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "| taew2_1 TAEHV | decode 3 latent frames | 1 device | - |" in table and "refused" not in table, table
+
+
+def test_real_taew2_1_weights_decode(cfg):
+    """The published taew2_1 (madebyollin/taehv), when BCJAX_TAEW2_1 names the file (.pth or
+    .safetensors; it cannot be downloaded in CI): converted with every key and shape checked,
+    a streamed decode of smooth latents gives frames of the right shape and range, equal to the
+    whole-clip decode."""
+    path = os.environ.get("BCJAX_TAEW2_1")
+    if not path:
+        pytest.skip("set BCJAX_TAEW2_1=/path/to/taew2_1.pth (or .safetensors) to check the real weights")
+    if not os.path.isfile(path):
+        pytest.fail(f"BCJAX_TAEW2_1={path!r} is not a file")
+    params = jax.tree_util.tree_map(jnp.asarray, taehv_conv.convert_file(path, cfg))
+    # smooth latents of Wan2.1's normalised scale: a decode of real weights is not noise
+    t, y, x = np.meshgrid(np.arange(6), np.arange(8), np.arange(12), indexing="ij")
+    phase = np.arange(16)[None, None, None, :]
+    z = jnp.asarray(np.sin(0.3 * t[..., None] + 0.4 * y[..., None] + 0.25 * x[..., None] + phase)[None], jnp.float32)
+    state, parts = taehv.init_decode_state(cfg, 1, (8, 12)), []
+    for i in range(0, 6, 3):
+        state, video = taehv.decode_step(cfg, params, state, z[:, i:i + 3])
+        parts.append(np.asarray(video))
+    streamed = np.concatenate(parts, 1)[:, cfg.first_chunk_padding:]
+    assert streamed.shape == (1, cfg.video_frames(6), 64, 96, 3)
+    assert np.isfinite(streamed).all() and streamed.min() >= -1 and streamed.max() <= 1
+    assert streamed.std() > 0.01  # not a constant image: the weights did something
+    np.testing.assert_allclose(streamed, np.asarray(taehv.decode(cfg, params, z)), atol=1e-4)

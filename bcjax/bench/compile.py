@@ -1,7 +1,7 @@
 """Compile bcjax's real programs with the real TPU and GPU compilers: no accelerator needed.
 
     bcjax bench compile --target {v5e-8,v5e-16,v5e-32,v5p-8,v5p-16,v6e-8,v6e-16,h100,h200,cpu}
-                        [--preset wan2.1-1.3b wan2.1-14b] [--cases sequential krea p4 vae umt5]
+                        [--preset wan2.1-1.3b wan2.1-14b] [--cases sequential krea p4 vae taehv umt5]
                         [--backends splash chunked ...] [--meshes 5x1 8x4 ...] [--latent-hw 60 104]
                         [--layers N] [--dtype bfloat16] [--headroom 0.1] [--port krea_14b_clean_pass]
 
@@ -21,6 +21,8 @@ Programs:
   `krea_14b` port's sampler);
 * p4: one P4 bidirectional tick under shard_map over (stage, model), per device;
 * vae: the Wan VAE decoder's streaming step for one block (block_frames latent frames);
+* taehv: TAEHV's (taew2_1, the tiny Wan2.1 decoder) streaming step for one block, its memory
+  blocks carried as the state (`bcjax.vae.taehv.decode_step`);
 * umt5: the umT5-XXL encoder for one prompt (512 tokens).
 
 Meshes: by default every mesh of the target worth a row: model sizes from the smallest whose
@@ -55,7 +57,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from bcjax import targets  # noqa: E402
 
 GiB = 2**30
-CASES = ("sequential", "krea", "p4", "vae", "umt5")
+CASES = ("sequential", "krea", "p4", "vae", "taehv", "umt5")
 DIT_CASES = ("sequential", "krea", "p4")
 
 
@@ -228,6 +230,21 @@ def vae_lowering(hw, block_frames: int, dtype: str, sharding, preset: str = "wan
     return lower
 
 
+def taehv_lowering(hw, block_frames: int, dtype: str, sharding, preset: str = "taew2_1") -> Callable:
+    """A thunk lowering TAEHV's streaming decode step for one block of `block_frames` latent frames."""
+    from bcjax.vae import taehv
+
+    tcfg = taehv.TAEHVConfig.preset(preset, dtype=dtype, param_dtype=dtype)
+
+    def lower():
+        put = _abstract(sharding)
+        state = jax.eval_shape(lambda: taehv.init_decode_state(tcfg, 1, hw))
+        z = jax.ShapeDtypeStruct((1, block_frames, *hw, tcfg.latent_channels), jnp.float32)
+        return taehv.decode_step.lower(tcfg, put(taehv.param_shapes(tcfg)), put(state), put(z))
+
+    return lower
+
+
 def umt5_lowering(dtype: str, sharding) -> Callable:
     from bcjax.text import umt5
 
@@ -365,6 +382,10 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
         bf = pcfg.block_frames
         add(compile_row("wan2.1 VAE", f"decode {bf} latent frames", label, "-", vae_lowering(hw, bf, dtype, sharding),
                         mesh))
+    if "taehv" in cases:
+        bf = pcfg.block_frames
+        add(compile_row("taew2_1 TAEHV", f"decode {bf} latent frames", label, "-",
+                        taehv_lowering(hw, bf, dtype, sharding), mesh))
     if "umt5" in cases:
         add(compile_row("umt5-xxl", "encode 1 prompt (512 tokens)", label, "-", umt5_lowering(dtype, sharding), mesh))
     return rows

@@ -14,7 +14,7 @@ Per block (3 latent frames, steady state: not the clip's first block), for each 
   the denoising device (sequential: after each block; P4: on stage 0, which every tick then waits
   for, ticks being lockstep) or on its own decode device (overlapped: the slower of the two sets
   the pace).
-Compiled memory per accelerator comes from `bench compile` (not here).
+Compiled memory per accelerator comes from `bench compile --cases vae taehv` (not here).
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     w, t = rows["Wan VAE"], rows["TAEHV"]
     print(f"TAEHV / Wan VAE: {t[0] / w[0]:.4f}x the FLOPs, {t[2] / w[2]:.3f}x the CPU time")
     _fps_model(rows, hw, args)
-    print("Compiled memory on an H100 / TPU v5e: `bcjax bench compile` (not part of this bench).")
+    print("Compiled memory on an H100 / TPU v5e: `JAX_PLATFORMS=cpu bcjax bench compile --target h100 "
+          "--cases vae taehv` (or --target v5e-8; not part of this bench).")
     return 0
 
 

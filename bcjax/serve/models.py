@@ -10,8 +10,12 @@ Both backends have one shape, which the sessions use without asking which they h
     context(prompt, seed) -> array | None  given clean first frames [1, G * bf, H, W, C], or None
     decoder(name | None) -> name | None    the pixel decoder a stream asked for (None: the default),
                                            or ValueError naming why it cannot have it
-    frame_encoder(decoder) -> fn           per stream: x0 [1, bf, H, W, C] -> (encoded images,
-                                           seconds the pixel decode took, or None without one)
+    frame_encoder(decoder) -> fn           per stream: fn(x0 [1, bf, H, W, C]) dispatches the block's
+                                           pixel decode without waiting for it and returns fetch();
+                                           fetch() waits for the pixels and gives (encoded images,
+                                           seconds from dispatch to pixels, or None without a decode).
+                                           Blocks are dispatched in order, each fetched before the next
+                                           is dispatched (the decoder's state runs through them).
     mime                                   their type
 """
 
@@ -154,7 +158,8 @@ class ToyBackend:
         from bcjax.toyworld.world import to_rgb
 
         self.decoder(decoder)
-        return lambda x0: (_images(to_rgb(np.asarray(x0)[0], self.world), "PNG"), None)
+        # nothing to decode: the PNGs are made in fetch(), beside the next step like a decode
+        return lambda x0: lambda: (_images(to_rgb(np.asarray(x0)[0], self.world), "PNG"), None)
 
 
 class CheckpointBackend:
@@ -222,14 +227,20 @@ class CheckpointBackend:
 
         pixels = self.pixels[self.decoder(decoder)]  # on the decode device
         state = [pixels.init_state(1, self.latent_hw)]
+        blocks = [0]  # a host count: asking the state's frame count would wait for the last decode
 
-        def encode(x0) -> tuple[list[bytes], float]:
-            first = int(state[0].frames) == 0
+        def encode(x0):
+            first = blocks[0] == 0
+            blocks[0] += 1
             t0 = time.perf_counter()
-            state[0], video = pixels.step(state[0], x0)
-            video = jax.block_until_ready(video)  # the decode alone, not the JPEGs after it
-            seconds = time.perf_counter() - t0
-            video = video[:, pixels.first_chunk_padding:] if first else video
-            return _images(to_uint8(video[0]), "JPEG", quality=self.quality), seconds
+            state[0], video = pixels.step(state[0], x0)  # dispatched: the decode device works from here
+
+            def fetch() -> tuple[list[bytes], float]:
+                ready = jax.block_until_ready(video)  # the decode alone, not the JPEGs after it
+                seconds = time.perf_counter() - t0
+                ready = ready[:, pixels.first_chunk_padding:] if first else ready
+                return _images(to_uint8(ready[0]), "JPEG", quality=self.quality), seconds
+
+            return fetch
 
         return encode

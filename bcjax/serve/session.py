@@ -267,15 +267,20 @@ class Session:
     def _current(self, gen: Stream) -> bool:
         return not self._closed and self.gen is gen
 
-    def _next(self, gen: Stream | None) -> tuple[bool, Stream | None]:
-        """(closed, stream): wait until the session closes, its stream is replaced or reset
-        (another than `gen`), or `gen` runs and the page has read enough to step it."""
+    def _next(self, gen: Stream | None, holding: bool) -> tuple[bool, Stream | None, str]:
+        """(closed, stream, what to do): wait until the session closes, its stream is replaced or
+        reset (another than `gen`), or `gen` runs and the page has read enough to step it: "step".
+        holding: `gen` has a block decoding, not yet sent (it counts against the ack window); when
+        `gen` cannot step now (stopped, the page behind), that block is sent first: "flush"."""
         with self._cond:
             while True:
                 if self._closed:
-                    return True, None
-                if self.gen is not gen or (gen is not None and gen.running and gen.sent - gen.acked < self.ack_window):
-                    return False, self.gen
+                    return True, None, "step"
+                if self.gen is not gen or (gen is not None and gen.running
+                                           and gen.sent + holding - gen.acked < self.ack_window):
+                    return False, self.gen, "step"
+                if holding:
+                    return False, gen, "flush"
                 self._cond.wait()
 
     def _wait_until(self, gen: Stream, last_block: float, frames: int) -> bool:
@@ -293,30 +298,32 @@ class Session:
         return self.outbox.put(msg, lambda: not self._current(gen))
 
     def _run(self) -> None:
-        ticks, gen = None, None
+        ticks, gen, holding = None, None, False
         try:
             while True:
-                closed, nxt = self._next(gen)
+                closed, nxt, todo = self._next(gen, holding)
                 if closed:
                     return
                 if nxt is not gen:  # replaced or reset: the old stream's state is freed now, not at the next start
                     if ticks is not None:
-                        ticks.close()
+                        ticks.close()  # a block it was decoding is dropped with it, as its unsent messages are
                         self.outbox.put({"type": "state", "state": "ended", "stream": gen.id})
-                    gen, ticks = nxt, None
+                    gen, ticks, holding = nxt, None, False
                     if gen is None:
                         continue
                 try:
                     if ticks is None:
                         ticks = self._ticks(gen)
-                    next(ticks)
+                        holding = next(ticks)
+                    else:
+                        holding = ticks.send(todo)
                 except StopIteration:  # it saw its stream replaced, or the tab gone
-                    ticks = None
+                    ticks, holding = None, False
                     if self.outbox.closed.is_set():
                         return
                 except Exception as exc:  # a stream's failure is reported to its page, never raised into the server
                     self._failed(gen, exc)
-                    gen, ticks = None, None
+                    gen, ticks, holding = None, None, False
         finally:
             if ticks is not None:
                 ticks.close()
@@ -330,78 +337,115 @@ class Session:
         self.outbox.put({"type": "state", "state": "ended", "stream": gen.id})
 
     def _ticks(self, gen: Stream):
-        """A generator sending one message per step of `gen` (one step per next())."""
+        """A generator stepping `gen` once per resume (see `_messages`)."""
         import jax.numpy as jnp
 
         s = gen.settings
         context = self.backend.context(gen.first_prompt, s["seed"])
         encode = self.backend.frame_encoder(s["decoder"])
-        ticks = steps(gen.runner, self.backend.params, gen.live, jax.random.key(s["seed"]), None,
-                      policy=s["policy"], context=None if context is None else jnp.asarray(context))
+
+        def ticks(on_dispatch):
+            return steps(gen.runner, self.backend.params, gen.live, jax.random.key(s["seed"]), None,
+                         policy=s["policy"], context=None if context is None else jnp.asarray(context),
+                         on_dispatch=on_dispatch)
+
         return self._messages(gen, ticks, encode)
 
-    def _messages(self, gen: Stream, ticks, encode):
-        try:
-            t_start, c_start = time.perf_counter(), compile_seconds()
-            last_block, started, touched, in_force, first = None, 0, 0, 0, True
-            compile_since: dict[int, float] = {}  # prompt -> compile seconds when its switch came in force
-            recached: dict[int, float] = {}  # prompt -> seconds its switch spent recaching
+    def _messages(self, gen: Stream, make_ticks, encode):
+        """A generator sending `gen`'s messages: one runner step per resume with "step" (the first
+        resume is next()), or, resumed with "flush", only the block it holds. Yields whether it
+        holds a block (see `_next`).
+
+        Decoding never waits for the denoiser, nor the denoiser for decoding: a finished block's
+        decode is dispatched (to the decode device) and held; the next step is dispatched, and
+        only then are the held block's pixels fetched, encoded, paced and sent, while the devices
+        compute that step (`steps(on_dispatch=)`). So the page gets the same blocks with the same
+        pixels in the same order as decoding each block before the next step, one step later.
+        """
+        t_start, c_start = time.perf_counter(), compile_seconds()
+        last_block, started, touched, in_force, first = None, 0, 0, 0, True
+        compile_since: dict[int, float] = {}  # prompt -> compile seconds when its switch came in force
+        recached: dict[int, float] = {}  # prompt -> seconds its switch spent recaching
+        compute = 0.0
+        held: list = []  # at most one (tick, fetch): a block decoding, sent after the next step is dispatched
+
+        def send_held() -> None:
+            """Send the held block (if any): wait for its pixels, pace, send; _Ended when the stream ended."""
+            nonlocal last_block, started, touched, compute, recached
+            if not held:
+                return
+            tick, fetch = held.pop()
+            e = tick.event
+            images, decode_s = fetch()
+            if last_block is not None and not self._wait_until(gen, last_block, len(images)):
+                raise _Ended
+            last_block = time.perf_counter()
+            header = {"type": "block", **_base(gen, tick), "block": e.block, "block_prompt": e.prompt,
+                      "block_ms": 1e3 * e.seconds, "block_recache_ms": 1e3 * e.recache_s,
+                      "compute_ms": 1e3 * compute, "mime": self.backend.mime, "decoder": gen.settings["decoder"],
+                      "decode_ms": None if decode_s is None else 1e3 * decode_s}
             compute = 0.0
-            for tick in ticks:
-                if not self._current(gen):
-                    return
-                if first:
-                    first = False
-                    self._send(gen, {"type": "state", "state": "running", "stream": gen.id,
-                                     "first_tick_ms": 1e3 * (time.perf_counter() - t_start),
-                                     "compile_ms": 1e3 * (compile_seconds() - c_start)})
-                if tick.prompt > in_force:  # a switch takes effect: from here every step runs under its text
-                    in_force = tick.prompt
-                    compile_since.setdefault(tick.prompt, compile_seconds())
-                stages = [list(x) for x in tick.stages]
-                base = {"stream": gen.id, "tick": tick.step, "prompt": tick.prompt, "stages": stages,
-                        "step_ms": 1e3 * tick.seconds, "recache_ms": 1e3 * tick.recache_s}
-                e = tick.event
-                compute += tick.seconds
-                if tick.recache_s:
-                    recached[tick.prompt] = recached.get(tick.prompt, 0.0) + tick.recache_s
-                if e is None:
-                    sent = self._send(gen, {"type": "tick", **base})
+            with self._cond:
+                pushed = dict(gen.pushed)
+            # two moments a switch becomes visible under a cascade: the first block with
+            # any pass under the new text (every block in flight runs under the prompt in
+            # force), and the first block that started under it
+            if tick.prompt > touched and tick.prompt in pushed:
+                touched = tick.prompt
+                header.update(touched_prompt=touched, touched_ms=1e3 * (last_block - pushed[touched]),
+                              touched_compile_ms=1e3 * (compile_seconds() - compile_since.get(touched, 0.0)))
+            if e.prompt > started and e.prompt in pushed:
+                started = e.prompt
+                header.update(switch_ms=1e3 * (last_block - pushed[started]),
+                              switch_recache_ms=1e3 * recached.pop(started, 0.0),
+                              switch_compile_ms=1e3 * (compile_seconds() - compile_since.pop(started, 0.0)))
+                with self._cond:  # switches up to this one are shown: their times are not needed again
+                    for p in [p for p in gen.pushed if p <= started]:
+                        del gen.pushed[p]
+                recached = {p: r for p, r in recached.items() if p > started}
+            if not self._send(gen, protocol.pack_block(header, images)):
+                raise _Ended
+            with self._cond:
+                gen.sent += 1
+
+        ticks = make_ticks(send_held)
+        try:
+            todo = "step"
+            while True:
+                if todo == "flush":
+                    send_held()
                 else:
-                    images, decode_s = encode(e.x0)
-                    if last_block is not None and not self._wait_until(gen, last_block, len(images)):
+                    tick = next(ticks)  # dispatches the step, sends the held block beside it, waits for the step
+                    if not self._current(gen):
                         return
-                    last_block = time.perf_counter()
-                    header = {"type": "block", **base, "block": e.block, "block_prompt": e.prompt,
-                              "block_ms": 1e3 * e.seconds, "block_recache_ms": 1e3 * e.recache_s,
-                              "compute_ms": 1e3 * compute, "mime": self.backend.mime, "decoder": gen.settings["decoder"],
-                              "decode_ms": None if decode_s is None else 1e3 * decode_s}
-                    compute = 0.0
-                    with self._cond:
-                        pushed = dict(gen.pushed)
-                    # two moments a switch becomes visible under a cascade: the first block with
-                    # any pass under the new text (every block in flight runs under the prompt in
-                    # force), and the first block that started under it
-                    if tick.prompt > touched and tick.prompt in pushed:
-                        touched = tick.prompt
-                        header.update(touched_prompt=touched, touched_ms=1e3 * (last_block - pushed[touched]),
-                                      touched_compile_ms=1e3 * (compile_seconds() - compile_since.get(touched, 0.0)))
-                    if e.prompt > started and e.prompt in pushed:
-                        started = e.prompt
-                        header.update(switch_ms=1e3 * (last_block - pushed[started]),
-                                      switch_recache_ms=1e3 * recached.pop(started, 0.0),
-                                      switch_compile_ms=1e3 * (compile_seconds() - compile_since.pop(started, 0.0)))
-                        with self._cond:  # switches up to this one are shown: their times are not needed again
-                            for p in [p for p in gen.pushed if p <= started]:
-                                del gen.pushed[p]
-                        recached = {p: r for p, r in recached.items() if p > started}
-                    sent = self._send(gen, protocol.pack_block(header, images))
-                    if sent:
-                        with self._cond:
-                            gen.sent += 1
-                if not sent:
-                    return
-                yield
-            raise RuntimeError("the stream ended")  # steps() runs until closed: not reached
+                    if first:
+                        first = False
+                        self._send(gen, {"type": "state", "state": "running", "stream": gen.id,
+                                         "first_tick_ms": 1e3 * (time.perf_counter() - t_start),
+                                         "compile_ms": 1e3 * (compile_seconds() - c_start)})
+                    if tick.prompt > in_force:  # a switch takes effect: from here every step runs under its text
+                        in_force = tick.prompt
+                        compile_since.setdefault(tick.prompt, compile_seconds())
+                    compute += tick.seconds
+                    if tick.recache_s:
+                        recached[tick.prompt] = recached.get(tick.prompt, 0.0) + tick.recache_s
+                    if tick.event is None:
+                        if not self._send(gen, {"type": "tick", **_base(gen, tick)}):
+                            return
+                    else:
+                        held.append((tick, encode(tick.event.x0)))  # the decode dispatched, not waited for
+                todo = yield bool(held)
+        except _Ended:
+            return
         finally:
             ticks.close()
+
+
+class _Ended(Exception):
+    """A stream ended (replaced, reset, its tab closed) while its thread was sending a block."""
+
+
+def _base(gen: Stream, tick) -> dict:
+    """What every tick and block message says of the step."""
+    return {"stream": gen.id, "tick": tick.step, "prompt": tick.prompt, "stages": [list(x) for x in tick.stages],
+            "step_ms": 1e3 * tick.seconds, "recache_ms": 1e3 * tick.recache_s}

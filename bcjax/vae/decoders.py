@@ -7,7 +7,9 @@ frames are padding. Callers never branch on which decoder it is.
 Placement. Ticks of a cascade run in lockstep, so a decode on a stage device delays every stage's
 next tick. `decode_device` picks a device outside the `stage` x `model` mesh when there is one,
 else the host CPU; the decoder's weights live there and each block's latents are copied there, so
-the decode runs beside the denoising (on its own thread, `bcjax.pipeline.streaming.overlapped`).
+the decode runs beside the denoising (`bcjax generate`: on its own thread,
+`bcjax.pipeline.streaming.overlapped`; `bcjax serve`: dispatched before the next step and fetched
+after it, on the tab's one thread, `bcjax.serve.session`).
 """
 
 from __future__ import annotations
