@@ -441,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_convert)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup", "compile", "memory", "gpu",
-                                    "decode"])
+    s.add_argument("what", choices=["sequential", "cascade", "comm", "convert", "switch", "startup", "compile", "memory",
+                                    "gpu", "decode"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p

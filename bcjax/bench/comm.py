@@ -1,22 +1,38 @@
-"""Communication of a cascade tick on a (stage, model) mesh, and the FPS it allows on real hardware.
+"""Communication of a cascade tick whose `stage` axis shards the tick's tokens, and the FPS it allows.
 
-    python -m bcjax.bench.comm [--preset wan2.1-14b] [--port krea_14b_clean_pass] [--latent-hw 60 104]
-                               [--meshes 5x1 5x2 5x4 5x8] [--hlo]
+    bcjax bench comm [--preset wan2.1-1.3b] [--port self_forcing] [--latent-hw 60 104]
+                     [--schedules sequential P1 P2 P4] [--stages 1 2 4 5 8 16] [--models 1]
+                     [--group G] [--hlo] [--fps-presets wan2.1-1.3b wan2.1-14b] [--window bidirectional]
+                     [--mfu 0.4] [--memory TARGET]
 
-Per tick and per device, two sources that must agree:
-* the formula (`tick_bytes`): per layer the `stage` all-gather of this pass's K and V (every slot's
-  tokens, this device's heads), the `model` psums (o, cross-attention o, ffn_2: [B, T, dim] each,
-  in the compute dtype) and qk-norm's sum-of-squares psums ([B, T, 1] f32, three of them); once per
-  tick the `stage` psum of the emitted block;
+The tick (issue 23, item 2): one joint DiT pass over every in-flight block, T = in_flight x
+block_frames x tokens_per_frame query tokens (in_flight = ceil((n + 1) / stride): P4 5, P2 3, P1 2,
+"sequential" 1, whose stride n + 1 makes n + 1 passes per block). The tokens are cut into groups of
+g tokens (g divides tokens_per_frame: a group never straddles a latent frame); each of the N `stage`
+devices takes ceil(groups / N) groups, idle padding groups only where N does not divide them, so
+T_pad = N ceil(T / (g N)) g. Sequential on N devices is context parallelism of one block; P4 on 8
+or 16 is the cascade and context parallelism at once.
+
+Bytes per tick and per device, two sources that must agree:
+* the formula (`tick_bytes`), per layer: the `stage` all-gather of the tick's K and V ([B, T_pad,
+  heads / model, head_dim] each, compute dtype), the `model` psums of o, cross-attention o and ffn_2
+  ([B, T_pad / N, dim] each) and qk-norm's three sum-of-squares psums ([B, T_pad / N, 1] f32);
+  once per tick the `stage` all-gather of the flow ([B, T_pad, patch_features] f32), which replaces
+  the psum of the emitted block of the slot-per-device tick (`design="slots"`: the tick before
+  issue 23, one slot of in-flight blocks per device, kept so the formula can check today's program);
 * the compiled program (`--hlo`, `hlo_collectives`): every all-gather / all-reduce of the tick's
   optimised HLO, each counted as often as its loop runs, assigned to the mesh axis its replica
   groups span (compiled on fake CPU devices; nothing runs).
-"Wire" bytes are what one device receives with ring collectives: all-gather R (g-1)/g of its
-result R, all-reduce 2 S (g-1)/g of its operand S, for a group of g devices.
+"Wire" bytes are what one device receives with ring collectives: all-gather R (N-1)/N of its
+result R, all-reduce 2 S (N-1)/N of its operand S.
 
-The FPS model (`model_fps`) per tick: compute = tick FLOPs per device / (peak FLOP/s x MFU), and
-each axis' wire bytes / its link bandwidth; the tick takes compute + the exposed communication
-(no overlap assumed, the conservative case). P4 emits one block per tick, 12 video frames.
+The FPS model (`model_fps`): a tick takes the matmul FLOPs of its busiest device / (peak bf16
+FLOP/s x MFU) plus each axis' wire bytes / its link bandwidth, not overlapped (conservative); the
+stream emits one block (12 video frames) every `stride` ticks, FPS = 12 / (stride x tick). FLOPs
+count the keys each query sees in the steady state of a long stream (full cache, every in-flight
+block busy): the sink and `rolling` frames before its block, its own block, and under the
+bidirectional window the newer in-flight blocks. That is the cost of an attention that skips
+invisible keys (issue 23, item 4); groups go to devices in token order (oldest block first).
 """
 
 from __future__ import annotations
@@ -24,8 +40,8 @@ from __future__ import annotations
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # --hlo compiles on fake CPU devices: 40 covers (5, 8); must be set before jax starts a backend
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=40"
+    # --hlo compiles on fake CPU devices: 64 covers (16, 4); must be set before jax starts a backend
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64"
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -136,7 +152,8 @@ def _parse(hlo: str):
 
 def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
     """Per mesh axis ('stage', 'model'; 'other' for groups spanning neither): collective ops run
-    per call of the program, their result bytes and the bytes one device receives (ring).
+    per call of the program, their result bytes and the bytes one device receives (ring), and
+    under "kinds" the ops of each kind (all-gather, all-reduce, ...).
     Each op counts as often as the loops around it run (while known_trip_count); a branch of a
     conditional counts once."""
     comps, entry = _parse(hlo)
@@ -154,7 +171,7 @@ def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
     ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
     axes = {name: [set(np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])[j].tolist()) for j in range(ids.size // ids.shape[i])]
             for i, name in enumerate(mesh.axis_names)}
-    out = defaultdict(lambda: {"ops": 0, "payload": 0.0, "wire": 0.0})
+    out = defaultdict(lambda: {"ops": 0, "payload": 0.0, "wire": 0.0, "kinds": defaultdict(int)})
     for comp, k in times.items():
         for kind, nbytes, group in comps[comp][0]:
             size = group if isinstance(group, int) else len(group or ())
@@ -169,168 +186,498 @@ def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
             out[axis]["ops"] += k
             out[axis]["payload"] += k * nbytes
             out[axis]["wire"] += k * wire
-    return dict(out)
+            out[axis]["kinds"][kind] += k
+    return {axis: {**v, "kinds": dict(v["kinds"])} for axis, v in out.items()}
 
 
-def tick_bytes(cfg, pcfg, latent_hw, num_slots: int, stage: int, model: int, batch: int = 1) -> dict[str, dict]:
-    """The same figures from the formula (module docstring) for one tick of a cascade with
-    `num_slots` slots (idle ones included) on a (stage, model) mesh."""
-    import jax.numpy as jnp
-
-    p = cfg.tokens_per_frame(*latent_hw)
-    bf, dt = pcfg.block_frames, jnp.dtype(cfg.compute_dtype).itemsize
-    t_tick = num_slots * bf * p  # every slot's tokens: what the all-gather assembles
-    t_dev = t_tick // stage  # this device's queries
-    layers = cfg.num_layers
-    gather = 2 * batch * t_tick * (cfg.num_heads // model) * cfg.head_dim * dt  # K and V, one layer
-    emitted = batch * bf * latent_hw[0] * latent_hw[1] * cfg.in_channels * 4
-    reduce_out = 3 * batch * t_dev * cfg.dim * dt
-    reduce_norm = (3 if cfg.qk_norm else 0) * batch * t_dev * 4
-    out = {}
-    if stage > 1:
-        out["stage"] = {"ops": 2 * layers + 1, "payload": layers * gather + emitted,
-                        "wire": (layers * gather + 2 * emitted) * (stage - 1) / stage}
-    if model > 1:
-        payload = layers * (reduce_out + reduce_norm)
-        out["model"] = {"ops": layers * (3 + (3 if cfg.qk_norm else 0)), "payload": payload,
-                        "wire": 2 * payload * (model - 1) / model}
-    return out
+SCHEDULES = ("sequential", "P1", "P2", "P4")
+STAGES = (1, 2, 4, 5, 8, 16)
+DESIGNS = ("tokens", "slots")  # the token-sharded tick (issue 23), the slot-per-device tick before it
+# the sampler each preset's FPS rows use: Self-Forcing's for 1.3B (the paper's 16 / 30 FPS), Krea's
+# clean-pass sampler for 14B (the paper's 14B is Krea Realtime 14B)
+PORT_OF = {"wan2.1-1.3b": "self_forcing", "wan2.1-14b": "krea_14b_clean_pass"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Chip:
-    """Published peak figures of one accelerator (bf16 dense FLOP/s; link GB/s one direction)."""
+class TickLayout:
+    """How one tick's query tokens fall on the `stage` axis."""
+
+    stride: int  # ticks between block entries: one block is emitted every `stride` ticks
+    in_flight: int  # blocks in one joint pass
+    block_tokens: int  # block_frames x tokens_per_frame
+    group: int  # tokens per group (divides tokens_per_frame)
+    stage: int  # devices on `stage`
+    num_stages: int  # n + 1 passes per block
+
+    @property
+    def tokens(self) -> int:  # T
+        return self.in_flight * self.block_tokens
+
+    @property
+    def groups(self) -> int:
+        return self.tokens // self.group
+
+    @property
+    def device_tokens(self) -> int:  # query tokens per device, padding included
+        return -(-self.groups // self.stage) * self.group
+
+    @property
+    def padded_tokens(self) -> int:  # T_pad
+        return self.stage * self.device_tokens
+
+
+def group_size(tokens_per_frame: int, tokens: int, stage: int) -> int:
+    """The largest divisor of tokens_per_frame whose groups, dealt to `stage` devices, pad the
+    tick's `tokens` by at most 1% (by the least padding where none does): no padding wherever a
+    group size divides evenly (195 tokens for 1560-token frames on 8 devices), and no one-token
+    groups for a 1% saving."""
+    divisors = [g for g in range(1, tokens_per_frame + 1) if tokens_per_frame % g == 0]
+    padding = {g: stage * -(-tokens // (g * stage)) * g - tokens for g in divisors}
+    fine = [g for g in divisors if padding[g] <= 0.01 * tokens]
+    return max(fine) if fine else min(divisors, key=lambda g: (padding[g], -g))
+
+
+def tick_layout(cfg, pcfg, latent_hw, schedule: str, stage: int, group: int | None = None) -> TickLayout:
+    from bcjax.schedule.stagger import make_stagger
+
+    st = make_stagger(schedule, pcfg.num_steps)
+    p = cfg.tokens_per_frame(*latent_hw)
+    block = pcfg.block_frames * p
+    g = group or group_size(p, st.in_flight * block, stage)
+    if p % g:
+        raise ValueError(f"group of {g} tokens: must divide the {p} tokens of a latent frame")
+    return TickLayout(st.stride, st.in_flight, block, g, stage, st.num_stages)
+
+
+def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batch: int = 1,
+               group: int | None = None, design: str = "tokens") -> dict[str, dict]:
+    """Collectives of one tick per device, by mesh axis: {axis: {ops, payload, wire}} (module
+    docstring). design "slots": the slot-per-device tick (make_stagger's slots padded to a multiple
+    of `stage`, K/V of every slot gathered, the emitted block psummed over `stage`)."""
+    import jax.numpy as jnp
+
+    from bcjax.schedule.stagger import make_stagger
+
+    if design not in DESIGNS:
+        raise ValueError(f"design {design!r}: expected one of {DESIGNS}")
+    dt = jnp.dtype(cfg.compute_dtype).itemsize
+    layers, heads = cfg.num_layers, cfg.num_heads // model
+    if design == "tokens":
+        lay = tick_layout(cfg, pcfg, latent_hw, schedule, stage, group)
+        t_all, t_dev = lay.padded_tokens, lay.device_tokens
+        tick_op = ("all-gather", batch * t_all * cfg.patch_features * 4)  # the flow, f32
+    else:
+        slots = make_stagger(schedule, pcfg.num_steps, stage).num_slots
+        t_all = slots * pcfg.block_frames * cfg.tokens_per_frame(*latent_hw)
+        t_dev = t_all // stage
+        emitted = batch * pcfg.block_frames * latent_hw[0] * latent_hw[1] * cfg.in_channels * 4
+        tick_op = ("all-reduce", emitted)
+    gather = 2 * batch * t_all * heads * cfg.head_dim * dt  # K and V of one layer
+    out = {}
+    if stage > 1:
+        ring = (stage - 1) / stage
+        kind, nbytes = tick_op
+        out["stage"] = {"ops": 2 * layers + 1, "payload": layers * gather + nbytes,
+                        "wire": (layers * gather + nbytes * (2 if kind == "all-reduce" else 1)) * ring,
+                        "kinds": {"all-gather": 2 * layers + (kind == "all-gather"), **({kind: 1} if kind != "all-gather" else {})}}
+    if model > 1:
+        norms = 3 if cfg.qk_norm else 0
+        payload = layers * (3 * batch * t_dev * cfg.dim * dt + norms * batch * t_dev * 4)
+        out["model"] = {"ops": layers * (3 + norms), "payload": payload, "wire": 2 * payload * (model - 1) / model,
+                        "kinds": {"all-reduce": layers * (3 + norms)}}
+    return out
+
+
+def _visible_frames(pcfg, window: str, in_flight: int, age: int) -> int:
+    """Key frames a query of the in-flight block `age` blocks younger than the oldest sees in a
+    long stream's steady state (`bcjax.cascade.masks`): the sink, the `rolling` frames before its
+    block (cache or older in-flight blocks), its own block, and under `bidirectional` every newer
+    in-flight block (never cut by the window)."""
+    rolling = pcfg.cache_frames - pcfg.sink_frames
+    newer = in_flight - 1 - age if window == "bidirectional" else 0
+    return pcfg.sink_frames + rolling + (1 + newer) * pcfg.block_frames
+
+
+def tick_flops(cfg, pcfg, latent_hw, schedule: str, window: str, stage: int, model: int,
+               group: int | None = None) -> dict[str, float]:
+    """Matmul FLOPs of one tick: {"total": the joint pass, "device": the busiest device's share}.
+
+    Per query token and layer: q, k, v, o (8 dim^2), cross-attention q and o (4 dim^2; its K/V are
+    cached per prompt), the FFN (4 dim ffn), self-attention over its visible keys (4 dim keys) and
+    cross-attention over the prompt (4 dim text_len); once per token the patch embedding and the
+    head. Groups go to devices in token order, oldest block first; a padding token costs the
+    matmuls and attention over the tick's own tokens (an upper bound). `model` divides all of it
+    (heads and FFN columns split)."""
+    lay = tick_layout(cfg, pcfg, latent_hw, schedule, stage, group)
+    p = cfg.tokens_per_frame(*latent_hw)
+    d = cfg.dim
+    dense = 12 * d * d + 4 * d * cfg.ffn_dim + 4 * d * cfg.text_len
+    embed_head = 2 * cfg.patch_features * d + 2 * d * cfg.out_channels * cfg.patch_size[1] * cfg.patch_size[2]
+
+    def per_token(keys: int) -> float:
+        return float(cfg.num_layers * (dense + 4 * d * keys) + embed_head)
+
+    # [padded tokens] FLOPs of each query token, oldest block first
+    ages = np.minimum(np.arange(lay.padded_tokens) // lay.block_tokens, lay.in_flight)
+    keys = np.array([_visible_frames(pcfg, window, lay.in_flight, a) * p for a in range(lay.in_flight)]
+                    + [pcfg.cache_frames * p + lay.tokens])
+    flops = cfg.num_layers * (dense + 4 * d * keys[ages].astype(np.float64)) + embed_head
+    real = flops[: lay.tokens].sum()
+    device = flops.reshape(stage, lay.device_tokens).sum(axis=1).max()
+    assert per_token(keys[0]) == flops[0]
+    return {"total": real / model, "device": device / model}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """A machine of the FPS model: published peaks (bf16 dense FLOP/s; link GB/s one direction)."""
 
     name: str
+    devices: int
+    chip: str
     tflops: float
     hbm_gib: float
-    stage_gbs: float  # the link the stage all-gather crosses
-    model_gbs: float  # the link a model group's psums cross
+    stage_gbs: float  # the link a `stage` ring crosses (its slowest hop)
+    model_gbs: float  # the link a `model` group's psums cross
+    target: str | None  # the `bcjax bench compile` target with these devices
     note: str
 
 
-# Sources: Google Cloud TPU v5e / v5p system architecture pages (bf16 peak, HBM, ICI per chip);
-# NVIDIA H100 SXM datasheet (989 TFLOP/s dense bf16, NVLink 900 GB/s total = 450 GB/s each way),
-# ConnectX-7 400 Gb/s = 50 GB/s per GPU between nodes.
-CHIPS = {
-    "TPU v5e-32": Chip("TPU v5e-32", 197.0, 16.0, 50.0, 50.0,
-                       "ICI 1600 Gbps per chip over 4 links = 50 GB/s per link each way; 2D torus, (5, 4) on 20 of 32 chips"),
-    "TPU v5p-16": Chip("TPU v5p-16", 459.0, 95.0, 100.0, 100.0,
-                       "ICI 4800 Gbps per chip over 6 links = 100 GB/s per link each way; (5, 2) on 10 of 16 chips"),
-    "5x2 H100": Chip("5x2 H100", 989.0, 80.0, 50.0, 450.0,
-                     "model pairs on NVLink (450 GB/s each way) inside a node, the 5 stages across 2 nodes over "
-                     "400 Gb/s InfiniBand (50 GB/s per GPU)"),
-    "5 H100 (paper)": Chip("5 H100 (paper)", 989.0, 80.0, 450.0, 450.0,
-                           "the paper's setup, one node, NVLink; it measured 12.5 FPS for 14B P4"),
-}
-PAPER_14B_P4_FPS = 12.5  # paper.md: Krea Realtime 14B, P4 on 5 H100s
-# (hardware, mesh) rows of the FPS model; the last is the paper's measured setup, a calibration
-FPS_ROWS = (("TPU v5e-32", (5, 4)), ("TPU v5p-16", (5, 2)), ("5x2 H100", (5, 2)), ("5 H100 (paper)", (5, 1)))
+_H100 = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_gbs=450.0, target="h100")
+# Sources: NVIDIA H100 SXM datasheet (989 TFLOP/s dense bf16; NVLink 4 900 GB/s per GPU = 450 GB/s
+# each way, through NVSwitch inside a node); ConnectX-7 400 Gb/s = 50 GB/s per GPU between nodes.
+# Google Cloud TPU system architecture pages (docs.cloud.google.com/tpu/docs/v5e, v5p, v6e): peak
+# bf16 per chip, HBM, and bidirectional ICI per chip over its ports: v5e 400 GB/s over 4 ports,
+# v5p 1200 GB/s over 6, v6e 800 GB/s over 4, i.e. 50, 100, 100 GB/s per link each way. A ring
+# over an axis is modelled on one link each way (a bidirectional ring would halve its time).
+HARDWARE = {h.name: h for h in (
+    Hardware("1 H100", 1, stage_gbs=450.0, note="one GPU: no communication", **_H100),
+    Hardware("5 H100", 5, stage_gbs=450.0, note="one node, NVLink 450 GB/s each way (the paper's setup)", **_H100),
+    Hardware("8 H100", 8, stage_gbs=450.0, note="one node, NVLink 450 GB/s each way", **_H100),
+    Hardware("16 H100", 16, stage_gbs=50.0, note="two nodes: the stage ring crosses InfiniBand, 50 GB/s per GPU",
+             **_H100),
+    Hardware("TPU v5e-32", 32, "TPU v5e", 197.0, 16.0, 50.0, 50.0, "v5e-32",
+             "ICI 50 GB/s per link each way; XLA:TPU needs the whole slice"),
+    Hardware("TPU v5p-16", 8, "TPU v5p", 459.0, 95.0, 100.0, 100.0, "v5p-16", "8 chips, ICI 100 GB/s per link each way"),
+    Hardware("TPU v6e-16", 16, "TPU v6e", 918.0, 32.0, 100.0, 100.0, "v6e-16", "ICI 100 GB/s per link each way"),
+)}
+# (hardware, schedule, stage devices or None = the whole machine over the smallest `model` that fits)
+FPS_ROWS = (
+    ("1 H100", "sequential", 1), ("1 H100", "P4", 1),
+    ("5 H100", "sequential", 5), ("5 H100", "P2", 5), ("5 H100", "P4", 5),
+    ("8 H100", "sequential", 8), ("8 H100", "P4", 8),
+    ("16 H100", "P4", 16),
+    ("TPU v5e-32", "sequential", None), ("TPU v5e-32", "P4", None),
+    ("TPU v5p-16", "sequential", None), ("TPU v5p-16", "P4", None),
+    ("TPU v6e-16", "sequential", None), ("TPU v6e-16", "P4", None),
+)
+# the paper's measured FPS (paper.md, section 1): H100s with FlashAttention 3
+PAPER_FPS = {("wan2.1-1.3b", "1 H100", "sequential"): 16.0, ("wan2.1-1.3b", "5 H100", "P4"): 30.0,
+             ("wan2.1-14b", "1 H100", "sequential"): 4.5, ("wan2.1-14b", "5 H100", "P4"): 12.5}
+CALIBRATION = ("wan2.1-1.3b", "1 H100", "sequential")  # the MFU of the calibrated column comes from here
+PAPER_VIDEO_BLOCKS = 7  # an 81-frame video (21 latent frames), Self-Forcing's default length
 
 
-def model_fps(flops_per_device: float, comm: dict, chip: Chip, mfu: float) -> dict[str, float]:
-    compute = flops_per_device / (chip.tflops * 1e12 * mfu)
-    stage = comm.get("stage", {}).get("wire", 0.0) / (chip.stage_gbs * 1e9)
-    model = comm.get("model", {}).get("wire", 0.0) / (chip.model_gbs * 1e9)
+def model_fps(flops_per_device: float, comm: dict, hw: Hardware, mfu: float, stride: int) -> dict[str, float]:
+    """One tick's time (compute at `mfu` plus each axis' wire bytes over its link, not overlapped)
+    and the FPS of one block (12 frames) every `stride` ticks."""
+    compute = flops_per_device / (hw.tflops * 1e12 * mfu)
+    stage = comm.get("stage", {}).get("wire", 0.0) / (hw.stage_gbs * 1e9)
+    model = comm.get("model", {}).get("wire", 0.0) / (hw.model_gbs * 1e9)
     tick = compute + stage + model
     return {"compute_ms": 1e3 * compute, "stage_ms": 1e3 * stage, "model_ms": 1e3 * model, "tick_ms": 1e3 * tick,
-            "fps": VIDEO_FRAMES_PER_BLOCK / tick}
+            "fps": VIDEO_FRAMES_PER_BLOCK / (stride * tick)}
 
 
-def tick_flops_per_device(cfg, pcfg, latent_hw, num_slots: int, stage: int, model: int) -> float:
-    """Matmul FLOPs of one device's share of a tick: its slots' queries over the cache and every
-    slot's keys, divided over `model` (heads and FFN columns split; embeddings are negligible)."""
-    from bcjax.bench.cascade import _pass_flops
+def _weights_bytes(cfg) -> float:
+    import jax
+    import jax.numpy as jnp
 
-    p = cfg.tokens_per_frame(*latent_hw)
-    q = num_slots // stage * pcfg.block_frames * p
-    k = (pcfg.cache_frames + num_slots * pcfg.block_frames) * p
-    return _pass_flops(cfg, q, k) / model
+    from bcjax.model.wan import param_shapes
+
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(param_shapes(cfg)))
+
+
+def row_mesh(cfg, hw: Hardware, stage: int | None) -> tuple[int, int]:
+    """(stage, model) of an FPS row: `model` the smallest size splitting heads and FFN whose weights
+    take at most half a device (`bench compile`'s rule); stage None = every device."""
+    valid = [m for m in (1, 2, 4, 8, 16) if cfg.num_heads % m == 0 and cfg.ffn_dim % m == 0 and m <= hw.devices]
+    fitting = [m for m in valid if _weights_bytes(cfg) / m <= hw.hbm_gib * 2**30 / 2]
+    model = (fitting or valid[-1:])[0]
+    return (stage if stage is not None else hw.devices // model), model
+
+
+@dataclasses.dataclass
+class FpsRow:
+    preset: str
+    port: str
+    hardware: Hardware
+    schedule: str
+    window: str
+    mesh: tuple[int, int]
+    layout: TickLayout
+    flops: dict
+    comm: dict
+
+
+def fps_rows(preset: str, latent_hw, window: str, dtype: str = "bfloat16", rows=FPS_ROWS, port: str | None = None,
+             group: int | None = None) -> list[FpsRow]:
+    import ports
+    from bcjax.model.config import WanConfig
+
+    cfg = WanConfig.preset(preset, dtype=dtype, param_dtype=dtype)
+    port = port or PORT_OF.get(preset, "self_forcing")
+    pcfg = ports.get(port).pipeline
+    out = []
+    for name, schedule, stage in rows:
+        hw = HARDWARE[name]
+        mesh = row_mesh(cfg, hw, stage)
+        win = "causal" if schedule == "sequential" else window  # one block in flight: the windows agree
+        out.append(FpsRow(preset, port, hw, schedule, win, mesh, tick_layout(cfg, pcfg, latent_hw, schedule, mesh[0], group),
+                          tick_flops(cfg, pcfg, latent_hw, schedule, win, *mesh, group=group),
+                          tick_bytes(cfg, pcfg, latent_hw, schedule, *mesh, group=group)))
+    return out
+
+
+def calibrated_mfu(row: FpsRow, fps: float) -> float:
+    """The MFU at which `row` gives the measured `fps` (its communication taken as modelled)."""
+    exposed = model_fps(row.flops["device"], row.comm, row.hardware, 1.0, row.layout.stride)
+    compute_s = VIDEO_FRAMES_PER_BLOCK / (fps * row.layout.stride) - 1e-3 * (exposed["stage_ms"] + exposed["model_ms"])
+    return row.flops["device"] / (row.hardware.tflops * 1e12 * compute_s)
+
+
+def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: str, stage: int, model: int) -> dict:
+    """hlo_collectives of the cascade's compiled tick (`Cascade.lower`) on a (stage, model) mesh of
+    fake CPU devices, from abstract inputs: nothing of the model's size is allocated."""
+    import jax
+
+    from bcjax.cascade import Cascade, make_mesh
+
+    n = stage * model
+    if jax.device_count() < n:
+        raise RuntimeError(f"a {stage}x{model} mesh needs {n} devices; jax has {jax.device_count()} (run this module "
+                           "as its own process so it can force 64 host devices)")
+    mesh = make_mesh(stage, model, devices=jax.devices()[:n], cfg=cfg)
+    cas = Cascade(cfg, pcfg, latent_hw, schedule=schedule, window=window, mesh=mesh)
+    return hlo_collectives(cas.lower(*cas.abstract_inputs()).compile().as_text(), mesh)
+
+
+def hlo_design(hlo: dict) -> str:
+    """Which tick a compiled program is: the slot tick psums the emitted block over `stage`, the
+    token-sharded tick has no `stage` all-reduce (it all-gathers the flow)."""
+    return "slots" if hlo.get("stage", {}).get("kinds", {}).get("all-reduce") else "tokens"
 
 
 def _fmt(b: float) -> str:
     return f"{b / 2**20:,.1f} MiB" if b >= 2**20 else f"{b / 2**10:,.1f} KiB"
 
 
-def main(argv=None) -> int:
+def _bytes_cells(d: dict) -> str:
+    s, m = d.get("stage", {}), d.get("model", {})
+    return (f"{_fmt(s.get('payload', 0))} / {_fmt(s.get('wire', 0))} | {_fmt(m.get('payload', 0))} / "
+            f"{_fmt(m.get('wire', 0))} | {s.get('ops', 0)} / {m.get('ops', 0)}")
+
+
+def _same(a: dict, b: dict) -> bool:
+    keys = ("payload", "wire")
+    return set(a) == set(b) and all(abs(a[x][k] - b[x][k]) <= 1e-9 * max(1.0, b[x][k]) for x in b for k in keys)
+
+
+def print_bytes(cfg, pcfg, hw, schedules, stages, models, group, hlo: bool, window: str) -> None:
     import jax
 
+    print("| schedule | mesh | T / per device (groups of g) | stage all-gathers (payload / wire) | "
+          "model psums (payload / wire) | ops stage / model | source |")
+    print("|---|---|---|---|---|---|---|")
+    for schedule in schedules:
+        for stage in stages:
+            for model in models:
+                lay = tick_layout(cfg, pcfg, hw, schedule, stage, group)
+                f = tick_bytes(cfg, pcfg, hw, schedule, stage, model, group=group)
+                pad = lay.padded_tokens - lay.tokens
+                shape = f"{lay.tokens} / {lay.device_tokens} (g {lay.group}{f', {pad} padding' if pad else ''})"
+                print(f"| {schedule} | ({stage}, {model}) | {shape} | {_bytes_cells(f)} | formula |", flush=True)
+                if not hlo:
+                    continue
+                try:
+                    h = compiled_tick_collectives(cfg, pcfg, hw, schedule, window, stage, model)
+                except Exception as e:  # noqa: BLE001 - a mesh today's cascade refuses is one row saying why
+                    print(f"| {schedule} | ({stage}, {model}) | | not compiled: {str(e).splitlines()[0]} | | | "
+                          f"compiled HLO |", flush=True)
+                    continue
+                design = hlo_design(h) if stage > 1 else "either"  # one stage device: the two ticks agree
+                check = tick_bytes(cfg, pcfg, hw, schedule, stage, model, group=group, design=design if stage > 1 else "tokens")
+                agree = "= formula" if design != "slots" and _same(h, f) else (
+                    "= slot-tick formula (re-check after the token-sharded tick)" if _same(h, check) else "≠ formula")
+                print(f"| {schedule} | ({stage}, {model}) | {design} tick | {_bytes_cells(h)} | compiled HLO "
+                      f"({jax.default_backend()}), {agree} |", flush=True)
+
+
+def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: int | None) -> dict:
+    """The FPS table of every preset; returns {preset: [(row, fps at mfu, fps calibrated)]}."""
+    tables = {p: fps_rows(p, latent_hw, window, dtype, group=group) for p in presets}
+    cal_preset, cal_hw, cal_sched = CALIBRATION
+    cal_rows = tables.get(cal_preset) or fps_rows(cal_preset, latent_hw, window, dtype, group=group)
+    cal_row = next(r for r in cal_rows if (r.hardware.name, r.schedule) == (cal_hw, cal_sched))
+    cal = calibrated_mfu(cal_row, PAPER_FPS[CALIBRATION])
+    print(f"\nModelled FPS at {latent_hw[0] * 8}x{latent_hw[1] * 8} ({dtype}, batch 1; one block = "
+          f"{VIDEO_FRAMES_PER_BLOCK} frames every `stride` ticks; communication not overlapped with compute; "
+          f"window {window} for the cascades). MFU {mfu:.0%} is an assumption; MFU {cal:.1%} is calibrated: it "
+          f"makes 1.3B sequential on 1 H100 reach the paper's measured {PAPER_FPS[CALIBRATION]:.0f} FPS.")
+    print(f"| model | hardware | schedule | mesh | T / per device | TFLOP/tick/device | compute ms | stage ms | "
+          f"model ms | tick ms | FPS at MFU {mfu:.0%} | FPS at MFU {cal:.1%} | paper |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out = {}
+    for preset, rows in tables.items():
+        out[preset] = []
+        for r in rows:
+            a = model_fps(r.flops["device"], r.comm, r.hardware, mfu, r.layout.stride)
+            c = model_fps(r.flops["device"], r.comm, r.hardware, cal, r.layout.stride)
+            paper = PAPER_FPS.get((preset, r.hardware.name, r.schedule))
+            print(f"| {preset} | {r.hardware.name} | {r.schedule} | {r.mesh} | {r.layout.tokens} / "
+                  f"{r.layout.device_tokens} | {r.flops['device'] / 1e12:.2f} | {a['compute_ms']:.1f} | "
+                  f"{a['stage_ms']:.1f} | {a['model_ms']:.1f} | {a['tick_ms']:.1f} | {a['fps']:.1f} | {c['fps']:.1f} | "
+                  f"{paper if paper else '-'} |")
+            out[preset].append((r, a, c))
+    print("\nHardware: " + "; ".join(f"{h.name}: {h.chip} {h.tflops:.0f} TFLOP/s bf16, {h.hbm_gib:.0f} GiB, {h.note}"
+                                     for h in HARDWARE.values()))
+    # the paper's other measured figures against the calibrated model
+    for preset, rows in out.items():
+        for r, _, c in rows:
+            paper = PAPER_FPS.get((preset, r.hardware.name, r.schedule))
+            if paper is None or (preset, r.hardware.name, r.schedule) == CALIBRATION:
+                continue
+            need = VIDEO_FRAMES_PER_BLOCK / (paper * r.layout.stride)
+            gap = 1e3 * need - c["tick_ms"]
+            print(f"{preset} {r.schedule} on {r.hardware.name}: calibrated model {c['fps']:.1f} FPS vs the paper's "
+                  f"{paper} FPS; the paper's tick is {1e3 * need:.0f} ms, the model's {c['tick_ms']:.0f} ms: "
+                  f"{'an overhead of' if gap > 0 else 'a saving of'} {abs(gap):.0f} ms per tick "
+                  f"({abs(gap) / c['tick_ms']:.0%}) closes the gap; at MFU {calibrated_mfu(r, paper):.1%} the model "
+                  f"matches it.")
+            blocks, ticks = PAPER_VIDEO_BLOCKS, (PAPER_VIDEO_BLOCKS - 1) * r.layout.stride + r.layout.num_stages
+            if r.layout.in_flight > 1:
+                print(f"  if that FPS averages whole {blocks}-block videos (Self-Forcing's 81 frames), fill and drain count: "
+                      f"{ticks} ticks for {blocks} blocks instead of {blocks * r.layout.stride}, "
+                      f"{c['fps'] * blocks * r.layout.stride / ticks:.1f} FPS calibrated.")
+    for preset, rows in out.items():
+        print(five_devices(preset, rows, cal))
+    return out
+
+
+def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str:
+    """The model's answer to "5 GPUs: cascade, context parallel, or both?" for one preset: each
+    schedule's FPS and a block's latency (noise to x0, n ticks) on `hardware` at `mfu`, and the MFU
+    the context-parallel sequential pipeline (short shards) may fall to before P4 (long shards, at
+    `mfu`) catches up."""
+    here = {r.schedule: (r, c) for r, _, c in rows if r.hardware.name == hardware}
+    parts = []
+    for sched, (r, _) in here.items():
+        f = model_fps(r.flops["device"], r.comm, r.hardware, mfu, r.layout.stride)
+        latency = (r.layout.num_stages - 1) * f["tick_ms"]  # a block's x0 leaves its n-th pass, n ticks after it entered
+        parts.append(f"{sched} {f['fps']:.1f} FPS ({latency:.0f} ms from noise to a block's x0)")
+    text = f"{preset} on {hardware} at MFU {mfu:.1%}: " + ", ".join(parts)
+    if "sequential" in here and "P4" in here:
+        seq, p4 = here["sequential"][0], here["P4"][0]
+        p4_s = 1e-3 * model_fps(p4.flops["device"], p4.comm, p4.hardware, mfu, p4.layout.stride)["tick_ms"] * p4.layout.stride
+        comm_s = 1e-3 * sum(model_fps(seq.flops["device"], seq.comm, seq.hardware, 1.0, 1)[k] for k in ("stage_ms", "model_ms"))
+        per_block = p4_s / seq.layout.stride - comm_s  # the compute time per tick at which the two tie
+        if per_block > 0:
+            even = seq.flops["device"] / (seq.hardware.tflops * 1e12 * per_block)
+            text += (f"; context parallel stays ahead of P4 unless its {seq.layout.device_tokens}-token shards run "
+                     f"below MFU {even:.1%} (P4's {p4.layout.device_tokens}-token shards at {mfu:.1%})")
+    return text
+
+
+def print_memory(target_name: str, presets, latent_hw, window: str, dtype: str, layers: int | None) -> None:
+    """Per-device memory of each FPS row that fits `target_name`'s devices: the Cascade of its
+    schedule compiled for the target (bench compile's `compile_row`; nothing runs)."""
+    from bcjax import compile_cache, targets
+    from bcjax.bench.compile import HEADER, build_mesh, compile_row, print_row
+    from bcjax.cascade import Cascade
+    from bcjax.model import attention
+
+    compile_cache.disable()
+    target = targets.get(target_name)
+    devices = target.devices()
+    print(f"\nPer-device memory on {target.name} ({target.what}), the cascade of each row compiled on this "
+          f"branch's tick:")
+    print(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1), flush=True)
+    seen = set()
+    for preset in presets:
+        for r in fps_rows(preset, latent_hw, window, dtype):
+            stage, model = r.mesh
+            if (r.hardware.target != target.name and target.name != "cpu") or stage * model > len(devices):
+                continue
+            if (preset, r.schedule, r.mesh) in seen:
+                continue
+            seen.add((preset, r.schedule, r.mesh))
+            cfg = dataclasses.replace(r_cfg(preset, dtype, layers), attention=attention.backends_for(target.platform)[0])
+            import ports
+
+            pcfg = ports.get(r.port).pipeline
+            mesh, label = build_mesh(stage, model, devices, cfg)
+            cas = Cascade(cfg, pcfg, latent_hw, schedule=r.schedule, window=r.window, mesh=mesh)
+            row = compile_row(preset, f"{r.schedule} {r.window}", label, cfg.attention,
+                              lambda cas=cas: cas.lower(*cas.abstract_inputs()), mesh)
+            print_row(row, target, 0.1)
+
+
+def r_cfg(preset: str, dtype: str, layers: int | None):
+    from bcjax.model.config import WanConfig
+
+    cfg = WanConfig.preset(preset, dtype=dtype, param_dtype=dtype)
+    return dataclasses.replace(cfg, num_layers=layers) if layers else cfg
+
+
+def main(argv=None) -> int:
     import ports
     from bcjax.model.config import WanConfig
-    from bcjax.schedule.stagger import make_stagger
 
     ap = argparse.ArgumentParser(prog="bcjax bench comm", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="wan2.1-14b", choices=WanConfig.preset_names())
-    ap.add_argument("--port", default="krea_14b_clean_pass", help="sampler (window, steps) of the cascade")
+    ap.add_argument("--preset", default="wan2.1-1.3b", choices=WanConfig.preset_names(),
+                    help="model of the bytes table")
+    ap.add_argument("--port", help="sampler (window, steps) of the bytes table (default: the preset's, see PORT_OF)")
     ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"))
-    ap.add_argument("--meshes", nargs="+", default=["5x1", "5x2", "5x4", "5x8"], help="STAGExMODEL")
+    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    ap.add_argument("--stages", nargs="+", type=int, default=list(STAGES), help="stage devices of the bytes table")
+    ap.add_argument("--models", nargs="+", type=int, default=[1], help="model devices of the bytes table")
+    ap.add_argument("--group", type=int, help="tokens per group (default: the divisor of tokens_per_frame with the "
+                                              "least padding, see group_size)")
+    ap.add_argument("--window", default="bidirectional", choices=("causal", "bidirectional"),
+                    help="the cascades' window (FLOPs of the FPS model; the window of --hlo's programs)")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak FLOP/s reached (FPS model)")
+    ap.add_argument("--fps-presets", nargs="*", default=["wan2.1-1.3b", "wan2.1-14b"],
+                    help="models of the FPS table (none: no FPS table)")
     ap.add_argument("--hlo", action="store_true", help="also count the collectives of each compiled tick")
+    ap.add_argument("--memory", metavar="TARGET", help="also compile each FPS row's cascade for this `bench compile` "
+                                                       "target (v5e-32, v5p-16, v6e-16, h100, cpu) and print its "
+                                                       "per-device memory (slow for the real presets)")
+    ap.add_argument("--layers", type=int, help="DiT layers of --memory's programs (default: the preset's)")
     args = ap.parse_args(argv)
+    if not 0 < args.mfu <= 1:
+        raise SystemExit(f"--mfu {args.mfu}: expected a fraction in (0, 1]")
     cfg = WanConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, attention="dense")
-    pcfg, hw = ports.get(args.port).pipeline, tuple(args.latent_hw)
-    meshes = [tuple(int(v) for v in m.split("x")) for m in args.meshes]
-    print(f"{args.preset} | sampler {args.port} (cache {pcfg.cache_frames} frames) | latent {hw[0]}x{hw[1]} | "
-          f"{args.dtype} | P4, batch 1 | bytes per tick per device")
-    print("| mesh | stage all-gather (payload / wire) | model psums (payload / wire) | ops stage / model | source |")
-    print("|---|---|---|---|---|")
-    rows = {}
-    for stage, model in meshes:
-        st = make_stagger("P4", pcfg.num_steps, stage)
-        f = tick_bytes(cfg, pcfg, hw, st.num_slots, stage, model)
-        rows[(stage, model)] = (st, f)
-        s, m = f.get("stage", {}), f.get("model", {})
-        print(f"| ({stage}, {model}) | {_fmt(s.get('payload', 0))} / {_fmt(s.get('wire', 0))} | "
-              f"{_fmt(m.get('payload', 0))} / {_fmt(m.get('wire', 0))} | {s.get('ops', 0)} / {m.get('ops', 0)} | formula |",
-              flush=True)
-        if args.hlo:
-            h = compiled_tick_collectives(cfg, pcfg, hw, stage, model)
-            s, m = h.get("stage", {}), h.get("model", {})
-            print(f"| ({stage}, {model}) | {_fmt(s.get('payload', 0))} / {_fmt(s.get('wire', 0))} | "
-                  f"{_fmt(m.get('payload', 0))} / {_fmt(m.get('wire', 0))} | {s.get('ops', 0)} / {m.get('ops', 0)} | "
-                  f"compiled HLO ({jax.default_backend()}) |", flush=True)
-    if args.hlo and jax.default_backend() == "cpu" and args.dtype == "bfloat16":
-        print("XLA:CPU computes bf16 as f32, so its collectives carry twice the bytes of a bf16 accelerator's; "
-              "XLA may merge the small qk-norm psums into one op.")
-    rows = []
-    for chip, mesh in FPS_ROWS:
-        st = make_stagger("P4", pcfg.num_steps, mesh[0])
-        comm = tick_bytes(cfg, pcfg, hw, st.num_slots, *mesh)
-        rows.append((CHIPS[chip], mesh, tick_flops_per_device(cfg, pcfg, hw, st.num_slots, *mesh), comm))
-    # calibration: the MFU at which the paper's own setup (last row) gives its measured FPS
-    c, _, flops, comm = rows[-1]
-    exposed = model_fps(flops, comm, c, 1.0)
-    compute_s = VIDEO_FRAMES_PER_BLOCK / PAPER_14B_P4_FPS - 1e-3 * (exposed["stage_ms"] + exposed["model_ms"])
-    calibrated = flops / (c.tflops * 1e12 * compute_s)
-    print(f"\nModelled FPS (P4: one block = {VIDEO_FRAMES_PER_BLOCK} frames per tick; communication not overlapped "
-          f"with compute). MFU {args.mfu:.0%} assumed, and {calibrated:.0%}: the MFU at which the paper's 5 H100 "
-          f"reach its measured {PAPER_14B_P4_FPS} FPS")
-    print(f"| hardware | mesh | TFLOP/tick/device | compute ms | stage comm ms | model comm ms | tick ms | FPS | "
-          f"FPS at MFU {calibrated:.0%} | links |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for c, mesh, flops, comm in rows:
-        r, r_cal = model_fps(flops, comm, c, args.mfu), model_fps(flops, comm, c, calibrated)
-        print(f"| {c.name} | {mesh} | {flops / 1e12:.1f} | {r['compute_ms']:.0f} | {r['stage_ms']:.1f} | "
-              f"{r['model_ms']:.1f} | {r['tick_ms']:.0f} | {r['fps']:.1f} | {r_cal['fps']:.1f} | {c.note} |")
+    port = args.port or PORT_OF.get(args.preset, "self_forcing")
+    pcfg, hw = ports.get(port).pipeline, tuple(args.latent_hw)
+    print(f"{args.preset} | sampler {port} ({pcfg.num_steps} steps, cache {pcfg.cache_frames} frames) | latent "
+          f"{hw[0]}x{hw[1]} ({cfg.tokens_per_frame(*hw)} tokens per frame) | {args.dtype} | batch 1 | bytes per "
+          f"tick per device, token-sharded tick")
+    print_bytes(cfg, pcfg, hw, args.schedules, args.stages, args.models, args.group, args.hlo, args.window)
+    if args.hlo:
+        import jax
+
+        if jax.default_backend() == "cpu" and args.dtype == "bfloat16":
+            print("XLA:CPU computes bf16 as f32, so its collectives carry twice the bytes of a bf16 accelerator's "
+                  "(compare with --dtype float32).")
+    if args.fps_presets:
+        print_fps(args.fps_presets, hw, args.window, args.mfu, args.dtype, args.group)
+        print("\nPer-device memory of these rows: `bcjax bench comm --memory TARGET` (TARGET: h100, v5e-32, v5p-16, "
+              "v6e-16) compiles each row's cascade for that target with `bench compile`'s machinery, e.g.\n"
+              "  JAX_PLATFORMS=cpu bcjax bench comm --stages 1 --memory v5e-32")
+    if args.memory:
+        print_memory(args.memory, args.fps_presets or [args.preset], hw, args.window, args.dtype, args.layers)
     return 0
-
-
-def compiled_tick_collectives(cfg, pcfg, latent_hw, stage: int, model: int) -> dict:
-    """hlo_collectives of the compiled P4 tick on a (stage, model) mesh of (fake) devices, from
-    abstract inputs: nothing of the model's size is allocated."""
-    import jax
-
-    from bcjax.bench.compile import dit_lowering
-    from bcjax.cascade import make_mesh
-
-    n = stage * model
-    if jax.device_count() < n:
-        raise RuntimeError(f"a {stage}x{model} mesh needs {n} devices; jax has {jax.device_count()} (run this module "
-                           "as its own process so it can force 40 host devices)")
-    mesh = make_mesh(stage, model, devices=jax.devices()[:n], cfg=cfg)
-    hlo = dit_lowering("p4", cfg, pcfg, latent_hw, mesh)().compile().as_text()
-    return hlo_collectives(hlo, mesh)
 
 
 if __name__ == "__main__":
