@@ -33,8 +33,8 @@ def _info(args) -> int:
     for d in devices:
         print(f"  {d.id}: {d.device_kind} ({d.platform})")
     n = len(devices)
-    print(f"mesh: ('stage',) = ({n},): a P4 cascade of a 4-step model keeps 5 blocks in flight, "
-          f"{'one per device' if n == 5 else 'batched per device' if n < 5 else 'extra devices idle or on a model axis'}")
+    print(f"mesh: ('stage',) = ({n},): a tick's tokens (5 blocks for a 4-step P4 cascade, 1 block for sequential) "
+          f"are split over the {n} stage device(s)")
     return 0
 
 
@@ -95,7 +95,11 @@ def _run(cfg, port, params, text, key, args, schedule, window):
 
         runner = make_runner(cfg, pcfg, hw, mesh=mesh)  # Krea's loop for a rebuilt context; latent only, so R = the latent
         label = "sequential (Krea: context rebuilt per block, R = latent)" if pcfg.context == "rebuild" else "sequential"
-        stream = enumerate(runner.blocks(params, text, key, args.blocks))
+        if isinstance(runner, Cascade):  # several stage devices: each pass's tokens split over them
+            stream = runner.blocks(params, text, key, args.blocks)
+            label += f", context parallel on {args.devices} devices"
+        else:
+            stream = enumerate(runner.blocks(params, text, key, args.blocks))
     else:
         cas = Cascade(cfg, pcfg, hw, schedule, window, mesh)
         stream = cas.blocks(params, text, key, args.blocks)

@@ -16,8 +16,17 @@ from bcjax.pipeline.sequential import SequentialPipeline
 def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int], schedule: str | int = "sequential",
                 window: str = "bidirectional", mesh=None):
     """SequentialPipeline (schedule "sequential", a clean-pass cache), KreaPipeline (sequential,
-    Krea's rebuilt context), or a Cascade (P1, P2, P4 or a stride) on `mesh` (the sequential
-    runners use only its `model` axis: tensor-parallel weights)."""
+    Krea's rebuilt context), or a Cascade (P1, P2, P4 or a stride) on `mesh`.
+
+    Sequential on a mesh with more than one `stage` device is context parallelism: the cascade's
+    sequential schedule (one block in flight, n + 1 ticks per block) with each pass's tokens split
+    over `stage`, the same latents as one device. Krea's loop stays KreaPipeline (its `model`
+    axis only) for now: its VAE round trip (R) is a hook of that runner's `blocks`; the cascade
+    computes Krea's rules with R the latent frame (`Cascade(..., "sequential")` does, split)."""
+    from bcjax.cascade.cascade import STAGE
+
+    if schedule == "sequential" and mesh is not None and mesh.shape.get(STAGE, 1) > 1 and pcfg.context != "rebuild":
+        return Cascade(cfg, pcfg, latent_hw, "sequential", "causal", mesh)
     if schedule == "sequential":
         if pcfg.context == "rebuild":
             return KreaPipeline(cfg, pcfg, latent_hw, mesh)

@@ -79,14 +79,13 @@ def main(out: str, ckpt: str) -> None:
         lat[model] = np.asarray(jax.device_get(krea.generate(params, krea.encode_text(params, prompt), 4, key)))
     report["max_abs"]["krea 1x2"] = float(np.abs(lat[2] - lat[1]).max())
 
-    # collectives of the compiled tick against the formula (bytes per tick per device), of the tick
-    # this branch compiles (`hlo_design`: slot-per-device or token-sharded)
-    from bcjax.bench.comm import compiled_tick_collectives, hlo_design, tick_bytes
+    # collectives of the compiled tick against the formula (bytes per tick per device)
+    from bcjax.bench.comm import compiled_tick_collectives, tick_bytes
 
     report["comm"] = {}
     for stage, model in ((5, 1), (1, 2), (5, 2)):
         hlo = compiled_tick_collectives(CFG, PCFG, HW, "P4", "bidirectional", stage, model)
-        formula = tick_bytes(CFG, PCFG, HW, "P4", stage, model, design=hlo_design(hlo))
+        formula = tick_bytes(CFG, PCFG, HW, "P4", stage, model)
         report["comm"][f"{stage}x{model}"] = {
             src: {axis: [v["payload"], v["wire"]] for axis, v in d.items()} for src, d in (("hlo", hlo), ("formula", formula))}
     with open(out, "w") as f:

@@ -24,28 +24,24 @@ SF = ports.get("self_forcing").pipeline
 FULL = (60, 104)
 
 
-# Meshes whose compiled tick has the same per-layer bytes before and after the token-sharded tick:
-# P4 on 5 (15 frames of 6 tokens deal evenly over 5 devices, no padding either way), the
-# sequential tick on (1, 2) (no stage axis). The per-tick collective tells the two ticks apart.
-@pytest.mark.parametrize("schedule,window,mesh", [("P4", "bidirectional", (5, 1)), ("P4", "causal", (5, 1)),
-                                                  ("sequential", "causal", (1, 2)), ("P4", "bidirectional", (1, 2))])
-def test_compiled_collectives_are_the_formulas_bytes(schedule, window, mesh):
+# P4 on 5 (15 frames of 6 tokens deal evenly), P2 on 4 with 2-token groups (27 groups: one padding
+# group), the sequential schedule as context parallelism on 3, and tensor parallelism alone.
+@pytest.mark.parametrize("schedule,window,mesh,group", [
+    ("P4", "bidirectional", (5, 1), None), ("P4", "causal", (5, 1), None), ("P2", "bidirectional", (4, 1), 2),
+    ("sequential", "causal", (3, 1), None), ("sequential", "causal", (1, 2), None), ("P4", "bidirectional", (1, 2), None)])
+def test_compiled_collectives_are_the_formulas_bytes(schedule, window, mesh, group):
     assert jax.device_count() >= mesh[0] * mesh[1]
-    hlo = comm.compiled_tick_collectives(CFG, PCFG, HW, schedule, window, *mesh)
-    design = comm.hlo_design(hlo)
-    formula = comm.tick_bytes(CFG, PCFG, HW, schedule, *mesh, design=design)
+    hlo = comm.compiled_tick_collectives(CFG, PCFG, HW, schedule, window, *mesh, group=group)
+    formula = comm.tick_bytes(CFG, PCFG, HW, schedule, *mesh, group=group)
     assert set(hlo) == set(formula) == {a for a, n in zip(("stage", "model"), mesh) if n > 1}
     for axis in formula:
         for k in ("payload", "wire"):
-            assert hlo[axis][k] == pytest.approx(formula[axis][k], rel=1e-9), (axis, k, design)
-    if "stage" in formula:  # 2 all-gathers (K, V) per layer, and the one per-tick op of its design
-        assert hlo["stage"]["kinds"] == formula["stage"]["kinds"], design
-        # the per-layer K/V all-gathers are the same bytes in either tick; the per-tick op moves the
-        # flow of the tick's 90 tokens (tokens) or the emitted block (slots)
-        kv = 2 * CFG.num_layers * comm.tick_layout(CFG, PCFG, HW, schedule, mesh[0]).padded_tokens * \
-            (CFG.num_heads // mesh[1]) * CFG.head_dim * 4
-        assert formula["stage"]["payload"] - kv == pytest.approx(
-            {"tokens": 90 * CFG.patch_features * 4, "slots": 3 * 4 * 6 * 16 * 4}[design])
+            assert hlo[axis][k] == pytest.approx(formula[axis][k], rel=1e-9), (axis, k)
+    if "stage" in formula:  # 2 all-gathers (K, V) per layer and the flow's, no all-reduce over stage
+        assert hlo["stage"]["kinds"] == formula["stage"]["kinds"] == {"all-gather": 2 * CFG.num_layers + 1}
+        lay = comm.tick_layout(CFG, PCFG, HW, schedule, mesh[0], group)
+        kv = 2 * CFG.num_layers * lay.padded_tokens * (CFG.num_heads // mesh[1]) * CFG.head_dim * 4
+        assert formula["stage"]["payload"] - kv == pytest.approx(lay.padded_tokens * CFG.patch_features * 4)
 
 
 def test_tokens_fall_in_whole_groups_of_one_frame():

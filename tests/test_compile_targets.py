@@ -104,11 +104,11 @@ def test_whole_slice_rule_and_padded_meshes():
 
 
 def test_bench_compile_rows_on_a_whole_slice_target(capsys):
-    """`bench compile --target v5e-32`: a tiny P4 asked for on 5x2 is padded to the slice and
+    """`bench compile --target v5e-32`: a tiny P4 asked for on 5x2 is grown to the slice and
     compiles, and the row says so."""
     assert bench_compile.main(["--target", "v5e-32", "--preset", "tiny", "--latent-hw", "8", "8", "--cases", "p4",
                                "--meshes", "5x2", "--backends", "chunked"]) == 0
     out = capsys.readouterr().out
     assert "programs must use the whole slice" in out
-    assert "| tiny | p4 | 5x2 (padded to 16x2: whole slice) | chunked |" in out, out
+    assert "| tiny | p4 | 5x2 (grown to 16x2: whole slice) | chunked |" in out, out
     assert "refused" not in out

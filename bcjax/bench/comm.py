@@ -17,9 +17,7 @@ Bytes per tick and per device, two sources that must agree:
 * the formula (`tick_bytes`), per layer: the `stage` all-gather of the tick's K and V ([B, T_pad,
   heads / model, head_dim] each, compute dtype), the `model` psums of o, cross-attention o and ffn_2
   ([B, T_pad / N, dim] each) and qk-norm's three sum-of-squares psums ([B, T_pad / N, 1] f32);
-  once per tick the `stage` all-gather of the flow ([B, T_pad, patch_features] f32), which replaces
-  the psum of the emitted block of the slot-per-device tick (`design="slots"`: the tick before
-  issue 23, one slot of in-flight blocks per device, kept so the formula can check today's program);
+  once per tick the `stage` all-gather of the flow ([B, T_pad, patch_features] f32);
 * the compiled program (`--hlo`, `hlo_collectives`): every all-gather / all-reduce of the tick's
   optimised HLO, each counted as often as its loop runs, assigned to the mesh axis its replica
   groups span (compiled on fake CPU devices; nothing runs).
@@ -192,7 +190,6 @@ def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
 
 SCHEDULES = ("sequential", "P1", "P2", "P4")
 STAGES = (1, 2, 4, 5, 8, 16)
-DESIGNS = ("tokens", "slots")  # the token-sharded tick (issue 23), the slot-per-device tick before it
 # the sampler each preset's FPS rows use: Self-Forcing's for 1.3B (the paper's 16 / 30 FPS), Krea's
 # clean-pass sampler for 14B (the paper's 14B is Krea Realtime 14B)
 PORT_OF = {"wan2.1-1.3b": "self_forcing", "wan2.1-14b": "krea_14b_clean_pass"}
@@ -226,52 +223,28 @@ class TickLayout:
         return self.stage * self.device_tokens
 
 
-def group_size(tokens_per_frame: int, tokens: int, stage: int) -> int:
-    """The largest divisor of tokens_per_frame whose groups, dealt to `stage` devices, pad the
-    tick's `tokens` by at most 1% (by the least padding where none does): no padding wherever a
-    group size divides evenly (195 tokens for 1560-token frames on 8 devices), and no one-token
-    groups for a 1% saving."""
-    divisors = [g for g in range(1, tokens_per_frame + 1) if tokens_per_frame % g == 0]
-    padding = {g: stage * -(-tokens // (g * stage)) * g - tokens for g in divisors}
-    fine = [g for g in divisors if padding[g] <= 0.01 * tokens]
-    return max(fine) if fine else min(divisors, key=lambda g: (padding[g], -g))
-
-
 def tick_layout(cfg, pcfg, latent_hw, schedule: str, stage: int, group: int | None = None) -> TickLayout:
     from bcjax.schedule.stagger import make_stagger
 
+    from bcjax.cascade.tokens import token_split
+
     st = make_stagger(schedule, pcfg.num_steps)
     p = cfg.tokens_per_frame(*latent_hw)
-    block = pcfg.block_frames * p
-    g = group or group_size(p, st.in_flight * block, stage)
-    if p % g:
-        raise ValueError(f"group of {g} tokens: must divide the {p} tokens of a latent frame")
-    return TickLayout(st.stride, st.in_flight, block, g, stage, st.num_stages)
+    split = token_split(st.in_flight * pcfg.block_frames, p, stage, group)  # the runner's own split
+    return TickLayout(st.stride, st.in_flight, pcfg.block_frames * p, split.group, stage, st.num_stages)
 
 
 def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batch: int = 1,
-               group: int | None = None, design: str = "tokens") -> dict[str, dict]:
+               group: int | None = None) -> dict[str, dict]:
     """Collectives of one tick per device, by mesh axis: {axis: {ops, payload, wire}} (module
-    docstring). design "slots": the slot-per-device tick (make_stagger's slots padded to a multiple
-    of `stage`, K/V of every slot gathered, the emitted block psummed over `stage`)."""
+    docstring)."""
     import jax.numpy as jnp
 
-    from bcjax.schedule.stagger import make_stagger
-
-    if design not in DESIGNS:
-        raise ValueError(f"design {design!r}: expected one of {DESIGNS}")
     dt = jnp.dtype(cfg.compute_dtype).itemsize
     layers, heads = cfg.num_layers, cfg.num_heads // model
-    if design == "tokens":
-        lay = tick_layout(cfg, pcfg, latent_hw, schedule, stage, group)
-        t_all, t_dev = lay.padded_tokens, lay.device_tokens
-        tick_op = ("all-gather", batch * t_all * cfg.patch_features * 4)  # the flow, f32
-    else:
-        slots = make_stagger(schedule, pcfg.num_steps, stage).num_slots
-        t_all = slots * pcfg.block_frames * cfg.tokens_per_frame(*latent_hw)
-        t_dev = t_all // stage
-        emitted = batch * pcfg.block_frames * latent_hw[0] * latent_hw[1] * cfg.in_channels * 4
-        tick_op = ("all-reduce", emitted)
+    lay = tick_layout(cfg, pcfg, latent_hw, schedule, stage, group)
+    t_all, t_dev = lay.padded_tokens, lay.device_tokens
+    tick_op = ("all-gather", batch * t_all * cfg.patch_features * 4)  # the flow, f32
     gather = 2 * batch * t_all * heads * cfg.head_dim * dt  # K and V of one layer
     out = {}
     if stage > 1:
@@ -446,7 +419,8 @@ def calibrated_mfu(row: FpsRow, fps: float) -> float:
     return row.flops["device"] / (row.hardware.tflops * 1e12 * compute_s)
 
 
-def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: str, stage: int, model: int) -> dict:
+def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: str, stage: int, model: int,
+                              group: int | None = None) -> dict:
     """hlo_collectives of the cascade's compiled tick (`Cascade.lower`) on a (stage, model) mesh of
     fake CPU devices, from abstract inputs: nothing of the model's size is allocated."""
     import jax
@@ -458,14 +432,8 @@ def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: str, 
         raise RuntimeError(f"a {stage}x{model} mesh needs {n} devices; jax has {jax.device_count()} (run this module "
                            "as its own process so it can force 64 host devices)")
     mesh = make_mesh(stage, model, devices=jax.devices()[:n], cfg=cfg)
-    cas = Cascade(cfg, pcfg, latent_hw, schedule=schedule, window=window, mesh=mesh)
+    cas = Cascade(cfg, pcfg, latent_hw, schedule=schedule, window=window, mesh=mesh, token_group=group)
     return hlo_collectives(cas.lower(*cas.abstract_inputs()).compile().as_text(), mesh)
-
-
-def hlo_design(hlo: dict) -> str:
-    """Which tick a compiled program is: the slot tick psums the emitted block over `stage`, the
-    token-sharded tick has no `stage` all-reduce (it all-gathers the flow)."""
-    return "slots" if hlo.get("stage", {}).get("kinds", {}).get("all-reduce") else "tokens"
 
 
 def _fmt(b: float) -> str:
@@ -500,16 +468,13 @@ def print_bytes(cfg, pcfg, hw, schedules, stages, models, group, hlo: bool, wind
                 if not hlo:
                     continue
                 try:
-                    h = compiled_tick_collectives(cfg, pcfg, hw, schedule, window, stage, model)
+                    h = compiled_tick_collectives(cfg, pcfg, hw, schedule, window, stage, model, group)
                 except Exception as e:  # noqa: BLE001 - a mesh today's cascade refuses is one row saying why
                     print(f"| {schedule} | ({stage}, {model}) | | not compiled: {str(e).splitlines()[0]} | | | "
                           f"compiled HLO |", flush=True)
                     continue
-                design = hlo_design(h) if stage > 1 else "either"  # one stage device: the two ticks agree
-                check = tick_bytes(cfg, pcfg, hw, schedule, stage, model, group=group, design=design if stage > 1 else "tokens")
-                agree = "= formula" if design != "slots" and _same(h, f) else (
-                    "= slot-tick formula (re-check after the token-sharded tick)" if _same(h, check) else "≠ formula")
-                print(f"| {schedule} | ({stage}, {model}) | {design} tick | {_bytes_cells(h)} | compiled HLO "
+                agree = "= formula" if _same(h, f) else "≠ formula"
+                print(f"| {schedule} | ({stage}, {model}) | | {_bytes_cells(h)} | compiled HLO "
                       f"({jax.default_backend()}), {agree} |", flush=True)
 
 
@@ -642,7 +607,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="+", type=int, default=list(STAGES), help="stage devices of the bytes table")
     ap.add_argument("--models", nargs="+", type=int, default=[1], help="model devices of the bytes table")
     ap.add_argument("--group", type=int, help="tokens per group (default: the divisor of tokens_per_frame with the "
-                                              "least padding, see group_size)")
+                                              "least padding, see bcjax.cascade.tokens)")
     ap.add_argument("--window", default="bidirectional", choices=("causal", "bidirectional"),
                     help="the cascades' window (FLOPs of the FPS model; the window of --hlo's programs)")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))

@@ -19,15 +19,19 @@ Programs:
   pass over a full cache), on (1, model) meshes (tensor parallel over `model`);
 * krea: one block of Krea's own loop (the rebuilt-context pass and the denoising passes; the
   `krea_14b` port's sampler);
-* p4: one P4 bidirectional tick under shard_map over (stage, model), per device;
+* p4: one P4 bidirectional tick under shard_map over (stage, model), per device (the stage axis
+  splits the tick's tokens, `bcjax.cascade.tokens`);
+* cp: one tick of the sequential schedule split the same way: context parallelism of one block's
+  pass over the stage devices (n + 1 such ticks make a block);
 * vae: the Wan VAE decoder's streaming step for one block (block_frames latent frames);
 * taehv: TAEHV's (taew2_1, the tiny Wan2.1 decoder) streaming step for one block, its memory
   blocks carried as the state (`bcjax.vae.taehv.decode_step`);
 * umt5: the umT5-XXL encoder for one prompt (512 tokens).
 
 Meshes: by default every mesh of the target worth a row: model sizes from the smallest whose
-weights take at most half a device, stage 5 (one P4 block per device) and the whole target; a
-target that must be used whole (v5e-32) gets its stage axis padded to the slice (`make_mesh`).
+weights take at most half a device, stage 5 (the paper's one P4 block per device) and the whole
+target (the tick's tokens over every device); a target that must be used whole (v5e-32) gets its
+stage axis grown to the slice (`make_mesh`).
 A program the compiler refuses is one row with the compiler's first line; one that does not fit is
 marked "does not fit: X GiB > Y GiB". Nothing runs: no timing.
 """
@@ -57,8 +61,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from bcjax import targets  # noqa: E402
 
 GiB = 2**30
-CASES = ("sequential", "krea", "p4", "vae", "taehv", "umt5")
-DIT_CASES = ("sequential", "krea", "p4")
+CASES = ("sequential", "krea", "p4", "cp", "vae", "taehv", "umt5")
+DIT_CASES = ("sequential", "krea", "p4", "cp")
 
 
 @dataclasses.dataclass
@@ -203,6 +207,8 @@ def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh) -> Callable:
         runner = KreaPipeline(cfg, ports.get("krea_14b").pipeline, hw, mesh)
     elif case == "p4":
         runner = Cascade(cfg, pcfg, hw, schedule="P4", window="bidirectional", mesh=mesh)
+    elif case == "cp":
+        runner = Cascade(cfg, pcfg, hw, schedule="sequential", window="causal", mesh=mesh)
     else:
         raise ValueError(f"not a DiT program: {case!r}")
     return lambda: runner.lower(*runner.abstract_inputs(1))
@@ -296,7 +302,7 @@ def build_mesh(stage: int, model: int, devices, cfg):
     mesh = make_mesh(stage, model, devices=devices, cfg=cfg)
     label = f"{stage}x{model}"
     if mesh.shape["stage"] != stage:
-        label += f" (padded to {mesh.shape['stage']}x{model}: whole slice)"
+        label += f" (grown to {mesh.shape['stage']}x{model}: whole slice)"
     return mesh, label
 
 

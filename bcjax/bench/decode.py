@@ -128,19 +128,18 @@ def main(argv=None) -> int:
 
 def _fps_model(rows, hw, args) -> None:
     import ports
-    from bcjax.bench.comm import CHIPS, model_fps, tick_bytes, tick_flops_per_device
+    from bcjax.bench.comm import HARDWARE, model_fps, tick_bytes, tick_flops, tick_layout
     from bcjax.model.config import WanConfig
-    from bcjax.schedule.stagger import make_stagger
 
-    chip = CHIPS["5 H100 (paper)"]
+    chip = HARDWARE["5 H100"]
     cfg = WanConfig.preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", attention="dense")
     pcfg = ports.get(args.port).pipeline
-    seq = make_stagger("P4", pcfg.num_steps, 1)
-    # sequential: one device runs every pass of a block (the P4 tick's slots one after another)
-    seq_s = tick_flops_per_device(cfg, pcfg, hw, seq.num_slots, 1, 1) / (chip.tflops * 1e12 * args.mfu)
-    st = make_stagger("P4", pcfg.num_steps, 5)
-    flops = tick_flops_per_device(cfg, pcfg, hw, st.num_slots, 5, 1)
-    tick_s = 1e-3 * model_fps(flops, tick_bytes(cfg, pcfg, hw, st.num_slots, 5, 1), chip, args.mfu)["tick_ms"]
+    # sequential on one H100: n + 1 ticks (passes) per block; P4 on 5 (NVLink): one tick per block
+    seq = tick_layout(cfg, pcfg, hw, "sequential", 1)
+    seq_flops = tick_flops(cfg, pcfg, hw, "sequential", "causal", 1, 1)["device"]
+    seq_s = 1e-3 * seq.stride * model_fps(seq_flops, {}, HARDWARE["1 H100"], args.mfu, seq.stride)["tick_ms"]
+    flops = tick_flops(cfg, pcfg, hw, "P4", "bidirectional", 5, 1)["device"]
+    tick_s = 1e-3 * model_fps(flops, tick_bytes(cfg, pcfg, hw, "P4", 5, 1), chip, args.mfu, 1)["tick_ms"]
     print(f"\n== Modelled end-to-end FPS: {args.preset}, {args.port}, H100 at {args.mfu:.0%} MFU; sequential on 1 H100, "
           f"P4 on 5 (NVLink); denoise {1e3 * seq_s:.0f} ms / block sequential, {1e3 * tick_s:.0f} ms / tick P4 ==")
     print("| decoder | decode ms / block | sequential, decode on device 0 | sequential, decode device | "
