@@ -86,26 +86,22 @@ def _run(cfg, port, params, text, key, args, schedule, window):
     import jax.numpy as jnp
 
     from bcjax.cascade import Cascade
+    from bcjax.runners import make_runner
 
     hw = tuple(args.latent_hw)
     pcfg = _pipeline(port, args)
-    mesh = _mesh(args, cfg)
+    # Krea's loop for a rebuilt context (latent only, so R = the latent); several stage devices
+    # split each tick's tokens (context parallelism for the sequential schedule)
+    runner = make_runner(cfg, pcfg, hw, schedule, window, _mesh(args, cfg))
+    stream = runner.blocks(params, text, key, args.blocks)
     if schedule == "sequential":
-        from bcjax.runners import make_runner
-
-        runner = make_runner(cfg, pcfg, hw, mesh=mesh)  # Krea's loop for a rebuilt context; latent only, so R = the latent
         label = "sequential (Krea: context rebuilt per block, R = latent)" if pcfg.context == "rebuild" else "sequential"
-        if isinstance(runner, Cascade):  # several stage devices: each pass's tokens split over them
-            stream = runner.blocks(params, text, key, args.blocks)
+        if isinstance(runner, Cascade):
             label += f", context parallel on {args.devices} devices"
-        else:
-            stream = enumerate(runner.blocks(params, text, key, args.blocks))
     else:
-        cas = Cascade(cfg, pcfg, hw, schedule, window, mesh)
-        stream = cas.blocks(params, text, key, args.blocks)
-        label = f"{schedule} {window}, {cas.stagger.in_flight} blocks in flight on {args.devices} device(s)"
-        if args.model > 1:
-            label += f" x {args.model} (tensor parallel)"
+        label = f"{schedule} {window}, {runner.stagger.in_flight} blocks in flight on {args.devices} device(s)"
+    if args.model > 1:
+        label += f" x {args.model} (tensor parallel)"
     blocks, times = [], []
     t0 = time.perf_counter()
     for b, x0 in stream:

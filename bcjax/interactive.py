@@ -1,6 +1,6 @@
 """Interactive streams: prompts that change between blocks, written once above both runners.
 
-The loop here drives any runner through the stepping interface (`bcjax.pipeline.stepping`:
+The loop here drives any runner through the stepping interface (`bcjax.stepping`:
 `start`, `entering`, `step`, `done`, `cache` / `with_cache`, `replicate`, `mesh`), which the
 sequential pipeline and the cascade share; it never asks which runner it holds. So prompt
 switching, `bcjax stream` and `bcjax serve` are the same code for both.

@@ -1,6 +1,6 @@
 """Which runner a sampler and schedule need: the one place that chooses between them.
 
-Every runner shares the stepping interface (`bcjax.pipeline.stepping`), so callers above
+Every runner shares the stepping interface (`bcjax.stepping`), so callers above
 (`bcjax.interactive`, `bcjax serve`, the CLI) pick one here and never look at its type again.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from bcjax.cascade.cascade import Cascade
 from bcjax.model.config import WanConfig
-from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
+from bcjax.schedule.config import PipelineConfig
 
 
 def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int], schedule: str | int = "sequential",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 
 NAMES = ("self_forcing", "causvid", "longlive", "krea_14b", "krea_14b_clean_pass")
 

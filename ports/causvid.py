@@ -4,7 +4,7 @@ CausVid also ships a 4-step variant ([1000, 750, 500, 250], warped); use
 `dataclasses.replace(PORT.pipeline, ...)` for it.
 """
 
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 from ports import Port
 
 PORT = Port(

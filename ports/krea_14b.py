@@ -13,7 +13,7 @@ list is [1000, 666, 333, 0] warped = [1000, 908.843, 713.979, 0]:
 cache of the same span), what Block Cascading's cascade keeps.
 """
 
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 from ports import Port
 
 PORT = Port(

@@ -6,7 +6,7 @@ the block). Not what Krea's server runs (see `krea_14b`), but the form the casca
 clean-pass stage takes.
 """
 
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 from ports import Port
 
 PORT = Port(

@@ -11,7 +11,7 @@ generated frames re-run in one bidirectional pass under the new prompt, the old 
 the stream is past the window.
 """
 
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 from ports import Port
 
 PORT = Port(

@@ -4,7 +4,7 @@
 clean pass at context_noise 0.
 """
 
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 from ports import Port
 
 PORT = Port(

@@ -25,7 +25,6 @@ import numpy as np
 from bcjax.model.wan import KV, empty_context, forward
 from bcjax.schedule.flow import block_noise, predict_x0, renoise
 
-
 _forward = jax.jit(forward, static_argnums=0)  # one compile per (frames, context length)
 
 

@@ -15,7 +15,7 @@ from bcjax.cascade.masks import tick_key_mask
 from bcjax.model import attention
 from bcjax.model.attention import _attend_fused, attend, check_backend
 from bcjax.model.config import WanConfig
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger, slot_state
 
 BACKENDS = ["chunked", "splash-interpret", "pallas_gpu-interpret"]

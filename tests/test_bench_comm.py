@@ -14,7 +14,7 @@ import pytest
 import ports
 from bcjax.bench import comm
 from bcjax.model.config import WanConfig
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 
 CFG = WanConfig.preset("tiny", num_heads=4, attention="xla")  # fp32: XLA:CPU moves the bytes the formula counts
 PCFG = PipelineConfig(window_frames=9, sink_frames=3)

@@ -20,7 +20,7 @@ from bcjax import targets
 from bcjax.bench import compile as bench_compile
 from bcjax.cascade import make_mesh
 from bcjax.model.config import WanConfig
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 
 # head_dim 128: the TPU splash kernel takes nothing smaller (tiny's 32 would fall back to chunked)
 KERNEL_TINY = WanConfig.preset("tiny", dim=256, ffn_dim=256, num_heads=2, dtype="bfloat16", param_dtype="bfloat16")

@@ -7,9 +7,9 @@ import pytest
 
 from bcjax.cascade import Cascade, make_mesh
 from bcjax.compile_count import CompileCounter
+from bcjax.interactive import parse_prompt_schedule, stream
 from bcjax.model import encode_text
 from bcjax.pipeline import PipelineConfig, SequentialPipeline
-from bcjax.interactive import parse_prompt_schedule, stream
 from bcjax.pipeline.recache import POLICIES
 
 HW = (4, 6)

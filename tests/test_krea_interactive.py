@@ -9,9 +9,9 @@ import pytest
 import ports
 from bcjax.cascade import Cascade
 from bcjax.compile_count import CompileCounter
+from bcjax.interactive import stream
 from bcjax.model import encode_text
 from bcjax.pipeline import PipelineConfig, SequentialPipeline
-from bcjax.interactive import stream
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.prompts import interpolate_schedule, with_strength
 
@@ -78,7 +78,7 @@ def test_video_to_video_follows_the_source_as_strength_drops(tiny_cfg, tiny_para
         pcfg = with_strength(base, strength)
         pipe = KreaPipeline(tiny_cfg, pcfg, HW) if runner == "krea" else SequentialPipeline(tiny_cfg, pcfg, HW)
         out = pipe.generate(tiny_params, text, 2, jax.random.key(3), source=source) if runner == "krea" else \
-            jnp.concatenate(list(pipe.blocks(tiny_params, text, jax.random.key(3), 2, source=source)), axis=1)
+            jnp.concatenate([x for _, x in pipe.blocks(tiny_params, text, jax.random.key(3), 2, source=source)], axis=1)
         errs.append(float(jnp.sqrt(jnp.mean((out - source) ** 2))))
     assert errs[0] > errs[1] > errs[2] and errs[2] < 0.5 * errs[0], errs
     with pytest.raises(ValueError, match="source latents must be"):
@@ -128,7 +128,7 @@ def test_video_to_video_on_the_toy_world():
     for strength in (1.0, 0.6, 0.3, 0.02):
         pipe = SequentialPipeline(cfg, with_strength(model.pcfg, strength), hw)
         cache = pipe.prefill(model.params, text, jnp.asarray(truth[:, :bf]))
-        out = np.concatenate([np.asarray(x) for x in pipe.blocks(model.params, text, jax.random.key(0), nb, cache,
+        out = np.concatenate([np.asarray(x) for _, x in pipe.blocks(model.params, text, jax.random.key(0), nb, cache,
                                                                 first_block=1, source=jnp.asarray(source[:, bf:]))], 1)
         out = np.concatenate([truth[:, :bf], out], 1)
         to_prompt[strength] = float(np.mean([position_error(o, s, world)[0][bf:].mean() for o, s in zip(out, scenes)]))

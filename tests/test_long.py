@@ -84,7 +84,7 @@ def test_rolling_with_sink_is_absolute_until_the_table_ends_then_runs_on(tiny_cf
     absolute = SequentialPipeline(tiny_cfg, LONGLIVE, HW).generate(tiny_params, text, n, key)
     pipe = SequentialPipeline(_table(tiny_cfg, table), dataclasses.replace(LONGLIVE, positions="rolling"), HW)
     with CompileCounter() as cc:
-        rolling = jnp.concatenate(list(pipe.blocks(tiny_params, text, key, n)), axis=1)
+        rolling = jnp.concatenate([x for _, x in pipe.blocks(tiny_params, text, key, n)], axis=1)
     assert cc.count <= 3  # block fn (+ its rebase branch, + tiny host ops), never per block
     first_jump = table // LONGLIVE.block_frames  # first block whose last frame passes the table
     before = slice(0, first_jump * LONGLIVE.block_frames)
@@ -104,7 +104,7 @@ def test_soak_ten_thousand_frames_no_recompile_no_growth(tiny_cfg, tiny_params, 
     ten times): zero compiles after warm-up, a constant set of live device buffers, flat RSS."""
     pcfg = dataclasses.replace(LONGLIVE, positions="rolling")
     if runner == "sequential":
-        stream = SequentialPipeline(tiny_cfg, pcfg, HW).blocks(tiny_params, text, jax.random.key(3), 3400)
+        stream = (x for _, x in SequentialPipeline(tiny_cfg, pcfg, HW).blocks(tiny_params, text, jax.random.key(3), 3400))
     else:
         stream = (x for _, x in Cascade(tiny_cfg, pcfg, HW, "P4", "bidirectional").blocks(
             tiny_params, text, jax.random.key(3), None))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from longlive_reference import interactive
 
+from bcjax.interactive import stream
 from bcjax.model import encode_text
 from bcjax.model.wan import KV, forward
 from bcjax.pipeline import PipelineConfig, SequentialPipeline
-from bcjax.interactive import stream
 from bcjax.pipeline.recache import gather_frames, recache_frames
 from bcjax.pipeline.recache import recache as _recache
 

@@ -109,7 +109,8 @@ def test_both_runners_step_the_same_way():
                 got.append((out.block, np.asarray(out.x0)))
         assert [blk for blk, _ in got] == list(range(1, n + 1))
         if schedule == "sequential":
-            ref = runner.blocks(b.params, text, key, n, runner.prefill(b.params, text, context), first_block=1)
+            ref = (x for _, x in runner.blocks(b.params, text, key, n, runner.prefill(b.params, text, context),
+                                               first_block=1))
             assert stages == [tuple((blk, st) for st in range(5)) for blk in range(1, n + 1)]
         else:
             ref = (x for _, x in runner.blocks(b.params, text, key, n, state=runner.init_state(1, *runner.prefill(
@@ -250,7 +251,6 @@ def test_decode_overlaps_the_next_step_and_sends_the_same_frames():
     while the page's frames are fetched, encoded and sent), the frames equal those of decoding
     each block before the next step, and a stop sends the block still held."""
     import jax.numpy as jnp
-
     from serve_helpers import start_server
 
     base = served()

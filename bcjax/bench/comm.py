@@ -224,9 +224,8 @@ class TickLayout:
 
 
 def tick_layout(cfg, pcfg, latent_hw, schedule: str, stage: int, group: int | None = None) -> TickLayout:
-    from bcjax.schedule.stagger import make_stagger
-
     from bcjax.cascade.tokens import token_split
+    from bcjax.schedule.stagger import make_stagger
 
     st = make_stagger(schedule, pcfg.num_steps)
     p = cfg.tokens_per_frame(*latent_hw)

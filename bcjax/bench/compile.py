@@ -46,8 +46,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=40"
 
 import argparse  # noqa: E402
-import re  # noqa: E402
 import dataclasses  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -399,7 +399,7 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
 
 def main(argv=None) -> int:
     from bcjax.model.config import WanConfig
-    from bcjax.pipeline.config import PipelineConfig
+    from bcjax.schedule.config import PipelineConfig
 
     ap = argparse.ArgumentParser(prog="bcjax bench compile", description=__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help=f"one of: {', '.join(targets.TARGETS)}")

@@ -28,8 +28,8 @@ from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache, median_secon
 from bcjax.model import attention
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import KV, encode_text, forward, init_params
-from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.sequential import SequentialPipeline
+from bcjax.schedule.config import PipelineConfig
 
 
 def _compiled(label: str, jitted, *args):

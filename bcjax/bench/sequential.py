@@ -26,8 +26,8 @@ import numpy as np
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, forward
-from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
+from bcjax.schedule.config import PipelineConfig
 from checkpoints_conv import wan as wan_conv
 
 

@@ -20,9 +20,9 @@ import json, sys, time
 t0 = time.perf_counter()
 import jax, jax.numpy as jnp
 import bcjax
-from bcjax.cascade import Cascade
 from bcjax.model import WanConfig, encode_text, init_params
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.pipeline import PipelineConfig
+from bcjax.runners import make_runner
 events = {"hits": 0, "misses": 0}
 def listen(name, **_):
     if name.endswith("/cache_hits"): events["hits"] += 1
@@ -34,10 +34,8 @@ cfg = WanConfig.preset(preset)
 params = init_params(cfg, jax.random.key(0), (h, w))
 text = encode_text(cfg, params, jnp.zeros((1, cfg.text_len, cfg.text_dim)))
 pcfg = PipelineConfig(window_frames=12, sink_frames=3)
-runner = SequentialPipeline(cfg, pcfg, (h, w)) if schedule == "sequential" else Cascade(cfg, pcfg, (h, w), schedule)
-blocks = runner.blocks(params, text, jax.random.key(1), 4)
-first = next(blocks)
-first = first[1] if isinstance(first, tuple) else first
+runner = make_runner(cfg, pcfg, (h, w), schedule)
+_, first = next(runner.blocks(params, text, jax.random.key(1), 4))
 jax.block_until_ready(first)
 print(json.dumps({"first_block_s": time.perf_counter() - t0, "import_s": t_import, "cache": bcjax.compile_cache.current(), **events}))
 """

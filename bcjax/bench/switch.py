@@ -20,12 +20,11 @@ import jax
 import numpy as np
 
 import ports
-from bcjax.cascade import Cascade
 from bcjax.interactive import stream
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
 from bcjax.pipeline.recache import POLICIES
-from bcjax.pipeline.sequential import SequentialPipeline
+from bcjax.runners import make_runner
 
 
 def measure(runner, params, texts, key, blocks: int, switch_at: int, policy: str, repeats: int) -> dict:
@@ -72,8 +71,8 @@ def main(argv=None) -> dict:
           f"{port.name} window {port.pipeline.window_frames} frames (sink {port.pipeline.sink_frames}), switch at block "
           f"{a.switch_at} of {a.blocks}, {jax.default_backend()}, median of {a.repeats}")
     out = {}
-    runners = {"sequential": SequentialPipeline(cfg, port.pipeline, hw),
-               "P4-bidirectional": Cascade(cfg, port.pipeline, hw, "P4", "bidirectional")}
+    runners = {"sequential": make_runner(cfg, port.pipeline, hw), "P4-bidirectional": make_runner(
+        cfg, port.pipeline, hw, "P4", "bidirectional")}
     for name, runner in runners.items():
         for policy in POLICIES:
             m = measure(runner, params, texts, key, a.blocks, a.switch_at, policy, a.repeats)

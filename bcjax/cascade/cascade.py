@@ -28,10 +28,10 @@ from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
 from bcjax.model.tensor_parallel import MODEL, Layout, check_model_axis
 from bcjax.model.wan import KV, check_latents, encode_text
-from bcjax.pipeline.config import PipelineConfig
-from bcjax.pipeline.sequential import SequentialPipeline, check_rebuild
-from bcjax.pipeline.stepping import Step, StepState
+from bcjax.sampler import check_rebuild, clean_block, write_context
+from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger, slot_state
+from bcjax.stepping import Block, Step, StepState
 
 STAGE = "stage"
 ENDLESS = np.iinfo(np.int32).max  # num_blocks of a stream with no planned end
@@ -154,14 +154,21 @@ class Cascade:
 
     def prefill(self, params, text: KV, frames) -> tuple[KVCache, int]:
         """(cache, first_block): given clean frames [B, G * block_frames, H, W, C] written to the
-        cache by the sampler's clean pass, block by block, as if they had been generated."""
-        return self._sequential.prefill(params, text, frames), frames.shape[1] // self.pcfg.block_frames
+        cache by the sampler's clean pass at t = 0, block by block, as the sequential pipeline
+        writes them (`bcjax.sampler.write_context`)."""
+        params, text = self._placed(params, text)
+        cache = self.layout.init_cache(frames.shape[0], self.pcfg.cache_frames, self.spec.tokens_per_frame)
+        cache = write_context(self._context_fn, self.cfg, self.pcfg, self.latent_hw, params, text, frames, cache)
+        return cache, frames.shape[1] // self.pcfg.block_frames
 
     @functools.cached_property
-    def _sequential(self) -> SequentialPipeline:
-        # built once: a new pipeline per prefill would re-jit (and recompile) its clean pass; on
-        # the mesh (tensor parallel over `model`, replicated over `stage`) so its cache is in place
-        return SequentialPipeline(self.cfg, self.pcfg, self.latent_hw, self.mesh)
+    def _context_fn(self) -> Callable:
+        # jitted once per cascade (a prefill per stream must not recompile); on the mesh, split
+        # over `model` and replicated over `stage`, so its cache is where the tick reads it
+        lay = self.layout
+        w, t, c = lay.specs()
+        return jax.jit(lay.shard_map(partial(clean_block, self.cfg, self.pcfg, timestep=0.0), (w, t, P(), c, P()), c),
+                       donate_argnums=(3,))
 
     def _placed(self, params, text):
         """params and text K/V on the mesh: replicated over `stage`, split over `model` (global
@@ -209,8 +216,8 @@ class Cascade:
 
     # -- streaming: one jitted tick with donated state -------------------------------------
     def blocks(self, params, text: KV, key, num_blocks: int | None = None,
-               state: CascadeState | None = None) -> Iterator[tuple[int, jax.Array]]:
-        """Yield (block id, x0 [B, block_frames, H, W, C]) as each block finishes denoising.
+               state: CascadeState | None = None) -> Iterator[Block]:
+        """Yield each block (id, x0 [B, block_frames, H, W, C]) as it finishes denoising.
 
         num_blocks None streams until the caller stops (or the RoPE table ends). `state` (from
         `init_state`, e.g. with a prefilled cache) continues a stream.
@@ -220,9 +227,9 @@ class Cascade:
         while not self.done(step):  # the last clean pass has no reader: skipped
             step, out = self.step(params, text, step)
             if out.block >= 0:
-                yield out.block, out.x0
+                yield Block(out.block, out.x0)
 
-    # -- the stepping interface shared with SequentialPipeline (bcjax.pipeline.stepping) ---------
+    # -- the stepping interface shared with SequentialPipeline (bcjax.stepping) ---------
     def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
         """A stream before its first tick. context: given clean frames [B, G * block_frames, H, W, C]
         written under `text` (generation starts at block G); num_blocks None: until the caller

@@ -33,9 +33,9 @@ from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, write_frames
 from bcjax.model.rope import rope_tables
 from bcjax.model.wan import KV, forward_tokens, grid_hw, patchify, unpatchify
-from bcjax.pipeline.config import PipelineConfig
-from bcjax.pipeline.sequential import place
-from bcjax.schedule.flow import block_noise, predict_x0, renoise
+from bcjax.sampler import pass_positions, stage_input, stage_sigmas
+from bcjax.schedule.config import PipelineConfig
+from bcjax.schedule.flow import predict_x0
 from bcjax.schedule.stagger import Stagger, slot_state
 
 
@@ -101,18 +101,15 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     rebuild = pcfg.context == "rebuild"
     t_clean = 0.0 if rebuild else pcfg.context_noise
     timesteps = jnp.concatenate([jnp.asarray(pcfg.timesteps), jnp.full((1,), t_clean, jnp.float32)])
-    sigmas = jnp.concatenate([jnp.asarray(pcfg.sigmas), jnp.zeros((1,), jnp.float32)])
+    sigmas = stage_sigmas(pcfg)
 
-    # Stage 0 starts from noise (block, 0); stage k < n re-noises the last x0 with noise
-    # (block, k); the clean stage takes x0 as is. Noise depends only on (key, block, step).
-    eps = jax.vmap(lambda b, k: block_noise(key, b, k, (batch, *spec.block_shape)))(blocks, jnp.minimum(stage_c, n - 1))
-    x = jnp.where(per_slot(stages == 0), eps,
-                  jnp.where(per_slot(stages < n), renoise(state.x, eps, per_slot(sigmas[stage_c])), state.x))
+    # every slot's input from its last x0, by the sampler's one rule (`bcjax.sampler.stage_input`)
+    x = jax.vmap(lambda b, k, x0: stage_input(key, b, k, x0, sigmas, (batch, *spec.block_shape)))(blocks, stage_c, state.x)
 
     # rolling positions: the pass's newest frame is the last frame of the newest busy block
     newest = jnp.max(jnp.where(busy, blocks, 0)) * bf + bf - 1
     frame_ids = (blocks[:, None] * bf + jnp.arange(bf)[None]).reshape(-1)  # [M * bf], slot-major
-    cache, positions = place(cfg, pcfg, state.cache, frame_ids, newest)
+    cache, positions = pass_positions(cfg, pcfg, state.cache, frame_ids, newest)
     positions = jnp.clip(positions, 0, cfg.rope_max_positions - 1)  # idle slots past the stream's end
     frame_mask = tick_frame_mask(
         jnp.arange(m), blocks, busy, cache.frame_ids, block_frames=bf, sink=pcfg.sink_frames,

@@ -47,9 +47,9 @@ from jax.sharding import PartitionSpec as P
 from bcjax.model.config import WanConfig
 from bcjax.model.tensor_parallel import Layout
 from bcjax.model.wan import KV, check_latents, forward
-from bcjax.pipeline.config import PipelineConfig
-from bcjax.pipeline.stepping import Step, StepState
-from bcjax.schedule.flow import block_noise, predict_x0, renoise
+from bcjax.sampler import sample_block
+from bcjax.schedule.config import PipelineConfig
+from bcjax.stepping import Block, Step, StepState
 
 
 def context_frames(pcfg: PipelineConfig, previous, first_frame, reencoded):
@@ -84,22 +84,13 @@ def krea_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, context, 
     # one program for every block: block 0 masks the (rebuilt-from-zeros) context away and sits at 0..bf-1
     key_mask = jnp.concatenate([jnp.repeat(has_context, c * p), jnp.ones((bf * p,), bool)])[None, None]
     positions = jnp.where(has_context, c, 0) + jnp.arange(bf)
-    timesteps, sigmas = jnp.asarray(pcfg.timesteps), jnp.asarray(pcfg.sigmas)
-    next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), sigmas.dtype)])
 
-    def step(x, xs):
-        k, t_k, s_k, s_next = xs
-        flow, _ = forward(cfg, params, x, jnp.full((batch, bf), t_k), text, positions, ctx, key_mask,
-                          model_axis=model_axis)
-        x0 = predict_x0(x, flow, s_k)
-        # the last pass's re-noise is unused (s_next = 0 gives x0 back): every pass is one program
-        return renoise(x0, block_noise(key, block, k + 1, shape), s_next), x0
+    def pass_fn(x, t_k):
+        return forward(cfg, params, x, jnp.full((batch, bf), t_k), text, positions, ctx, key_mask,
+                       model_axis=model_axis)[0]
 
-    x = block_noise(key, block, 0, shape)
-    if source is not None:  # Krea: latents * (1 - sigma) + randn * sigma
-        x = renoise(source.astype(jnp.float32), x, sigmas[0])
-    _, x0s = jax.lax.scan(step, x, (jnp.arange(pcfg.num_steps), timesteps, sigmas, next_sigmas))
-    return x0s[-1]
+    # source (Krea's v2v): latents * (1 - sigma) + randn * sigma, as the sampler's video-to-video
+    return sample_block(pass_fn, pcfg, key, block, shape, source)[0]
 
 
 @dataclasses.dataclass
@@ -155,8 +146,8 @@ class KreaPipeline:
         return self._block_fn.lower(params, text, context, key, block)
 
     def blocks(self, params, text: KV, key, num_blocks: int, reencode: Callable | None = None,
-               source=None) -> Iterator[jax.Array]:
-        """Yield each block's x0 [B, block_frames, H, W, C] as soon as it is denoised.
+               source=None) -> Iterator[Block]:
+        """Yield each block (id, x0 [B, block_frames, H, W, C]) as soon as it is denoised.
 
         reencode: called with every block's x0 in order, returns R [B, 1, H, W, C], the VAE round
         trip of the block's first latent frame (rule 4; `bcjax.pipeline.t2v.VAERoundTrip` decodes
@@ -180,7 +171,7 @@ class KreaPipeline:
                                   source[:, b * bf:(b + 1) * bf])
             # every block goes through the round trip, so a streaming VAE decoder stays in step
             carry = self._advance(carry, x0, b, x0[:, :1] if reencode is None else reencode(x0))
-            yield x0
+            yield Block(b, x0)
 
     # -- what a stream carries between blocks: (block b-1's x0, frame 0, R of block b-1) -------------
     def _empty(self, batch: int):
@@ -196,7 +187,7 @@ class KreaPipeline:
     def _advance(carry, x0, b: int, r):
         return x0, (x0[:, :1] if b == 0 else carry[1]), r
 
-    # -- the stepping interface shared with the other runners (bcjax.pipeline.stepping) ----------------
+    # -- the stepping interface shared with the other runners (bcjax.stepping) ----------------
     def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
         """A stream before its first block; context: given frames [B, G * block_frames, H, W, C]
         (blocks 0..G-1; generation starts at block G). R is the latent frame itself here (no VAE
@@ -242,4 +233,4 @@ class KreaPipeline:
     def generate(self, params, text: KV, num_blocks: int, key, reencode: Callable | None = None,
                  source=None) -> jax.Array:
         """Latents [B, num_blocks * block_frames, H, W, C]."""
-        return jnp.concatenate(list(self.blocks(params, text, key, num_blocks, reencode, source)), axis=1)
+        return jnp.concatenate([x0 for _, x0 in self.blocks(params, text, key, num_blocks, reencode, source)], axis=1)

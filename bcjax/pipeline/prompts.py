@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 
 
 def interpolate_schedule(schedule: Sequence[tuple[int, np.ndarray]], steps: int) -> list[tuple[int, np.ndarray]]:

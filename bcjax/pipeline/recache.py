@@ -44,8 +44,8 @@ from bcjax.distributed import put
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, write_frames
 from bcjax.model.wan import KV, forward
-from bcjax.pipeline.config import PipelineConfig
-from bcjax.pipeline.sequential import place
+from bcjax.sampler import pass_positions
+from bcjax.schedule.config import PipelineConfig
 
 POLICIES = ("no-recache", "recache", "recache-causal")
 
@@ -90,7 +90,7 @@ def recache(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, frames, star
         raise ValueError(f"recache needs the {w} frames before the switch (window_frames); got {frames.shape[1]}")
     start_frame = jnp.asarray(start_frame, jnp.int32)
     ids, stored, old_sink = recache_frames(start_frame, w, sink)
-    cache, positions = place(cfg, pcfg, cache, jnp.maximum(ids, 0), start_frame - 1)
+    cache, positions = pass_positions(cfg, pcfg, cache, jnp.maximum(ids, 0), start_frame - 1)
     # the sink frames own the cache's first slots (kv_cache.frame_slot): only they can be keys
     p = cache.tokens_per_frame
     mask = recache_mask(ids, stored, old_sink, cache.frame_ids[:sink], sink=sink, block_frames=pcfg.block_frames,

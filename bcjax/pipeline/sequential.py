@@ -2,7 +2,8 @@
 
 Per block of `block_frames` latent frames: `num_steps` denoising passes (predict x0, re-noise to
 the next sigma with fresh noise), then one clean pass at t = context_noise on the final x0 whose
-post-RoPE K/V are written into the clean cache. Every pass attends to [clean cache | the block].
+post-RoPE K/V are written into the clean cache (the passes: `bcjax.sampler`). Every pass attends
+to [clean cache | the block].
 Given context frames (an image-to-video first block, a video to continue) are written by the
 same pass at t = 0 whatever context_noise is: upstream Self-Forcing's
 `CausalInferencePipeline.inference` writes `initial_latent` at t = 0, and context_noise applies
@@ -24,100 +25,14 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
-from bcjax.model.kv_cache import KVCache, rebase, write_frames
-from bcjax.model.rope import rope_base, rope_positions
+from bcjax.model.kv_cache import KVCache
 from bcjax.model.tensor_parallel import Layout
-from bcjax.model.wan import KV, check_latents, forward
-from bcjax.pipeline.config import PipelineConfig
-from bcjax.pipeline.stepping import Step, StepState
-from bcjax.schedule.flow import block_noise, predict_x0, renoise
+from bcjax.model.wan import KV, check_latents
+from bcjax.sampler import cached_pass, check_rebuild, clean_block, denoise_block, write_context
+from bcjax.schedule.config import PipelineConfig
+from bcjax.stepping import Block, Step, StepState
 
-
-def check_rebuild(pcfg: PipelineConfig, runner: str) -> None:
-    """Krea's rebuilt context in a clean-pass runner: the clean pass of block b-1 at t = 0,
-    attending only to itself, IS the rebuild pass of block b's context (at the same relative
-    RoPE offsets), so a cache of one block serves it; R is the latent frame itself (no VAE here).
-    keep_first_frame needs frame 0 in place of R: only KreaPipeline has it."""
-    if pcfg.context == "rebuild":
-        if pcfg.keep_first_frame:
-            raise ValueError(f"{runner} rebuilds Krea's context from the previous block as it is; keep_first_frame=True "
-                             "needs bcjax.pipeline.krea.KreaPipeline")
-        if pcfg.cache_frames != pcfg.block_frames:
-            raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={pcfg.window_frames} must be "
-                             f"2 x block_frames={pcfg.block_frames}")
-
-
-def place(cfg: WanConfig, pcfg: PipelineConfig, cache: KVCache, frame_ids, last_frame):
-    """(cache, positions): the cache rebased for a pass whose newest frame is `last_frame`, and the
-    RoPE positions of frame_ids (int [F]) in that pass. Absolute positions: (cache, frame_ids)."""
-    frame_ids = jnp.asarray(frame_ids, jnp.int32)
-    if pcfg.positions == "absolute":
-        return cache, frame_ids
-    base = rope_base(cfg.rope_max_positions, pcfg.rope_period(cfg.rope_max_positions), last_frame)
-    base = jnp.maximum(base, cache.base)  # never backwards (a drained tick has no newest block)
-    cache = rebase(cfg, cache, base, pcfg.sink_frames)
-    return cache, rope_positions(frame_ids, base, pcfg.sink_frames)
-
-
-def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, positions, see_cache: bool = True,
-                model_axis: str | None = None):
-    """One DiT pass of a block over [valid cache | its own tokens] (bidirectional inside the block).
-
-    x [B, F, H, W, C], t [B, F], positions int [F] (RoPE time index); see_cache False: the block
-    attends only to itself (Krea's rebuilt context). Returns (flow [B, F, H, W, C], this pass's KV).
-    """
-    own = x.shape[1] * cache.tokens_per_frame
-    key_mask = jnp.concatenate([cache.valid_tokens() & see_cache, jnp.ones((own,), bool)])[None, None, :]
-    return forward(cfg, params, x, t, text, positions, cache.as_context(), key_mask, model_axis=model_axis)
-
-
-def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache: KVCache, key, block,
-                  latent_hw: tuple[int, int], source=None, model_axis: str | None = None):
-    """Denoise block `block` (traced int) and write its clean K/V. Returns (cache, x0 [B, F, H, W, C]).
-
-    source: video-to-video, the input video's latents of this block [B, F, H, W, C], noised to
-    the first step's sigma instead of starting from pure noise (`bcjax.pipeline.prompts.with_strength`).
-    model_axis: inside shard_map, the tensor-parallel axis (params, text and cache hold this
-    device's heads)."""
-    batch = text.k.shape[1]
-    bf = pcfg.block_frames
-    shape = (batch, bf, *latent_hw, cfg.in_channels)
-    frame_ids = block * bf + jnp.arange(bf)
-    cache, positions = place(cfg, pcfg, cache, frame_ids, frame_ids[-1])
-    timesteps = jnp.asarray(pcfg.timesteps)
-    sigmas = jnp.asarray(pcfg.sigmas)
-    next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), sigmas.dtype)])
-
-    def step(x, xs):
-        k, t_k, s_k, s_next = xs
-        flow, _ = cached_pass(cfg, params, x, jnp.full((batch, bf), t_k), text, cache, positions, model_axis=model_axis)
-        x0 = predict_x0(x, flow, s_k)
-        # The last step's re-noise is unused (s_next = 0 gives x0 back); keeping it makes every
-        # step the same program.
-        return renoise(x0, block_noise(key, block, k + 1, shape), s_next), x0
-
-    x = block_noise(key, block, 0, shape)
-    if source is not None:
-        x = renoise(source.astype(jnp.float32), x, sigmas[0])
-    steps = jnp.arange(pcfg.num_steps)
-    _, x0s = jax.lax.scan(step, x, (steps, timesteps, sigmas, next_sigmas))
-    x0 = x0s[-1]
-    return clean_block(cfg, pcfg, params, text, x0, cache, block, model_axis=model_axis), x0
-
-
-def clean_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, x0, cache: KVCache, block,
-                timestep: float | None = None, model_axis: str | None = None) -> KVCache:
-    """The clean pass: block `block`'s x0 [B, F, H, W, C] at t = `timestep` (default
-    context_noise, the generated blocks' convention; 0 for given context frames), its K/V
-    written into the cache."""
-    bf = x0.shape[1]
-    frame_ids = block * bf + jnp.arange(bf)
-    cache, positions = place(cfg, pcfg, cache, frame_ids, frame_ids[-1])
-    rebuild = pcfg.context == "rebuild"  # Krea: the context frames at t = 0, attending only to each other
-    t = 0.0 if rebuild else pcfg.context_noise if timestep is None else timestep
-    t_ctx = jnp.full((x0.shape[0], bf), t, jnp.float32)
-    _, kv = cached_pass(cfg, params, x0, t_ctx, text, cache, positions, see_cache=not rebuild, model_axis=model_axis)
-    return write_frames(cache, kv, frame_ids, pcfg.sink_frames)
+__all__ = ["SequentialPipeline", "cached_pass", "check_rebuild", "clean_block", "denoise_block"]
 
 
 @dataclasses.dataclass
@@ -198,20 +113,14 @@ class SequentialPipeline:
         a video to continue) into the cache as blocks first_block .. first_block + G - 1, by the
         clean pass at t = 0 (Self-Forcing writes `initial_latent` at t = 0 whatever
         context_noise is)."""
-        bf = self.pcfg.block_frames
-        if frames.ndim != 5 or frames.shape[1] % bf or frames.shape[2:] != (*self.latent_hw, self.cfg.in_channels):
-            raise ValueError(f"context frames must be [B, G * {bf}, {self.latent_hw[0]}, {self.latent_hw[1]}, "
-                             f"{self.cfg.in_channels}]; got {tuple(frames.shape)}")
-        self._check_length(frames.shape[1] // bf, first_block)
         params, text = self._placed(params, text)
         cache = cache if cache is not None else self.init_cache(frames.shape[0])
-        for g in range(frames.shape[1] // bf):
-            cache = self._context_fn(params, text, frames[:, g * bf:(g + 1) * bf], cache, jnp.int32(first_block + g))
-        return cache
+        return write_context(self._context_fn, self.cfg, self.pcfg, self.latent_hw, params, text, frames, cache,
+                             first_block)
 
     def blocks(self, params, text: KV, key, num_blocks: int, cache: KVCache | None = None,
-               first_block: int = 0, source=None) -> Iterator[jax.Array]:
-        """Yield each block's x0 latents [B, block_frames, H, W, C] as soon as it is denoised;
+               first_block: int = 0, source=None) -> Iterator[Block]:
+        """Yield each block (id, x0 latents [B, block_frames, H, W, C]) as soon as it is denoised;
         blocks first_block .. first_block + num_blocks - 1 (after a prefilled cache).
 
         source: video-to-video input latents [B, num_blocks * block_frames, H, W, C], block i of
@@ -229,7 +138,7 @@ class SequentialPipeline:
                 cache, x0 = self._block_fn(params, text, cache, key, jnp.int32(b))
             else:
                 cache, x0 = self._v2v_fn(params, text, cache, key, jnp.int32(b), source[:, i * bf:(i + 1) * bf])
-            yield x0
+            yield Block(b, x0)
 
     def generate(self, params, text: KV, num_blocks: int, key, context=None) -> jax.Array:
         """Latents [B, num_blocks * block_frames, H, W, C] for one prompt's text K/V; after the
@@ -237,9 +146,9 @@ class SequentialPipeline:
         cache, first = None, 0
         if context is not None:
             cache, first = self.prefill(params, text, context), context.shape[1] // self.pcfg.block_frames
-        return jnp.concatenate(list(self.blocks(params, text, key, num_blocks, cache, first)), axis=1)
+        return jnp.concatenate([x0 for _, x0 in self.blocks(params, text, key, num_blocks, cache, first)], axis=1)
 
-    # -- the stepping interface shared with Cascade (bcjax.pipeline.stepping) --------------------
+    # -- the stepping interface shared with Cascade (bcjax.stepping) --------------------
     def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
         """A stream before its first step. context: given clean frames [B, G * block_frames, H, W, C]
         written under `text` (generation starts at block G); num_blocks None: until the caller

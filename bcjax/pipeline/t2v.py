@@ -18,12 +18,12 @@ import numpy as np
 
 from bcjax import checkpoint
 from bcjax.model.wan import KV
-from bcjax.pipeline.config import PipelineConfig
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.pipeline.streaming import drain, overlapped
 from bcjax.pipeline.video import Mp4Writer, NullWriter, read_mp4, to_uint8
 from bcjax.runners import make_runner
+from bcjax.schedule.config import PipelineConfig
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings
 from bcjax.vae import wan_vae
@@ -168,15 +168,13 @@ class TextToVideo:
             # a fresh round trip per video (its decoder state starts with the clip); its decoded
             # frames go to the writer, so each block is decoded once
             trip = VAERoundTrip(self.vae_cfg, self.vae, text.k.shape[1], self.latent_hw)
-            for x0 in self.denoiser.blocks(self.dit, text, key, num_blocks, reencode=trip, source=source):
+            for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks, reencode=trip, source=source):
                 if timings is not None:
                     timings["decodes"] += 1
                 yield x0, trip.video
-        elif isinstance(self.denoiser, SequentialPipeline):
-            for x0 in self.denoiser.blocks(self.dit, text, key, num_blocks, source=source):
-                yield x0, None
         else:
-            for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks):
+            extra = {} if source is None else {"source": source}
+            for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks, **extra):
                 yield x0, None
 
     def _timed_blocks(self, prompt: str, num_blocks: int, seed: int, timings: dict, source=None):

@@ -33,23 +33,22 @@ def timed_stream(model: ToyModel, scenes, num_blocks: int, key, schedule: str, w
 
     from bcjax.cascade.cascade import Cascade
     from bcjax.model.wan import encode_text
-    from bcjax.pipeline.sequential import SequentialPipeline
+    from bcjax.runners import make_runner
     from bcjax.toyworld.world import prompt_embedding
 
     world, cfg, pcfg = model.world, model.cfg, model.pcfg
     hw, bf = (world.size, world.size), pcfg.block_frames
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
     text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
-    if schedule == "sequential":
-        pipe = SequentialPipeline(cfg, pcfg, hw)
-        stream = pipe.blocks(model.params, text, key, num_blocks, pipe.prefill(model.params, text, first), first_block=1)
+    runner = make_runner(cfg, pcfg, hw, schedule, window, mesh)
+    if isinstance(runner, Cascade):
+        state = runner.init_state(len(scenes), *runner.prefill(model.params, text, first))
+        stream = runner.blocks(model.params, text, key, num_blocks, state=state)
     else:
-        cas = Cascade(cfg, pcfg, hw, schedule, window, mesh)
-        state = cas.init_state(len(scenes), *cas.prefill(model.params, text, first))
-        stream = (x for _, x in cas.blocks(model.params, text, key, num_blocks, state=state))
+        stream = runner.blocks(model.params, text, key, num_blocks, runner.prefill(model.params, text, first), first_block=1)
     out, times = [np.asarray(first)], []
     t0 = time.perf_counter()
-    for x0 in stream:
+    for _, x0 in stream:
         out.append(np.asarray(x0))  # blocks until this block is ready
         times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()

@@ -37,7 +37,7 @@ import numpy as np
 
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.schedule.config import PipelineConfig
 from bcjax.toyworld.world import (
     Scene,
     WorldConfig,
@@ -108,15 +108,10 @@ def generate(model: ToyModel, scenes: list[Scene], num_blocks: int, key, schedul
     bf, hw = pcfg.block_frames, (world.size, world.size)
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
     text = encode_text(cfg, params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
-    if schedule == "sequential":
-        from bcjax.pipeline.sequential import SequentialPipeline
+    from bcjax.runners import make_runner
 
-        out = SequentialPipeline(cfg, pcfg, hw).generate(params, text, num_blocks, key, context=first)
-    else:
-        from bcjax.cascade.cascade import Cascade
-
-        out = Cascade(cfg, pcfg, hw, schedule, window or "bidirectional", mesh).generate(
-            params, text, num_blocks, key, context=first)
+    runner = make_runner(cfg, pcfg, hw, schedule, window or "bidirectional", mesh)
+    out = runner.generate(params, text, num_blocks, key, context=first)
     return np.concatenate([np.asarray(first), np.asarray(out)], axis=1)
 
 

@@ -45,10 +45,9 @@ def adherence(model: ToyModel, scenes: list[Scene], num_blocks: int, at_block: i
               runner_kind: str = "sequential", policy: str = "no-recache") -> dict:
     """Per generated block after the given image: position error against the new prompt's
     continuation and against the old one ([blocks] means over prompts), and blocks-to-adherence."""
-    from bcjax.cascade.cascade import Cascade
     from bcjax.interactive import stream
     from bcjax.model.wan import encode_text
-    from bcjax.pipeline.sequential import SequentialPipeline
+    from bcjax.runners import make_runner
 
     world, cfg, pcfg = model.world, model.cfg, model.pcfg
     bf, hw = world.block_frames, (world.size, world.size)
@@ -57,7 +56,7 @@ def adherence(model: ToyModel, scenes: list[Scene], num_blocks: int, at_block: i
     def text(sc):
         return encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in sc])))
 
-    runner = SequentialPipeline(cfg, pcfg, hw) if runner_kind == "sequential" else Cascade(cfg, pcfg, hw, runner_kind, "bidirectional")
+    runner = make_runner(cfg, pcfg, hw, runner_kind, "bidirectional")
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
     events = list(stream(runner, model.params, [(0, text(scenes)), (at_block, text(news))], jax.random.key(seed),
                          num_blocks, policy=policy, context=first))

@@ -65,7 +65,8 @@ import optax
 
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, forward, init_params
-from bcjax.pipeline.config import PipelineConfig
+from bcjax.sampler import sample_block
+from bcjax.schedule.config import PipelineConfig
 from bcjax.toyworld.world import WorldConfig, prompt_embedding, render, sample_scene
 
 # Training recipes, in the order of the block-causal lineage (CausVid / Self-Forcing / LongLive):
@@ -340,7 +341,6 @@ def rollout(cfg: WanConfig, pcfg: PipelineConfig, params, text, context, visible
     [B, R] and timestep [B, R]).
     """
     from bcjax.model.wan import KV
-    from bcjax.schedule.flow import block_noise, predict_x0, renoise
 
     bf = pcfg.block_frames
     b, kf, hh, ww, c = context.shape
@@ -369,18 +369,12 @@ def rollout(cfg: WanConfig, pcfg: PipelineConfig, params, text, context, visible
         valid = valid.at[:, blk].set(blk >= k - visible)
 
     timesteps, sigmas = jnp.asarray(pcfg.timesteps), jnp.asarray(pcfg.sigmas)
-    next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), sigmas.dtype)])
     outs, inputs = [], []
     for blk in range(k, n):
-        def step(x, xs, blk=blk, cache=cache, valid=valid):
-            i, t_i, s_i, s_next = xs
-            flow, _ = block_pass(x, jnp.full((b, bf), t_i), blk, cache, valid)
-            x0 = predict_x0(x, flow, s_i)
-            return renoise(x0, block_noise(key, blk, i + 1, shape), s_next), (x, x0)
+        def pass_fn(x, t_i, blk=blk, cache=cache, valid=valid):
+            return block_pass(x, jnp.full((b, bf), t_i), blk, cache, valid)[0]
 
-        steps = jnp.arange(pcfg.num_steps)
-        _, (xs_in, x0s) = jax.lax.scan(step, block_noise(key, blk, 0, shape), (steps, timesteps, sigmas, next_sigmas))
-        x0 = x0s[-1]
+        x0, xs_in, _ = sample_block(pass_fn, pcfg, key, blk, shape)  # the inference sampler itself
         pick = record[:, blk - k]
         inputs.append(xs_in[pick, jnp.arange(b)])
         _, kv = block_pass(x0, t_clean, blk, cache, valid)

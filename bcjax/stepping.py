@@ -1,4 +1,4 @@
-"""The one stepping interface both runners (`SequentialPipeline`, `Cascade`) share.
+"""The one interface every runner (`SequentialPipeline`, `KreaPipeline`, `Cascade`) shares.
 
     state = runner.start(params, text, key, num_blocks=None, context=None)
     while not runner.done(state):
@@ -16,7 +16,8 @@ the text K/V of each step.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple, Protocol
 
 import jax
 
@@ -41,3 +42,43 @@ class Step(NamedTuple):
     # (block id, stage) of every block this step worked on; stages 0..num_steps-1 denoise
     # (0 = pure noise), stage num_steps is the clean pass that writes the block's K/V
     stages: tuple[tuple[int, int], ...]
+
+
+class Block(NamedTuple):
+    """One finished block, what every runner's `blocks()` yields (unpacks as `for b, x0 in ...`)."""
+
+    id: int  # absolute block id (> 0 after given context blocks)
+    x0: jax.Array  # [B, block_frames, H, W, C] its final x0 latents
+
+
+class Runner(Protocol):
+    """What `bcjax.interactive`, the server, the CLI and the benches may call on any runner
+    (`bcjax.runners.make_runner` builds one); the type checker holds every runner to it."""
+
+    def encode_text(self, params, context) -> Any: ...
+
+    def place_params(self, params) -> Any: ...
+
+    def place_text(self, text) -> Any: ...
+
+    def replicate(self, tree) -> Any: ...
+
+    def abstract_inputs(self, batch: int = 1) -> tuple: ...
+
+    def lower(self, *inputs) -> jax.stages.Lowered: ...
+
+    def blocks(self, params, text, key, num_blocks: int) -> Iterator[Block]: ...
+
+    def generate(self, params, text, num_blocks: int, key) -> jax.Array: ...
+
+    def start(self, params, text, key, num_blocks: int | None = None, context=None) -> StepState: ...
+
+    def step(self, params, text, state: StepState) -> tuple[StepState, Step]: ...
+
+    def entering(self, state: StepState) -> int: ...
+
+    def done(self, state: StepState) -> bool: ...
+
+    def cache(self, state: StepState) -> Any: ...
+
+    def with_cache(self, state: StepState, cache) -> StepState: ...
