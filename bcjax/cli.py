@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 
+from bcjax.names import POLICIES, POSITIONS, SCHEDULES, WINDOWS
 from bcjax.paths import check_output
 
 
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", type=_positive, default=1,
                        help="devices on the 'model' mesh axis: tensor-parallel weights (heads and FFN split), "
                             "devices x model in all")
-        s.add_argument("--positions", default="absolute", choices=["absolute", "rolling"],
+        s.add_argument("--positions", default="absolute", choices=POSITIONS,
                        help="RoPE positions: absolute (streams end at the 1024-frame table) or rolling (no end)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--out", help="output: latents .npy (random weights) or .mp4 (--checkpoint); written atomically")
@@ -367,12 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="bcjax-stream.mp4")
     s.add_argument("--checkpoint", help="a toy-world checkpoint (default: the shipped one)")
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=12)
-    s.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
-    s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
-    s.add_argument("--policy", default="no-recache", choices=["no-recache", "recache", "recache-causal"],
+    s.add_argument("--schedule", default="P4", choices=SCHEDULES)
+    s.add_argument("--window", default="bidirectional", choices=WINDOWS)
+    s.add_argument("--policy", default="no-recache", choices=POLICIES,
                    help="KV cache at a switch: keep it (Block Cascading), or LongLive v1.0's recache (bidirectional, "
                         "as upstream runs it) or its block-causal variant")
-    s.add_argument("--positions", default="absolute", choices=["absolute", "rolling"],
+    s.add_argument("--positions", default="absolute", choices=POSITIONS,
                    help="RoPE positions: rolling streams past the model's position table")
     s.add_argument("--devices", type=_positive, default=1)
     s.add_argument("--seed", type=int, default=0, help="noise and the sprites' start positions")
@@ -409,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help="the text prompt (with --checkpoint)")
     s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
                    help="video size in pixels (with --checkpoint)")
-    s.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
-    s.add_argument("--window", default="bidirectional", choices=["causal", "bidirectional"])
+    s.add_argument("--schedule", default="P4", choices=SCHEDULES)
+    s.add_argument("--window", default="bidirectional", choices=WINDOWS)
     s.add_argument("--video", help="video-to-video (with --checkpoint, --schedule sequential): an mp4 of --size "
                    "whose latents, noised to --strength, start the blocks (Krea's / StreamDiffusionV2's strength)")
     s.add_argument("--strength", type=float, default=0.6, help="video-to-video: 1 = pure noise, lower keeps more of "

@@ -182,7 +182,8 @@ class LivePrompts:
 
 
 def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy: str = "no-recache",
-          context=None, on_dispatch: Callable[[], None] | None = None) -> Iterator[Tick]:
+          context=None, on_dispatch: Callable[[], None] | None = None,
+          reencode: Callable | None = None) -> Iterator[Tick]:
     """Drive `runner` step by step, the prompt of each step from `prompts` (`at`, `text`),
     recaching at a switch under `policy`. Yields a Tick per step. num_blocks None: until the
     caller stops (closing the generator ends the stream). context: given clean frames
@@ -192,9 +193,16 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
     on_dispatch: called once per step, after the step is dispatched and before its block is
     waited for, so host work placed there (fetching the previous block's decoded pixels, encoding
     and sending them) runs while the devices compute the step. Its time is left out of the
-    Tick's `seconds` (the time the step held the caller up), not out of StreamEvent's."""
+    Tick's `seconds` (the time the step held the caller up), not out of StreamEvent's.
+
+    reencode: Krea's VAE round trip (R), for a runner with Krea's loop (`KreaPipeline.start`).
+    A policy the runner cannot follow (a recache without a cache) is refused here, before the
+    stream starts, not at its first switch."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
+    if policy != "no-recache" and not runner.keeps_cache:
+        raise ValueError(f"policy {policy!r} rewrites the KV cache at a switch; {type(runner).__name__} keeps no cache "
+                         "(Krea's loop rebuilds its context under the prompt in force before every block): use 'no-recache'")
     bf = runner.pcfg.block_frames
     first = 0 if context is None else context.shape[1] // bf
     if policy != "no-recache" and model_size(runner.mesh) > 1:
@@ -202,7 +210,8 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
                          f"'model' = {model_size(runner.mesh)} devices (use policy 'no-recache', which a cascade needs anyway)")
     params = runner.place_params(params)
     current = prompts.at(first)
-    state = runner.start(params, runner.place_text(prompts.text(current)), key, num_blocks, context)
+    extra = {} if reencode is None else {"reencode": reencode}
+    state = runner.start(params, runner.place_text(prompts.text(current)), key, num_blocks, context, **extra)
     rec = Recacher(runner.cfg, runner.pcfg, policy, None if runner.mesh is None else NamedSharding(runner.mesh, P()))
     for g in range(first):
         rec.add(g, context[:, g * bf:(g + 1) * bf])

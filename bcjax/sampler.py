@@ -73,6 +73,13 @@ def stage_input(key, block, stage, x0_prev, sigmas, shape: tuple[int, ...]):
     return jnp.where(stage == 0, eps, renoise(x0_prev, eps, sigmas[stage]))
 
 
+def check_source(source, num_blocks: int, block_frames: int) -> None:
+    """Video-to-video input latents must cover the blocks they start; named when they do not."""
+    if source is not None and (source.ndim != 5 or source.shape[1] < num_blocks * block_frames):
+        raise ValueError(f"video-to-video source latents must be [B, >= {num_blocks * block_frames}, H, W, C] for "
+                         f"{num_blocks} blocks; got {tuple(source.shape)}")
+
+
 def sample_block(pass_fn: Callable, pcfg: PipelineConfig, key, block, shape: tuple[int, ...], source=None):
     """The n denoising stages of one block, one after another.
 

@@ -1,6 +1,6 @@
 """The one interface every runner (`SequentialPipeline`, `KreaPipeline`, `Cascade`) shares.
 
-    state = runner.start(params, text, key, num_blocks=None, context=None)
+    state = runner.start(params, text, key, num_blocks=None, context=None, reencode=None)
     while not runner.done(state):
         prompt_block = runner.entering(state)        # whose prompt is in force for the next step
         state, out = runner.step(params, text, state)  # the prompt's text K/V: an argument of every step
@@ -16,7 +16,7 @@ the text K/V of each step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -51,6 +51,25 @@ class Block(NamedTuple):
     x0: jax.Array  # [B, block_frames, H, W, C] its final x0 latents
 
 
+def block_entering(state: StepState) -> int:
+    """`entering` of a runner whose step is one whole block (sequential, Krea's loop): the block
+    the next step makes; its prompt is the one in force for that step."""
+    return state.first_block + state.step
+
+
+def blocks_done(state: StepState) -> bool:
+    """`done` of a runner whose step is one whole block: every planned block made."""
+    return state.num_blocks is not None and state.step >= state.num_blocks
+
+
+def refuse_round_trip(reencode, runner: str) -> None:
+    """A VAE round trip (Krea's R) given to a runner without Krea's loop is refused by name: its
+    clean-pass cache (or, in Krea's mode, the latent frame) stands where R would."""
+    if reencode is not None:
+        raise ValueError(f"{runner} takes no VAE round trip (reencode): R is Krea's loop's "
+                         "(bcjax.pipeline.krea.KreaPipeline, sampler krea_14b)")
+
+
 class Runner(Protocol):
     """What `bcjax.interactive`, the server, the CLI and the benches may call on any runner
     (`bcjax.runners.make_runner` builds one); the type checker holds every runner to it."""
@@ -71,7 +90,13 @@ class Runner(Protocol):
 
     def generate(self, params, text, num_blocks: int, key) -> jax.Array: ...
 
-    def start(self, params, text, key, num_blocks: int | None = None, context=None) -> StepState: ...
+    # False: no cache a recache policy could rewrite (Krea's loop); such a policy is refused at start
+    keeps_cache: bool
+    # True: start(reencode=) takes Krea's VAE round trip for R (Krea's loop); others refuse one
+    takes_round_trip: bool
+
+    def start(self, params, text, key, num_blocks: int | None = None, context=None,
+              reencode: Callable | None = None) -> StepState: ...
 
     def step(self, params, text, state: StepState) -> tuple[StepState, Step]: ...
 

@@ -101,8 +101,57 @@ def test_krea_steps_like_the_other_runners(tiny_cfg, tiny_params):
     assert [e.block for e in cont] == [1, 2, 3] and [e.prompt for e in cont] == [0, 1, 1]
     np.testing.assert_allclose(cont[0].x0, ref[:, 3:6], atol=1e-6)  # block 1 from the given block 0
     assert np.abs(cont[1].x0 - ref[:, 6:9]).max() > 1e-3  # the switch takes effect at block 2
+    # a recache policy is refused when the stream starts, before any block is computed
+    started = []
+    pipe.start = lambda *a, **k: started.append(1)
     with pytest.raises(ValueError, match="keeps no cache"):
-        list(stream(pipe, tiny_params, [(0, texts[0]), (1, texts[1])], key, 3, policy="recache"))
+        next(stream(pipe, tiny_params, [(0, texts[0]), (1, texts[1])], key, 3, policy="recache"))
+    assert not started
+
+
+@pytest.mark.parametrize("keep_first_frame", [False, True])
+def test_krea_stream_takes_the_vae_round_trip_like_its_block_loop(tiny_cfg, tiny_params, keep_first_frame):
+    """start/step follow Krea's loop from block 2 on as `blocks(reencode=)` does: R comes from the
+    round trip (a stand-in here: any function of the block's x0), called once per block in order,
+    given blocks first; a runner without Krea's loop refuses a round trip by name."""
+    import dataclasses
+
+    from bcjax.interactive import PromptSchedule, steps
+
+    rng = np.random.default_rng(12)
+    text = encode_text(tiny_cfg, tiny_params, jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)),
+                                                          jnp.float32))
+    pcfg = dataclasses.replace(ports.get("krea_14b").pipeline, keep_first_frame=keep_first_frame)
+    pipe = KreaPipeline(tiny_cfg, pcfg, HW)
+    key = jax.random.key(5)
+
+    def trip(seen):
+        def reencode(x0):  # a stand-in for decode + encode: depends on the whole block, not frame 0 alone
+            seen.append(np.asarray(x0))
+            return jnp.tanh(x0[:, :1] * 0.7 + x0[:, -1:] * 0.3)
+        return reencode
+
+    ref_seen, got_seen = [], []
+    ref = np.asarray(pipe.generate(tiny_params, text, 4, key, reencode=trip(ref_seen)))
+    plain = np.asarray(pipe.generate(tiny_params, text, 4, key))
+    if keep_first_frame:  # frame 0 stands where R would: the round trip changes nothing
+        np.testing.assert_array_equal(ref, plain)
+    else:
+        assert np.abs(ref[:, 6:] - plain[:, 6:]).max() > 1e-3  # R matters from block 2 on
+    np.testing.assert_array_equal(ref[:, :6], plain[:, :6])
+    ticks = steps(pipe, tiny_params, PromptSchedule([(0, text)]), key, 4, reencode=trip(got_seen))
+    got = np.concatenate([np.asarray(t.event.x0) for t in ticks], axis=1)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert len(got_seen) == len(ref_seen) == 4
+    # a given first block goes through the round trip too, then generation continues from it
+    cont_seen = []
+    cont = [t.event for t in steps(pipe, tiny_params, PromptSchedule([(0, text)]), key, 3,
+                                   context=jnp.asarray(ref[:, :3]), reencode=trip(cont_seen))]
+    np.testing.assert_allclose(np.concatenate([e.x0 for e in cont], axis=1), ref[:, 3:], atol=1e-6)
+    assert len(cont_seen) == 4
+    seq = SequentialPipeline(tiny_cfg, PipelineConfig(window_frames=6), HW)
+    with pytest.raises(ValueError, match="takes no VAE round trip"):
+        seq.start(tiny_params, text, key, 2, reencode=trip([]))
 
 
 def test_video_to_video_on_the_toy_world():

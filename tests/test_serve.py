@@ -224,8 +224,8 @@ class _Recording:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def frame_encoder(self, decoder=None):
-        encode, blocks = self._inner.frame_encoder(decoder), iter(range(10 ** 9))
+    def frame_encoder(self, decoder=None, round_trip=False):
+        encode, blocks = self._inner.frame_encoder(decoder, round_trip), iter(range(10 ** 9))
 
         def dispatch(x0):
             k = next(blocks)

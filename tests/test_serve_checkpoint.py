@@ -105,3 +105,31 @@ def test_overlapped_decode_sends_the_frames_of_decoding_each_block_in_turn(check
     ticks.close()
     assert [len(imgs) for _, imgs in ref] == [9, 12, 12]
     assert [(h["block"], imgs) for h, imgs in got] == ref
+
+
+def test_a_krea_stream_follows_krea_s_loop_with_the_vae_round_trip(checkpoint_dir):
+    """Served with Krea's loop, a stream takes R from the VAE round trip from block 2 on (as
+    `bcjax generate` does), and the frames sent are the round trip's own decode of each block:
+    the same JPEGs as TextToVideo's Krea blocks. A recache policy is refused at start."""
+    import jax
+
+    from bcjax.pipeline.video import to_uint8
+    from bcjax.serve import CheckpointBackend
+    from bcjax.serve.models import _images
+
+    s = start_server(CheckpointBackend(checkpoint_dir, port="krea_14b", video_hw=(32, 48)), ack_window=100)
+    assert s.backend.describe()["decoder"] == "wan"
+    with connect(s) as ws:
+        start(ws, prompt="a red fox runs", schedule="sequential", policy="recache", seed=3)
+        err = until(ws, lambda j: j["type"] == "error")
+        assert "keeps no cache" in err["message"], err
+        start(ws, prompt="a red fox runs", schedule="sequential", seed=3)
+        got, _ = read(ws, 3, timeout=180)
+    b = s.backend
+    t2v, pad = b.t2v, b.t2v.vae_cfg.first_chunk_padding
+    ref = []
+    for i, (_, video) in enumerate(t2v._latent_blocks(b.encode("a red fox runs"), 3, jax.random.key(3))):
+        video = video[:, pad:] if i == 0 else video
+        ref.append(_images(to_uint8(video[0]), "JPEG", quality=b.quality))
+    assert [len(imgs) for imgs in ref] == [9, 12, 12]
+    assert [imgs for _, imgs in got] == ref

@@ -1,6 +1,9 @@
 """The token-split equality case with 8 fake CPU devices (the suite's process has 5), run by
 tests/test_token_split.py in its own process: `python token_split_case.py OUT.json`.
 
+`python tests/token_split_case.py --table` prints README's equality table instead: every case on
+2, 3, 4, 5 and 8 stage devices and on (2, 2) and (4, 2), max abs difference to one device.
+
 Every schedule on 8 stage devices, and (stage, model) meshes (2, 2) and (4, 2), against one
 device; and the compiles of a stream on the (4, 2) mesh after its first tick (must be 0).
 """
@@ -67,5 +70,21 @@ def main(out: str) -> None:
         json.dump(report, f, indent=1)
 
 
+def table() -> None:
+    params = init_params(CFG, jax.random.key(0), HW)
+    prompt = jnp.asarray(np.random.default_rng(0).standard_normal((1, CFG.text_len, CFG.text_dim)), jnp.float32)
+    text = encode_text(CFG, params, prompt)
+    key = jax.random.key(3)
+    meshes = {"2": (2, 1), "3": (3, 1), "4": (4, 1), "5": (5, 1), "8": (8, 1), "(2, 2)": (2, 2), "(4, 2)": (4, 2)}
+    print(f"| case ({BLOCKS} blocks, fp32) | " + " | ".join(meshes) + " |\n|---|" + "---:|" * len(meshes))
+    for name, (pcfg, schedule, window) in CASES.items():
+        ref = Cascade(CFG, pcfg, HW, schedule, window).generate(params, text, BLOCKS, key)
+        row = []
+        for stage, model in meshes.values():
+            got = Cascade(CFG, pcfg, HW, schedule, window, make_mesh(stage, model)).generate(params, text, BLOCKS, key)
+            row.append(f"{float(jnp.abs(got - ref).max()):.1e}")
+        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    table() if sys.argv[1] == "--table" else main(sys.argv[1])

@@ -49,6 +49,7 @@ from collections import defaultdict  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK  # noqa: E402
+from bcjax.names import SCHEDULES  # noqa: E402
 
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
              "f64": 8, "s64": 8, "u64": 8}
@@ -188,7 +189,6 @@ def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
     return {axis: {**v, "kinds": dict(v["kinds"])} for axis, v in out.items()}
 
 
-SCHEDULES = ("sequential", "P1", "P2", "P4")
 STAGES = (1, 2, 4, 5, 8, 16)
 # the sampler each preset's FPS rows use: Self-Forcing's for 1.3B (the paper's 16 / 30 FPS), Krea's
 # clean-pass sampler for 14B (the paper's 14B is Krea Realtime 14B)

@@ -31,7 +31,7 @@ from bcjax.model.wan import KV, check_latents, encode_text
 from bcjax.sampler import check_rebuild, clean_block, write_context
 from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger, slot_state
-from bcjax.stepping import Block, Step, StepState
+from bcjax.stepping import Block, Step, StepState, refuse_round_trip
 
 STAGE = "stage"
 ENDLESS = np.iinfo(np.int32).max  # num_blocks of a stream with no planned end
@@ -230,10 +230,20 @@ class Cascade:
                 yield Block(out.block, out.x0)
 
     # -- the stepping interface shared with SequentialPipeline (bcjax.stepping) ---------
-    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
+    takes_round_trip = False  # R (Krea's VAE round trip) is KreaPipeline's
+
+    @property
+    def keeps_cache(self) -> bool:
+        """A clean-pass cache a recache policy may rewrite at a switch; under Krea's rules the
+        cache holds the rebuilt context, which is made under the prompt in force anyway."""
+        return self.pcfg.context != "rebuild"
+
+    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None,
+              reencode=None) -> StepState:
         """A stream before its first tick. context: given clean frames [B, G * block_frames, H, W, C]
         written under `text` (generation starts at block G); num_blocks None: until the caller
         stops (absolute positions: until the RoPE table ends)."""
+        refuse_round_trip(reencode, "Cascade")
         params, text = self._placed(params, text)
         batch = text.k.shape[1]
         carry = self.init_state(batch) if context is None else self.init_state(batch, *self.prefill(params, text, context))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-WINDOWS = ("causal", "bidirectional")
+from bcjax.names import WINDOWS  # noqa: F401  (re-exported: checked here)
 
 
 def _in_window(frames, q_start, sink: int, rolling: int):

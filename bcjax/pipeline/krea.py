@@ -28,7 +28,7 @@ in-flight block's context is its predecessor's K/V at its current noise level, a
 cascade, and the rebuilt clean K/V once the predecessor has passed its clean stage; R there is
 the latent frame itself and keep_first_frame is refused. P1-causal equals this loop (tests).
 
-R needs the VAE: `KreaPipeline.blocks(..., reencode=...)` takes the round trip
+R needs the VAE: `KreaPipeline.blocks(..., reencode=...)` and `start(..., reencode=...)` take the round trip
 (`bcjax.pipeline.t2v.VAERoundTrip`: the checkpoint's VAE decodes the stream and encodes the last
 pixel frame alone); without one (latent-only runs, tests) R is the latent frame itself, unchanged.
 """
@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +48,9 @@ from jax.sharding import PartitionSpec as P
 from bcjax.model.config import WanConfig
 from bcjax.model.tensor_parallel import Layout
 from bcjax.model.wan import KV, check_latents, forward
-from bcjax.sampler import sample_block
+from bcjax.sampler import check_source, sample_block
 from bcjax.schedule.config import PipelineConfig
-from bcjax.stepping import Block, Step, StepState
+from bcjax.stepping import Block, Step, StepState, block_entering, blocks_done
 
 
 def context_frames(pcfg: PipelineConfig, previous, first_frame, reencoded):
@@ -91,6 +92,15 @@ def krea_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, context, 
 
     # source (Krea's v2v): latents * (1 - sigma) + randn * sigma, as the sampler's video-to-video
     return sample_block(pass_fn, pcfg, key, block, shape, source)[0]
+
+
+class KreaCarry(NamedTuple):
+    """What Krea's loop carries from block b-1 to block b (rules 4, 6)."""
+
+    previous: Any  # [B, bf, H, W, C] block b-1's x0
+    first: Any  # [B, 1, H, W, C] the video's frame 0 (keep_first_frame)
+    r: Any  # [B, 1, H, W, C] R of block b-1: its first latent frame through the VAE round trip
+    reencode: Callable | None  # the round trip (x0 -> R), None: R is the latent frame itself
 
 
 @dataclasses.dataclass
@@ -156,43 +166,46 @@ class KreaPipeline:
         source: video-to-video input latents [B, >= num_blocks * block_frames, H, W, C].
         """
         bf = self.pcfg.block_frames
-        if source is not None and (source.ndim != 5 or source.shape[1] < num_blocks * bf):
-            raise ValueError(f"video-to-video source latents must be [B, >= {num_blocks * bf}, H, W, C] for "
-                             f"{num_blocks} blocks; got {tuple(source.shape)}")
+        check_source(source, num_blocks, bf)
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         params, text = self.place_params(params), self.place_text(text)
-        carry = self._empty(text.k.shape[1])
+        carry = self._empty(text.k.shape[1], reencode)
         for b in range(num_blocks):
             if source is None:
                 x0 = self._block_fn(params, text, self._context(carry, b), key, jnp.int32(b))
             else:
                 x0 = self._v2v_fn(params, text, self._context(carry, b), key, jnp.int32(b),
                                   source[:, b * bf:(b + 1) * bf])
-            # every block goes through the round trip, so a streaming VAE decoder stays in step
-            carry = self._advance(carry, x0, b, x0[:, :1] if reencode is None else reencode(x0))
+            carry = self._advance(carry, x0, b)
             yield Block(b, x0)
 
     # -- what a stream carries between blocks: (block b-1's x0, frame 0, R of block b-1) -------------
-    def _empty(self, batch: int):
+    def _empty(self, batch: int, reencode: Callable | None = None) -> KreaCarry:
         zeros = jnp.zeros((batch, self.pcfg.block_frames, *self.latent_hw, self.cfg.in_channels), jnp.float32)
-        return zeros, zeros[:, :1], zeros[:, :1]
+        return KreaCarry(zeros, zeros[:, :1], zeros[:, :1], reencode)
 
-    def _context(self, carry, b: int):
-        previous, first, r = carry
+    def _context(self, carry: KreaCarry, b: int):
         # block 0: masked away; block 1: frames 0..2 as they are, frame 0 an image latent already
-        return previous if b <= 1 else context_frames(self.pcfg, previous, first, r)
+        return carry.previous if b <= 1 else context_frames(self.pcfg, carry.previous, carry.first, carry.r)
 
     @staticmethod
-    def _advance(carry, x0, b: int, r):
-        return x0, (x0[:, :1] if b == 0 else carry[1]), r
+    def _advance(carry: KreaCarry, x0, b: int) -> KreaCarry:
+        # every block goes through the round trip, so a streaming VAE decoder stays in step
+        r = x0[:, :1] if carry.reencode is None else carry.reencode(x0)
+        return carry._replace(previous=x0, first=x0[:, :1] if b == 0 else carry.first, r=r)
 
     # -- the stepping interface shared with the other runners (bcjax.stepping) ----------------
-    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
+    keeps_cache = False  # the context is rebuilt under the prompt in force before every block
+    takes_round_trip = True  # start(reencode=) gives R from the VAE round trip
+
+    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None,
+              reencode: Callable | None = None) -> StepState:
         """A stream before its first block; context: given frames [B, G * block_frames, H, W, C]
-        (blocks 0..G-1; generation starts at block G). R is the latent frame itself here (no VAE
-        in a latent stream); num_blocks None: until the caller stops (positions never grow)."""
-        carry, first = self._empty(text.k.shape[1]), 0
+        (blocks 0..G-1; generation starts at block G); num_blocks None: until the caller stops
+        (positions never grow). reencode: the VAE round trip giving R, called with every block's
+        x0 in order, given blocks first (as in `blocks`); None: R is the latent frame itself."""
+        carry, first = self._empty(text.k.shape[1], reencode), 0
         if context is not None:
             bf = self.pcfg.block_frames
             if context.ndim != 5 or context.shape[1] % bf or context.shape[1] == 0:
@@ -200,7 +213,7 @@ class KreaPipeline:
             first = context.shape[1] // bf
             for g in range(first):
                 block = jnp.asarray(context[:, g * bf:(g + 1) * bf], jnp.float32)
-                carry = self._advance(carry, block, g, block[:, :1])
+                carry = self._advance(carry, block, g)
         return StepState(carry, key, 0, first, num_blocks)
 
     def step(self, params, text: KV, state: StepState) -> tuple[StepState, Step]:
@@ -208,15 +221,12 @@ class KreaPipeline:
         b = self.entering(state)
         params, text = self.place_params(params), self.place_text(text)
         x0 = self._block_fn(params, text, self._context(state.carry, b), state.key, jnp.int32(b))
-        carry = self._advance(state.carry, x0, b, x0[:, :1])
+        carry = self._advance(state.carry, x0, b)
         stages = tuple((b, s) for s in range(self.pcfg.num_steps))
         return state._replace(carry=carry, step=state.step + 1), Step(b, x0, stages)
 
-    def entering(self, state: StepState) -> int:
-        return state.first_block + state.step
-
-    def done(self, state: StepState) -> bool:
-        return state.num_blocks is not None and state.step >= state.num_blocks
+    entering = staticmethod(block_entering)  # one step is one block (bcjax.stepping)
+    done = staticmethod(blocks_done)
 
     def cache(self, state: StepState):
         raise ValueError("Krea's loop keeps no cache: its context is rebuilt under the prompt in force before every "

@@ -28,9 +28,9 @@ from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
 from bcjax.model.tensor_parallel import Layout
 from bcjax.model.wan import KV, check_latents
-from bcjax.sampler import cached_pass, check_rebuild, clean_block, denoise_block, write_context
+from bcjax.sampler import cached_pass, check_rebuild, check_source, clean_block, denoise_block, write_context
 from bcjax.schedule.config import PipelineConfig
-from bcjax.stepping import Block, Step, StepState
+from bcjax.stepping import Block, Step, StepState, block_entering, blocks_done, refuse_round_trip
 
 __all__ = ["SequentialPipeline", "cached_pass", "check_rebuild", "clean_block", "denoise_block"]
 
@@ -128,9 +128,7 @@ class SequentialPipeline:
         sampler from `bcjax.pipeline.prompts.with_strength`)."""
         self._check_length(num_blocks, first_block)
         bf = self.pcfg.block_frames
-        if source is not None and (source.ndim != 5 or source.shape[1] < num_blocks * bf):
-            raise ValueError(f"video-to-video source latents must be [B, >= {num_blocks * bf}, H, W, C] for "
-                             f"{num_blocks} blocks; got {tuple(source.shape)}")
+        check_source(source, num_blocks, bf)
         params, text = self._placed(params, text)
         cache = cache if cache is not None else self.init_cache(text.k.shape[1])
         for i, b in enumerate(range(first_block, first_block + num_blocks)):
@@ -149,10 +147,20 @@ class SequentialPipeline:
         return jnp.concatenate([x0 for _, x0 in self.blocks(params, text, key, num_blocks, cache, first)], axis=1)
 
     # -- the stepping interface shared with Cascade (bcjax.stepping) --------------------
-    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None) -> StepState:
+    takes_round_trip = False  # R (Krea's VAE round trip) is KreaPipeline's
+
+    @property
+    def keeps_cache(self) -> bool:
+        """A clean-pass cache a recache policy may rewrite at a switch; under Krea's rules the
+        cache holds the rebuilt context, which is made under the prompt in force anyway."""
+        return self.pcfg.context != "rebuild"
+
+    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None,
+              reencode=None) -> StepState:
         """A stream before its first step. context: given clean frames [B, G * block_frames, H, W, C]
         written under `text` (generation starts at block G); num_blocks None: until the caller
         stops (absolute positions: until the RoPE table ends)."""
+        refuse_round_trip(reencode, "SequentialPipeline")
         first = 0 if context is None else context.shape[1] // self.pcfg.block_frames
         if num_blocks is None:
             num_blocks = self.pcfg.stream_blocks(self.cfg.rope_max_positions, first)
@@ -171,12 +179,8 @@ class SequentialPipeline:
         stages = tuple((b, s) for s in range(self.pcfg.num_steps + 1))
         return state._replace(carry=cache, step=state.step + 1), Step(b, x0, stages)
 
-    def entering(self, state: StepState) -> int:
-        """The block the next step starts: its prompt is the one in force for that step."""
-        return state.first_block + state.step
-
-    def done(self, state: StepState) -> bool:
-        return state.num_blocks is not None and state.step >= state.num_blocks
+    entering = staticmethod(block_entering)  # one step is one block (bcjax.stepping)
+    done = staticmethod(blocks_done)
 
     def cache(self, state: StepState) -> KVCache:
         return state.carry

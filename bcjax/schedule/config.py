@@ -6,9 +6,9 @@ import dataclasses
 
 import numpy as np
 
+from bcjax.names import POSITIONS  # noqa: F401  (re-exported: checked here)
 from bcjax.schedule.flow import denoising_schedule
 
-POSITIONS = ("absolute", "rolling")
 CONTEXTS = ("clean-pass", "rebuild")
 
 

@@ -10,12 +10,16 @@ Both backends have one shape, which the sessions use without asking which they h
     context(prompt, seed) -> array | None  given clean first frames [1, G * bf, H, W, C], or None
     decoder(name | None) -> name | None    the pixel decoder a stream asked for (None: the default),
                                            or ValueError naming why it cannot have it
-    frame_encoder(decoder) -> fn           per stream: fn(x0 [1, bf, H, W, C]) dispatches the block's
+    frame_encoder(decoder, round_trip=False) -> fn
+                                           per stream: fn(x0 [1, bf, H, W, C]) dispatches the block's
                                            pixel decode without waiting for it and returns fetch();
                                            fetch() waits for the pixels and gives (encoded images,
                                            seconds from dispatch to pixels, or None without a decode).
                                            Blocks are dispatched in order, each fetched before the next
                                            is dispatched (the decoder's state runs through them).
+                                           round_trip (a runner with Krea's loop): fn.reencode is the
+                                           VAE round trip giving R, and fn sends the pixels the round
+                                           trip decoded (each block is decoded once).
     mime                                   their type
 """
 
@@ -154,10 +158,12 @@ class ToyBackend:
         starts = [tuple(int(v) for v in rng.integers(w.lo, w.hi + 1, 2)) for _ in range(n)]
         return render(parse_prompt(prompt, w, starts), w.block_frames, w)[None]
 
-    def frame_encoder(self, decoder: None = None):
+    def frame_encoder(self, decoder: None = None, round_trip: bool = False):
         from bcjax.toyworld.world import to_rgb
 
         self.decoder(decoder)
+        if round_trip:
+            raise ValueError(f"Krea's VAE round trip: {NO_VAE}")
         # nothing to decode: the PNGs are made in fetch(), beside the next step like a decode
         return lambda x0: lambda: (_images(to_rgb(np.asarray(x0)[0], self.world), "PNG"), None)
 
@@ -220,11 +226,13 @@ class CheckpointBackend:
     def context(self, prompt: str, seed: int):
         return None  # text to video: the first block is generated too
 
-    def frame_encoder(self, decoder: str | None = None):
+    def frame_encoder(self, decoder: str | None = None, round_trip: bool = False):
         import jax
 
         from bcjax.pipeline.video import to_uint8
 
+        if round_trip:
+            return self._round_trip_encoder(decoder)
         pixels = self.pixels[self.decoder(decoder)]  # on the decode device
         state = [pixels.init_state(1, self.latent_hw)]
         blocks = [0]  # a host count: asking the state's frame count would wait for the last decode
@@ -243,4 +251,45 @@ class CheckpointBackend:
 
             return fetch
 
+        return encode
+
+    def _round_trip_encoder(self, decoder: str | None):
+        """Krea's loop: R of every block is its first latent frame through the Wan VAE (decoded with
+        the stream's causal caches, the last pixel frame encoded alone, `VAERoundTrip`), so the
+        denoiser decodes every block already; those pixels are the ones sent (one decode per block,
+        as `bcjax generate` writes them). The decode is on the denoiser's path: the next block
+        needs R."""
+        import jax
+
+        from bcjax.pipeline.t2v import VAERoundTrip
+        from bcjax.pipeline.video import to_uint8
+
+        if self.decoder(decoder) != "wan":
+            raise ValueError(f"decoder {decoder!r}: Krea's loop decodes every block with the Wan VAE for its R; "
+                             "those frames are the ones sent")
+        trip = VAERoundTrip(self.t2v.vae_cfg, self.t2v.vae, 1, self.latent_hw)
+        decoded: collections.deque = collections.deque()  # (video, when its decode was dispatched), per block
+
+        def reencode(x0):
+            t0 = time.perf_counter()
+            r = trip(x0)
+            decoded.append((trip.video, t0))
+            return r
+
+        blocks = [0]
+
+        def encode(x0):
+            first = blocks[0] == 0
+            blocks[0] += 1
+            video, t0 = decoded.popleft()
+
+            def fetch() -> tuple[list[bytes], float]:
+                ready = jax.block_until_ready(video)
+                seconds = time.perf_counter() - t0
+                ready = ready[:, self.t2v.vae_cfg.first_chunk_padding:] if first else ready
+                return _images(to_uint8(ready[0]), "JPEG", quality=self.quality), seconds
+
+            return fetch
+
+        encode.reencode = reencode  # type: ignore[attr-defined]
         return encode

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import struct
 
+from bcjax.names import SCHEDULES, WINDOWS
 from bcjax.vae.decoders import DECODERS
 
 MAX_MESSAGE = 4096  # bytes of one page message (a prompt and a few fields fit many times over)
@@ -32,8 +33,6 @@ MAX_SEED = 2 ** 31 - 1
 # fps 0 is "unpaced"; otherwise a block of 12-48 frames waits at most a few seconds
 MIN_FPS, MAX_FPS = 1, 120
 MAX_STREAM = 2 ** 31 - 1
-SCHEDULES = ("sequential", "P1", "P2", "P4")
-WINDOWS = ("causal", "bidirectional")
 TYPES = ("start", "prompt", "stop", "reset", "pace", "ack")
 
 

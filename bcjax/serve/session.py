@@ -342,12 +342,13 @@ class Session:
 
         s = gen.settings
         context = self.backend.context(gen.first_prompt, s["seed"])
-        encode = self.backend.frame_encoder(s["decoder"])
+        # Krea's loop: the stream's R comes from the VAE round trip, whose pixels are the ones sent
+        encode = self.backend.frame_encoder(s["decoder"], round_trip=gen.runner.takes_round_trip)
 
         def ticks(on_dispatch):
             return steps(gen.runner, self.backend.params, gen.live, jax.random.key(s["seed"]), None,
                          policy=s["policy"], context=None if context is None else jnp.asarray(context),
-                         on_dispatch=on_dispatch)
+                         on_dispatch=on_dispatch, reencode=getattr(encode, "reencode", None))
 
         return self._messages(gen, ticks, encode)
 

@@ -17,6 +17,8 @@ import random
 import threading
 import time
 
+from bcjax.names import SCHEDULES
+
 
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--tabs", type=int, default=8)
     p.add_argument("--fps", type=float, default=0, help="each tab's pace (0: as fast as it computes)")
-    p.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])
+    p.add_argument("--schedule", default="P4", choices=SCHEDULES)
     p.add_argument("--switch-every", type=int, default=4, help="blocks between a tab's prompt switches")
     p.add_argument("--every", type=float, default=30, help="seconds between report lines")
     args = p.parse_args(argv)

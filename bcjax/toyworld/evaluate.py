@@ -37,6 +37,7 @@ import numpy as np
 
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
+from bcjax.names import SCHEDULES, WINDOWS
 from bcjax.schedule.config import PipelineConfig
 from bcjax.toyworld.world import (
     Scene,
@@ -51,8 +52,6 @@ from bcjax.toyworld.world import (
 )
 
 EVAL_SEED = 12345  # prompts are drawn from default_rng([EVAL_SEED, i]); training uses [seed, step]
-SCHEDULES = ("sequential", "P1", "P2", "P4")
-WINDOWS = ("causal", "bidirectional")
 FIELDS = ("mse", "psnr", "pos_err", "jump", "div_seq", "colour", "crisp")
 SHIPPED = os.path.join(os.path.dirname(__file__), "checkpoint")
 
