@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
     s.add_argument("what", choices=["sequential", "cascade", "convert", "switch", "startup", "compile", "memory", "gpu",
-                                    "decode"])
+                                    "decode", "upstream"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p
