@@ -1,7 +1,7 @@
 """bcjax's sequential pipeline against upstream Self-Forcing's `CausalInferencePipeline`, one process.
 
     bcjax bench upstream --self-forcing PATH [--sizes 128x2 512x4 1536x2] [--repeats 3]
-                         [--attention auto|dense|chunked] [--text-dim 64]
+                         [--attention auto|dense|chunked] [--text-dim 64] [--threads 1]
 
 PATH is a checkout of guandeh17/Self-Forcing; it is imported only here, when the bench runs (torch
 and diffusers are needed too; nothing else of its requirements). Both sides get the same random
@@ -13,6 +13,11 @@ latents must agree to 1e-4 (else the bench fails). Then the two are run in turns
 times, alternating which goes first, and the time of each block is the median over the repeats.
 The headline is the mean time of blocks 2-6: past the first blocks, while the cache fills, which is
 where a fixed cache cost would show.
+
+Both sides run on the same `--threads` processors (the process is pinned to them before JAX
+starts, and torch takes as many threads): on a shared machine torch's OpenMP threads, more of them
+than the cores it gets, wait on each other, and upstream's time per block swung 10x run to run
+(0.5 to 9 s at 512x4 on 2 busy cores) where one thread gave 0.53-0.67 s.
 
 Sizes are `<dim>x<layers>` with head_dim 128 (Wan's): 128x2 on 8x12 latents; 512x4 and 1536x2 (the
 1.3B width, its ffn_dim 8960) on 16x16. The text projection runs in every upstream pass but once per
@@ -281,12 +286,21 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="auto", choices=("auto", "dense", "xla", "chunked"),
                     help="bcjax's attention backend (CPU ones)")
     ap.add_argument("--text-dim", type=int, default=64, help="prompt embedding width (Wan's is 4096)")
+    ap.add_argument("--threads", type=int, default=1, help="processors both sides run on (the first of this "
+                    "process's); 0: all, unpinned")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats {args.repeats} must be >= 1")
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 0 <= args.threads <= len(cpus):
+        ap.error(f"--threads {args.threads}: this process may run on {len(cpus)} processors")
+    if args.threads:  # before JAX sizes its thread pool by the processors it may use
+        os.sched_setaffinity(0, cpus[:args.threads])
     up = _load_upstream(os.path.abspath(args.self_forcing))
+    if args.threads:
+        up.torch.set_num_threads(args.threads)
     print(f"device {jax.devices()} | jax {jax.__version__} | torch {up.torch.__version__} "
-          f"({up.torch.get_num_threads()} threads) | {NUM_BLOCKS} blocks, Self-Forcing sampler, fp32", flush=True)
+          f"({up.torch.get_num_threads()} threads) | processors {sorted(os.sched_getaffinity(0))} | {NUM_BLOCKS} blocks, Self-Forcing sampler, fp32", flush=True)
     rows = {name: _compare(up, name, SIZES[name], args) for name in args.sizes}
     print(f"\n| size | latent | upstream ms/block (blocks 2-6) | bcjax ms/block | bcjax / upstream | max abs diff |\n"
           f"|---|---|---:|---:|---:|---:|")
