@@ -45,6 +45,24 @@ def test_block_mask_equals_expanded_token_mask(query_blocks):
     np.testing.assert_allclose(np.asarray(attend(q, k, far, mask, implementation="dense")), np.asarray(ours), atol=1e-4)
 
 
+@pytest.mark.parametrize("query_blocks", [1, 3])
+def test_dense_one_head_at_a_time_equals_all_heads_at_once(monkeypatch, query_blocks):
+    """Where all heads' logits outgrow DENSE_HEADS_LOGITS_BYTES the dense path loops over heads
+    (a CPU's cache); the loop gives what one einsum over every head gives."""
+    b, t, s, n, h = 2, 12, 20, 3, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (b, x, n, h)) for i, x in enumerate((t, s, s)))
+    mask = jax.random.bernoulli(jax.random.key(3), 0.5, (b, query_blocks, s)).at[:, :, 0].set(True)
+    assert attention.dense_heads_together(n, b * t * s * 4) == n
+    together = attend(q, k, v, mask, implementation="dense")
+    monkeypatch.setattr(attention, "DENSE_HEADS_LOGITS_BYTES", b * t * s * 4 * n - 1)
+    assert attention.dense_heads_together(n, b * t * s * 4) == 1
+    looped = jax.jit(lambda q, k, v, m: attend(q, k, v, m, implementation="dense"))(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(together), atol=1e-6)
+    token_mask = jnp.repeat(mask, t // query_blocks, axis=1)[:, None]  # [B, 1, T, S]
+    ref = jax.nn.dot_product_attention(q, k, v, mask=token_mask, implementation="xla")
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(ref), atol=1e-6)
+
+
 def _sequential_mask(filled: int, capacity: int = 6):
     """[1, 1, (capacity + BF) * P]: a cache with `filled` of `capacity` frame slots, then the block."""
     ids = jnp.where(jnp.arange(capacity) < filled, jnp.arange(capacity), -1)

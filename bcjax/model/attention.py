@@ -21,13 +21,14 @@ keys at dim 512 on 16x16 latents make one chunk) costs the whole capacity once a
 
 Backends (`WanConfig.attention`, or "auto": by platform):
 
-* "dense" (alias "xla"): the reference. One masked einsum, logits [B, Qb, N, T/Qb, S] in fp32:
-  memory O(T*S), 14.5 GiB for one 1.3B layer at 480x832 (the parts are concatenated). Of the first
+* "dense" (alias "xla"): the reference. A masked einsum, logits [B, heads, Qb, T/Qb, S] in fp32,
+  of all heads at once, or of one head at a time (`lax.map`) where all heads' logits outgrow a
+  CPU's cache (`dense_heads_together`): memory O(T*S) (the parts are concatenated). Of the first
   part (the cache) it takes the shortest of a few static prefixes, whole granules long
-  (`prefix_buckets`), that holds every visible key, chosen by `lax.switch`: in one einsum, not a
-  loop of small ones, which is what makes it the fastest path for small shapes on a CPU. The cache
-  fills from slot 0 until its ring wraps, so the prefix is what is visible. "auto" picks it off
-  TPU/GPU only while the full logits stay under `DENSE_LOGITS_BYTES`.
+  (`prefix_buckets`), that holds every visible key, chosen by `lax.switch`: one einsum over the
+  keys, not a loop over key chunks, which is what makes it the fastest path for small shapes on a
+  CPU. The cache fills from slot 0 until its ring wraps, so the prefix is what is visible. "auto"
+  picks it off TPU/GPU only while the full logits stay under `DENSE_LOGITS_BYTES`.
 * "chunked": online softmax in XLA over key chunks of each part (running max and sum carried by
   a `lax.scan`), memory O(T*chunk). A chunk is one granule when its logits fit
   `CHUNK_LOGITS_BYTES` (`chunk_size`), and a chunk that no query block sees is skipped with
@@ -78,6 +79,7 @@ import jax.numpy as jnp
 F32 = jnp.float32
 NEG_INF = -jnp.inf
 DENSE_LOGITS_BYTES = 256 * 2**20  # "auto" off TPU/GPU: dense while its fp32 logits fit this
+DENSE_HEADS_LOGITS_BYTES = 4 * 2**20  # dense: all heads in one einsum while their fp32 logits fit this
 CHUNK_LOGITS_BYTES = 256 * 2**20  # chunked: keys per chunk so that one chunk's logits fit this
 MIN_CHUNK = 512  # keys per chunk at least when a granule is larger (a multiple of every kernel's key block)
 MAX_PREFIX_BUCKETS = 8  # dense: cache prefixes compiled per attention (one granule each up to 8 granules)
@@ -237,19 +239,38 @@ def _merge(o1, l1, o2, l2):
 # -- dense (reference) ------------------------------------------------------------------------
 
 
+def dense_heads_together(heads: int, head_logits_bytes: int) -> int:
+    """Heads the dense path computes in one einsum: all of them while their fp32 logits fit
+    DENSE_HEADS_LOGITS_BYTES, else one (the heads looped by `lax.map`)."""
+    return heads if heads * head_logits_bytes <= DENSE_HEADS_LOGITS_BYTES else 1
+
+
 def _attend_dense(q, k, v, key_mask):
     b, t, n, h = q.shape
+    s = k.shape[1]
     qb = 1 if key_mask is None else key_mask.shape[1]
-    # [batch, query_block, tokens_in_block, heads, head_dim]
-    qr = q.reshape(b, qb, t // qb, n, h)
-    # [batch, query_block, heads, tokens_in_block, keys]
-    logits = jnp.einsum("BQTNH,BSNH->BQNTS", qr, k, preferred_element_type=F32)
-    logits = logits * (h**-0.5)
-    if key_mask is not None:
-        logits = jnp.where(key_mask[:, :, None, None, :], logits, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BQNTS,BSNH->BQTNH", probs, v, preferred_element_type=F32)
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    g = dense_heads_together(n, b * t * s * 4)
+    # [head groups, batch, heads per group, tokens, head_dim]: heads ahead of tokens, so the dots
+    # are plain batched matmuls
+    qh, kh, vh = (a.reshape(b, a.shape[1], n // g, g, h).transpose(2, 0, 3, 1, 4) for a in (q, k, v))
+
+    def group(qkv):
+        qi, ki, vi = qkv
+        # [batch, heads per group, query_block, tokens_in_block, keys]
+        logits = jnp.einsum("BNTH,BNSH->BNTS", qi, ki, preferred_element_type=F32).reshape(b, g, qb, t // qb, s)
+        logits = logits * (h**-0.5)
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, :, None, :], logits, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, t, s)
+        # [batch, heads per group, tokens, head_dim]
+        return jnp.einsum("BNTS,BNSH->BNTH", probs, vi, preferred_element_type=F32)
+
+    # one head at a time (`lax.map`) once all heads' logits outgrow a CPU's cache: the 1.3B's 12
+    # heads over a full Self-Forcing cache on 16x16 latents (12 MiB of logits) took 2x the time of
+    # the loop over heads (then on par with torch's fused CPU attention); below a few MiB the loop
+    # gains nothing and costs a little at small sizes
+    out = group((qh[0], kh[0], vh[0]))[None] if g == n else jax.lax.map(group, (qh, kh, vh))
+    return out.transpose(1, 3, 0, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 # -- chunk loop shared by chunked / splash / pallas_gpu -----------------------------------------
