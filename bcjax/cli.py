@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
     s.add_argument("what", choices=["sequential", "cascade", "comm", "convert", "switch", "startup", "compile", "memory",
-                                    "gpu", "decode"])
+                                    "gpu", "decode", "upstream"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p

@@ -45,6 +45,24 @@ def test_block_mask_equals_expanded_token_mask(query_blocks):
     np.testing.assert_allclose(np.asarray(attend(q, k, far, mask, implementation="dense")), np.asarray(ours), atol=1e-4)
 
 
+@pytest.mark.parametrize("query_blocks", [1, 3])
+def test_dense_one_head_at_a_time_equals_all_heads_at_once(monkeypatch, query_blocks):
+    """Where all heads' logits outgrow DENSE_HEADS_LOGITS_BYTES the dense path loops over heads
+    (a CPU's cache); the loop gives what one einsum over every head gives."""
+    b, t, s, n, h = 2, 12, 20, 3, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (b, x, n, h)) for i, x in enumerate((t, s, s)))
+    mask = jax.random.bernoulli(jax.random.key(3), 0.5, (b, query_blocks, s)).at[:, :, 0].set(True)
+    assert attention.dense_heads_together(n, b * t * s * 4) == n
+    together = attend(q, k, v, mask, implementation="dense")
+    monkeypatch.setattr(attention, "DENSE_HEADS_LOGITS_BYTES", b * t * s * 4 * n - 1)
+    assert attention.dense_heads_together(n, b * t * s * 4) == 1
+    looped = jax.jit(lambda q, k, v, m: attend(q, k, v, m, implementation="dense"))(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(together), atol=1e-6)
+    token_mask = jnp.repeat(mask, t // query_blocks, axis=1)[:, None]  # [B, 1, T, S]
+    ref = jax.nn.dot_product_attention(q, k, v, mask=token_mask, implementation="xla")
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(ref), atol=1e-6)
+
+
 def _sequential_mask(filled: int, capacity: int = 6):
     """[1, 1, (capacity + BF) * P]: a cache with `filled` of `capacity` frame slots, then the block."""
     ids = jnp.where(jnp.arange(capacity) < filled, jnp.arange(capacity), -1)
@@ -122,6 +140,73 @@ def test_a_cache_no_query_sees_is_never_computed(backend):
     out = attend(q, (k[:, :c], k[:, c:]), (vc, v[:, c:]), mask, implementation=backend)
     ref = attend(q[:, :], k[:, c:], v[:, c:], mask[:, :, c:], implementation="dense")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_the_chunk_plan_computes_only_the_chunks_holding_visible_frames(monkeypatch):
+    """Self-Forcing's parts, [18-frame cache | 3-frame block]: a granule is one block of frames, a
+    chunk is one granule while its logits fit the budget, and a cache with k of 18 frames filled
+    costs ceil(k / 3) chunks, not all 6 (dim 512 on 16x16 latents: 1152 keys fitted one budget
+    chunk, so any visible key cost the whole cache). Larger granules split into budget chunks."""
+    monkeypatch.undo()  # the real budget, not the small-chunk fixture's
+    p, cap = 64, 18  # 16x16 latents
+    granule = attention.key_granule([cap * p, BF * p])
+    assert granule == BF * p
+    qr_shape = (1, 1, BF * p, 4, 128)
+    for kernel in ("chunked", "splash", "pallas_gpu"):
+        c = attention.chunk_size(kernel, qr_shape, granule)
+        assert c == granule, kernel
+        for k in range(cap + 1):
+            valid = jnp.repeat(jnp.arange(cap) < k, p)
+            computed = attention.chunk_visible(valid, c)
+            assert computed.shape == (cap // BF,)
+            assert int(computed.sum()) == -(-k // BF), (kernel, k)
+            assert bool(computed[:-(-k // BF)].all())  # the filled slots come first
+    # 1.3B at 480x832: a 4680-key granule exceeds the budget; chunks of the budget, still skipped
+    p = 1560
+    c = attention.chunk_size("chunked", (1, 1, BF * p, 12, 128), attention.key_granule([cap * p, BF * p]))
+    assert c % attention.MIN_CHUNK == 0 and c < BF * p
+    for k in (0, 3, 9, 18):
+        assert int(attention.chunk_visible(jnp.repeat(jnp.arange(cap) < k, p), c).sum()) == -(-k * p // c)
+
+
+def test_dense_takes_the_shortest_prefix_of_whole_granules_holding_every_visible_key():
+    assert attention.prefix_buckets(18 * P, BF * P) == tuple(g * BF * P for g in range(7))
+    many = attention.prefix_buckets(60 * P, P)  # 60 one-frame granules: at most MAX_PREFIX_BUCKETS prefixes
+    assert len(many) == attention.MAX_PREFIX_BUCKETS + 1 and many[0] == 0 and many[-1] == 60 * P
+    assert all(a < b and b % P == 0 for a, b in zip(many, many[1:]))
+    buckets = attention.prefix_buckets(18 * P, BF * P)
+    for k in range(19):
+        valid = jnp.repeat(jnp.arange(18) < k, P)
+        assert buckets[int(attention.prefix_bucket(valid, buckets))] == -(-k // BF) * BF * P, k
+    # visibility that is not a prefix (a sink and the ring's newest slot) takes the prefix to the last one
+    valid = jnp.repeat(jnp.zeros(18, bool).at[0].set(True).at[10].set(True), P)
+    assert buckets[int(attention.prefix_bucket(valid, buckets))] == 12 * P
+
+
+@pytest.mark.parametrize("backend", ["dense", *BACKENDS])
+@pytest.mark.parametrize("filled", [0, 3, 6])
+def test_cache_granules_no_query_sees_are_never_computed(backend, filled):
+    """NaN values in the cache's hidden frames would reach the output if attention read them; a
+    cache of 6 frames with `filled` (whole blocks) of them visible must cost, and give, only those."""
+    mask = _sequential_mask(filled)
+    q, k, v = _case(mask, jnp.float32)
+    c, seen = 6 * P, filled * P
+    vc = v[:, :c].at[:, seen:].set(jnp.nan)
+    out = attend(q, (k[:, :c], k[:, c:]), (vc, v[:, c:]), mask, implementation=backend)
+    keep = np.r_[0:seen, c:mask.shape[2]]
+    ref = attend(q, k[:, keep], v[:, keep], mask[:, :, keep], implementation="dense")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("filled", range(7))
+def test_dense_in_parts_equals_dense_on_the_concatenation(filled):
+    mask = _sequential_mask(filled)
+    q, k, v = _case(mask, jnp.float32, key=filled)
+    c = 6 * P
+    whole = attend(q, k, v, mask, implementation="dense")
+    parts = jax.jit(lambda q, k, v, m: attend(q, (k[:, :c], k[:, c:]), (v[:, :c], v[:, c:]), m,
+                                              implementation="dense"))(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), atol=1e-6)
 
 
 def test_auto_is_dense_when_small_and_chunked_when_large(monkeypatch):

@@ -11,16 +11,29 @@ concatenation. Each part is attended to alone, giving (output, log-sum-exp), and
 merged by their log-sum-exp; a part no query block sees is skipped (`lax.cond`), so a stream's
 first block does not pay for its empty cache.
 
+Cost follows the visible keys, at every size. Keys are skipped in *granules* (`key_granule`: the
+gcd of the parts' lengths). Every part a Wan layer passes is whole latent frames (the cache,
+capacity x tokens_per_frame; a pass, its blocks' frames), so a granule is whole frames, as many
+as the parts allow: Self-Forcing's [18-frame cache | 3-frame block] gives one block of 3 frames,
+the unit the cache fills by. A cache filling block by block then costs what it holds, as
+upstream's growing cache slice does, where a chunk sized by a logits budget alone (1152 cached
+keys at dim 512 on 16x16 latents make one chunk) costs the whole capacity once any key is visible.
+
 Backends (`WanConfig.attention`, or "auto": by platform):
 
-* "dense" (alias "xla"): the reference. One masked einsum, logits [B, Qb, N, T/Qb, S] in fp32:
-  memory O(T*S), 14.5 GiB for one 1.3B layer at 480x832 (the parts are concatenated; only a first
-  part no query sees is skipped). "auto" picks it off TPU/GPU only while those logits stay under
-  `DENSE_LOGITS_BYTES`.
+* "dense" (alias "xla"): the reference. A masked einsum, logits [B, heads, Qb, T/Qb, S] in fp32,
+  of all heads at once, or of one head at a time (`lax.map`) where all heads' logits outgrow a
+  CPU's cache (`dense_heads_together`): memory O(T*S) (the parts are concatenated). Of the first
+  part (the cache) it takes the shortest of a few static prefixes, whole granules long
+  (`prefix_buckets`), that holds every visible key, chosen by `lax.switch`: one einsum over the
+  keys, not a loop over key chunks, which is what makes it the fastest path for small shapes on a
+  CPU. The cache fills from slot 0 until its ring wraps, so the prefix is what is visible. "auto"
+  picks it off TPU/GPU only while the full logits stay under `DENSE_LOGITS_BYTES`.
 * "chunked": online softmax in XLA over key chunks of each part (running max and sum carried by
-  a `lax.scan`), memory O(T*chunk). A chunk that no query block sees is skipped with `lax.cond`,
-  so work is proportional to the visible keys. Everywhere else, and whenever a kernel refuses a
-  shape (one warning, then this path).
+  a `lax.scan`), memory O(T*chunk). A chunk is one granule when its logits fit
+  `CHUNK_LOGITS_BYTES` (`chunk_size`), and a chunk that no query block sees is skipped with
+  `lax.cond` (`chunk_visible`), so work is proportional to the visible keys. Everywhere else, and
+  whenever a kernel refuses a shape (one warning, then this path).
 * "splash" (TPU): Pallas splash attention, one kernel call per key chunk inside the same chunk
   loop, with the same skipping. How traced visibility meets splash's static masks: splash skips
   blocks from a `MaskInfo` computed from a static mask at trace time; a tick's visibility (which
@@ -66,8 +79,10 @@ import jax.numpy as jnp
 F32 = jnp.float32
 NEG_INF = -jnp.inf
 DENSE_LOGITS_BYTES = 256 * 2**20  # "auto" off TPU/GPU: dense while its fp32 logits fit this
+DENSE_HEADS_LOGITS_BYTES = 4 * 2**20  # dense: all heads in one einsum while their fp32 logits fit this
 CHUNK_LOGITS_BYTES = 256 * 2**20  # chunked: keys per chunk so that one chunk's logits fit this
-MIN_CHUNK = 512  # keys per chunk at least (a multiple of every kernel's key block)
+MIN_CHUNK = 512  # keys per chunk at least when a granule is larger (a multiple of every kernel's key block)
+MAX_PREFIX_BUCKETS = 8  # dense: cache prefixes compiled per attention (one granule each up to 8 granules)
 _KERNELS = ("splash", "pallas_gpu")
 BACKENDS = ("auto", "dense", "xla", "chunked", "splash", "pallas_gpu", "cudnn",
             *(f"{k}-interpret" for k in _KERNELS))
@@ -149,11 +164,17 @@ def attend(q, k, v, key_mask=None, *, implementation: str = "auto"):
         cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
         if len(ks) == 1 or key_mask is None:
             return _attend_dense(q, cat(ks), cat(vs), key_mask)
-        # the first part (the clean cache) is left out when no query block sees it
+        # of the first part (the clean cache), the shortest prefix that holds every visible key
         s0 = ks[0].shape[1]
-        return jax.lax.cond(jnp.any(key_mask[:, :, :s0]),
-                            lambda: _attend_dense(q, cat(ks), cat(vs), key_mask),
-                            lambda: _attend_dense(q, cat(ks[1:]), cat(vs[1:]), key_mask[:, :, s0:]))
+        buckets = prefix_buckets(s0, key_granule([a.shape[1] for a in ks]))
+
+        def prefix(n):
+            m = jnp.concatenate([key_mask[:, :, :n], key_mask[:, :, s0:]], axis=2) if n else key_mask[:, :, s0:]
+            return lambda: _attend_dense(q, cat((ks[0][:, :n], *ks[1:]) if n else ks[1:]),
+                                         cat((vs[0][:, :n], *vs[1:]) if n else vs[1:]), m)
+
+        which = prefix_bucket(jnp.any(key_mask[:, :, :s0], axis=(0, 1)), buckets)
+        return jax.lax.switch(which, [prefix(n) for n in buckets])
     if key_mask is None:
         key_mask = jnp.ones((1, 1, s), bool)
     if backend == "cudnn":
@@ -163,10 +184,11 @@ def attend(q, k, v, key_mask=None, *, implementation: str = "auto"):
     qr = q.reshape(b, qb, t // qb, n, h)
     o, lse = None, None
     start = 0
+    granule = key_granule([a.shape[1] for a in ks])
     for kp, vp in zip(ks, vs):
         mp = key_mask[:, :, start:start + kp.shape[1]]
         start += kp.shape[1]
-        o, lse = _attend_part(kernel, interpret, qr, kp, vp, mp, o, lse)
+        o, lse = _attend_part(kernel, interpret, qr, kp, vp, mp, o, lse, granule)
     return o.reshape(b, t, n, h).astype(q.dtype)
 
 
@@ -217,36 +239,88 @@ def _merge(o1, l1, o2, l2):
 # -- dense (reference) ------------------------------------------------------------------------
 
 
+def dense_heads_together(heads: int, head_logits_bytes: int) -> int:
+    """Heads the dense path computes in one einsum: all of them while their fp32 logits fit
+    DENSE_HEADS_LOGITS_BYTES, else one (the heads looped by `lax.map`)."""
+    return heads if heads * head_logits_bytes <= DENSE_HEADS_LOGITS_BYTES else 1
+
+
 def _attend_dense(q, k, v, key_mask):
     b, t, n, h = q.shape
+    s = k.shape[1]
     qb = 1 if key_mask is None else key_mask.shape[1]
-    # [batch, query_block, tokens_in_block, heads, head_dim]
-    qr = q.reshape(b, qb, t // qb, n, h)
-    # [batch, query_block, heads, tokens_in_block, keys]
-    logits = jnp.einsum("BQTNH,BSNH->BQNTS", qr, k, preferred_element_type=F32)
-    logits = logits * (h**-0.5)
-    if key_mask is not None:
-        logits = jnp.where(key_mask[:, :, None, None, :], logits, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BQNTS,BSNH->BQTNH", probs, v, preferred_element_type=F32)
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    g = dense_heads_together(n, b * t * s * 4)
+    # [head groups, batch, heads per group, tokens, head_dim]: heads ahead of tokens, so the dots
+    # are plain batched matmuls
+    qh, kh, vh = (a.reshape(b, a.shape[1], n // g, g, h).transpose(2, 0, 3, 1, 4) for a in (q, k, v))
+
+    def group(qkv):
+        qi, ki, vi = qkv
+        # [batch, heads per group, query_block, tokens_in_block, keys]
+        logits = jnp.einsum("BNTH,BNSH->BNTS", qi, ki, preferred_element_type=F32).reshape(b, g, qb, t // qb, s)
+        logits = logits * (h**-0.5)
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, :, None, :], logits, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, t, s)
+        # [batch, heads per group, tokens, head_dim]
+        return jnp.einsum("BNTS,BNSH->BNTH", probs, vi, preferred_element_type=F32)
+
+    # one head at a time (`lax.map`) once all heads' logits outgrow a CPU's cache: the 1.3B's 12
+    # heads over a full Self-Forcing cache on 16x16 latents (12 MiB of logits) took 2x the time of
+    # the loop over heads (then on par with torch's fused CPU attention); below a few MiB the loop
+    # gains nothing and costs a little at small sizes
+    out = group((qh[0], kh[0], vh[0]))[None] if g == n else jax.lax.map(group, (qh, kh, vh))
+    return out.transpose(1, 3, 0, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 # -- chunk loop shared by chunked / splash / pallas_gpu -----------------------------------------
 
 
-def _chunk_size(kernel: str, qr, s: int) -> int:
-    """Keys per chunk: one chunk's fp32 logits within CHUNK_LOGITS_BYTES, a multiple of MIN_CHUNK
-    (the kernels' key blocks divide it), never more than the part."""
-    b, qb, tq, n, _ = qr.shape
+def key_granule(part_lengths) -> int:
+    """Keys per granule, the unit attention skips by: the gcd of the key parts' lengths (whole
+    latent frames, since every part is; see the module docstring)."""
+    return math.gcd(*part_lengths)
+
+
+def chunk_size(kernel: str, qr_shape, granule: int) -> int:
+    """Keys per chunk of the chunk loop for queries qr_shape [B, Qb, Tq, N, H]: one granule while
+    its fp32 logits fit CHUNK_LOGITS_BYTES (2048 keys at most for a kernel), so a chunk is whole
+    frames and skipping follows the visible frames; a larger granule is split into chunks of the
+    budget, a multiple of MIN_CHUNK (the kernels' key blocks divide it)."""
+    b, qb, tq, n, _ = qr_shape
     c = CHUNK_LOGITS_BYTES // (4 * b * qb * tq * n)
     c = max(MIN_CHUNK, min(8192, c // MIN_CHUNK * MIN_CHUNK))
     if kernel != "chunked":
         c = min(c, 2048)
-    return min(c, s)
+    return min(c, granule)
 
 
-def _attend_part(kernel, interpret, qr, k, v, mask, o_acc, lse_acc):
+def chunk_visible(key_visible, c: int):
+    """bool [ceil(S / c)]: which chunks of c keys the chunk loop computes, given key_visible bool
+    [S] (any query block of any row sees the key). Chunk i holds keys [i c, min((i + 1) c, S)):
+    the last one is read shifted back to end at S, its keys an earlier chunk holds masked."""
+    s = key_visible.shape[0]
+    num = -(-s // c)
+    return jnp.any(jnp.pad(key_visible, (0, num * c - s)).reshape(num, c), axis=1)
+
+
+def prefix_buckets(length: int, granule: int, max_buckets: int | None = None) -> tuple[int, ...]:
+    """The prefix lengths of the first key part the dense path compiles: 0 (none visible), then
+    whole granules up to `length`, at most `max_buckets` (MAX_PREFIX_BUCKETS) of them spread evenly:
+    each is one more attention in the program, so their number is bounded, not their size."""
+    g = length // granule
+    m = min(g, MAX_PREFIX_BUCKETS if max_buckets is None else max_buckets)
+    return (0, *(granule * -(-g * i // m) for i in range(1, m + 1)))
+
+
+def prefix_bucket(key_visible, buckets: tuple[int, ...]):
+    """int32 []: the index of the shortest prefix in `buckets` holding every visible key of
+    key_visible bool [S0]."""
+    last = jnp.max(jnp.where(key_visible, jnp.arange(1, key_visible.shape[0] + 1), 0))
+    return jnp.searchsorted(jnp.asarray(buckets, jnp.int32), last, side="left").astype(jnp.int32)
+
+
+def _attend_part(kernel, interpret, qr, k, v, mask, o_acc, lse_acc, granule):
     """Attend qr [B, Qb, Tq, N, H] to one key part k, v [B, S, N, H] under mask [B|1, Qb, S],
     merged into the running (o [B, Qb, Tq, N, H] f32, lse [B, Qb, Tq, N]) (None at the start)."""
     b, qb, tq, n, h = qr.shape
@@ -255,14 +329,17 @@ def _attend_part(kernel, interpret, qr, k, v, mask, o_acc, lse_acc):
     if chunk_fn is None:
         kernel = "chunked"
         chunk_fn = _chunk_xla
-    c = _chunk_size(kernel, qr, s)
+    c = min(chunk_size(kernel, qr.shape, granule), s)
     num = -(-s // c)
     mask = jnp.broadcast_to(mask, (b, qb, s))
+    # [chunks]: computed or skipped
+    visible = chunk_visible(jnp.any(mask, axis=(0, 1)), c)
     if o_acc is None:
         o_acc = jnp.zeros((b, qb, tq, n, h), F32)
         lse_acc = jnp.full((b, qb, tq, n), NEG_INF, F32)
 
-    def body(carry, i):
+    def body(carry, xs):
+        i, seen = xs
         # the last chunk is shifted back to end at S; keys an earlier chunk covered are masked
         start = jnp.minimum(i * c, s - c)
         # [batch, query_block, chunk]
@@ -278,9 +355,9 @@ def _attend_part(kernel, interpret, qr, k, v, mask, o_acc, lse_acc):
             o = jnp.where(rows[..., None], o, 0.0)
             return _merge(*carry, o, lse)
 
-        return jax.lax.cond(jnp.any(mc), run, lambda c_: c_, carry), None
+        return jax.lax.cond(seen, run, lambda c_: c_, carry), None
 
-    carry, _ = jax.lax.scan(body, (o_acc, lse_acc), jnp.arange(num))
+    carry, _ = jax.lax.scan(body, (o_acc, lse_acc), (jnp.arange(num), visible))
     return carry
 
 
