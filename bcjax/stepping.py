@@ -62,6 +62,12 @@ def blocks_done(state: StepState) -> bool:
     return state.num_blocks is not None and state.step >= state.num_blocks
 
 
+def keeps_clean_cache(pcfg) -> bool:
+    """`keeps_cache` of a clean-pass runner: a cache a recache policy may rewrite at a switch.
+    Under Krea's rules it holds the rebuilt context, made under the prompt in force anyway."""
+    return pcfg.context != "rebuild"
+
+
 def refuse_round_trip(reencode, runner: str) -> None:
     """A VAE round trip (Krea's R) given to a runner without Krea's loop is refused by name: its
     clean-pass cache (or, in Krea's mode, the latent frame) stands where R would."""

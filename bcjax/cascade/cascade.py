@@ -31,7 +31,7 @@ from bcjax.model.wan import KV, check_latents, encode_text
 from bcjax.sampler import check_rebuild, clean_block, write_context
 from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger, slot_state
-from bcjax.stepping import Block, Step, StepState, refuse_round_trip
+from bcjax.stepping import Block, Step, StepState, keeps_clean_cache, refuse_round_trip
 
 STAGE = "stage"
 ENDLESS = np.iinfo(np.int32).max  # num_blocks of a stream with no planned end
@@ -231,12 +231,7 @@ class Cascade:
 
     # -- the stepping interface shared with SequentialPipeline (bcjax.stepping) ---------
     takes_round_trip = False  # R (Krea's VAE round trip) is KreaPipeline's
-
-    @property
-    def keeps_cache(self) -> bool:
-        """A clean-pass cache a recache policy may rewrite at a switch; under Krea's rules the
-        cache holds the rebuilt context, which is made under the prompt in force anyway."""
-        return self.pcfg.context != "rebuild"
+    keeps_cache = property(lambda self: keeps_clean_cache(self.pcfg))
 
     def start(self, params, text: KV, key, num_blocks: int | None = None, context=None,
               reencode=None) -> StepState:

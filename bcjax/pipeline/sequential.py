@@ -30,7 +30,7 @@ from bcjax.model.tensor_parallel import Layout
 from bcjax.model.wan import KV, check_latents
 from bcjax.sampler import cached_pass, check_rebuild, check_source, clean_block, denoise_block, write_context
 from bcjax.schedule.config import PipelineConfig
-from bcjax.stepping import Block, Step, StepState, block_entering, blocks_done, refuse_round_trip
+from bcjax.stepping import Block, Step, StepState, block_entering, blocks_done, keeps_clean_cache, refuse_round_trip
 
 __all__ = ["SequentialPipeline", "cached_pass", "check_rebuild", "clean_block", "denoise_block"]
 
@@ -148,12 +148,7 @@ class SequentialPipeline:
 
     # -- the stepping interface shared with Cascade (bcjax.stepping) --------------------
     takes_round_trip = False  # R (Krea's VAE round trip) is KreaPipeline's
-
-    @property
-    def keeps_cache(self) -> bool:
-        """A clean-pass cache a recache policy may rewrite at a switch; under Krea's rules the
-        cache holds the rebuilt context, which is made under the prompt in force anyway."""
-        return self.pcfg.context != "rebuild"
+    keeps_cache = property(lambda self: keeps_clean_cache(self.pcfg))
 
     def start(self, params, text: KV, key, num_blocks: int | None = None, context=None,
               reencode=None) -> StepState:
