@@ -1,10 +1,16 @@
 """The names a user picks a run by, defined once: the runners and masks check them, argparse and
 the server's page (its hello message) offer them. No imports, so the CLI's --help stays fast."""
 
-# stagger schedules (`bcjax.schedule.stagger.make_stagger`; any "P<k>" or an int stride works too)
-SCHEDULES = ("sequential", "P1", "P2", "P4")
-# attention among the in-flight blocks of a tick (`bcjax.cascade.masks`)
-WINDOWS = ("causal", "bidirectional")
+# stagger schedules (`bcjax.schedule.stagger.make_stagger`; any "P<k>", "P<k>-no-clean" or an int
+# stride works too). "-no-clean": no clean pass, a block's cache entry is its last denoising pass's K/V
+SCHEDULES = ("sequential", "P1", "P2", "P4", "P4-no-clean")
+# attention among the in-flight blocks of a tick (`bcjax.cascade.masks`); the last two are
+# bidirectional with one training-free restriction each
+WINDOWS = ("causal", "bidirectional", "bidirectional-clean-causal", "bidirectional-windowed")
+# the grid the toy-world harness and study run unless told otherwise: the paper's schedules and
+# windows (the variants above are picked by name)
+GRID_SCHEDULES = ("sequential", "P1", "P2", "P4")
+GRID_WINDOWS = ("causal", "bidirectional")
 # the KV cache at a prompt switch (`bcjax.pipeline.recache`)
 POLICIES = ("no-recache", "recache", "recache-causal")
 # RoPE positions of a stream (`bcjax.schedule.config.PipelineConfig.positions`)

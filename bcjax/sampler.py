@@ -13,7 +13,8 @@ and in whatever order they are interleaved with other blocks':
 
 `pass_positions` is the RoPE side of a pass (absolute or rolling positions, the cache's keys
 rotated when a rolling base moves); `cached_pass`, `denoise_block` and `clean_block` are the
-sequential clean-pass sampler's passes over a `KVCache`.
+sequential clean-pass sampler's passes over a `KVCache` (under `context="last-pass"` the last denoising pass writes the cache
+and there is no clean pass).
 """
 
 from __future__ import annotations
@@ -80,26 +81,35 @@ def check_source(source, num_blocks: int, block_frames: int) -> None:
                          f"{num_blocks} blocks; got {tuple(source.shape)}")
 
 
-def sample_block(pass_fn: Callable, pcfg: PipelineConfig, key, block, shape: tuple[int, ...], source=None):
+def sample_block(pass_fn: Callable, pcfg: PipelineConfig, key, block, shape: tuple[int, ...], source=None,
+                 last_aux: bool = False):
     """The n denoising stages of one block, one after another.
 
     pass_fn(x [shape], t_k scalar) -> flow [shape]: one DiT pass at timestep t_k. source:
     video-to-video, the input latents of this block, noised to the first sigma instead of pure
     noise. Returns (x0 of the last stage, every stage's input [n, *shape], every stage's x0).
+    last_aux: pass_fn returns (flow, aux) and the last stage's aux comes back as a fourth value
+    (the last pass's K/V: the cache entry of `context="last-pass"`); it rides in the scan's
+    carry, so only one pass's worth is ever held.
     """
     timesteps, sigmas = jnp.asarray(pcfg.timesteps), stage_sigmas(pcfg)
 
-    def step(x, xs):
+    def step(carry, xs):
+        x, _ = carry
         k, t_k = xs
-        x0 = predict_x0(x, pass_fn(x, t_k), sigmas[k])
+        flow, aux = pass_fn(x, t_k) if last_aux else (pass_fn(x, t_k), ())
+        x0 = predict_x0(x, flow, sigmas[k])
         # the last stage's re-noise is to sigma 0 (x0 back): every step is the same program
-        return stage_input(key, block, k + 1, x0, sigmas, shape), (x, x0)
+        return (stage_input(key, block, k + 1, x0, sigmas, shape), aux), (x, x0)
 
     x = block_noise(key, block, 0, shape)
     if source is not None:
         x = renoise(source.astype(jnp.float32), x, sigmas[0])
-    _, (inputs, x0s) = jax.lax.scan(step, x, (jnp.arange(pcfg.num_steps), timesteps))
-    return x0s[-1], inputs, x0s
+    aux = ()
+    if last_aux:
+        aux = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(pass_fn, x, timesteps[0])[1])
+    (_, aux), (inputs, x0s) = jax.lax.scan(step, (x, aux), (jnp.arange(pcfg.num_steps), timesteps))
+    return (x0s[-1], inputs, x0s, aux) if last_aux else (x0s[-1], inputs, x0s)
 
 
 def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, positions, see_cache: bool = True,
@@ -116,7 +126,9 @@ def cached_pass(cfg: WanConfig, params, x, t, text: KV, cache: KVCache, position
 
 def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache: KVCache, key, block,
                   latent_hw: tuple[int, int], source=None, model_axis: str | None = None):
-    """Denoise block `block` (traced int) and write its clean K/V. Returns (cache, x0 [B, F, H, W, C]).
+    """Denoise block `block` (traced int) and write its cache entry: the clean pass's K/V, or
+    under `context="last-pass"` its last denoising pass's (no clean pass). Returns (cache, x0
+    [B, F, H, W, C]).
 
     source: video-to-video, the input video's latents of this block [B, F, H, W, C], noised to
     the first step's sigma instead of starting from pure noise (`bcjax.pipeline.prompts.with_strength`).
@@ -129,9 +141,12 @@ def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache:
     cache, positions = pass_positions(cfg, pcfg, cache, frame_ids, frame_ids[-1])
 
     def pass_fn(x, t_k):
-        return cached_pass(cfg, params, x, jnp.full((batch, bf), t_k), text, cache, positions, model_axis=model_axis)[0]
+        return cached_pass(cfg, params, x, jnp.full((batch, bf), t_k), text, cache, positions, model_axis=model_axis)
 
-    x0, _, _ = sample_block(pass_fn, pcfg, key, block, shape, source)
+    if not pcfg.clean_pass:
+        x0, _, _, kv = sample_block(pass_fn, pcfg, key, block, shape, source, last_aux=True)
+        return write_frames(cache, kv, frame_ids, pcfg.sink_frames), x0
+    x0, _, _ = sample_block(lambda x, t_k: pass_fn(x, t_k)[0], pcfg, key, block, shape, source)
     return clean_block(cfg, pcfg, params, text, x0, cache, block, model_axis=model_axis), x0
 
 

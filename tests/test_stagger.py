@@ -33,6 +33,20 @@ EXPECTED = {
         stride=1, slots=5,
         stage=["0....", "10...", "210..", "321..", "432..", ".43..", "..4.."],
         block=["0....", "01...", "012..", "012..", "012..", ".12..", "..2.."]),
+    # 4 steps with no clean stage: stages 0..3, a block lives 4 ticks; stage 3 emits its x0 and
+    # writes its cache entry
+    (4, "P1-no-clean", 3): dict(
+        stride=4, slots=1,
+        stage=["0", "1", "2", "3", "0", "1", "2", "3", "0", "1", "2", "3"],
+        block=["0", "0", "0", "0", "1", "1", "1", "1", "2", "2", "2", "2"]),
+    (4, "P2-no-clean", 4): dict(
+        stride=2, slots=2,
+        stage=["0.", "1.", "20", "31", "02", "13", "20", "31", ".2", ".3"],
+        block=["0.", "0.", "01", "01", "21", "21", "23", "23", ".3", ".3"]),
+    (4, "P4-no-clean", 6): dict(
+        stride=1, slots=4,
+        stage=["0...", "10..", "210.", "3210", "0321", "1032", "21.3", "32..", ".3.."],
+        block=["0...", "01..", "012.", "0123", "4123", "4523", "45.3", "45..", ".5.."]),
     # 5 steps (Krea's server default): stages 0..5, a block lives 6 ticks
     (5, "P1", 2): dict(
         stride=5, slots=2,
@@ -64,7 +78,7 @@ def test_stagger_table_matches_hand_written(steps, schedule, num_blocks):
 
 
 @pytest.mark.parametrize("steps", [3, 4, 5])
-@pytest.mark.parametrize("schedule", ["sequential", "P1", "P2", "P4"])
+@pytest.mark.parametrize("schedule", ["sequential", "P1", "P2", "P4", "P1-no-clean", "P2-no-clean", "P4-no-clean"])
 def test_stagger_invariants(steps, schedule):
     st = make_stagger(schedule, steps)
     nb = 9
@@ -93,3 +107,24 @@ def test_one_slot_per_block_in_flight_and_errors():
         make_stagger("fast", 4)
     with pytest.raises(ValueError, match="cannot hold the 5 blocks in flight"):
         Stagger(4, 1, 4)
+
+
+def test_no_clean_schedules_drop_the_clean_stage():
+    from bcjax.cascade.tokens import token_split
+
+    st = make_stagger("P4-no-clean", 4)
+    assert (st.num_stages, st.in_flight, st.num_slots, st.write_stage, st.emit_stage) == (4, 4, 4, 3, 3)
+    assert make_stagger("P4", 4, clean_pass=False) == st
+    assert make_stagger("P4", 4).write_stage == 4  # with a clean stage, the clean pass writes
+    # P1 of it is the sequential pipeline without the clean pass: one block at a time, n passes each
+    assert make_stagger("P1-no-clean", 4) == make_stagger("sequential-no-clean", 4) == Stagger(4, 4, 1, False)
+    assert (st.num_ticks(10), make_stagger("P4", 4).num_ticks(10)) == (13, 14)  # one stage less to drain
+    # its 4 blocks in flight split over 4 and 8 stage devices with no padding group (1560 tokens a
+    # 480 x 832 frame; the tests' tiny 6-token frame in groups of 3 on 8)
+    for p, devices, group in ((1560, 4, None), (1560, 8, None), (6, 4, None), (6, 8, 3)):
+        sp = token_split(st.in_flight * 3, p, devices, group)
+        assert sp.padded_tokens == sp.tokens, (p, devices)
+    with pytest.raises(ValueError, match="schedule 'P0-no-clean'"):
+        make_stagger("P0-no-clean", 4)
+    with pytest.raises(ValueError, match=r"stride 5 must be in \[1, 4\] for 4 steps and no clean pass"):
+        Stagger(4, 5, 1, False)

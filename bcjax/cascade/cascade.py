@@ -79,6 +79,8 @@ class Cascade:
     cfg: WanConfig
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
+    # `bcjax.names.SCHEDULES` (any P<k>, a stride); a "-no-clean" schedule, or a pcfg with
+    # context="last-pass", has no clean stage: the last denoising pass writes the cache
     schedule: str | int = "P4"
     window: str = "bidirectional"
     mesh: Mesh | None = None
@@ -100,7 +102,12 @@ class Cascade:
         # weights split over `model` (checks that it divides heads and FFN before anything compiles)
         self.layout = Layout(self.cfg, self.mesh)
         self.cfg = self.layout.resolve(self.cfg)  # attention for the mesh's platform, not the process default
-        self.stagger = make_stagger(self.schedule, self.pcfg.num_steps)
+        self.stagger = make_stagger(self.schedule, self.pcfg.num_steps, clean_pass=self.pcfg.clean_pass)
+        if not self.stagger.clean_pass:  # a "-no-clean" schedule: the sampler's last-pass cache entry
+            if self.pcfg.context == "rebuild":
+                raise ValueError(f"schedule {self.schedule!r} has no clean stage, and Krea's rebuilt context "
+                                 "(context='rebuild') is made by it: use a schedule with a clean pass")
+            self.pcfg = dataclasses.replace(self.pcfg, context="last-pass")
         p = self.cfg.tokens_per_frame(*self.latent_hw)
         split = token_split(self.stagger.num_slots * self.pcfg.block_frames, p, devices, self.token_group)
         self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, tuple(self.latent_hw), split)

@@ -114,7 +114,7 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     frame_mask = tick_frame_mask(
         jnp.arange(m), blocks, busy, cache.frame_ids, block_frames=bf, sink=pcfg.sink_frames,
         rolling=pcfg.cache_frames - pcfg.sink_frames, window=spec.window,
-        isolated=(stages == n) if rebuild else None,
+        isolated=(stages == n) if rebuild else None, clean=busy & (stages == st.clean_stage),
     )  # [M, C + M * bf]
 
     # -- this device's share of the tick's tokens (token order: slot, frame, row, col) ----------
@@ -138,8 +138,9 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     pad_cols = jnp.broadcast_to(pad[:, None], (per_dev, sp.padded_tokens - sp.tokens))
     key_mask = jnp.concatenate([rows, pad_cols], axis=1)[None]
 
-    # the block in the clean stage (at most one) hands its K/V to the cache after this pass
-    is_writer = busy & (stages == n)
+    # the block in the clean stage (at most one) hands its K/V to the cache after this pass; with
+    # no clean stage, the block in its last denoising stage (the one emitting its x0) does
+    is_writer = busy & (stages == st.write_stage)
     writer = jnp.argmax(is_writer)
     flow, kv = forward_tokens(cfg, params, tokens, t, text, rope, cache.as_context(), key_mask,
                               kv_axis=axis, kv_out=(writer * bf * p, bf * p), model_axis=model_axis)

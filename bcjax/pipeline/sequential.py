@@ -3,7 +3,8 @@
 Per block of `block_frames` latent frames: `num_steps` denoising passes (predict x0, re-noise to
 the next sigma with fresh noise), then one clean pass at t = context_noise on the final x0 whose
 post-RoPE K/V are written into the clean cache (the passes: `bcjax.sampler`). Every pass attends
-to [clean cache | the block].
+to [clean cache | the block]. Under `PipelineConfig(context="last-pass")` there is no clean pass:
+the last denoising pass's K/V are the block's cache entry.
 Given context frames (an image-to-video first block, a video to continue) are written by the
 same pass at t = 0 whatever context_noise is: upstream Self-Forcing's
 `CausalInferencePipeline.inference` writes `initial_latent` at t = 0, and context_noise applies
@@ -171,7 +172,7 @@ class SequentialPipeline:
         b = self.entering(state)
         params, text = self._placed(params, text)
         cache, x0 = self._block_fn(params, text, state.carry, state.key, jnp.int32(b))
-        stages = tuple((b, s) for s in range(self.pcfg.num_steps + 1))
+        stages = tuple((b, s) for s in range(self.pcfg.num_steps + int(self.pcfg.clean_pass)))
         return state._replace(carry=cache, step=state.step + 1), Step(b, x0, stages)
 
     entering = staticmethod(block_entering)  # one step is one block (bcjax.stepping)

@@ -12,8 +12,14 @@ steps, rounded to the nearest step with halves up (stride = max(1, floor(n / k +
   one-step stagger, every stage busy every tick).
 * "sequential" (stride n + 1): no overlap at all.
 
+`P_k-no-clean` is the same stagger without the clean stage: a block lives n ticks, and its last
+denoising pass (stage n - 1, the one that emits its x0) also writes its K/V into the cache (the
+sampler's `context="last-pass"`, `bcjax.schedule.config.PipelineConfig`). One pass less per
+block (-20% compute with 4 steps); P4-no-clean keeps n = 4 blocks in flight, P1-no-clean is the
+sequential pipeline without the clean pass.
+
 Blocks are stationary in *slots*: block b sits in slot b mod num_slots for its whole life, and
-num_slots = ceil((n + 1) / stride) (the in-flight count) makes it free again when block
+num_slots = ceil(num_stages / stride) (the in-flight count) makes it free again when block
 b + num_slots enters. Slots are not devices: the `stage` mesh axis splits a tick's tokens
 (`bcjax.cascade.tokens`), whatever the slot count.
 """
@@ -26,16 +32,21 @@ import re
 
 import numpy as np
 
+NO_CLEAN = "-no-clean"  # schedule-name suffix: the stagger without the clean stage
+
 
 @dataclasses.dataclass(frozen=True)
 class Stagger:
     num_steps: int  # n denoising steps; stages 0..n-1 denoise, stage n is the clean pass
     stride: int  # ticks between consecutive block entries
     num_slots: int  # in-flight capacity (the in-flight count; more slots would only idle)
+    # False: no clean stage; the last denoising pass's K/V are the block's cache entry
+    clean_pass: bool = True
 
     def __post_init__(self):
-        if not 1 <= self.stride <= self.num_steps + 1:
-            raise ValueError(f"stride {self.stride} must be in [1, {self.num_steps + 1}] for {self.num_steps} steps")
+        if not 1 <= self.stride <= self.num_stages:
+            raise ValueError(f"stride {self.stride} must be in [1, {self.num_stages}] for {self.num_steps} steps"
+                             + ("" if self.clean_pass else " and no clean pass"))
         if self.num_slots < self.in_flight:
             raise ValueError(
                 f"{self.num_slots} slots cannot hold the {self.in_flight} blocks in flight of stride {self.stride}"
@@ -43,11 +54,18 @@ class Stagger:
 
     @property
     def num_stages(self) -> int:
-        return self.num_steps + 1
+        return self.num_steps + int(self.clean_pass)
 
     @property
     def clean_stage(self) -> int:
+        """The clean pass's stage (n); with no clean pass, n too, a stage no block reaches."""
         return self.num_steps
+
+    @property
+    def write_stage(self) -> int:
+        """The stage whose pass's K/V become the block's cache entry: the clean pass, or without
+        one the last denoising pass."""
+        return self.num_steps if self.clean_pass else self.num_steps - 1
 
     @property
     def emit_stage(self) -> int:
@@ -65,22 +83,29 @@ class Stagger:
         return block * self.stride + self.emit_stage
 
 
-def make_stagger(schedule: str | int, num_steps: int) -> Stagger:
-    """Stagger of a named schedule ("P1", "P2", "P4", "sequential") or an explicit stride; one
-    slot per block in flight."""
+def make_stagger(schedule: str | int, num_steps: int, clean_pass: bool = True) -> Stagger:
+    """Stagger of a named schedule ("P1", "P2", "P4", "sequential", each with a "-no-clean"
+    suffix too) or an explicit stride; one slot per block in flight. clean_pass False (or the
+    suffix): no clean stage (`Stagger.clean_pass`)."""
+    name = schedule
+    if isinstance(schedule, str) and schedule.endswith(NO_CLEAN):
+        schedule, clean_pass = schedule[:-len(NO_CLEAN)], False
+    num_stages = num_steps + int(clean_pass)
     if isinstance(schedule, int):
         stride = schedule
     elif schedule == "sequential":
-        stride = num_steps + 1
+        stride = num_stages
     elif m := re.fullmatch(r"[Pp](\d+)", str(schedule)):
         k = int(m.group(1))
         if k < 1:
-            raise ValueError(f"schedule {schedule!r}: P_k needs k >= 1")
+            raise ValueError(f"schedule {name!r}: P_k needs k >= 1")
         stride = max(1, math.floor(num_steps / k + 0.5))
     else:
-        raise ValueError(f"schedule {schedule!r}: expected 'sequential', 'P1', 'P2', 'P4' (any P<k>) or a stride")
-    in_flight = math.ceil((num_steps + 1) / stride)
-    return Stagger(num_steps, stride, in_flight)
+        raise ValueError(f"schedule {name!r}: expected 'sequential', 'P1', 'P2', 'P4' (any P<k>, each also "
+                         f"with '{NO_CLEAN}') or a stride")
+    in_flight = math.ceil(num_stages / stride)
+    return Stagger(num_steps, stride, in_flight, clean_pass)
+
 
 
 def slot_state(st: Stagger, tick, slot, num_blocks, xp=np):
@@ -94,7 +119,7 @@ def slot_state(st: Stagger, tick, slot, num_blocks, xp=np):
     j = xp.floor_divide(tick - slot * st.stride, period)
     block = slot + st.num_slots * j
     stage = tick - block * st.stride
-    busy = (j >= 0) & (stage <= st.num_steps) & (block < num_blocks)
+    busy = (j >= 0) & (stage < st.num_stages) & (block < num_blocks)
     return block, stage, busy
 
 
