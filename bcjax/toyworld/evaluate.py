@@ -37,7 +37,7 @@ import numpy as np
 
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
-from bcjax.names import SCHEDULES, WINDOWS
+from bcjax.names import GRID_SCHEDULES, GRID_WINDOWS, SCHEDULES, WINDOWS
 from bcjax.schedule.config import PipelineConfig
 from bcjax.toyworld.world import (
     Scene,
@@ -89,8 +89,9 @@ def eval_scenes(world: WorldConfig, n: int) -> list[Scene]:
     return [sample_scene(np.random.default_rng([EVAL_SEED, i]), world) for i in range(n)]
 
 
-def settings(schedules=SCHEDULES, windows=WINDOWS) -> list[tuple[str, str | None]]:
-    """(schedule, window) pairs; sequential has no window."""
+def settings(schedules=GRID_SCHEDULES, windows=GRID_WINDOWS) -> list[tuple[str, str | None]]:
+    """(schedule, window) pairs; sequential has no window. By default the paper's grid; the
+    variants (`bcjax.names`: P4-no-clean, the restricted bidirectional windows) by name."""
     return [(s, None) if s == "sequential" else (s, w) for s in schedules for w in ((None,) if s == "sequential" else windows)]
 
 
@@ -273,8 +274,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prompts", type=int, default=8, help="fixed-seed evaluation prompts")
     p.add_argument("--blocks", type=int, default=8, help="blocks generated after the given first block")
     p.add_argument("--seed", type=int, default=0, help="sampler noise seed")
-    p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of sequential,P1,P2,P4")
-    p.add_argument("--windows", default=",".join(WINDOWS), help="comma list of causal,bidirectional")
+    p.add_argument("--schedules", default=",".join(GRID_SCHEDULES), help=f"comma list of {','.join(SCHEDULES)}")
+    p.add_argument("--windows", default=",".join(GRID_WINDOWS), help=f"comma list of {','.join(WINDOWS)}")
     p.add_argument("--out", default="eval-toyworld", help="folder for table.md, metrics.csv, PNGs")
     a = p.parse_args(argv)
     schedules = [s for s in a.schedules.split(",") if s]
