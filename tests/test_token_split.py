@@ -124,3 +124,10 @@ def test_every_schedule_on_8_devices_and_stage_model_meshes_equal_one_device(rep
 
 def test_a_split_stream_never_recompiles(report):
     assert report["stream_compiles"] == 0
+
+
+def test_the_cascade_without_a_clean_pass_on_8_devices_equals_one_device(report):
+    errors = report["errors"]
+    assert errors["P4-no-clean 8 group=None"] <= 1e-5 and errors["P4-no-clean 8 group=2"] <= 1e-5
+    # 4 blocks x 3 frames of 6 tokens in 2-token groups: 36 groups, 5 per device (4 padding groups)
+    assert report["splits"]["P4-no-clean 8 group=2"] == [2, 36, 5, 8]

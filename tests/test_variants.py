@@ -53,6 +53,17 @@ def test_p1_no_clean_is_the_sequential_pipeline_without_the_clean_pass(tiny_cfg,
     assert _max_err(clean[:, :3], seq[:, :3]) <= 1e-5 and _max_err(clean[:, 3:], seq[:, 3:]) > 1e-4
 
 
+def test_p1_clean_causal_is_the_sequential_pipeline(tiny_cfg, tiny_params, text):
+    """Under P1 the only newer block a bidirectional row sees is the next block's first step, seen
+    by the clean stage; with the clean stage causal, P1 is the sequential pipeline again."""
+    key = jax.random.key(3)
+    seq = SequentialPipeline(tiny_cfg, ROLLING, HW).generate(tiny_params, text, 5, key)
+    out = Cascade(tiny_cfg, ROLLING, HW, "P1", "bidirectional-clean-causal").generate(tiny_params, text, 5, key)
+    assert _max_err(out, seq) <= 1e-5
+    bi = Cascade(tiny_cfg, ROLLING, HW, "P1", "bidirectional").generate(tiny_params, text, 5, key)
+    assert _max_err(bi, seq) > 1e-4
+
+
 def test_sequential_without_the_clean_pass_steps_four_stages(tiny_cfg, tiny_params, text):
     pipe = make_runner(tiny_cfg, _last_pass(ROLLING), HW, "sequential")
     assert isinstance(pipe, SequentialPipeline)
@@ -144,3 +155,19 @@ def test_no_clean_is_refused_for_krea_rebuilt_context(tiny_cfg):
 
     with pytest.raises(ValueError, match="schedule 'P4-no-clean' has no clean stage"):
         Cascade(tiny_cfg, ports.get("krea_14b").pipeline, HW, "P4-no-clean")
+
+
+def test_bench_flops_per_block_of_every_variant():
+    """`bcjax bench cascade`'s FLOPs per emitted block (480 x 832, the 1.3B model): the causal and
+    windowed rows see the model's window, as sequential; no clean pass is one pass in five less."""
+    import ports
+    from bcjax.bench.cascade import _variant_table
+    from bcjax.model import WanConfig
+
+    f = _variant_table(WanConfig.preset("wan2.1-1.3b"), ports.get("self_forcing").pipeline, 1560)
+    seq = f["sequential"]
+    assert f["sequential-no-clean"] == pytest.approx(0.8 * seq)
+    for sched in ("P1", "P2", "P4"):
+        assert f[f"{sched} causal"] == pytest.approx(seq) and f[f"{sched} bidirectional-windowed"] == pytest.approx(seq)
+    assert f["P4 causal"] < f["P4 bidirectional-clean-causal"] < f["P4 bidirectional"]
+    assert f["P4-no-clean causal"] == pytest.approx(0.8 * seq) == f["P4-no-clean bidirectional-windowed"]

@@ -38,6 +38,7 @@ CASES = {  # name: (pipeline config, schedule, window)
     "P2-bidirectional": (ROLLING, "P2", "bidirectional"),
     "P4-causal": (ROLLING, "P4", "causal"),
     "P4-bidirectional": (ROLLING, "P4", "bidirectional"),
+    "P4-no-clean": (ROLLING, "P4-no-clean", "bidirectional"),  # 4 blocks in flight, no clean stage
 }
 BLOCKS = 5
 

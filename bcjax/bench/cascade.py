@@ -6,6 +6,8 @@
 
 Everything is measured in one run on whatever `jax.devices()[0]` is:
 * critical path: dependent forward passes per emitted block in steady state (from the stagger);
+* FLOPs per emitted block of every schedule x window (`bcjax.names`: P4-no-clean, the
+  restricted bidirectional windows), from the tick masks' visible keys;
 * FLOPs (matmul count, XLA cost analysis as a cross-check) of a sequential cached pass, of a one-device batched tick and of one
   stage's share of a sharded tick (its block's queries against cache + every in-flight block);
 * wall time per emitted block: sequential block function vs P2/P4 ticks batched on one device;
@@ -30,7 +32,8 @@ from bcjax.cascade import Cascade
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import KV, encode_text, forward, init_params
 from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
-from bcjax.schedule.stagger import make_stagger
+from bcjax.names import WINDOWS
+from bcjax.schedule.stagger import make_stagger, slot_state
 
 
 def _flops(jitted, *args) -> float:
@@ -46,6 +49,55 @@ def _pass_flops(cfg: WanConfig, q_tokens: int, k_tokens: int) -> float:
     per_token = 8 * d * d + 4 * d * d + 4 * d * f + 4 * d * k_tokens + 4 * d * cfg.text_len
     embed_head = 2 * cfg.patch_features * d + 2 * d * cfg.out_channels * cfg.patch_size[1] * cfg.patch_size[2]
     return float(q_tokens * (cfg.num_layers * per_token + embed_head))
+
+
+def variant_block_flops(cfg: WanConfig, pcfg, pp: int, schedule: str, window: str) -> float:
+    """Matmul FLOPs per emitted block of a cascade (schedule, window) deep in a long stream, at
+    `pp` tokens per frame: the stride ticks that emit one block, each busy slot's queries against
+    the keys its row of the tick mask (`bcjax.cascade.masks`) lets it see (attention cost follows
+    the visible keys); a cache of the sink and the rolling frames before the oldest block in flight."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bcjax.cascade.masks import tick_frame_mask
+
+    st = make_stagger(schedule, pcfg.num_steps, clean_pass=pcfg.clean_pass)
+    bf, sink, rolling, m = pcfg.block_frames, pcfg.sink_frames, pcfg.cache_frames - pcfg.sink_frames, st.num_slots
+    total, big = 0.0, 10 ** 6
+    first_tick = st.stride * (pcfg.window_frames + 2 * m)  # every slot busy, the cache long full
+    for tau in range(first_tick, first_tick + st.stride):
+        blocks, stages, busy = slot_state(st, tau, np.arange(m), big)
+        oldest = int(blocks[busy].min())
+        cache = np.concatenate([np.arange(sink), oldest * bf - rolling + np.arange(rolling)])
+        mask = tick_frame_mask(jnp.arange(m), jnp.asarray(blocks), jnp.asarray(busy), jnp.asarray(cache),
+                               block_frames=bf, sink=sink, rolling=rolling, window=window,
+                               clean=jnp.asarray(busy & (stages == st.clean_stage)))
+        keys = np.asarray(mask).sum(axis=1) * pp
+        total += sum(_pass_flops(cfg, bf * pp, int(k)) for k, b in zip(keys, busy) if b)
+    return total
+
+
+def _variant_table(cfg: WanConfig, pcfg, pp: int) -> dict[str, float]:
+    """FLOPs per emitted block of every schedule x window (`bcjax.names`) against the sequential
+    pipeline's n + 1 passes; dependent passes per block (the critical path) beside them."""
+    import dataclasses
+
+    bf, n = pcfg.block_frames, pcfg.num_steps
+    f_seq = (n + 1) * _pass_flops(cfg, bf * pp, pcfg.window_frames * pp)
+    last = dataclasses.replace(pcfg, context="last-pass")
+    print(f"\n== FLOPs per emitted block at {pp} tokens/frame, steady state (visible keys only) ==")
+    print(f"  {'schedule':<14} {'window':<28} {'TFLOP/block':>12} {'x sequential':>13} {'passes/block':>13}")
+    print(f"  {'sequential':<14} {'-':<28} {f_seq / 1e12:12.3f} {1.0:13.3f} {n + 1:13d}")
+    f_last = n * _pass_flops(cfg, bf * pp, pcfg.window_frames * pp)
+    print(f"  {'sequential':<14} {'- (no clean pass)':<28} {f_last / 1e12:12.3f} {f_last / f_seq:13.3f} {n:13d}")
+    out = {"sequential": f_seq, "sequential-no-clean": f_last}
+    for sched in ("P1", "P2", "P4", "P4-no-clean"):
+        st = make_stagger(sched, n)
+        for window in (WINDOWS if st.in_flight > 1 else ("causal",)):
+            f = variant_block_flops(cfg, last if not st.clean_pass else pcfg, pp, sched, window)
+            out[f"{sched} {window}"] = f
+            print(f"  {sched:<14} {window:<28} {f / 1e12:12.3f} {f / f_seq:13.3f} {st.stride:13d}")
+    return out
 
 
 def _krea_cost(cfg: WanConfig, pp: int) -> float:
@@ -90,7 +142,7 @@ def run(args) -> dict:
 
     print("\n== critical path: dependent forward passes per emitted block (steady state) ==")
     print(f"  sequential: {n + 1} ({n} denoising + 1 clean pass)")
-    for sched in ("P1", "P2", "P4"):
+    for sched in ("P1", "P2", "P4", "P4-no-clean"):
         st = make_stagger(sched, n)
         print(f"  {sched}: {st.stride} (stride {st.stride}, {st.in_flight} blocks in flight; "
               f"first block after {st.emit_stage + 1} passes, as sequential)")
@@ -114,9 +166,10 @@ def run(args) -> dict:
     gather_480 = 2 * cfg.num_layers * (st4.num_slots - 1) * bf * pp * cfg.dim * 2  # bf16 K and V
     print(f"  at 480x832 bf16: per-layer K/V all-gather {gather_480 / 1e9:.2f} GB per tick per device = "
           f"{1e3 * gather_480 / (args.link_gbps * 1e9):.1f} ms at {args.link_gbps:g} GB/s")
+    variants = _variant_table(cfg, pcfg, pp)
     krea_ratio = _krea_cost(cfg, pp)
     if args.skip_timing:
-        return {"f_seq": f_seq, "f_stage": f_stage, "f_tick": f_tick, "krea_ratio": krea_ratio}
+        return {"f_seq": f_seq, "f_stage": f_stage, "f_tick": f_tick, "krea_ratio": krea_ratio, "variants": variants}
 
     params = init_params(cfg, key, hw)
     text = encode_text(cfg, params, jax.random.normal(key, (1, cfg.text_len, cfg.text_dim)))
