@@ -204,7 +204,8 @@ class TickLayout:
     block_tokens: int  # block_frames x tokens_per_frame
     group: int  # tokens per group (divides tokens_per_frame)
     stage: int  # devices on `stage`
-    num_stages: int  # n + 1 passes per block
+    num_stages: int  # passes per block: n + 1, or n with no clean pass ("-no-clean")
+    emit_passes: int  # passes from a block's noise to its x0 (n)
 
     @property
     def tokens(self) -> int:  # T
@@ -230,7 +231,8 @@ def tick_layout(cfg, pcfg, latent_hw, schedule: str, stage: int, group: int | No
     st = make_stagger(schedule, pcfg.num_steps)
     p = cfg.tokens_per_frame(*latent_hw)
     split = token_split(st.in_flight * pcfg.block_frames, p, stage, group)  # the runner's own split
-    return TickLayout(st.stride, st.in_flight, pcfg.block_frames * p, split.group, stage, st.num_stages)
+    return TickLayout(st.stride, st.in_flight, pcfg.block_frames * p, split.group, stage, st.num_stages,
+                      st.emit_stage + 1)
 
 
 def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batch: int = 1,
@@ -537,7 +539,7 @@ def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str
     parts = []
     for sched, (r, _) in here.items():
         f = model_fps(r.flops["device"], r.comm, r.hardware, mfu, r.layout.stride)
-        latency = (r.layout.num_stages - 1) * f["tick_ms"]  # a block's x0 leaves its n-th pass, n ticks after it entered
+        latency = r.layout.emit_passes * f["tick_ms"]  # a block's x0 leaves its n-th pass, n ticks after it entered
         parts.append(f"{sched} {f['fps']:.1f} FPS ({latency:.0f} ms from noise to a block's x0)")
     text = f"{preset} on {hardware} at MFU {mfu:.1%}: " + ", ".join(parts)
     if "sequential" in here and "P4" in here:
