@@ -31,8 +31,8 @@ from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache, median_secon
 from bcjax.cascade import Cascade
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import KV, encode_text, forward, init_params
-from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
 from bcjax.names import WINDOWS
+from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
 from bcjax.schedule.stagger import make_stagger, slot_state
 
 
