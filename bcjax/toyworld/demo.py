@@ -138,8 +138,8 @@ def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, v
                   f"`{os.path.basename(frames)}`: per prompt, rows {', '.join(LABELS)}; columns: the last frame of every "
                   "block, the given still image first."]
     lines += ["", f"Video: `{os.path.basename(video)}` (columns: {', '.join(LABELS)}; frame counter red on the given frames).",
-              "Steady ms/block on one device is not the cascade's speed-up: that needs one device per in-flight "
-              "block (`--devices 5` with 5 devices)."]
+              "Steady ms/block on one device is not the cascade's speed-up: that needs the tick's tokens split over "
+              "several devices (`--devices N`, e.g. 5 for P4's five blocks in flight)."]
     text = "\n".join(lines) + "\n"
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".md", delete=False) as f:
