@@ -60,7 +60,7 @@ def _save_atomic(path: str, array) -> None:
 
 
 def _setup(args):
-    """Random-weight model, prompt and port for demo/generate (real checkpoints: issue 5)."""
+    """Random-weight model, prompt and port for demo/generate (real checkpoints: --checkpoint)."""
     import jax
 
     import ports

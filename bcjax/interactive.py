@@ -1,4 +1,4 @@
-"""Interactive streams: prompts that change between blocks, written once above both runners.
+"""Interactive streams: prompts that change between blocks, written once above every runner.
 
 The loop here drives any runner through the stepping interface (`bcjax.stepping`:
 `start`, `entering`, `step`, `done`, `cache` / `with_cache`, `replicate`, `mesh`), which the

@@ -10,7 +10,7 @@
 A step is one call of the runner's compiled program: one block (all its denoising passes and
 its clean pass) for the sequential pipeline, one tick (a joint pass over every block in flight)
 for the cascade. Prompt switching, streaming and the server are written once against this
-interface (`bcjax.interactive`), above both runners; the runners know nothing of prompts beyond
+interface (`bcjax.interactive`), above every runner; the runners know nothing of prompts beyond
 the text K/V of each step.
 """
 

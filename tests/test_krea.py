@@ -1,4 +1,4 @@
-"""Krea Realtime 14B's loop (issue 17, rules 1-6 of `bcjax.pipeline.krea`), each against a case
+"""Krea Realtime 14B's loop (rules 1-6 of `bcjax.pipeline.krea`), each against a case
 computed by hand: closed forms for the sampler, and one plain forward over [context | block]
 with a block-causal mask for the rebuilt context and its positions."""
 

@@ -1,4 +1,4 @@
-"""Krea's interactive features (issue 17, part 5): prompt interpolation over N blocks (combinable
+"""Krea's interactive features: prompt interpolation over N blocks (combinable
 with the cascade) and video-to-video strength."""
 
 import jax

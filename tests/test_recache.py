@@ -1,4 +1,4 @@
-"""The recache policy is LongLive v1.0's `_recache_after_switch` (issue 12): which frames are
+"""The recache policy is LongLive v1.0's `_recache_after_switch`: which frames are
 recomputed, which are stored, what the sink holds after the switch, and that the pass has no
 causal mask; a whole interactive stream equals a frame-by-frame restatement of LongLive's
 KV-cache bookkeeping (tests/longlive_reference.py)."""

@@ -13,7 +13,7 @@ from bcjax.toyworld import train as tw
 from bcjax.toyworld.world import WorldConfig, render
 
 SMALL = WorldConfig(size=8, sprite=2)
-# The targets for the shipped model (`bcjax eval toyworld --prompts 16 --blocks 10`): position
+# The targets the shipped model was trained to meet (`bcjax eval toyworld --prompts 16 --blocks 10`): position
 # error <= 1.0 px over the blocks and <= 2.0 px at block 10, PSNR >= 25 dB, the sprite's colour right in
 # >= 95% of frames; and (the demo's promise) the sprite crisp: >= 95% of generated frames a clean render.
 # Measured when it shipped: 0.00 px, 0.00 px at block 10, 37.6 dB, colour 100%, crisp 100%.
@@ -81,8 +81,8 @@ def test_shipped_checkpoint_reproduces_its_recorded_metrics():
         assert got[name]["mse"] == pytest.approx(want["mse"], rel=0.05), name
         assert got[name]["div_seq"] == pytest.approx(want["div_seq"], rel=0.1, abs=2e-3), name
         assert got[name]["pos_err"] == pytest.approx(want["pos_err"], abs=0.25), name  # readout is discrete
-    assert metrics["P1-causal"]["div_seq"].max() < 1e-9  # the target: P1-causal identical to sequential
-    # the quality targets; and it tracks the sprite, far better than holding the image
+    assert metrics["P1-causal"]["div_seq"].max() < 1e-9  # P1-causal is the sequential pipeline
+    # the quality targets above; and it tracks the sprite, far better than holding the image
     seq, still = got["sequential"], recorded["summary"]["still"]
     assert (recorded["prompts"], recorded["blocks"]) == (16, 10)
     assert seq["pos_err"] <= SEQ_POS_ERR and seq["pos_err"] < 0.5 * still["pos_err"], seq

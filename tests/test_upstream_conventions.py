@@ -1,4 +1,4 @@
-"""Where upstream's conventions differ from the obvious ones (issue 12, parts 2 and 3):
+"""Where upstream's conventions differ from the obvious ones:
 given context frames are written at t = 0 whatever context_noise is (Self-Forcing's
 `CausalInferencePipeline.inference` writes `initial_latent` at t = 0; context_noise is for the
 clean pass of generated blocks), and short prompt embeddings are zero-padded to text_len

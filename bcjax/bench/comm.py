@@ -5,7 +5,7 @@
                      [--group G] [--hlo] [--fps-presets wan2.1-1.3b wan2.1-14b] [--window bidirectional]
                      [--mfu 0.4] [--memory TARGET]
 
-The tick (issue 23, item 2): one joint DiT pass over every in-flight block, T = in_flight x
+The tick (the token-sharded tick of `bcjax.cascade.tick`): one joint DiT pass over every in-flight block, T = in_flight x
 block_frames x tokens_per_frame query tokens (in_flight = ceil((n + 1) / stride): P4 5, P2 3, P1 2,
 "sequential" 1, whose stride n + 1 makes n + 1 passes per block). The tokens are cut into groups of
 g tokens (g divides tokens_per_frame: a group never straddles a latent frame); each of the N `stage`
@@ -30,7 +30,7 @@ stream emits one block (12 video frames) every `stride` ticks, FPS = 12 / (strid
 count the keys each query sees in the steady state of a long stream (full cache, every in-flight
 block busy): the sink and `rolling` frames before its block, its own block, and under the
 bidirectional window the newer in-flight blocks. That is the cost of an attention that skips
-invisible keys (issue 23, item 4); groups go to devices in token order (oldest block first).
+invisible keys (`bcjax.model.attention`); groups go to devices in token order (oldest block first).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Pipelines: the sequential block-causal sampler (and later text-to-video, streaming, prompt switch)."""
+"""Pipelines: the sequential block-causal runner, Krea's loop, text to video, streaming output, prompts
+and the recache at a switch."""
 
 from bcjax.pipeline.sequential import SequentialPipeline, cached_pass, denoise_block
 from bcjax.schedule.config import PipelineConfig

@@ -1,4 +1,4 @@
-"""Noise schedules (flow matching, few-step sampler) and, later, stagger tables."""
+"""Noise schedules (flow matching, few-step sampler), the sampler's config and the stagger tables."""
 
 from bcjax.schedule.flow import (
     block_noise,

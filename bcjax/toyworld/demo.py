@@ -197,10 +197,6 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
     return {"summary": rows, "blocks": blocks_m, "timing": timing, "video": out, "report": report, "frames": frames}
 
 
-if __name__ == "__main__":
-    print(json.dumps(run()["summary"], indent=2))
-
-
 def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | None = None, blocks: int = 12,
                schedule: str = "P4", window: str = "bidirectional", policy: str = "no-recache", seed: int = 0,
                devices: int = 1, fps: float | None = None, scale: int = 8, positions: str = "absolute",
@@ -270,3 +266,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     print(f"wrote {out}: {(1 + len(events)) * bf} frames; steady {1e3 * steady[len(steady) // 2]:.1f} ms/block, "
           f"{len(sched) - 1} switch(es), policy {policy}")
     return events
+
+
+if __name__ == "__main__":
+    print(json.dumps(run()["summary"], indent=2))
