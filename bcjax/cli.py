@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from bcjax.names import POLICIES, POSITIONS, SCHEDULES, WINDOWS
+from bcjax.names import DEFAULT_WINDOW, POLICIES, POSITIONS, SCHEDULES, WINDOWS
 from bcjax.paths import check_output
 
 
@@ -135,8 +135,8 @@ def _mesh(args, cfg=None):
 def _demo(args) -> int:
     from bcjax.toyworld import demo
 
-    demo.run(out=args.out, report=args.report, checkpoint=args.checkpoint, prompts=args.prompts, blocks=args.blocks,
-             seed=args.seed, devices=args.devices)
+    demo.run(out=args.out, report=args.report, checkpoint=args.checkpoint, prompts=args.prompts,
+             blocks=args.blocks or demo.BLOCKS, seed=args.seed, devices=args.devices)
     return 0
 
 
@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", help="markdown report (default: beside the video, .md)")
     s.add_argument("--checkpoint", help="a toy-world checkpoint or training run (default: the shipped one)")
     s.add_argument("--prompts", type=_positive, default=3)
-    s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=10,
-                   help="blocks generated after the given first block")
+    s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive,
+                   help="blocks generated after the given first block (default 40: 41 frames, 5 s at 8 fps)")
     s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_demo)
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="a toy-world checkpoint (default: the shipped one)")
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=12)
     s.add_argument("--schedule", default="P4", choices=SCHEDULES)
-    s.add_argument("--window", default="bidirectional", choices=WINDOWS)
+    s.add_argument("--window", default=DEFAULT_WINDOW, choices=WINDOWS)
     s.add_argument("--policy", default="no-recache", choices=POLICIES,
                    help="KV cache at a switch: keep it (Block Cascading), or LongLive v1.0's recache (bidirectional, "
                         "as upstream runs it) or its block-causal variant")
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
                    help="video size in pixels (with --checkpoint)")
     s.add_argument("--schedule", default="P4", choices=SCHEDULES)
-    s.add_argument("--window", default="bidirectional", choices=WINDOWS)
+    s.add_argument("--window", default=DEFAULT_WINDOW, choices=WINDOWS)
     s.add_argument("--video", help="video-to-video (with --checkpoint, --schedule sequential): an mp4 of --size "
                    "whose latents, noised to --strength, start the blocks (Krea's / StreamDiffusionV2's strength)")
     s.add_argument("--strength", type=float, default=0.6, help="video-to-video: 1 = pure noise, lower keeps more of "

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from bcjax.cascade.cascade import Cascade
 from bcjax.model.config import WanConfig
+from bcjax.names import DEFAULT_WINDOW
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.schedule.config import PipelineConfig
 
 
 def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int], schedule: str | int = "sequential",
-                window: str = "bidirectional", mesh=None):
+                window: str = DEFAULT_WINDOW, mesh=None):
     """SequentialPipeline (schedule "sequential", a clean-pass cache), KreaPipeline (sequential,
     Krea's rebuilt context), or a Cascade (P1, P2, P4 or a stride) on `mesh`.
 

@@ -23,7 +23,7 @@ POLICIES = ("no-recache", "recache")
 
 def test_messages_are_checked_and_the_problem_named():
     ok = protocol.parse(json.dumps({"type": "start", "prompt": "red east fast", "seed": 7}), POLICIES)
-    assert ok == {"type": "start", "prompt": "red east fast", "schedule": "P4", "window": "bidirectional",
+    assert ok == {"type": "start", "prompt": "red east fast", "schedule": "P4", "window": "causal",
                   "policy": "no-recache", "seed": 7, "fps": 16, "decoder": None}
     bad = {
         "not json": "not JSON",

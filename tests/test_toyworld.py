@@ -35,6 +35,9 @@ SMALL_TCFG = tw.TrainConfig(steps=40, batch=2, context_blocks=2, lr=3e-3, warmup
 # The later stages of the same run (one compiled step each, shared by the tests).
 STAGE_TCFG = {stage: dataclasses.replace(SMALL_TCFG, stage=stage, in_flight=2, rollout_blocks=2)
               for stage in ("diffusion-forcing", "self-rollout")}
+# diffusion forcing on P4's own ticks (5 blocks in flight, newer ones visible)
+STAGE_TCFG["diffusion-forcing-P4"] = dataclasses.replace(STAGE_TCFG["diffusion-forcing"], cascade="P4",
+                                                         bidirectional_prob=1.0, cascade_prob=0.5)
 _cached_pass = jax.jit(cached_pass, static_argnums=0)
 
 
@@ -279,6 +282,54 @@ def test_diffusion_forcing_mask_is_a_cascade_ticks(window):
     np.testing.assert_array_equal(ours[1, ::bf], [True, True, False, False, False, False, False])
 
 
+@pytest.mark.parametrize("schedule", ["P4", "P2", "P4-no-clean"])
+def test_cascade_layouts_are_the_schedules_ticks(schedule):
+    """`--cascade`: every drawn clip is a tick of the schedule's stagger table (the in-flight blocks
+    oldest first at their stages, the cache a generation has before them), fill, steady state and
+    drain all occur, and the stages' sigmas are the sampler's table (the clean stage: sigma 0)."""
+    from bcjax.schedule.stagger import make_stagger, stagger_table
+
+    tcfg = dataclasses.replace(SMALL_TCFG, stage="diffusion-forcing", cascade=schedule, cascade_prob=1.0, batch=96,
+                               max_block=6)
+    pcfg = tw.toy_pipeline_config(tcfg)
+    st = make_stagger(schedule, pcfg.num_steps)
+    assert tcfg.flight_blocks(pcfg) == st.in_flight
+    clips, visible, flying, stages, _ = tw.tick_layouts(np.random.default_rng(0), SMALL, pcfg, tcfg)
+    k, m, bf = tcfg.context_blocks, st.in_flight, SMALL.block_frames
+    assert clips.shape[1] == (k + m) * bf and stages.shape == (96, m)
+    table = stagger_table(st, tcfg.max_block)
+    ticks = set()
+    for busy, block, stage in zip(table["busy"], table["block"], table["stage"], strict=True):
+        order = np.argsort(block[busy])
+        ticks.add((int(block[busy][order][0]) + 1, tuple(int(v) for v in stage[busy][order])))
+    drawn = set()
+    for i in range(96):
+        f = int(flying[i])
+        assert (stages[i, f:] == -1).all()
+        # the oldest in-flight block is video block j: find j by matching the rendered clip
+        j = next(j for j, s in ticks if s == tuple(stages[i, :f]) and visible[i] == min(k, j))
+        drawn.add((j, tuple(int(v) for v in stages[i, :f])))
+    assert drawn <= ticks
+    full = tuple(range(st.num_stages - 1, -1, -st.stride))
+    kinds = {s for _, s in drawn}
+    assert full in kinds and (0,) in kinds and any(s[0] == st.num_stages - 1 and len(s) < m for s in kinds)
+    sigma, t = tw.stage_sigmas(jnp.arange(st.num_stages), pcfg)
+    want = list(pcfg.sigmas) + ([0.0] if st.clean_pass else [])
+    np.testing.assert_allclose(np.asarray(sigma), want, rtol=1e-6)
+    assert float(t[0]) == pcfg.timesteps[0]
+
+    seq = dataclasses.replace(tcfg, cascade_prob=0.0, batch=8)
+    _, _, flying, stages, _ = tw.tick_layouts(np.random.default_rng(1), SMALL, pcfg, seq)
+    assert (flying == 1).all() and (stages == -1).all()  # the sequential pass, its sigma drawn
+
+
+def test_cascade_option_refuses_what_it_cannot_train():
+    with pytest.raises(ValueError, match="schedule 'P4x'"):
+        tw.TrainConfig(stage="diffusion-forcing", cascade="P4x")
+    with pytest.raises(ValueError, match="diffusion-forcing stage; stage is 'self-rollout'"):
+        tw.TrainConfig(stage="self-rollout", cascade="P4")
+
+
 def test_rollout_is_the_sequential_pipeline():
     """The self-rollout's sampler through its KV buffer generates what SequentialPipeline does
     (same noise per block and step), and the training layout recomputes its passes exactly."""
@@ -299,7 +350,7 @@ def test_rollout_is_the_sequential_pipeline():
     np.testing.assert_allclose(np.asarray(x0), np.asarray(gen), atol=1e-4)  # the last step's pass, with gradient
 
 
-@pytest.mark.parametrize("stage", ["diffusion-forcing", "self-rollout"])
+@pytest.mark.parametrize("stage", ["diffusion-forcing", "diffusion-forcing-P4", "self-rollout"])
 def test_a_few_steps_of_each_stage_reduce_the_loss(stage):
     tcfg = STAGE_TCFG[stage]
     pcfg = tw.toy_pipeline_config(tcfg)

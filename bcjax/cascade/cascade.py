@@ -28,6 +28,7 @@ from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
 from bcjax.model.tensor_parallel import MODEL, Layout, check_model_axis
 from bcjax.model.wan import KV, check_latents, encode_text
+from bcjax.names import DEFAULT_WINDOW
 from bcjax.sampler import check_rebuild, clean_block, write_context
 from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger, slot_state
@@ -82,7 +83,7 @@ class Cascade:
     # `bcjax.names.SCHEDULES` (any P<k>, a stride); a "-no-clean" schedule, or a pcfg with
     # context="last-pass", has no clean stage: the last denoising pass writes the cache
     schedule: str | int = "P4"
-    window: str = "bidirectional"
+    window: str = DEFAULT_WINDOW
     mesh: Mesh | None = None
     # tokens per group of the stage split (`bcjax.cascade.tokens`); None: the least padding
     token_group: int | None = None
@@ -305,7 +306,7 @@ def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, s
 
 
 def generate(cfg: WanConfig, params, prompt, num_blocks: int, key, *, pcfg: PipelineConfig | None = None,
-             latent_hw: tuple[int, int] = (60, 104), schedule: str | int = "P4", window: str = "bidirectional",
+             latent_hw: tuple[int, int] = (60, 104), schedule: str | int = "P4", window: str = DEFAULT_WINDOW,
              mesh: Mesh | None = None) -> jax.Array:
     """One-call cascade generation; see `Cascade` to reuse the compiled program or to stream.
 

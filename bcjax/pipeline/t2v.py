@@ -18,6 +18,7 @@ import numpy as np
 
 from bcjax import checkpoint
 from bcjax.model.wan import KV
+from bcjax.names import DEFAULT_WINDOW
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.pipeline.streaming import drain, overlapped
@@ -79,7 +80,7 @@ class TextToVideo:
     pcfg: PipelineConfig
     video_hw: tuple[int, int] = (480, 832)
     schedule: str = "sequential"
-    window: str = "bidirectional"
+    window: str = DEFAULT_WINDOW
     mesh: object = None
     decoder: str = "wan"  # a name in bcjax.vae.decoders.DECODERS
     decode_device: str | None = None  # see bcjax.vae.decoders.decode_device; None = auto

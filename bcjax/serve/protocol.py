@@ -1,7 +1,7 @@
 """The page <-> server messages: parsing what a page sends, packing what the server sends.
 
 Page -> server: one JSON object per text message, at most MAX_MESSAGE bytes:
-    {"type": "start", "prompt": str, "schedule": "P4", "window": "bidirectional",
+    {"type": "start", "prompt": str, "schedule": "P4", "window": "causal",
      "policy": "no-recache", "seed": 0, "fps": 16,
      "decoder": "taehv"}                                a new stream (or resume a stopped one); decoder:
                                                         one the hello offers, absent or null: the default
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import struct
 
-from bcjax.names import SCHEDULES, WINDOWS
+from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS
 from bcjax.vae.decoders import DECODERS
 
 MAX_MESSAGE = 4096  # bytes of one page message (a prompt and a few fields fit many times over)
@@ -67,7 +67,7 @@ def parse(raw: str | bytes | None, policies: tuple[str, ...]) -> dict:
         out["prompt"] = _field(msg, "prompt", str)
     if kind == "start":
         out["schedule"] = _choice(msg, "schedule", SCHEDULES, "P4")
-        out["window"] = _choice(msg, "window", WINDOWS, "bidirectional")
+        out["window"] = _choice(msg, "window", WINDOWS, DEFAULT_WINDOW)
         out["policy"] = _choice(msg, "policy", policies, "no-recache")
         out["seed"] = _number(msg, "seed", 0, MAX_SEED, 0, integer=True)
         # which decoders a model has is the backend's to say; the names are checked here

@@ -145,7 +145,7 @@ class Session:
 
     def hello(self) -> dict:
         return {"type": "hello", "model": self.backend.describe(), "schedules": list(protocol.SCHEDULES),
-                "windows": list(protocol.WINDOWS), "policies": list(POLICIES),
+                "windows": list(protocol.WINDOWS), "window": protocol.DEFAULT_WINDOW, "policies": list(POLICIES),
                 "limits": {"max_message": protocol.MAX_MESSAGE, "queue": self.outbox.queue.maxsize,
                            "ack_window": self.ack_window, "min_fps": protocol.MIN_FPS, "max_fps": protocol.MAX_FPS}}
 

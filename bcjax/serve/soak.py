@@ -44,7 +44,7 @@ def _tab(url: str, index: int, args, stop: threading.Event, blocks: list[int]) -
             starts += 1
             since_switch = 0
             ws.send(json.dumps({"type": "start", "prompt": f"{colour} east fast", "schedule": args.schedule,
-                                "window": "bidirectional", "policy": "no-recache", "seed": index, "fps": args.fps}))
+                                "window": "causal", "policy": "no-recache", "seed": index, "fps": args.fps}))
 
         colour = ""
         start()

@@ -1,7 +1,7 @@
 """The quality study: several toy models (training recipes) x every schedule, with confidence intervals.
 
 For each model, each sampler seed and the fixed evaluation prompts, `evaluate.run_grid` scores
-{sequential, P1, P2, P4} x {causal, bidirectional} against the ground truth. A sample is one
+{sequential, P1, P2, P4} x {causal, bidirectional} (or the `--setting`s given) against the ground truth. A sample is one
 (prompt, seed) pair's mean over the generated blocks; a cell reports mean +- the 95% confidence
 half-width (Student t over the samples), and for the cascades the paired difference to sequential
 on the same (prompt, seed) with its own interval -- a difference whose interval excludes 0 is a
@@ -10,6 +10,8 @@ pos_err_per_block-<model>.png.
 
     python -m bcjax.toyworld.study --model clean=CKPT --model df=RUN/model-diffusion-forcing ...
         [--prompts 16 --seeds 3 --blocks 10 --out study/]
+    python -m bcjax.toyworld.study --model ... --setting sequential --setting P4:causal \
+        --setting P4:bidirectional-windowed --setting P4-no-clean:causal   # SCHEDULE[:WINDOW] each
     python -m bcjax.toyworld.study --curve RUN [--prompts 16 --blocks 10]   # error vs training minutes
 """
 
@@ -47,14 +49,37 @@ def mean_ci(x) -> tuple[float, float]:
     return float(x.mean()), float(t95(x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
 
 
-def run_model(path: str, prompts: int, seeds: int, blocks: int, progress=print) -> dict:
-    """{setting: {field: [seeds, prompts, blocks]}} for one model over every schedule."""
+def parse_setting(spec: str) -> tuple[str, str | None]:
+    """'SCHEDULE[:WINDOW]' -> (schedule, window); sequential takes no window, a cascade defaults
+    to the bidirectional one. Names are checked against `bcjax.names`."""
+    from bcjax.names import SCHEDULES, WINDOWS
+
+    schedule, _, window = spec.partition(":")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--setting {spec!r}: schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if schedule == "sequential":
+        if window:
+            raise ValueError(f"--setting {spec!r}: sequential has no window")
+        return schedule, None
+    window = window or "bidirectional"
+    if window not in WINDOWS:
+        raise ValueError(f"--setting {spec!r}: window {window!r} is not one of {', '.join(WINDOWS)}")
+    return schedule, window
+
+
+def run_model(path: str, prompts: int, seeds: int, blocks: int, progress=print, grid=None) -> dict:
+    """{setting: {field: [seeds, prompts, blocks]}} for one model over the grid's settings
+    (default: every schedule x window of `evaluate.settings`); sequential always runs (the
+    paired differences are to it)."""
+    grid = list(grid or settings())
+    if ("sequential", None) not in grid:
+        grid.insert(0, ("sequential", None))
     model = load_model(path)
     scenes = eval_scenes(model.world, prompts)
     out: dict[str, dict[str, list]] = {}
     for seed in range(seeds):
         t0 = time.perf_counter()
-        metrics, _, _ = run_grid(model, scenes, blocks, seed, settings(), baselines=seed == 0, progress=None)
+        metrics, _, _ = run_grid(model, scenes, blocks, seed, grid, baselines=seed == 0, progress=None)
         for name, m in metrics.items():
             for k in FIELDS:
                 out.setdefault(name, {}).setdefault(k, []).append(m[k])
@@ -86,7 +111,7 @@ def cells(metrics: dict, field: str) -> dict[str, dict]:
 
 
 def study_md(results: dict, blocks: int) -> str:
-    names = [setting_name(s, w) for s, w in settings()] + ["still"]
+    names = list(dict.fromkeys(n for r in results.values() for n in r if n not in ("still", "init"))) + ["still"]
     lines = []
     for field, label in (("pos_err", "sprite position error, px"), ("psnr", "PSNR, dB"), ("mse", "MSE"),
                          ("colour", "frames with the sprite's colour right"), ("crisp", "crisp frames"),
@@ -176,8 +201,14 @@ def main(argv=None) -> dict:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--blocks", type=int, default=10)
+    p.add_argument("--setting", action="append", default=[],
+                   help="SCHEDULE[:WINDOW] (repeat; default the paper's grid, sequential always included)")
     p.add_argument("--out", default="study")
     a = p.parse_args(argv)
+    try:
+        grid = [parse_setting(spec) for spec in a.setting] or None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if a.curve:
         rows = curve(a.curve, a.prompts, a.blocks)
         os.makedirs(a.out, exist_ok=True)
@@ -194,9 +225,9 @@ def main(argv=None) -> dict:
         models[name] = path
     results = {}
     for name, path in models.items():
-        results[name] = run_model(path, a.prompts, a.seeds, a.blocks)
+        results[name] = run_model(path, a.prompts, a.seeds, a.blocks, grid=grid)
     text = write_study(a.out, results, a.blocks, {"models": models, "prompts": a.prompts, "seeds": a.seeds,
-                                                  "blocks": a.blocks})
+                                                  "blocks": a.blocks, "settings": [setting_name(*g) for g in grid or settings()]})
     print(text)
     return {"results": results}
 

@@ -66,7 +66,7 @@ function onHello(msg) {
   const m = (S.model = msg.model);
   $("model").textContent = `${m.title} · ${m.kind === "toy" ? "sprite-phrase prompts" : "free-text prompts"}`;
   fill($("schedule"), msg.schedules, "P4");
-  fill($("window"), msg.windows, "bidirectional");
+  fill($("window"), msg.windows, msg.window);  // the server's default
   fill($("policy"), msg.policies, "no-recache");
   // the decoders this model has (the server's names); none: the control stays, disabled, with why
   fill($("decoder"), m.decoders, m.decoder);
