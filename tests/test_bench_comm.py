@@ -14,6 +14,7 @@ import pytest
 import ports
 from bcjax.bench import comm
 from bcjax.model.config import WanConfig
+from bcjax.names import WINDOWS
 from bcjax.schedule.config import PipelineConfig
 
 CFG = WanConfig.preset("tiny", num_heads=4, attention="xla")  # fp32: XLA:CPU moves the bytes the formula counts
@@ -85,9 +86,10 @@ def test_visible_keys_follow_the_cascade_masks():
         first = 20  # the oldest in-flight block: the cache holds the sink and the rolling frames before it
         blocks = jnp.arange(first, first + in_flight)
         cache = jnp.concatenate([jnp.arange(sink), first * bf - rolling + jnp.arange(rolling)])
-        for window in ("causal", "bidirectional"):
+        for window in WINDOWS:  # the oldest block in the clean stage
             mask = tick_key_mask(jnp.arange(in_flight), blocks, jnp.ones(in_flight, bool), cache, block_frames=bf,
-                                 tokens_per_frame=1, sink=sink, rolling=rolling, window=window)
+                                 tokens_per_frame=1, sink=sink, rolling=rolling, window=window,
+                                 clean=jnp.arange(in_flight) == 0)
             seen = np.asarray(mask[0].sum(axis=1))
             want = [comm._visible_frames(pcfg, window, in_flight, age) for age in range(in_flight)]
             assert seen.tolist() == want, (in_flight, window)

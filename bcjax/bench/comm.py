@@ -49,7 +49,7 @@ from collections import defaultdict  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK  # noqa: E402
-from bcjax.names import SCHEDULES  # noqa: E402
+from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS  # noqa: E402
 
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
              "f64": 8, "s64": 8, "u64": 8}
@@ -266,9 +266,15 @@ def _visible_frames(pcfg, window: str, in_flight: int, age: int) -> int:
     """Key frames a query of the in-flight block `age` blocks younger than the oldest sees in a
     long stream's steady state (`bcjax.cascade.masks`): the sink, the `rolling` frames before its
     block (cache or older in-flight blocks), its own block, and under `bidirectional` every newer
-    in-flight block (never cut by the window)."""
+    in-flight block (never cut by the window). `bidirectional-clean-causal`: the same, but the
+    oldest block, in the clean stage when the sampler has one, sees none newer;
+    `bidirectional-windowed`: newer frames take the place of the oldest, so the count is the
+    causal one (the window is full either way deep in a stream)."""
     rolling = pcfg.cache_frames - pcfg.sink_frames
-    newer = in_flight - 1 - age if window == "bidirectional" else 0
+    newer = in_flight - 1 - age
+    if window in ("causal", "bidirectional-windowed") or (
+            window == "bidirectional-clean-causal" and age == 0 and pcfg.clean_pass):
+        newer = 0
     return pcfg.sink_frames + rolling + (1 + newer) * pcfg.block_frames
 
 
@@ -609,7 +615,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", type=int, default=[1], help="model devices of the bytes table")
     ap.add_argument("--group", type=int, help="tokens per group (default: the divisor of tokens_per_frame with the "
                                               "least padding, see bcjax.cascade.tokens)")
-    ap.add_argument("--window", default="bidirectional", choices=("causal", "bidirectional"),
+    ap.add_argument("--window", default=DEFAULT_WINDOW, choices=WINDOWS,
                     help="the cascades' window (FLOPs of the FPS model; the window of --hlo's programs)")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak FLOP/s reached (FPS model)")
