@@ -457,6 +457,8 @@ def _runtime(args) -> None:
         compile_cache.disable()
     elif args.compile_cache:
         compile_cache.enable(args.compile_cache)
+    else:  # the command's default (importing bcjax changes no JAX setting; a command owns its process)
+        compile_cache.enable_unless_configured()
     if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
         from bcjax import distributed
 
