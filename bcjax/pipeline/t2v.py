@@ -83,6 +83,10 @@ class TextToVideo:
     mesh: object = None
     decoder: str = "wan"  # a name in bcjax.vae.decoders.DECODERS
     decode_device: str | None = None  # see bcjax.vae.decoders.decode_device; None = auto
+    # the DiT's run-time numerics (not in the checkpoint): compute dtype (None: its weights' dtype) and
+    # attention backend (None: "auto"), see bcjax.checkpoint.restore
+    dtype: str | None = None
+    attention: str | None = None
 
     def __post_init__(self):
         meta = checkpoint.read_config(self.path)
@@ -90,7 +94,8 @@ class TextToVideo:
         if missing:
             raise ValueError(f"checkpoint {self.path} lacks part(s) {missing}; text-to-video needs dit, text and vae "
                              "(bcjax convert --text-encoder ... --vae ... --tokenizer ...)")
-        self.dit_cfg, self.dit = checkpoint.restore(self.path, "dit", mesh=self.mesh)
+        self.dit_cfg, self.dit = checkpoint.restore(self.path, "dit", mesh=self.mesh, dtype=self.dtype,
+                                                    attention=self.attention)
         self.text_cfg, self.text = checkpoint.restore(self.path, "text")
         self.vae_cfg, self.vae = checkpoint.restore(self.path, "vae")
         if self.text_cfg.d_model != self.dit_cfg.text_dim or self.text_cfg.text_len != self.dit_cfg.text_len:

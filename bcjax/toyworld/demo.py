@@ -200,10 +200,11 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
 def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | None = None, blocks: int = 12,
                schedule: str = "P4", window: str = "bidirectional", policy: str = "no-recache", seed: int = 0,
                devices: int = 1, fps: float | None = None, scale: int = 8, positions: str = "absolute",
-               interpolate: int = 0) -> list:
+               interpolate: int = 0, dtype: str | None = None, attention: str | None = None) -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
-    is ready (an interrupted stream leaves a playable file). Returns the StreamEvents."""
+    is ready (an interrupted stream leaves a playable file); dtype, attention: see `load_model`.
+    Returns the StreamEvents."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -219,7 +220,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     from bcjax.toyworld.world import check_switch, parse_prompt, prompt_embedding
 
     _check_out(out)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, dtype=dtype, attention=attention)
     world, cfg = model.world, model.cfg
     pcfg = dataclasses.replace(model.pcfg, positions=positions)
     sched = parse_prompt_schedule(prompts)
