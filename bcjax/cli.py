@@ -119,9 +119,18 @@ def _run(cfg, port, params, text, key, args, schedule, window):
             print(f"  block {b}: {1e3 * times[-1]:8.1f} ms")
     steady = sorted(times[2:] or times)
     per_block = steady[len(steady) // 2]  # median over steady state
+    frames = _video_frames_per_block(pcfg)
     print(f"{label:<60} first block {1e3 * times[0]:7.0f} ms (compile incl.), steady {1e3 * per_block:7.1f} ms/block "
-          f"= {12 / per_block:7.1f} FPS")
+          f"= {frames / per_block:7.1f} FPS")
     return jnp.concatenate(blocks, axis=1), per_block
+
+
+def _video_frames_per_block(pcfg) -> int:
+    """A random-weight Wan DiT's block in video frames: its latents are the Wan VAE's."""
+    from bcjax.pipeline.video import frames_per_block
+    from bcjax.vae.wan_vae import VAEConfig
+
+    return frames_per_block(pcfg.block_frames, VAEConfig.preset("wan2.1").temporal_scale)
 
 
 def _mesh(args, cfg=None):

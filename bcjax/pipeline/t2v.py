@@ -21,7 +21,7 @@ from bcjax.model.wan import KV
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.pipeline.streaming import drain, overlapped
-from bcjax.pipeline.video import Mp4Writer, NullWriter, read_mp4, to_uint8
+from bcjax.pipeline.video import Mp4Writer, NullWriter, block_to_uint8, frames_per_block, read_mp4
 from bcjax.runners import make_runner
 from bcjax.schedule.config import PipelineConfig
 from bcjax.text.tokenizer import load_tokenizer, tokenize
@@ -204,9 +204,7 @@ class TextToVideo:
                 state, video = pixels.step(state, x0)
                 timings["decodes"] += 1
                 pad = pixels.first_chunk_padding
-            if timings["blocks"] == 0:
-                video = video[:, pad:]
-            out = to_uint8(video[0])
+            out = block_to_uint8(video, timings["blocks"] == 0, pad)
             t3 = time.perf_counter()
             timings["decode_s"].append(t3 - t2)
             timings["blocks"] += 1
@@ -226,7 +224,7 @@ class TextToVideo:
     def write_mp4(self, prompt: str, num_blocks: int, path: str | None, seed: int = 0, progress: bool = True,
                   source=None) -> dict:
         """Generate and write an mp4; returns timings (seconds; per-block lists for denoise/decode) and FPS
-        (denoise: 12 frames / median steady-state seconds per block; end to end: frames / wall time).
+        (denoise: video frames per block / median steady-state seconds per block; end to end: frames / wall time).
 
         Decode and writing run on a background thread (`overlapped`), off the denoising critical path.
         path None writes nothing (the processes of a multi-host job other than 0). source:
@@ -255,6 +253,7 @@ class TextToVideo:
         timings["frames"] = writer.frames
         # steady state: the first block pays compilation (and, for a cascade, the pipeline fill)
         steady = sorted(timings["denoise_s"][1:] or timings["denoise_s"])
-        timings["denoise_fps"] = 12 / steady[len(steady) // 2]
+        per_block = frames_per_block(self.pcfg.block_frames, self.vae_cfg.temporal_scale)
+        timings["denoise_fps"] = per_block / steady[len(steady) // 2]
         timings["end_to_end_fps"] = writer.frames / timings["total_s"]
         return timings

@@ -231,7 +231,7 @@ class CheckpointBackend:
     def frame_encoder(self, decoder: str | None = None, round_trip: bool = False):
         import jax
 
-        from bcjax.pipeline.video import to_uint8
+        from bcjax.pipeline.video import block_to_uint8
 
         if round_trip:
             return self._round_trip_encoder(decoder)
@@ -248,8 +248,8 @@ class CheckpointBackend:
             def fetch() -> tuple[list[bytes], float]:
                 ready = jax.block_until_ready(video)  # the decode alone, not the JPEGs after it
                 seconds = time.perf_counter() - t0
-                ready = ready[:, pixels.first_chunk_padding:] if first else ready
-                return _images(to_uint8(ready[0]), "JPEG", quality=self.quality), seconds
+                return _images(block_to_uint8(ready, first, pixels.first_chunk_padding), "JPEG",
+                               quality=self.quality), seconds
 
             return fetch
 
@@ -264,7 +264,7 @@ class CheckpointBackend:
         import jax
 
         from bcjax.pipeline.t2v import VAERoundTrip
-        from bcjax.pipeline.video import to_uint8
+        from bcjax.pipeline.video import block_to_uint8
 
         if self.decoder(decoder) != "wan":
             raise ValueError(f"decoder {decoder!r}: Krea's loop decodes every block with the Wan VAE for its R; "
@@ -288,8 +288,8 @@ class CheckpointBackend:
             def fetch() -> tuple[list[bytes], float]:
                 ready = jax.block_until_ready(video)
                 seconds = time.perf_counter() - t0
-                ready = ready[:, self.t2v.vae_cfg.first_chunk_padding:] if first else ready
-                return _images(to_uint8(ready[0]), "JPEG", quality=self.quality), seconds
+                return _images(block_to_uint8(ready, first, self.t2v.vae_cfg.first_chunk_padding), "JPEG",
+                               quality=self.quality), seconds
 
             return fetch
 

@@ -17,11 +17,13 @@ import jax
 import numpy as np
 
 from bcjax.distributed import is_primary
-from bcjax.pipeline.video import publish
+from bcjax.pipeline.video import frames_per_block, publish
 from bcjax.toyworld.evaluate import ToyModel, block_metrics, eval_scenes, load_model, setting_name, summary
 from bcjax.toyworld.png import draw_text
 from bcjax.toyworld.world import prompt_text, render, to_rgb
 
+# the toy world has no VAE: its latents are its frames (see bcjax.pipeline.video.frames_per_block)
+TEMPORAL_SCALE = 1
 COLUMNS = (("sequential", None), ("P4", "bidirectional"), ("P4", "causal"))
 LABELS = ("TRUTH", "SEQUENTIAL", "P4 BIDIR", "P4 CAUSAL")
 
@@ -260,7 +262,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
                                    jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
             events.append(e)
             bar.update(1)
-            bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{bf / max(e.seconds, 1e-9):.1f}",
+            bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{frames_per_block(bf, TEMPORAL_SCALE) / max(e.seconds, 1e-9):.1f}",
                             recache_ms=f"{1e3 * e.recache_s:.1f}")
     bar.close()
     steady = sorted(e.seconds for e in events[2:]) or [events[-1].seconds]
