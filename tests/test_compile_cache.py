@@ -50,8 +50,9 @@ def test_command_turns_the_cache_on_and_opt_out(tmp_path):
     code = ("import sys, jax; from bcjax.cli import build_parser, _runtime; "
             "_runtime(build_parser().parse_args(sys.argv[1:] + ['info'])); print(jax.config.jax_compilation_cache_dir)")
     env = _clean_env(tmp_path)
-    run = lambda e, *flags: subprocess.run([sys.executable, "-c", code, *flags], env=e, capture_output=True,  # noqa: E731
-                                           text=True).stdout.strip()
+    def run(e, *flags):
+        return subprocess.run([sys.executable, "-c", code, *flags], env=e, capture_output=True, text=True).stdout.strip()
+
     assert run(env) == str(tmp_path / "bcjax" / "jax-compile")
     assert run({**env, "BCJAX_COMPILE_CACHE": "off"}) == "None"
     assert run({**env, "BCJAX_COMPILE_CACHE": str(tmp_path / "mine")}) == str(tmp_path / "mine")
@@ -62,7 +63,8 @@ def test_command_turns_the_cache_on_and_opt_out(tmp_path):
 
 
 def test_explicit_enable_for_python_users(tmp_path):
-    code = "import bcjax, jax; print(bcjax.compile_cache.enable(), jax.config.jax_persistent_cache_min_compile_time_secs)"
+    code = ("import bcjax, jax; "
+            "print(bcjax.compile_cache.enable(), jax.config.jax_persistent_cache_min_compile_time_secs)")
     env = {**_clean_env(tmp_path), "BCJAX_COMPILE_CACHE": "off"}  # an explicit call wins over the command's opt-out
     assert _run(code, env) == f"{tmp_path / 'bcjax' / 'jax-compile'} {compile_cache.MIN_COMPILE_S}"
 

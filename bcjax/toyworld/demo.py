@@ -262,7 +262,8 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
                                    jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
             events.append(e)
             bar.update(1)
-            bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{frames_per_block(bf, TEMPORAL_SCALE) / max(e.seconds, 1e-9):.1f}",
+            rate = frames_per_block(bf, TEMPORAL_SCALE) / max(e.seconds, 1e-9)  # frames per second made
+            bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{rate:.1f}",
                             recache_ms=f"{1e3 * e.recache_s:.1f}")
     bar.close()
     steady = sorted(e.seconds for e in events[2:]) or [events[-1].seconds]
