@@ -1,14 +1,13 @@
 """bcjax: Block Cascading (arXiv 2511.20426) for block-causal Wan video DiTs, in JAX/Flax."""
 
-from bcjax import compile_cache
-
-compile_cache.enable_by_default()
-
-from bcjax.cascade import Cascade, generate, make_mesh  # noqa: E402
-from bcjax.compile_count import CompileCounter  # noqa: E402
-from bcjax.model import KV, WanConfig, encode_text, forward, init_params, param_shapes  # noqa: E402
-from bcjax.model.kv_cache import KVCache, init_cache  # noqa: E402
-from bcjax.pipeline import PipelineConfig, SequentialPipeline  # noqa: E402
+# No global effects here: the persistent compile cache is the CLI's choice, or the caller's
+# (`bcjax.compile_cache.enable()`), since JAX's config belongs to the whole importing program.
+from bcjax import compile_cache  # noqa: F401 (bcjax.compile_cache.enable() without another import)
+from bcjax.cascade import Cascade, generate, make_mesh
+from bcjax.compile_count import CompileCounter
+from bcjax.model import KV, WanConfig, encode_text, forward, init_params, param_shapes
+from bcjax.model.kv_cache import KVCache, init_cache
+from bcjax.pipeline import PipelineConfig, SequentialPipeline
 
 __all__ = [
     "Cascade", "CompileCounter", "KV", "KVCache", "PipelineConfig", "SequentialPipeline", "WanConfig",

@@ -2,6 +2,7 @@
 
     DST/
       config.json        {"format": "bcjax", "parts": {"dit": {...WanConfig}, ...}, "provenance": {...}}
+                         (architecture only: no dtype, param_dtype or attention, see RUNTIME_FIELDS)
       dit/  text/  vae/  taehv/  orbax PyTree checkpoints (dtype preserved, bf16 stays bf16)
       tokenizer/         the sentencepiece model, when a text encoder is bundled
 
@@ -52,20 +53,41 @@ def _parts():
     return parts
 
 
+# Run-time numerics, not architecture: the compute dtype, the dtype weights are held in on device and
+# the attention kernel are the caller's choice for this run and this machine (a bf16 checkpoint may run
+# in fp32, an "xla" toy model on a GPU's kernel), so config.json does not hold them. Files written
+# before this rule do; those keys are read and ignored, and the values come from the caller (`restore`).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention")
+
+
 def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
 
 
-def config_from_dict(cls, data: Mapping):
+def config_from_dict(cls, data: Mapping, **runtime):
+    """`cls` from a config.json object; run-time fields come from `runtime` (None: the class default)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}; the checkpoint's config.json is from another version")
-    kwargs = {}
+    bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
+    if bad:
+        raise ValueError(f"{bad} are not run-time fields; expected some of {RUNTIME_FIELDS}")
+    kwargs = {k: v for k, v in runtime.items() if v is not None and k in fields}
     for name, value in data.items():
         default = fields[name].default
         kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
     return cls(**kwargs)
+
+
+def stored_dtype(path: str, part: str) -> str:
+    """The dtype the part's weights were written in (one for every leaf, as every bcjax part has)."""
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(path, part))
+    dtypes = {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(getattr(meta, "item_metadata", meta))}
+    if len(dtypes) != 1:
+        raise ValueError(f"{path}/{part}: weights in several dtypes {sorted(dtypes)}; expected one")
+    return dtypes.pop()
 
 
 def save(dst: str, parts: Mapping[str, tuple], provenance: Mapping, *, files: Mapping[str, str] | None = None,
@@ -114,7 +136,8 @@ def save(dst: str, parts: Mapping[str, tuple], provenance: Mapping, *, files: Ma
 
 
 def read_config(path: str) -> dict:
-    """config.json of a bcjax checkpoint, with each part's config as its dataclass."""
+    """config.json of a bcjax checkpoint, with each part's config as its dataclass (its architecture;
+    the run-time fields are the class defaults: `restore` sets them for a run)."""
     if os.path.isfile(path):
         raise ValueError(f"{path} is a file; a bcjax checkpoint is a folder (convert one with `bcjax convert`)")
     cfg_path = os.path.join(path, "config.json")
@@ -135,8 +158,13 @@ def read_config(path: str) -> dict:
     return meta
 
 
-def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None):
+def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, dtype: str | None = None,
+            param_dtype: str | None = None, attention: str | None = None):
     """(config, params) of one part, restored onto `mesh` or onto the default device.
+
+    Run-time fields (not in config.json): param_dtype defaults to the dtype the weights were written
+    in (a bf16 checkpoint stays bf16 in memory), dtype (compute) to param_dtype, attention to the
+    config's default ("auto"); a part without an attention field ignores `attention`.
 
     spec: one PartitionSpec for every leaf; by default the DiT takes the tensor-parallel layout
     of `bcjax.model.tensor_parallel` (split over the mesh's `model` axis, replicated over
@@ -146,7 +174,9 @@ def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None):
     meta = read_config(path)
     if part not in meta["configs"]:
         raise ValueError(f"{path} holds parts {sorted(meta['configs'])}; no {part!r}")
-    cfg = meta["configs"][part]
+    param_dtype = param_dtype or stored_dtype(path, part)
+    cfg = config_from_dict(type(meta["configs"][part]), meta["parts"][part], dtype=dtype or param_dtype,
+                           param_dtype=param_dtype, attention=attention)
     shapes = _parts()[part][1](cfg)
     if mesh is None:
         shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)

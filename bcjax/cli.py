@@ -67,11 +67,17 @@ def _setup(args):
     from bcjax.model import WanConfig, encode_text, init_params
 
     port = ports.get(args.sampler or "self_forcing")
-    cfg = WanConfig.preset(args.preset)
+    cfg = WanConfig.preset(args.preset, **_numerics(args))
     key = jax.random.key(args.seed)
     params = init_params(cfg, jax.random.fold_in(key, 1), tuple(args.latent_hw))
     prompt = jax.random.normal(jax.random.fold_in(key, 2), (1, cfg.text_len, cfg.text_dim))
     return port, cfg, params, encode_text(cfg, params, prompt), jax.random.fold_in(key, 3)
+
+
+def _numerics(args) -> dict:
+    """--dtype and --attention as WanConfig fields; flags left out are left to the config's defaults
+    (random weights) or the checkpoint's weights (`bcjax.checkpoint.restore`)."""
+    return {k: v for k, v in (("dtype", args.dtype), ("attention", args.attention)) if v is not None}
 
 
 def _pipeline(port, args):
@@ -113,9 +119,18 @@ def _run(cfg, port, params, text, key, args, schedule, window):
             print(f"  block {b}: {1e3 * times[-1]:8.1f} ms")
     steady = sorted(times[2:] or times)
     per_block = steady[len(steady) // 2]  # median over steady state
+    frames = _video_frames_per_block(pcfg)
     print(f"{label:<60} first block {1e3 * times[0]:7.0f} ms (compile incl.), steady {1e3 * per_block:7.1f} ms/block "
-          f"= {12 / per_block:7.1f} FPS")
+          f"= {frames / per_block:7.1f} FPS")
     return jnp.concatenate(blocks, axis=1), per_block
+
+
+def _video_frames_per_block(pcfg) -> int:
+    """A random-weight Wan DiT's block in video frames: its latents are the Wan VAE's."""
+    from bcjax.pipeline.video import frames_per_block
+    from bcjax.vae.wan_vae import VAEConfig
+
+    return frames_per_block(pcfg.block_frames, VAEConfig.preset("wan2.1").temporal_scale)
 
 
 def _mesh(args, cfg=None):
@@ -154,7 +169,7 @@ def _stream(args) -> int:
 def _stream_run(demo, args) -> None:
     demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint, blocks=args.blocks, schedule=args.schedule,
                     window=args.window, policy=args.policy, seed=args.seed, devices=args.devices, positions=args.positions,
-                    interpolate=args.interpolate)
+                    interpolate=args.interpolate, **_numerics(args))
 
 
 def _serve(args) -> int:
@@ -171,9 +186,9 @@ def _serve(args) -> int:
     with bind(args.host, args.port) as sock:  # a port in use is named before a model loads
         if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
             backend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh, decoder=args.decoder,
-                                        decode_device=args.decode_device)
+                                        decode_device=args.decode_device, **_numerics(args))
         else:  # the shipped toy-world model, or another toy-world checkpoint
-            backend = ToyBackend(args.checkpoint, mesh)
+            backend = ToyBackend(args.checkpoint, mesh, **_numerics(args))
         app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
                        allow_origins=tuple(args.allow_origin or ()))
         srv, _ = server(app, sock=sock)
@@ -237,7 +252,7 @@ def _generate_video(args) -> int:
             raise ValueError(f"--video runs sequentially for now; got --schedule {args.schedule}")
         pcfg = with_strength(pcfg, args.strength)
     t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.schedule, args.window, mesh,
-                      decoder=args.decoder or "wan", decode_device=args.decode_device)
+                      decoder=args.decoder or "wan", decode_device=args.decode_device, **_numerics(args))
     source = t2v.encode_video(args.video) if args.video else None
     t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed, source=source)
     print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | encode {t['encode_s']:.2f} s | "
@@ -317,6 +332,17 @@ def _decoder_flags(s, default: str) -> None:
                         "host CPU), cpu, or a jax device id (one inside the mesh is allowed with a warning)")
 
 
+def _numerics_flags(s) -> None:
+    """The run's numerics; not saved in checkpoints (architecture only), so every run may choose."""
+    from bcjax.model.attention import BACKENDS
+    from bcjax.presets import DTYPES
+
+    s.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="DiT compute dtype (default: the checkpoint's weights' dtype; random weights: float32)")
+    s.add_argument("--attention", choices=BACKENDS, default=None,
+                   help="attention backend (default: auto, the platform's kernel; see README, Attention backends)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bcjax", description="Block Cascading for block-causal Wan video models, in JAX.")
     g = p.add_argument_group("runtime (options before the command)")
@@ -350,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--out", help="output: latents .npy (random weights) or .mp4 (--checkpoint); written atomically")
         s.add_argument("-v", "--verbose", action="store_true", help="print every block's latency")
+        _numerics_flags(s)
 
     s = sub.add_parser("demo", help="the shipped toy-world model: sequential vs cascade as a labelled mp4 + report")
     s.add_argument("--out", default="bcjax-demo.mp4", help="the video (written atomically)")
@@ -379,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="noise and the sprites' start positions")
     s.add_argument("--interpolate", type=int, default=0, metavar="N",
                    help="Krea's prompt interpolation: each switch ramps the prompt embeddings over N >= 2 blocks")
+    _numerics_flags(s)
     s.set_defaults(fn=_stream)
 
     s = sub.add_parser("serve", help="a local web page: the video streams live, the prompt changes mid-stream")
@@ -397,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                    help="another page allowed to open the stream's WebSocket, e.g. http://localhost:3000 (repeatable; "
                         "by default only the page this server serves)")
+    _numerics_flags(s)
     s.set_defaults(fn=_serve)
 
     s = sub.add_parser("eval", help="quality harness (`bcjax eval toyworld --help`)")
@@ -457,6 +486,8 @@ def _runtime(args) -> None:
         compile_cache.disable()
     elif args.compile_cache:
         compile_cache.enable(args.compile_cache)
+    else:  # the command's default (importing bcjax changes no JAX setting; a command owns its process)
+        compile_cache.enable_unless_configured()
     if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
         from bcjax import distributed
 

@@ -1,9 +1,11 @@
-"""JAX's persistent compilation cache, on by default: the second start of a job skips compiling.
+"""JAX's persistent compilation cache: the second start of a job skips compiling.
 
-`import bcjax` points JAX's cache at `default_dir()` unless the user already chose a directory
-(`jax_compilation_cache_dir`, `JAX_COMPILATION_CACHE_DIR`) or opted out with
-`BCJAX_COMPILE_CACHE=off`; `BCJAX_COMPILE_CACHE=/some/dir` moves it. The cache key covers the
-program, the jax/XLA versions, the devices and flags, so entries are never reused wrongly.
+The `bcjax` command turns it on (`enable_unless_configured`): JAX's cache goes to `default_dir()`
+unless the user already chose a directory (`jax_compilation_cache_dir`,
+`JAX_COMPILATION_CACHE_DIR`) or opted out with `BCJAX_COMPILE_CACHE=off`;
+`BCJAX_COMPILE_CACHE=/some/dir` moves it. `import bcjax` leaves JAX's settings alone (they are the
+importing program's, not the library's): Python users call `enable()` themselves. The cache key
+covers the program, the jax/XLA versions, the devices and flags, so entries are never reused wrongly.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ def default_dir() -> str:
     return os.path.join(base, "bcjax", "jax-compile")
 
 
+_OFF = ("off", "0", "false", "no")
+
+
 def enable(path: str | None = None, min_compile_s: float = MIN_COMPILE_S) -> str:
     """Use `path` (default: $BCJAX_COMPILE_CACHE or default_dir()) as the persistent cache; returns it."""
-    path = os.path.abspath(os.path.expanduser(path or os.environ.get(ENV) or default_dir()))
+    choice = os.environ.get(ENV, "")
+    chosen = choice if choice.lower() not in _OFF else None  # an explicit call enables even where the env opts out
+    path = os.path.abspath(os.path.expanduser(path or chosen or default_dir()))
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
@@ -41,10 +48,10 @@ def current() -> str | None:
     return jax.config.jax_compilation_cache_dir
 
 
-def enable_by_default() -> str | None:
-    """What `import bcjax` does: enable unless opted out or already configured by the user."""
+def enable_unless_configured() -> str | None:
+    """What the `bcjax` command does at start: enable unless opted out or already configured by the user."""
     choice = os.environ.get(ENV, "")
-    if choice.lower() in ("off", "0", "false", "no") or current() is not None:
+    if choice.lower() in _OFF or current() is not None:
         return current()
     try:
         return enable(choice or None)

@@ -47,14 +47,30 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     print(f"bcjax.distributed: joining {coordinator or 'the auto-detected cluster'}"
           + (f" as process {process_id} of {num_processes}" if coordinator else "") + f" (timeout {timeout_s} s)",
           file=sys.stderr, flush=True)
-    # CPU processes exchange collectives over gloo (the default CPU client has none across processes)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    chosen = jax.config.jax_cpu_collectives_implementation
+    collectives = cpu_collectives(jax.config.jax_platforms, num_processes, chosen)
+    if collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", collectives)
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids,
                                    initialization_timeout=timeout_s)
     except Exception as e:  # noqa: BLE001 (re-raised with the context a user needs)
         where = f"coordinator {coordinator}, process {process_id} of {num_processes}" if coordinator else "auto-detected cluster"
         raise ConnectionError(f"could not join the JAX distributed runtime ({where}) within {timeout_s} s: {e}") from e
+
+
+def cpu_collectives(platforms: str | None, num_processes: int | None, chosen: str | None) -> str | None:
+    """The CPU collectives to set before joining, or None to leave JAX's setting as it is.
+
+    Only a CPU job of several processes needs cross-process collectives on its CPU client (without
+    one, its first cross-process collective fails); gloo is then chosen unless the user picked an
+    implementation (mpi, or JAX's own default, gloo since jax 0.5). platforms: `jax_platforms`
+    ("cpu", "cuda,cpu", or None for JAX's auto-detection, where the accelerator, if any, wins);
+    num_processes: None when auto-detected, which joins several processes by design.
+    """
+    cpu = platforms is not None and platforms.split(",")[0].strip() == "cpu"
+    several = num_processes is None or num_processes > 1
+    return "gloo" if cpu and several and chosen is None else None
 
 
 def _wait_for(host: str, port: int, timeout_s: float, who: str) -> None:

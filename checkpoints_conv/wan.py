@@ -71,6 +71,37 @@ _SOURCE_OF = {path: src for src, (path, _) in _TOP.items()} | {
 }
 
 
+def original_layout(cfg: WanConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The original Wan2.1 T2V state dict for a WanConfig: key -> (shape, kind), in upstream's module
+    order (wan/modules/model.py `WanModel`). kind says how a random stand-in is drawn: "w" a weight
+    (fan-in scaled), "b" a bias, "norm" a norm scale (near 1), "mod" a modulation table."""
+    d, f = cfg.dim, cfg.ffn_dim
+    pt, ph, pw = cfg.patch_size
+    lin = lambda n, o, i: {f"{n}.weight": ((o, i), "w"), f"{n}.bias": ((o,), "b")}  # noqa: E731
+    keys = {"patch_embedding.weight": ((d, cfg.in_channels, pt, ph, pw), "w"), "patch_embedding.bias": ((d,), "b"),
+            **lin("text_embedding.0", d, cfg.text_dim), **lin("text_embedding.2", d, d),
+            **lin("time_embedding.0", d, cfg.freq_dim), **lin("time_embedding.2", d, d),
+            **lin("time_projection.1", 6 * d, d), **lin("head.head", cfg.out_channels * pt * ph * pw, d),
+            "head.modulation": ((1, 2, d), "mod")}
+    for i in range(cfg.num_layers):
+        p = f"blocks.{i}."
+        for a in ("self_attn", "cross_attn"):
+            for n in "qkvo":
+                keys |= lin(p + f"{a}.{n}", d, d)
+            keys |= {p + f"{a}.norm_q.weight": ((d,), "norm"), p + f"{a}.norm_k.weight": ((d,), "norm")}
+        keys |= {p + "norm3.weight": ((d,), "norm"), p + "norm3.bias": ((d,), "b"),
+                 **lin(p + "ffn.0", f, d), **lin(p + "ffn.2", d, f), p + "modulation": ((1, 6, d), "mod")}
+    return keys
+
+
+def random_like_original(z, shape: tuple[int, ...], kind: str):
+    """A standard-normal draw `z` of `shape` scaled as `original_layout`'s `kind` says (numpy or torch):
+    fan-in scaling keeps activations O(1) through 30-40 random layers."""
+    fan_in = int(np.prod(shape[1:]))
+    return {"w": lambda: z * fan_in**-0.5, "b": lambda: z * 0.02, "norm": lambda: 1 + 0.1 * z,
+            "mod": lambda: z * shape[-1] ** -0.5}[kind]()
+
+
 def _flat_expected(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
     return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}

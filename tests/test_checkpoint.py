@@ -30,13 +30,16 @@ def test_round_trip_onto_a_mesh_keeps_bf16(tmp_path, tiny_cfg, tiny_params):
     checkpoint.save(str(dst), {"dit": (cfg16, dit16), "text": (tcfg, text)}, {"layout": "wan", "source": "test"},
                     files={"tokenizer/spiece.model": str(tok)})
     meta = checkpoint.read_config(str(dst))
-    assert meta["configs"]["dit"] == cfg16 and meta["configs"]["text"] == tcfg
+    # config.json holds the architecture; its run-time fields are the class defaults until `restore`
+    runtime = dict(dtype="float32", param_dtype="float32")
+    assert meta["configs"]["dit"] == dataclasses.replace(cfg16, **runtime, attention="auto")
+    assert meta["configs"]["text"] == dataclasses.replace(tcfg, **runtime)
     assert meta["provenance"]["layout"] == "wan" and "bcjax" in meta["provenance"]
     assert (dst / "tokenizer" / "spiece.model").read_bytes() == tok.read_bytes()
 
     mesh = make_mesh(5) if jax.device_count() >= 5 else None
-    cfg, params = checkpoint.restore(str(dst), "dit", mesh=mesh)
-    assert cfg == cfg16 and _trees_equal(params, dit16)
+    cfg, params = checkpoint.restore(str(dst), "dit", mesh=mesh, attention=cfg16.attention)
+    assert cfg == cfg16 and _trees_equal(params, dit16)  # param_dtype and dtype: the weights' bf16
     leaf = params["blocks"]["ffn_0"]["kernel"]
     assert leaf.dtype == jnp.bfloat16
     if mesh is not None:
@@ -55,7 +58,7 @@ def test_existing_destination_is_kept_and_errors_are_named(tmp_path, tiny_cfg, t
     with pytest.raises(ValueError, match="part 'dit': parameters do not match"):
         checkpoint.save(str(dst), {"dit": (bad, tiny_params)}, {"layout": "wan"}, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-    assert checkpoint.read_config(str(dst))["configs"]["dit"] == tiny_cfg
+    assert checkpoint.read_config(str(dst))["configs"]["dit"] == dataclasses.replace(tiny_cfg, attention="auto")
     with pytest.raises(ValueError, match="holds parts \\['dit'\\]; no 'vae'"):
         checkpoint.restore(str(dst), "vae")
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -79,3 +79,24 @@ def test_ffmpeg_starts_without_os_fork_in_a_jax_process(tmp_path):
     stderr, out = run("bcjax")
     assert "os.fork()" not in stderr, stderr
     assert _probe(out) == ((32, 32), 4)
+
+
+def test_frames_per_block_follows_the_decoder_not_a_constant():
+    """FPS = video frames per block / seconds: block_frames x the decoder's temporal scale."""
+    from bcjax.cli import _video_frames_per_block
+    from bcjax.pipeline.video import frames_per_block
+    from bcjax.schedule.config import PipelineConfig
+    from bcjax.toyworld import demo
+    from bcjax.toyworld.evaluate import load_model
+
+    assert _video_frames_per_block(PipelineConfig()) == 12  # Self-Forcing's 3 latent frames, Wan VAE x4
+    toy = load_model()
+    assert frames_per_block(toy.pcfg.block_frames, demo.TEMPORAL_SCALE) == 1  # one-frame blocks, no VAE
+
+
+def test_block_to_uint8_drops_the_first_blocks_padding():
+    from bcjax.pipeline.video import block_to_uint8
+
+    video = np.stack([np.full((2, 2, 3), v, np.float32) for v in (-1.0, 0.0, 1.0)])[None]  # [1, 3, 2, 2, 3]
+    assert block_to_uint8(video, True, 1)[:, 0, 0, 0].tolist() == [128, 255]
+    assert block_to_uint8(video, False, 1)[:, 0, 0, 0].tolist() == [0, 128, 255]

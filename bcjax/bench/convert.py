@@ -20,27 +20,7 @@ import time
 import numpy as np
 
 from bcjax.model.config import WanConfig
-
-
-def original_layout_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of an original-layout Wan2.1 T2V DiT."""
-    d, f = cfg.dim, cfg.ffn_dim
-    pt, ph, pw = cfg.patch_size
-    shapes = {"patch_embedding.weight": (d, cfg.in_channels, pt, ph, pw), "patch_embedding.bias": (d,),
-              "head.head.weight": (cfg.out_channels * pt * ph * pw, d), "head.head.bias": (cfg.out_channels * pt * ph * pw,),
-              "head.modulation": (1, 2, d)}
-    for name, out, inp in [("text_embedding.0", d, cfg.text_dim), ("text_embedding.2", d, d),
-                           ("time_embedding.0", d, cfg.freq_dim), ("time_embedding.2", d, d), ("time_projection.1", 6 * d, d)]:
-        shapes |= {f"{name}.weight": (out, inp), f"{name}.bias": (out,)}
-    for i in range(cfg.num_layers):
-        p = f"blocks.{i}."
-        for a in ("self_attn", "cross_attn"):
-            for n in "qkvo":
-                shapes |= {f"{p}{a}.{n}.weight": (d, d), f"{p}{a}.{n}.bias": (d,)}
-            shapes |= {f"{p}{a}.norm_q.weight": (d,), f"{p}{a}.norm_k.weight": (d,)}
-        shapes |= {f"{p}norm3.weight": (d,), f"{p}norm3.bias": (d,), f"{p}ffn.0.weight": (f, d), f"{p}ffn.0.bias": (f,),
-                   f"{p}ffn.2.weight": (d, f), f"{p}ffn.2.bias": (d,), f"{p}modulation": (1, 6, d)}
-    return shapes
+from checkpoints_conv import wan as wan_conv
 
 
 def write_random(path: str, cfg: WanConfig, dtype: str) -> int:
@@ -50,7 +30,7 @@ def write_random(path: str, cfg: WanConfig, dtype: str) -> int:
     import ml_dtypes
 
     np_dtype, tag = (np.dtype(ml_dtypes.bfloat16), "BF16") if dtype == "bfloat16" else (np.dtype(np.float32), "F32")
-    shapes = original_layout_shapes(cfg)
+    shapes = {key: shape for key, (shape, _) in wan_conv.original_layout(cfg).items()}
     header, offset = {}, 0
     for key, shape in shapes.items():
         size = int(np.prod(shape)) * np_dtype.itemsize

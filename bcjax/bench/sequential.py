@@ -31,27 +31,6 @@ from bcjax.schedule.config import PipelineConfig
 from checkpoints_conv import wan as wan_conv
 
 
-def _original_layout(cfg: WanConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Original Wan2.1 T2V key -> (shape, init kind) for a WanConfig."""
-    d, f = cfg.dim, cfg.ffn_dim
-    pt, ph, pw = cfg.patch_size
-    lin = lambda n, o, i: {f"{n}.weight": ((o, i), "w"), f"{n}.bias": ((o,), "b")}  # noqa: E731
-    keys = {"patch_embedding.weight": ((d, cfg.in_channels, pt, ph, pw), "w"), "patch_embedding.bias": ((d,), "b"),
-            **lin("text_embedding.0", d, cfg.text_dim), **lin("text_embedding.2", d, d),
-            **lin("time_embedding.0", d, cfg.freq_dim), **lin("time_embedding.2", d, d),
-            **lin("time_projection.1", 6 * d, d), **lin("head.head", cfg.out_channels * pt * ph * pw, d),
-            "head.modulation": ((1, 2, d), "mod")}
-    for i in range(cfg.num_layers):
-        p = f"blocks.{i}."
-        for a in ("self_attn", "cross_attn"):
-            for n in "qkvo":
-                keys |= lin(p + f"{a}.{n}", d, d)
-            keys |= {p + f"{a}.norm_q.weight": ((d,), "norm"), p + f"{a}.norm_k.weight": ((d,), "norm")}
-        keys |= {p + "norm3.weight": ((d,), "norm"), p + "norm3.bias": ((d,), "b"),
-                 **lin(p + "ffn.0", f, d), **lin(p + "ffn.2", d, f), p + "modulation": ((1, 6, d), "mod")}
-    return keys
-
-
 class _RandomStateDict(Mapping):
     """A random original-layout state dict (fp32 numpy), each tensor drawn on access.
 
@@ -60,15 +39,13 @@ class _RandomStateDict(Mapping):
     """
 
     def __init__(self, cfg: WanConfig, seed: int = 0):
-        self._layout, self._seed = _original_layout(cfg), seed
+        self._layout, self._seed = wan_conv.original_layout(cfg), seed
         self._index = {k: i for i, k in enumerate(self._layout)}
 
     def __getitem__(self, key: str) -> np.ndarray:
         shape, kind = self._layout[key]
         z = np.random.default_rng([self._seed, self._index[key]]).standard_normal(shape, np.float32)
-        if kind == "w":  # fan-in scaling keeps activations O(1) through 30-40 random layers
-            z *= float(np.prod(shape[1:])) ** -0.5
-        return {"w": z, "b": 0.02 * z, "norm": 1 + 0.1 * z, "mod": z * shape[-1] ** -0.5}[kind]
+        return wan_conv.random_like_original(z, shape, kind)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layout)
@@ -140,41 +117,12 @@ def _bench_bcjax(cfg, pcfg, hw, context, blocks: int, repeats: int) -> dict[str,
 
 
 def _bench_torch(cfg, pcfg, hw, context, repeats: int) -> dict[str, float]:
-    import contextlib
-
     import torch
-    from diffusers import WanTransformer3DModel
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    try:  # parameters on the meta device, then adopted from the state dict: one copy, not two
-        from accelerate import init_empty_weights
-    except ImportError:
-        init_empty_weights = contextlib.nullcontext
+    from checkpoints_conv.diffusers_oracle import masked_wan
 
-    class MaskedProcessor(WanAttnProcessor):
-        """Self-attention under a fixed boolean token mask [L, L] (True = attend)."""
-
-        mask = None
-
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
-
-    with init_empty_weights():
-        model = WanTransformer3DModel(
-            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
-            freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-            qk_norm="rms_norm_across_heads", eps=cfg.eps, rope_max_seq_len=cfg.rope_max_positions)
-    sd = convert_wan_transformer_to_diffusers({k: torch.from_numpy(v) for k, v in _RandomStateDict(cfg).items()})
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise RuntimeError(f"diffusers Wan state dict mismatch: missing {missing}, unexpected {unexpected}")
-    del sd
-    model.eval()
-    proc = MaskedProcessor()
-    for blk in model.blocks:
-        blk.attn1.set_processor(proc)
+    # parameters on the meta device, then adopted from the state dict: one copy, not two
+    model, proc = masked_wan(cfg, {k: torch.from_numpy(v) for k, v in _RandomStateDict(cfg).items()}, empty_init=True)
 
     bf, p = pcfg.block_frames, cfg.tokens_per_frame(*hw)
     rng = np.random.default_rng(1)

@@ -20,6 +20,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import jax, jax.numpy as jnp
 import bcjax
+bcjax.compile_cache.enable_unless_configured()  # as the `bcjax` command does
 from bcjax.model import WanConfig, encode_text, init_params
 from bcjax.pipeline import PipelineConfig
 from bcjax.runners import make_runner

@@ -22,7 +22,7 @@ from bcjax.names import DEFAULT_WINDOW
 from bcjax.pipeline.krea import KreaPipeline
 from bcjax.pipeline.sequential import SequentialPipeline
 from bcjax.pipeline.streaming import drain, overlapped
-from bcjax.pipeline.video import Mp4Writer, NullWriter, read_mp4, to_uint8
+from bcjax.pipeline.video import Mp4Writer, NullWriter, block_to_uint8, frames_per_block, read_mp4
 from bcjax.runners import make_runner
 from bcjax.schedule.config import PipelineConfig
 from bcjax.text.tokenizer import load_tokenizer, tokenize
@@ -84,6 +84,10 @@ class TextToVideo:
     mesh: object = None
     decoder: str = "wan"  # a name in bcjax.vae.decoders.DECODERS
     decode_device: str | None = None  # see bcjax.vae.decoders.decode_device; None = auto
+    # the DiT's run-time numerics (not in the checkpoint): compute dtype (None: its weights' dtype) and
+    # attention backend (None: "auto"), see bcjax.checkpoint.restore
+    dtype: str | None = None
+    attention: str | None = None
 
     def __post_init__(self):
         meta = checkpoint.read_config(self.path)
@@ -91,7 +95,8 @@ class TextToVideo:
         if missing:
             raise ValueError(f"checkpoint {self.path} lacks part(s) {missing}; text-to-video needs dit, text and vae "
                              "(bcjax convert --text-encoder ... --vae ... --tokenizer ...)")
-        self.dit_cfg, self.dit = checkpoint.restore(self.path, "dit", mesh=self.mesh)
+        self.dit_cfg, self.dit = checkpoint.restore(self.path, "dit", mesh=self.mesh, dtype=self.dtype,
+                                                    attention=self.attention)
         self.text_cfg, self.text = checkpoint.restore(self.path, "text")
         self.vae_cfg, self.vae = checkpoint.restore(self.path, "vae")
         if self.text_cfg.d_model != self.dit_cfg.text_dim or self.text_cfg.text_len != self.dit_cfg.text_len:
@@ -200,9 +205,7 @@ class TextToVideo:
                 state, video = pixels.step(state, x0)
                 timings["decodes"] += 1
                 pad = pixels.first_chunk_padding
-            if timings["blocks"] == 0:
-                video = video[:, pad:]
-            out = to_uint8(video[0])
+            out = block_to_uint8(video, timings["blocks"] == 0, pad)
             t3 = time.perf_counter()
             timings["decode_s"].append(t3 - t2)
             timings["blocks"] += 1
@@ -222,7 +225,7 @@ class TextToVideo:
     def write_mp4(self, prompt: str, num_blocks: int, path: str | None, seed: int = 0, progress: bool = True,
                   source=None) -> dict:
         """Generate and write an mp4; returns timings (seconds; per-block lists for denoise/decode) and FPS
-        (denoise: 12 frames / median steady-state seconds per block; end to end: frames / wall time).
+        (denoise: video frames per block / median steady-state seconds per block; end to end: frames / wall time).
 
         Decode and writing run on a background thread (`overlapped`), off the denoising critical path.
         path None writes nothing (the processes of a multi-host job other than 0). source:
@@ -251,6 +254,7 @@ class TextToVideo:
         timings["frames"] = writer.frames
         # steady state: the first block pays compilation (and, for a cascade, the pipeline fill)
         steady = sorted(timings["denoise_s"][1:] or timings["denoise_s"])
-        timings["denoise_fps"] = 12 / steady[len(steady) // 2]
+        per_block = frames_per_block(self.pcfg.block_frames, self.vae_cfg.temporal_scale)
+        timings["denoise_fps"] = per_block / steady[len(steady) // 2]
         timings["end_to_end_fps"] = writer.frames / timings["total_s"]
         return timings

@@ -57,6 +57,19 @@ def to_uint8(frames) -> np.ndarray:
     return np.clip((np.asarray(frames, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
+def block_to_uint8(video, first: bool, padding: int) -> np.ndarray:
+    """One decoded block [1, T, H, W, 3] in [-1, 1] -> uint8 frames [T', H, W, 3]; the stream's first
+    block drops the decoder's `padding` frames (a causal VAE's first chunk starts with them)."""
+    return to_uint8(video[0, padding:] if first else video[0])
+
+
+def frames_per_block(block_frames: int, temporal_scale: int) -> int:
+    """Video frames one block of `block_frames` latent frames becomes (in steady state): times the
+    decoder's temporal scale. Wan VAE / TAEHV: 4, so a 3-frame block is 12 frames (the paper's FPS);
+    the toy world has no VAE (its latents are its frames): scale 1, a 1-frame block is 1 frame."""
+    return block_frames * temporal_scale
+
+
 class Mp4Writer:
     """with Mp4Writer("out.mp4", fps=16) as w: w.write(frames [T, H, W, 3] uint8 or [-1, 1] floats)."""
 

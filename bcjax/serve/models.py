@@ -102,10 +102,11 @@ class ToyBackend:
 
     mime = "image/png"
 
-    def __init__(self, checkpoint: str | None = None, mesh=None, text_cache_bytes: int = TEXT_CACHE_BYTES):
+    def __init__(self, checkpoint: str | None = None, mesh=None, text_cache_bytes: int = TEXT_CACHE_BYTES, *,
+                 dtype: str | None = None, attention: str | None = None):
         from bcjax.toyworld.evaluate import load_model
 
-        model = load_model(checkpoint)
+        model = load_model(checkpoint, dtype=dtype, attention=attention)
         self.world, self.cfg, self.params, self.mesh = model.world, model.cfg, model.params, mesh
         # rolling positions: a page's stream has no planned end
         self.pcfg = dataclasses.replace(model.pcfg, positions="rolling")
@@ -178,7 +179,7 @@ class CheckpointBackend:
 
     def __init__(self, path: str, port: str = "self_forcing", video_hw: tuple[int, int] = (480, 832), mesh=None,
                  quality: int = 85, text_cache_bytes: int = TEXT_CACHE_BYTES, decoder: str | None = None,
-                 decode_device: str | None = None):
+                 decode_device: str | None = None, dtype: str | None = None, attention: str | None = None):
         import ports
         from bcjax.checkpoint import read_config
         from bcjax.pipeline.t2v import TextToVideo
@@ -186,7 +187,8 @@ class CheckpointBackend:
         pcfg = dataclasses.replace(ports.get(port).pipeline, positions="rolling")
         if decoder is None:  # the tiny decoder keeps a live stream's pace, when the checkpoint has it
             decoder = "taehv" if "taehv" in read_config(path)["configs"] and pcfg.context != "rebuild" else "wan"
-        self.t2v = TextToVideo(path, pcfg, tuple(video_hw), mesh=mesh, decoder=decoder, decode_device=decode_device)
+        self.t2v = TextToVideo(path, pcfg, tuple(video_hw), mesh=mesh, decoder=decoder, decode_device=decode_device,
+                               dtype=dtype, attention=attention)
         self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
         self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, tuple(video_hw), quality
         self.port = port
@@ -229,7 +231,7 @@ class CheckpointBackend:
     def frame_encoder(self, decoder: str | None = None, round_trip: bool = False):
         import jax
 
-        from bcjax.pipeline.video import to_uint8
+        from bcjax.pipeline.video import block_to_uint8
 
         if round_trip:
             return self._round_trip_encoder(decoder)
@@ -246,8 +248,8 @@ class CheckpointBackend:
             def fetch() -> tuple[list[bytes], float]:
                 ready = jax.block_until_ready(video)  # the decode alone, not the JPEGs after it
                 seconds = time.perf_counter() - t0
-                ready = ready[:, pixels.first_chunk_padding:] if first else ready
-                return _images(to_uint8(ready[0]), "JPEG", quality=self.quality), seconds
+                return _images(block_to_uint8(ready, first, pixels.first_chunk_padding), "JPEG",
+                               quality=self.quality), seconds
 
             return fetch
 
@@ -262,7 +264,7 @@ class CheckpointBackend:
         import jax
 
         from bcjax.pipeline.t2v import VAERoundTrip
-        from bcjax.pipeline.video import to_uint8
+        from bcjax.pipeline.video import block_to_uint8
 
         if self.decoder(decoder) != "wan":
             raise ValueError(f"decoder {decoder!r}: Krea's loop decodes every block with the Wan VAE for its R; "
@@ -286,8 +288,8 @@ class CheckpointBackend:
             def fetch() -> tuple[list[bytes], float]:
                 ready = jax.block_until_ready(video)
                 seconds = time.perf_counter() - t0
-                ready = ready[:, self.t2v.vae_cfg.first_chunk_padding:] if first else ready
-                return _images(to_uint8(ready[0]), "JPEG", quality=self.quality), seconds
+                return _images(block_to_uint8(ready, first, self.t2v.vae_cfg.first_chunk_padding), "JPEG",
+                               quality=self.quality), seconds
 
             return fetch
 

@@ -19,11 +19,13 @@ import numpy as np
 
 from bcjax.distributed import is_primary
 from bcjax.names import DEFAULT_WINDOW
-from bcjax.pipeline.video import publish
+from bcjax.pipeline.video import frames_per_block, publish
 from bcjax.toyworld.evaluate import ToyModel, block_metrics, eval_scenes, load_model, setting_name, summary
 from bcjax.toyworld.png import draw_text
 from bcjax.toyworld.world import prompt_text, render, to_rgb
 
+# the toy world has no VAE: its latents are its frames (see bcjax.pipeline.video.frames_per_block)
+TEMPORAL_SCALE = 1
 # sequential, the best cascade of docs/toyworld-study.md, and the paper's recommended one for contrast
 COLUMNS = (("sequential", None), ("P4", "causal"), ("P4", "bidirectional"))
 LABELS = ("TRUTH", "SEQUENTIAL", "P4 CAUSAL", "P4 BIDIR")
@@ -207,10 +209,11 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
 def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | None = None, blocks: int = 12,
                schedule: str = "P4", window: str = DEFAULT_WINDOW, policy: str = "no-recache", seed: int = 0,
                devices: int = 1, fps: float | None = None, scale: int = 8, positions: str = "absolute",
-               interpolate: int = 0) -> list:
+               interpolate: int = 0, dtype: str | None = None, attention: str | None = None) -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
-    is ready (an interrupted stream leaves a playable file). Returns the StreamEvents."""
+    is ready (an interrupted stream leaves a playable file); dtype, attention: see `load_model`.
+    Returns the StreamEvents."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -226,7 +229,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     from bcjax.toyworld.world import check_switch, parse_prompt, prompt_embedding
 
     _check_out(out)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, dtype=dtype, attention=attention)
     world, cfg = model.world, model.cfg
     pcfg = dataclasses.replace(model.pcfg, positions=positions)
     sched = parse_prompt_schedule(prompts)
@@ -254,7 +257,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
 
     events = []
     bar = tqdm(total=blocks, unit="block", desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
-    fps = fps or 8.0 * bf / 3  # a block every 3/8 s, as in `run`
+    fps = fps or FPS  # as in `run`
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with (Mp4Writer(out, fps=fps) if is_primary() else NullWriter()) as w:  # multi-host: process 0 writes
         w.write(big(first[0]))
@@ -266,7 +269,8 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
                                    jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
             events.append(e)
             bar.update(1)
-            bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{bf / max(e.seconds, 1e-9):.1f}",
+            rate = frames_per_block(bf, TEMPORAL_SCALE) / max(e.seconds, 1e-9)  # frames per second made
+            bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{rate:.1f}",
                             recache_ms=f"{1e3 * e.recache_s:.1f}")
     bar.close()
     steady = sorted(e.seconds for e in events[2:]) or [events[-1].seconds]

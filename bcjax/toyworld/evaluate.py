@@ -65,9 +65,10 @@ class ToyModel:
     provenance: dict
 
 
-def load_model(path: str | None = None) -> ToyModel:
+def load_model(path: str | None = None, *, dtype: str | None = None, attention: str | None = None) -> ToyModel:
     """A toy-world DiT from a bcjax checkpoint folder (a training run's `model/`, a run folder,
-    or by default the checkpoint shipped inside the package)."""
+    or by default the checkpoint shipped inside the package); dtype and attention: this run's
+    numerics (default: the weights' dtype, "auto"), see `bcjax.checkpoint.restore`."""
     from bcjax.checkpoint import config_from_dict, read_config, restore
 
     path = os.path.abspath(path or SHIPPED)  # orbax reads absolute paths only
@@ -76,7 +77,7 @@ def load_model(path: str | None = None) -> ToyModel:
     prov = read_config(path)["provenance"]
     if "world" not in prov:
         raise ValueError(f"{path} is not a toy-world checkpoint: its provenance has no 'world' config")
-    cfg, params = restore(path, "dit")
+    cfg, params = restore(path, "dit", dtype=dtype, attention=attention)
     world = config_from_dict(WorldConfig, prov["world"])
     if "pipeline" in prov:
         pcfg = config_from_dict(PipelineConfig, prov["pipeline"])

@@ -660,7 +660,8 @@ def init_params_from(path: str, cfg: WanConfig, world: WorldConfig) -> tuple[dic
     prov = read_config(path).get("provenance", {})
     if "world" in prov and config_from_dict(WorldConfig, prov["world"]) != world:
         raise ValueError(f"--init {path} was trained on world {prov['world']}; this run's world is {world}")
-    got_cfg, params = restore(path, "dit")
+    # the run's own numerics: only the architecture is compared
+    got_cfg, params = restore(path, "dit", dtype=cfg.dtype, param_dtype=cfg.param_dtype, attention=cfg.attention)
     if got_cfg != cfg:
         diff = {f.name: (getattr(got_cfg, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                 if getattr(got_cfg, f.name) != getattr(cfg, f.name)}
@@ -836,7 +837,7 @@ def main(argv=None) -> dict:
 
         meta = read_config(os.path.abspath(a.init))
         world = config_from_dict(WorldConfig, meta["provenance"]["world"])
-        cfg = config_from_dict(WanConfig, meta["parts"]["dit"])
+        cfg = config_from_dict(WanConfig, meta["parts"]["dit"], attention=toy_model_config(world).attention)
         clash = {**{k: (getattr(world, k), v) for k, v in world_args.items() if getattr(world, k) != v},
                  **{k: (getattr(cfg, k), v) for k, v in model_args.items() if getattr(cfg, k) != v}}
         if clash:
