@@ -177,7 +177,8 @@ def test_tabs_are_isolated_and_share_compiled_programs():
             tab_c.send(json.dumps({"type": "pace", "fps": 30}))
             got_b, other_b = read(tab_b, 8)
             # resume: the same settings and the prompt the stream was switched to
-            tab_c.send(json.dumps({"type": "start", "prompt": "red north slow", "seed": 5, "fps": 0}))
+            tab_c.send(json.dumps({"type": "start", "prompt": "red north slow", "seed": 5, "fps": 0,
+                                   "window": "bidirectional"}))
             rest_c, _ = read(tab_c, 10)
     assert cc.count == 0, f"a second and third tab compiled {cc.count} programs"
     # tab B saw exactly what it sees alone: C's switch, pause and pace never reached it

@@ -169,7 +169,7 @@ def toy_model_config(world: WorldConfig, **overrides) -> WanConfig:
     error 9.5 -> 7.3 px.
     """
     base = {"dim": 96, "ffn_dim": 256, "num_heads": 3, "num_layers": 4, "in_channels": world.channels,
-            "out_channels": world.channels, "text_dim": world.text_dim, "text_len": world.text_len, "attention": "xla",
+            "out_channels": world.channels, "text_dim": world.text_dim, "text_len": world.text_len,
             "rope_theta": 100.0}
     return WanConfig(**{**base, **overrides})
 
