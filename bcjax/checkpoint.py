@@ -123,7 +123,7 @@ def save(dst: str, parts: Mapping[str, tuple], provenance: Mapping, *, files: Ma
             "format": FORMAT,
             "parts": {name: config_to_dict(cfg) for name, (cfg, _) in parts.items()},
             "provenance": {**provenance, "bcjax": metadata.version("bcjax"),
-                           "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                           "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
         }
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)

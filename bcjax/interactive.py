@@ -27,6 +27,7 @@ Policies at a switch (from the block where the new prompt starts; `bcjax.pipelin
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -82,7 +83,7 @@ def parse_prompt_schedule(spec: str) -> list[tuple[int, str]]:
     starts = [s for s, _ in out]
     if starts[0] != 0:
         raise ValueError(f"the first prompt must start at block 0; got @{starts[0]}")
-    if any(b <= a for a, b in zip(starts, starts[1:])):
+    if any(b <= a for a, b in itertools.pairwise(starts)):
         raise ValueError(f"prompt starts {starts} must strictly increase")
     if any(not t for _, t in out):
         raise ValueError("a prompt in the schedule is empty")
@@ -96,7 +97,7 @@ class PromptSchedule:
         if not schedule:
             raise ValueError("empty prompt schedule")
         self.starts = [int(s) for s, _ in schedule]
-        if any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+        if any(b <= a for a, b in itertools.pairwise(self.starts)):
             raise ValueError(f"prompt starts {self.starts} must strictly increase")
         self.texts = [t for _, t in schedule]
 

@@ -77,7 +77,7 @@ def original_layout(cfg: WanConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     (fan-in scaled), "b" a bias, "norm" a norm scale (near 1), "mod" a modulation table."""
     d, f = cfg.dim, cfg.ffn_dim
     pt, ph, pw = cfg.patch_size
-    lin = lambda n, o, i: {f"{n}.weight": ((o, i), "w"), f"{n}.bias": ((o,), "b")}  # noqa: E731
+    lin = lambda n, o, i: {f"{n}.weight": ((o, i), "w"), f"{n}.bias": ((o,), "b")}
     keys = {"patch_embedding.weight": ((d, cfg.in_channels, pt, ph, pw), "w"), "patch_embedding.bias": ((d,), "b"),
             **lin("text_embedding.0", d, cfg.text_dim), **lin("text_embedding.2", d, d),
             **lin("time_embedding.0", d, cfg.freq_dim), **lin("time_embedding.2", d, d),

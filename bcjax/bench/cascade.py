@@ -73,7 +73,7 @@ def variant_block_flops(cfg: WanConfig, pcfg, pp: int, schedule: str, window: st
                                block_frames=bf, sink=sink, rolling=rolling, window=window,
                                clean=jnp.asarray(busy & (stages == st.clean_stage)))
         keys = np.asarray(mask).sum(axis=1) * pp
-        total += sum(_pass_flops(cfg, bf * pp, int(k)) for k, b in zip(keys, busy) if b)
+        total += sum(_pass_flops(cfg, bf * pp, int(k)) for k, b in zip(keys, busy, strict=True) if b)
     return total
 
 

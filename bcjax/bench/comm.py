@@ -41,15 +41,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # --hlo compiles on fake CPU devices: 64 covers (16, 4); must be set before jax starts a backend
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64"
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import re  # noqa: E402
-from collections import defaultdict  # noqa: E402
+import argparse
+import dataclasses
+import re
+from collections import defaultdict
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK  # noqa: E402
-from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS  # noqa: E402
+from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK
+from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS
 
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
              "f64": 8, "s64": 8, "u64": 8}

@@ -45,20 +45,20 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=40"
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import argparse
+import dataclasses
+import re
+import time
+import warnings
+from collections.abc import Callable
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
-from bcjax import targets  # noqa: E402
+from bcjax import targets
 
 GiB = 2**30
 CASES = ("sequential", "krea", "p4", "cp", "vae", "taehv", "umt5")
@@ -290,7 +290,7 @@ def default_meshes(case: str, cfg, target: targets.Target, n: int) -> list[tuple
         if case in ("sequential", "krea"):
             meshes.append((1, m))
         else:
-            meshes += [(s, m) for s in (5, n // m) if 1 <= s and s * m <= n]
+            meshes += [(s, m) for s in (5, n // m) if s >= 1 and s * m <= n]
     return list(dict.fromkeys(meshes))
 
 

@@ -41,7 +41,7 @@ def write_random(path: str, cfg: WanConfig, dtype: str) -> int:
     rng = np.random.default_rng(0)
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
-        for key, shape in shapes.items():
+        for shape in shapes.values():
             f.write((rng.standard_normal(shape, np.float32) * 0.02).astype(np_dtype).tobytes())
     return 8 + len(blob) + offset
 

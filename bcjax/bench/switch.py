@@ -40,7 +40,7 @@ def measure(runner, params, texts, key, blocks: int, switch_at: int, policy: str
         sw = events[at].seconds
         rows.append((steady, sw, sw - steady, events[at].recache_s))
     med = np.median(np.asarray(rows), axis=0) * 1e3
-    return dict(zip(("steady_ms", "switch_ms", "stall_ms", "recache_ms"), (float(v) for v in med)))
+    return dict(zip(("steady_ms", "switch_ms", "stall_ms", "recache_ms"), (float(v) for v in med), strict=True))
 
 
 def main(argv=None) -> dict:

@@ -253,7 +253,7 @@ def _compare(up, name: str, size: Size, args) -> dict:
     key = jax.random.key(0)
     shape = (1, pcfg.block_frames, *hw, cfg.in_channels)
     # upstream's layout [B, F, C, H, W]; renoise[b][k] is block b's noise for sampler step k + 1
-    to_torch = lambda a: up.torch.from_numpy(np.asarray(a).transpose(0, 1, 4, 2, 3).copy())  # noqa: E731
+    to_torch = lambda a: up.torch.from_numpy(np.asarray(a).transpose(0, 1, 4, 2, 3).copy())
     noise = to_torch(jnp.concatenate([block_noise(key, b, 0, shape) for b in range(NUM_BLOCKS)], axis=1))
     renoise = [[to_torch(block_noise(key, b, k, shape)) for k in range(1, pcfg.num_steps)] for b in range(NUM_BLOCKS)]
     upstream = _Upstream(up, cfg, pcfg, hw, state_dict, context, noise, renoise)

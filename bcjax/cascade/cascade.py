@@ -269,7 +269,7 @@ class Cascade:
         total = ENDLESS if state.num_blocks is None else state.num_blocks
         carry, (x0, _) = self._step(params, text, state.key, jnp.int32(total), state.carry)
         blocks, stages, busy = slot_state(st, tau, np.arange(st.num_slots), total)
-        in_flight = tuple(sorted((state.first_block + int(b), int(s)) for b, s, u in zip(blocks, stages, busy) if u))
+        in_flight = tuple(sorted((state.first_block + int(b), int(s)) for b, s, u in zip(blocks, stages, busy, strict=True) if u))
         block = -1
         if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
             block = state.first_block + (tau - st.emit_stage) // st.stride

@@ -124,7 +124,7 @@ class Layout:
         self.device = device if device is not None else mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
 
     @classmethod
-    def split_only(cls, cfg: WanConfig, mesh: Mesh | None) -> "Layout":
+    def split_only(cls, cfg: WanConfig, mesh: Mesh | None) -> Layout:
         """The layout of a runner that uses a mesh only to split weights (the sequential
         pipeline, Krea's loop): one device (the mesh's first) unless the mesh's `model` axis is
         > 1 or the mesh is a TPU slice that must be used whole (a `stage` axis then holds replicas)."""
@@ -159,7 +159,7 @@ class Layout:
         flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, P))
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         return jax.tree_util.tree_unflatten(treedef, [
-            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding(s)) for a, s in zip(leaves, flat_specs)])
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding(s)) for a, s in zip(leaves, flat_specs, strict=True)])
 
     def abstract_params(self):
         from bcjax.model.wan import param_shapes

@@ -44,7 +44,7 @@ from bcjax.distributed import put
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, write_frames
 from bcjax.model.wan import KV, forward
-from bcjax.names import POLICIES  # noqa: F401  (re-exported: checked here)
+from bcjax.names import POLICIES  # re-exported: checked here
 from bcjax.sampler import pass_positions
 from bcjax.schedule.config import PipelineConfig
 

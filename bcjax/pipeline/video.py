@@ -15,6 +15,7 @@ Python fork handler (and the child never runs Python in a copy of a multithreade
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -108,17 +109,15 @@ class Mp4Writer:
     def close(self) -> None:
         if self._proc is not None:
             proc, self._proc = self._proc, None
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
-            except BrokenPipeError:
-                pass
             if proc.wait() != 0:
                 raise OSError(f"ffmpeg writing {self._tmp} exited with code {proc.returncode}")
             publish(self._tmp, self.path)
         elif os.path.exists(self._tmp):
             os.remove(self._tmp)  # nothing was written: no empty file left behind
 
-    def __enter__(self) -> "Mp4Writer":
+    def __enter__(self) -> Mp4Writer:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -155,7 +154,7 @@ class NullWriter:
     def write(self, frames) -> None:
         self.frames += len(frames)
 
-    def __enter__(self) -> "NullWriter":
+    def __enter__(self) -> NullWriter:
         return self
 
     def __exit__(self, *exc) -> bool:

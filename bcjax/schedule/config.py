@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from bcjax.names import POSITIONS  # noqa: F401  (re-exported: checked here)
+from bcjax.names import POSITIONS  # re-exported: checked here
 from bcjax.schedule.flow import denoising_schedule
 
 CONTEXTS = ("clean-pass", "rebuild", "last-pass")

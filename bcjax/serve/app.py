@@ -164,7 +164,7 @@ def _host_names(server: tuple[str, int] | None) -> set[str]:
         names |= {"localhost", "127.0.0.1", "[::1]"}
     else:  # a LAN address: the machine's own names too
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
-    return {f"{n}:{port}" for n in names} | ({n for n in names} if port == 80 else set())
+    return {f"{n}:{port}" for n in names} | (set(names) if port == 80 else set())
 
 
 def _refusal(websocket: WebSocket, allowed: set[str]) -> str | None:

@@ -162,7 +162,7 @@ class Session:
         """Act on one parsed page message (an `ack` only takes a lock: fine on the event loop)."""
         try:
             getattr(self, f"_on_{cmd['type']}")(cmd)
-        except Exception as e:  # a bug or a backend failure: this page hears of it, the server goes on
+        except Exception as e:  # noqa: BLE001 - a bug or a backend failure: this page hears of it, the server goes on
             self.outbox.put({"type": "error", "what": "server", "message": f"{cmd['type']}: {type(e).__name__}: {e}"})
 
     def close(self) -> None:
@@ -321,7 +321,7 @@ class Session:
                     ticks, holding = None, False
                     if self.outbox.closed.is_set():
                         return
-                except Exception as exc:  # a stream's failure is reported to its page, never raised into the server
+                except Exception as exc:  # noqa: BLE001 - a stream's failure is reported to its page, never raised into the server
                     self._failed(gen, exc)
                     gen, ticks, holding = None, None, False
         finally:

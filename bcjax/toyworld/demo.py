@@ -235,7 +235,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     sched = parse_prompt_schedule(prompts)
     rng = np.random.default_rng(seed)
     scenes = [parse_prompt(text, world) for _, text in sched]  # the embedding holds no positions
-    for (at, text), scene in zip(sched[1:], scenes[1:]):  # the rules `bcjax serve` applies to a switch
+    for (at, text), scene in zip(sched[1:], scenes[1:], strict=True):  # the rules `bcjax serve` applies to a switch
         if at > blocks:
             raise ValueError(f"--prompts: {text!r}@{at} starts after the stream's last block ({blocks}); "
                              f"raise --blocks to {at} or more, or move the switch")
@@ -244,7 +244,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
         except ValueError as e:
             raise ValueError(f"--prompts: {text!r}@{at}: {e}") from None
     starts = [tuple(int(v) for v in rng.integers(world.lo, world.hi + 1, 2)) for _ in scenes[0]]
-    embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(sched, scenes)]
+    embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(sched, scenes, strict=True)]
     if interpolate:  # Krea's prompt interpolation: each switch ramps over `interpolate` blocks
         embeds = interpolate_schedule(embeds, interpolate)
     schedule_kv = [(b, encode_text(cfg, model.params, jnp.asarray(e))) for b, e in embeds]

@@ -183,7 +183,7 @@ def summary(metrics: dict, world: WorldConfig) -> dict[str, dict[str, float]]:
     by chance, e.g. the still baseline when every sprite is back at its start, would make the
     mean of per-block PSNRs meaningless)."""
     out = {name: {k: float(np.mean(m[k])) for k in FIELDS} for name, m in metrics.items()}
-    for name, m in metrics.items():
+    for name in metrics:
         out[name]["psnr"] = float(10 * np.log10((2 * world.amplitude) ** 2 / max(out[name]["mse"], 1e-12)))
     return out
 

@@ -92,7 +92,7 @@ def line_plot(series: dict[str, np.ndarray], *, height: int = 300, width: int = 
         plot = line_plot(series, height=height, width=width, log_y=log_y, colours=colours, text_scale=text_scale)
         img = np.full((height, width + key_w, 3), 255, np.uint8)
         img[:, :width] = plot
-        for i, (name, colour) in enumerate(zip(names, colours)):
+        for i, (name, colour) in enumerate(zip(names, colours, strict=False)):  # the palette may outnumber the series
             draw_text(img, name, 10 + i * 8 * text_scale, width + 6, colour=colour, scale=text_scale)
         return img
     img = np.full((height, width, 3), 255, np.uint8)
@@ -122,7 +122,7 @@ def line_plot(series: dict[str, np.ndarray], *, height: int = 300, width: int = 
     draw_text(img, "0", top + ph + 4, left - text_scale, scale=text_scale)
     label = str(n - 1)
     draw_text(img, label, top + ph + 4, left + pw - 4 * text_scale * len(label), scale=text_scale)
-    for y, colour in zip(ys, colours):
+    for y, colour in zip(ys, colours, strict=False):  # the palette may outnumber the series
         if not y.size:
             continue
         r, c = to_px(np.arange(len(y)), y)

@@ -434,7 +434,7 @@ def rollout(cfg: WanConfig, pcfg: PipelineConfig, params, text, context, visible
 
     def write(cache, kv, block):
         return KV(*(jax.lax.dynamic_update_slice_in_dim(a, u.astype(a.dtype), block * tb, axis=2)
-                    for a, u in zip(cache, kv)))
+                    for a, u in zip(cache, kv, strict=True)))
 
     t_clean = jnp.full((b, bf), pcfg.context_noise, jnp.float32)
     for blk in range(k):
@@ -685,7 +685,8 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     os.makedirs(out, exist_ok=True)
     run_json = os.path.join(out, "run.json")
     if os.path.isfile(run_json):
-        for name, was, now in zip(("world", "model", "pipeline"), load_run(out), (world, cfg, pcfg)):
+        # load_run's fourth item, the train config, may change on resume: left out of the check
+        for name, was, now in zip(("world", "model", "pipeline"), load_run(out), (world, cfg, pcfg), strict=False):
             if was != now:
                 raise ValueError(f"run {out} was started with {name} config {was}; got {now} (use a new folder)")
     with open(run_json, "w") as f:

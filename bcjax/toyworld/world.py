@@ -143,7 +143,7 @@ def parse_prompt(text: str, cfg: WorldConfig | None = None, starts: Sequence[tup
         if len(words) != WORDS_PER_SPRITE:
             raise ValueError(f"sprite phrase {i} {' '.join(words)!r} has {len(words)} words; expected "
                              "'<colour> <direction> <speed>'")
-        for word, field in zip(words, FIELDS):
+        for word, field in zip(words, FIELDS, strict=True):
             if word not in field:
                 raise ValueError(f"sprite phrase {i}: unknown word {word!r}; expected one of {sorted(field)}")
         scene.append(Sprite(*words, *(int(v) for v in starts[i])))
@@ -180,7 +180,7 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     corners = rng.integers(cfg.lo, cfg.hi + 1, (n, 2))
     names = [list(f) for f in FIELDS]
     return tuple(Sprite(names[0][c], names[1][d], names[2][v], int(r), int(q))
-                 for c, d, v, (r, q) in zip(colours, dirs, speeds, corners))
+                 for c, d, v, (r, q) in zip(colours, dirs, speeds, corners, strict=True))
 
 
 @functools.lru_cache(maxsize=8)
@@ -202,7 +202,7 @@ def prompt_embedding(scene: Scene, cfg: WorldConfig) -> np.ndarray:
     code = np.zeros((cfg.text_len, cfg.text_dim), np.float32)
     for i, s in enumerate(scene):
         offset = 0
-        for word, field in zip((s.colour, s.direction, s.speed), FIELDS):
+        for word, field in zip((s.colour, s.direction, s.speed), FIELDS, strict=True):
             code[i, offset + list(field).index(word)] = 1.0
             offset += len(field)
         code[i, offset + i] = 1.0
@@ -265,7 +265,7 @@ def sample_batch(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_fra
     """
     scenes = [sample_scene(rng, cfg) for _ in range(batch)]
     starts = rng.integers(0, max_start_block + 1, batch) * cfg.block_frames
-    frames = np.stack([render(s, num_frames, cfg, int(t)) for s, t in zip(scenes, starts)])
+    frames = np.stack([render(s, num_frames, cfg, int(t)) for s, t in zip(scenes, starts, strict=True)])
     text = np.stack([prompt_embedding(s, cfg) for s in scenes])
     return frames, text
 
@@ -290,7 +290,7 @@ def colour_correct(frames, scene: Scene, cfg: WorldConfig) -> np.ndarray:
     nearest = nearest_colours(frames, cfg)
     k, names = cfg.sprite, list(COLOURS)
     out = np.zeros(pos.shape[:2], bool)
-    for f, s in zip(*np.nonzero(np.isfinite(pos).all(-1))):
+    for f, s in zip(*np.nonzero(np.isfinite(pos).all(-1)), strict=True):
         r, c = pos[f, s].astype(int)
         out[f, s] = (nearest[f, r:r + k, c:c + k] == 1 + names.index(scene[s].colour)).sum() * 2 >= k * k
     return out

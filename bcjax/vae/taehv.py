@@ -41,7 +41,7 @@ F32 = jnp.float32
 
 _PRESETS: dict[str, dict] = {
     # taew2_1: Wan2.1 latents (every Wan2.1 model, Wan2.2-14B, Self-Forcing, CausVid, LongLive, Krea).
-    "taew2_1": dict(),
+    "taew2_1": {},
 }
 
 
@@ -72,7 +72,7 @@ class TAEHVConfig:
         check_dtypes(self)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "TAEHVConfig":
+    def preset(cls, name: str, **overrides) -> TAEHVConfig:
         return from_preset(cls, _PRESETS, name, overrides)
 
     @staticmethod

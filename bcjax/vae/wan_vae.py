@@ -83,7 +83,7 @@ class VAEConfig:
         check_dtypes(self)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "VAEConfig":
+    def preset(cls, name: str, **overrides) -> VAEConfig:
         return from_preset(cls, _PRESETS, name, overrides)
 
     @staticmethod
@@ -483,7 +483,7 @@ def decode(cfg: VAEConfig, params, z, *, chunk: int | None = None):
     _check_latents(cfg, z)
     b, f, h, w, c = z.shape
     chunk = f if chunk is None else chunk
-    if not 1 <= chunk:
+    if not chunk >= 1:
         raise ValueError(f"chunk={chunk} must be >= 1 latent frame")
     chunk = min(chunk, f)
     n, rem = divmod(f, chunk)
