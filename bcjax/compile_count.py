@@ -20,7 +20,7 @@ class CompileCounter:
     def __init__(self):
         self.count = 0
 
-    def _listener(self, event: str, duration: float, **_):
+    def _listener(self, event: str, duration_secs: float, **_: str | int) -> None:
         if event == _BACKEND_COMPILE_EVENT:
             self.count += 1
 

@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import re
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -80,12 +81,13 @@ def _parse(hlo: str):
     the annotation is missing (XLA:TPU), from its condition `i < bound` and the induction
     variable's initial constant. XLA:TPU's async collectives keep copies of the collective in their
     continuation fusions and "done" computation: only the start's is counted."""
-    comps, entry, name = {}, None, None
+    comps: dict[str, tuple[list, list]] = {}  # per computation: (collective ops, calls)
+    entry, name = None, None
     values: dict[str, dict[str, str]] = {}  # per computation: s32 scalar constants and copies
     tuples: dict[str, dict[str, str]] = {}  # per computation: a tuple's first operand
     bounds: dict[str, str] = {}  # condition computation -> the name its `i < bound` compares with
-    loops = []  # (computation, init tuple, condition, body) of whiles without a known trip count
-    done = set()
+    loops: list[tuple[str, str, str, str, int]] = []  # (computation, init tuple, condition, body) of whiles without a known trip count
+    done: set[str] = set()
     for line in hlo.splitlines():
         m = _COMPUTATION.match(line)
         if m and line.rstrip().endswith("{"):
@@ -110,7 +112,7 @@ def _parse(hlo: str):
         c = _COLLECTIVE.search(line)
         if c and "-done" not in line.split("=", 1)[1].split("(", 1)[0]:
             g = _GROUPS_LIST.search(line)
-            group = [int(d) for d in g.group(1).split(",")] if g else None
+            group: list[int] | int | None = [int(d) for d in g.group(1).split(",")] if g else None
             if group is None and (io := _GROUPS_IOTA.search(line)):
                 group = int(io.group(2))  # iota form [groups, size]: the devices are not listed
             shapes = _SHAPE.findall(c.group(1))
@@ -122,8 +124,8 @@ def _parse(hlo: str):
         if w and not trip:
             loops.append((name, w.group(1), w.group(2), w.group(3), len(calls)))
         for callee in _CALLS.findall(line):
-            body = f"body=%{callee}" in line
-            calls.append((callee, int(trip.group(1)) if body and trip else 1))
+            is_body = f"body=%{callee}" in line
+            calls.append((callee, int(trip.group(1)) if is_body and trip else 1))
         if b := _BRANCHES.search(line):
             calls.extend((n.strip().lstrip("%"), 1) for n in b.group(1).split(","))
 
@@ -170,7 +172,7 @@ def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
     ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
     axes = {name: [set(np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])[j].tolist()) for j in range(ids.size // ids.shape[i])]
             for i, name in enumerate(mesh.axis_names)}
-    out = defaultdict(lambda: {"ops": 0, "payload": 0.0, "wire": 0.0, "kinds": defaultdict(int)})
+    out: defaultdict[str, dict[str, Any]] = defaultdict(lambda: {"ops": 0, "payload": 0.0, "wire": 0.0, "kinds": defaultdict(int)})
     for comp, k in times.items():
         for kind, nbytes, group in comps[comp][0]:
             size = group if isinstance(group, int) else len(group or ())
@@ -323,7 +325,7 @@ class Hardware:
     note: str
 
 
-_H100 = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_gbs=450.0, target="h100")
+_H100: dict[str, Any] = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_gbs=450.0, target="h100")
 # Sources: NVIDIA H100 SXM datasheet (989 TFLOP/s dense bf16; NVLink 4 900 GB/s per GPU = 450 GB/s
 # each way, through NVSwitch inside a node); ConnectX-7 400 Gb/s = 50 GB/s per GPU between nodes.
 # Google Cloud TPU system architecture pages (docs.cloud.google.com/tpu/docs/v5e, v5p, v6e): peak
@@ -440,7 +442,10 @@ def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: str, 
                            "as its own process so it can force 64 host devices)")
     mesh = make_mesh(stage, model, devices=jax.devices()[:n], cfg=cfg)
     cas = Cascade(cfg, pcfg, latent_hw, schedule=schedule, window=window, mesh=mesh, token_group=group)
-    return hlo_collectives(cas.lower(*cas.abstract_inputs()).compile().as_text(), mesh)
+    hlo = cas.lower(*cas.abstract_inputs()).compile().as_text()
+    if hlo is None:
+        raise RuntimeError(f"the {stage}x{model} cascade compiled without an HLO text to count collectives in")
+    return hlo_collectives(hlo, mesh)
 
 
 def _fmt(b: float) -> str:
@@ -499,7 +504,7 @@ def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: in
     print(f"| model | hardware | schedule | mesh | T / per device | TFLOP/tick/device | compute ms | stage ms | "
           f"model ms | tick ms | FPS at MFU {mfu:.0%} | FPS at MFU {cal:.1%} | paper |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    out = {}
+    out: dict[str, list] = {}
     for preset, rows in tables.items():
         out[preset] = []
         for r in rows:

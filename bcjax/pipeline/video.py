@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from fractions import Fraction
+from typing import Literal
 
 import numpy as np
 
@@ -83,10 +84,10 @@ class Mp4Writer:
             raise FileNotFoundError(f"output folder {folder} does not exist")
         self.fps, self.quality = fps, quality
         self.frames = 0
-        self._proc = None
+        self._proc: subprocess.Popen | None = None
         fd, self._tmp = tempfile.mkstemp(prefix=".bcjax-", suffix=".mp4", dir=folder)
         os.close(fd)
-        self._size = None
+        self._size: tuple[int, int] | None = None
 
     def write(self, frames) -> None:
         frames = np.asarray(frames)
@@ -120,7 +121,7 @@ class Mp4Writer:
     def __enter__(self) -> Mp4Writer:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.close()
         return False
 
@@ -157,5 +158,5 @@ class NullWriter:
     def __enter__(self) -> NullWriter:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         return False

@@ -36,21 +36,23 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
                    "/jax/core/compile/backend_compile_duration")
 _compiling = threading.local()
 _listening = threading.Lock()
+_listening_registered = False
 _tab_ids = itertools.count(1)
 
 
-def _on_jax_event(event: str, duration: float, **_) -> None:
+def _on_jax_event(event: str, duration_secs: float, **_: str | int) -> None:
     if event in _COMPILE_EVENTS:
-        _compiling.seconds = getattr(_compiling, "seconds", 0.0) + duration
+        _compiling.seconds = getattr(_compiling, "seconds", 0.0) + duration_secs
 
 
 def listen_for_compiles() -> None:
     """Count compile time per thread (jax reports it on the thread that compiles), once per
     process: how a stream tells its one-time compiles apart from its switch latency."""
+    global _listening_registered
     with _listening:
-        if not getattr(listen_for_compiles, "done", False):
+        if not _listening_registered:
             jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
-            listen_for_compiles.done = True
+            _listening_registered = True
 
 
 def compile_seconds() -> float:

@@ -48,7 +48,8 @@ def read_png(path: str) -> np.ndarray:
     """Read back a PNG written by `write_png` (8-bit, filter 0 rows only): uint8 [H, W, C]."""
     with open(path, "rb") as f:
         data = f.read()
-    pos, idat, shape = 8, b"", None
+    pos, idat = 8, b""
+    shape: tuple[int, int, int] | None = None
     while pos < len(data):
         (n,) = struct.unpack(">I", data[pos:pos + 4])
         tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
@@ -58,6 +59,8 @@ def read_png(path: str) -> np.ndarray:
         elif tag == b"IDAT":
             idat += body
         pos += 12 + n
+    if shape is None:
+        raise ValueError(f"{path}: no IHDR chunk (not a PNG written by write_png)")
     h, w, c = shape
     rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * c)
     return rows[:, 1:].reshape(h, w, c)

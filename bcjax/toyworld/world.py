@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -51,7 +51,7 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
 # odd pixel shifts would ask a tiny DiT to resample pixels inside patches.
 SPEEDS: dict[str, int] = {"slow": 2, "fast": 4}
 
-FIELDS = (COLOURS, DIRECTIONS, SPEEDS)  # the order of the words in a sprite's phrase
+FIELDS: tuple[Mapping[str, object], ...] = (COLOURS, DIRECTIONS, SPEEDS)  # the order of the words in a sprite's phrase
 WORDS_PER_SPRITE = len(FIELDS)
 
 
@@ -241,7 +241,7 @@ def draw(corners, scene: Scene, cfg: WorldConfig) -> np.ndarray:
     corners = np.asarray(corners)
     col = colour_values(scene, cfg)
     frames = np.zeros((len(corners), cfg.size, cfg.size, 3), np.float32)
-    wall = cfg.amplitude * np.float32(WALL)
+    wall = cfg.amplitude * np.asarray(WALL, np.float32)
     frames[:, [0, -1], :] = wall
     frames[:, :, [0, -1]] = wall
     k = cfg.sprite
