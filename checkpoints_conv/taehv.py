@@ -19,7 +19,7 @@ the last C output channels (the later frame), and so does this converter.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -91,7 +91,7 @@ def _describe(cfg: TAEHVConfig) -> str:
             f"decoder_widths={cfg.decoder_widths}, mem_blocks={cfg.mem_blocks})")
 
 
-def _latent_space(state_dict: Mapping[str, object], cfg: TAEHVConfig) -> str | None:
+def _latent_space(state_dict: Mapping[str, Any], cfg: TAEHVConfig) -> str | None:
     """A one-line diagnosis when the file's first decoder conv reads another number of latent channels."""
     shape = tuple(np.shape(state_dict["decoder.1.weight"])) if "decoder.1.weight" in state_dict else None
     if shape is None or len(shape) != 4 or shape[1] == cfg.latent_channels:

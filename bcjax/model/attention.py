@@ -190,6 +190,7 @@ def attend(q, k, v, key_mask=None, *, implementation: str = "auto"):
         mp = key_mask[:, :, start:start + kp.shape[1]]
         start += kp.shape[1]
         o, lse = _attend_part(kernel, interpret, qr, kp, vp, mp, o, lse, granule)
+    assert o is not None  # k has at least one part
     return o.reshape(b, t, n, h).astype(q.dtype)
 
 
@@ -211,7 +212,7 @@ def _resolve(name: str, q, s: int) -> str:
     return "dense" if b * t * n * s * 4 <= DENSE_LOGITS_BYTES else "chunked"
 
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()  # (kernel, why)
 
 
 def _refuse(kernel: str, why: str) -> None:

@@ -87,7 +87,7 @@ class Mp4Writer:
         self._proc: subprocess.Popen | None = None
         fd, self._tmp = tempfile.mkstemp(prefix=".bcjax-", suffix=".mp4", dir=folder)
         os.close(fd)
-        self._size: tuple[int, int] | None = None
+        self._size: tuple[int, int] = (0, 0)  # set with _proc, by the first write
 
     def write(self, frames) -> None:
         frames = np.asarray(frames)
@@ -101,6 +101,7 @@ class Mp4Writer:
         elif (frames.shape[2], frames.shape[1]) != self._size:
             raise ValueError(f"frame size {frames.shape[2]}x{frames.shape[1]} differs from the stream's "
                              f"{self._size[0]}x{self._size[1]}")
+        assert self._proc.stdin is not None  # opened with stdin=PIPE
         try:
             self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
         except BrokenPipeError as e:
@@ -110,6 +111,7 @@ class Mp4Writer:
     def close(self) -> None:
         if self._proc is not None:
             proc, self._proc = self._proc, None
+            assert proc.stdin is not None  # opened with stdin=PIPE
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
             if proc.wait() != 0:

@@ -28,8 +28,9 @@ clip's first step's 3 leading frames (the ones upstream trims) are zeroed: calle
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -248,7 +249,7 @@ def param_shapes(cfg: TAEHVConfig):
 class DecodeState(NamedTuple):
     """What a streaming decode carries between chunks; fixed shapes whatever the stream length."""
 
-    cache: dict  # per MemBlock, its last input frame [B, h_l, w_l, C_l] (zeros at the start)
+    cache: Mapping  # per MemBlock, its last input frame [B, h_l, w_l, C_l] (zeros at the start)
     frames: jax.Array  # int32 []: latent frames decoded so far (0 = the next step starts the clip)
 
 
@@ -319,5 +320,5 @@ def encode(cfg: TAEHVConfig, params, video):
     pad = -video.shape[1] % t
     if pad:
         video = jnp.concatenate([video, jnp.repeat(video[:, -1:], pad, axis=1)], axis=1)
-    z = TAEHV(cfg).apply({"params": params}, (video.astype(F32) + 1.0) / 2.0, method=TAEHV.encode)
+    z = cast(jax.Array, TAEHV(cfg).apply({"params": params}, (video.astype(F32) + 1.0) / 2.0, method=TAEHV.encode))
     return z.astype(F32)

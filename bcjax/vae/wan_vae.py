@@ -23,6 +23,7 @@ The encoder runs a whole clip (T = 1 + 4k frames) at once; it is not streamed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from functools import partial
 from typing import NamedTuple
 
@@ -416,7 +417,7 @@ def normalize(cfg: VAEConfig, z):
 class DecodeState(NamedTuple):
     """What a streaming decode carries between chunks; fixed shapes whatever the stream length."""
 
-    cache: dict  # per causal conv, its last 2 input frames [B, 2, h_l, w_l, C_l] (zeros at the start)
+    cache: Mapping  # per causal conv, its last 2 input frames [B, 2, h_l, w_l, C_l] (zeros at the start)
     frames: jax.Array  # int32 []: latent frames decoded so far (0 = the next step starts the clip)
 
 
@@ -433,7 +434,7 @@ def _cache_shapes(cfg: VAEConfig, batch: int, latent_hw: tuple[int, int]):
 
 def init_decode_state(cfg: VAEConfig, batch: int, latent_hw: tuple[int, int]) -> DecodeState:
     """The state before a clip's first chunk, for latents [batch, F, *latent_hw, z_dim]."""
-    latent_hw = tuple(int(n) for n in latent_hw)
+    latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
     shapes = _cache_shapes(cfg, batch, latent_hw)
     cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return DecodeState(cache, jnp.zeros((), jnp.int32))
