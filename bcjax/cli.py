@@ -185,7 +185,7 @@ def _serve(args) -> int:
         read_config(args.checkpoint)  # a bad config.json is named before the port is taken
     with bind(args.host, args.port) as sock:  # a port in use is named before a model loads
         if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
-            backend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh, decoder=args.decoder,
+            backend: CheckpointBackend | ToyBackend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh, decoder=args.decoder,
                                         decode_device=args.decode_device, **_numerics(args))
         else:  # the shipped toy-world model, or another toy-world checkpoint
             backend = ToyBackend(args.checkpoint, mesh, **_numerics(args))

@@ -71,6 +71,7 @@ def parse_prompt_schedule(spec: str) -> list[tuple[int, str]]:
     A prompt without '@' starts at block 0 when it is the first one; starts must increase.
     """
     out = []
+    start: str | None
     for i, part in enumerate(p for p in spec.split(";") if p.strip()):
         text, at, start = part.rpartition("@")
         if not at:

@@ -200,7 +200,7 @@ def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh) -> Callable:
     from bcjax.pipeline.sequential import SequentialPipeline
 
     if case == "sequential":
-        runner = SequentialPipeline(cfg, pcfg, hw, mesh)
+        runner: SequentialPipeline | KreaPipeline | Cascade = SequentialPipeline(cfg, pcfg, hw, mesh)
     elif case == "krea":
         import ports
 

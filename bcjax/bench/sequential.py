@@ -138,7 +138,7 @@ def _bench_torch(cfg, pcfg, hw, context, repeats: int) -> dict[str, float]:
         mask = None if frames == bf else torch.from_numpy(fb[None, :] <= fb[:, None])  # all-True: leave SDPA free
         return x, torch.from_numpy(t[None].astype(np.float32)), mask
 
-    out = {}
+    out: dict[str, float] = {}
     with torch.inference_mode(), autocast:
         for name, frames in [("fwd_alone_ms", bf), ("fwd_full_ms", pcfg.window_frames)]:
             x, t, proc.mask = inputs(frames)

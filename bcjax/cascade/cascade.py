@@ -123,7 +123,8 @@ class Cascade:
         if self.mesh is None:
             return jax.jit(fn, donate_argnums=(4,))
         lay = self.layout
-        state_spec = CascadeState(P(), lay.cache, P(), P())  # x whole on every device (see tick)
+        # x whole on every device (see tick); a tree of PartitionSpecs shaped like the state
+        state_spec = CascadeState(P(), lay.cache, P(), P())  # type: ignore[arg-type]  # specs, not arrays
         mapped = jax.shard_map(
             partial(fn, axis=STAGE, model_axis=lay.axis), mesh=self.mesh,
             in_specs=(lay.params, lay.text, P(), P(), state_spec),
@@ -235,6 +236,7 @@ class Cascade:
         while not self.done(step):  # the last clean pass has no reader: skipped
             step, out = self.step(params, text, step)
             if out.block >= 0:
+                assert out.x0 is not None  # a finished block comes with its latents
                 yield Block(out.block, out.x0)
 
     # -- the stepping interface shared with SequentialPipeline (bcjax.stepping) ---------

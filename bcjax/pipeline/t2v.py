@@ -241,7 +241,7 @@ class TextToVideo:
         with (Mp4Writer(path, fps=VIDEO_FPS) if path is not None else NullWriter()) as writer:
             blocks = tqdm(self._timed_blocks(prompt, num_blocks, seed, timings, source), total=num_blocks, unit="block",
                           disable=not progress, desc=f"{self.schedule}")
-            decoders = []
+            decoders: list[PixelDecoder] = []
 
             def sink(block):  # on the worker thread, while the next block denoises
                 if not decoders:

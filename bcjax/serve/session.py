@@ -83,7 +83,8 @@ class Outbox:
     """A bounded queue from any thread to the connection's sender coroutine."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, maxsize: int):
-        self.loop, self.queue = loop, asyncio.Queue(maxsize)
+        self.loop = loop
+        self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize)
         self.closed = threading.Event()
 
     def put(self, msg, cancelled=None) -> bool:

@@ -48,7 +48,7 @@ def timed_stream(model: ToyModel, scenes, num_blocks: int, key, schedule: str, w
     hw, bf = (world.size, world.size), pcfg.block_frames
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
     text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
-    runner = make_runner(cfg, pcfg, hw, schedule, window, mesh)
+    runner = make_runner(cfg, pcfg, hw, schedule, window or DEFAULT_WINDOW, mesh)  # None: sequential, no window
     if isinstance(runner, Cascade):
         state = runner.init_state(len(scenes), *runner.prefill(model.params, text, first))
         stream = runner.blocks(model.params, text, key, num_blocks, state=state)
@@ -265,13 +265,13 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
             w.write(big(e.x0[0]))
             return e
 
-        for e in overlapped(stream(runner, model.params, schedule_kv,
-                                   jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
-            events.append(e)
+        for ev in overlapped(stream(runner, model.params, schedule_kv,
+                                    jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
+            events.append(ev)
             bar.update(1)
-            rate = frames_per_block(bf, TEMPORAL_SCALE) / max(e.seconds, 1e-9)  # frames per second made
-            bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{rate:.1f}",
-                            recache_ms=f"{1e3 * e.recache_s:.1f}")
+            rate = frames_per_block(bf, TEMPORAL_SCALE) / max(ev.seconds, 1e-9)  # frames per second made
+            bar.set_postfix(block=ev.block, prompt=ev.prompt, fps=f"{rate:.1f}",
+                            recache_ms=f"{1e3 * ev.recache_s:.1f}")
     bar.close()
     steady = sorted(e.seconds for e in events[2:]) or [events[-1].seconds]
     print(f"wrote {out}: {(1 + len(events)) * bf} frames; steady {1e3 * steady[len(steady) // 2]:.1f} ms/block, "

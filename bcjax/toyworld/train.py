@@ -695,7 +695,8 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     restored = restore_state(mngr, cfg, tcfg)
     if restored is None and init is not None:
         params, history = init_params_from(init, cfg, world)
-        state, losses = init_state(cfg, tcfg, params), []
+        state = init_state(cfg, tcfg, params)
+        losses: list[float] = []
         prior_wall, prior_cpu = sum(r["wall_s"] for r in history), sum(r["cpu_s"] for r in history)
     elif restored is None:
         state, losses, prior_wall, prior_cpu, history = init_state(cfg, tcfg), [], 0.0, 0.0, []
