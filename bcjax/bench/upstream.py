@@ -194,7 +194,8 @@ class _Upstream:
 
         pipe._initialize_kv_cache = init_kv_cache
         # each re-noise takes the bench's noise for (block, step) in upstream's order
-        add_noise, calls = pipe.scheduler.add_noise, []
+        add_noise = pipe.scheduler.add_noise
+        calls: list = []
         per_block = pcfg.num_steps - 1
 
         def bench_noise(x0, _noise, t):
@@ -205,7 +206,7 @@ class _Upstream:
         pipe.scheduler.add_noise = bench_noise
         self.calls, self.pipe, self.noise = calls, pipe, noise
         # a block is num_steps denoising passes and one clean pass: its time ends with its last pass
-        self.ends = []
+        self.ends: list[float] = []
         generator.register_forward_hook(lambda *_: self.ends.append(time.perf_counter()))
         self.passes = pcfg.num_steps + 1
 
@@ -265,7 +266,7 @@ def _compare(up, name: str, size: Size, args) -> dict:
     err = float(np.max(np.abs(lat_up - lat_bc)))
     print(f"{name}: max |latents bcjax - upstream| = {err:.2e} over {NUM_BLOCKS} blocks (tolerance {TOLERANCE:g})",
           flush=True)
-    times = {"upstream": [], "bcjax": []}
+    times: dict[str, list[float]] = {"upstream": [], "bcjax": []}
     for r in range(args.repeats):
         for side in (("upstream", "bcjax") if r % 2 == 0 else ("bcjax", "upstream")):
             times[side].append((upstream.run() if side == "upstream" else ours())[1])
