@@ -117,6 +117,7 @@ def merge(base, lora, *, rank: int | None = None, alpha: float | None = None, em
             f"configs/longlive_inference.yaml adapter: rank {LONGLIVE_ADAPTER['rank']}, alpha {LONGLIVE_ADAPTER['alpha']}); "
             f"pass alpha=, e.g. alpha=LONGLIVE_ADAPTER['alpha']"
         )
+    assert rank is not None  # set (or checked) by every adapter, and there is at least one
     scale = float(alpha) / rank
     merged = dict(weights)
     for module, (a, b) in deltas.items():

@@ -8,7 +8,7 @@ against `WanConfig` before anything is returned.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -39,7 +39,7 @@ def _patch_conv(w):  # Conv3d [dim, C, pt, ph, pw] -> Dense kernel [(pt, ph, pw,
 
 
 # source key -> (bcjax path, transform). Block keys are relative to `blocks.N.`.
-_TOP: dict[str, tuple[str, object]] = {
+_TOP: dict[str, tuple[str, Callable[..., np.ndarray]]] = {
     "patch_embedding.weight": ("embed/patch_embedding/kernel", _patch_conv),
     "patch_embedding.bias": ("embed/patch_embedding/bias", _same),
     **{
@@ -54,7 +54,7 @@ _TOP: dict[str, tuple[str, object]] = {
     "head.head.bias": ("head/head/bias", _same),
     "head.modulation": ("head/modulation", _squeeze0),
 }
-_BLOCK: dict[str, tuple[str, object]] = {
+_BLOCK: dict[str, tuple[str, Callable[..., np.ndarray]]] = {
     **{f"{a}.{p}.weight": (f"{a}/{p}/kernel", _linear) for a in ("self_attn", "cross_attn") for p in "qkvo"},
     **{f"{a}.{p}.bias": (f"{a}/{p}/bias", _same) for a in ("self_attn", "cross_attn") for p in "qkvo"},
     **{f"{a}.{n}.weight": (f"{a}/{n}/scale", _same) for a in ("self_attn", "cross_attn") for n in ("norm_q", "norm_k")},
@@ -130,7 +130,7 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str
             continue
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
         target = _BLOCK.get(m.group(2)) if m else None
-        if target is None:
+        if m is None or target is None:
             errors.append(f"unexpected key {raw_key} (shape {tuple(np.shape(value))})")
             continue
         layer = int(m.group(1))

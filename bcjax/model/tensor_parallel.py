@@ -172,7 +172,8 @@ class Layout:
 
         cfg = self.cfg
         kv = jax.ShapeDtypeStruct((cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
-        return self.abstract(KV(kv, kv), self.text if self.mesh is not None else None)
+        abstract_kv = KV(kv, kv)  # type: ignore[arg-type]  # abstract: ShapeDtypeStruct leaves stand in for arrays
+        return self.abstract(abstract_kv, self.text if self.mesh is not None else None)
 
     def abstract_cache(self, batch: int, capacity: int, tokens_per_frame: int):
         from bcjax.model.kv_cache import init_cache
@@ -207,6 +208,8 @@ class Layout:
 
     def place(self, tree, spec: P):
         """Every leaf of `tree` on the mesh with one spec (P(): replicated)."""
+        if self.mesh is None:
+            raise ValueError("Layout.place needs a mesh (without one, use replicate)")
         return place(tree, self.mesh, jax.tree_util.tree_map(lambda _: spec, tree))
 
     def replicate(self, tree):
