@@ -151,7 +151,7 @@ def _parse(hlo: str):
     return comps, entry
 
 
-def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
+def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, Any]]:
     """Per mesh axis ('stage', 'model'; 'other' for groups spanning neither): collective ops run
     per call of the program, their result bytes and the bytes one device receives (ring), and
     under "kinds" the ops of each kind (all-gather, all-reduce, ...).
@@ -504,7 +504,7 @@ def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: in
     print(f"| model | hardware | schedule | mesh | T / per device | TFLOP/tick/device | compute ms | stage ms | "
           f"model ms | tick ms | FPS at MFU {mfu:.0%} | FPS at MFU {cal:.1%} | paper |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    out: dict[str, list] = {}
+    out: dict[str, list[tuple[FpsRow, dict, dict]]] = {}
     for preset, rows in tables.items():
         out[preset] = []
         for r in rows:
@@ -519,8 +519,8 @@ def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: in
     print("\nHardware: " + "; ".join(f"{h.name}: {h.chip} {h.tflops:.0f} TFLOP/s bf16, {h.hbm_gib:.0f} GiB, {h.note}"
                                      for h in HARDWARE.values()))
     # the paper's other measured figures against the calibrated model
-    for preset, rows in out.items():
-        for r, _, c in rows:
+    for preset, results in out.items():
+        for r, _, c in results:
             paper = PAPER_FPS.get((preset, r.hardware.name, r.schedule))
             if paper is None or (preset, r.hardware.name, r.schedule) == CALIBRATION:
                 continue
@@ -536,8 +536,8 @@ def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: in
                 print(f"  if that FPS averages whole {blocks}-block videos (Self-Forcing's 81 frames), fill and drain count: "
                       f"{ticks} ticks for {blocks} blocks instead of {blocks * r.layout.stride}, "
                       f"{c['fps'] * blocks * r.layout.stride / ticks:.1f} FPS calibrated.")
-    for preset, rows in out.items():
-        print(five_devices(preset, rows, cal))
+    for preset, results in out.items():
+        print(five_devices(preset, results, cal))
     return out
 
 

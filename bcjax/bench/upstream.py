@@ -56,6 +56,7 @@ import sys
 import time
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,7 @@ def _stand_in(name: str, attrs: dict | None = None, raising: tuple[str, ...] = (
     for a in raising:
         setattr(mod, a, missing(a))
     if not raising:  # any other name: a function that fails loudly if called
-        mod.__getattr__ = missing
+        vars(mod)["__getattr__"] = missing  # a module-level __getattr__ (PEP 562), on this module only
     return mod
 
 
@@ -139,12 +140,13 @@ def _load_upstream(path: str) -> types.SimpleNamespace:
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2).contiguous()
 
-    model_mod = importlib.import_module("wan.modules.model")
-    causal_mod = importlib.import_module("wan.modules.causal_model")
+    # upstream's modules: untyped, and patched below
+    model_mod: Any = importlib.import_module("wan.modules.model")
+    causal_mod: Any = importlib.import_module("wan.modules.causal_model")
     model_mod.flash_attention = sdpa
     causal_mod.attention = sdpa
     wrapper_mod = importlib.import_module("utils.wan_wrapper")
-    pipeline_mod = importlib.import_module("pipeline.causal_inference")
+    pipeline_mod: Any = importlib.import_module("pipeline.causal_inference")
     pipeline_mod.print = lambda *a, **k: None
     return types.SimpleNamespace(torch=torch, CausalWanModel=causal_mod.CausalWanModel,
                                  WanDiffusionWrapper=wrapper_mod.WanDiffusionWrapper,
@@ -170,12 +172,13 @@ class _Upstream:
         finally:
             up.CausalWanModel.from_pretrained = pretrained
         prompt = torch.from_numpy(context)
+        module_base: Any = torch.nn.Module  # torch is not typed here (an optional dependency)
 
-        class Text(torch.nn.Module):
+        class Text(module_base):
             def forward(self, text_prompts):
                 return {"prompt_embeds": prompt}
 
-        class Latents(torch.nn.Module):  # the VAE: latents back as they are (return_latents gives them)
+        class Latents(module_base):  # the VAE: latents back as they are (return_latents gives them)
             def decode_to_pixel(self, latent, use_cache=False):
                 return latent
 
@@ -266,7 +269,7 @@ def _compare(up, name: str, size: Size, args) -> dict:
     err = float(np.max(np.abs(lat_up - lat_bc)))
     print(f"{name}: max |latents bcjax - upstream| = {err:.2e} over {NUM_BLOCKS} blocks (tolerance {TOLERANCE:g})",
           flush=True)
-    times: dict[str, list[float]] = {"upstream": [], "bcjax": []}
+    times: dict[str, list[np.ndarray]] = {"upstream": [], "bcjax": []}  # seconds per block, per run
     for r in range(args.repeats):
         for side in (("upstream", "bcjax") if r % 2 == 0 else ("bcjax", "upstream")):
             times[side].append((upstream.run() if side == "upstream" else ours())[1])

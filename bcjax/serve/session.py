@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import threading
 import time
+from typing import Any
 
 import jax
 
@@ -130,6 +131,7 @@ class Stream:
     sent: int = 0  # blocks put on the outbox
     acked: int = 0  # blocks the page says it received
     pushed: dict = dataclasses.field(default_factory=dict)  # prompt index -> time of the switch
+    runner: Any = None  # what `Runners.get` gave for its settings' (schedule, window)
 
 
 class Session:
@@ -214,8 +216,8 @@ class Session:
         runner = self.runners.get(settings["schedule"], settings["window"])
         with self._cond:
             self._streams += 1
-            self.gen = Stream(self._streams, settings, prompt, prompt, LivePrompts(kv, self.text_bytes), fps=cmd["fps"])
-            self.gen.runner = runner
+            self.gen = Stream(self._streams, settings, prompt, prompt, LivePrompts(kv, self.text_bytes), fps=cmd["fps"],
+                              runner=runner)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"bcjax-tab-{self.tab}", daemon=True)
                 self._thread.start()
@@ -309,11 +311,13 @@ class Session:
                     return
                 if nxt is not gen:  # replaced or reset: the old stream's state is freed now, not at the next start
                     if ticks is not None:
+                        assert gen is not None  # ticks are gen's
                         ticks.close()  # a block it was decoding is dropped with it, as its unsent messages are
                         self.outbox.put({"type": "state", "state": "ended", "stream": gen.id})
                     gen, ticks, holding = nxt, None, False
                     if gen is None:
                         continue
+                assert gen is not None  # _next hands back the same stream only while it has one
                 try:
                     if ticks is None:
                         ticks = self._ticks(gen)

@@ -243,7 +243,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
             check_switch(scenes[0], scene)
         except ValueError as e:
             raise ValueError(f"--prompts: {text!r}@{at}: {e}") from None
-    starts = [tuple(int(v) for v in rng.integers(world.lo, world.hi + 1, 2)) for _ in scenes[0]]
+    starts = [(int(y), int(x)) for y, x in (rng.integers(world.lo, world.hi + 1, 2) for _ in scenes[0])]
     embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(sched, scenes, strict=True)]
     if interpolate:  # Krea's prompt interpolation: each switch ramps over `interpolate` blocks
         embeds = interpolate_schedule(embeds, interpolate)
