@@ -5,9 +5,9 @@
                      [--group G] [--hlo] [--fps-presets wan2.1-1.3b wan2.1-14b] [--window bidirectional]
                      [--mfu 0.4] [--memory TARGET]
 
-The tick (the token-sharded tick of `bcjax.cascade.tick`): one joint DiT pass over every in-flight block, T = in_flight x
-block_frames x tokens_per_frame query tokens (in_flight = ceil((n + 1) / stride): P4 5, P2 3, P1 2,
-"sequential" 1, whose stride n + 1 makes n + 1 passes per block). The tokens are cut into groups of
+The tick (the token-sharded tick of `bcjax.cascade.tick`): one joint DiT pass over every in-flight
+block, T = in_flight x block_frames x tokens_per_frame query tokens (in_flight = ceil((n + 1) /
+stride): P4 5, P2 3, P1 2, "sequential" 1, whose stride n + 1 makes n + 1 passes per block). The tokens are cut into groups of
 g tokens (g divides tokens_per_frame: a group never straddles a latent frame); each of the N `stage`
 devices takes ceil(groups / N) groups, idle padding groups only where N does not divide them, so
 T_pad = N ceil(T / (g N)) g. Sequential on N devices is context parallelism of one block; P4 on 8
@@ -65,7 +65,8 @@ _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 
 
 def _bytes(shapes: str) -> int:
-    return sum(_ITEMSIZE[dt] * int(np.prod([int(d) for d in dims.split(",") if d])) for dt, dims in _SHAPE.findall(shapes))
+    return sum(_ITEMSIZE[dt] * int(np.prod([int(d) for d in dims.split(",") if d]))
+               for dt, dims in _SHAPE.findall(shapes))
 
 
 _VALUE = re.compile(r"^\s*%([\w.\-]+) = s32\[\]\S* (constant|copy)\((-?\d+|%[\w.\-]+)\)")
@@ -86,7 +87,8 @@ def _parse(hlo: str):
     values: dict[str, dict[str, str]] = {}  # per computation: s32 scalar constants and copies
     tuples: dict[str, dict[str, str]] = {}  # per computation: a tuple's first operand
     bounds: dict[str, str] = {}  # condition computation -> the name its `i < bound` compares with
-    loops: list[tuple[str, str, str, str, int]] = []  # (computation, init tuple, condition, body) of whiles without a known trip count
+    # (computation, init tuple, condition, body) of whiles without a known trip count
+    loops: list[tuple[str, str, str, str, int]] = []
     done: set[str] = set()
     for line in hlo.splitlines():
         m = _COMPUTATION.match(line)
@@ -170,9 +172,11 @@ def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, Any]]:
     # replica groups name positions in the program's device assignment, which is the mesh's
     # order; device ids agree with them only on some platforms (not on a v5e-32 topology)
     ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
-    axes = {name: [set(np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])[j].tolist()) for j in range(ids.size // ids.shape[i])]
+    axes = {name: [set(np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])[j].tolist())
+                   for j in range(ids.size // ids.shape[i])]
             for i, name in enumerate(mesh.axis_names)}
-    out: defaultdict[str, dict[str, Any]] = defaultdict(lambda: {"ops": 0, "payload": 0.0, "wire": 0.0, "kinds": defaultdict(int)})
+    out: defaultdict[str, dict[str, Any]] = defaultdict(
+        lambda: {"ops": 0, "payload": 0.0, "wire": 0.0, "kinds": defaultdict(int)})
     for comp, k in times.items():
         for kind, nbytes, group in comps[comp][0]:
             size = group if isinstance(group, int) else len(group or ())
@@ -255,7 +259,8 @@ def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batc
         kind, nbytes = tick_op
         out["stage"] = {"ops": 2 * layers + 1, "payload": layers * gather + nbytes,
                         "wire": (layers * gather + nbytes * (2 if kind == "all-reduce" else 1)) * ring,
-                        "kinds": {"all-gather": 2 * layers + (kind == "all-gather"), **({kind: 1} if kind != "all-gather" else {})}}
+                        "kinds": {"all-gather": 2 * layers + (kind == "all-gather"),
+                                  **({kind: 1} if kind != "all-gather" else {})}}
     if model > 1:
         norms = 3 if cfg.qk_norm else 0
         payload = layers * (3 * batch * t_dev * cfg.dim * dt + norms * batch * t_dev * 4)
@@ -340,7 +345,8 @@ HARDWARE = {h.name: h for h in (
              **_H100),
     Hardware("TPU v5e-32", 32, "TPU v5e", 197.0, 16.0, 50.0, 50.0, "v5e-32",
              "ICI 50 GB/s per link each way; XLA:TPU needs the whole slice"),
-    Hardware("TPU v5p-16", 8, "TPU v5p", 459.0, 95.0, 100.0, 100.0, "v5p-16", "8 chips, ICI 100 GB/s per link each way"),
+    Hardware("TPU v5p-16", 8, "TPU v5p", 459.0, 95.0, 100.0, 100.0, "v5p-16",
+             "8 chips, ICI 100 GB/s per link each way"),
     Hardware("TPU v6e-16", 16, "TPU v6e", 918.0, 32.0, 100.0, 100.0, "v6e-16", "ICI 100 GB/s per link each way"),
 )}
 # (hardware, schedule, stage devices or None = the whole machine over the smallest `model` that fits)
@@ -377,7 +383,8 @@ def _weights_bytes(cfg) -> float:
 
     from bcjax.model.wan import param_shapes
 
-    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(param_shapes(cfg)))
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+               for a in jax.tree_util.tree_leaves(param_shapes(cfg)))
 
 
 def row_mesh(cfg, hw: Hardware, stage: int | None) -> tuple[int, int]:
@@ -415,7 +422,8 @@ def fps_rows(preset: str, latent_hw, window: str, dtype: str = "bfloat16", rows=
         hw = HARDWARE[name]
         mesh = row_mesh(cfg, hw, stage)
         win = "causal" if schedule == "sequential" else window  # one block in flight: the windows agree
-        out.append(FpsRow(preset, port, hw, schedule, win, mesh, tick_layout(cfg, pcfg, latent_hw, schedule, mesh[0], group),
+        out.append(FpsRow(preset, port, hw, schedule, win, mesh,
+                          tick_layout(cfg, pcfg, latent_hw, schedule, mesh[0], group),
                           tick_flops(cfg, pcfg, latent_hw, schedule, win, *mesh, group=group),
                           tick_bytes(cfg, pcfg, latent_hw, schedule, *mesh, group=group)))
     return out
@@ -533,8 +541,8 @@ def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: in
                   f"matches it.")
             blocks, ticks = PAPER_VIDEO_BLOCKS, (PAPER_VIDEO_BLOCKS - 1) * r.layout.stride + r.layout.num_stages
             if r.layout.in_flight > 1:
-                print(f"  if that FPS averages whole {blocks}-block videos (Self-Forcing's 81 frames), fill and drain count: "
-                      f"{ticks} ticks for {blocks} blocks instead of {blocks * r.layout.stride}, "
+                print(f"  if that FPS averages whole {blocks}-block videos (Self-Forcing's 81 frames), "
+                      f"fill and drain count: {ticks} ticks for {blocks} blocks instead of {blocks * r.layout.stride}, "
                       f"{c['fps'] * blocks * r.layout.stride / ticks:.1f} FPS calibrated.")
     for preset, results in out.items():
         print(five_devices(preset, results, cal))
@@ -555,8 +563,10 @@ def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str
     text = f"{preset} on {hardware} at MFU {mfu:.1%}: " + ", ".join(parts)
     if "sequential" in here and "P4" in here:
         seq, p4 = here["sequential"][0], here["P4"][0]
-        p4_s = 1e-3 * model_fps(p4.flops["device"], p4.comm, p4.hardware, mfu, p4.layout.stride)["tick_ms"] * p4.layout.stride
-        comm_s = 1e-3 * sum(model_fps(seq.flops["device"], seq.comm, seq.hardware, 1.0, 1)[k] for k in ("stage_ms", "model_ms"))
+        p4_s = (1e-3 * model_fps(p4.flops["device"], p4.comm, p4.hardware, mfu, p4.layout.stride)["tick_ms"]
+                * p4.layout.stride)
+        comm_s = 1e-3 * sum(model_fps(seq.flops["device"], seq.comm, seq.hardware, 1.0, 1)[k]
+                            for k in ("stage_ms", "model_ms"))
         per_block = p4_s / seq.layout.stride - comm_s  # the compute time per tick at which the two tie
         if per_block > 0:
             even = seq.flops["device"] / (seq.hardware.tflops * 1e12 * per_block)
@@ -588,7 +598,8 @@ def print_memory(target_name: str, presets, latent_hw, window: str, dtype: str, 
             if (preset, r.schedule, r.mesh) in seen:
                 continue
             seen.add((preset, r.schedule, r.mesh))
-            cfg = dataclasses.replace(r_cfg(preset, dtype, layers), attention=attention.backends_for(target.platform)[0])
+            cfg = dataclasses.replace(r_cfg(preset, dtype, layers),
+                                      attention=attention.backends_for(target.platform)[0])
             import ports
 
             pcfg = ports.get(r.port).pipeline

@@ -266,7 +266,8 @@ def umt5_lowering(dtype: str, sharding) -> Callable:
 
 
 def _abstract(sharding):
-    return lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+    return lambda tree: jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 # -- meshes --------------------------------------------------------------------------------------
@@ -372,7 +373,8 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
                 shapes = list(dict.fromkeys((1, model) for _, model in shapes))
             for stage, model in shapes:
                 if stage * model > n:
-                    raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; target {target.name} has {n}")
+                    raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; "
+                                     f"target {target.name} has {n}")
                 for backend in backends or attention.backends_for(target.platform):
                     cfg = dataclasses.replace(base, attention=backend)
                     try:
@@ -406,7 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", nargs="+", default=["wan2.1-1.3b", "wan2.1-14b"], choices=WanConfig.preset_names())
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--backends", nargs="+", help="attention backends (default: every one the target's platform has)")
-    ap.add_argument("--meshes", nargs="+", metavar="STAGExMODEL", help="meshes of the DiT programs (default: see above)")
+    ap.add_argument("--meshes", nargs="+", metavar="STAGExMODEL",
+                    help="meshes of the DiT programs (default: see above)")
     ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"),
                     help="latent size (default 60 104 = 480x832 video)")
     ap.add_argument("--layers", type=int, help="DiT layers to compile (default: the preset's)")

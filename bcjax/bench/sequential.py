@@ -5,8 +5,9 @@
                                      [--attention auto|dense|chunked|...]
 
 Both sides get the same random original-layout Wan weights. bcjax is timed in steady state (cache
-full and rolling, compile excluded) and on a stream's first block (empty cache); diffusers, which has no KV cache, is timed on one block alone and on the
-full uncached [context frames | block] sequence that a cache-less driver re-runs every pass.
+full and rolling, compile excluded) and on a stream's first block (empty cache); diffusers, which
+has no KV cache, is timed on one block alone and on the full uncached [context frames | block]
+sequence that a cache-less driver re-runs every pass.
 FPS = 12 video frames / seconds per block (one block = 3 latent frames = 12 video frames).
 """
 
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
                  (f"diffusers uncached driver ({n} x full sequence)", "", f"{u:.1f}", fps(u))]
     width = max(len(r[0]) for r in rows)
     print(f"\nbcjax block fn compile: {jx['compile_s']:.1f} s (excluded below)")
-    print(f"| {'':{width}} | ms/forward | ms/block |      FPS |\n|{'-' * (width + 2)}|-----------:|---------:|---------:|")
+    print(f"| {'':{width}} | ms/forward | ms/block |      FPS |\n"
+          f"|{'-' * (width + 2)}|-----------:|---------:|---------:|")
     for name, f, b, s in rows:
         print(f"| {name:{width}} | {f:>10} | {b:>8} | {s:>8} |")
     return 0

@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, help="override the preset's layer count (a reduced model)")
     a = p.parse_args(argv)
     if not 6 <= a.switch_at < a.blocks:
-        raise SystemExit(f"--switch-at {a.switch_at} must lie in [6, --blocks {a.blocks}) so the cascade is full before it")
+        raise SystemExit(f"--switch-at {a.switch_at} must lie in [6, --blocks {a.blocks}) "
+                         "so the cascade is full before it")
     cfg = WanConfig.preset(a.preset, attention="xla")
     if a.layers:
         import dataclasses
@@ -68,8 +69,8 @@ def main(argv=None) -> dict:
              for _ in range(2)]
     key = jax.random.key(1)
     print(f"prompt-switch stall: {a.preset} ({cfg.num_layers} layers, dim {cfg.dim}), latents {hw[0]}x{hw[1]}, "
-          f"{port.name} window {port.pipeline.window_frames} frames (sink {port.pipeline.sink_frames}), switch at block "
-          f"{a.switch_at} of {a.blocks}, {jax.default_backend()}, median of {a.repeats}")
+          f"{port.name} window {port.pipeline.window_frames} frames (sink {port.pipeline.sink_frames}), "
+          f"switch at block {a.switch_at} of {a.blocks}, {jax.default_backend()}, median of {a.repeats}")
     out = {}
     runners = {"sequential": make_runner(cfg, port.pipeline, hw), "P4-bidirectional": make_runner(
         cfg, port.pipeline, hw, "P4", "bidirectional")}

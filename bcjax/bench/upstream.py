@@ -304,14 +304,15 @@ def main(argv=None) -> int:
     if args.threads:
         up.torch.set_num_threads(args.threads)
     print(f"device {jax.devices()} | jax {jax.__version__} | torch {up.torch.__version__} "
-          f"({up.torch.get_num_threads()} threads) | processors {sorted(os.sched_getaffinity(0))} | {NUM_BLOCKS} blocks, Self-Forcing sampler, fp32", flush=True)
+          f"({up.torch.get_num_threads()} threads) | processors {sorted(os.sched_getaffinity(0))} | "
+          f"{NUM_BLOCKS} blocks, Self-Forcing sampler, fp32", flush=True)
     rows = {name: _compare(up, name, SIZES[name], args) for name in args.sizes}
     print("\n| size | latent | upstream ms/block (blocks 2-6) | bcjax ms/block | bcjax / upstream | max abs diff |\n"
           "|---|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         hw = SIZES[name].latent_hw
-        print(f"| {name} | {hw[0]}x{hw[1]} | {r['upstream']:.1f} | {r['bcjax']:.1f} | {r['bcjax'] / r['upstream']:.2f}x | "
-              f"{r['err']:.1e} |")
+        print(f"| {name} | {hw[0]}x{hw[1]} | {r['upstream']:.1f} | {r['bcjax']:.1f} | "
+              f"{r['bcjax'] / r['upstream']:.2f}x | {r['err']:.1e} |")
     bad = [name for name, r in rows.items() if not r["err"] <= TOLERANCE]
     if bad:
         print(f"latents differ by more than {TOLERANCE:g} at {', '.join(bad)}: the timings compare different "
