@@ -70,7 +70,8 @@ def config_from_dict(cls, data: Mapping, **runtime):
     data = {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; the checkpoint's config.json is from another version")
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; "
+                         "the checkpoint's config.json is from another version")
     bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
     if bad:
         raise ValueError(f"{bad} are not run-time fields; expected some of {RUNTIME_FIELDS}")
@@ -187,5 +188,6 @@ def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, d
         shardings = tp_shardings(mesh, Layout(cfg, mesh).params)
     else:
         shardings = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, spec or P()), shapes)
-    target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    shapes, shardings)
     return cfg, ocp.StandardCheckpointer().restore(os.path.join(path, part), target)
