@@ -57,7 +57,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids,
                                    initialization_timeout=timeout_s)
     except Exception as e:  # re-raised with the context a user needs
-        where = f"coordinator {coordinator}, process {process_id} of {num_processes}" if coordinator else "auto-detected cluster"
+        where = (f"coordinator {coordinator}, process {process_id} of {num_processes}" if coordinator
+                 else "auto-detected cluster")
         raise ConnectionError(f"could not join the JAX distributed runtime ({where}) within {timeout_s} s: {e}") from e
 
 

@@ -204,12 +204,14 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
         raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
     if policy != "no-recache" and not runner.keeps_cache:
         raise ValueError(f"policy {policy!r} rewrites the KV cache at a switch; {type(runner).__name__} keeps no cache "
-                         "(Krea's loop rebuilds its context under the prompt in force before every block): use 'no-recache'")
+                         "(Krea's loop rebuilds its context under the prompt in force before every block): "
+                         "use 'no-recache'")
     bf = runner.pcfg.block_frames
     first = 0 if context is None else context.shape[1] // bf
     if policy != "no-recache" and model_size(runner.mesh) > 1:
         raise ValueError(f"policy {policy!r} recaches with one device's weights; the runner's mesh splits them over "
-                         f"'model' = {model_size(runner.mesh)} devices (use policy 'no-recache', which a cascade needs anyway)")
+                         f"'model' = {model_size(runner.mesh)} devices "
+                         "(use policy 'no-recache', which a cascade needs anyway)")
     params = runner.place_params(params)
     current = prompts.at(first)
     extra = {} if reencode is None else {"reencode": reencode}

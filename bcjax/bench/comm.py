@@ -9,9 +9,9 @@ The tick (the token-sharded tick of `bcjax.cascade.tick`): one joint DiT pass ov
 block, T = in_flight x block_frames x tokens_per_frame query tokens (in_flight = ceil((n + 1) /
 stride): P4 5, P2 3, P1 2, "sequential" 1, whose stride n + 1 makes n + 1 passes per block). The
 tokens are cut into groups of g tokens (g divides tokens_per_frame: a group never straddles a
-latent frame); each of the N `stage` devices takes ceil(groups / N) groups, idle padding groups only where N does not divide them, so
-T_pad = N ceil(T / (g N)) g. Sequential on N devices is context parallelism of one block; P4 on 8
-or 16 is the cascade and context parallelism at once.
+latent frame); each of the N `stage` devices takes ceil(groups / N) groups, idle padding groups
+only where N does not divide them, so T_pad = N ceil(T / (g N)) g. Sequential on N devices is
+context parallelism of one block; P4 on 8 or 16 is the cascade and context parallelism at once.
 
 Bytes per tick and per device, two sources that must agree:
 * the formula (`tick_bytes`), per layer: the `stage` all-gather of the tick's K and V ([B, T_pad,

@@ -159,7 +159,8 @@ class Layout:
         flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, P))
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         return jax.tree_util.tree_unflatten(treedef, [
-            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding(s)) for a, s in zip(leaves, flat_specs, strict=True)])
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding(s))
+            for a, s in zip(leaves, flat_specs, strict=True)])
 
     def abstract_params(self):
         from bcjax.model.wan import param_shapes
@@ -172,7 +173,8 @@ class Layout:
 
         cfg = self.cfg
         kv = jax.ShapeDtypeStruct((cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
-        abstract_kv = KV(kv, kv)  # type: ignore[arg-type]  # abstract: ShapeDtypeStruct leaves stand in for arrays
+        # abstract: ShapeDtypeStruct leaves stand in for the arrays
+        abstract_kv = KV(kv, kv)  # type: ignore[arg-type]  # the type cannot say "array or its abstract value"
         return self.abstract(abstract_kv, self.text if self.mesh is not None else None)
 
     def abstract_cache(self, batch: int, capacity: int, tokens_per_frame: int):

@@ -134,8 +134,9 @@ def ffmpeg_command(path: str, size: tuple[int, int], fps: float, quality: int) -
     import imageio_ffmpeg
 
     rate = str(Fraction(fps).limit_denominator())
-    return [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{size[0]}x{size[1]}",
-            "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+    return [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+            "-s", f"{size[0]}x{size[1]}", "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-an",
+            "-vcodec", "libx264", "-pix_fmt", "yuv420p",
             "-crf", str(int((1 - quality / 10.0) * 51)), "-v", "error", path]
 
 

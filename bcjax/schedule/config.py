@@ -96,9 +96,9 @@ class PipelineConfig:
         span = self.cache_frames - self.sink_frames + (self.num_steps + 1) * bf
         period = bf * ((max_positions - self.sink_frames - span) // bf)
         if period < bf:
-            raise ValueError(f"positions='rolling' needs a RoPE table longer than sink {self.sink_frames} + rolling cache "
-                             f"{self.cache_frames - self.sink_frames} + {self.num_steps + 1} in-flight blocks of {bf} "
-                             f"frames + one block; the model has {max_positions} positions")
+            raise ValueError(f"positions='rolling' needs a RoPE table longer than sink {self.sink_frames} + "
+                             f"rolling cache {self.cache_frames - self.sink_frames} + "
+                             f"{self.num_steps + 1} in-flight blocks of {bf} frames + one block; the model has {max_positions} positions")
         return period
 
     def check_length(self, max_positions: int, num_blocks: int, first_block: int = 0) -> None:

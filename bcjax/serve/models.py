@@ -220,7 +220,8 @@ class CheckpointBackend:
         text = _common_checks(prompt)
         tokens = len(self.t2v.tokenizer.encode(clean_prompt(text))) + 1  # + EOS
         if tokens > self.t2v.text_cfg.text_len:
-            raise ValueError(f"the prompt is {tokens} tokens long; the text encoder reads at most {self.t2v.text_cfg.text_len}")
+            raise ValueError(f"the prompt is {tokens} tokens long; "
+                             f"the text encoder reads at most {self.t2v.text_cfg.text_len}")
         return text
 
     def encode(self, prompt: str):

@@ -340,7 +340,8 @@ class Session:
         with self._cond:
             if self.gen is gen:
                 self.gen = None
-        self.outbox.put({"type": "error", "what": "stream", "stream": gen.id, "message": f"{type(exc).__name__}: {exc}"})
+        self.outbox.put({"type": "error", "what": "stream", "stream": gen.id,
+                         "message": f"{type(exc).__name__}: {exc}"})
         self.outbox.put({"type": "state", "state": "ended", "stream": gen.id})
 
     def _ticks(self, gen: Stream):
