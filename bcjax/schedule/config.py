@@ -98,7 +98,8 @@ class PipelineConfig:
         if period < bf:
             raise ValueError(f"positions='rolling' needs a RoPE table longer than sink {self.sink_frames} + "
                              f"rolling cache {self.cache_frames - self.sink_frames} + "
-                             f"{self.num_steps + 1} in-flight blocks of {bf} frames + one block; the model has {max_positions} positions")
+                             f"{self.num_steps + 1} in-flight blocks of {bf} frames + one block; "
+                             f"the model has {max_positions} positions")
         return period
 
     def check_length(self, max_positions: int, num_blocks: int, first_block: int = 0) -> None:

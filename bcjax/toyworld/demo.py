@@ -53,7 +53,8 @@ def timed_stream(model: ToyModel, scenes, num_blocks: int, key, schedule: str, w
         state = runner.init_state(len(scenes), *runner.prefill(model.params, text, first))
         stream = runner.blocks(model.params, text, key, num_blocks, state=state)
     else:
-        stream = runner.blocks(model.params, text, key, num_blocks, runner.prefill(model.params, text, first), first_block=1)
+        stream = runner.blocks(model.params, text, key, num_blocks, runner.prefill(model.params, text, first),
+                               first_block=1)
     out, times = [np.asarray(first)], []
     t0 = time.perf_counter()
     for _, x0 in stream:
@@ -121,10 +122,12 @@ def frames_png(path: str, latents: list[np.ndarray], scenes, model: ToyModel, sc
 
 def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, video: str,
                  frames: str | None = None, per_block: dict | None = None) -> str:
+    trained_by = (" -> ".join(dict.fromkeys(s["stage"] for s in model.provenance.get("stages", [])))
+                  or "clean-context teacher forcing")
     lines = ["# bcjax demo: the toy world, sequential vs Block Cascading", "",
              f"Model: shipped toy-world Wan DiT ({model.cfg.num_layers} layers, dim {model.cfg.dim}, "
              f"{sum(x.size for x in jax.tree_util.tree_leaves(model.params)):,} parameters, trained by "
-             f"{' -> '.join(dict.fromkeys(s['stage'] for s in model.provenance.get('stages', []))) or 'clean-context teacher forcing'}), "
+             f"{trained_by}), "
              f"{model.pcfg.num_steps}-step sampler, window {model.pcfg.window_frames} latent frames; "
              f"{jax.default_backend()}, {jax.device_count()} device(s).", "",
              "Prompts (first block given as the still image, the rest generated):", ""]
@@ -146,9 +149,10 @@ def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, v
                   for name, m in per_block.items()]
     if frames:
         lines += ["", f"![truth and every setting, the last frame of every block]({os.path.basename(frames)})", "",
-                  f"`{os.path.basename(frames)}`: per prompt, rows {', '.join(LABELS)}; columns: the last frame of every "
-                  "block, the given still image first."]
-    lines += ["", f"Video: `{os.path.basename(video)}` (columns: {', '.join(LABELS)}; frame counter red on the given frames).",
+                  f"`{os.path.basename(frames)}`: per prompt, rows {', '.join(LABELS)}; "
+                  "columns: the last frame of every block, the given still image first."]
+    lines += ["", f"Video: `{os.path.basename(video)}` (columns: {', '.join(LABELS)}; "
+                  "frame counter red on the given frames).",
               "Steady ms/block on one device is not the cascade's speed-up: that needs the tick's tokens split over "
               "several devices (`--devices N`, e.g. 5 for P4's five blocks in flight)."]
     text = "\n".join(lines) + "\n"
@@ -256,7 +260,8 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
         return np.repeat(np.repeat(to_rgb(frames, world), scale, 1), scale, 2)
 
     events = []
-    bar = tqdm(total=blocks, unit="block", desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
+    bar = tqdm(total=blocks, unit="block",
+               desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
     fps = fps or FPS  # as in `run`
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with (Mp4Writer(out, fps=fps) if is_primary() else NullWriter()) as w:  # multi-host: process 0 writes

@@ -74,7 +74,8 @@ def adherence(model: ToyModel, scenes: list[Scene], num_blocks: int, at_block: i
     err_new, err_old = np.zeros((len(scenes), num_blocks)), np.zeros((len(scenes), num_blocks))
     for i, (old, new) in enumerate(zip(scenes, news, strict=True)):
         cut = at_block * bf
-        new_pos = np.concatenate([positions(old, cut, world), positions(new, f - cut, world, start_frame=world.still_frames)])
+        new_pos = np.concatenate([positions(old, cut, world),
+                                  positions(new, f - cut, world, start_frame=world.still_frames)])
         for truth_pos, out in ((new_pos, err_new), (positions(old, f, world), err_old)):
             err = _errors(lat[i], truth_pos, old, world)
             out[i] = err.reshape(-1, bf * len(old))[1:].mean(1)

@@ -66,7 +66,8 @@ class WorldConfig:
     place frame k of a block k steps ahead, since RoPE scores add over t/h/w and cannot couple a
     time offset with a proportional space offset in one attention hop; 1 = a step every frame);
     text_len x text_dim: the prompt embedding the DiT's cross-attention reads (one token per
-    sprite phrase, zero-padded like Wan's umT5 embeddings); embed_seed: the fixed rotation that makes the word codes dense.
+    sprite phrase, zero-padded like Wan's umT5 embeddings); embed_seed: the fixed rotation that makes
+    the word codes dense.
     """
 
     size: int = 12
@@ -83,11 +84,14 @@ class WorldConfig:
 
     def __post_init__(self):
         if not 1 <= self.sprite <= self.size - 3:
-            raise ValueError(f"sprite side {self.sprite} must be in [1, canvas size {self.size} - 3] (walls + room to move)")
+            raise ValueError(f"sprite side {self.sprite} must be in [1, canvas size {self.size} - 3] "
+                             "(walls + room to move)")
         if self.frames_per_step < 1 or self.still_frames < 0:
-            raise ValueError(f"frames_per_step {self.frames_per_step} must be >= 1 and still_frames {self.still_frames} >= 0")
+            raise ValueError(f"frames_per_step {self.frames_per_step} must be >= 1 "
+                             f"and still_frames {self.still_frames} >= 0")
         if not 1 <= self.min_sprites <= self.max_sprites <= len(COLOURS):
-            raise ValueError(f"sprites per scene [{self.min_sprites}, {self.max_sprites}] must lie in [1, {len(COLOURS)}]")
+            raise ValueError(f"sprites per scene [{self.min_sprites}, {self.max_sprites}] "
+                             f"must lie in [1, {len(COLOURS)}]")
         if self.text_len < self.max_sprites:
             raise ValueError(f"text_len {self.text_len} cannot hold {self.max_sprites} sprite phrases (one token each)")
         if self.text_dim < _code_dim(self):
@@ -157,7 +161,8 @@ def check_switch(first: Scene, scene: Scene) -> None:
     was, now = [s.colour for s in first], [s.colour for s in scene]
     if now != was:
         raise ValueError(f"this stream's sprites are {', '.join(was)} (the image holds them); a switch to "
-                         f"{', '.join(now)} may change directions and speeds only: start a new stream for other sprites")
+                         f"{', '.join(now)} may change directions and speeds only: "
+                         "start a new stream for other sprites")
 
 
 def _check_scene(scene: Scene, cfg: WorldConfig) -> None:
@@ -165,10 +170,12 @@ def _check_scene(scene: Scene, cfg: WorldConfig) -> None:
         raise ValueError(f"scene has {len(scene)} sprites; this world holds {cfg.min_sprites}..{cfg.max_sprites}")
     colours = [s.colour for s in scene]
     if len(set(colours)) != len(colours):
-        raise ValueError(f"sprite colours {colours} repeat; each sprite needs its own colour (the readout tells them apart by it)")
+        raise ValueError(f"sprite colours {colours} repeat; "
+                         "each sprite needs its own colour (the readout tells them apart by it)")
     for s in scene:
         if not (cfg.lo <= s.row <= cfg.hi and cfg.lo <= s.col <= cfg.hi):
-            raise ValueError(f"sprite {s.colour} starts at ({s.row}, {s.col}); corners must lie in [{cfg.lo}, {cfg.hi}]")
+            raise ValueError(f"sprite {s.colour} starts at ({s.row}, {s.col}); "
+                             f"corners must lie in [{cfg.lo}, {cfg.hi}]")
 
 
 def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:

@@ -269,7 +269,8 @@ def init_decode_state(cfg: TAEHVConfig, batch: int, latent_hw: tuple[int, int]) 
 def _check_latents(cfg: TAEHVConfig, z, state: DecodeState | None = None):
     c = cfg.latent_channels
     if z.ndim != 5 or z.shape[-1] != c:
-        raise ValueError(f"TAEHV latents must be channels-last [batch, frames, height, width, {c}]; got shape {z.shape}")
+        raise ValueError(f"TAEHV latents must be channels-last [batch, frames, height, width, {c}]; "
+                         f"got shape {z.shape}")
     if state is not None:
         first = state.cache["stage_0_mem_0"].shape  # [batch, h, w, C]
         if (z.shape[0], *z.shape[2:4]) != first[:3]:

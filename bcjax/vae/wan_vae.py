@@ -201,7 +201,8 @@ class ResidualBlock(nn.Module):
     def __call__(self, x, cache=None, valid=None):
         """x [B, F, H, W, Cin] -> (x [B, F, H, W, out_dim], {'conv1', 'conv2'} caches)."""
         cfg, cache = self.cfg, cache or {}
-        h = x.astype(cfg.compute_dtype) if x.shape[-1] == self.out_dim else _dense(cfg, self.out_dim, "conv_shortcut")(x)
+        h = (x.astype(cfg.compute_dtype) if x.shape[-1] == self.out_dim
+             else _dense(cfg, self.out_dim, "conv_shortcut")(x))
         y = nn.silu(RMSNorm(cfg, name="norm1")(x))
         y, c1 = CausalConv3d(cfg, self.out_dim, name="conv1")(y, cache.get("conv1"), valid)
         y = nn.silu(RMSNorm(cfg, name="norm2")(y))
@@ -298,7 +299,8 @@ class UpBlock(nn.Module):
             x, new[f"resnets_{j}"] = ResidualBlock(self.cfg, self.out_dim, name=f"resnets_{j}")(
                 x, cache.get(f"resnets_{j}"), valid)
         if self.mode is not None:
-            x, new["upsampler"] = Resample(self.cfg, self.mode, name="upsampler")(x, cache.get("upsampler"), valid, first)
+            x, new["upsampler"] = Resample(self.cfg, self.mode, name="upsampler")(
+                x, cache.get("upsampler"), valid, first)
         return x, new
 
 
@@ -442,7 +444,8 @@ def init_decode_state(cfg: VAEConfig, batch: int, latent_hw: tuple[int, int]) ->
 
 def _check_latents(cfg: VAEConfig, z, state: DecodeState | None = None):
     if z.ndim != 5:
-        raise ValueError(f"latents must be channels-last [batch, frames, height, width, {cfg.z_dim}]; got shape {z.shape}")
+        raise ValueError(f"latents must be channels-last [batch, frames, height, width, {cfg.z_dim}]; "
+                         f"got shape {z.shape}")
     if z.shape[-1] != cfg.z_dim:
         raise ValueError(
             f"latents have {z.shape[-1]} channels (shape {z.shape}); the Wan VAE expects {cfg.z_dim}, "
