@@ -72,7 +72,8 @@ def _flat_expected(cfg: TAEHVConfig) -> dict[str, tuple[int, ...]]:
 def rename_table(cfg: TAEHVConfig) -> dict[str, tuple[str, _Rule]]:
     """{upstream key: (bcjax path, rule)} covering exactly the parameters of `cfg`."""
     expected = _flat_expected(cfg)
-    table = {prefix + src: (f"{path}/{leaf}", rule) for path, prefix, leaves in _modules(cfg) for leaf, src, rule in leaves}
+    table = {prefix + src: (f"{path}/{leaf}", rule)
+             for path, prefix, leaves in _modules(cfg) for leaf, src, rule in leaves}
     missing = set(expected) ^ {p for p, _ in table.values()}
     if missing:  # the table above is out of step with the Flax modules: a bug here, not in the checkpoint
         raise RuntimeError(f"TAEHV rename table and Flax modules disagree on {sorted(missing)}")
@@ -141,7 +142,8 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: TAEHVConfig | None = None
         head = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         lead = f"{diagnosis}.\n" if diagnosis else ""
-        raise ValueError(f"{lead}TAEHV checkpoint does not match {_describe(cfg)} ({len(errors)} problems):\n  {head}{more}")
+        raise ValueError(f"{lead}TAEHV checkpoint does not match {_describe(cfg)} "
+                         f"({len(errors)} problems):\n  {head}{more}")
     return io.unflatten(out)
 
 

@@ -32,7 +32,8 @@ class _Transform(NamedTuple):
     source_shape: Callable  # bcjax shape -> the source shape that converts to it
 
 
-_LINEAR = _Transform(lambda w: np.ascontiguousarray(np.asarray(w).T), lambda s: s[::-1])  # torch [out, in] -> Dense [in, out]
+# torch [out, in] -> Dense [in, out]
+_LINEAR = _Transform(lambda w: np.ascontiguousarray(np.asarray(w).T), lambda s: s[::-1])
 _SAME = _Transform(np.asarray, lambda s: s)
 
 # bcjax path -> (transformers names, Wan names, transform); more than one name = tied aliases.
@@ -44,7 +45,8 @@ _TOP: dict[str, tuple[tuple[str, ...], tuple[str, ...], _Transform]] = {
 _BLOCK: dict[str, tuple[str, str, _Transform]] = {
     "norm1/scale": ("layer.0.layer_norm.weight", "norm1.weight", _SAME),
     **{f"attn/{p}/kernel": (f"layer.0.SelfAttention.{p}.weight", f"attn.{p}.weight", _LINEAR) for p in "qkvo"},
-    "pos_embedding/embedding": ("layer.0.SelfAttention.relative_attention_bias.weight", "pos_embedding.embedding.weight", _SAME),
+    "pos_embedding/embedding": ("layer.0.SelfAttention.relative_attention_bias.weight",
+                                "pos_embedding.embedding.weight", _SAME),
     "norm2/scale": ("layer.1.layer_norm.weight", "norm2.weight", _SAME),
     # HF's wi_0 is the GELU branch, Wan's gate; wi_1 the linear branch, Wan's fc1
     "ffn/gate/kernel": ("layer.1.DenseReluDense.wi_0.weight", "ffn.gate.0.weight", _LINEAR),
@@ -115,7 +117,8 @@ def _convert(state_dict, cfg: UMT5Config, layout: str):
     if errors:
         head = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"{layout}-layout umT5 checkpoint does not match the UMT5Config ({len(errors)} problems):\n  {head}{more}")
+        raise ValueError(f"{layout}-layout umT5 checkpoint does not match the UMT5Config "
+                         f"({len(errors)} problems):\n  {head}{more}")
 
     dtype = cfg.params_dtype
     out = {path: _TOP[path][2].convert(value).astype(dtype) for path, (_, value) in top.items()}

@@ -148,7 +148,8 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str
             absent = [i for i in range(cfg.num_layers) if i not in layers]
             if absent:
                 name = origin.get(path) or prefix + _SOURCE_OF[path]
-                errors.append(f"missing key {name.replace('{N}', str(absent[0]))} (layers {absent} of {cfg.num_layers})")
+                errors.append(f"missing key {name.replace('{N}', str(absent[0]))} "
+                              f"(layers {absent} of {cfg.num_layers})")
                 continue
             stacked_shapes = {tuple(a.shape) for a in layers.values()}
             if stacked_shapes != {shape[1:]}:
@@ -164,7 +165,8 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str
                 errors.append(f"missing key {prefix}{_SOURCE_OF[path]}")
                 continue
             if tuple(top[path].shape) != shape:
-                errors.append(f"key {origin[path]} has shape {tuple(top[path].shape)} after conversion; expected {shape}")
+                errors.append(f"key {origin[path]} has shape {tuple(top[path].shape)} after conversion; "
+                              f"expected {shape}")
                 continue
             out[path] = top[path].astype(dtype)
     if errors:

@@ -5,8 +5,8 @@ teacher forcing, diffusion forcing, self-rollout: `python -m bcjax.toyworld.trai
 `evaluate` (the quality harness over every schedule: `bcjax eval toyworld`), `study` (several
 models x every schedule x seeds, with confidence intervals), `demo` (`bcjax demo`: the shipped
 checkpoint `checkpoint/`, sequential vs cascade as a labelled mp4 + report), `png` (figures
-without a plotting library). Only the world is re-exported here, so `python -m
-bcjax.toyworld.train` does not import itself twice.
+without a plotting library). Only the world is re-exported here, so
+`python -m bcjax.toyworld.train` does not import itself twice.
 """
 
 from bcjax.toyworld.world import (
