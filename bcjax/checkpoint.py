@@ -70,7 +70,8 @@ def config_from_dict(cls, data: Mapping, **runtime):
     data = {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; the checkpoint's config.json is from another version")
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; "
+                         "the checkpoint's config.json is from another version")
     bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
     if bad:
         raise ValueError(f"{bad} are not run-time fields; expected some of {RUNTIME_FIELDS}")
@@ -123,7 +124,7 @@ def save(dst: str, parts: Mapping[str, tuple], provenance: Mapping, *, files: Ma
             "format": FORMAT,
             "parts": {name: config_to_dict(cfg) for name, (cfg, _) in parts.items()},
             "provenance": {**provenance, "bcjax": metadata.version("bcjax"),
-                           "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                           "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
         }
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -187,5 +188,6 @@ def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, d
         shardings = tp_shardings(mesh, Layout(cfg, mesh).params)
     else:
         shardings = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, spec or P()), shapes)
-    target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    shapes, shardings)
     return cfg, ocp.StandardCheckpointer().restore(os.path.join(path, part), target)

@@ -18,7 +18,8 @@ def _info(args) -> int:
     import jax
 
     versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "safetensors", "torch", "diffusers"):
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "safetensors", "torch",
+                "diffusers"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -102,7 +103,8 @@ def _run(cfg, port, params, text, key, args, schedule, window):
     runner = make_runner(cfg, pcfg, hw, schedule, window, _mesh(args, cfg))
     stream = runner.blocks(params, text, key, args.blocks)
     if schedule == "sequential":
-        label = "sequential (Krea: context rebuilt per block, R = latent)" if pcfg.context == "rebuild" else "sequential"
+        label = ("sequential (Krea: context rebuilt per block, R = latent)" if pcfg.context == "rebuild"
+                 else "sequential")
         if isinstance(runner, Cascade):
             label += f", context parallel on {args.devices} devices"
     else:
@@ -168,8 +170,8 @@ def _stream(args) -> int:
 
 def _stream_run(demo, args) -> None:
     demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint, blocks=args.blocks, schedule=args.schedule,
-                    window=args.window, policy=args.policy, seed=args.seed, devices=args.devices, positions=args.positions,
-                    interpolate=args.interpolate, **_numerics(args))
+                    window=args.window, policy=args.policy, seed=args.seed, devices=args.devices,
+                    positions=args.positions, interpolate=args.interpolate, **_numerics(args))
 
 
 def _serve(args) -> int:
@@ -185,16 +187,17 @@ def _serve(args) -> int:
         read_config(args.checkpoint)  # a bad config.json is named before the port is taken
     with bind(args.host, args.port) as sock:  # a port in use is named before a model loads
         if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
-            backend = CheckpointBackend(args.checkpoint, args.sampler, tuple(args.size), mesh, decoder=args.decoder,
-                                        decode_device=args.decode_device, **_numerics(args))
+            backend: CheckpointBackend | ToyBackend = CheckpointBackend(
+                args.checkpoint, args.sampler, tuple(args.size), mesh, decoder=args.decoder,
+                decode_device=args.decode_device, **_numerics(args))
         else:  # the shipped toy-world model, or another toy-world checkpoint
             backend = ToyBackend(args.checkpoint, mesh, **_numerics(args))
         app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
                        allow_origins=tuple(args.allow_origin or ()))
         srv, _ = server(app, sock=sock)
         host, port = sock.getsockname()[:2]
-        print(f"bcjax serve: {backend.describe()['title']} on http://{'[' + host + ']' if ':' in host else host}:{port}/ "
-              "(Ctrl-C stops)", flush=True)
+        print(f"bcjax serve: {backend.describe()['title']} "
+              f"on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C stops)", flush=True)
         srv.run(sockets=[sock])
     return 0
 
@@ -210,7 +213,8 @@ def _generate(args) -> int:
     import jax
 
     if args.devices * args.model > jax.device_count():
-        raise ValueError(f"--devices {args.devices} x --model {args.model}: only {jax.device_count()} device(s) available")
+        raise ValueError(f"--devices {args.devices} x --model {args.model}: "
+                         f"only {jax.device_count()} device(s) available")
     if args.video and not args.checkpoint:
         raise ValueError("--video needs --checkpoint (its VAE encodes the input video)")
     if args.out:  # before anything is computed
@@ -255,8 +259,9 @@ def _generate_video(args) -> int:
                       decoder=args.decoder or "wan", decode_device=args.decode_device, **_numerics(args))
     source = t2v.encode_video(args.video) if args.video else None
     t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed, source=source)
-    print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | encode {t['encode_s']:.2f} s | "
-          f"denoise {t['denoise_fps']:.2f} FPS steady (first block {t['denoise_s'][0]:.2f} s incl. compile) | "
+    print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | "
+          f"encode {t['encode_s']:.2f} s | denoise {t['denoise_fps']:.2f} FPS steady "
+          f"(first block {t['denoise_s'][0]:.2f} s incl. compile) | "
           f"decode ({t2v.decoder} on {t2v.pixels.device}) {sum(t['decode_s']):.2f} s, "
           f"{t['decodes'] / max(t['blocks'], 1):.0f} per block | end-to-end {t['end_to_end_fps']:.2f} FPS | "
           f"first frame after {t['first_frame_s']:.2f} s")
@@ -326,7 +331,8 @@ def _decoder_flags(s, default: str) -> None:
     from bcjax.vae.decoders import DECODERS
 
     s.add_argument("--decoder", choices=DECODERS, default=None,
-                   help=f"pixel decoder (with a real checkpoint): the Wan VAE or TAEHV, the tiny preview decoder; {default}")
+                   help="pixel decoder (with a real checkpoint): the Wan VAE or TAEHV, the tiny preview decoder; "
+                        f"{default}")
     s.add_argument("--decode-device", default=None, metavar="auto|cpu|ID",
                    help="where decoding runs: auto (default: a device outside the stage x model mesh, else the "
                         "host CPU), cpu, or a jax device id (one inside the mesh is allowed with a warning)")
@@ -391,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stream", help="toy world: a stream whose prompt switches between blocks, appended to an mp4")
     s.add_argument("--prompts", required=True,
-                   help="prompt schedule 'PROMPT@BLOCK;...', e.g. 'red east fast@0;red west slow@5' (block ids; block 0 = the image)")
+                   help="prompt schedule 'PROMPT@BLOCK;...', e.g. 'red east fast@0;red west slow@5' "
+                        "(block ids; block 0 = the image)")
     s.add_argument("--out", default="bcjax-stream.mp4")
     s.add_argument("--checkpoint", help="a toy-world checkpoint (default: the shipped one)")
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=12)
@@ -414,13 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the shipped toy-world model, CPU, no download)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed)")
-    s.add_argument("--sampler", default="self_forcing", help="real model: sampling preset (self_forcing, causvid, longlive, krea_14b)")
+    s.add_argument("--sampler", default="self_forcing",
+                   help="real model: sampling preset (self_forcing, causvid, longlive, krea_14b)")
     s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
                    help="real model: video size in pixels")
     s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
-    s.add_argument("--model", type=_positive, default=1, help="devices on the 'model' mesh axis (tensor-parallel weights)")
+    s.add_argument("--model", type=_positive, default=1,
+                   help="devices on the 'model' mesh axis (tensor-parallel weights)")
     _decoder_flags(s, "default: taehv when the checkpoint has it (not for Krea's loop), else wan")
-    s.add_argument("--queue", type=_positive, default=8, help="messages that may wait per tab before its generation waits")
+    s.add_argument("--queue", type=_positive, default=8,
+                   help="messages that may wait per tab before its generation waits")
     s.add_argument("--max-tabs", type=_positive, default=8, help="tabs (connections) served at once")
     s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                    help="another page allowed to open the stream's WebSocket, e.g. http://localhost:3000 (repeatable; "
@@ -471,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_convert)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential", "cascade", "comm", "convert", "switch", "startup", "compile", "memory",
-                                    "gpu", "decode", "upstream"])
+    s.add_argument("what", choices=["sequential", "cascade", "comm", "convert", "switch", "startup", "compile",
+                                    "memory", "gpu", "decode", "upstream"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p
@@ -501,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _runtime(args)
         return args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ConnectionError) as e:  # bad input: one clear line
+    # bad input: one clear line
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ConnectionError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"bcjax {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ def disable() -> None:
 
 def current() -> str | None:
     """The directory JAX caches compiled programs in, or None."""
-    return jax.config.jax_compilation_cache_dir
+    return jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # flags are set at run time
 
 
 def enable_unless_configured() -> str | None:

@@ -20,11 +20,11 @@ class CompileCounter:
     def __init__(self):
         self.count = 0
 
-    def _listener(self, event: str, duration: float, **_):
+    def _listener(self, event: str, duration_secs: float, **_: str | int) -> None:
         if event == _BACKEND_COMPILE_EVENT:
             self.count += 1
 
-    def __enter__(self) -> "CompileCounter":
+    def __enter__(self) -> CompileCounter:
         jax.monitoring.register_event_duration_secs_listener(self._listener)
         return self
 

@@ -38,6 +38,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"coordinator {coordinator!r}: expected HOST:PORT (e.g. 10.0.0.1:1234)")
+        assert num_processes is not None and process_id is not None  # given together with coordinator
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(f"process_id {process_id} must lie in [0, num_processes={num_processes})")
         if process_id != 0:
@@ -47,15 +48,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     print(f"bcjax.distributed: joining {coordinator or 'the auto-detected cluster'}"
           + (f" as process {process_id} of {num_processes}" if coordinator else "") + f" (timeout {timeout_s} s)",
           file=sys.stderr, flush=True)
-    chosen = jax.config.jax_cpu_collectives_implementation
-    collectives = cpu_collectives(jax.config.jax_platforms, num_processes, chosen)
+    chosen = jax.config.jax_cpu_collectives_implementation  # type: ignore[attr-defined]  # flags are set at run time
+    collectives = cpu_collectives(jax.config.jax_platforms,  # type: ignore[attr-defined]  # flags are set at run time
+                                  num_processes, chosen)
     if collectives is not None:
         jax.config.update("jax_cpu_collectives_implementation", collectives)
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids,
                                    initialization_timeout=timeout_s)
-    except Exception as e:  # noqa: BLE001 (re-raised with the context a user needs)
-        where = f"coordinator {coordinator}, process {process_id} of {num_processes}" if coordinator else "auto-detected cluster"
+    except Exception as e:  # re-raised with the context a user needs
+        where = (f"coordinator {coordinator}, process {process_id} of {num_processes}" if coordinator
+                 else "auto-detected cluster")
         raise ConnectionError(f"could not join the JAX distributed runtime ({where}) within {timeout_s} s: {e}") from e
 
 

@@ -27,6 +27,7 @@ Policies at a switch (from the block where the new prompt starts; `bcjax.pipelin
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,6 +71,7 @@ def parse_prompt_schedule(spec: str) -> list[tuple[int, str]]:
     A prompt without '@' starts at block 0 when it is the first one; starts must increase.
     """
     out = []
+    start: str | None
     for i, part in enumerate(p for p in spec.split(";") if p.strip()):
         text, at, start = part.rpartition("@")
         if not at:
@@ -82,7 +84,7 @@ def parse_prompt_schedule(spec: str) -> list[tuple[int, str]]:
     starts = [s for s, _ in out]
     if starts[0] != 0:
         raise ValueError(f"the first prompt must start at block 0; got @{starts[0]}")
-    if any(b <= a for a, b in zip(starts, starts[1:])):
+    if any(b <= a for a, b in itertools.pairwise(starts)):
         raise ValueError(f"prompt starts {starts} must strictly increase")
     if any(not t for _, t in out):
         raise ValueError("a prompt in the schedule is empty")
@@ -96,7 +98,7 @@ class PromptSchedule:
         if not schedule:
             raise ValueError("empty prompt schedule")
         self.starts = [int(s) for s, _ in schedule]
-        if any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+        if any(b <= a for a, b in itertools.pairwise(self.starts)):
             raise ValueError(f"prompt starts {self.starts} must strictly increase")
         self.texts = [t for _, t in schedule]
 
@@ -202,12 +204,14 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
         raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
     if policy != "no-recache" and not runner.keeps_cache:
         raise ValueError(f"policy {policy!r} rewrites the KV cache at a switch; {type(runner).__name__} keeps no cache "
-                         "(Krea's loop rebuilds its context under the prompt in force before every block): use 'no-recache'")
+                         "(Krea's loop rebuilds its context under the prompt in force before every block): "
+                         "use 'no-recache'")
     bf = runner.pcfg.block_frames
     first = 0 if context is None else context.shape[1] // bf
     if policy != "no-recache" and model_size(runner.mesh) > 1:
         raise ValueError(f"policy {policy!r} recaches with one device's weights; the runner's mesh splits them over "
-                         f"'model' = {model_size(runner.mesh)} devices (use policy 'no-recache', which a cascade needs anyway)")
+                         f"'model' = {model_size(runner.mesh)} devices "
+                         "(use policy 'no-recache', which a cascade needs anyway)")
     params = runner.place_params(params)
     current = prompts.at(first)
     extra = {} if reencode is None else {"reencode": reencode}

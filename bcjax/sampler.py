@@ -13,8 +13,8 @@ and in whatever order they are interleaved with other blocks':
 
 `pass_positions` is the RoPE side of a pass (absolute or rolling positions, the cache's keys
 rotated when a rolling base moves); `cached_pass`, `denoise_block` and `clean_block` are the
-sequential clean-pass sampler's passes over a `KVCache` (under `context="last-pass"` the last denoising pass writes the cache
-and there is no clean pass).
+sequential clean-pass sampler's passes over a `KVCache` (under `context="last-pass"` the last
+denoising pass writes the cache and there is no clean pass).
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def check_rebuild(pcfg: PipelineConfig, runner: str) -> None:
     keep_first_frame needs frame 0 in place of R: only KreaPipeline has it."""
     if pcfg.context == "rebuild":
         if pcfg.keep_first_frame:
-            raise ValueError(f"{runner} rebuilds Krea's context from the previous block as it is; keep_first_frame=True "
-                             "needs bcjax.pipeline.krea.KreaPipeline")
+            raise ValueError(f"{runner} rebuilds Krea's context from the previous block as it is; "
+                             "keep_first_frame=True needs bcjax.pipeline.krea.KreaPipeline")
         if pcfg.cache_frames != pcfg.block_frames:
-            raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={pcfg.window_frames} must be "
-                             f"2 x block_frames={pcfg.block_frames}")
+            raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={pcfg.window_frames} "
+                             f"must be 2 x block_frames={pcfg.block_frames}")
 
 
 def pass_positions(cfg: WanConfig, pcfg: PipelineConfig, cache: KVCache, frame_ids, last_frame):

@@ -10,6 +10,7 @@ import os
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,7 +63,7 @@ def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, 
     state = _read_dit(layout, src)
     dtype = _source_dtype(state) if dtype == "keep" else dtype
     text_cfg = UMT5Config.preset(text_preset, param_dtype=dtype, dtype=dtype) if text_encoder else None
-    overrides = {"param_dtype": dtype, "dtype": dtype}
+    overrides: dict[str, Any] = {"param_dtype": dtype, "dtype": dtype}
     if num_heads:
         overrides["num_heads"] = num_heads
     if text_cfg is not None:
@@ -83,10 +84,12 @@ def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, 
     else:
         dit = diffusers_wan.convert(state, cfg)
     del state
-    parts = {"dit": (cfg, dit)}
+    parts: dict[str, tuple[Any, Any]] = {"dit": (cfg, dit)}
     sources = {"dit": os.path.abspath(src)} | ({"lora": os.path.abspath(lora)} if lora else {})
     files = {}
     if text_encoder:
+        # both set together with text_encoder (text_cfg above; tokenizer checked on entry)
+        assert text_cfg is not None and tokenizer is not None
         text_state = io.read_state_dict(text_encoder)
         convert_text = umt5_conv.convert_wan if text_layout == "wan" else umt5_conv.convert_transformers
         parts["text"] = (text_cfg, convert_text(text_state, text_cfg))

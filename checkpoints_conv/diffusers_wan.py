@@ -32,14 +32,17 @@ _TOP_MODULES = {
 _BLOCK_MODULES = {
     **{f"{wan}.{p}": f"{dif}.to_{p}" for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2")) for p in "qkv"},
     **{f"{wan}.o": f"{dif}.to_out.0" for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2"))},
-    **{f"{wan}.{n}": f"{dif}.{n}" for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2")) for n in ("norm_q", "norm_k")},
+    **{f"{wan}.{n}": f"{dif}.{n}"
+       for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2")) for n in ("norm_q", "norm_k")},
     "norm3": "norm2",
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
 }
 # original key -> diffusers key, relative to the model / to `blocks.N.`
-_TOP = {f"{w}.{s}": f"{d}.{s}" for w, d in _TOP_MODULES.items() for s in ("weight", "bias")} | {"head.modulation": "scale_shift_table"}
-_BLOCK = {f"{w}.{s}": f"{d}.{s}" for w, d in _BLOCK_MODULES.items() for s in ("weight", "bias")} | {"modulation": "scale_shift_table"}
+_TOP = ({f"{w}.{s}": f"{d}.{s}" for w, d in _TOP_MODULES.items() for s in ("weight", "bias")}
+        | {"head.modulation": "scale_shift_table"})
+_BLOCK = ({f"{w}.{s}": f"{d}.{s}" for w, d in _BLOCK_MODULES.items() for s in ("weight", "bias")}
+          | {"modulation": "scale_shift_table"})
 _TOP_INV = {d: w for w, d in _TOP.items()}
 _BLOCK_INV = {d: w for w, d in _BLOCK.items()}
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -48,7 +51,8 @@ _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 def convert(path_or_state, cfg: WanConfig):
     """A diffusers Wan transformer (folder with `diffusion_pytorch_model*.safetensors` [+ index],
     a pipeline folder with `transformer/`, one file, or a {name: array} dict) -> parameter tree."""
-    return convert_state_dict(read(path_or_state) if isinstance(path_or_state, (str, Path)) else io.as_numpy(path_or_state), cfg)
+    return convert_state_dict(
+        read(path_or_state) if isinstance(path_or_state, (str, Path)) else io.as_numpy(path_or_state), cfg)
 
 
 def read(path: str | Path) -> dict[str, np.ndarray]:
@@ -69,7 +73,8 @@ def convert_state_dict(state_dict, cfg: WanConfig):
         return wan_conv.convert({to_original(k): v for k, v in state_dict.items()}, cfg)
     except ValueError as e:
         msg = re.sub(r"[A-Za-z_][\w.]*", lambda m: to_diffusers(m.group(0)) or m.group(0), str(e))
-        raise ValueError(msg.replace("checkpoint does not match", "diffusers-layout checkpoint does not match", 1)) from None
+        raise ValueError(
+            msg.replace("checkpoint does not match", "diffusers-layout checkpoint does not match", 1)) from None
 
 
 def to_original(key: str) -> str:

@@ -142,7 +142,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     for name, info in header.items():
         tag = info.get("dtype")
         if tag not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"safetensors file {path}: tensor {name} has dtype {tag!r}, not one of {sorted(_SAFETENSORS_DTYPES)}")
+            raise ValueError(f"safetensors file {path}: tensor {name} has dtype {tag!r}, "
+                             f"not one of {sorted(_SAFETENSORS_DTYPES)}")
         dtype, shape = _SAFETENSORS_DTYPES[tag], tuple(info["shape"])
         begin, end = info["data_offsets"]
         count = int(np.prod(shape, dtype=np.int64))
@@ -158,7 +159,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
-        raise ValueError(f"checkpoint folder {folder} has {len(indexes)} index files {[p.name for p in indexes]}; expected one")
+        raise ValueError(f"checkpoint folder {folder} has {len(indexes)} index files {[p.name for p in indexes]}; "
+                         "expected one")
     if indexes:
         index = json.loads(indexes[0].read_text())
         weight_map = index.get("weight_map")
@@ -172,7 +174,8 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
             wanted = [k for k, s in weight_map.items() if s == shard]
             absent = [k for k in wanted if k not in tensors]
             if absent:
-                raise ValueError(f"shard {folder / shard} lacks {shorten(absent)}, which {indexes[0].name} places there")
+                raise ValueError(f"shard {folder / shard} lacks {shorten(absent)}, "
+                                 f"which {indexes[0].name} places there")
             out.update({k: tensors[k] for k in wanted})
         return out
     shards = sorted(folder.glob("*.safetensors"))
@@ -183,7 +186,8 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
         tensors = _read_safetensors(shard)
         twice = sorted(set(tensors) & set(out))
         if twice:
-            raise ValueError(f"checkpoint folder {folder}: keys {shorten(twice)} appear in more than one shard and there is no index")
+            raise ValueError(f"checkpoint folder {folder}: keys {shorten(twice)} appear in more than one shard "
+                             "and there is no index")
         out.update(tensors)
     return out
 
@@ -204,7 +208,8 @@ def _read_torch(path: Path):
     except Exception as e:  # noqa: BLE001 - arbitrary bytes fail in any of pickle's ways (KeyError, struct.error, ...)
         # torch's own message suggests weights_only=False, i.e. running the file's code: not done here
         first = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint that loads as plain tensors ({first[:200]})") from None
+        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint that loads as plain tensors "
+                         f"({first[:200]})") from None
     return as_numpy(obj)
 
 

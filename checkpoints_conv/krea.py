@@ -29,7 +29,8 @@ def convert(path_or_state, cfg: WanConfig):
         return diffusers_wan.convert(path_or_state, cfg)
     state, source = io.checkpoint_and_source(path_or_state)
     if not io.is_flat(state):
-        raise ValueError(f"Krea checkpoint {source} is not a flat state dict (top-level keys: {io.shorten(io.top_keys(state))})")
+        raise ValueError(f"Krea checkpoint {source} is not a flat state dict "
+                         f"(top-level keys: {io.shorten(io.top_keys(state))})")
     if any(k.startswith("condition_embedder.") for k in state):
         return diffusers_wan.convert_state_dict(state, cfg)
     return wan_conv.convert(strip_wrappers(state), cfg)

@@ -49,13 +49,15 @@ def convert(base, lora, cfg: WanConfig, *, rank: int | None = None, alpha: float
     return wan_conv.convert(merge(base, lora, rank=rank, alpha=alpha, ema=ema), cfg)
 
 
-def merge(base, lora, *, rank: int | None = None, alpha: float | None = None, ema: bool = False) -> dict[str, np.ndarray]:
+def merge(base, lora, *, rank: int | None = None, alpha: float | None = None,
+          ema: bool = False) -> dict[str, np.ndarray]:
     """The base's original-layout Wan state dict with every LoRA adapter merged in (float32)."""
     base_ckpt, base_src = io.checkpoint_and_source(base)
     if io.is_flat(base_ckpt):
         weights = strip_wrappers(base_ckpt)
     else:
-        weights = strip_wrappers(select_generator(base_ckpt, ema=ema, source=base_src, layout="LongLive base", fallbacks=("model",)))
+        weights = strip_wrappers(select_generator(base_ckpt, ema=ema, source=base_src, layout="LongLive base",
+                                                  fallbacks=("model",)))
     lora_ckpt, lora_src = io.checkpoint_and_source(lora)
     adapters = lora_ckpt.get("generator_lora", lora_ckpt) if isinstance(lora_ckpt, Mapping) else lora_ckpt
     if not io.is_flat(adapters):
@@ -81,7 +83,8 @@ def merge(base, lora, *, rank: int | None = None, alpha: float | None = None, em
     deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
-            errors.append(f"LoRA adapter {origin[module]} has lora_{''.join(ab)} but no lora_{'B' if 'A' in ab else 'A'}")
+            errors.append(f"LoRA adapter {origin[module]} has lora_{''.join(ab)} "
+                          f"but no lora_{'B' if 'A' in ab else 'A'}")
             continue
         a, b = ab["A"], ab["B"]
         target = module + ".weight"
@@ -93,7 +96,8 @@ def merge(base, lora, *, rank: int | None = None, alpha: float | None = None, em
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or (b.shape[0], a.shape[1]) != tuple(w.shape):
             errors.append(
                 f"LoRA adapter {origin[module]}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make "
-                f"a delta of {target}'s shape {tuple(w.shape)} (expected lora_A [r, {w.shape[-1]}], lora_B [{w.shape[0]}, r])"
+                f"a delta of {target}'s shape {tuple(w.shape)} "
+                f"(expected lora_A [r, {w.shape[-1]}], lora_B [{w.shape[0]}, r])"
             )
             continue
         if rank is None:
@@ -105,7 +109,8 @@ def merge(base, lora, *, rank: int | None = None, alpha: float | None = None, em
     if errors:
         head = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"LongLive LoRA {lora_src} does not fit base {base_src} ({len(errors)} problems):\n  {head}{more}")
+        raise ValueError(f"LongLive LoRA {lora_src} does not fit base {base_src} "
+                         f"({len(errors)} problems):\n  {head}{more}")
     if not deltas:
         raise ValueError(f"LongLive LoRA {lora_src} holds no adapters")
 
@@ -114,9 +119,11 @@ def merge(base, lora, *, rank: int | None = None, alpha: float | None = None, em
     if alpha is None:
         raise ValueError(
             f"LoRA alpha is not recorded in {lora_src} (LongLive keeps rank and alpha in its YAML config, "
-            f"configs/longlive_inference.yaml adapter: rank {LONGLIVE_ADAPTER['rank']}, alpha {LONGLIVE_ADAPTER['alpha']}); "
+            f"configs/longlive_inference.yaml adapter: rank {LONGLIVE_ADAPTER['rank']}, "
+            f"alpha {LONGLIVE_ADAPTER['alpha']}); "
             f"pass alpha=, e.g. alpha=LONGLIVE_ADAPTER['alpha']"
         )
+    assert rank is not None  # set (or checked) by every adapter, and there is at least one
     scale = float(alpha) / rank
     merged = dict(weights)
     for module, (a, b) in deltas.items():

@@ -35,7 +35,8 @@ def convert(path_or_state, cfg: WanConfig, *, ema: bool = True):
     return wan_conv.convert(generator_state_dict(path_or_state, ema=ema, layout="Self-Forcing"), cfg)
 
 
-def generator_state_dict(path_or_state, *, ema: bool, layout: str, fallbacks: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def generator_state_dict(path_or_state, *, ema: bool, layout: str,
+                         fallbacks: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The original-layout Wan state dict inside a generator checkpoint (prefixes stripped)."""
     ckpt, source = io.checkpoint_and_source(path_or_state)
     return strip_wrappers(select_generator(ckpt, ema=ema, source=source, layout=layout, fallbacks=fallbacks))

@@ -19,7 +19,7 @@ the last C output channels (the later frame), and so does this converter.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -72,7 +72,8 @@ def _flat_expected(cfg: TAEHVConfig) -> dict[str, tuple[int, ...]]:
 def rename_table(cfg: TAEHVConfig) -> dict[str, tuple[str, _Rule]]:
     """{upstream key: (bcjax path, rule)} covering exactly the parameters of `cfg`."""
     expected = _flat_expected(cfg)
-    table = {prefix + src: (f"{path}/{leaf}", rule) for path, prefix, leaves in _modules(cfg) for leaf, src, rule in leaves}
+    table = {prefix + src: (f"{path}/{leaf}", rule)
+             for path, prefix, leaves in _modules(cfg) for leaf, src, rule in leaves}
     missing = set(expected) ^ {p for p, _ in table.values()}
     if missing:  # the table above is out of step with the Flax modules: a bug here, not in the checkpoint
         raise RuntimeError(f"TAEHV rename table and Flax modules disagree on {sorted(missing)}")
@@ -91,7 +92,7 @@ def _describe(cfg: TAEHVConfig) -> str:
             f"decoder_widths={cfg.decoder_widths}, mem_blocks={cfg.mem_blocks})")
 
 
-def _latent_space(state_dict: Mapping[str, object], cfg: TAEHVConfig) -> str | None:
+def _latent_space(state_dict: Mapping[str, Any], cfg: TAEHVConfig) -> str | None:
     """A one-line diagnosis when the file's first decoder conv reads another number of latent channels."""
     shape = tuple(np.shape(state_dict["decoder.1.weight"])) if "decoder.1.weight" in state_dict else None
     if shape is None or len(shape) != 4 or shape[1] == cfg.latent_channels:
@@ -141,7 +142,8 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: TAEHVConfig | None = None
         head = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         lead = f"{diagnosis}.\n" if diagnosis else ""
-        raise ValueError(f"{lead}TAEHV checkpoint does not match {_describe(cfg)} ({len(errors)} problems):\n  {head}{more}")
+        raise ValueError(f"{lead}TAEHV checkpoint does not match {_describe(cfg)} "
+                         f"({len(errors)} problems):\n  {head}{more}")
     return io.unflatten(out)
 
 

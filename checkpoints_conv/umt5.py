@@ -32,19 +32,21 @@ class _Transform(NamedTuple):
     source_shape: Callable  # bcjax shape -> the source shape that converts to it
 
 
-_LINEAR = _Transform(lambda w: np.ascontiguousarray(np.asarray(w).T), lambda s: s[::-1])  # torch [out, in] -> Dense [in, out]
+# torch [out, in] -> Dense [in, out]
+_LINEAR = _Transform(lambda w: np.ascontiguousarray(np.asarray(w).T), lambda s: s[::-1])
 _SAME = _Transform(np.asarray, lambda s: s)
 
 # bcjax path -> (transformers names, Wan names, transform); more than one name = tied aliases.
-_TOP = {
+_TOP: dict[str, tuple[tuple[str, ...], tuple[str, ...], _Transform]] = {
     "token_embedding/embedding": (("shared.weight", "encoder.embed_tokens.weight"), ("token_embedding.weight",), _SAME),
     "norm/scale": (("encoder.final_layer_norm.weight",), ("norm.weight",), _SAME),
 }
 # bcjax path under blocks/ -> (transformers name under encoder.block.N., Wan name under blocks.N., transform)
-_BLOCK = {
+_BLOCK: dict[str, tuple[str, str, _Transform]] = {
     "norm1/scale": ("layer.0.layer_norm.weight", "norm1.weight", _SAME),
     **{f"attn/{p}/kernel": (f"layer.0.SelfAttention.{p}.weight", f"attn.{p}.weight", _LINEAR) for p in "qkvo"},
-    "pos_embedding/embedding": ("layer.0.SelfAttention.relative_attention_bias.weight", "pos_embedding.embedding.weight", _SAME),
+    "pos_embedding/embedding": ("layer.0.SelfAttention.relative_attention_bias.weight",
+                                "pos_embedding.embedding.weight", _SAME),
     "norm2/scale": ("layer.1.layer_norm.weight", "norm2.weight", _SAME),
     # HF's wi_0 is the GELU branch, Wan's gate; wi_1 the linear branch, Wan's fc1
     "ffn/gate/kernel": ("layer.1.DenseReluDense.wi_0.weight", "ffn.gate.0.weight", _LINEAR),
@@ -52,7 +54,7 @@ _BLOCK = {
     "ffn/fc2/kernel": ("layer.1.DenseReluDense.wo.weight", "ffn.fc2.weight", _LINEAR),
 }
 # layout -> (column in the tables, block key prefix with {} for the layer, key prefixes to skip)
-_LAYOUTS = {
+_LAYOUTS: dict[str, tuple[int, str, tuple[str, ...]]] = {
     "transformers": (0, "encoder.block.{}.", ("decoder.", "lm_head.")),
     "wan": (1, "blocks.{}.", ()),
 }
@@ -77,8 +79,8 @@ def _convert(state_dict, cfg: UMT5Config, layout: str):
     col, block_fmt, skip = _LAYOUTS[layout]
     flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
     expected = {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
-    top_of = {name: path for path, row in _TOP.items() for name in row[col]}
-    block_of = {row[col]: path for path, row in _BLOCK.items()}
+    top_of = {name: path for path, row in _TOP.items() for name in row[:2][col]}
+    block_of = {row[:2][col]: path for path, row in _BLOCK.items()}
     block_re = re.compile(re.escape(block_fmt).replace(r"\{\}", r"(\d+)") + "(.+)")
     n = cfg.num_layers
 
@@ -102,11 +104,11 @@ def _convert(state_dict, cfg: UMT5Config, layout: str):
     for path, row in _TOP.items():
         want = row[2].source_shape(expected[path])
         if path not in top:
-            errors.append(f"missing key {' or '.join(row[col])}")
+            errors.append(f"missing key {' or '.join(row[:2][col])}")
         elif (got := tuple(np.shape(top[path][1]))) != want:
             errors.append(f"key {top[path][0]} has shape {got}; expected {want}")
-    for path, row in _BLOCK.items():
-        name, want = block_fmt + row[col], row[2].source_shape(expected["blocks/" + path][1:])
+    for path, brow in _BLOCK.items():
+        name, want = block_fmt + brow[:2][col], brow[2].source_shape(expected["blocks/" + path][1:])
         absent = [i for i in range(n) if i not in blocks[path]]
         if absent:
             errors.append(f"missing key {name.format(absent[0])} (layers {absent} of {n})")
@@ -115,11 +117,12 @@ def _convert(state_dict, cfg: UMT5Config, layout: str):
     if errors:
         head = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"{layout}-layout umT5 checkpoint does not match the UMT5Config ({len(errors)} problems):\n  {head}{more}")
+        raise ValueError(f"{layout}-layout umT5 checkpoint does not match the UMT5Config "
+                         f"({len(errors)} problems):\n  {head}{more}")
 
     dtype = cfg.params_dtype
     out = {path: _TOP[path][2].convert(value).astype(dtype) for path, (_, value) in top.items()}
-    for path, row in _BLOCK.items():
-        out["blocks/" + path] = np.stack([row[2].convert(blocks[path][i]) for i in range(n)]).astype(dtype)
+    for path, brow in _BLOCK.items():
+        out["blocks/" + path] = np.stack([brow[2].convert(blocks[path][i]) for i in range(n)]).astype(dtype)
     return io.unflatten(out)
 

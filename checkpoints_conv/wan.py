@@ -8,7 +8,7 @@ against `WanConfig` before anything is returned.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -39,7 +39,7 @@ def _patch_conv(w):  # Conv3d [dim, C, pt, ph, pw] -> Dense kernel [(pt, ph, pw,
 
 
 # source key -> (bcjax path, transform). Block keys are relative to `blocks.N.`.
-_TOP: dict[str, tuple[str, object]] = {
+_TOP: dict[str, tuple[str, Callable[..., np.ndarray]]] = {
     "patch_embedding.weight": ("embed/patch_embedding/kernel", _patch_conv),
     "patch_embedding.bias": ("embed/patch_embedding/bias", _same),
     **{
@@ -54,7 +54,7 @@ _TOP: dict[str, tuple[str, object]] = {
     "head.head.bias": ("head/head/bias", _same),
     "head.modulation": ("head/modulation", _squeeze0),
 }
-_BLOCK: dict[str, tuple[str, object]] = {
+_BLOCK: dict[str, tuple[str, Callable[..., np.ndarray]]] = {
     **{f"{a}.{p}.weight": (f"{a}/{p}/kernel", _linear) for a in ("self_attn", "cross_attn") for p in "qkvo"},
     **{f"{a}.{p}.bias": (f"{a}/{p}/bias", _same) for a in ("self_attn", "cross_attn") for p in "qkvo"},
     **{f"{a}.{n}.weight": (f"{a}/{n}/scale", _same) for a in ("self_attn", "cross_attn") for n in ("norm_q", "norm_k")},
@@ -77,7 +77,7 @@ def original_layout(cfg: WanConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     (fan-in scaled), "b" a bias, "norm" a norm scale (near 1), "mod" a modulation table."""
     d, f = cfg.dim, cfg.ffn_dim
     pt, ph, pw = cfg.patch_size
-    lin = lambda n, o, i: {f"{n}.weight": ((o, i), "w"), f"{n}.bias": ((o,), "b")}  # noqa: E731
+    lin = lambda n, o, i: {f"{n}.weight": ((o, i), "w"), f"{n}.bias": ((o,), "b")}
     keys = {"patch_embedding.weight": ((d, cfg.in_channels, pt, ph, pw), "w"), "patch_embedding.bias": ((d,), "b"),
             **lin("text_embedding.0", d, cfg.text_dim), **lin("text_embedding.2", d, d),
             **lin("time_embedding.0", d, cfg.freq_dim), **lin("time_embedding.2", d, d),
@@ -130,7 +130,7 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str
             continue
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
         target = _BLOCK.get(m.group(2)) if m else None
-        if target is None:
+        if m is None or target is None:
             errors.append(f"unexpected key {raw_key} (shape {tuple(np.shape(value))})")
             continue
         layer = int(m.group(1))
@@ -148,7 +148,8 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str
             absent = [i for i in range(cfg.num_layers) if i not in layers]
             if absent:
                 name = origin.get(path) or prefix + _SOURCE_OF[path]
-                errors.append(f"missing key {name.replace('{N}', str(absent[0]))} (layers {absent} of {cfg.num_layers})")
+                errors.append(f"missing key {name.replace('{N}', str(absent[0]))} "
+                              f"(layers {absent} of {cfg.num_layers})")
                 continue
             stacked_shapes = {tuple(a.shape) for a in layers.values()}
             if stacked_shapes != {shape[1:]}:
@@ -164,7 +165,8 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str
                 errors.append(f"missing key {prefix}{_SOURCE_OF[path]}")
                 continue
             if tuple(top[path].shape) != shape:
-                errors.append(f"key {origin[path]} has shape {tuple(top[path].shape)} after conversion; expected {shape}")
+                errors.append(f"key {origin[path]} has shape {tuple(top[path].shape)} after conversion; "
+                              f"expected {shape}")
                 continue
             out[path] = top[path].astype(dtype)
     if errors:

@@ -21,6 +21,7 @@ PORT = Port(
         denoising_steps=(1000, 750, 500, 250), warp_denoising_step=True, shift=5.0,
         block_frames=3, window_frames=12, sink_frames=3, context_noise=0.0,
     ),
-    source="NVlabs/LongLive@e52d9ef (v1.0) configs/longlive_inference.yaml, configs/longlive_interactive_inference.yaml",
+    source="NVlabs/LongLive@e52d9ef (v1.0) configs/longlive_inference.yaml, "
+           "configs/longlive_interactive_inference.yaml",
     notes="prompt switches: policy 'recache' = _recache_after_switch with global_sink: true",
 )

@@ -8,8 +8,9 @@ Everything is measured in one run on whatever `jax.devices()[0]` is:
 * critical path: dependent forward passes per emitted block in steady state (from the stagger);
 * FLOPs per emitted block of every schedule x window (`bcjax.names`: P4-no-clean, the
   restricted bidirectional windows), from the tick masks' visible keys;
-* FLOPs (matmul count, XLA cost analysis as a cross-check) of a sequential cached pass, of a one-device batched tick and of one
-  stage's share of a sharded tick (its block's queries against cache + every in-flight block);
+* FLOPs (matmul count, XLA cost analysis as a cross-check) of a sequential cached pass, of a
+  one-device batched tick and of one stage's share of a sharded tick (its block's queries against
+  cache + every in-flight block);
 * wall time per emitted block: sequential block function vs P2/P4 ticks batched on one device;
 * a per-stage tick (one block's pass with the other in-flight blocks' K/V as extra context),
   from which the FPS of a cascade with one block per device is estimated, adding the per-layer
@@ -73,7 +74,7 @@ def variant_block_flops(cfg: WanConfig, pcfg, pp: int, schedule: str, window: st
                                block_frames=bf, sink=sink, rolling=rolling, window=window,
                                clean=jnp.asarray(busy & (stages == st.clean_stage)))
         keys = np.asarray(mask).sum(axis=1) * pp
-        total += sum(_pass_flops(cfg, bf * pp, int(k)) for k, b in zip(keys, busy) if b)
+        total += sum(_pass_flops(cfg, bf * pp, int(k)) for k, b in zip(keys, busy, strict=True) if b)
     return total
 
 
@@ -110,11 +111,12 @@ def _krea_cost(cfg: WanConfig, pp: int) -> float:
     f_rebuild = _pass_flops(cfg, c * pp, c * pp)
     f_krea = f_rebuild + krea.num_steps * f_block
     f_clean = (clean.num_steps + 1) * f_block
-    print(f"\n== Krea's loop vs the clean-pass cache, per block at {pp} tokens/frame ({cfg.num_layers} layers, dim {cfg.dim}) ==")
-    print(f"  Krea (krea_14b): 1 rebuild pass over {c} frames + {krea.num_steps} passes = {1 + krea.num_steps} dependent "
-          f"passes (+ the VAE round trip of R): {f_krea / 1e12:.2f} TFLOP")
-    print(f"  clean-pass (krea_14b_clean_pass): {clean.num_steps} passes + 1 clean pass = {clean.num_steps + 1} dependent "
-          f"passes: {f_clean / 1e12:.2f} TFLOP")
+    print(f"\n== Krea's loop vs the clean-pass cache, per block at {pp} tokens/frame "
+          f"({cfg.num_layers} layers, dim {cfg.dim}) ==")
+    print(f"  Krea (krea_14b): 1 rebuild pass over {c} frames + {krea.num_steps} passes = "
+          f"{1 + krea.num_steps} dependent passes (+ the VAE round trip of R): {f_krea / 1e12:.2f} TFLOP")
+    print(f"  clean-pass (krea_14b_clean_pass): {clean.num_steps} passes + 1 clean pass = "
+          f"{clean.num_steps + 1} dependent passes: {f_clean / 1e12:.2f} TFLOP")
     print(f"  ratio {f_krea / f_clean:.3f}x")
     # in a cascade, Krea's rebuild pass of block b's context is block b-1's clean stage (t = 0, seeing only itself)
     print(f"  critical path in Krea's mode: sequential {krea.num_steps + 1} dependent passes per block; cascade "
@@ -259,7 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-timing", action="store_true", help="print the critical path and FLOPs only")
     ap.add_argument("--link-gbps", type=float, default=450.0,
-                    help="per-device all-gather bandwidth for the 5-device estimate (H100 NVLink4 ~450 GB/s per direction)")
+                    help="per-device all-gather bandwidth for the 5-device estimate "
+                         "(H100 NVLink4 ~450 GB/s per direction)")
     run(ap.parse_args(argv))
     return 0
 

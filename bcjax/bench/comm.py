@@ -5,13 +5,13 @@
                      [--group G] [--hlo] [--fps-presets wan2.1-1.3b wan2.1-14b] [--window bidirectional]
                      [--mfu 0.4] [--memory TARGET]
 
-The tick (the token-sharded tick of `bcjax.cascade.tick`): one joint DiT pass over every in-flight block, T = in_flight x
-block_frames x tokens_per_frame query tokens (in_flight = ceil((n + 1) / stride): P4 5, P2 3, P1 2,
-"sequential" 1, whose stride n + 1 makes n + 1 passes per block). The tokens are cut into groups of
-g tokens (g divides tokens_per_frame: a group never straddles a latent frame); each of the N `stage`
-devices takes ceil(groups / N) groups, idle padding groups only where N does not divide them, so
-T_pad = N ceil(T / (g N)) g. Sequential on N devices is context parallelism of one block; P4 on 8
-or 16 is the cascade and context parallelism at once.
+The tick (the token-sharded tick of `bcjax.cascade.tick`): one joint DiT pass over every in-flight
+block, T = in_flight x block_frames x tokens_per_frame query tokens (in_flight = ceil((n + 1) /
+stride): P4 5, P2 3, P1 2, "sequential" 1, whose stride n + 1 makes n + 1 passes per block). The
+tokens are cut into groups of g tokens (g divides tokens_per_frame: a group never straddles a
+latent frame); each of the N `stage` devices takes ceil(groups / N) groups, idle padding groups
+only where N does not divide them, so T_pad = N ceil(T / (g N)) g. Sequential on N devices is
+context parallelism of one block; P4 on 8 or 16 is the cascade and context parallelism at once.
 
 Bytes per tick and per device, two sources that must agree:
 * the formula (`tick_bytes`), per layer: the `stage` all-gather of the tick's K and V ([B, T_pad,
@@ -41,15 +41,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # --hlo compiles on fake CPU devices: 64 covers (16, 4); must be set before jax starts a backend
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64"
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import re  # noqa: E402
-from collections import defaultdict  # noqa: E402
+import argparse
+import dataclasses
+import re
+from collections import defaultdict
+from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK  # noqa: E402
-from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS  # noqa: E402
+from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK
+from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS
 
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
              "f64": 8, "s64": 8, "u64": 8}
@@ -64,7 +65,8 @@ _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 
 
 def _bytes(shapes: str) -> int:
-    return sum(_ITEMSIZE[dt] * int(np.prod([int(d) for d in dims.split(",") if d])) for dt, dims in _SHAPE.findall(shapes))
+    return sum(_ITEMSIZE[dt] * int(np.prod([int(d) for d in dims.split(",") if d]))
+               for dt, dims in _SHAPE.findall(shapes))
 
 
 _VALUE = re.compile(r"^\s*%([\w.\-]+) = s32\[\]\S* (constant|copy)\((-?\d+|%[\w.\-]+)\)")
@@ -80,12 +82,14 @@ def _parse(hlo: str):
     the annotation is missing (XLA:TPU), from its condition `i < bound` and the induction
     variable's initial constant. XLA:TPU's async collectives keep copies of the collective in their
     continuation fusions and "done" computation: only the start's is counted."""
-    comps, entry, name = {}, None, None
+    comps: dict[str, tuple[list, list]] = {}  # per computation: (collective ops, calls)
+    entry, name = None, None
     values: dict[str, dict[str, str]] = {}  # per computation: s32 scalar constants and copies
     tuples: dict[str, dict[str, str]] = {}  # per computation: a tuple's first operand
     bounds: dict[str, str] = {}  # condition computation -> the name its `i < bound` compares with
-    loops = []  # (computation, init tuple, condition, body) of whiles without a known trip count
-    done = set()
+    # (computation, init tuple, condition, body) of whiles without a known trip count
+    loops: list[tuple[str, str, str, str, int]] = []
+    done: set[str] = set()
     for line in hlo.splitlines():
         m = _COMPUTATION.match(line)
         if m and line.rstrip().endswith("{"):
@@ -110,7 +114,7 @@ def _parse(hlo: str):
         c = _COLLECTIVE.search(line)
         if c and "-done" not in line.split("=", 1)[1].split("(", 1)[0]:
             g = _GROUPS_LIST.search(line)
-            group = [int(d) for d in g.group(1).split(",")] if g else None
+            group: list[int] | int | None = [int(d) for d in g.group(1).split(",")] if g else None
             if group is None and (io := _GROUPS_IOTA.search(line)):
                 group = int(io.group(2))  # iota form [groups, size]: the devices are not listed
             shapes = _SHAPE.findall(c.group(1))
@@ -122,8 +126,8 @@ def _parse(hlo: str):
         if w and not trip:
             loops.append((name, w.group(1), w.group(2), w.group(3), len(calls)))
         for callee in _CALLS.findall(line):
-            body = f"body=%{callee}" in line
-            calls.append((callee, int(trip.group(1)) if body and trip else 1))
+            is_body = f"body=%{callee}" in line
+            calls.append((callee, int(trip.group(1)) if is_body and trip else 1))
         if b := _BRANCHES.search(line):
             calls.extend((n.strip().lstrip("%"), 1) for n in b.group(1).split(","))
 
@@ -149,7 +153,7 @@ def _parse(hlo: str):
     return comps, entry
 
 
-def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
+def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, Any]]:
     """Per mesh axis ('stage', 'model'; 'other' for groups spanning neither): collective ops run
     per call of the program, their result bytes and the bytes one device receives (ring), and
     under "kinds" the ops of each kind (all-gather, all-reduce, ...).
@@ -168,9 +172,11 @@ def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, float]]:
     # replica groups name positions in the program's device assignment, which is the mesh's
     # order; device ids agree with them only on some platforms (not on a v5e-32 topology)
     ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
-    axes = {name: [set(np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])[j].tolist()) for j in range(ids.size // ids.shape[i])]
+    axes = {name: [set(np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])[j].tolist())
+                   for j in range(ids.size // ids.shape[i])]
             for i, name in enumerate(mesh.axis_names)}
-    out = defaultdict(lambda: {"ops": 0, "payload": 0.0, "wire": 0.0, "kinds": defaultdict(int)})
+    out: defaultdict[str, dict[str, Any]] = defaultdict(
+        lambda: {"ops": 0, "payload": 0.0, "wire": 0.0, "kinds": defaultdict(int)})
     for comp, k in times.items():
         for kind, nbytes, group in comps[comp][0]:
             size = group if isinstance(group, int) else len(group or ())
@@ -253,7 +259,8 @@ def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batc
         kind, nbytes = tick_op
         out["stage"] = {"ops": 2 * layers + 1, "payload": layers * gather + nbytes,
                         "wire": (layers * gather + nbytes * (2 if kind == "all-reduce" else 1)) * ring,
-                        "kinds": {"all-gather": 2 * layers + (kind == "all-gather"), **({kind: 1} if kind != "all-gather" else {})}}
+                        "kinds": {"all-gather": 2 * layers + (kind == "all-gather"),
+                                  **({kind: 1} if kind != "all-gather" else {})}}
     if model > 1:
         norms = 3 if cfg.qk_norm else 0
         payload = layers * (3 * batch * t_dev * cfg.dim * dt + norms * batch * t_dev * 4)
@@ -323,7 +330,7 @@ class Hardware:
     note: str
 
 
-_H100 = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_gbs=450.0, target="h100")
+_H100: dict[str, Any] = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_gbs=450.0, target="h100")
 # Sources: NVIDIA H100 SXM datasheet (989 TFLOP/s dense bf16; NVLink 4 900 GB/s per GPU = 450 GB/s
 # each way, through NVSwitch inside a node); ConnectX-7 400 Gb/s = 50 GB/s per GPU between nodes.
 # Google Cloud TPU system architecture pages (docs.cloud.google.com/tpu/docs/v5e, v5p, v6e): peak
@@ -338,7 +345,8 @@ HARDWARE = {h.name: h for h in (
              **_H100),
     Hardware("TPU v5e-32", 32, "TPU v5e", 197.0, 16.0, 50.0, 50.0, "v5e-32",
              "ICI 50 GB/s per link each way; XLA:TPU needs the whole slice"),
-    Hardware("TPU v5p-16", 8, "TPU v5p", 459.0, 95.0, 100.0, 100.0, "v5p-16", "8 chips, ICI 100 GB/s per link each way"),
+    Hardware("TPU v5p-16", 8, "TPU v5p", 459.0, 95.0, 100.0, 100.0, "v5p-16",
+             "8 chips, ICI 100 GB/s per link each way"),
     Hardware("TPU v6e-16", 16, "TPU v6e", 918.0, 32.0, 100.0, 100.0, "v6e-16", "ICI 100 GB/s per link each way"),
 )}
 # (hardware, schedule, stage devices or None = the whole machine over the smallest `model` that fits)
@@ -375,7 +383,8 @@ def _weights_bytes(cfg) -> float:
 
     from bcjax.model.wan import param_shapes
 
-    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(param_shapes(cfg)))
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+               for a in jax.tree_util.tree_leaves(param_shapes(cfg)))
 
 
 def row_mesh(cfg, hw: Hardware, stage: int | None) -> tuple[int, int]:
@@ -413,7 +422,8 @@ def fps_rows(preset: str, latent_hw, window: str, dtype: str = "bfloat16", rows=
         hw = HARDWARE[name]
         mesh = row_mesh(cfg, hw, stage)
         win = "causal" if schedule == "sequential" else window  # one block in flight: the windows agree
-        out.append(FpsRow(preset, port, hw, schedule, win, mesh, tick_layout(cfg, pcfg, latent_hw, schedule, mesh[0], group),
+        out.append(FpsRow(preset, port, hw, schedule, win, mesh,
+                          tick_layout(cfg, pcfg, latent_hw, schedule, mesh[0], group),
                           tick_flops(cfg, pcfg, latent_hw, schedule, win, *mesh, group=group),
                           tick_bytes(cfg, pcfg, latent_hw, schedule, *mesh, group=group)))
     return out
@@ -440,7 +450,10 @@ def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: str, 
                            "as its own process so it can force 64 host devices)")
     mesh = make_mesh(stage, model, devices=jax.devices()[:n], cfg=cfg)
     cas = Cascade(cfg, pcfg, latent_hw, schedule=schedule, window=window, mesh=mesh, token_group=group)
-    return hlo_collectives(cas.lower(*cas.abstract_inputs()).compile().as_text(), mesh)
+    hlo = cas.lower(*cas.abstract_inputs()).compile().as_text()
+    if hlo is None:
+        raise RuntimeError(f"the {stage}x{model} cascade compiled without an HLO text to count collectives in")
+    return hlo_collectives(hlo, mesh)
 
 
 def _fmt(b: float) -> str:
@@ -499,7 +512,7 @@ def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: in
     print(f"| model | hardware | schedule | mesh | T / per device | TFLOP/tick/device | compute ms | stage ms | "
           f"model ms | tick ms | FPS at MFU {mfu:.0%} | FPS at MFU {cal:.1%} | paper |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    out = {}
+    out: dict[str, list[tuple[FpsRow, dict, dict]]] = {}
     for preset, rows in tables.items():
         out[preset] = []
         for r in rows:
@@ -514,8 +527,8 @@ def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: in
     print("\nHardware: " + "; ".join(f"{h.name}: {h.chip} {h.tflops:.0f} TFLOP/s bf16, {h.hbm_gib:.0f} GiB, {h.note}"
                                      for h in HARDWARE.values()))
     # the paper's other measured figures against the calibrated model
-    for preset, rows in out.items():
-        for r, _, c in rows:
+    for preset, results in out.items():
+        for r, _, c in results:
             paper = PAPER_FPS.get((preset, r.hardware.name, r.schedule))
             if paper is None or (preset, r.hardware.name, r.schedule) == CALIBRATION:
                 continue
@@ -528,11 +541,11 @@ def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: in
                   f"matches it.")
             blocks, ticks = PAPER_VIDEO_BLOCKS, (PAPER_VIDEO_BLOCKS - 1) * r.layout.stride + r.layout.num_stages
             if r.layout.in_flight > 1:
-                print(f"  if that FPS averages whole {blocks}-block videos (Self-Forcing's 81 frames), fill and drain count: "
-                      f"{ticks} ticks for {blocks} blocks instead of {blocks * r.layout.stride}, "
+                print(f"  if that FPS averages whole {blocks}-block videos (Self-Forcing's 81 frames), "
+                      f"fill and drain count: {ticks} ticks for {blocks} blocks instead of {blocks * r.layout.stride}, "
                       f"{c['fps'] * blocks * r.layout.stride / ticks:.1f} FPS calibrated.")
-    for preset, rows in out.items():
-        print(five_devices(preset, rows, cal))
+    for preset, results in out.items():
+        print(five_devices(preset, results, cal))
     return out
 
 
@@ -550,8 +563,10 @@ def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str
     text = f"{preset} on {hardware} at MFU {mfu:.1%}: " + ", ".join(parts)
     if "sequential" in here and "P4" in here:
         seq, p4 = here["sequential"][0], here["P4"][0]
-        p4_s = 1e-3 * model_fps(p4.flops["device"], p4.comm, p4.hardware, mfu, p4.layout.stride)["tick_ms"] * p4.layout.stride
-        comm_s = 1e-3 * sum(model_fps(seq.flops["device"], seq.comm, seq.hardware, 1.0, 1)[k] for k in ("stage_ms", "model_ms"))
+        p4_s = (1e-3 * model_fps(p4.flops["device"], p4.comm, p4.hardware, mfu, p4.layout.stride)["tick_ms"]
+                * p4.layout.stride)
+        comm_s = 1e-3 * sum(model_fps(seq.flops["device"], seq.comm, seq.hardware, 1.0, 1)[k]
+                            for k in ("stage_ms", "model_ms"))
         per_block = p4_s / seq.layout.stride - comm_s  # the compute time per tick at which the two tie
         if per_block > 0:
             even = seq.flops["device"] / (seq.hardware.tflops * 1e12 * per_block)
@@ -583,7 +598,8 @@ def print_memory(target_name: str, presets, latent_hw, window: str, dtype: str, 
             if (preset, r.schedule, r.mesh) in seen:
                 continue
             seen.add((preset, r.schedule, r.mesh))
-            cfg = dataclasses.replace(r_cfg(preset, dtype, layers), attention=attention.backends_for(target.platform)[0])
+            cfg = dataclasses.replace(r_cfg(preset, dtype, layers),
+                                      attention=attention.backends_for(target.platform)[0])
             import ports
 
             pcfg = ports.get(r.port).pipeline

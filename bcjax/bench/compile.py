@@ -45,20 +45,20 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=40"
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import argparse
+import dataclasses
+import re
+import time
+import warnings
+from collections.abc import Callable
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
-from bcjax import targets  # noqa: E402
+from bcjax import targets
 
 GiB = 2**30
 CASES = ("sequential", "krea", "p4", "cp", "vae", "taehv", "umt5")
@@ -200,7 +200,7 @@ def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh) -> Callable:
     from bcjax.pipeline.sequential import SequentialPipeline
 
     if case == "sequential":
-        runner = SequentialPipeline(cfg, pcfg, hw, mesh)
+        runner: SequentialPipeline | KreaPipeline | Cascade = SequentialPipeline(cfg, pcfg, hw, mesh)
     elif case == "krea":
         import ports
 
@@ -266,7 +266,8 @@ def umt5_lowering(dtype: str, sharding) -> Callable:
 
 
 def _abstract(sharding):
-    return lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+    return lambda tree: jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 # -- meshes --------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def default_meshes(case: str, cfg, target: targets.Target, n: int) -> list[tuple
         if case in ("sequential", "krea"):
             meshes.append((1, m))
         else:
-            meshes += [(s, m) for s in (5, n // m) if 1 <= s and s * m <= n]
+            meshes += [(s, m) for s in (5, n // m) if s >= 1 and s * m <= n]
     return list(dict.fromkeys(meshes))
 
 
@@ -372,7 +373,8 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
                 shapes = list(dict.fromkeys((1, model) for _, model in shapes))
             for stage, model in shapes:
                 if stage * model > n:
-                    raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; target {target.name} has {n}")
+                    raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; "
+                                     f"target {target.name} has {n}")
                 for backend in backends or attention.backends_for(target.platform):
                     cfg = dataclasses.replace(base, attention=backend)
                     try:
@@ -406,7 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", nargs="+", default=["wan2.1-1.3b", "wan2.1-14b"], choices=WanConfig.preset_names())
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--backends", nargs="+", help="attention backends (default: every one the target's platform has)")
-    ap.add_argument("--meshes", nargs="+", metavar="STAGExMODEL", help="meshes of the DiT programs (default: see above)")
+    ap.add_argument("--meshes", nargs="+", metavar="STAGExMODEL",
+                    help="meshes of the DiT programs (default: see above)")
     ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"),
                     help="latent size (default 60 104 = 480x832 video)")
     ap.add_argument("--layers", type=int, help="DiT layers to compile (default: the preset's)")

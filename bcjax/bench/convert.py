@@ -41,7 +41,7 @@ def write_random(path: str, cfg: WanConfig, dtype: str) -> int:
     rng = np.random.default_rng(0)
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
-        for key, shape in shapes.items():
+        for shape in shapes.values():
             f.write((rng.standard_normal(shape, np.float32) * 0.02).astype(np_dtype).tobytes())
     return 8 + len(blob) + offset
 
@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         print(proc.stdout.strip() or proc.stderr.strip())
         child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-        out_bytes = sum(os.path.getsize(os.path.join(r, n)) for r, _, fs in os.walk(dst) for n in fs) if os.path.isdir(dst) else 0
+        out_bytes = (sum(os.path.getsize(os.path.join(r, n)) for r, _, fs in os.walk(dst) for n in fs)
+                     if os.path.isdir(dst) else 0)
         print(f"bcjax convert: {wall:.1f} s wall (process start included), peak host memory {child_peak:.2f} GB, "
               f"checkpoint {out_bytes / 1e9:.2f} GB on disk")
         return proc.returncode

@@ -62,7 +62,8 @@ def _steady_state(module, cfg, hw):
 def _decoders():
     from bcjax.vae import taehv, wan_vae
 
-    return {"Wan VAE": (wan_vae, wan_vae.VAEConfig.preset("wan2.1")), "TAEHV": (taehv, taehv.TAEHVConfig.preset("taew2_1"))}
+    return {"Wan VAE": (wan_vae, wan_vae.VAEConfig.preset("wan2.1")),
+            "TAEHV": (taehv, taehv.TAEHVConfig.preset("taew2_1"))}
 
 
 def flops(module, cfg, hw) -> tuple[float, float]:
@@ -89,13 +90,15 @@ def cpu_seconds(module, cfg, hw, repeats: int) -> float:
     cpu = jax.devices("cpu")[0]
     params = jax.device_put(module.init_params(cfg, jax.random.key(0)), cpu)
     state = jax.device_put(_steady_state(module, cfg, hw), cpu)
-    z = jax.device_put(np.random.default_rng(0).standard_normal((1, BLOCK_LATENT_FRAMES, *hw, 16)).astype(np.float32), cpu)
+    z = jax.device_put(
+        np.random.default_rng(0).standard_normal((1, BLOCK_LATENT_FRAMES, *hw, 16)).astype(np.float32), cpu)
     return median_seconds(lambda: jax.block_until_ready(module.decode_step(cfg, params, state, z)), repeats)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bcjax bench decode", description=__doc__.split("\n")[0])
-    ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"), help="FLOPs and the FPS model")
+    ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"),
+                    help="FLOPs and the FPS model")
     ap.add_argument("--time-latent-hw", nargs=2, type=int, default=(4, 6), metavar=("H", "W"), help="CPU timing")
     ap.add_argument("--repeats", type=int, default=1, help="timed CPU runs per decoder after a warm-up")
     ap.add_argument("--preset", default="wan2.1-1.3b", help="DiT of the FPS model")
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
     print("| decoder | FLOPs counted (jaxpr) | FLOPs XLA cost_analysis | CPU s / block | CPU video frames / s |")
     print("|---|---|---|---|---|")
     for name, (counted, xla, secs) in rows.items():
-        print(f"| {name} | {counted / 1e12:.3f} T | {xla / 1e12:.3f} T | {secs:.3f} | {VIDEO_FRAMES_PER_BLOCK / secs:.1f} |")
+        print(f"| {name} | {counted / 1e12:.3f} T | {xla / 1e12:.3f} T | {secs:.3f} | "
+              f"{VIDEO_FRAMES_PER_BLOCK / secs:.1f} |")
     w, t = rows["Wan VAE"], rows["TAEHV"]
     print(f"TAEHV / Wan VAE: {t[0] / w[0]:.4f}x the FLOPs, {t[2] / w[2]:.3f}x the CPU time")
     _fps_model(rows, hw, args)
@@ -140,8 +144,9 @@ def _fps_model(rows, hw, args) -> None:
     seq_s = 1e-3 * seq.stride * model_fps(seq_flops, {}, HARDWARE["1 H100"], args.mfu, seq.stride)["tick_ms"]
     flops = tick_flops(cfg, pcfg, hw, "P4", "bidirectional", 5, 1)["device"]
     tick_s = 1e-3 * model_fps(flops, tick_bytes(cfg, pcfg, hw, "P4", 5, 1), chip, args.mfu, 1)["tick_ms"]
-    print(f"\n== Modelled end-to-end FPS: {args.preset}, {args.port}, H100 at {args.mfu:.0%} MFU; sequential on 1 H100, "
-          f"P4 on 5 (NVLink); denoise {1e3 * seq_s:.0f} ms / block sequential, {1e3 * tick_s:.0f} ms / tick P4 ==")
+    print(f"\n== Modelled end-to-end FPS: {args.preset}, {args.port}, H100 at {args.mfu:.0%} MFU; "
+          f"sequential on 1 H100, P4 on 5 (NVLink); denoise {1e3 * seq_s:.0f} ms / block sequential, "
+          f"{1e3 * tick_s:.0f} ms / tick P4 ==")
     print("| decoder | decode ms / block | sequential, decode on device 0 | sequential, decode device | "
           "P4, decode on stage 0 | P4, decode device |")
     print("|---|---|---|---|---|---|")

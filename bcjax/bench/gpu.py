@@ -146,7 +146,8 @@ def run(args) -> dict:
     t_comm = gather / (args.link_gbps * 1e9)
     print(f"  one stage's tick: {1e3 * out['stage_s']:.1f} ms; K/V all-gather {gather / 1e6:.1f} MB per tick per "
           f"device = {1e3 * t_comm:.2f} ms at {args.link_gbps:g} GB/s")
-    for label, t in (("all-gather overlapped", max(out["stage_s"], t_comm)), ("all-gather serial", out["stage_s"] + t_comm)):
+    for label, t in (("all-gather overlapped", max(out["stage_s"], t_comm)),
+                     ("all-gather serial", out["stage_s"] + t_comm)):
         print(f"  modelled P4 on {st.num_slots} devices, {label}: {1e3 * t:.1f} ms/tick = "
               f"{_fps(t * st.stride):.2f} FPS")
     out["p4_5dev_fps"] = _fps((out["stage_s"] + t_comm) * st.stride)
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"))
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     ap.add_argument("--attention", default="auto", help="backend of the pipeline runs (WanConfig.attention)")
-    ap.add_argument("--backends", nargs="+", help="backends of the per-layer attention timing (default: the platform's)")
+    ap.add_argument("--backends", nargs="+",
+                    help="backends of the per-layer attention timing (default: the platform's)")
     ap.add_argument("--blocks", type=int, default=3, help="timed blocks / ticks / repeats per figure")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per attention backend")
     ap.add_argument("--link-gbps", type=float, default=450.0,

@@ -5,8 +5,9 @@
                                      [--attention auto|dense|chunked|...]
 
 Both sides get the same random original-layout Wan weights. bcjax is timed in steady state (cache
-full and rolling, compile excluded) and on a stream's first block (empty cache); diffusers, which has no KV cache, is timed on one block alone and on the
-full uncached [context frames | block] sequence that a cache-less driver re-runs every pass.
+full and rolling, compile excluded) and on a stream's first block (empty cache); diffusers, which
+has no KV cache, is timed on one block alone and on the full uncached [context frames | block]
+sequence that a cache-less driver re-runs every pass.
 FPS = 12 video frames / seconds per block (one block = 3 latent frames = 12 video frames).
 """
 
@@ -112,7 +113,7 @@ def _bench_bcjax(cfg, pcfg, hw, context, blocks: int, repeats: int) -> dict[str,
     for name, fn, fn_args in [("fwd_cache_ms", with_cache, (params, x, t, cache, ids)),
                               ("fwd_alone_ms", alone, (params, x, t))]:
         compiled = fn.lower(*fn_args).compile()  # compiled ahead, so the timed calls hold no compile
-        out[name] = _ms(lambda: jax.block_until_ready(compiled(*fn_args)), repeats)  # noqa: B023
+        out[name] = _ms(lambda: jax.block_until_ready(compiled(*fn_args)), repeats)  # noqa: B023 (called at once, inside this iteration)
     return out
 
 
@@ -138,11 +139,11 @@ def _bench_torch(cfg, pcfg, hw, context, repeats: int) -> dict[str, float]:
         mask = None if frames == bf else torch.from_numpy(fb[None, :] <= fb[:, None])  # all-True: leave SDPA free
         return x, torch.from_numpy(t[None].astype(np.float32)), mask
 
-    out = {}
+    out: dict[str, float] = {}
     with torch.inference_mode(), autocast:
         for name, frames in [("fwd_alone_ms", bf), ("fwd_full_ms", pcfg.window_frames)]:
             x, t, proc.mask = inputs(frames)
-            run = lambda: model(x, t, ctx, return_dict=False)[0]  # noqa: B023, E731
+            run = lambda: model(x, t, ctx, return_dict=False)[0]  # noqa: B023 (timed within this iteration)
             if not out:
                 run()  # one warm-up (thread pool, allocator) before anything is timed
             out[name] = _ms(run, repeats)
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     torch_version = "not used"
     if not args.no_torch:
         try:
-            import diffusers  # noqa: F401
+            import diffusers  # noqa: F401 (the torch baseline needs it installed)
             import torch
 
             torch_version = f"{torch.__version__} ({torch.get_num_threads()} threads)"
@@ -189,9 +190,9 @@ def main(argv=None) -> int:
     gc.collect()  # release bcjax's weights before diffusers builds its own copy
     th = None if args.no_torch else _bench_torch(cfg, pcfg, hw, context, args.repeats)
 
-    fps = lambda ms: f"{VIDEO_FRAMES_PER_BLOCK / (ms / 1e3):.2f}"  # noqa: E731
+    fps = lambda ms: f"{VIDEO_FRAMES_PER_BLOCK / (ms / 1e3):.2f}"
     n, w = pcfg.num_steps, pcfg.window_frames
-    rows = [("bcjax cached block fn (%d denoise + 1 clean pass), full cache" % n, "", f"{jx['block_ms']:.1f}",
+    rows = [(f"bcjax cached block fn ({n} denoise + 1 clean pass), full cache", "", f"{jx['block_ms']:.1f}",
              fps(jx["block_ms"])),
             ("bcjax cached block fn, empty cache (a stream's first block)", "", f"{jx['empty_block_ms']:.1f}",
              fps(jx["empty_block_ms"])),
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
                  (f"diffusers uncached driver ({n} x full sequence)", "", f"{u:.1f}", fps(u))]
     width = max(len(r[0]) for r in rows)
     print(f"\nbcjax block fn compile: {jx['compile_s']:.1f} s (excluded below)")
-    print(f"| {'':{width}} | ms/forward | ms/block |      FPS |\n|{'-' * (width + 2)}|-----------:|---------:|---------:|")
+    print(f"| {'':{width}} | ms/forward | ms/block |      FPS |\n"
+          f"|{'-' * (width + 2)}|-----------:|---------:|---------:|")
     for name, f, b, s in rows:
         print(f"| {name:{width}} | {f:>10} | {b:>8} | {s:>8} |")
     return 0

@@ -38,7 +38,8 @@ pcfg = PipelineConfig(window_frames=12, sink_frames=3)
 runner = make_runner(cfg, pcfg, (h, w), schedule)
 _, first = next(runner.blocks(params, text, jax.random.key(1), 4))
 jax.block_until_ready(first)
-print(json.dumps({"first_block_s": time.perf_counter() - t0, "import_s": t_import, "cache": bcjax.compile_cache.current(), **events}))
+print(json.dumps({"first_block_s": time.perf_counter() - t0, "import_s": t_import,
+                  "cache": bcjax.compile_cache.current(), **events}))
 """
 
 
@@ -70,8 +71,10 @@ def main(argv=None) -> dict:
         entries = sum(len(files) for _, _, files in os.walk(cache))
     for name, r in runs.items():
         print(f"{a.preset} {a.schedule} {name:>8}: first block after {r['first_block_s']:.2f} s "
-              f"(imports {r['import_s']:.2f} s, process {r['process_s']:.2f} s), cache hits {r['hits']}, misses {r['misses']}")
-    print(f"cache entries {entries}; warm start saves {runs['cold']['first_block_s'] - runs['warm']['first_block_s']:.2f} s")
+              f"(imports {r['import_s']:.2f} s, process {r['process_s']:.2f} s), "
+              f"cache hits {r['hits']}, misses {r['misses']}")
+    print(f"cache entries {entries}; "
+          f"warm start saves {runs['cold']['first_block_s'] - runs['warm']['first_block_s']:.2f} s")
     return {"runs": runs, "entries": entries}
 
 

@@ -40,7 +40,7 @@ def measure(runner, params, texts, key, blocks: int, switch_at: int, policy: str
         sw = events[at].seconds
         rows.append((steady, sw, sw - steady, events[at].recache_s))
     med = np.median(np.asarray(rows), axis=0) * 1e3
-    return dict(zip(("steady_ms", "switch_ms", "stall_ms", "recache_ms"), (float(v) for v in med)))
+    return dict(zip(("steady_ms", "switch_ms", "stall_ms", "recache_ms"), (float(v) for v in med), strict=True))
 
 
 def main(argv=None) -> dict:
@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, help="override the preset's layer count (a reduced model)")
     a = p.parse_args(argv)
     if not 6 <= a.switch_at < a.blocks:
-        raise SystemExit(f"--switch-at {a.switch_at} must lie in [6, --blocks {a.blocks}) so the cascade is full before it")
+        raise SystemExit(f"--switch-at {a.switch_at} must lie in [6, --blocks {a.blocks}) "
+                         "so the cascade is full before it")
     cfg = WanConfig.preset(a.preset, attention="xla")
     if a.layers:
         import dataclasses
@@ -68,8 +69,8 @@ def main(argv=None) -> dict:
              for _ in range(2)]
     key = jax.random.key(1)
     print(f"prompt-switch stall: {a.preset} ({cfg.num_layers} layers, dim {cfg.dim}), latents {hw[0]}x{hw[1]}, "
-          f"{port.name} window {port.pipeline.window_frames} frames (sink {port.pipeline.sink_frames}), switch at block "
-          f"{a.switch_at} of {a.blocks}, {jax.default_backend()}, median of {a.repeats}")
+          f"{port.name} window {port.pipeline.window_frames} frames (sink {port.pipeline.sink_frames}), "
+          f"switch at block {a.switch_at} of {a.blocks}, {jax.default_backend()}, median of {a.repeats}")
     out = {}
     runners = {"sequential": make_runner(cfg, port.pipeline, hw), "P4-bidirectional": make_runner(
         cfg, port.pipeline, hw, "P4", "bidirectional")}

@@ -56,6 +56,7 @@ import sys
 import time
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,7 @@ def _stand_in(name: str, attrs: dict | None = None, raising: tuple[str, ...] = (
     for a in raising:
         setattr(mod, a, missing(a))
     if not raising:  # any other name: a function that fails loudly if called
-        mod.__getattr__ = missing
+        vars(mod)["__getattr__"] = missing  # a module-level __getattr__ (PEP 562), on this module only
     return mod
 
 
@@ -139,12 +140,13 @@ def _load_upstream(path: str) -> types.SimpleNamespace:
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2).contiguous()
 
-    model_mod = importlib.import_module("wan.modules.model")
-    causal_mod = importlib.import_module("wan.modules.causal_model")
+    # upstream's modules: untyped, and patched below
+    model_mod: Any = importlib.import_module("wan.modules.model")
+    causal_mod: Any = importlib.import_module("wan.modules.causal_model")
     model_mod.flash_attention = sdpa
     causal_mod.attention = sdpa
     wrapper_mod = importlib.import_module("utils.wan_wrapper")
-    pipeline_mod = importlib.import_module("pipeline.causal_inference")
+    pipeline_mod: Any = importlib.import_module("pipeline.causal_inference")
     pipeline_mod.print = lambda *a, **k: None
     return types.SimpleNamespace(torch=torch, CausalWanModel=causal_mod.CausalWanModel,
                                  WanDiffusionWrapper=wrapper_mod.WanDiffusionWrapper,
@@ -170,12 +172,13 @@ class _Upstream:
         finally:
             up.CausalWanModel.from_pretrained = pretrained
         prompt = torch.from_numpy(context)
+        module_base: Any = torch.nn.Module  # torch is not typed here (an optional dependency)
 
-        class Text(torch.nn.Module):
+        class Text(module_base):
             def forward(self, text_prompts):
                 return {"prompt_embeds": prompt}
 
-        class Latents(torch.nn.Module):  # the VAE: latents back as they are (return_latents gives them)
+        class Latents(module_base):  # the VAE: latents back as they are (return_latents gives them)
             def decode_to_pixel(self, latent, use_cache=False):
                 return latent
 
@@ -194,7 +197,8 @@ class _Upstream:
 
         pipe._initialize_kv_cache = init_kv_cache
         # each re-noise takes the bench's noise for (block, step) in upstream's order
-        add_noise, calls = pipe.scheduler.add_noise, []
+        add_noise = pipe.scheduler.add_noise
+        calls: list = []
         per_block = pcfg.num_steps - 1
 
         def bench_noise(x0, _noise, t):
@@ -205,7 +209,7 @@ class _Upstream:
         pipe.scheduler.add_noise = bench_noise
         self.calls, self.pipe, self.noise = calls, pipe, noise
         # a block is num_steps denoising passes and one clean pass: its time ends with its last pass
-        self.ends = []
+        self.ends: list[float] = []
         generator.register_forward_hook(lambda *_: self.ends.append(time.perf_counter()))
         self.passes = pcfg.num_steps + 1
 
@@ -253,7 +257,7 @@ def _compare(up, name: str, size: Size, args) -> dict:
     key = jax.random.key(0)
     shape = (1, pcfg.block_frames, *hw, cfg.in_channels)
     # upstream's layout [B, F, C, H, W]; renoise[b][k] is block b's noise for sampler step k + 1
-    to_torch = lambda a: up.torch.from_numpy(np.asarray(a).transpose(0, 1, 4, 2, 3).copy())  # noqa: E731
+    to_torch = lambda a: up.torch.from_numpy(np.asarray(a).transpose(0, 1, 4, 2, 3).copy())
     noise = to_torch(jnp.concatenate([block_noise(key, b, 0, shape) for b in range(NUM_BLOCKS)], axis=1))
     renoise = [[to_torch(block_noise(key, b, k, shape)) for k in range(1, pcfg.num_steps)] for b in range(NUM_BLOCKS)]
     upstream = _Upstream(up, cfg, pcfg, hw, state_dict, context, noise, renoise)
@@ -265,7 +269,7 @@ def _compare(up, name: str, size: Size, args) -> dict:
     err = float(np.max(np.abs(lat_up - lat_bc)))
     print(f"{name}: max |latents bcjax - upstream| = {err:.2e} over {NUM_BLOCKS} blocks (tolerance {TOLERANCE:g})",
           flush=True)
-    times = {"upstream": [], "bcjax": []}
+    times: dict[str, list[np.ndarray]] = {"upstream": [], "bcjax": []}  # seconds per block, per run
     for r in range(args.repeats):
         for side in (("upstream", "bcjax") if r % 2 == 0 else ("bcjax", "upstream")):
             times[side].append((upstream.run() if side == "upstream" else ours())[1])
@@ -300,14 +304,15 @@ def main(argv=None) -> int:
     if args.threads:
         up.torch.set_num_threads(args.threads)
     print(f"device {jax.devices()} | jax {jax.__version__} | torch {up.torch.__version__} "
-          f"({up.torch.get_num_threads()} threads) | processors {sorted(os.sched_getaffinity(0))} | {NUM_BLOCKS} blocks, Self-Forcing sampler, fp32", flush=True)
+          f"({up.torch.get_num_threads()} threads) | processors {sorted(os.sched_getaffinity(0))} | "
+          f"{NUM_BLOCKS} blocks, Self-Forcing sampler, fp32", flush=True)
     rows = {name: _compare(up, name, SIZES[name], args) for name in args.sizes}
     print("\n| size | latent | upstream ms/block (blocks 2-6) | bcjax ms/block | bcjax / upstream | max abs diff |\n"
           "|---|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         hw = SIZES[name].latent_hw
-        print(f"| {name} | {hw[0]}x{hw[1]} | {r['upstream']:.1f} | {r['bcjax']:.1f} | {r['bcjax'] / r['upstream']:.2f}x | "
-              f"{r['err']:.1e} |")
+        print(f"| {name} | {hw[0]}x{hw[1]} | {r['upstream']:.1f} | {r['bcjax']:.1f} | "
+              f"{r['bcjax'] / r['upstream']:.2f}x | {r['err']:.1e} |")
     bad = [name for name, r in rows.items() if not r["err"] <= TOLERANCE]
     if bad:
         print(f"latents differ by more than {TOLERANCE:g} at {', '.join(bad)}: the timings compare different "

@@ -65,7 +65,8 @@ def make_mesh(stage: int | None = None, model: int = 1, devices=None, cfg: WanCo
         stage = n // model  # the whole slice: the tick's tokens are split over every stage device
     stage = stage or len(devices) // model
     if stage * model > len(devices):
-        raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; {len(devices)} available")
+        raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; "
+                         f"{len(devices)} available")
     return Mesh(np.asarray(devices[: stage * model]).reshape(stage, model), (STAGE, MODEL))
 
 
@@ -123,7 +124,8 @@ class Cascade:
         if self.mesh is None:
             return jax.jit(fn, donate_argnums=(4,))
         lay = self.layout
-        state_spec = CascadeState(P(), lay.cache, P(), P())  # x whole on every device (see tick)
+        # x whole on every device (see tick); a tree of PartitionSpecs shaped like the state
+        state_spec = CascadeState(P(), lay.cache, P(), P())  # type: ignore[arg-type]  # specs, not arrays
         mapped = jax.shard_map(
             partial(fn, axis=STAGE, model_axis=lay.axis), mesh=self.mesh,
             in_specs=(lay.params, lay.text, P(), P(), state_spec),
@@ -157,7 +159,8 @@ class Cascade:
             cache = self.layout.init_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         state = CascadeState(x, cache, jnp.int32(0), jnp.int32(first_block))
         if self.mesh is not None:
-            state = CascadeState(replicate(x, self.mesh), self.layout.place_cache(cache), *replicate(state[2:], self.mesh))
+            state = CascadeState(replicate(x, self.mesh), self.layout.place_cache(cache),
+                                 *replicate(state[2:], self.mesh))
         return state
 
     def prefill(self, params, text: KV, frames) -> tuple[KVCache, int]:
@@ -235,6 +238,7 @@ class Cascade:
         while not self.done(step):  # the last clean pass has no reader: skipped
             step, out = self.step(params, text, step)
             if out.block >= 0:
+                assert out.x0 is not None  # a finished block comes with its latents
                 yield Block(out.block, out.x0)
 
     # -- the stepping interface shared with SequentialPipeline (bcjax.stepping) ---------
@@ -249,7 +253,8 @@ class Cascade:
         refuse_round_trip(reencode, "Cascade")
         params, text = self._placed(params, text)
         batch = text.k.shape[1]
-        carry = self.init_state(batch) if context is None else self.init_state(batch, *self.prefill(params, text, context))
+        carry = (self.init_state(batch) if context is None
+                 else self.init_state(batch, *self.prefill(params, text, context)))
         return self._begin(carry, key, num_blocks)
 
     def _begin(self, carry: CascadeState, key, num_blocks: int | None) -> StepState:
@@ -269,7 +274,8 @@ class Cascade:
         total = ENDLESS if state.num_blocks is None else state.num_blocks
         carry, (x0, _) = self._step(params, text, state.key, jnp.int32(total), state.carry)
         blocks, stages, busy = slot_state(st, tau, np.arange(st.num_slots), total)
-        in_flight = tuple(sorted((state.first_block + int(b), int(s)) for b, s, u in zip(blocks, stages, busy) if u))
+        in_flight = tuple(sorted((state.first_block + int(b), int(s))
+                                 for b, s, u in zip(blocks, stages, busy, strict=True) if u))
         block = -1
         if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
             block = state.first_block + (tau - st.emit_stage) // st.stride

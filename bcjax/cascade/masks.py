@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bcjax.names import WINDOWS  # noqa: F401  (re-exported: checked here)
+from bcjax.names import WINDOWS  # re-exported: checked here
 
 
 def tick_key_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_frames: int,

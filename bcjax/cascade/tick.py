@@ -104,7 +104,8 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     sigmas = stage_sigmas(pcfg)
 
     # every slot's input from its last x0, by the sampler's one rule (`bcjax.sampler.stage_input`)
-    x = jax.vmap(lambda b, k, x0: stage_input(key, b, k, x0, sigmas, (batch, *spec.block_shape)))(blocks, stage_c, state.x)
+    x = jax.vmap(lambda b, k, x0: stage_input(key, b, k, x0, sigmas, (batch, *spec.block_shape)))(
+        blocks, stage_c, state.x)
 
     # rolling positions: the pass's newest frame is the last frame of the newest busy block
     newest = jnp.max(jnp.where(busy, blocks, 0)) * bf + bf - 1

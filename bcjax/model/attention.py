@@ -150,8 +150,9 @@ def attend(q, k, v, key_mask=None, *, implementation: str = "auto"):
     all). Every query block must see at least one key. Returns [B, T, N, H] in q's dtype.
     """
     ks, vs = (tuple(a) if isinstance(a, (tuple, list)) else (a,) for a in (k, v))
-    # zero-length parts (a pass without a cache) have no mask columns: dropped
-    ks, vs = zip(*[(kp, vp) for kp, vp in zip(ks, vs) if kp.shape[1]]) if any(a.shape[1] for a in ks) else (ks, vs)
+    if any(a.shape[1] for a in ks):
+        # zero-length parts (a pass without a cache) have no mask columns: dropped
+        ks, vs = zip(*[(kp, vp) for kp, vp in zip(ks, vs, strict=True) if kp.shape[1]], strict=True)
     b, t, n, h = q.shape
     s = sum(a.shape[1] for a in ks)
     qb = 1 if key_mask is None else key_mask.shape[1]
@@ -185,10 +186,11 @@ def attend(q, k, v, key_mask=None, *, implementation: str = "auto"):
     o, lse = None, None
     start = 0
     granule = key_granule([a.shape[1] for a in ks])
-    for kp, vp in zip(ks, vs):
+    for kp, vp in zip(ks, vs, strict=True):
         mp = key_mask[:, :, start:start + kp.shape[1]]
         start += kp.shape[1]
         o, lse = _attend_part(kernel, interpret, qr, kp, vp, mp, o, lse, granule)
+    assert o is not None  # k has at least one part
     return o.reshape(b, t, n, h).astype(q.dtype)
 
 
@@ -210,7 +212,7 @@ def _resolve(name: str, q, s: int) -> str:
     return "dense" if b * t * n * s * 4 <= DENSE_LOGITS_BYTES else "chunked"
 
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()  # (kernel, why)
 
 
 def _refuse(kernel: str, why: str) -> None:
@@ -526,7 +528,7 @@ def _flash_gpu_kernel(q_ref, k_ref, v_ref, m_ref, o_ref, lse_ref, *, scale: floa
     o0 = jnp.zeros((bq, q_ref.shape[1]), F32)
     m0 = jnp.full((bq,), -jnp.inf, F32)
     l0 = jnp.zeros((bq,), F32)
-    o, m, l = jax.lax.fori_loop(0, c // block_k, body, (o0, m0, l0))
+    o, m, l = jax.lax.fori_loop(0, c // block_k, body, (o0, m0, l0))  # noqa: E741 (m, l: online softmax max, sum)
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log2(l)) / log2e  # natural log
 

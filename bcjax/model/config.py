@@ -53,7 +53,7 @@ class WanConfig:
             raise ValueError(f"attention={self.attention!r}: expected one of {BACKENDS}")
         check_dtypes(self)
 
-    def for_platform(self, platform: str) -> "WanConfig":
+    def for_platform(self, platform: str) -> WanConfig:
         """This config with its attention backend resolved for programs compiled for `platform`
         ("auto": the platform's kernel; a backend the platform lacks is refused here)."""
         from bcjax.model.attention import for_platform
@@ -61,7 +61,7 @@ class WanConfig:
         return dataclasses.replace(self, attention=for_platform(self.attention, platform, self.compute_dtype))
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "WanConfig":
+    def preset(cls, name: str, **overrides) -> WanConfig:
         return from_preset(cls, _PRESETS, name, overrides)
 
     @staticmethod

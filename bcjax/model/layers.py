@@ -86,7 +86,7 @@ class RowParallelDense(nn.Module):
 
 def _out_dense(cfg: WanConfig, features: int, name: str, axis: str | None):
     """The sublayer's output projection: plain, or row-parallel when its input is sharded."""
-    if _shards(axis) == 1:
+    if axis is None or _shards(axis) == 1:
         return _dense(cfg, features, name)
     return RowParallelDense(features, axis, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name)
 

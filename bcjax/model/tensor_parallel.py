@@ -124,7 +124,7 @@ class Layout:
         self.device = device if device is not None else mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
 
     @classmethod
-    def split_only(cls, cfg: WanConfig, mesh: Mesh | None) -> "Layout":
+    def split_only(cls, cfg: WanConfig, mesh: Mesh | None) -> Layout:
         """The layout of a runner that uses a mesh only to split weights (the sequential
         pipeline, Krea's loop): one device (the mesh's first) unless the mesh's `model` axis is
         > 1 or the mesh is a TPU slice that must be used whole (a `stage` axis then holds replicas)."""
@@ -159,7 +159,8 @@ class Layout:
         flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, P))
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         return jax.tree_util.tree_unflatten(treedef, [
-            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding(s)) for a, s in zip(leaves, flat_specs)])
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding(s))
+            for a, s in zip(leaves, flat_specs, strict=True)])
 
     def abstract_params(self):
         from bcjax.model.wan import param_shapes
@@ -172,7 +173,9 @@ class Layout:
 
         cfg = self.cfg
         kv = jax.ShapeDtypeStruct((cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
-        return self.abstract(KV(kv, kv), self.text if self.mesh is not None else None)
+        # abstract: ShapeDtypeStruct leaves stand in for the arrays
+        abstract_kv = KV(kv, kv)  # type: ignore[arg-type]  # the type cannot say "array or its abstract value"
+        return self.abstract(abstract_kv, self.text if self.mesh is not None else None)
 
     def abstract_cache(self, batch: int, capacity: int, tokens_per_frame: int):
         from bcjax.model.kv_cache import init_cache
@@ -207,6 +210,8 @@ class Layout:
 
     def place(self, tree, spec: P):
         """Every leaf of `tree` on the mesh with one spec (P(): replicated)."""
+        if self.mesh is None:
+            raise ValueError("Layout.place needs a mesh (without one, use replicate)")
         return place(tree, self.mesh, jax.tree_util.tree_map(lambda _: spec, tree))
 
     def replicate(self, tree):

@@ -134,7 +134,8 @@ class KreaPipeline:
         self.replicate, self.place_params, self.place_text = lay.replicate, lay.place_params, lay.place_text
         cfg, pcfg, hw = self.cfg, self.pcfg, tuple(self.latent_hw)
         w, t, _ = lay.specs()
-        self._block_fn = jax.jit(lay.shard_map(partial(krea_block, cfg, pcfg, latent_hw=hw), (w, t, P(), P(), P()), P()))
+        self._block_fn = jax.jit(lay.shard_map(partial(krea_block, cfg, pcfg, latent_hw=hw),
+                                               (w, t, P(), P(), P()), P()))
 
         def v2v(params, text, context, key, block, source, model_axis=None):
             return krea_block(cfg, pcfg, params, text, context, key, block, hw, source, model_axis)

@@ -18,6 +18,7 @@ runner's stream takes, so it combines with the sequential pipeline and the casca
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ def interpolate_schedule(schedule: Sequence[tuple[int, np.ndarray]], steps: int)
         raise ValueError(f"interpolation steps={steps}: need >= 2 (the ramp's first block is the old prompt, "
                          "its last the new one)")
     starts = [int(b) for b, _ in schedule]
-    if any(b <= a for a, b in zip(starts, starts[1:])):
+    if any(b <= a for a, b in itertools.pairwise(starts)):
         raise ValueError(f"prompt starts {starts} must strictly increase")
     out: list[tuple[int, np.ndarray]] = []
     for i, (start, new) in enumerate(schedule):

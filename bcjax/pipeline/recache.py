@@ -44,7 +44,7 @@ from bcjax.distributed import put
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, write_frames
 from bcjax.model.wan import KV, forward
-from bcjax.names import POLICIES  # noqa: F401  (re-exported: checked here)
+from bcjax.names import POLICIES  # re-exported: checked here
 from bcjax.sampler import pass_positions
 from bcjax.schedule.config import PipelineConfig
 
@@ -159,6 +159,6 @@ class Recacher:
         if start <= 0 or not self.blocks:  # nothing generated yet: LongLive returns at frame 0 too
             return cache
         like = next(iter(self.blocks.values()))
-        frames = gather_frames(self.blocks, start, self.pcfg.window_frames, self.pcfg.block_frames, like)
-        frames = put(frames, self.sharding) if self.sharding is not None else jnp.asarray(frames)
+        host = gather_frames(self.blocks, start, self.pcfg.window_frames, self.pcfg.block_frames, like)
+        frames = put(host, self.sharding) if self.sharding is not None else jnp.asarray(host)
         return jax.block_until_ready(self.fn(params, text, frames, jnp.int32(start), cache))

@@ -100,8 +100,8 @@ class TextToVideo:
         self.text_cfg, self.text = checkpoint.restore(self.path, "text")
         self.vae_cfg, self.vae = checkpoint.restore(self.path, "vae")
         if self.text_cfg.d_model != self.dit_cfg.text_dim or self.text_cfg.text_len != self.dit_cfg.text_len:
-            raise ValueError(f"text encoder gives [{self.text_cfg.text_len}, {self.text_cfg.d_model}] embeddings; the DiT "
-                             f"expects [{self.dit_cfg.text_len}, {self.dit_cfg.text_dim}]")
+            raise ValueError(f"text encoder gives [{self.text_cfg.text_len}, {self.text_cfg.d_model}] embeddings; "
+                             f"the DiT expects [{self.dit_cfg.text_len}, {self.dit_cfg.text_dim}]")
         if self.vae_cfg.z_dim != self.dit_cfg.in_channels:
             raise ValueError(f"VAE has {self.vae_cfg.z_dim} latent channels; the DiT has {self.dit_cfg.in_channels}")
         self._parts = set(meta["configs"])
@@ -241,7 +241,7 @@ class TextToVideo:
         with (Mp4Writer(path, fps=VIDEO_FPS) if path is not None else NullWriter()) as writer:
             blocks = tqdm(self._timed_blocks(prompt, num_blocks, seed, timings, source), total=num_blocks, unit="block",
                           disable=not progress, desc=f"{self.schedule}")
-            decoders = []
+            decoders: list[PixelDecoder] = []
 
             def sink(block):  # on the worker thread, while the next block denoises
                 if not decoders:

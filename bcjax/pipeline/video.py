@@ -15,11 +15,13 @@ Python fork handler (and the child never runs Python in a copy of a multithreade
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 from fractions import Fraction
+from typing import Literal
 
 import numpy as np
 
@@ -82,10 +84,10 @@ class Mp4Writer:
             raise FileNotFoundError(f"output folder {folder} does not exist")
         self.fps, self.quality = fps, quality
         self.frames = 0
-        self._proc = None
+        self._proc: subprocess.Popen | None = None
         fd, self._tmp = tempfile.mkstemp(prefix=".bcjax-", suffix=".mp4", dir=folder)
         os.close(fd)
-        self._size = None
+        self._size: tuple[int, int] = (0, 0)  # set with _proc, by the first write
 
     def write(self, frames) -> None:
         frames = np.asarray(frames)
@@ -99,6 +101,7 @@ class Mp4Writer:
         elif (frames.shape[2], frames.shape[1]) != self._size:
             raise ValueError(f"frame size {frames.shape[2]}x{frames.shape[1]} differs from the stream's "
                              f"{self._size[0]}x{self._size[1]}")
+        assert self._proc.stdin is not None  # opened with stdin=PIPE
         try:
             self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
         except BrokenPipeError as e:
@@ -108,20 +111,19 @@ class Mp4Writer:
     def close(self) -> None:
         if self._proc is not None:
             proc, self._proc = self._proc, None
-            try:
+            assert proc.stdin is not None  # opened with stdin=PIPE
+            with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
-            except BrokenPipeError:
-                pass
             if proc.wait() != 0:
                 raise OSError(f"ffmpeg writing {self._tmp} exited with code {proc.returncode}")
             publish(self._tmp, self.path)
         elif os.path.exists(self._tmp):
             os.remove(self._tmp)  # nothing was written: no empty file left behind
 
-    def __enter__(self) -> "Mp4Writer":
+    def __enter__(self) -> Mp4Writer:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.close()
         return False
 
@@ -132,8 +134,9 @@ def ffmpeg_command(path: str, size: tuple[int, int], fps: float, quality: int) -
     import imageio_ffmpeg
 
     rate = str(Fraction(fps).limit_denominator())
-    return [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{size[0]}x{size[1]}",
-            "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+    return [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+            "-s", f"{size[0]}x{size[1]}", "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-an",
+            "-vcodec", "libx264", "-pix_fmt", "yuv420p",
             "-crf", str(int((1 - quality / 10.0) * 51)), "-v", "error", path]
 
 
@@ -155,8 +158,8 @@ class NullWriter:
     def write(self, frames) -> None:
         self.frames += len(frames)
 
-    def __enter__(self) -> "NullWriter":
+    def __enter__(self) -> NullWriter:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         return False

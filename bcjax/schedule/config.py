@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from bcjax.names import POSITIONS  # noqa: F401  (re-exported: checked here)
+from bcjax.names import POSITIONS  # re-exported: checked here
 from bcjax.schedule.flow import denoising_schedule
 
 CONTEXTS = ("clean-pass", "rebuild", "last-pass")
@@ -96,9 +96,10 @@ class PipelineConfig:
         span = self.cache_frames - self.sink_frames + (self.num_steps + 1) * bf
         period = bf * ((max_positions - self.sink_frames - span) // bf)
         if period < bf:
-            raise ValueError(f"positions='rolling' needs a RoPE table longer than sink {self.sink_frames} + rolling cache "
-                             f"{self.cache_frames - self.sink_frames} + {self.num_steps + 1} in-flight blocks of {bf} "
-                             f"frames + one block; the model has {max_positions} positions")
+            raise ValueError(f"positions='rolling' needs a RoPE table longer than sink {self.sink_frames} + "
+                             f"rolling cache {self.cache_frames - self.sink_frames} + "
+                             f"{self.num_steps + 1} in-flight blocks of {bf} frames + one block; "
+                             f"the model has {max_positions} positions")
         return period
 
     def check_length(self, max_positions: int, num_blocks: int, first_block: int = 0) -> None:

@@ -26,7 +26,8 @@ log = logging.getLogger("bcjax.serve")
 
 STATIC = Path(__file__).parent / "static"
 ACK_RATE = 200  # acks/s a tab may send: one per block at any pace the page can draw, with room
-WS_MAX_SIZE = 64 * 1024  # bigger frames are refused by the protocol layer (close 1009); smaller bad ones get an error frame
+# bigger frames are refused by the protocol layer (close 1009); smaller bad ones get an error frame
+WS_MAX_SIZE = 64 * 1024
 
 
 def make_app(backend, *, queue: int = 8, max_sessions: int = 8, allow_origins: tuple[str, ...] = (),
@@ -57,7 +58,8 @@ def make_app(backend, *, queue: int = 8, max_sessions: int = 8, allow_origins: t
         refused = _refusal(websocket, allowed)
         if refused:
             client = websocket.client
-            log.warning("refused a WebSocket handshake from %s: %s", f"{client[0]}:{client[1]}" if client else "?", refused)
+            log.warning("refused a WebSocket handshake from %s: %s", f"{client[0]}:{client[1]}" if client else "?",
+                        refused)
             await websocket.close(code=1008)  # before accept: uvicorn answers the handshake with 403
             return
         await websocket.accept()
@@ -90,7 +92,8 @@ def make_app(backend, *, queue: int = 8, max_sessions: int = 8, allow_origins: t
                 if not limit.take():
                     if limit.warn():
                         await outbox.queue.put({"type": "error", "what": "rate", "message":
-                                                f"more than {limit.rate:g} {'acks' if limit is acks else 'messages'}/s: "
+                                                f"more than {limit.rate:g} "
+                                                f"{'acks' if limit is acks else 'messages'}/s: "
                                                 "dropped until the tab sends slower"})
                     continue
                 if cmd["type"] == "error":
@@ -164,7 +167,7 @@ def _host_names(server: tuple[str, int] | None) -> set[str]:
         names |= {"localhost", "127.0.0.1", "[::1]"}
     else:  # a LAN address: the machine's own names too
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
-    return {f"{n}:{port}" for n in names} | ({n for n in names} if port == 80 else set())
+    return {f"{n}:{port}" for n in names} | (set(names) if port == 80 else set())
 
 
 def _refusal(websocket: WebSocket, allowed: set[str]) -> str | None:

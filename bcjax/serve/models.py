@@ -156,7 +156,7 @@ class ToyBackend:
         w = self.world
         n = len(parse_prompt(prompt, w))
         rng = np.random.default_rng(seed)
-        starts = [tuple(int(v) for v in rng.integers(w.lo, w.hi + 1, 2)) for _ in range(n)]
+        starts = [(int(y), int(x)) for y, x in (rng.integers(w.lo, w.hi + 1, 2) for _ in range(n))]
         return render(parse_prompt(prompt, w, starts), w.block_frames, w)[None]
 
     def frame_encoder(self, decoder: None = None, round_trip: bool = False):
@@ -185,12 +185,13 @@ class CheckpointBackend:
         from bcjax.pipeline.t2v import TextToVideo
 
         pcfg = dataclasses.replace(ports.get(port).pipeline, positions="rolling")
+        height, width = video_hw
         if decoder is None:  # the tiny decoder keeps a live stream's pace, when the checkpoint has it
             decoder = "taehv" if "taehv" in read_config(path)["configs"] and pcfg.context != "rebuild" else "wan"
-        self.t2v = TextToVideo(path, pcfg, tuple(video_hw), mesh=mesh, decoder=decoder, decode_device=decode_device,
+        self.t2v = TextToVideo(path, pcfg, (height, width), mesh=mesh, decoder=decoder, decode_device=decode_device,
                                dtype=dtype, attention=attention)
         self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
-        self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, tuple(video_hw), quality
+        self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, (height, width), quality
         self.port = port
         # every decoder the checkpoint has, on the one decode device: a tab picks one per stream
         self.pixels = {d: self.t2v.pixels if d == self.t2v.decoder else self.t2v.pixel_decoder(d)
@@ -219,7 +220,8 @@ class CheckpointBackend:
         text = _common_checks(prompt)
         tokens = len(self.t2v.tokenizer.encode(clean_prompt(text))) + 1  # + EOS
         if tokens > self.t2v.text_cfg.text_len:
-            raise ValueError(f"the prompt is {tokens} tokens long; the text encoder reads at most {self.t2v.text_cfg.text_len}")
+            raise ValueError(f"the prompt is {tokens} tokens long; "
+                             f"the text encoder reads at most {self.t2v.text_cfg.text_len}")
         return text
 
     def encode(self, prompt: str):

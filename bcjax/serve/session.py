@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import threading
 import time
+from typing import Any
 
 import jax
 
@@ -36,21 +37,23 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
                    "/jax/core/compile/backend_compile_duration")
 _compiling = threading.local()
 _listening = threading.Lock()
+_listening_registered = False
 _tab_ids = itertools.count(1)
 
 
-def _on_jax_event(event: str, duration: float, **_) -> None:
+def _on_jax_event(event: str, duration_secs: float, **_: str | int) -> None:
     if event in _COMPILE_EVENTS:
-        _compiling.seconds = getattr(_compiling, "seconds", 0.0) + duration
+        _compiling.seconds = getattr(_compiling, "seconds", 0.0) + duration_secs
 
 
 def listen_for_compiles() -> None:
     """Count compile time per thread (jax reports it on the thread that compiles), once per
     process: how a stream tells its one-time compiles apart from its switch latency."""
+    global _listening_registered
     with _listening:
-        if not getattr(listen_for_compiles, "done", False):
+        if not _listening_registered:
             jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
-            listen_for_compiles.done = True
+            _listening_registered = True
 
 
 def compile_seconds() -> float:
@@ -81,7 +84,8 @@ class Outbox:
     """A bounded queue from any thread to the connection's sender coroutine."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, maxsize: int):
-        self.loop, self.queue = loop, asyncio.Queue(maxsize)
+        self.loop = loop
+        self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize)
         self.closed = threading.Event()
 
     def put(self, msg, cancelled=None) -> bool:
@@ -127,6 +131,7 @@ class Stream:
     sent: int = 0  # blocks put on the outbox
     acked: int = 0  # blocks the page says it received
     pushed: dict = dataclasses.field(default_factory=dict)  # prompt index -> time of the switch
+    runner: Any = None  # what `Runners.get` gave for its settings' (schedule, window)
 
 
 class Session:
@@ -162,7 +167,7 @@ class Session:
         """Act on one parsed page message (an `ack` only takes a lock: fine on the event loop)."""
         try:
             getattr(self, f"_on_{cmd['type']}")(cmd)
-        except Exception as e:  # a bug or a backend failure: this page hears of it, the server goes on
+        except Exception as e:  # noqa: BLE001 - a bug or a backend failure: this page hears of it, the server goes on
             self.outbox.put({"type": "error", "what": "server", "message": f"{cmd['type']}: {type(e).__name__}: {e}"})
 
     def close(self) -> None:
@@ -211,8 +216,8 @@ class Session:
         runner = self.runners.get(settings["schedule"], settings["window"])
         with self._cond:
             self._streams += 1
-            self.gen = Stream(self._streams, settings, prompt, prompt, LivePrompts(kv, self.text_bytes), fps=cmd["fps"])
-            self.gen.runner = runner
+            self.gen = Stream(self._streams, settings, prompt, prompt, LivePrompts(kv, self.text_bytes), fps=cmd["fps"],
+                              runner=runner)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"bcjax-tab-{self.tab}", daemon=True)
                 self._thread.start()
@@ -306,11 +311,13 @@ class Session:
                     return
                 if nxt is not gen:  # replaced or reset: the old stream's state is freed now, not at the next start
                     if ticks is not None:
+                        assert gen is not None  # ticks are gen's
                         ticks.close()  # a block it was decoding is dropped with it, as its unsent messages are
                         self.outbox.put({"type": "state", "state": "ended", "stream": gen.id})
                     gen, ticks, holding = nxt, None, False
                     if gen is None:
                         continue
+                assert gen is not None  # _next hands back the same stream only while it has one
                 try:
                     if ticks is None:
                         ticks = self._ticks(gen)
@@ -321,7 +328,7 @@ class Session:
                     ticks, holding = None, False
                     if self.outbox.closed.is_set():
                         return
-                except Exception as exc:  # a stream's failure is reported to its page, never raised into the server
+                except Exception as exc:  # noqa: BLE001 - a stream's failure is reported to its page, never raised into the server
                     self._failed(gen, exc)
                     gen, ticks, holding = None, None, False
         finally:
@@ -333,7 +340,8 @@ class Session:
         with self._cond:
             if self.gen is gen:
                 self.gen = None
-        self.outbox.put({"type": "error", "what": "stream", "stream": gen.id, "message": f"{type(exc).__name__}: {exc}"})
+        self.outbox.put({"type": "error", "what": "stream", "stream": gen.id,
+                         "message": f"{type(exc).__name__}: {exc}"})
         self.outbox.put({"type": "state", "state": "ended", "stream": gen.id})
 
     def _ticks(self, gen: Stream):

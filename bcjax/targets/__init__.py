@@ -103,14 +103,14 @@ def _devices(target: Target) -> tuple:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
-        except Exception as e:  # noqa: BLE001 - libtpu missing or refusing: say what to install
+        except Exception as e:  # libtpu missing or refusing: say what to install
             raise RuntimeError(f"target {target.name!r} needs libtpu's compile-only topologies "
                                f"(pip install 'jax[tpu]=={jax.__version__}'): {str(e).splitlines()[0]}") from e
     else:
         try:
             topo = topologies.get_topology_desc(topology_name="", platform="cuda", target_config=target.spec_text(),
                                                 topology=target.topology)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise RuntimeError(f"target {target.name!r} needs the CUDA plugin's deviceless compiler "
                                f"(pip install 'jax[cuda13]=={jax.__version__}', run with JAX_PLATFORMS=cpu): "
                                f"{str(e).splitlines()[0]}") from e

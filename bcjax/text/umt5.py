@@ -52,7 +52,8 @@ class UMT5Config:
 
     def __post_init__(self):
         if self.num_buckets % 4:
-            raise ValueError(f"num_buckets {self.num_buckets} must be divisible by 4 (two directions, exact + log halves)")
+            raise ValueError(f"num_buckets {self.num_buckets} must be divisible by 4 "
+                             "(two directions, exact + log halves)")
         if self.max_distance <= self.num_buckets // 4:
             raise ValueError(f"max_distance {self.max_distance} must exceed num_buckets // 4 = {self.num_buckets // 4}")
         check_dtypes(self)

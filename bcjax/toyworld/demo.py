@@ -48,12 +48,13 @@ def timed_stream(model: ToyModel, scenes, num_blocks: int, key, schedule: str, w
     hw, bf = (world.size, world.size), pcfg.block_frames
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
     text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
-    runner = make_runner(cfg, pcfg, hw, schedule, window, mesh)
+    runner = make_runner(cfg, pcfg, hw, schedule, window or DEFAULT_WINDOW, mesh)  # None: sequential, no window
     if isinstance(runner, Cascade):
         state = runner.init_state(len(scenes), *runner.prefill(model.params, text, first))
         stream = runner.blocks(model.params, text, key, num_blocks, state=state)
     else:
-        stream = runner.blocks(model.params, text, key, num_blocks, runner.prefill(model.params, text, first), first_block=1)
+        stream = runner.blocks(model.params, text, key, num_blocks, runner.prefill(model.params, text, first),
+                               first_block=1)
     out, times = [np.asarray(first)], []
     t0 = time.perf_counter()
     for _, x0 in stream:
@@ -121,10 +122,12 @@ def frames_png(path: str, latents: list[np.ndarray], scenes, model: ToyModel, sc
 
 def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, video: str,
                  frames: str | None = None, per_block: dict | None = None) -> str:
+    trained_by = (" -> ".join(dict.fromkeys(s["stage"] for s in model.provenance.get("stages", [])))
+                  or "clean-context teacher forcing")
     lines = ["# bcjax demo: the toy world, sequential vs Block Cascading", "",
              f"Model: shipped toy-world Wan DiT ({model.cfg.num_layers} layers, dim {model.cfg.dim}, "
              f"{sum(x.size for x in jax.tree_util.tree_leaves(model.params)):,} parameters, trained by "
-             f"{' -> '.join(dict.fromkeys(s['stage'] for s in model.provenance.get('stages', []))) or 'clean-context teacher forcing'}), "
+             f"{trained_by}), "
              f"{model.pcfg.num_steps}-step sampler, window {model.pcfg.window_frames} latent frames; "
              f"{jax.default_backend()}, {jax.device_count()} device(s).", "",
              "Prompts (first block given as the still image, the rest generated):", ""]
@@ -146,9 +149,10 @@ def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, v
                   for name, m in per_block.items()]
     if frames:
         lines += ["", f"![truth and every setting, the last frame of every block]({os.path.basename(frames)})", "",
-                  f"`{os.path.basename(frames)}`: per prompt, rows {', '.join(LABELS)}; columns: the last frame of every "
-                  "block, the given still image first."]
-    lines += ["", f"Video: `{os.path.basename(video)}` (columns: {', '.join(LABELS)}; frame counter red on the given frames).",
+                  f"`{os.path.basename(frames)}`: per prompt, rows {', '.join(LABELS)}; "
+                  "columns: the last frame of every block, the given still image first."]
+    lines += ["", f"Video: `{os.path.basename(video)}` (columns: {', '.join(LABELS)}; "
+                  "frame counter red on the given frames).",
               "Steady ms/block on one device is not the cascade's speed-up: that needs the tick's tokens split over "
               "several devices (`--devices N`, e.g. 5 for P4's five blocks in flight)."]
     text = "\n".join(lines) + "\n"
@@ -235,7 +239,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     sched = parse_prompt_schedule(prompts)
     rng = np.random.default_rng(seed)
     scenes = [parse_prompt(text, world) for _, text in sched]  # the embedding holds no positions
-    for (at, text), scene in zip(sched[1:], scenes[1:]):  # the rules `bcjax serve` applies to a switch
+    for (at, text), scene in zip(sched[1:], scenes[1:], strict=True):  # the rules `bcjax serve` applies to a switch
         if at > blocks:
             raise ValueError(f"--prompts: {text!r}@{at} starts after the stream's last block ({blocks}); "
                              f"raise --blocks to {at} or more, or move the switch")
@@ -243,8 +247,8 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
             check_switch(scenes[0], scene)
         except ValueError as e:
             raise ValueError(f"--prompts: {text!r}@{at}: {e}") from None
-    starts = [tuple(int(v) for v in rng.integers(world.lo, world.hi + 1, 2)) for _ in scenes[0]]
-    embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(sched, scenes)]
+    starts = [(int(y), int(x)) for y, x in (rng.integers(world.lo, world.hi + 1, 2) for _ in scenes[0])]
+    embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(sched, scenes, strict=True)]
     if interpolate:  # Krea's prompt interpolation: each switch ramps over `interpolate` blocks
         embeds = interpolate_schedule(embeds, interpolate)
     schedule_kv = [(b, encode_text(cfg, model.params, jnp.asarray(e))) for b, e in embeds]
@@ -256,7 +260,8 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
         return np.repeat(np.repeat(to_rgb(frames, world), scale, 1), scale, 2)
 
     events = []
-    bar = tqdm(total=blocks, unit="block", desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
+    bar = tqdm(total=blocks, unit="block",
+               desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
     fps = fps or FPS  # as in `run`
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with (Mp4Writer(out, fps=fps) if is_primary() else NullWriter()) as w:  # multi-host: process 0 writes
@@ -265,13 +270,13 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
             w.write(big(e.x0[0]))
             return e
 
-        for e in overlapped(stream(runner, model.params, schedule_kv,
-                                   jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
-            events.append(e)
+        for ev in overlapped(stream(runner, model.params, schedule_kv,
+                                    jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
+            events.append(ev)
             bar.update(1)
-            rate = frames_per_block(bf, TEMPORAL_SCALE) / max(e.seconds, 1e-9)  # frames per second made
-            bar.set_postfix(block=e.block, prompt=e.prompt, fps=f"{rate:.1f}",
-                            recache_ms=f"{1e3 * e.recache_s:.1f}")
+            rate = frames_per_block(bf, TEMPORAL_SCALE) / max(ev.seconds, 1e-9)  # frames per second made
+            bar.set_postfix(block=ev.block, prompt=ev.prompt, fps=f"{rate:.1f}",
+                            recache_ms=f"{1e3 * ev.recache_s:.1f}")
     bar.close()
     steady = sorted(e.seconds for e in events[2:]) or [events[-1].seconds]
     print(f"wrote {out}: {(1 + len(events)) * bf} frames; steady {1e3 * steady[len(steady) // 2]:.1f} ms/block, "

@@ -93,7 +93,8 @@ def eval_scenes(world: WorldConfig, n: int) -> list[Scene]:
 def settings(schedules=GRID_SCHEDULES, windows=GRID_WINDOWS) -> list[tuple[str, str | None]]:
     """(schedule, window) pairs; sequential has no window. By default the paper's grid; the
     variants (`bcjax.names`: P4-no-clean, the restricted bidirectional windows) by name."""
-    return [(s, None) if s == "sequential" else (s, w) for s in schedules for w in ((None,) if s == "sequential" else windows)]
+    return [(s, None) if s == "sequential" else (s, w)
+            for s in schedules for w in ((None,) if s == "sequential" else windows)]
 
 
 def setting_name(schedule: str, window: str | None) -> str:
@@ -183,7 +184,7 @@ def summary(metrics: dict, world: WorldConfig) -> dict[str, dict[str, float]]:
     by chance, e.g. the still baseline when every sprite is back at its start, would make the
     mean of per-block PSNRs meaningless)."""
     out = {name: {k: float(np.mean(m[k])) for k in FIELDS} for name, m in metrics.items()}
-    for name, m in metrics.items():
+    for name in metrics:
         out[name]["psnr"] = float(10 * np.log10((2 * world.amplitude) ** 2 / max(out[name]["mse"], 1e-12)))
     return out
 
@@ -221,7 +222,8 @@ def write_outputs(out: str, metrics: dict, lat: dict, scenes: list[Scene], world
                 for b in range(m["mse"].shape[1]):
                     w.writerow([name, i, b + 1, *(f"{m[k][i, b]:.6g}" for k in FIELDS)])
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({**extra, "prompts": [prompt_text(s) for s in scenes], "summary": summary(metrics, world)}, f, indent=2)
+        json.dump({**extra, "prompts": [prompt_text(s) for s in scenes], "summary": summary(metrics, world)}, f,
+                  indent=2)
     series = {n: m["mse"].mean(0) for n, m in metrics.items() if n != "init"}
     palette = ((0, 0, 0), (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
                (152, 223, 138), (150, 150, 150))

@@ -48,7 +48,8 @@ def read_png(path: str) -> np.ndarray:
     """Read back a PNG written by `write_png` (8-bit, filter 0 rows only): uint8 [H, W, C]."""
     with open(path, "rb") as f:
         data = f.read()
-    pos, idat, shape = 8, b"", None
+    pos, idat = 8, b""
+    shape: tuple[int, int, int] | None = None
     while pos < len(data):
         (n,) = struct.unpack(">I", data[pos:pos + 4])
         tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
@@ -58,6 +59,8 @@ def read_png(path: str) -> np.ndarray:
         elif tag == b"IDAT":
             idat += body
         pos += 12 + n
+    if shape is None:
+        raise ValueError(f"{path}: no IHDR chunk (not a PNG written by write_png)")
     h, w, c = shape
     rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * c)
     return rows[:, 1:].reshape(h, w, c)
@@ -92,7 +95,7 @@ def line_plot(series: dict[str, np.ndarray], *, height: int = 300, width: int = 
         plot = line_plot(series, height=height, width=width, log_y=log_y, colours=colours, text_scale=text_scale)
         img = np.full((height, width + key_w, 3), 255, np.uint8)
         img[:, :width] = plot
-        for i, (name, colour) in enumerate(zip(names, colours)):
+        for i, (name, colour) in enumerate(zip(names, colours, strict=False)):  # the palette may outnumber the series
             draw_text(img, name, 10 + i * 8 * text_scale, width + 6, colour=colour, scale=text_scale)
         return img
     img = np.full((height, width, 3), 255, np.uint8)
@@ -122,7 +125,7 @@ def line_plot(series: dict[str, np.ndarray], *, height: int = 300, width: int = 
     draw_text(img, "0", top + ph + 4, left - text_scale, scale=text_scale)
     label = str(n - 1)
     draw_text(img, label, top + ph + 4, left + pw - 4 * text_scale * len(label), scale=text_scale)
-    for y, colour in zip(ys, colours):
+    for y, colour in zip(ys, colours, strict=False):  # the palette may outnumber the series
         if not y.size:
             continue
         r, c = to_px(np.arange(len(y)), y)

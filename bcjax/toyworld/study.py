@@ -133,14 +133,16 @@ def study_md(results: dict, blocks: int) -> str:
                 row.append(s)
             lines.append(f"| {name} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["`*`: the paired difference's 95% interval excludes 0. A sample is one (prompt, seed); its PSNR is of its mean MSE.", "",
+    lines += ["`*`: the paired difference's 95% interval excludes 0. "
+              "A sample is one (prompt, seed); its PSNR is of its mean MSE.", "",
               f"Position error per block (mean over prompts and seeds), blocks 1..{blocks}:", "",
               "| model | setting | " + " | ".join(f"b{b + 1}" for b in range(blocks)) + " |",
               "|---" * (blocks + 2) + "|"]
     for m, r in results.items():
         for name in names:
             if name in r:
-                lines.append(f"| {m} | {name} | " + " | ".join(f"{v:.2f}" for v in r[name]["pos_err"].mean((0, 1))) + " |")
+                lines.append(f"| {m} | {name} | "
+                             + " | ".join(f"{v:.2f}" for v in r[name]["pos_err"].mean((0, 1))) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +229,8 @@ def main(argv=None) -> dict:
     for name, path in models.items():
         results[name] = run_model(path, a.prompts, a.seeds, a.blocks, grid=grid)
     text = write_study(a.out, results, a.blocks, {"models": models, "prompts": a.prompts, "seeds": a.seeds,
-                                                  "blocks": a.blocks, "settings": [setting_name(*g) for g in grid or settings()]})
+                                                  "blocks": a.blocks,
+                                                  "settings": [setting_name(*g) for g in grid or settings()]})
     print(text)
     return {"results": results}
 

@@ -21,9 +21,18 @@ import numpy as np
 
 from bcjax.pipeline.recache import POLICIES
 from bcjax.toyworld.evaluate import ToyModel, eval_scenes, load_model
-from bcjax.toyworld.world import DIRECTIONS, Scene, Sprite, WorldConfig, positions, prompt_embedding, read_positions, render
+from bcjax.toyworld.world import (
+    DIRECTIONS,
+    Scene,
+    Sprite,
+    WorldConfig,
+    positions,
+    prompt_embedding,
+    read_positions,
+    render,
+)
 
-FLIP = {d: n for d, n in zip(DIRECTIONS, list(DIRECTIONS)[4:] + list(DIRECTIONS)[:4])}  # the opposite direction
+FLIP = dict(zip(DIRECTIONS, list(DIRECTIONS)[4:] + list(DIRECTIONS)[:4], strict=True))  # the opposite direction
 
 
 def switched(scene: Scene, at_block: int, world: WorldConfig, new_moves=None) -> Scene:
@@ -31,7 +40,7 @@ def switched(scene: Scene, at_block: int, world: WorldConfig, new_moves=None) ->
     at_block - 1 and move per new_moves [(direction, speed)] (default: turn round, same speed)."""
     last = positions(scene, 1, world, start_frame=at_block * world.block_frames - 1)[0]
     moves = new_moves or [(FLIP[s.direction], s.speed) for s in scene]
-    return tuple(Sprite(s.colour, d, v, int(r), int(c)) for s, (d, v), (r, c) in zip(scene, moves, last))
+    return tuple(Sprite(s.colour, d, v, int(r), int(c)) for s, (d, v), (r, c) in zip(scene, moves, last, strict=True))
 
 
 def render_switched(scene: Scene, new: Scene, at_block: int, num_frames: int, world: WorldConfig) -> np.ndarray:
@@ -63,9 +72,10 @@ def adherence(model: ToyModel, scenes: list[Scene], num_blocks: int, at_block: i
     lat = np.concatenate([np.asarray(first)] + [e.x0 for e in events], axis=1)
     f = lat.shape[1]
     err_new, err_old = np.zeros((len(scenes), num_blocks)), np.zeros((len(scenes), num_blocks))
-    for i, (old, new) in enumerate(zip(scenes, news)):
+    for i, (old, new) in enumerate(zip(scenes, news, strict=True)):
         cut = at_block * bf
-        new_pos = np.concatenate([positions(old, cut, world), positions(new, f - cut, world, start_frame=world.still_frames)])
+        new_pos = np.concatenate([positions(old, cut, world),
+                                  positions(new, f - cut, world, start_frame=world.still_frames)])
         for truth_pos, out in ((new_pos, err_new), (positions(old, f, world), err_old)):
             err = _errors(lat[i], truth_pos, old, world)
             out[i] = err.reshape(-1, bf * len(old))[1:].mean(1)

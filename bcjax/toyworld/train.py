@@ -138,7 +138,8 @@ class TrainConfig:
             raise ValueError(f"ema decay {self.ema} must lie in [0, 1)")
         if self.cascade:
             if self.stage != "diffusion-forcing":
-                raise ValueError(f"cascade {self.cascade!r} trains the diffusion-forcing stage; stage is {self.stage!r}")
+                raise ValueError(f"cascade {self.cascade!r} trains the diffusion-forcing stage; "
+                                 f"stage is {self.stage!r}")
             make_stagger(self.cascade, 4)  # a bad name fails here, naming the schedules
 
     def flight_blocks(self, pcfg: PipelineConfig) -> int:
@@ -434,7 +435,7 @@ def rollout(cfg: WanConfig, pcfg: PipelineConfig, params, text, context, visible
 
     def write(cache, kv, block):
         return KV(*(jax.lax.dynamic_update_slice_in_dim(a, u.astype(a.dtype), block * tb, axis=2)
-                    for a, u in zip(cache, kv)))
+                    for a, u in zip(cache, kv, strict=True)))
 
     t_clean = jnp.full((b, bf), pcfg.context_noise, jnp.float32)
     for blk in range(k):
@@ -685,7 +686,8 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     os.makedirs(out, exist_ok=True)
     run_json = os.path.join(out, "run.json")
     if os.path.isfile(run_json):
-        for name, was, now in zip(("world", "model", "pipeline"), load_run(out), (world, cfg, pcfg)):
+        # load_run's fourth item, the train config, may change on resume: left out of the check
+        for name, was, now in zip(("world", "model", "pipeline"), load_run(out), (world, cfg, pcfg), strict=False):
             if was != now:
                 raise ValueError(f"run {out} was started with {name} config {was}; got {now} (use a new folder)")
     with open(run_json, "w") as f:
@@ -694,7 +696,8 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     restored = restore_state(mngr, cfg, tcfg)
     if restored is None and init is not None:
         params, history = init_params_from(init, cfg, world)
-        state, losses = init_state(cfg, tcfg, params), []
+        state = init_state(cfg, tcfg, params)
+        losses: list[float] = []
         prior_wall, prior_cpu = sum(r["wall_s"] for r in history), sum(r["cpu_s"] for r in history)
     elif restored is None:
         state, losses, prior_wall, prior_cpu, history = init_state(cfg, tcfg), [], 0.0, 0.0, []
@@ -778,7 +781,8 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder; an existing one is resumed")
     p.add_argument("--steps", type=int, help="total optimisation steps (default 1900)")
     for name, typ in (("batch", int), ("context-blocks", int), ("lr", float), ("first-prob", float), ("warmup", int),
@@ -798,7 +802,8 @@ def main(argv=None) -> dict:
                         "own KV-cached rollouts)")
     p.add_argument("--until", type=int, help="stop (checkpointed) at this step; rerun to continue")
     p.add_argument("--time-limit", type=float, help="stop (checkpointed) after this many seconds of this session")
-    p.add_argument("--cpu-limit", type=float, help="stop (checkpointed) after this many process CPU seconds of this session")
+    p.add_argument("--cpu-limit", type=float,
+                   help="stop (checkpointed) after this many process CPU seconds of this session")
     p.add_argument("--snapshots", action="store_true",
                    help="export the model at every checkpoint to OUT/snapshots/step-N (error-vs-minutes curves)")
     p.add_argument("--init", help="start a new run from this bcjax checkpoint's DiT (e.g. an earlier run's "
@@ -806,7 +811,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cascade", help="diffusion-forcing on this cascade's own ticks (P4: 5 blocks in flight at their "
                                       "stages' sigmas, newer ones visible with --bidirectional-prob 1), the rest "
                                       "(1 - --cascade-prob) the sequential pass")
-    p.add_argument("--ema", type=float, help="export an exponential moving average of the weights with this decay (0: none)")
+    p.add_argument("--ema", type=float,
+                   help="export an exponential moving average of the weights with this decay (0: none)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     train_args = {"steps": a.steps, "batch": a.batch, "first_prob": a.first_prob, "context_blocks": a.context_blocks,
@@ -814,8 +820,8 @@ def main(argv=None) -> dict:
                   "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every, "stage": a.stage,
                   "in_flight": a.in_flight, "rollout_blocks": a.rollout_blocks, "cascade_prob": a.cascade_prob,
                   "bidirectional_prob": a.bidirectional_prob, "ema": a.ema, "cascade": a.cascade}
-    model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers, "rope_theta": a.rope_theta,
-                  "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
+    model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers,
+                  "rope_theta": a.rope_theta, "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
     world_args = {"size": a.size, "sprite": a.sprite, "min_sprites": a.min_sprites, "max_sprites": a.max_sprites}
     if a.block_frames is not None:  # the first block is the still image; the world steps once per block
         world_args.update(block_frames=a.block_frames, still_frames=a.block_frames, frames_per_step=a.block_frames)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -51,7 +51,7 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
 # odd pixel shifts would ask a tiny DiT to resample pixels inside patches.
 SPEEDS: dict[str, int] = {"slow": 2, "fast": 4}
 
-FIELDS = (COLOURS, DIRECTIONS, SPEEDS)  # the order of the words in a sprite's phrase
+FIELDS: tuple[Mapping[str, object], ...] = (COLOURS, DIRECTIONS, SPEEDS)  # the order of the words in a sprite's phrase
 WORDS_PER_SPRITE = len(FIELDS)
 
 
@@ -66,7 +66,8 @@ class WorldConfig:
     place frame k of a block k steps ahead, since RoPE scores add over t/h/w and cannot couple a
     time offset with a proportional space offset in one attention hop; 1 = a step every frame);
     text_len x text_dim: the prompt embedding the DiT's cross-attention reads (one token per
-    sprite phrase, zero-padded like Wan's umT5 embeddings); embed_seed: the fixed rotation that makes the word codes dense.
+    sprite phrase, zero-padded like Wan's umT5 embeddings); embed_seed: the fixed rotation that makes
+    the word codes dense.
     """
 
     size: int = 12
@@ -83,11 +84,14 @@ class WorldConfig:
 
     def __post_init__(self):
         if not 1 <= self.sprite <= self.size - 3:
-            raise ValueError(f"sprite side {self.sprite} must be in [1, canvas size {self.size} - 3] (walls + room to move)")
+            raise ValueError(f"sprite side {self.sprite} must be in [1, canvas size {self.size} - 3] "
+                             "(walls + room to move)")
         if self.frames_per_step < 1 or self.still_frames < 0:
-            raise ValueError(f"frames_per_step {self.frames_per_step} must be >= 1 and still_frames {self.still_frames} >= 0")
+            raise ValueError(f"frames_per_step {self.frames_per_step} must be >= 1 "
+                             f"and still_frames {self.still_frames} >= 0")
         if not 1 <= self.min_sprites <= self.max_sprites <= len(COLOURS):
-            raise ValueError(f"sprites per scene [{self.min_sprites}, {self.max_sprites}] must lie in [1, {len(COLOURS)}]")
+            raise ValueError(f"sprites per scene [{self.min_sprites}, {self.max_sprites}] "
+                             f"must lie in [1, {len(COLOURS)}]")
         if self.text_len < self.max_sprites:
             raise ValueError(f"text_len {self.text_len} cannot hold {self.max_sprites} sprite phrases (one token each)")
         if self.text_dim < _code_dim(self):
@@ -143,7 +147,7 @@ def parse_prompt(text: str, cfg: WorldConfig | None = None, starts: Sequence[tup
         if len(words) != WORDS_PER_SPRITE:
             raise ValueError(f"sprite phrase {i} {' '.join(words)!r} has {len(words)} words; expected "
                              "'<colour> <direction> <speed>'")
-        for word, field in zip(words, FIELDS):
+        for word, field in zip(words, FIELDS, strict=True):
             if word not in field:
                 raise ValueError(f"sprite phrase {i}: unknown word {word!r}; expected one of {sorted(field)}")
         scene.append(Sprite(*words, *(int(v) for v in starts[i])))
@@ -157,7 +161,8 @@ def check_switch(first: Scene, scene: Scene) -> None:
     was, now = [s.colour for s in first], [s.colour for s in scene]
     if now != was:
         raise ValueError(f"this stream's sprites are {', '.join(was)} (the image holds them); a switch to "
-                         f"{', '.join(now)} may change directions and speeds only: start a new stream for other sprites")
+                         f"{', '.join(now)} may change directions and speeds only: "
+                         "start a new stream for other sprites")
 
 
 def _check_scene(scene: Scene, cfg: WorldConfig) -> None:
@@ -165,10 +170,12 @@ def _check_scene(scene: Scene, cfg: WorldConfig) -> None:
         raise ValueError(f"scene has {len(scene)} sprites; this world holds {cfg.min_sprites}..{cfg.max_sprites}")
     colours = [s.colour for s in scene]
     if len(set(colours)) != len(colours):
-        raise ValueError(f"sprite colours {colours} repeat; each sprite needs its own colour (the readout tells them apart by it)")
+        raise ValueError(f"sprite colours {colours} repeat; "
+                         "each sprite needs its own colour (the readout tells them apart by it)")
     for s in scene:
         if not (cfg.lo <= s.row <= cfg.hi and cfg.lo <= s.col <= cfg.hi):
-            raise ValueError(f"sprite {s.colour} starts at ({s.row}, {s.col}); corners must lie in [{cfg.lo}, {cfg.hi}]")
+            raise ValueError(f"sprite {s.colour} starts at ({s.row}, {s.col}); "
+                             f"corners must lie in [{cfg.lo}, {cfg.hi}]")
 
 
 def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
@@ -180,7 +187,7 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     corners = rng.integers(cfg.lo, cfg.hi + 1, (n, 2))
     names = [list(f) for f in FIELDS]
     return tuple(Sprite(names[0][c], names[1][d], names[2][v], int(r), int(q))
-                 for c, d, v, (r, q) in zip(colours, dirs, speeds, corners))
+                 for c, d, v, (r, q) in zip(colours, dirs, speeds, corners, strict=True))
 
 
 @functools.lru_cache(maxsize=8)
@@ -202,7 +209,7 @@ def prompt_embedding(scene: Scene, cfg: WorldConfig) -> np.ndarray:
     code = np.zeros((cfg.text_len, cfg.text_dim), np.float32)
     for i, s in enumerate(scene):
         offset = 0
-        for word, field in zip((s.colour, s.direction, s.speed), FIELDS):
+        for word, field in zip((s.colour, s.direction, s.speed), FIELDS, strict=True):
             code[i, offset + list(field).index(word)] = 1.0
             offset += len(field)
         code[i, offset + i] = 1.0
@@ -241,7 +248,7 @@ def draw(corners, scene: Scene, cfg: WorldConfig) -> np.ndarray:
     corners = np.asarray(corners)
     col = colour_values(scene, cfg)
     frames = np.zeros((len(corners), cfg.size, cfg.size, 3), np.float32)
-    wall = cfg.amplitude * np.float32(WALL)
+    wall = cfg.amplitude * np.asarray(WALL, np.float32)
     frames[:, [0, -1], :] = wall
     frames[:, :, [0, -1]] = wall
     k = cfg.sprite
@@ -265,7 +272,7 @@ def sample_batch(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_fra
     """
     scenes = [sample_scene(rng, cfg) for _ in range(batch)]
     starts = rng.integers(0, max_start_block + 1, batch) * cfg.block_frames
-    frames = np.stack([render(s, num_frames, cfg, int(t)) for s, t in zip(scenes, starts)])
+    frames = np.stack([render(s, num_frames, cfg, int(t)) for s, t in zip(scenes, starts, strict=True)])
     text = np.stack([prompt_embedding(s, cfg) for s in scenes])
     return frames, text
 
@@ -290,7 +297,7 @@ def colour_correct(frames, scene: Scene, cfg: WorldConfig) -> np.ndarray:
     nearest = nearest_colours(frames, cfg)
     k, names = cfg.sprite, list(COLOURS)
     out = np.zeros(pos.shape[:2], bool)
-    for f, s in zip(*np.nonzero(np.isfinite(pos).all(-1))):
+    for f, s in zip(*np.nonzero(np.isfinite(pos).all(-1)), strict=True):
         r, c = pos[f, s].astype(int)
         out[f, s] = (nearest[f, r:r + k, c:c + k] == 1 + names.index(scene[s].colour)).sum() * 2 >= k * k
     return out

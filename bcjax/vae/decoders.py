@@ -31,7 +31,7 @@ class PixelDecoder:
     """A streaming decoder (`name` in DECODERS) with its config and weights on `device`."""
 
     name: str
-    cfg: object  # VAEConfig | TAEHVConfig
+    cfg: wan_vae.VAEConfig | taehv.TAEHVConfig
     params: object
     device: object = None  # jax.Device, or None: wherever the params are
 

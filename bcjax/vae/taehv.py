@@ -28,8 +28,9 @@ clip's first step's 3 leading frames (the ones upstream trims) are zeroed: calle
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,7 @@ F32 = jnp.float32
 
 _PRESETS: dict[str, dict] = {
     # taew2_1: Wan2.1 latents (every Wan2.1 model, Wan2.2-14B, Self-Forcing, CausVid, LongLive, Krea).
-    "taew2_1": dict(),
+    "taew2_1": {},
 }
 
 
@@ -72,7 +73,7 @@ class TAEHVConfig:
         check_dtypes(self)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "TAEHVConfig":
+    def preset(cls, name: str, **overrides) -> TAEHVConfig:
         return from_preset(cls, _PRESETS, name, overrides)
 
     @staticmethod
@@ -248,7 +249,7 @@ def param_shapes(cfg: TAEHVConfig):
 class DecodeState(NamedTuple):
     """What a streaming decode carries between chunks; fixed shapes whatever the stream length."""
 
-    cache: dict  # per MemBlock, its last input frame [B, h_l, w_l, C_l] (zeros at the start)
+    cache: Mapping  # per MemBlock, its last input frame [B, h_l, w_l, C_l] (zeros at the start)
     frames: jax.Array  # int32 []: latent frames decoded so far (0 = the next step starts the clip)
 
 
@@ -268,7 +269,8 @@ def init_decode_state(cfg: TAEHVConfig, batch: int, latent_hw: tuple[int, int]) 
 def _check_latents(cfg: TAEHVConfig, z, state: DecodeState | None = None):
     c = cfg.latent_channels
     if z.ndim != 5 or z.shape[-1] != c:
-        raise ValueError(f"TAEHV latents must be channels-last [batch, frames, height, width, {c}]; got shape {z.shape}")
+        raise ValueError(f"TAEHV latents must be channels-last [batch, frames, height, width, {c}]; "
+                         f"got shape {z.shape}")
     if state is not None:
         first = state.cache["stage_0_mem_0"].shape  # [batch, h, w, C]
         if (z.shape[0], *z.shape[2:4]) != first[:3]:
@@ -319,5 +321,5 @@ def encode(cfg: TAEHVConfig, params, video):
     pad = -video.shape[1] % t
     if pad:
         video = jnp.concatenate([video, jnp.repeat(video[:, -1:], pad, axis=1)], axis=1)
-    z = TAEHV(cfg).apply({"params": params}, (video.astype(F32) + 1.0) / 2.0, method=TAEHV.encode)
+    z = cast(jax.Array, TAEHV(cfg).apply({"params": params}, (video.astype(F32) + 1.0) / 2.0, method=TAEHV.encode))
     return z.astype(F32)

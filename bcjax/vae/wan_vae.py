@@ -23,6 +23,7 @@ The encoder runs a whole clip (T = 1 + 4k frames) at once; it is not streamed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from functools import partial
 from typing import NamedTuple
 
@@ -83,7 +84,7 @@ class VAEConfig:
         check_dtypes(self)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "VAEConfig":
+    def preset(cls, name: str, **overrides) -> VAEConfig:
         return from_preset(cls, _PRESETS, name, overrides)
 
     @staticmethod
@@ -200,7 +201,8 @@ class ResidualBlock(nn.Module):
     def __call__(self, x, cache=None, valid=None):
         """x [B, F, H, W, Cin] -> (x [B, F, H, W, out_dim], {'conv1', 'conv2'} caches)."""
         cfg, cache = self.cfg, cache or {}
-        h = x.astype(cfg.compute_dtype) if x.shape[-1] == self.out_dim else _dense(cfg, self.out_dim, "conv_shortcut")(x)
+        h = (x.astype(cfg.compute_dtype) if x.shape[-1] == self.out_dim
+             else _dense(cfg, self.out_dim, "conv_shortcut")(x))
         y = nn.silu(RMSNorm(cfg, name="norm1")(x))
         y, c1 = CausalConv3d(cfg, self.out_dim, name="conv1")(y, cache.get("conv1"), valid)
         y = nn.silu(RMSNorm(cfg, name="norm2")(y))
@@ -297,7 +299,8 @@ class UpBlock(nn.Module):
             x, new[f"resnets_{j}"] = ResidualBlock(self.cfg, self.out_dim, name=f"resnets_{j}")(
                 x, cache.get(f"resnets_{j}"), valid)
         if self.mode is not None:
-            x, new["upsampler"] = Resample(self.cfg, self.mode, name="upsampler")(x, cache.get("upsampler"), valid, first)
+            x, new["upsampler"] = Resample(self.cfg, self.mode, name="upsampler")(
+                x, cache.get("upsampler"), valid, first)
         return x, new
 
 
@@ -416,7 +419,7 @@ def normalize(cfg: VAEConfig, z):
 class DecodeState(NamedTuple):
     """What a streaming decode carries between chunks; fixed shapes whatever the stream length."""
 
-    cache: dict  # per causal conv, its last 2 input frames [B, 2, h_l, w_l, C_l] (zeros at the start)
+    cache: Mapping  # per causal conv, its last 2 input frames [B, 2, h_l, w_l, C_l] (zeros at the start)
     frames: jax.Array  # int32 []: latent frames decoded so far (0 = the next step starts the clip)
 
 
@@ -433,7 +436,7 @@ def _cache_shapes(cfg: VAEConfig, batch: int, latent_hw: tuple[int, int]):
 
 def init_decode_state(cfg: VAEConfig, batch: int, latent_hw: tuple[int, int]) -> DecodeState:
     """The state before a clip's first chunk, for latents [batch, F, *latent_hw, z_dim]."""
-    latent_hw = tuple(int(n) for n in latent_hw)
+    latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
     shapes = _cache_shapes(cfg, batch, latent_hw)
     cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return DecodeState(cache, jnp.zeros((), jnp.int32))
@@ -441,7 +444,8 @@ def init_decode_state(cfg: VAEConfig, batch: int, latent_hw: tuple[int, int]) ->
 
 def _check_latents(cfg: VAEConfig, z, state: DecodeState | None = None):
     if z.ndim != 5:
-        raise ValueError(f"latents must be channels-last [batch, frames, height, width, {cfg.z_dim}]; got shape {z.shape}")
+        raise ValueError(f"latents must be channels-last [batch, frames, height, width, {cfg.z_dim}]; "
+                         f"got shape {z.shape}")
     if z.shape[-1] != cfg.z_dim:
         raise ValueError(
             f"latents have {z.shape[-1]} channels (shape {z.shape}); the Wan VAE expects {cfg.z_dim}, "
@@ -483,7 +487,7 @@ def decode(cfg: VAEConfig, params, z, *, chunk: int | None = None):
     _check_latents(cfg, z)
     b, f, h, w, c = z.shape
     chunk = f if chunk is None else chunk
-    if not 1 <= chunk:
+    if not chunk >= 1:
         raise ValueError(f"chunk={chunk} must be >= 1 latent frame")
     chunk = min(chunk, f)
     n, rem = divmod(f, chunk)
