@@ -167,6 +167,7 @@ print(jax.device_count(), hashlib.sha256(np.asarray(out).tobytes()).hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_sequential_krea_mode_is_bit_stable_across_1_and_5_devices():
     code = _BITS.format(tests=os.path.dirname(__file__))
     digests = []
