@@ -129,6 +129,7 @@ def test_clean_pass_variant_keeps_its_name_and_bad_combinations_are_named(tiny_c
         dataclasses.replace(clean, keep_first_frame=True)
 
 
+@pytest.mark.slow
 def test_cascade_in_krea_mode(tiny_cfg, tiny_params, text):
     """Krea's rebuild pass is the cascade's clean stage (block b-1 at t = 0 seeing only itself;
     its K/V a one-block cache): P1-causal == Krea's own loop; the same for the sequential

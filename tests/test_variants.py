@@ -100,6 +100,7 @@ def test_p4_no_clean_on_2_and_4_devices_equals_one(tiny_cfg, tiny_params, text, 
     assert _max_err(_cascade(tiny_cfg, ROLLING, "P4", window).generate(tiny_params, text, 6, key), ref) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,window", VARIANTS)
 def test_every_variant_generates_and_streams_with_no_recompile(tiny_cfg, tiny_params, text, schedule, window):
     cas = make_runner(tiny_cfg, ROLLING, HW, schedule, window)
