@@ -61,7 +61,8 @@ def tiny_checkpoint(sources, tiny_cfg, torch_tiny_params):
     assert meta["configs"]["dit"] == dataclasses.replace(tiny_cfg, attention="auto")
     assert meta["provenance"]["layout"] == "self-forcing" and set(meta["configs"]) == {"dit", "text", "vae", "taehv"}
     _, dit = checkpoint.restore(str(dst), "dit")
-    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), dit, torch_tiny_params)
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), dit,
+                                  torch_tiny_params)
     assert all(jax.tree_util.tree_leaves(same))
     return dst
 
