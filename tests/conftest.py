@@ -9,7 +9,7 @@ os.environ["BCJAX_COMPILE_CACHE"] = "off"
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from bcjax.model import WanConfig  # noqa: E402
+from bcjax.model import WanConfig, init_params  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -20,13 +20,35 @@ def tiny_cfg():
 
 
 @pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    """Random tiny DiT parameters from bcjax's own init: no torch, so every test but the parity
+    tests runs without it. Flax initialises biases to zero and norm scales to one; they are
+    perturbed to the statistics of the oracle's state dict (biases ~ 0.02 N(0, 1), scales
+    1 + 0.1 N(0, 1)), so a bias or a norm scale that is dropped or misapplied still moves outputs."""
+    params = init_params(tiny_cfg, jax.random.key(0))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+
+    def perturb(path, a, k):
+        name = jax.tree_util.keystr(path[-1:])
+        if "bias" in name:
+            return a + 0.02 * jax.random.normal(k, a.shape, a.dtype)
+        if "scale" in name:
+            return a + 0.1 * jax.random.normal(k, a.shape, a.dtype)
+        return a
+
+    return treedef.unflatten([perturb(path, a, k) for (path, a), k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="session")
 def wan_sd(tiny_cfg):
     torch_oracle = pytest.importorskip("torch_oracle")
     return torch_oracle.random_wan_state_dict(tiny_cfg, seed=0)
 
 
 @pytest.fixture(scope="session")
-def tiny_params(tiny_cfg, wan_sd):
+def torch_tiny_params(tiny_cfg, wan_sd):
+    """The oracle's random state dict converted to bcjax (parity tests: the same weights on both sides)."""
     from torch_oracle import to_numpy
 
     from checkpoints_conv import wan as wan_conv

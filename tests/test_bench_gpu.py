@@ -2,9 +2,12 @@
 
 import re
 
+import pytest
+
 from bcjax.bench import gpu
 
 
+@pytest.mark.slow
 def test_bench_gpu_smoke_run_prints_every_figure(capsys):
     assert gpu.main(["--preset", "tiny", "--latent-hw", "8", "8", "--dtype", "float32", "--blocks", "1",
                      "--repeats", "1"]) == 0

@@ -10,6 +10,7 @@ from bcjax.bench import compile as bench_compile
 from bcjax.model import attention
 
 
+@pytest.mark.slow
 def test_chunked_needs_far_less_than_dense_on_cpu(capsys, monkeypatch):
     monkeypatch.setattr(attention, "CHUNK_LOGITS_BYTES", 1)  # -> MIN_CHUNK keys per chunk
     monkeypatch.setattr(attention, "MIN_CHUNK", 128)

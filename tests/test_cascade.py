@@ -1,5 +1,7 @@
 """The cascade: exactness against the sequential pipeline, sharded == batched, masks, noise, compiles."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,18 @@ def mesh5():
     return make_mesh(5)
 
 
+@functools.cache
+def _cascade(cfg, pcfg, schedule, window, mesh=None) -> Cascade:
+    """One runner per configuration for the whole module: each Cascade jit-compiles its own tick and
+    scans, so tests of the same configuration share them instead of compiling them again."""
+    return Cascade(cfg, pcfg, HW, schedule, window, mesh=mesh)
+
+
+@functools.cache
+def _sequential(cfg, pcfg) -> SequentialPipeline:
+    return SequentialPipeline(cfg, pcfg, HW)
+
+
 def _max_err(a, b):
     return float(jnp.abs(jnp.asarray(a) - jnp.asarray(b)).max())
 
@@ -37,8 +51,8 @@ def _max_err(a, b):
 @pytest.mark.parametrize("pcfg", [GLOBAL, ROLLING], ids=["global", "sink+rolling"])
 def test_p1_causal_reproduces_sequential(tiny_cfg, tiny_params, text, pcfg):
     key = jax.random.key(2)
-    seq = SequentialPipeline(tiny_cfg, pcfg, HW).generate(tiny_params, text, 7, key)
-    cas = Cascade(tiny_cfg, pcfg, HW, "P1", "causal")
+    seq = _sequential(tiny_cfg, pcfg).generate(tiny_params, text, 7, key)
+    cas = _cascade(tiny_cfg, pcfg, "P1", "causal")
     assert cas.stagger.in_flight == 2  # really overlapping: next block's first step beside the clean pass
     out = cas.generate(tiny_params, text, 7, key)
     assert out.shape == seq.shape == (1, 21, *HW, tiny_cfg.in_channels)
@@ -49,8 +63,8 @@ def test_p1_causal_reproduces_sequential(tiny_cfg, tiny_params, text, pcfg):
 @pytest.mark.parametrize("window", ["causal", "bidirectional"])
 def test_sharded_tick_equals_batched_tick(tiny_cfg, tiny_params, text, mesh5, schedule, window):
     key = jax.random.key(4)
-    batched = Cascade(tiny_cfg, ROLLING, HW, schedule, window).generate(tiny_params, text, 6, key)
-    sharded = Cascade(tiny_cfg, ROLLING, HW, schedule, window, mesh=mesh5).generate(tiny_params, text, 6, key)
+    batched = _cascade(tiny_cfg, ROLLING, schedule, window).generate(tiny_params, text, 6, key)
+    sharded = _cascade(tiny_cfg, ROLLING, schedule, window, mesh=mesh5).generate(tiny_params, text, 6, key)
     assert _max_err(batched, sharded) <= 1e-5
 
 
@@ -58,10 +72,10 @@ def test_sharded_p1_with_padding_groups_is_still_sequential(tiny_cfg, tiny_param
     import bcjax
 
     key = jax.random.key(8)
-    cas = Cascade(tiny_cfg, GLOBAL, HW, "P1", "causal", mesh=mesh5)
+    cas = _cascade(tiny_cfg, GLOBAL, "P1", "causal", mesh=mesh5)
     # 2 blocks x 3 frames of one 6-token group each on 5 devices: 4 padding groups
     assert cas.stagger.num_slots == 2 and cas.spec.split.padded_tokens - cas.spec.split.tokens == 4 * 6
-    seq = SequentialPipeline(tiny_cfg, GLOBAL, HW).generate(tiny_params, text, 6, key)
+    seq = _sequential(tiny_cfg, GLOBAL).generate(tiny_params, text, 6, key)
     ctx = np.random.default_rng(11).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
     # the public one-call API, from raw prompt embeddings
     out = bcjax.generate(tiny_cfg, tiny_params, jnp.asarray(ctx), 6, key, pcfg=GLOBAL, latent_hw=HW,
@@ -71,15 +85,15 @@ def test_sharded_p1_with_padding_groups_is_still_sequential(tiny_cfg, tiny_param
 
 def test_block_zero_is_the_same_under_every_schedule(tiny_cfg, tiny_params, text):
     key = jax.random.key(6)
-    seq = SequentialPipeline(tiny_cfg, GLOBAL, HW).generate(tiny_params, text, 3, key)[:, :3]
+    seq = _sequential(tiny_cfg, GLOBAL).generate(tiny_params, text, 3, key)[:, :3]
     for schedule in ["sequential", "P1", "P2", "P4"]:
-        out = Cascade(tiny_cfg, GLOBAL, HW, schedule, "causal").generate(tiny_params, text, 3, key)
+        out = _cascade(tiny_cfg, GLOBAL, schedule, "causal").generate(tiny_params, text, 3, key)
         assert _max_err(out[:, :3], seq) <= 1e-5, schedule
     # Bidirectional: block 0 also attends to newer blocks once they enter, which under P1 is
     # only after its x0 is out; under P2/P4 it sees them while denoising (by design).
-    p1 = Cascade(tiny_cfg, GLOBAL, HW, "P1", "bidirectional").generate(tiny_params, text, 3, key)
+    p1 = _cascade(tiny_cfg, GLOBAL, "P1", "bidirectional").generate(tiny_params, text, 3, key)
     assert _max_err(p1[:, :3], seq) <= 1e-5
-    p4 = Cascade(tiny_cfg, GLOBAL, HW, "P4", "bidirectional").generate(tiny_params, text, 3, key)
+    p4 = _cascade(tiny_cfg, GLOBAL, "P4", "bidirectional").generate(tiny_params, text, 3, key)
     assert _max_err(p4[:, :3], seq) > 1e-3
 
 
@@ -100,7 +114,7 @@ def test_noise_depends_only_on_seed_block_and_step(tiny_cfg, tiny_params, text, 
         expected.append(x)
     expected = np.concatenate(expected, axis=1)
     for schedule, mesh in [("P4", None), ("P2", None), ("P4", mesh5), ("P2", mesh5)]:
-        out = Cascade(tiny_cfg, pcfg, HW, schedule, "bidirectional", mesh=mesh).generate(zero, text, nb, key)
+        out = _cascade(tiny_cfg, pcfg, schedule, "bidirectional", mesh=mesh).generate(zero, text, nb, key)
         assert _max_err(out, expected) <= 1e-5, (schedule, mesh)
 
 
@@ -108,7 +122,7 @@ def test_noise_depends_only_on_seed_block_and_step(tiny_cfg, tiny_params, text, 
 def test_perturbing_a_newer_block(tiny_cfg, tiny_params, text, window, changes):
     """Mid-stream P4 tick: perturb the block in stage 1; blocks in stages 2, 3, 4 (older) must not
     move under the causal window, and must under the bidirectional one."""
-    cas = Cascade(tiny_cfg, ROLLING, HW, "P4", window)
+    cas = _cascade(tiny_cfg, ROLLING, "P4", window)
     key, nb = jax.random.key(1), jnp.int32(20)
     state = cas.init_state(1)
     step = cas.lower(tiny_params, text, key, nb, state).compile()
@@ -132,7 +146,7 @@ def test_perturbing_a_newer_block(tiny_cfg, tiny_params, text, window, changes):
 
 
 def test_stream_equals_scan_and_never_recompiles(tiny_cfg, tiny_params, text):
-    cas = Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional")
+    cas = _cascade(tiny_cfg, ROLLING, "P4", "bidirectional")
     key = jax.random.key(12)
     whole = cas.generate(tiny_params, text, 8, key)
     stream = cas.blocks(tiny_params, text, key, num_blocks=None)  # endless stream
@@ -151,7 +165,7 @@ def test_stream_equals_scan_and_never_recompiles(tiny_cfg, tiny_params, text):
 
 @pytest.mark.parametrize("schedule", ["P2", "P4"])
 def test_finite_stream_equals_scan(tiny_cfg, tiny_params, text, schedule):
-    cas = Cascade(tiny_cfg, ROLLING, HW, schedule, "bidirectional")
+    cas = _cascade(tiny_cfg, ROLLING, schedule, "bidirectional")
     key = jax.random.key(13)
     whole = cas.generate(tiny_params, text, 5, key)
     got = list(cas.blocks(tiny_params, text, key, num_blocks=5))
@@ -179,20 +193,21 @@ def test_given_context_blocks_continue_exactly(tiny_cfg, tiny_params, text, mesh
     the next block id. A prefilled cache equals the one the pipeline wrote while generating those
     blocks; P1-causal after context == sequential after context; sharded == batched."""
     key = jax.random.key(5)
-    pipe = SequentialPipeline(tiny_cfg, ROLLING, HW)
+    pipe = _sequential(tiny_cfg, ROLLING)
     full = pipe.generate(tiny_params, text, 6, key)
     given = full[:, :6]  # blocks 0, 1 as context; the rest continue them
     cont = pipe.generate(tiny_params, text, 4, key, context=given)
     assert cont.shape == (1, 12, *HW, tiny_cfg.in_channels)
     assert _max_err(cont, full[:, 6:]) <= 1e-5  # same noise (block ids are absolute), same cache
-    p1 = Cascade(tiny_cfg, ROLLING, HW, "P1", "causal").generate(tiny_params, text, 4, key, context=given)
+    p1 = _cascade(tiny_cfg, ROLLING, "P1", "causal").generate(tiny_params, text, 4, key, context=given)
     assert _max_err(p1, cont) <= 1e-5
     for window in ("causal", "bidirectional"):
-        batched = Cascade(tiny_cfg, ROLLING, HW, "P4", window).generate(tiny_params, text, 4, key, context=given)
-        sharded = Cascade(tiny_cfg, ROLLING, HW, "P4", window, mesh=mesh5).generate(tiny_params, text, 4, key, context=given)
+        batched = _cascade(tiny_cfg, ROLLING, "P4", window).generate(tiny_params, text, 4, key, context=given)
+        sharded = _cascade(tiny_cfg, ROLLING, "P4", window, mesh=mesh5).generate(tiny_params, text, 4, key,
+                                                                                 context=given)
         assert _max_err(batched, sharded) <= 1e-5
         assert _max_err(batched, cont) > 1e-4  # a real cascade, not the sequential result again
-    cas = Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional")
+    cas = _cascade(tiny_cfg, ROLLING, "P4", "bidirectional")
     state = cas.init_state(1, *cas.prefill(tiny_params, text, given))
     ids = [b for b, _ in cas.blocks(tiny_params, text, key, 4, state=state)]
     assert ids == [2, 3, 4, 5]

@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bcjax import compile_cache
 from bcjax.bench.startup import start
 
 
+@pytest.mark.slow
 def test_second_start_hits_the_cache(tmp_path):
     cache = str(tmp_path / "cache")
     cold = start(cache, "tiny", (4, 6), "sequential")

@@ -22,6 +22,8 @@ from bcjax.cascade import make_mesh
 from bcjax.model.config import WanConfig
 from bcjax.schedule.config import PipelineConfig
 
+pytestmark = pytest.mark.slow  # real XLA:TPU / XLA:GPU compiles: about 90 s
+
 # head_dim 128: the TPU splash kernel takes nothing smaller (tiny's 32 would fall back to chunked)
 KERNEL_TINY = WanConfig.preset("tiny", dim=256, ffn_dim=256, num_heads=2, dtype="bfloat16", param_dtype="bfloat16")
 HW = (8, 8)

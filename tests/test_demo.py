@@ -3,10 +3,13 @@ frames PNG and report; the sequential column shows the sprite crisp in every blo
 
 import os
 
+import pytest
+
 from bcjax.cli import main
 from bcjax.toyworld.png import read_png
 
 
+@pytest.mark.slow
 def test_demo_writes_video_frames_and_report_and_the_sequential_sprite_is_crisp(tmp_path, capsys):
     out = tmp_path / "demo.mp4"
     assert main(["demo", "--out", str(out)]) == 0

@@ -32,6 +32,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes, devices, model", [(3, 2, 1), (2, 5, 2)], ids=["3x2 devices, (5,1)", "2x5 devices, (5,2)"])
 def test_processes_form_one_mesh_and_match_one_process(tmp_path, processes, devices, model):
     """3 processes x 2 devices, the `stage` mesh taking 5 of the 6; 2 x 5 forming (stage 5,

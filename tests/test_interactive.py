@@ -89,6 +89,7 @@ def test_p1_causal_with_recache_is_the_sequential_recache(tiny_cfg, tiny_params,
     np.testing.assert_allclose(p1, seq, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_cascade_switch_equals_batched(tiny_cfg, tiny_params, texts):
     if jax.device_count() < 5:
         pytest.skip("needs 5 devices")

@@ -129,6 +129,7 @@ def test_clean_pass_variant_keeps_its_name_and_bad_combinations_are_named(tiny_c
         dataclasses.replace(clean, keep_first_frame=True)
 
 
+@pytest.mark.slow
 def test_cascade_in_krea_mode(tiny_cfg, tiny_params, text):
     """Krea's rebuild pass is the cascade's clean stage (block b-1 at t = 0 seeing only itself;
     its K/V a one-block cache): P1-causal == Krea's own loop; the same for the sequential
@@ -155,13 +156,11 @@ sys.path.insert(0, {tests!r})
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
-from torch_oracle import random_wan_state_dict, to_numpy
-from checkpoints_conv import wan as wan_conv
 import ports
-from bcjax.model import WanConfig, encode_text
+from bcjax.model import WanConfig, encode_text, init_params
 from bcjax.pipeline.krea import KreaPipeline
 cfg = WanConfig.preset("tiny", attention="xla")
-params = jax.tree_util.tree_map(jnp.asarray, wan_conv.convert(to_numpy(random_wan_state_dict(cfg, seed=0)), cfg))
+params = init_params(cfg, jax.random.key(0))
 ctx = np.random.default_rng(17).standard_normal((1, cfg.text_len, cfg.text_dim)).astype(np.float32)
 text = encode_text(cfg, params, jnp.asarray(ctx))
 out = KreaPipeline(cfg, ports.get("krea_14b").pipeline, (4, 6)).generate(params, text, 3, jax.random.key(5))
@@ -169,8 +168,8 @@ print(jax.device_count(), hashlib.sha256(np.asarray(out).tobytes()).hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_sequential_krea_mode_is_bit_stable_across_1_and_5_devices():
-    pytest.importorskip("torch")
     code = _BITS.format(tests=os.path.dirname(__file__))
     digests = []
     for n in (1, 5):

@@ -98,6 +98,7 @@ def _rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["sequential", "P4-bidirectional"])
 def test_soak_ten_thousand_frames_no_recompile_no_growth(tiny_cfg, tiny_params, text, runner):
     """10 000+ latent frames (LongLive window and sink, rolling positions through the 1024 table

@@ -18,23 +18,23 @@ def _inputs(cfg, frames=3, hw=(4, 6), seed=0):
 
 
 @pytest.mark.parametrize("timestep", [1000.0, 937.5, 0.0])
-def test_full_sequence_scalar_timestep(tiny_cfg, tiny_params, oracle, timestep):
+def test_full_sequence_scalar_timestep(tiny_cfg, torch_tiny_params, oracle, timestep):
     x, ctx = _inputs(tiny_cfg, frames=6)
     ref = oracle(x, np.array([timestep], np.float32), ctx)  # diffusers' scalar-timestep path
     t = np.full((1, 6), timestep, np.float32)
-    ours, _ = forward(tiny_cfg, tiny_params, jnp.asarray(x), jnp.asarray(t),
-                      encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx)), jnp.arange(6))
+    ours, _ = forward(tiny_cfg, torch_tiny_params, jnp.asarray(x), jnp.asarray(t),
+                      encode_text(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(6))
     err = np.abs(np.asarray(ours) - ref).max()
     assert err <= TOL, err
     assert np.abs(ref).max() > 0.1  # the comparison is not between two near-zero outputs
 
 
-def test_full_sequence_per_frame_timesteps(tiny_cfg, tiny_params, oracle):
+def test_full_sequence_per_frame_timesteps(tiny_cfg, torch_tiny_params, oracle):
     x, ctx = _inputs(tiny_cfg, frames=6, seed=1)
     t = np.array([[0.0, 0.0, 0.0, 833.3333, 833.3333, 833.3333]], np.float32)
     ref = oracle(x, t, ctx)
-    ours, _ = forward(tiny_cfg, tiny_params, jnp.asarray(x), jnp.asarray(t),
-                      encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx)), jnp.arange(6))
+    ours, _ = forward(tiny_cfg, torch_tiny_params, jnp.asarray(x), jnp.asarray(t),
+                      encode_text(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(6))
     err = np.abs(np.asarray(ours) - ref).max()
     assert err <= TOL, err
     # per-frame timesteps really differ from a scalar one
@@ -42,14 +42,14 @@ def test_full_sequence_per_frame_timesteps(tiny_cfg, tiny_params, oracle):
     assert np.abs(ref_scalar - ref).max() > 10 * TOL
 
 
-def test_batch_of_two(tiny_cfg, tiny_params, oracle):
+def test_batch_of_two(tiny_cfg, torch_tiny_params, oracle):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 4, 4, tiny_cfg.in_channels)).astype(np.float32)
     ctx = rng.standard_normal((2, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
     t = np.array([[1000.0] * 3, [625.0] * 3], np.float32)
     ref = oracle(x, t, ctx)
-    ours, _ = forward(tiny_cfg, tiny_params, jnp.asarray(x), jnp.asarray(t),
-                      encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx)), jnp.arange(3))
+    ours, _ = forward(tiny_cfg, torch_tiny_params, jnp.asarray(x), jnp.asarray(t),
+                      encode_text(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(3))
     assert np.abs(np.asarray(ours) - ref).max() <= TOL
 
 

@@ -15,6 +15,7 @@ def test_the_notebooks_are_there():
     assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "anatomy_of_a_cascade", "prompt_switch"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     nb = nbformat.read(path, as_version=4)

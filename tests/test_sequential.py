@@ -65,12 +65,13 @@ def oracle_generate(oracle, pcfg, ctx, num_blocks, key, hw=HW):
     ],
     ids=["global", "sink+rolling"],
 )
-def test_sequential_matches_oracle_driver(tiny_cfg, tiny_params, oracle, pcfg, num_blocks):
+def test_sequential_matches_oracle_driver(tiny_cfg, torch_tiny_params, oracle, pcfg, num_blocks):
     ctx = _context(tiny_cfg)
     key = jax.random.key(7)
     ref = oracle_generate(oracle, pcfg, ctx, num_blocks, key)
     pipe = SequentialPipeline(tiny_cfg, pcfg, HW)
-    ours = np.asarray(pipe.generate(tiny_params, encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx)), num_blocks, key))
+    text = encode_text(tiny_cfg, torch_tiny_params, jnp.asarray(ctx))
+    ours = np.asarray(pipe.generate(torch_tiny_params, text, num_blocks, key))
     err = np.abs(ours - ref).max(axis=(0, 2, 3, 4))
     assert ours.shape == ref.shape
     assert (err <= 1e-4).all(), err

@@ -13,7 +13,8 @@ CHROMIUM = os.environ.get("BCJAX_CHROMIUM") or shutil.which("chromium") or "/usr
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isfile(CHROMIUM),
+                                                   reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")]
 
 
 def _wait(page, js: str, timeout_s: float = 60.0, what: str = ""):

@@ -50,7 +50,7 @@ def sources(tmp_path_factory, tiny_cfg, wan_sd):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(sources, tiny_cfg, tiny_params):
+def tiny_checkpoint(sources, tiny_cfg, torch_tiny_params):
     dst = sources / "ckpt"
     rc = main(["convert", "--from", "self-forcing", str(sources / "self_forcing.pt"), str(dst), "--num-heads", "2",
                "--text-encoder", str(sources / "umt5.safetensors"), "--text-layout", "transformers",
@@ -61,7 +61,8 @@ def tiny_checkpoint(sources, tiny_cfg, tiny_params):
     assert meta["configs"]["dit"] == dataclasses.replace(tiny_cfg, attention="auto")
     assert meta["provenance"]["layout"] == "self-forcing" and set(meta["configs"]) == {"dit", "text", "vae", "taehv"}
     _, dit = checkpoint.restore(str(dst), "dit")
-    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), dit, tiny_params)
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), dit,
+                                  torch_tiny_params)
     assert all(jax.tree_util.tree_leaves(same))
     return dst
 

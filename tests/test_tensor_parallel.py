@@ -32,6 +32,7 @@ def report(tmp_path_factory):
     return json.loads((tmp / "out.json").read_text())
 
 
+@pytest.mark.slow
 def test_split_meshes_give_one_devices_latents(report):
     assert report["devices"] == 10
     expected = {f"{kind} {mesh}" for kind in ("sequential", "causal", "bidirectional") for mesh in ("1x2", "5x1", "5x2")}
@@ -41,6 +42,7 @@ def test_split_meshes_give_one_devices_latents(report):
         assert err <= 1e-5, (case, err)
 
 
+@pytest.mark.slow
 def test_tensors_live_split_by_heads(report):
     # tiny with 4 heads of 16 on model = 2: each device holds 2 heads of q, the cache and the text K/V
     assert report["restored_q_spec"] == "P(None, None, 'model')"
@@ -50,6 +52,7 @@ def test_tensors_live_split_by_heads(report):
     assert report["text_shard"][3] == 2
 
 
+@pytest.mark.slow
 def test_restored_bytes_per_device_follow_the_specs(report):
     cfg = WanConfig.preset("tiny", num_heads=4, attention="xla")
     shapes, specs = param_shapes(cfg), param_specs(param_shapes(cfg))
@@ -60,6 +63,7 @@ def test_restored_bytes_per_device_follow_the_specs(report):
     assert report["restored_bytes_per_device"] == per_device < report["full_bytes"]
 
 
+@pytest.mark.slow
 def test_compiled_collectives_are_the_formulas_bytes(report):
     """Every byte the compiled tick moves is the stage all-gather of K/V (this device's heads) or a
     model psum, as `bcjax.bench.comm.tick_bytes` states."""

@@ -110,6 +110,7 @@ def report(tmp_path_factory):
     return json.loads((tmp / "out.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_schedule_on_8_devices_and_stage_model_meshes_equal_one_device(report):
     errors = report["errors"]
     names = ("sequential", "krea", "P2-causal", "P2-bidirectional", "P4-causal", "P4-bidirectional")
@@ -122,10 +123,12 @@ def test_every_schedule_on_8_devices_and_stage_model_meshes_equal_one_device(rep
     assert report["splits"]["P4-bidirectional 8 group=2"] == [2, 45, 6, 8]
 
 
+@pytest.mark.slow
 def test_a_split_stream_never_recompiles(report):
     assert report["stream_compiles"] == 0
 
 
+@pytest.mark.slow
 def test_the_cascade_without_a_clean_pass_on_8_devices_equals_one_device(report):
     errors = report["errors"]
     assert errors["P4-no-clean 8 group=None"] <= 1e-5 and errors["P4-no-clean 8 group=2"] <= 1e-5

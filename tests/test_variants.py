@@ -2,6 +2,7 @@
 a clean pass (P4-no-clean), against the sequential pipeline, across devices, and streamed."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,17 @@ def text(tiny_cfg, tiny_params):
     return encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx))
 
 
+@functools.cache
+def _cascade(cfg, pcfg, schedule, window, mesh=None) -> Cascade:
+    """One runner per configuration for the whole module (each Cascade compiles its own programs)."""
+    return Cascade(cfg, pcfg, HW, schedule, window, mesh=mesh)
+
+
+@functools.cache
+def _sequential(cfg, pcfg) -> SequentialPipeline:
+    return SequentialPipeline(cfg, pcfg, HW)
+
+
 def _max_err(a, b):
     return float(jnp.abs(jnp.asarray(a) - jnp.asarray(b)).max())
 
@@ -39,17 +51,17 @@ def _last_pass(pcfg):
 @pytest.mark.parametrize("pcfg", [GLOBAL, ROLLING], ids=["global", "sink+rolling"])
 def test_p1_no_clean_is_the_sequential_pipeline_without_the_clean_pass(tiny_cfg, tiny_params, text, pcfg):
     key = jax.random.key(2)
-    seq = SequentialPipeline(tiny_cfg, _last_pass(pcfg), HW).generate(tiny_params, text, 7, key)
-    cas = Cascade(tiny_cfg, pcfg, HW, "P1-no-clean", "causal")
+    seq = _sequential(tiny_cfg, _last_pass(pcfg)).generate(tiny_params, text, 7, key)
+    cas = _cascade(tiny_cfg, pcfg, "P1-no-clean", "causal")
     assert cas.stagger.in_flight == 1 and cas.stagger.num_stages == 4 and cas.pcfg.context == "last-pass"
     out = cas.generate(tiny_params, text, 7, key)
     assert out.shape == seq.shape == (1, 21, *HW, tiny_cfg.in_channels)
     assert _max_err(out, seq) <= 1e-5
     # the same cascade, named by the sampler instead of the schedule
-    assert _max_err(Cascade(tiny_cfg, _last_pass(pcfg), HW, "P1", "bidirectional").generate(tiny_params, text, 7, key),
+    assert _max_err(_cascade(tiny_cfg, _last_pass(pcfg), "P1", "bidirectional").generate(tiny_params, text, 7, key),
                     seq) <= 1e-5
     # a different sampler: block 0 is the same (no cache yet), later blocks see a t_0 cache entry
-    clean = SequentialPipeline(tiny_cfg, pcfg, HW).generate(tiny_params, text, 7, key)
+    clean = _sequential(tiny_cfg, pcfg).generate(tiny_params, text, 7, key)
     assert _max_err(clean[:, :3], seq[:, :3]) <= 1e-5 and _max_err(clean[:, 3:], seq[:, 3:]) > 1e-4
 
 
@@ -57,10 +69,10 @@ def test_p1_clean_causal_is_the_sequential_pipeline(tiny_cfg, tiny_params, text)
     """Under P1 the only newer block a bidirectional row sees is the next block's first step, seen
     by the clean stage; with the clean stage causal, P1 is the sequential pipeline again."""
     key = jax.random.key(3)
-    seq = SequentialPipeline(tiny_cfg, ROLLING, HW).generate(tiny_params, text, 5, key)
-    out = Cascade(tiny_cfg, ROLLING, HW, "P1", "bidirectional-clean-causal").generate(tiny_params, text, 5, key)
+    seq = _sequential(tiny_cfg, ROLLING).generate(tiny_params, text, 5, key)
+    out = _cascade(tiny_cfg, ROLLING, "P1", "bidirectional-clean-causal").generate(tiny_params, text, 5, key)
     assert _max_err(out, seq) <= 1e-5
-    bi = Cascade(tiny_cfg, ROLLING, HW, "P1", "bidirectional").generate(tiny_params, text, 5, key)
+    bi = _cascade(tiny_cfg, ROLLING, "P1", "bidirectional").generate(tiny_params, text, 5, key)
     assert _max_err(bi, seq) > 1e-4
 
 
@@ -78,16 +90,17 @@ def test_p4_no_clean_on_2_and_4_devices_equals_one(tiny_cfg, tiny_params, text, 
     if jax.device_count() < devices:
         pytest.skip(f"needs {devices} devices")
     key = jax.random.key(4)
-    one = Cascade(tiny_cfg, ROLLING, HW, "P4-no-clean", window)
+    one = _cascade(tiny_cfg, ROLLING, "P4-no-clean", window)
     assert one.stagger.in_flight == 4
     ref = one.generate(tiny_params, text, 6, key)
-    cas = Cascade(tiny_cfg, ROLLING, HW, "P4-no-clean", window, mesh=make_mesh(devices))
+    cas = _cascade(tiny_cfg, ROLLING, "P4-no-clean", window, make_mesh(devices))
     assert cas.spec.split.padded_tokens == cas.spec.split.tokens  # 4 blocks: no padding group
     assert _max_err(cas.generate(tiny_params, text, 6, key), ref) <= 1e-5
     # a real cascade, not the clean-pass P4 again
-    assert _max_err(Cascade(tiny_cfg, ROLLING, HW, "P4", window).generate(tiny_params, text, 6, key), ref) > 1e-4
+    assert _max_err(_cascade(tiny_cfg, ROLLING, "P4", window).generate(tiny_params, text, 6, key), ref) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,window", VARIANTS)
 def test_every_variant_generates_and_streams_with_no_recompile(tiny_cfg, tiny_params, text, schedule, window):
     cas = make_runner(tiny_cfg, ROLLING, HW, schedule, window)
@@ -110,7 +123,7 @@ def test_every_variant_generates_and_streams_with_no_recompile(tiny_cfg, tiny_pa
 def _mid_stream(tiny_cfg, tiny_params, text, schedule, window, bump_stage, ticks=7):
     """A full, rolling P4 tick run twice, once with the block in `bump_stage` perturbed.
     Returns (stages [M], tick outputs, perturbed tick outputs)."""
-    cas = Cascade(tiny_cfg, ROLLING, HW, schedule, window)
+    cas = _cascade(tiny_cfg, ROLLING, schedule, window)
     key, nb = jax.random.key(1), jnp.int32(20)
     state = cas.init_state(1)
     step = cas.lower(tiny_params, text, key, nb, state).compile()
