@@ -35,6 +35,7 @@ def _run(cfg, params, text, where):
     return Cascade(cfg, ROLLING, HW, "P4", "bidirectional", mesh=mesh).generate(params, text, 4, key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["sequential", "p4", "p4-mesh5"])
 def test_every_backend_gives_the_dense_latents(tiny_cfg, tiny_params, text, where):
     dense = _run(dataclasses.replace(tiny_cfg, attention="dense"), tiny_params, text, where)

@@ -83,6 +83,7 @@ def test_sharded_p1_with_padding_groups_is_still_sequential(tiny_cfg, tiny_param
     assert _max_err(out, seq) <= 1e-5
 
 
+@pytest.mark.slow
 def test_block_zero_is_the_same_under_every_schedule(tiny_cfg, tiny_params, text):
     key = jax.random.key(6)
     seq = _sequential(tiny_cfg, GLOBAL).generate(tiny_params, text, 3, key)[:, :3]
@@ -97,6 +98,7 @@ def test_block_zero_is_the_same_under_every_schedule(tiny_cfg, tiny_params, text
     assert _max_err(p4[:, :3], seq) > 1e-3
 
 
+@pytest.mark.slow
 def test_noise_depends_only_on_seed_block_and_step(tiny_cfg, tiny_params, text, mesh5):
     """With the flow head zeroed the sampler is x_{k+1} = (1 - s_{k+1}) x_k + s_{k+1} eps(b, k+1):
     every block's output is a closed form of block_noise(key, b, 0..n-1), whatever the
@@ -188,6 +190,7 @@ def test_bad_mesh_and_flags_are_named(tiny_cfg, mesh5):
         make_mesh(5, 2)
 
 
+@pytest.mark.slow
 def test_given_context_blocks_continue_exactly(tiny_cfg, tiny_params, text, mesh5):
     """Image-to-video / continuation: given blocks prefilled by the clean pass, then generation from
     the next block id. A prefilled cache equals the one the pipeline wrote while generating those

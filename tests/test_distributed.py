@@ -76,6 +76,7 @@ def test_unreachable_coordinator_fails_fast_with_its_address():
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.slow
 def test_missing_processes_abort_after_the_timeout_naming_the_job():
     port = _free_port()
     code = ("import os; os.environ['JAX_PLATFORMS'] = 'cpu'\n"

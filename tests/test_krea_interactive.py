@@ -31,6 +31,7 @@ def test_interpolation_ramps_like_torch_lerp():
         interpolate_schedule([(0, a), (3, b)], 1)
 
 
+@pytest.mark.slow
 def test_interpolated_stream_in_sequential_and_cascade(tiny_cfg, tiny_params):
     rng = np.random.default_rng(7)
     embs = [rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32) for _ in range(2)]
@@ -67,6 +68,7 @@ def test_strength_spreads_the_steps_as_krea_does():
         with_strength(sf, 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["sequential", "krea"])
 def test_video_to_video_follows_the_source_as_strength_drops(tiny_cfg, tiny_params, runner):
     text = encode_text(tiny_cfg, tiny_params, jnp.asarray(
@@ -154,6 +156,7 @@ def test_krea_stream_takes_the_vae_round_trip_like_its_block_loop(tiny_cfg, tiny
         seq.start(tiny_params, text, key, 2, reencode=trip([]))
 
 
+@pytest.mark.slow
 def test_video_to_video_on_the_toy_world():
     """The shipped toy model continues its still image with a v2v source video in which each
     sprite moves the opposite way to its prompt: at a low strength the output stays on the

@@ -132,6 +132,7 @@ def test_causal_recache_with_the_same_prompt_rebuilds_the_cache(tiny_cfg, tiny_p
     assert np.abs(np.asarray(bidir.k) - np.asarray(cache.k)).max() > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pcfg,switch_at", [(LONGLIVE, 5), (LONGLIVE, 2), (NO_SINK, 5)], ids=["s15", "s6", "nosink-s15"])
 def test_stream_equals_longlive_bookkeeping(tiny_cfg, tiny_params, texts, pcfg, switch_at):
     key = jax.random.key(5)

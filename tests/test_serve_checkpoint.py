@@ -83,6 +83,7 @@ def test_a_decoder_the_checkpoint_lacks_is_refused_by_name(checkpoint_dir):
         t2v.pixel_decoder("taehv")
 
 
+@pytest.mark.slow
 def test_overlapped_decode_sends_the_frames_of_decoding_each_block_in_turn(checkpoint_dir):
     """The server dispatches a block's TAEHV decode, then the next step, then fetches the pixels:
     its JPEGs are those of decoding the same blocks one after another before each next step (the
@@ -107,6 +108,7 @@ def test_overlapped_decode_sends_the_frames_of_decoding_each_block_in_turn(check
     assert [(h["block"], imgs) for h, imgs in got] == ref
 
 
+@pytest.mark.slow
 def test_a_krea_stream_follows_krea_s_loop_with_the_vae_round_trip(checkpoint_dir):
     """Served with Krea's loop, a stream takes R from the VAE round trip from block 2 on (as
     `bcjax generate` does), and the frames sent are the round trip's own decode of each block:

@@ -72,6 +72,7 @@ def _probe(path):
     return (frames.shape[2], frames.shape[1]), len(frames)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["sequential", "P4"])
 def test_cli_writes_a_playable_mp4(tiny_checkpoint, tmp_path, capsys, schedule):
     out = tmp_path / "fox.mp4"
@@ -118,6 +119,7 @@ def test_convert_errors_are_named(sources, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_krea_mode_reencodes_the_first_frame_through_the_vae(tiny_checkpoint, tmp_path):
     """Krea's R: the last pixel frame decoded from latent frame 3b-3, encoded alone as an image;
     the CLI runs the krea_14b port (context rebuilt per block) end to end."""
@@ -143,6 +145,7 @@ def test_krea_mode_reencodes_the_first_frame_through_the_vae(tiny_checkpoint, tm
     assert rc == 0 and _probe(out) == ((48, 32), 21)
 
 
+@pytest.mark.slow
 def test_video_to_video_from_an_mp4(tiny_checkpoint, tmp_path, capsys):
     src, out = tmp_path / "in.mp4", tmp_path / "v2v.mp4"
     base = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "2",

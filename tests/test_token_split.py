@@ -85,6 +85,7 @@ def test_split_ticks_equal_one_device(model, name, schedule, window, devices, gr
     assert _err(got, ref) <= 1e-5
 
 
+@pytest.mark.slow
 def test_context_parallel_sequential_is_the_sequential_pipeline_and_krea_loop(model):
     """The sequential schedule split over devices is the sequential pipeline (and, with Krea's
     rules, Krea's loop with R the latent frame) computed on one device."""

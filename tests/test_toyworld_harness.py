@@ -38,6 +38,7 @@ def test_metrics_of_the_ground_truth_and_the_still_baseline():
     assert still["mse"].mean() > 0.05 and still["pos_err"].mean() > 0.5 and still["jump"][:, 0].mean() > 0.5
 
 
+@pytest.mark.slow
 def test_grid_runs_every_setting_through_the_public_api():
     model = _small_model()
     scenes = ev.eval_scenes(SMALL, 2)
@@ -56,6 +57,7 @@ def test_grid_runs_every_setting_through_the_public_api():
     assert "| P4-bidirectional |" in table and "MSE per generated block" in table
 
 
+@pytest.mark.slow
 def test_cli_harness_writes_its_files(tmp_path):
     from bcjax.cli import main
 
@@ -66,6 +68,7 @@ def test_cli_harness_writes_its_files(tmp_path):
     assert set(json.load(open(tmp_path / "summary.json"))["summary"]) == {"sequential", "P4-bidirectional", "still", "init"}
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_reproduces_its_recorded_metrics():
     """The checkpoint `bcjax demo` uses loads and, re-evaluated as `bcjax eval toyworld --prompts 16
     --blocks 10` does, gives the metrics recorded when it shipped; P1-causal is the sequential pipeline."""

@@ -32,6 +32,7 @@ def _kv_at(cfg, params, text, frames, t, first_frame):
     return np.asarray(kv.k)
 
 
+@pytest.mark.slow
 def test_given_context_at_t0_generated_blocks_at_context_noise(tiny_cfg, tiny_params, prompt):
     text = encode_text(tiny_cfg, tiny_params, prompt)
     key = jax.random.key(8)

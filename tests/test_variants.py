@@ -48,6 +48,7 @@ def _last_pass(pcfg):
     return dataclasses.replace(pcfg, context="last-pass")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pcfg", [GLOBAL, ROLLING], ids=["global", "sink+rolling"])
 def test_p1_no_clean_is_the_sequential_pipeline_without_the_clean_pass(tiny_cfg, tiny_params, text, pcfg):
     key = jax.random.key(2)
@@ -84,6 +85,7 @@ def test_sequential_without_the_clean_pass_steps_four_stages(tiny_cfg, tiny_para
     assert out.stages == ((0, 0), (0, 1), (0, 2), (0, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 4])
 @pytest.mark.parametrize("window", ["causal", "bidirectional"])
 def test_p4_no_clean_on_2_and_4_devices_equals_one(tiny_cfg, tiny_params, text, devices, window):
