@@ -265,12 +265,16 @@ def test_decode_overlaps_the_next_step_and_sends_the_same_frames():
             got, _ = read(ws, 6)
             ws.send(json.dumps({"type": "stop"}))
             until(ws, lambda j: j["type"] == "state" and j["state"] == "stopped")
-            time.sleep(1.0)  # a block decoding at the stop comes now, and nothing after it
+            # a block decoding at the stop comes now, and nothing after it: wait (on a loaded machine
+            # too) until every decoded block has arrived and the socket stays quiet for a second
+            deadline = time.monotonic() + 60
             while True:
                 try:
                     m = ws.recv(timeout=1.0)
                 except TimeoutError:
-                    break
+                    if len(got) >= sum(what == "decode" for what, _ in log) or time.monotonic() > deadline:
+                        break
+                    continue
                 if isinstance(m, bytes):
                     got.append(ack(ws, m))
             ws.send(json.dumps({"type": "reset"}))
