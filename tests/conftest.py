@@ -6,10 +6,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the suite does not read or fill the user's persistent compile cache (test_compile_cache turns it on)
 os.environ["BCJAX_COMPILE_CACHE"] = "off"
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-from bcjax.model import WanConfig, init_params  # noqa: E402
+from bcjax.model import WanConfig, init_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -37,7 +37,7 @@ def tiny_params(tiny_cfg):
             return a + 0.1 * jax.random.normal(k, a.shape, a.dtype)
         return a
 
-    return treedef.unflatten([perturb(path, a, k) for (path, a), k in zip(leaves, keys)])
+    return treedef.unflatten([perturb(path, a, k) for (path, a), k in zip(leaves, keys, strict=True)])
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ runs a P4 cascade of the tiny model and (process 0 only) saves the latents to OU
 import os
 import sys
 
-pid, n, port, devices, out, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+pid, n, port, devices, out, ckpt = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5],
+                                    sys.argv[6])
 model = int(sys.argv[7]) if len(sys.argv) > 7 else 1
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"

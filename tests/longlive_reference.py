@@ -95,7 +95,8 @@ def interactive(cfg, params, pcfg, texts, switches: dict[int, int], key, num_blo
             if s > 0:  # _recache_after_switch
                 n = min(pcfg.window_frames, s)
                 frames = jnp.concatenate(out, axis=1)[:, s - n:s]
-                cache.run(cfg, params, frames, jnp.full((batch, n), pcfg.context_noise, jnp.float32), texts[prompt], s - n)
+                cache.run(cfg, params, frames, jnp.full((batch, n), pcfg.context_noise, jnp.float32), texts[prompt],
+                          s - n)
         text = texts[prompt]
         x = block_noise(key, b, 0, shape)
         for k in range(len(timesteps)):

@@ -58,7 +58,8 @@ def tiny_checkpoint(folder) -> str:
     parts = {"dit": (cfg, random(param_shapes(cfg))), "text": (tcfg, random(umt5.param_shapes(tcfg))),
              "vae": (vcfg, random(wan_vae.param_shapes(vcfg))), "taehv": (tae, random(taehv.param_shapes(tae)))}
     dst = folder / "ckpt"
-    checkpoint.save(str(dst), parts, {"source": "tests"}, files={"tokenizer/spiece.model": str(folder / "spiece.model")})
+    checkpoint.save(str(dst), parts, {"source": "tests"},
+                    files={"tokenizer/spiece.model": str(folder / "spiece.model")})
     return str(dst)
 
 

@@ -3,7 +3,8 @@ with 10 fake CPU devices (the suite's process has 5): `python tensor_parallel_ca
 
 The tiny DiT with 4 heads (2 per device on `model` = 2) and a sink + window cache, continuing a
 given first block: sequential and P4 (causal, bidirectional) latents on meshes (stage, model)
-= (1, 2), (5, 1), (5, 2) against one device (the sequential pipeline replicates over `stage`), text K/V computed on each runner's layout, params
+= (1, 2), (5, 1), (5, 2) against one device (the sequential pipeline replicates over `stage`), text K/V computed
+on each runner's layout, params
 restored by orbax straight into the (5, 2) layout; plus where the tensors ended up.
 """
 
@@ -14,9 +15,9 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=10"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -87,7 +88,8 @@ def main(out: str, ckpt: str) -> None:
         hlo = compiled_tick_collectives(CFG, PCFG, HW, "P4", "bidirectional", stage, model)
         formula = tick_bytes(CFG, PCFG, HW, "P4", stage, model)
         report["comm"][f"{stage}x{model}"] = {
-            src: {axis: [v["payload"], v["wire"]] for axis, v in d.items()} for src, d in (("hlo", hlo), ("formula", formula))}
+            src: {axis: [v["payload"], v["wire"]] for axis, v in d.items()}
+            for src, d in (("hlo", hlo), ("formula", formula))}
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
 

@@ -29,12 +29,13 @@ FULL = (60, 104)
 # group), the sequential schedule as context parallelism on 3, and tensor parallelism alone.
 @pytest.mark.parametrize("schedule,window,mesh,group", [
     ("P4", "bidirectional", (5, 1), None), ("P4", "causal", (5, 1), None), ("P2", "bidirectional", (4, 1), 2),
-    ("sequential", "causal", (3, 1), None), ("sequential", "causal", (1, 2), None), ("P4", "bidirectional", (1, 2), None)])
+    ("sequential", "causal", (3, 1), None), ("sequential", "causal", (1, 2), None),
+    ("P4", "bidirectional", (1, 2), None)])
 def test_compiled_collectives_are_the_formulas_bytes(schedule, window, mesh, group):
     assert jax.device_count() >= mesh[0] * mesh[1]
     hlo = comm.compiled_tick_collectives(CFG, PCFG, HW, schedule, window, *mesh, group=group)
     formula = comm.tick_bytes(CFG, PCFG, HW, schedule, *mesh, group=group)
-    assert set(hlo) == set(formula) == {a for a, n in zip(("stage", "model"), mesh) if n > 1}
+    assert set(hlo) == set(formula) == {a for a, n in zip(("stage", "model"), mesh, strict=True) if n > 1}
     for axis in formula:
         for k in ("payload", "wire"):
             assert hlo[axis][k] == pytest.approx(formula[axis][k], rel=1e-9), (axis, k)

@@ -54,7 +54,8 @@ def test_command_turns_the_cache_on_and_opt_out(tmp_path):
             "_runtime(build_parser().parse_args(sys.argv[1:] + ['info'])); print(jax.config.jax_compilation_cache_dir)")
     env = _clean_env(tmp_path)
     def run(e, *flags):
-        return subprocess.run([sys.executable, "-c", code, *flags], env=e, capture_output=True, text=True).stdout.strip()
+        return subprocess.run([sys.executable, "-c", code, *flags], env=e, capture_output=True,
+                              text=True).stdout.strip()
 
     assert run(env) == str(tmp_path / "bcjax" / "jax-compile")
     assert run({**env, "BCJAX_COMPILE_CACHE": "off"}) == "None"

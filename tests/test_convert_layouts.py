@@ -102,12 +102,14 @@ def test_longlive_merges_lora_into_base(tiny_cfg, wan_sd, ref, tmp_path):
     torch.save({"generator_lora": lora, "critic_lora": {}, "step": 3000}, tmp_path / "lora.pt")
     merged = longlive.convert(tmp_path / "longlive_base.pt", tmp_path / "lora.pt", tiny_cfg, rank=4, alpha=8)
     chex.assert_trees_all_close(merged, ref, atol=1e-6, rtol=0)
-    unmerged = wan_conv.convert(self_forcing.strip_wrappers(io.read_state_dict(tmp_path / "longlive_base.pt", "generator")), tiny_cfg)
+    unmerged = wan_conv.convert(
+        self_forcing.strip_wrappers(io.read_state_dict(tmp_path / "longlive_base.pt", "generator")), tiny_cfg)
     assert np.abs(unmerged["blocks"]["ffn_2"]["kernel"] - ref["blocks"]["ffn_2"]["kernel"]).max() > 1e-2
 
     # a bare adapter dict with peft's in-model names (`lora_A.default.weight`), rank inferred
     live = {k.replace(".weight", ".default.weight"): v for k, v in lora.items()}
-    chex.assert_trees_all_close(longlive.convert(tmp_path / "longlive_base.pt", live, tiny_cfg, alpha=8), ref, atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(longlive.convert(tmp_path / "longlive_base.pt", live, tiny_cfg, alpha=8), ref,
+                                atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match=r"LoRA alpha is not recorded .*rank 256, alpha 256"):
         longlive.convert(tmp_path / "longlive_base.pt", tmp_path / "lora.pt", tiny_cfg)
     with pytest.raises(ValueError, match=r"self_attn\.q\.lora_A\.weight has rank 4; expected 8"):
@@ -120,7 +122,8 @@ def test_longlive_lora_target_missing_from_base_is_named(tiny_cfg, wan_sd, tmp_p
     lora["base_model.model.blocks.0.self_attn.qkv.lora_B.weight"] = torch.zeros(3 * tiny_cfg.dim, 4)
     lora["base_model.model.blocks.1.ffn.0.lora_B.weight"] = torch.zeros(7, 4)
     with pytest.raises(ValueError, match=r"2 problems(.|\n)*"
-                       r"base_model\.model\.blocks\.0\.self_attn\.qkv\.lora_A\.weight targets blocks\.0\.self_attn\.qkv\.weight, "
+                       r"base_model\.model\.blocks\.0\.self_attn\.qkv\.lora_A\.weight "
+                       r"targets blocks\.0\.self_attn\.qkv\.weight, "
                        r"which the base checkpoint lacks(.|\n)*"
                        r"lora_B \(7, 4\) do not make a delta of blocks\.1\.ffn\.0\.weight's shape \(128, 64\)"):
         longlive.convert({"generator": _prefixed(base)}, {"generator_lora": lora}, tiny_cfg, alpha=8)
@@ -158,7 +161,8 @@ def test_diffusers_single_file_matches_plain_conversion_and_oracle(tiny_cfg, wan
     ctx = rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
     t = np.full((1, 3), 750.0, np.float32)
     p = jax.tree_util.tree_map(jnp.asarray, params)
-    ours, _ = forward(tiny_cfg, p, jnp.asarray(x), jnp.asarray(t), encode_text(tiny_cfg, p, jnp.asarray(ctx)), jnp.arange(3))
+    ours, _ = forward(tiny_cfg, p, jnp.asarray(x), jnp.asarray(t), encode_text(tiny_cfg, p, jnp.asarray(ctx)),
+                      jnp.arange(3))
     want = oracle(x, t[:, 0], ctx)
     assert np.abs(np.asarray(ours) - want).max() <= 1e-4
     assert np.abs(want).max() > 0.1
@@ -174,14 +178,16 @@ def test_diffusers_sharded_folder(tiny_cfg, wan_sd, ref, tmp_path):
     for shard, keys in shards.items():
         _save_safetensors({k: sd[k] for k in keys}, folder / shard)
     weight_map = {k: shard for shard, keys in shards.items() for k in keys}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
     chex.assert_trees_all_equal(diffusers_wan.convert(folder, tiny_cfg), ref)
     chex.assert_trees_all_equal(diffusers_wan.convert(folder.parent, tiny_cfg), ref)  # pipeline root
     chex.assert_trees_all_equal(krea.convert(folder, tiny_cfg), ref)  # Krea's HF transformer/ folder route
 
     # a shard the index names but the folder lacks
     (folder / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(folder / "diffusion_pytorch_model-00002-of-00002.safetensors"))):
+    with pytest.raises(FileNotFoundError,
+                       match=re.escape(str(folder / "diffusion_pytorch_model-00002-of-00002.safetensors"))):
         diffusers_wan.convert(folder, tiny_cfg)
 
 
@@ -216,13 +222,15 @@ def test_bf16_safetensors_and_pt_stay_bf16(tiny_cfg, wan_sd, ref, tmp_path):
     _save_safetensors(_prefixed(sd16), tmp_path / "krea16.safetensors")
     read = io.read_state_dict(tmp_path / "krea16.safetensors")
     assert read["model.blocks.0.ffn.0.weight"].dtype == np.dtype(ml_dtypes.bfloat16)
-    np.testing.assert_array_equal(read["model.head.modulation"].astype(np.float32), sd16["head.modulation"].float().numpy())
+    np.testing.assert_array_equal(read["model.head.modulation"].astype(np.float32),
+                                  sd16["head.modulation"].float().numpy())
     params = krea.convert(tmp_path / "krea16.safetensors", cfg16)
     assert params["blocks"]["ffn_0"]["kernel"].dtype == np.dtype(ml_dtypes.bfloat16)
     chex.assert_trees_all_equal(params, want)
 
     torch.save({"generator_ema": _prefixed(sd16)}, tmp_path / "sf16.pt")
-    assert io.load(tmp_path / "sf16.pt")["generator_ema"]["model.patch_embedding.weight"].dtype == np.dtype(ml_dtypes.bfloat16)
+    assert (io.load(tmp_path / "sf16.pt")["generator_ema"]["model.patch_embedding.weight"].dtype
+            == np.dtype(ml_dtypes.bfloat16))
     chex.assert_trees_all_equal(self_forcing.convert(tmp_path / "sf16.pt", cfg16), want)
 
 

@@ -21,7 +21,8 @@ def test_converts_every_key_to_the_param_tree(tiny_cfg, sd_np):
     expected = jax.tree_util.tree_map(lambda s: s.shape, wan_conv.param_shapes(tiny_cfg))
     got = jax.tree_util.tree_map(lambda a: a.shape, params)
     assert got == expected
-    np.testing.assert_array_equal(params["blocks"]["self_attn"]["q"]["kernel"][1], sd_np["blocks.1.self_attn.q.weight"].T)
+    np.testing.assert_array_equal(params["blocks"]["self_attn"]["q"]["kernel"][1],
+                                  sd_np["blocks.1.self_attn.q.weight"].T)
     np.testing.assert_array_equal(params["blocks"]["modulation"][0], sd_np["blocks.0.modulation"][0])
 
 
@@ -50,7 +51,8 @@ def test_unexpected_key_and_wrong_config_are_named(tiny_cfg, sd_np):
     with pytest.raises(ValueError, match=r"unexpected key img_emb\.proj\.0\.weight"):
         wan_conv.convert(sd, tiny_cfg)
     # a 2-layer checkpoint for a 3-layer config: every block key of layer 2 is missing
-    with pytest.raises(ValueError, match=r"27 problems(.|\n)*missing key blocks\.2\.ffn\.0\.weight \(layers \[2\] of 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"27 problems(.|\n)*missing key blocks\.2\.ffn\.0\.weight \(layers \[2\] of 3\)"):
         wan_conv.convert(sd_np, WanConfig.preset("tiny", num_layers=3))
 
 

@@ -1,7 +1,8 @@
 """Several processes, one mesh: the cascade across 3 local processes (2 fake CPU devices each,
 gloo collectives; the `stage` mesh takes 5 of the 6, so it spans all three), and across 2
 processes of 5 devices forming (stage 5, model 2), equals the single-process 5-device cascade,
-with params restored by orbax straight onto that mesh; bad setups fail fast. (Equal devices per process: JAX's and orbax's multi-host utilities assume it.)"""
+with params restored by orbax straight onto that mesh; bad setups fail fast. (Equal devices per process: JAX's and
+orbax's multi-host utilities assume it.)"""
 
 import os
 import pathlib
@@ -33,7 +34,8 @@ def _env():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes, devices, model", [(3, 2, 1), (2, 5, 2)], ids=["3x2 devices, (5,1)", "2x5 devices, (5,2)"])
+@pytest.mark.parametrize("processes, devices, model", [(3, 2, 1), (2, 5, 2)],
+                         ids=["3x2 devices, (5,1)", "2x5 devices, (5,2)"])
 def test_processes_form_one_mesh_and_match_one_process(tmp_path, processes, devices, model):
     """3 processes x 2 devices, the `stage` mesh taking 5 of the 6; 2 x 5 forming (stage 5,
     model 2), the weights split over `model` and restored that way. Both equal one process's
@@ -54,7 +56,7 @@ def test_processes_form_one_mesh_and_match_one_process(tmp_path, processes, devi
              for i in range(processes)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     print(f"{processes} processes: {time.perf_counter() - t0:.1f} s")
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-3000:]
     total = processes * devices
     for i, log in enumerate(logs):
@@ -104,6 +106,7 @@ def test_cli_runtime_flags_are_checked_before_anything_runs():
     r = subprocess.run([sys.executable, "-m", "bcjax.cli", "--coordinator", "localhost:1234", "info"], env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "go together" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "bcjax.cli", "--distributed", "--coordinator", "h:1", "--num-processes", "2",
+    r = subprocess.run([sys.executable, "-m", "bcjax.cli", "--distributed", "--coordinator", "h:1",
+                        "--num-processes", "2",
                         "--process-id", "0", "info"], env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--distributed auto-detects" in r.stderr, r.stderr[-2000:]

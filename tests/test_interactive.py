@@ -20,12 +20,13 @@ ROLLING = PipelineConfig(window_frames=9, sink_frames=3)
 @pytest.fixture(scope="module")
 def texts(tiny_cfg, tiny_params):
     rng = np.random.default_rng(21)
-    return [encode_text(tiny_cfg, tiny_params, jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)),
-                                                           jnp.float32)) for _ in range(2)]
+    return [encode_text(tiny_cfg, tiny_params,
+                        jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
+            for _ in range(2)]
 
 
 def _run(runner, params, schedule, key, n, **kw):
-    return [e for e in stream(runner, params, schedule, key, n, **kw)]
+    return list(stream(runner, params, schedule, key, n, **kw))
 
 
 def _cat(events):
@@ -96,7 +97,8 @@ def test_sharded_cascade_switch_equals_batched(tiny_cfg, tiny_params, texts):
     key = jax.random.key(7)
     sched = [(0, texts[0]), (4, texts[1])]
     for policy in POLICIES:
-        one = _cat(_run(Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional"), tiny_params, sched, key, 7, policy=policy))
-        five = _cat(_run(Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional", make_mesh(5)), tiny_params, sched, key, 7,
-                         policy=policy))
+        one = _cat(_run(Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional"), tiny_params, sched, key, 7,
+                        policy=policy))
+        five = _cat(_run(Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional", make_mesh(5)), tiny_params, sched, key,
+                         7, policy=policy))
         np.testing.assert_allclose(five, one, atol=1e-5)

@@ -74,7 +74,7 @@ def _by_hand(cfg, params, text, context, key, block):
     mask[0, 0, 3 * p:] = False
     shape = (1, 3, *HW, cfg.in_channels)
     x = block_noise(key, block, 0, shape)
-    for k, (t, s) in enumerate(zip(KREA.timesteps, KREA.sigmas)):
+    for k, (t, s) in enumerate(zip(KREA.timesteps, KREA.sigmas, strict=True)):
         t_all = jnp.concatenate([jnp.zeros((1, 3)), jnp.full((1, 3), t)], axis=1)
         v, _ = forward(cfg, params, jnp.concatenate([context, x], axis=1), t_all, text, jnp.arange(6), None,
                        jnp.asarray(mask))
@@ -100,7 +100,7 @@ def test_rules3_to_6_rebuilt_context(tiny_cfg, tiny_params, text, keep_first_fra
     # block 0: no context, RoPE 0..2
     shape = (1, 3, *HW, tiny_cfg.in_channels)
     x = block_noise(key, 0, 0, shape)
-    for k, (t, s) in enumerate(zip(KREA.timesteps, KREA.sigmas)):
+    for k, (t, s) in enumerate(zip(KREA.timesteps, KREA.sigmas, strict=True)):
         v, _ = forward(tiny_cfg, tiny_params, x, jnp.full((1, 3), t), text, jnp.arange(3))
         x0 = x - s * v
         if k < 4:
@@ -138,7 +138,8 @@ def test_cascade_in_krea_mode(tiny_cfg, tiny_params, text):
     ref = np.asarray(KreaPipeline(tiny_cfg, KREA, HW).generate(tiny_params, text, 5, key))
     seq = np.asarray(SequentialPipeline(tiny_cfg, KREA, HW).generate(tiny_params, text, 5, key))
     p1 = np.asarray(Cascade(tiny_cfg, KREA, HW, "P1", "causal").generate(tiny_params, text, 5, key))
-    print(f"Krea mode vs KreaPipeline: sequential {np.abs(seq - ref).max():.1e}, P1-causal {np.abs(p1 - ref).max():.1e}")
+    print(f"Krea mode vs KreaPipeline: sequential {np.abs(seq - ref).max():.1e}, "
+          f"P1-causal {np.abs(p1 - ref).max():.1e}")
     assert np.abs(seq - ref).max() <= 1e-5 and np.abs(p1 - ref).max() <= 1e-5
     for window in ("causal", "bidirectional"):
         one = np.asarray(Cascade(tiny_cfg, KREA, HW, "P4", window).generate(tiny_params, text, 5, key))
@@ -146,7 +147,8 @@ def test_cascade_in_krea_mode(tiny_cfg, tiny_params, text):
         if jax.device_count() >= 5:
             from bcjax.cascade import make_mesh
 
-            five = np.asarray(Cascade(tiny_cfg, KREA, HW, "P4", window, make_mesh(5)).generate(tiny_params, text, 5, key))
+            five = np.asarray(Cascade(tiny_cfg, KREA, HW, "P4", window, make_mesh(5)).generate(tiny_params, text, 5,
+                                                                                               key))
             assert np.abs(five - one).max() <= 1e-5
 
 

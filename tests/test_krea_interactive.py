@@ -92,14 +92,15 @@ def test_krea_steps_like_the_other_runners(tiny_cfg, tiny_params):
     """KreaPipeline has the shared stepping interface: a stream (with a prompt switch and a
     given first block) equals its own block loop; a recache policy is refused by name."""
     rng = np.random.default_rng(11)
-    texts = [encode_text(tiny_cfg, tiny_params, jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)),
-                                                           jnp.float32)) for _ in range(2)]
+    texts = [encode_text(tiny_cfg, tiny_params,
+                         jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
+             for _ in range(2)]
     pipe = KreaPipeline(tiny_cfg, ports.get("krea_14b").pipeline, HW)
     key = jax.random.key(4)
     ref = np.asarray(pipe.generate(tiny_params, texts[0], 4, key))
     got = np.concatenate([e.x0 for e in stream(pipe, tiny_params, [(0, texts[0])], key, 4)], axis=1)
     np.testing.assert_allclose(got, ref, atol=1e-6)
-    cont = [e for e in stream(pipe, tiny_params, [(0, texts[0]), (2, texts[1])], key, 3, context=jnp.asarray(ref[:, :3]))]
+    cont = list(stream(pipe, tiny_params, [(0, texts[0]), (2, texts[1])], key, 3, context=jnp.asarray(ref[:, :3])))
     assert [e.block for e in cont] == [1, 2, 3] and [e.prompt for e in cont] == [0, 1, 1]
     np.testing.assert_allclose(cont[0].x0, ref[:, 3:6], atol=1e-6)  # block 1 from the given block 0
     assert np.abs(cont[1].x0 - ref[:, 6:9]).max() > 1e-3  # the switch takes effect at block 2
@@ -121,8 +122,8 @@ def test_krea_stream_takes_the_vae_round_trip_like_its_block_loop(tiny_cfg, tiny
     from bcjax.interactive import PromptSchedule, steps
 
     rng = np.random.default_rng(12)
-    text = encode_text(tiny_cfg, tiny_params, jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)),
-                                                          jnp.float32))
+    text = encode_text(tiny_cfg, tiny_params,
+                       jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
     pcfg = dataclasses.replace(ports.get("krea_14b").pipeline, keep_first_frame=keep_first_frame)
     pipe = KreaPipeline(tiny_cfg, pcfg, HW)
     key = jax.random.key(5)
@@ -183,8 +184,10 @@ def test_video_to_video_on_the_toy_world():
         out = np.concatenate([np.asarray(x) for _, x in pipe.blocks(model.params, text, jax.random.key(0), nb, cache,
                                                                 first_block=1, source=jnp.asarray(source[:, bf:]))], 1)
         out = np.concatenate([truth[:, :bf], out], 1)
-        to_prompt[strength] = float(np.mean([position_error(o, s, world)[0][bf:].mean() for o, s in zip(out, scenes)]))
-        to_source[strength] = float(np.mean([position_error(o, s, world)[0][bf:].mean() for o, s in zip(out, opposite)]))
+        to_prompt[strength] = float(np.mean([position_error(o, s, world)[0][bf:].mean()
+                                             for o, s in zip(out, scenes, strict=True)]))
+        to_source[strength] = float(np.mean([position_error(o, s, world)[0][bf:].mean()
+                                             for o, s in zip(out, opposite, strict=True)]))
         mses[strength] = float(np.mean((out - source) ** 2))
     print("toy-world v2v from the opposite motion: position error px to the prompt's video", to_prompt,
           "to the source", to_source, "MSE to the source", mses)

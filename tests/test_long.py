@@ -73,7 +73,8 @@ def test_rolling_without_sink_is_the_absolute_stream(tiny_cfg, tiny_params, text
         return Cascade(cfg, p, HW, "P4", "bidirectional")
 
     absolute = make(tiny_cfg, pcfg).generate(tiny_params, text, n, key)
-    rolling = make(_table(tiny_cfg, 30), dataclasses.replace(pcfg, positions="rolling")).generate(tiny_params, text, n, key)
+    rolling = make(_table(tiny_cfg, 30), dataclasses.replace(pcfg, positions="rolling")).generate(tiny_params, text, n,
+                                                                                                  key)
     assert _err(rolling, absolute) <= 2e-4, _err(rolling, absolute)
 
 
@@ -105,7 +106,8 @@ def test_soak_ten_thousand_frames_no_recompile_no_growth(tiny_cfg, tiny_params, 
     ten times): zero compiles after warm-up, a constant set of live device buffers, flat RSS."""
     pcfg = dataclasses.replace(LONGLIVE, positions="rolling")
     if runner == "sequential":
-        stream = (x for _, x in SequentialPipeline(tiny_cfg, pcfg, HW).blocks(tiny_params, text, jax.random.key(3), 3400))
+        stream = (x for _, x in SequentialPipeline(tiny_cfg, pcfg, HW).blocks(tiny_params, text, jax.random.key(3),
+                                                                              3400))
     else:
         stream = (x for _, x in Cascade(tiny_cfg, pcfg, HW, "P4", "bidirectional").blocks(
             tiny_params, text, jax.random.key(3), None))

@@ -51,7 +51,8 @@ def test_window_visibility_matches_hand_written(window):
 
 
 def test_windowed_rows_never_see_more_than_the_models_window():
-    # window_frames = 4 frames (sink 1 + rolling 2 + the block's 1); bidirectional rows up to 8 (block 6: 1 + 2 + 1 + 4 newer)
+    # window_frames = 4 frames (sink 1 + rolling 2 + the block's 1); bidirectional rows up to 8
+    # (block 6: 1 + 2 + 1 + 4 newer)
     assert np.asarray(_mask("bidirectional-windowed")).sum(axis=1).max() == 4
     assert np.asarray(_mask("bidirectional")).sum(axis=1).max() == 8
 

@@ -60,7 +60,8 @@ def test_bf16_runs_close_to_fp32(tiny_cfg, tiny_params):
     p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), tiny_params)
     x, ctx = _inputs(tiny_cfg)
     t = jnp.full((1, 3), 500.0)
-    out32, _ = forward(tiny_cfg, tiny_params, jnp.asarray(x), t, encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx)), jnp.arange(3))
+    out32, _ = forward(tiny_cfg, tiny_params, jnp.asarray(x), t, encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx)),
+                       jnp.arange(3))
     out16, kv16 = forward(cfg16, p16, jnp.asarray(x), t, encode_text(cfg16, p16, jnp.asarray(ctx)), jnp.arange(3))
     assert out16.dtype == jnp.float32 and kv16.k.dtype == jnp.bfloat16
     rel = float(jnp.abs(out16 - out32).max() / jnp.abs(out32).max())

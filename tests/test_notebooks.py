@@ -22,7 +22,8 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} is committed with outputs"
     t0 = time.perf_counter()
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
     print(f"{path.name}: {time.perf_counter() - t0:.1f} s")
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors

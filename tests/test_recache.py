@@ -26,8 +26,9 @@ forward = jax.jit(forward, static_argnums=0)
 @pytest.fixture(scope="module")
 def texts(tiny_cfg, tiny_params):
     rng = np.random.default_rng(12)
-    return [encode_text(tiny_cfg, tiny_params, jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)),
-                                                           jnp.float32)) for _ in range(2)]
+    return [encode_text(tiny_cfg, tiny_params,
+                        jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
+            for _ in range(2)]
 
 
 def _generate(pipe, params, text, key, n):
@@ -71,12 +72,13 @@ def test_past_the_window_the_sink_keeps_the_old_prompt(tiny_cfg, tiny_params, te
     new, frames = _recached(tiny_cfg, tiny_params, LONGLIVE, texts[1], blocks, cache, 15)
     assert sorted(np.asarray(new.frame_ids).tolist()) == [0, 1, 2, 9, 10, 11, 12, 13, 14]
     for f in range(3):
-        for got, old in zip(_frame_kv(new, f), _frame_kv(cache, f)):
+        for got, old in zip(_frame_kv(new, f), _frame_kv(cache, f), strict=True):
             np.testing.assert_array_equal(got, old)
     # oracle: a plain forward of frames 6..14 under the new prompt with the old sink as context, no mask
     p = cache.tokens_per_frame
     sink = KV(cache.k[:, :, :3 * p], cache.v[:, :, :3 * p])
-    _, kv = forward(tiny_cfg, tiny_params, jnp.asarray(frames[:, 3:]), jnp.zeros((1, 9)), texts[1], jnp.arange(6, 15), sink)
+    _, kv = forward(tiny_cfg, tiny_params, jnp.asarray(frames[:, 3:]), jnp.zeros((1, 9)), texts[1], jnp.arange(6, 15),
+                    sink)
     for f in range(9, 15):
         i = f - 6
         np.testing.assert_allclose(_frame_kv(new, f)[0], np.asarray(kv.k[:, :, i * p:(i + 1) * p]), atol=2e-5)
@@ -133,7 +135,8 @@ def test_causal_recache_with_the_same_prompt_rebuilds_the_cache(tiny_cfg, tiny_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pcfg,switch_at", [(LONGLIVE, 5), (LONGLIVE, 2), (NO_SINK, 5)], ids=["s15", "s6", "nosink-s15"])
+@pytest.mark.parametrize("pcfg,switch_at", [(LONGLIVE, 5), (LONGLIVE, 2), (NO_SINK, 5)],
+                         ids=["s15", "s6", "nosink-s15"])
 def test_stream_equals_longlive_bookkeeping(tiny_cfg, tiny_params, texts, pcfg, switch_at):
     key = jax.random.key(5)
     pipe = SequentialPipeline(tiny_cfg, pcfg, HW)

@@ -107,7 +107,7 @@ def test_rope_positions_continue_across_blocks(tiny_cfg):
 
     whole = rope_tables(tiny_cfg, jnp.arange(9), (2, 3))
     later = rope_tables(tiny_cfg, jnp.arange(6, 9), (2, 3))
-    for a, b in zip(whole, later):
+    for a, b in zip(whole, later, strict=True):
         np.testing.assert_array_equal(np.asarray(a)[6 * 6:], np.asarray(b))
     # and the temporal channels really move with the frame index
     assert not np.allclose(np.asarray(later[0])[:6], np.asarray(whole[0])[:6])

@@ -12,11 +12,11 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("websockets")
 
-from serve_helpers import ack, connect, read, served, start, until  # noqa: E402
+from serve_helpers import ack, connect, read, served, start, until
 
-from bcjax.compile_count import CompileCounter  # noqa: E402
-from bcjax.interactive import LivePrompts, steps, stream  # noqa: E402
-from bcjax.serve import protocol  # noqa: E402
+from bcjax.compile_count import CompileCounter
+from bcjax.interactive import LivePrompts, steps, stream
+from bcjax.serve import protocol
 
 POLICIES = ("no-recache", "recache")
 
@@ -36,7 +36,8 @@ def test_messages_are_checked_and_the_problem_named():
         '{"type": "start", "prompt": "a", "schedule": "P9"}': "field 'schedule' = 'P9'",
         '{"type": "start", "prompt": "a", "policy": "sometimes"}': "field 'policy'",
         '{"type": "pace", "fps": 1000}': "field 'fps' = 1000",
-        '{"type": "start", "prompt": "a", "decoder": "vqgan"}': "field 'decoder' = 'vqgan': expected one of ['wan', 'taehv']",
+        '{"type": "start", "prompt": "a", "decoder": "vqgan"}':
+            "field 'decoder' = 'vqgan': expected one of ['wan', 'taehv']",
         json.dumps({"type": "prompt", "prompt": "x" * protocol.MAX_MESSAGE}): "over the 4096-byte limit",
     }
     for raw, words in bad.items():
@@ -116,8 +117,8 @@ def test_both_runners_step_the_same_way():
             ref = (x for _, x in runner.blocks(b.params, text, key, n, state=runner.init_state(1, *runner.prefill(
                 b.params, text, context))))
             table = stagger_table(runner.stagger, n)
-            assert stages == [tuple(sorted((1 + int(blk), int(st)) for blk, st, u in zip(*row) if u))
-                              for row in zip(table["block"], table["stage"], table["busy"])][:len(stages)]
+            assert stages == [tuple(sorted((1 + int(blk), int(st)) for blk, st, u in zip(*row, strict=True) if u))
+                              for row in zip(table["block"], table["stage"], table["busy"], strict=True)][:len(stages)]
             assert len(stages) == runner.stagger.emit_tick(n - 1) + 1  # the last clean pass has no reader
         for (_, x), r in zip(got, ref, strict=True):
             np.testing.assert_array_equal(x, np.asarray(r))
@@ -128,15 +129,16 @@ def test_bad_input_gets_an_error_frame_and_the_stream_goes_on():
     with connect(s) as ws:
         start(ws)
         blocks, _ = read(ws, 2)
-        sent = ["not json", json.dumps({"type": "warp"}), json.dumps({"type": "prompt", "prompt": "x" * 5000}), b"\x00\x01"]
+        sent = ["not json", json.dumps({"type": "warp"}), json.dumps({"type": "prompt", "prompt": "x" * 5000}),
+                b"\x00\x01"]
         for m in sent:
             ws.send(m)
         errors = [until(ws, lambda j: j["type"] == "error") for _ in sent]
         assert [e["what"] for e in errors] == ["message"] * 4
         assert "not JSON" in errors[0]["message"] and "'warp'" in errors[1]["message"]
         assert "over the 4096-byte limit" in errors[2]["message"] and "binary" in errors[3]["message"]
-        for bad, words in [("purple east fast", "unknown word 'purple'"), ("", "empty"), ("red east fast " * 100, "at most"),
-                           ("blue east fast", "sprites are red")]:
+        for bad, words in [("purple east fast", "unknown word 'purple'"), ("", "empty"),
+                           ("red east fast " * 100, "at most"), ("blue east fast", "sprites are red")]:
             ws.send(json.dumps({"type": "prompt", "prompt": bad}))
             e = until(ws, lambda j: j["type"] in ("error", "prompt"))
             assert e["type"] == "error" and e["what"] == "prompt" and words in e["message"], e
@@ -167,19 +169,18 @@ def test_tabs_are_isolated_and_share_compiled_programs():
     with connect(s) as ws:  # alone: compiles the P4 tick if no earlier test did
         start(ws, seed=3)
         alone, _ = read(ws, 8)
-    with CompileCounter() as cc:
-        with connect(s) as tab_b, connect(s) as tab_c:
-            start(tab_b, seed=3)
-            start(tab_c, prompt="red south fast", seed=5)
-            got_c, _ = read(tab_c, 2)
-            tab_c.send(json.dumps({"type": "prompt", "prompt": "red north slow"}))
-            tab_c.send(json.dumps({"type": "stop"}))
-            tab_c.send(json.dumps({"type": "pace", "fps": 30}))
-            got_b, other_b = read(tab_b, 8)
-            # resume: the same settings and the prompt the stream was switched to
-            tab_c.send(json.dumps({"type": "start", "prompt": "red north slow", "seed": 5, "fps": 0,
-                                   "window": "bidirectional"}))
-            rest_c, _ = read(tab_c, 10)
+    with CompileCounter() as cc, connect(s) as tab_b, connect(s) as tab_c:
+        start(tab_b, seed=3)
+        start(tab_c, prompt="red south fast", seed=5)
+        got_c, _ = read(tab_c, 2)
+        tab_c.send(json.dumps({"type": "prompt", "prompt": "red north slow"}))
+        tab_c.send(json.dumps({"type": "stop"}))
+        tab_c.send(json.dumps({"type": "pace", "fps": 30}))
+        got_b, other_b = read(tab_b, 8)
+        # resume: the same settings and the prompt the stream was switched to
+        tab_c.send(json.dumps({"type": "start", "prompt": "red north slow", "seed": 5, "fps": 0,
+                               "window": "bidirectional"}))
+        rest_c, _ = read(tab_c, 10)
     assert cc.count == 0, f"a second and third tab compiled {cc.count} programs"
     # tab B saw exactly what it sees alone: C's switch, pause and pace never reached it
     assert [h["block"] for h, _ in got_b] == [h["block"] for h, _ in alone]

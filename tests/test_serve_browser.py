@@ -41,7 +41,8 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(s.url + "/")
-            _wait(page, "document.getElementById('conn').textContent === 'online' && window.bcjax.model", what="the hello")
+            _wait(page, "document.getElementById('conn').textContent === 'online' && window.bcjax.model",
+                  what="the hello")
             assert page.input_value("#prompt") == "red south-east fast"
             # the toy world has no VAE: the decoder control is disabled, and the page says why
             assert page.is_disabled("#decoder") and "no VAE" in page.text_content("#decoder-note")
@@ -70,7 +71,8 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
             controls = page.locator("#start").bounding_box()
             page.fill("#prompt", "red sideways fast")
             page.press("#prompt", "Enter")
-            _wait(page, "document.getElementById('message').textContent.includes('unknown word')", what="the error message")
+            _wait(page, "document.getElementById('message').textContent.includes('unknown word')",
+                  what="the error message")
             assert page.locator("#start").bounding_box() == controls, "the error line moved the controls"
             _wait(page, f"window.bcjax.framesDrawn > {drawn + 3}", what="frames after the bad prompt")
             assert page.text_content("#latency") == "–"
@@ -130,14 +132,16 @@ def test_page_picks_taehv_for_a_checkpoint_and_shows_its_decode_time(tmp_path):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(s.url + "/")
-            _wait(page, "document.getElementById('conn').textContent === 'online' && window.bcjax.model", what="the hello")
+            _wait(page, "document.getElementById('conn').textContent === 'online' && window.bcjax.model",
+                  what="the hello")
             assert page.eval_on_selector_all("#decoder option", "os => os.map(o => o.value)") == ["wan", "taehv"]
             assert page.input_value("#decoder") == "taehv" and not page.is_disabled("#decoder")
             page.select_option("#schedule", "P2")
             page.select_option("#fps", "8")
             page.fill("#prompt", "a red fox runs")  # the tiny text encoder reads 16 tokens
             page.click("#start")
-            decode = _wait(page, "(t => /^\\d+\\.\\d ms · taehv$/.test(t) && t)(document.getElementById('decode-ms').textContent)",
+            decode = _wait(page, "(t => /^\\d+\\.\\d ms · taehv$/.test(t) && t)"
+                                 "(document.getElementById('decode-ms').textContent)",
                            timeout_s=180, what="the TAEHV decode time")
             assert page.evaluate("window.bcjax.settings.decoder") == "taehv"
             assert float(decode.split()[0]) > 0

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("websockets")
 
-from serve_helpers import connect, read, start, start_server, tiny_checkpoint, until  # noqa: E402
+from serve_helpers import connect, read, start, start_server, tiny_checkpoint, until
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("websockets")
 
-from serve_helpers import connect, read, served, start, start_server, until  # noqa: E402
+from serve_helpers import connect, read, served, start, start_server, until
 
 
 def _tab_threads():

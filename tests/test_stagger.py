@@ -89,7 +89,7 @@ def test_stagger_invariants(steps, schedule):
         assert len(where) == st.num_stages
         assert len(set(where[:, 1])) == 1
         np.testing.assert_array_equal(table["stage"][table["block"] == b], np.arange(st.num_stages))
-    for row_stage, row_busy in zip(table["stage"], busy):  # at most one block per stage per tick
+    for row_stage, row_busy in zip(table["stage"], busy, strict=True):  # at most one block per stage per tick
         stages = row_stage[row_busy]
         assert len(stages) == len(set(stages))
     if schedule == "sequential":

@@ -50,9 +50,8 @@ def test_sink_error_surfaces_at_its_item_after_earlier_results():
 def test_interrupted_stream_keeps_every_finished_block_playable(tmp_path):
     path = tmp_path / "stream.mp4"
     frames = np.zeros((4, 16, 16, 3), np.uint8)
-    with pytest.raises(KeyboardInterrupt):
-        with Mp4Writer(str(path), fps=8) as w:
-            drain(overlapped(_slow_items(10, 0.01, fail_at=5), lambda i: w.write(frames + 20 * i)))
+    with pytest.raises(KeyboardInterrupt), Mp4Writer(str(path), fps=8) as w:
+        drain(overlapped(_slow_items(10, 0.01, fail_at=5), lambda i: w.write(frames + 20 * i)))
     frames = read_mp4(str(path))
     assert frames.shape[1:3] == (16, 16)
     assert len(frames) == w.frames == 5 * 4  # blocks 0-4 written, none lost, none torn

@@ -39,7 +39,8 @@ def sources(tmp_path_factory, tiny_cfg, wan_sd):
     save_file({k: v.contiguous() for k, v in umt5.state_dict().items() if k != "encoder.embed_tokens.weight"},
               folder / "umt5.safetensors")
     v = VAEConfig.preset("tiny")
-    vae = AutoencoderKLWan(base_dim=v.base_dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult), num_res_blocks=v.num_res_blocks,
+    vae = AutoencoderKLWan(base_dim=v.base_dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult),
+                           num_res_blocks=v.num_res_blocks,
                            temperal_downsample=list(v.temperal_downsample), latents_mean=list(v.latents_mean),
                            latents_std=list(v.latents_std))
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folder / "vae.safetensors")
@@ -90,8 +91,10 @@ def test_bad_paths_and_flags_are_named(tiny_checkpoint, tmp_path, capsys):
     cases = [
         (["--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "a.mp4")], "no such folder"),
         (["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "a.mp4")], "needs --prompt"),
-        (["--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--out", str(tmp_path / "a.avi")], "must name an .mp4"),
-        (["--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--out", str(tmp_path / "a.mp4"), "--size", "40", "48"],
+        (["--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--out", str(tmp_path / "a.avi")],
+         "must name an .mp4"),
+        (["--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--out", str(tmp_path / "a.mp4"),
+          "--size", "40", "48"],
          "multiple of 16"),
         (["--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "a.mp4")], "no config.json"),
     ]

@@ -53,7 +53,8 @@ def params(cfg, upstream_sd):
 
 
 def test_converter_table_is_upstreams_key_set(cfg, ref):
-    stored = {k: tuple(int(n) for n in s.split(",")) for k, s in zip(ref["keys"].tolist(), ref["shapes"].tolist())}
+    stored = {k: tuple(int(n) for n in s.split(","))
+              for k, s in zip(ref["keys"].tolist(), ref["shapes"].tolist(), strict=True)}
     assert taehv_conv.upstream_shapes(cfg) == stored
 
 
@@ -83,7 +84,8 @@ def test_streamed_decode_matches_upstream_and_whole_clip_with_one_compile(cfg, p
     err_up = np.abs((streamed + 1) / 2 - ref["streamed"]).max()
     whole = np.asarray(taehv.decode(cfg, params, jnp.asarray(z)))
     err_self = np.abs(streamed - whole).max()
-    print(f"TAEHV streamed (blocks of 2) vs upstream StreamingTAEHV: max abs err {err_up:.2e}; vs own whole clip {err_self:.2e}")
+    print(f"TAEHV streamed (blocks of 2) vs upstream StreamingTAEHV: max abs err {err_up:.2e}; "
+          f"vs own whole clip {err_self:.2e}")
     assert err_up <= 1e-4
     assert err_self <= 2e-5  # the same math on differently batched convs: float rounding only
 
@@ -134,14 +136,16 @@ def test_converter_names_missing_unexpected_and_tgrow_patch(cfg, upstream_sd, pa
     w = sd["decoder.7.conv.weight"]
     sd["decoder.7.conv.weight"] = np.concatenate([np.ones_like(w), w])
     patched = taehv_conv.convert(sd, cfg)
-    np.testing.assert_array_equal(patched["decoder"]["stage_0_tgrow"]["kernel"], params["decoder"]["stage_0_tgrow"]["kernel"])
+    np.testing.assert_array_equal(patched["decoder"]["stage_0_tgrow"]["kernel"],
+                                  params["decoder"]["stage_0_tgrow"]["kernel"])
     dec = taehv_conv.convert({k: v for k, v in upstream_sd.items() if k.startswith("decoder.")}, cfg, decoder_only=True)
     assert set(dec) == {"decoder"}
 
 
 def test_bad_latents_are_named(cfg, params):
     state = taehv.init_decode_state(cfg, 1, (3, 4))
-    with pytest.raises(ValueError, match=r"channels-last \[batch, frames, height, width, 16\]; got shape \(1, 2, 3, 4, 48\)"):
+    with pytest.raises(ValueError,
+                       match=r"channels-last \[batch, frames, height, width, 16\]; got shape \(1, 2, 3, 4, 48\)"):
         taehv.decode_step(cfg, params, state, jnp.zeros((1, 2, 3, 4, 48)))
     with pytest.raises(ValueError, match="made for batch 1, latent 3x4"):
         taehv.decode_step(cfg, params, state, jnp.zeros((1, 2, 4, 4, 16)))

@@ -26,7 +26,8 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(HERE / "tensor_parallel_case.py"), str(tmp / "out.json"), str(tmp / "ckpt")],
+    proc = subprocess.run([sys.executable, str(HERE / "tensor_parallel_case.py"), str(tmp / "out.json"),
+                           str(tmp / "ckpt")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp / "out.json").read_text())
@@ -35,7 +36,8 @@ def report(tmp_path_factory):
 @pytest.mark.slow
 def test_split_meshes_give_one_devices_latents(report):
     assert report["devices"] == 10
-    expected = {f"{kind} {mesh}" for kind in ("sequential", "causal", "bidirectional") for mesh in ("1x2", "5x1", "5x2")}
+    expected = {f"{kind} {mesh}" for kind in ("sequential", "causal", "bidirectional")
+                for mesh in ("1x2", "5x1", "5x2")}
     expected.add("krea 1x2")  # Krea's own loop
     assert set(report["max_abs"]) == expected
     for case, err in report["max_abs"].items():
@@ -58,7 +60,7 @@ def test_restored_bytes_per_device_follow_the_specs(report):
     shapes, specs = param_shapes(cfg), param_specs(param_shapes(cfg))
     per_device = sum(a.size * a.dtype.itemsize // (2 if MODEL in s else 1)
                      for a, s in zip(jax.tree_util.tree_leaves(shapes),
-                                     jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))))
+                                     jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P)), strict=True))
     assert report["full_bytes"] == sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(shapes))
     assert report["restored_bytes_per_device"] == per_device < report["full_bytes"]
 
@@ -96,7 +98,8 @@ def test_a_model_size_that_does_not_divide_is_named_before_compiling():
         pytest.skip("needs 3 devices")
     cfg = WanConfig.preset("tiny", attention="xla")  # 2 heads, FFN 128
     mesh = make_mesh(1, 3)
-    with pytest.raises(ValueError, match=r"'model' = 3 must divide num_heads = 2 and ffn_dim = 128.*does not divide num_heads and ffn_dim"):
+    with pytest.raises(ValueError, match=r"'model' = 3 must divide num_heads = 2 and ffn_dim = 128"
+                                         r".*does not divide num_heads and ffn_dim"):
         Cascade(cfg, PipelineConfig(), (4, 6), "P4", "bidirectional", mesh)
     with pytest.raises(ValueError, match=r"'model' = 3 must divide num_heads = 2"):
         SequentialPipeline(cfg, PipelineConfig(), (4, 6), mesh)

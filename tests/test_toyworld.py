@@ -165,7 +165,8 @@ def test_training_forward_equals_kv_cached_passes(visible):
     x_t = jnp.asarray(np.random.default_rng(4).standard_normal(clips[:, -bf:].shape), jnp.float32)
     t = jnp.asarray([900.0, 250.0])
     text = encode_text(cfg, params, ctx)
-    flow = jax.jit(tw.context_flow, static_argnums=0)(cfg, params, clips[:, :-bf], x_t, t, jnp.full((2,), visible), text)
+    flow = jax.jit(tw.context_flow, static_argnums=0)(cfg, params, clips[:, :-bf], x_t, t, jnp.full((2,), visible),
+                                                      text)
 
     pipe = SequentialPipeline(cfg, pcfg, (world.size, world.size))
     first = k - visible  # the sampler's view: visible context blocks, then the block at index k
@@ -237,7 +238,8 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path):
 
     model = load_model(str(split))
     assert model.world == SMALL and model.cfg == cfg and model.pcfg == pcfg
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), model.params, restore(str(split / "model"))[1])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), model.params,
+                           restore(str(split / "model"))[1])
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), model.params, state.params)
     assert read_png(str(split / "loss.png")).shape[2] == 3
     assert tw.load_run(str(split)) == (SMALL, cfg, pcfg, tcfg)
@@ -344,8 +346,8 @@ def test_rollout_is_the_sequential_pipeline():
     text = encode_text(cfg, params, ctx)
     want = SequentialPipeline(cfg, pcfg, (world.size, world.size)).generate(params, text, 2, key, context=clips[:, :bf])
     last = jnp.full((2, 2), pcfg.num_steps - 1)
-    x0, gen = jax.jit(tw.self_rollout_x0, static_argnums=(0, 1, 2))(cfg, pcfg, tcfg, params, clips, jnp.asarray(visible),
-                                                                   ctx, key, last)
+    x0, gen = jax.jit(tw.self_rollout_x0, static_argnums=(0, 1, 2))(cfg, pcfg, tcfg, params, clips,
+                                                                   jnp.asarray(visible), ctx, key, last)
     np.testing.assert_allclose(np.asarray(gen), np.asarray(want), atol=1e-4)
     np.testing.assert_allclose(np.asarray(x0), np.asarray(gen), atol=1e-4)  # the last step's pass, with gradient
 
@@ -376,7 +378,8 @@ def test_stages_resume_one_run_and_record_their_minutes(tmp_path):
     assert [(s["stage"], s["from_step"], s["to_step"]) for s in summary["stages"]] == [("clean", 0, 2),
                                                                                        ("diffusion-forcing", 2, 3)]
     assert all(s["cpu_s"] > 0 and s["wall_s"] > 0 for s in summary["stages"])
-    assert os.path.isdir(os.path.join(out, "model-clean")) and os.path.isdir(os.path.join(out, "model-diffusion-forcing"))
+    assert (os.path.isdir(os.path.join(out, "model-clean"))
+            and os.path.isdir(os.path.join(out, "model-diffusion-forcing")))
     with pytest.raises(ValueError, match="training stage 'dmd'"):
         tw.TrainConfig(stage="dmd")
 
@@ -422,7 +425,8 @@ def test_ema_is_the_moving_average_of_the_steps_weights():
         expect = jax.tree_util.tree_map(lambda e, p: 0.75 * e + 0.25 * np.asarray(p), expect, state.params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.ema, expect)
     assert state.export_params(tcfg) is state.ema and state.export_params(SMALL_TCFG) is state.params
-    moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), state.ema, state.params))
+    moved = jax.tree_util.tree_leaves(
+        jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), state.ema, state.params))
     assert max(moved) > 1e-4  # the average lags the live weights
     with pytest.raises(ValueError, match="ema decay 1.0"):
         tw.TrainConfig(ema=1.0)

@@ -23,7 +23,8 @@ SEQ_POS_ERR, SEQ_POS_ERR_LAST, SEQ_PSNR, SEQ_COLOUR, SEQ_CRISP = 1.0, 2.0, 25.0,
 def _small_model() -> ev.ToyModel:
     cfg = tw.toy_model_config(SMALL, dim=32, ffn_dim=64, num_heads=2, num_layers=2)
     tcfg = tw.TrainConfig()
-    return ev.ToyModel(SMALL, cfg, tw.toy_pipeline_config(tcfg), init_params(cfg, jax.random.key(3)), {"train": {"seed": 0}})
+    return ev.ToyModel(SMALL, cfg, tw.toy_pipeline_config(tcfg), init_params(cfg, jax.random.key(3)),
+                       {"train": {"seed": 0}})
 
 
 def test_metrics_of_the_ground_truth_and_the_still_baseline():
@@ -65,7 +66,8 @@ def test_cli_harness_writes_its_files(tmp_path):
                  "--schedules", "sequential,P4", "--windows", "bidirectional", "--out", str(tmp_path)]) == 0
     for f in ("table.md", "metrics.csv", "summary.json", "mse_per_block.png", "pos_err_per_block.png", "frames.png"):
         assert os.path.getsize(tmp_path / f) > 0, f
-    assert set(json.load(open(tmp_path / "summary.json"))["summary"]) == {"sequential", "P4-bidirectional", "still", "init"}
+    assert set(json.loads((tmp_path / "summary.json").read_text())["summary"]) == {
+        "sequential", "P4-bidirectional", "still", "init"}
 
 
 @pytest.mark.slow
@@ -77,7 +79,8 @@ def test_shipped_checkpoint_reproduces_its_recorded_metrics():
     model = ev.load_model()
     grid = [tuple(g) for g in recorded["grid"]]
     scenes = ev.eval_scenes(model.world, recorded["prompts"])
-    metrics, _, _ = ev.run_grid(model, scenes, recorded["blocks"], recorded["seed"], grid, baselines=False, progress=None)
+    metrics, _, _ = ev.run_grid(model, scenes, recorded["blocks"], recorded["seed"], grid, baselines=False,
+                                progress=None)
     got = ev.summary(metrics, model.world)
     for name in got:
         want = recorded["summary"][name]
@@ -91,4 +94,5 @@ def test_shipped_checkpoint_reproduces_its_recorded_metrics():
     assert seq["pos_err"] <= SEQ_POS_ERR and seq["pos_err"] < 0.5 * still["pos_err"], seq
     assert metrics["sequential"]["pos_err"][:, -1].mean() <= SEQ_POS_ERR_LAST
     assert seq["psnr"] >= SEQ_PSNR and seq["colour"] >= SEQ_COLOUR, seq
-    assert seq["crisp"] >= SEQ_CRISP and seq["crisp"] == pytest.approx(recorded["summary"]["sequential"]["crisp"], abs=0.03)
+    assert seq["crisp"] >= SEQ_CRISP and seq["crisp"] == pytest.approx(recorded["summary"]["sequential"]["crisp"],
+                                                                        abs=0.03)

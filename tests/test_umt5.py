@@ -24,7 +24,8 @@ _HF_TO_WAN = {
     "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight",
 }
 SENTENCES = [
-    "a red fox jumps over the lazy dog", "the cat sits on a warm mat in the sun", "waves crash on a rocky shore at dusk",
+    "a red fox jumps over the lazy dog", "the cat sits on a warm mat in the sun",
+    "waves crash on a rocky shore at dusk",
     "a train moves slowly through snowy mountains", "two birds fly over a green field", "the city lights glow at night",
 ]
 
@@ -77,7 +78,8 @@ def test_parity_with_transformers(cfg, hf):
     model, sd = hf
     ids, mask = _batch(cfg)
     with torch.no_grad():
-        want = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
+        want = model(input_ids=torch.from_numpy(ids).long(),
+                     attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
     got = np.asarray(encode(cfg, umt5_conv.convert_transformers(sd, cfg), ids, mask))
     err = np.abs(got - want).max()
     print(f"umT5 fp32 max abs error vs transformers: {err:.2e} (output scale {np.abs(want).max():.2f})")
@@ -133,7 +135,7 @@ def sp(tmp_path_factory):
 def test_tokenize_pads_truncates_and_adds_eos(sp):
     ids, mask = tokenize(sp, ["a red fox", "  the cat \n\t sits  "], text_len=16)
     assert ids.shape == mask.shape == (2, 16) and ids.dtype == np.int32 and mask.dtype == bool
-    for row, m, text in zip(ids, mask, ["a red fox", "the cat sits"]):
+    for row, m, text in zip(ids, mask, ["a red fox", "the cat sits"], strict=True):
         pieces = sp.encode(text)
         n = len(pieces) + 1
         assert m.sum() == n and m[:n].all()
@@ -171,7 +173,9 @@ def test_prompt_embeddings_zero_past_prompt_length(cfg, hf, sp):
 def test_missing_key_is_named(cfg, hf):
     sd = dict(hf[1])
     del sd["encoder.block.1.layer.1.DenseReluDense.wi_1.weight"]
-    with pytest.raises(ValueError, match=r"missing key encoder\.block\.1\.layer\.1\.DenseReluDense\.wi_1\.weight \(layers \[1\] of 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"missing key encoder\.block\.1\.layer\.1\.DenseReluDense\.wi_1\.weight "
+                             r"\(layers \[1\] of 2\)"):
         umt5_conv.convert_transformers(sd, cfg)
     sd = _wan_layout(hf[1])
     del sd["token_embedding.weight"], sd["blocks.0.pos_embedding.embedding.weight"]
@@ -188,7 +192,8 @@ def test_wrong_shape_is_named(cfg, hf):
     # a 2-layer checkpoint for a 3-layer config, and an extra key
     sd = dict(hf[1], **{"encoder.extra.weight": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match=r"unexpected key encoder\.extra\.weight \(shape \(3,\)\)(.|\n)*"
-                                         r"missing key encoder\.block\.2\.layer\.0\.layer_norm\.weight \(layers \[2\] of 3\)"):
+                                         r"missing key encoder\.block\.2\.layer\.0\.layer_norm\.weight "
+                                         r"\(layers \[2\] of 3\)"):
         umt5_conv.convert_transformers(sd, UMT5Config.preset("tiny", num_layers=3))
 
 

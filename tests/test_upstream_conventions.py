@@ -57,10 +57,12 @@ def test_given_context_at_t0_generated_blocks_at_context_noise(tiny_cfg, tiny_pa
     old_cache = old.init_cache(1)
     from bcjax.pipeline.sequential import clean_block
 
-    old_cache = jax.jit(clean_block, static_argnums=(0, 1))(tiny_cfg, NOISY_CONTEXT, tiny_params, text, given, old_cache,
-                                                            jnp.int32(0))
-    before = np.concatenate([np.asarray(x) for _, x in old.blocks(tiny_params, text, key, 3, old_cache, first_block=1)], 1)
-    print(f"given context at t=context_noise (50) vs t=0: outputs differ by {np.abs(before - np.asarray(seq)).max():.3f}")
+    old_cache = jax.jit(clean_block, static_argnums=(0, 1))(tiny_cfg, NOISY_CONTEXT, tiny_params, text, given,
+                                                            old_cache, jnp.int32(0))
+    before = np.concatenate([np.asarray(x) for _, x in old.blocks(tiny_params, text, key, 3, old_cache, first_block=1)],
+                            1)
+    print("given context at t=context_noise (50) vs t=0: "
+          f"outputs differ by {np.abs(before - np.asarray(seq)).max():.3f}")
     assert np.abs(before - np.asarray(seq)).max() > 1e-3
 
 

@@ -29,10 +29,9 @@ def test_frames_appended_in_chunks(tmp_path):
 
 def test_interrupted_stream_leaves_a_playable_file(tmp_path):
     out = tmp_path / "v.mp4"
-    with pytest.raises(KeyboardInterrupt):
-        with Mp4Writer(str(out)) as w:
-            w.write(np.zeros((12, 32, 32, 3), np.uint8))
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), Mp4Writer(str(out)) as w:
+        w.write(np.zeros((12, 32, 32, 3), np.uint8))
+        raise KeyboardInterrupt
     assert _probe(out) == ((32, 32), 12)
 
 
@@ -41,9 +40,8 @@ def test_bad_output_is_named(tmp_path):
         Mp4Writer(str(tmp_path / "v.avi"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Mp4Writer(str(tmp_path / "nope" / "v.mp4"))
-    with Mp4Writer(str(tmp_path / "v.mp4")) as w:
-        with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
-            w.write(np.zeros((2, 8, 8)))
+    with Mp4Writer(str(tmp_path / "v.mp4")) as w, pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        w.write(np.zeros((2, 8, 8)))
     assert not list(tmp_path.iterdir())  # nothing written, nothing left
 
 

@@ -15,9 +15,9 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -51,7 +51,8 @@ def main(out: str) -> None:
     report: dict = {"errors": {}, "splits": {}}
     for name, (pcfg, schedule, window) in CASES.items():
         ref = Cascade(CFG, pcfg, HW, schedule, window).generate(params, text, BLOCKS, key)
-        meshes = {"8": (8, 1), "4x2": (4, 2), "2x2": (2, 2)} if name in ("sequential", "P4-bidirectional") else {"8": (8, 1)}
+        meshes = ({"8": (8, 1), "4x2": (4, 2), "2x2": (2, 2)} if name in ("sequential", "P4-bidirectional")
+                  else {"8": (8, 1)})
         for label, (stage, model) in meshes.items():
             for group in (None, 2):
                 cas = Cascade(CFG, pcfg, HW, schedule, window, make_mesh(stage, model), token_group=group)
