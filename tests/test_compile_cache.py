@@ -48,6 +48,7 @@ def test_import_changes_no_jax_setting(tmp_path):
     assert not (tmp_path / "bcjax").exists()  # no cache folder made either
 
 
+@pytest.mark.slow
 def test_command_turns_the_cache_on_and_opt_out(tmp_path):
     """What `bcjax` runs before its command: on by default, overridable, and a directory the user gave JAX stays."""
     code = ("import sys, jax; from bcjax.cli import build_parser, _runtime; "

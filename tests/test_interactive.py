@@ -66,6 +66,7 @@ def test_sequential_switch_policies(tiny_cfg, tiny_params, texts):
     assert np.abs(rc[:, 9:] - got[:, 9:]).max() > 1e-4  # the rebuilt cache changes what follows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 def test_switching_never_retraces(tiny_cfg, tiny_params, texts, policy):
     for runner in (SequentialPipeline(tiny_cfg, ROLLING, HW), Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional")):
@@ -78,6 +79,7 @@ def test_switching_never_retraces(tiny_cfg, tiny_params, texts, policy):
         assert [e.block for e in events] == list(range(11))
 
 
+@pytest.mark.slow
 def test_p1_causal_with_recache_is_the_sequential_recache(tiny_cfg, tiny_params, texts, mesh5=None):
     """With a global window the cascade's block-causal recache (before the tick the new prompt's
     block enters, while its predecessor takes its clean pass under the new prompt) rebuilds

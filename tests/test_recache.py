@@ -64,6 +64,7 @@ def _recached(cfg, params, pcfg, text, blocks, cache, s, causal=False):
     return recache(cfg, pcfg, params, text, jnp.asarray(frames), jnp.int32(s), cache, causal=causal), frames
 
 
+@pytest.mark.slow
 def test_past_the_window_the_sink_keeps_the_old_prompt(tiny_cfg, tiny_params, texts):
     """s = 15 > 12: sink K/V untouched; the stored frames are one bidirectional pass over frames
     6..14 that also attends to the OLD sink K/V (frames 3..5 are not keys)."""

@@ -62,6 +62,7 @@ def test_toy_prompts_are_checked():
     assert b.check("red west slow", first="red east fast") == "red west slow"
 
 
+@pytest.mark.slow
 def test_live_prompts_switch_at_the_next_entering_block_like_a_schedule():
     """A prompt pushed while the stream runs gives the same video as a schedule naming the
     block it took effect at, for both runners (one loop, one stepping interface)."""

@@ -17,6 +17,7 @@ def checkpoint_dir(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("real"))
 
 
+@pytest.mark.slow
 def test_a_real_checkpoint_streams_jpeg_frames_and_switches_free_text(checkpoint_dir):
     from bcjax.serve import CheckpointBackend
 
@@ -40,6 +41,7 @@ def test_a_real_checkpoint_streams_jpeg_frames_and_switches_free_text(checkpoint
         assert any(h["block_prompt"] == 1 and "switch_ms" in h for h, _ in after)
 
 
+@pytest.mark.slow
 def test_the_page_picks_the_decoder_and_hears_each_blocks_decode_time(checkpoint_dir):
     from bcjax.serve import CheckpointBackend
 

@@ -161,6 +161,7 @@ def test_video_to_video_from_an_mp4(tiny_checkpoint, tmp_path, capsys):
     assert "is 32x48; this run makes 64x48" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_krea_mode_decodes_each_block_once(tiny_checkpoint, tmp_path, monkeypatch):
     """Krea's round trip decodes every block with the Wan VAE; those frames go to the writer."""
     import ports
@@ -185,6 +186,7 @@ def test_krea_mode_decodes_each_block_once(tiny_checkpoint, tmp_path, monkeypatc
     assert len(calls) == 3 == timings["decodes"]
 
 
+@pytest.mark.slow
 def test_taehv_decoder_writes_the_same_frame_count(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "taehv.mp4"
     rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "2",

@@ -151,6 +151,7 @@ def test_context_mask_is_the_samplers_view():
         np.testing.assert_array_equal(mask[1, q], blocks == q)  # hidden blocks: themselves only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("visible", [2, 1])
 def test_training_forward_equals_kv_cached_passes(visible):
     """The noisy block of the one [clean context | noisy] training forward gets exactly the flow
@@ -202,6 +203,7 @@ def test_sigmas_come_from_the_sampler_table():
     assert s.min() >= 0 and s.max() <= 1
 
 
+@pytest.mark.slow
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     cfg, tcfg = SMALL_CFG, SMALL_TCFG
     pcfg = tw.toy_pipeline_config(tcfg)
@@ -332,6 +334,7 @@ def test_cascade_option_refuses_what_it_cannot_train():
         tw.TrainConfig(stage="self-rollout", cascade="P4")
 
 
+@pytest.mark.slow
 def test_rollout_is_the_sequential_pipeline():
     """The self-rollout's sampler through its KV buffer generates what SequentialPipeline does
     (same noise per block and step), and the training layout recomputes its passes exactly."""
@@ -352,6 +355,7 @@ def test_rollout_is_the_sequential_pipeline():
     np.testing.assert_allclose(np.asarray(x0), np.asarray(gen), atol=1e-4)  # the last step's pass, with gradient
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["diffusion-forcing", "diffusion-forcing-P4", "self-rollout"])
 def test_a_few_steps_of_each_stage_reduce_the_loss(stage):
     tcfg = STAGE_TCFG[stage]
@@ -432,6 +436,7 @@ def test_ema_is_the_moving_average_of_the_steps_weights():
         tw.TrainConfig(ema=1.0)
 
 
+@pytest.mark.slow
 def test_init_starts_a_stage_from_an_earlier_model(tmp_path):
     """--init: a new run starts from another run's exported DiT with a fresh optimizer, inherits
     its world, model and stage history (so the training minutes add up), and refuses a mismatch."""

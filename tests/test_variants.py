@@ -66,6 +66,7 @@ def test_p1_no_clean_is_the_sequential_pipeline_without_the_clean_pass(tiny_cfg,
     assert _max_err(clean[:, :3], seq[:, :3]) <= 1e-5 and _max_err(clean[:, 3:], seq[:, 3:]) > 1e-4
 
 
+@pytest.mark.slow
 def test_p1_clean_causal_is_the_sequential_pipeline(tiny_cfg, tiny_params, text):
     """Under P1 the only newer block a bidirectional row sees is the next block's first step, seen
     by the clean stage; with the clean stage causal, P1 is the sequential pipeline again."""
