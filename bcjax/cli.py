@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from bcjax.names import DEFAULT_WINDOW, POLICIES, POSITIONS, SCHEDULES, WINDOWS
+from bcjax.names import DEFAULT_TOY_MODEL, DEFAULT_WINDOW, POLICIES, POSITIONS, SCHEDULES, TOY_MODELS, WINDOWS
 from bcjax.paths import check_output
 
 
@@ -152,8 +152,8 @@ def _mesh(args, cfg=None):
 def _demo(args) -> int:
     from bcjax.toyworld import demo
 
-    demo.run(out=args.out, report=args.report, checkpoint=args.checkpoint, prompts=args.prompts,
-             blocks=args.blocks or demo.BLOCKS, seed=args.seed, devices=args.devices)
+    demo.run(out=args.out, report=args.report, checkpoint=args.checkpoint or args.toy_model, prompts=args.prompts,
+             blocks=args.blocks, seed=args.seed, devices=args.devices)
     return 0
 
 
@@ -169,7 +169,8 @@ def _stream(args) -> int:
 
 
 def _stream_run(demo, args) -> None:
-    demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint, blocks=args.blocks, schedule=args.schedule,
+    demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint or args.toy_model, blocks=args.blocks,
+                    schedule=args.schedule,
                     window=args.window, policy=args.policy, seed=args.seed, devices=args.devices,
                     positions=args.positions, interpolate=args.interpolate, **_numerics(args))
 
@@ -182,6 +183,9 @@ def _serve(args) -> int:
     from bcjax.checkpoint import read_config
 
     mesh = _mesh(args)
+    toy_name = args.checkpoint if args.checkpoint in TOY_MODELS else None
+    if toy_name:
+        args.checkpoint = None
     _check_checkpoint(args.checkpoint)
     if args.checkpoint:
         read_config(args.checkpoint)  # a bad config.json is named before the port is taken
@@ -191,7 +195,7 @@ def _serve(args) -> int:
                 args.checkpoint, args.sampler, tuple(args.size), mesh, decoder=args.decoder,
                 decode_device=args.decode_device, **_numerics(args))
         else:  # the shipped toy-world model, or another toy-world checkpoint
-            backend = ToyBackend(args.checkpoint, mesh, **_numerics(args))
+            backend = ToyBackend(args.checkpoint or toy_name, mesh, **_numerics(args))
         app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
                        allow_origins=tuple(args.allow_origin or ()))
         srv, _ = server(app, sock=sock)
@@ -200,6 +204,13 @@ def _serve(args) -> int:
               f"on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C stops)", flush=True)
         srv.run(sockets=[sock])
     return 0
+
+
+def _toy_model_flags(s) -> None:
+    s.add_argument("--model", dest="toy_model", default=DEFAULT_TOY_MODEL, choices=TOY_MODELS,
+                   help="the embedded toy-world model: lineage-3f (bidirectional base -> causal student, 3-frame "
+                        "blocks, LongLive's window) or causal-1f (trained causally from scratch, 1-frame blocks)")
+    s.add_argument("--checkpoint", help="another toy-world checkpoint or training run (instead of --model)")
 
 
 def _eval(args) -> int:
@@ -387,10 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the shipped toy-world model: sequential vs cascade as a labelled mp4 + report")
     s.add_argument("--out", default="bcjax-demo.mp4", help="the video (written atomically)")
     s.add_argument("--report", help="markdown report (default: beside the video, .md)")
-    s.add_argument("--checkpoint", help="a toy-world checkpoint or training run (default: the shipped one)")
+    _toy_model_flags(s)
     s.add_argument("--prompts", type=_positive, default=3)
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive,
-                   help="blocks generated after the given first block (default 40: 41 frames, 5 s at 8 fps)")
+                   help="blocks generated after the given first block (default: about 40 frames, 5 s at 8 fps)")
     s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_demo)
@@ -400,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt schedule 'PROMPT@BLOCK;...', e.g. 'red east fast@0;red west slow@5' "
                         "(block ids; block 0 = the image)")
     s.add_argument("--out", default="bcjax-stream.mp4")
-    s.add_argument("--checkpoint", help="a toy-world checkpoint (default: the shipped one)")
+    _toy_model_flags(s)
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=12)
     s.add_argument("--schedule", default="P4", choices=SCHEDULES)
     s.add_argument("--window", default=DEFAULT_WINDOW, choices=WINDOWS)
@@ -417,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_stream)
 
     s = sub.add_parser("serve", help="a local web page: the video streams live, the prompt changes mid-stream")
-    s.add_argument("--checkpoint", help="a converted real model (`bcjax convert`) or a toy-world checkpoint "
-                   "(default: the shipped toy-world model, CPU, no download)")
+    s.add_argument("--checkpoint", help="a converted real model (`bcjax convert`), a toy-world checkpoint, or an "
+                   f"embedded toy-world model's name ({', '.join(TOY_MODELS)}; default {DEFAULT_TOY_MODEL}: CPU, "
+                   "no download)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed)")
     s.add_argument("--sampler", default="self_forcing",

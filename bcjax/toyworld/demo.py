@@ -29,9 +29,14 @@ TEMPORAL_SCALE = 1
 # sequential, the best cascade of docs/toyworld-study.md, and the paper's recommended one for contrast
 COLUMNS = (("sequential", None), ("P4", "causal"), ("P4", "bidirectional"))
 LABELS = ("TRUTH", "SEQUENTIAL", "P4 CAUSAL", "P4 BIDIR")
-# one frame per block in the toy world: 40 blocks at 8 fps are 41 frames, 5 s (a block every
-# 3/8 s, the old pace, read as a slideshow)
-BLOCKS, FPS = 40, 8.0
+# about 40 generated frames at 8 fps, 5 s: 40 blocks of causal-1f's 1 frame, 14 of lineage-3f's 3
+FRAMES, FPS = 40, 8.0
+BLOCKS = FRAMES  # of a 1-frame-block model (the causal-1f default before lineage-3f)
+
+
+def default_blocks(model: ToyModel) -> int:
+    """Blocks that make about FRAMES generated frames (the world moves once per block)."""
+    return -(-FRAMES // model.world.block_frames)
 
 
 def timed_stream(model: ToyModel, scenes, num_blocks: int, key, schedule: str, window: str | None, mesh=None):
@@ -174,7 +179,9 @@ def _check_out(out: str) -> None:
 
 
 def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str | None = None, prompts: int = 3,
-        blocks: int = BLOCKS, seed: int = 0, devices: int = 1, fps: float = FPS) -> dict:
+        blocks: int | None = None, seed: int = 0, devices: int = 1, fps: float = FPS) -> dict:
+    """`bcjax demo`: checkpoint an embedded model's name (`bcjax.names.TOY_MODELS`, default the
+    reference one) or a toy-world checkpoint; blocks default `default_blocks`."""
     from bcjax.cascade.cascade import make_mesh
     from bcjax.pipeline.video import Mp4Writer
 
@@ -182,6 +189,7 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
     if devices > jax.device_count():
         raise ValueError(f"--devices {devices}: only {jax.device_count()} device(s) available")
     model = load_model(checkpoint)
+    blocks = blocks or default_blocks(model)
     scenes = eval_scenes(model.world, prompts)
     mesh = make_mesh(devices) if devices > 1 else None
     key = jax.random.key(seed)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -37,23 +38,30 @@ import numpy as np
 
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
-from bcjax.names import GRID_SCHEDULES, GRID_WINDOWS, SCHEDULES, WINDOWS
+from bcjax.names import DEFAULT_TOY_MODEL, GRID_SCHEDULES, GRID_WINDOWS, SCHEDULES, TOY_MODELS, WINDOWS
 from bcjax.schedule.config import PipelineConfig
 from bcjax.toyworld.world import (
     Scene,
+    Segments,
     WorldConfig,
     colour_correct,
     crisp_frames,
-    position_error,
+    draw,
     prompt_embedding,
     read_positions,
     render,
+    render_stream,
     sample_scene,
+    scene_of_frames,
+    switch_positions,
+    switch_scene,
 )
 
 EVAL_SEED = 12345  # prompts are drawn from default_rng([EVAL_SEED, i]); training uses [seed, step]
 FIELDS = ("mse", "psnr", "pos_err", "jump", "div_seq", "colour", "crisp")
 SHIPPED = os.path.join(os.path.dirname(__file__), "checkpoint")
+# the embedded checkpoints by name (`bcjax.names.TOY_MODELS`)
+EMBEDDED = {"causal-1f": SHIPPED, "lineage-3f": os.path.join(os.path.dirname(__file__), "checkpoint-lineage")}
 
 
 @dataclasses.dataclass
@@ -65,13 +73,27 @@ class ToyModel:
     provenance: dict
 
 
-def load_model(path: str | None = None, *, dtype: str | None = None, attention: str | None = None) -> ToyModel:
-    """A toy-world DiT from a bcjax checkpoint folder (a training run's `model/`, a run folder,
-    or by default the checkpoint shipped inside the package); dtype and attention: this run's
-    numerics (default: the weights' dtype, "auto"), see `bcjax.checkpoint.restore`."""
+def model_path(name_or_path: str | None = None) -> str:
+    """The folder of an embedded model's name (`TOY_MODELS`; None: the default one) or of a path."""
+    name_or_path = name_or_path or DEFAULT_TOY_MODEL
+    if name_or_path in EMBEDDED:
+        return EMBEDDED[name_or_path]
+    if not os.path.exists(name_or_path) and os.sep not in name_or_path and "." not in name_or_path:
+        raise ValueError(f"toy model {name_or_path!r}: not one of the embedded {', '.join(TOY_MODELS)} "
+                         "and no such folder")
+    return name_or_path
+
+
+def load_model(path: str | None = None, *, dtype: str | None = None, attention: str | None = None,
+               pipeline: PipelineConfig | None = None) -> ToyModel:
+    """A toy-world DiT from an embedded model's name (`bcjax.names.TOY_MODELS`, default
+    `DEFAULT_TOY_MODEL`), a bcjax checkpoint folder or a training run's folder; dtype and
+    attention: this run's numerics (default: the weights' dtype, "auto"), see
+    `bcjax.checkpoint.restore`. pipeline: a sampler config the caller means to run; refused
+    (naming both values) when its block_frames, window_frames or sink_frames are not the model's."""
     from bcjax.checkpoint import config_from_dict, read_config, restore
 
-    path = os.path.abspath(path or SHIPPED)  # orbax reads absolute paths only
+    path = os.path.abspath(os.path.expanduser(model_path(path)))  # orbax reads absolute paths only
     if os.path.isdir(os.path.join(path, "model")) and not os.path.isfile(os.path.join(path, "config.json")):
         path = os.path.join(path, "model")
     prov = read_config(path)["provenance"]
@@ -83,7 +105,30 @@ def load_model(path: str | None = None, *, dtype: str | None = None, attention: 
         pcfg = config_from_dict(PipelineConfig, prov["pipeline"])
     else:  # early runs recorded only the training config; the window follows from it
         pcfg = PipelineConfig(window_frames=(prov["train"]["context_blocks"] + 1) * world.block_frames)
+    if pcfg.block_frames != world.block_frames:
+        raise ValueError(f"{path}: its sampler's block_frames {pcfg.block_frames} is not its world's "
+                         f"block_frames {world.block_frames}")
+    if pipeline is not None:
+        check_pipeline(path, pcfg, pipeline)
     return ToyModel(world, cfg, pcfg, params, prov)
+
+
+def check_pipeline(path: str, model: PipelineConfig, given: PipelineConfig) -> None:
+    """One error naming both values when a given sampler config's block, window or sink is not
+    the one the checkpoint was trained for."""
+    for field in ("block_frames", "window_frames", "sink_frames"):
+        if getattr(model, field) != getattr(given, field):
+            raise ValueError(f"{path} was trained with {field}={getattr(model, field)}; the pipeline config "
+                             f"given has {field}={getattr(given, field)}")
+
+
+def trained_blocks(model: ToyModel) -> int:
+    """The model's trained length in blocks, the image included: a lineage student's clip (the
+    base's), else the latest block the trainer drew a target from, plus the image."""
+    train = model.provenance.get("train", {})
+    if any(s.get("stage") in ("base", "ode-init", "stream-rollout") for s in model.provenance.get("stages", [])):
+        return int(train.get("clip_blocks", 5))
+    return int(train.get("max_block", 12)) + 1
 
 
 def eval_scenes(world: WorldConfig, n: int) -> list[Scene]:
@@ -110,42 +155,144 @@ def generate(model: ToyModel, scenes: list[Scene], num_blocks: int, key, schedul
     bf, hw = pcfg.block_frames, (world.size, world.size)
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
     text = encode_text(cfg, params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
-    from bcjax.runners import make_runner
-
-    runner = make_runner(cfg, pcfg, hw, schedule, window or "bidirectional", mesh)
+    runner = _runner(cfg, pcfg, hw, schedule, window or "bidirectional", mesh)
     out = runner.generate(params, text, num_blocks, key, context=first)
     return np.concatenate([np.asarray(first), np.asarray(out)], axis=1)
 
 
-def block_metrics(latents, scenes: list[Scene], world: WorldConfig, reference=None) -> dict[str, np.ndarray]:
-    """{field: [B, blocks]} over the generated blocks (the given first block excluded)."""
+def as_segments(item) -> list:
+    """A scene, or a switched stream's segments [(first block, scene)], as segments."""
+    return list(item) if isinstance(item, list) else [(0, item)]
+
+
+def frame_readout(frames, segments: Segments, world: WorldConfig):
+    """Per frame of a (switched) stream's latents [F, H, W, C], each segment read with its own
+    scene's colours: (read-back corners [F, S, 2], true corners [F, S, 2], valid [F, S] where the
+    readout recovers the truth from the truth's own render, colour right [F, S], crisp [F])."""
+    frames = np.asarray(frames)
+    f = len(frames)
+    true = switch_positions(segments, f, world).astype(np.float64)
+    truth = render_stream(segments, f, world)
+    s = true.shape[1]
+    read, valid = np.full((f, s, 2), np.nan), np.zeros((f, s), bool)
+    colour, crisp = np.zeros((f, s), bool), np.zeros(f, bool)
+    for a, b, scene in scene_of_frames(segments, f, world):
+        read[a:b] = read_positions(frames[a:b], scene, world)
+        valid[a:b] = np.all(read_positions(truth[a:b], scene, world) == true[a:b], axis=-1)
+        colour[a:b] = colour_correct(frames[a:b], scene, world)
+        crisp[a:b] = crisp_frames(frames[a:b], scene, world)
+    return read, true, valid, colour, crisp
+
+
+@functools.lru_cache(maxsize=32)
+def _runner(cfg: WanConfig, pcfg: PipelineConfig, hw: tuple[int, int], schedule: str, window: str, mesh):
+    """One runner per setting for the whole process: a study's seeds and models of one shape reuse
+    its compiled programs."""
+    from bcjax.runners import make_runner
+
+    return make_runner(cfg, pcfg, hw, schedule, window, mesh)
+
+
+def block_metrics(latents, scenes, world: WorldConfig, reference=None) -> dict[str, np.ndarray]:
+    """{field: [B, blocks]} over the generated blocks (the given first block excluded). scenes: a
+    Scene per sample, or a switched stream's segments [(first block, scene)] (`render_stream`)."""
     latents = np.asarray(latents)
     bf = world.block_frames
     f = latents.shape[1]
     nb = f // bf - 1
     out = {k: np.zeros((len(scenes), nb)) for k in FIELDS}
-    for i, scene in enumerate(scenes):
-        truth = render(scene, f, world)
+    for i, item in enumerate(scenes):
+        segments = as_segments(item)
+        truth = render_stream(segments, f, world)
         gen = latents[i, bf:]
         out["mse"][i] = ((gen - truth[bf:]) ** 2).reshape(nb, -1).mean(1)
-        err, valid = position_error(latents[i], scene, world)
-        err, valid = err[bf:].reshape(nb, bf, -1), valid[bf:].reshape(nb, bf, -1)
+        read, true, valid_f, colour, crisp = frame_readout(latents[i], segments, world)
+        err = np.linalg.norm(read - true, axis=-1)
+        err = np.where(np.isnan(err), float(world.size), err)
+        err, valid = err[bf:].reshape(nb, bf, -1), valid_f[bf:].reshape(nb, bf, -1)
         out["pos_err"][i] = (err * valid).sum((1, 2)) / np.maximum(valid.sum((1, 2)), 1)
-        ok = colour_correct(latents[i], scene, world)[bf:].reshape(nb, bf, -1) | ~valid  # covered: not judged
+        ok = colour[bf:].reshape(nb, bf, -1) | ~valid  # covered: not judged
         out["colour"][i] = ok.all(-1).mean(-1)
-        out["crisp"][i] = crisp_frames(gen, scene, world).reshape(nb, bf).mean(-1)
+        out["crisp"][i] = crisp[bf:].reshape(nb, bf).mean(-1)
         # seams: the step from each block's predecessor's last frame into its first frame
-        read, true = read_positions(latents[i], scene, world), read_positions(truth, scene, world)
         seam = np.arange(bf, f, bf)
-        d_read, d_true = read[seam] - read[seam - 1], true[seam] - true[seam - 1]
+        true_read = np.where(valid_f[..., None], true, np.nan)  # the truth's own readout
+        d_read, d_true = read[seam] - read[seam - 1], true_read[seam] - true_read[seam - 1]
         jump = np.linalg.norm(d_read - d_true, axis=-1)  # [nb, S]
-        valid = np.isfinite(d_true).all(-1)  # seams where the truth shows the sprite on both sides
+        ok_seam = np.isfinite(d_true).all(-1)
         jump = np.where(np.isfinite(jump), jump, float(world.size))  # lost in the generated frames
-        out["jump"][i] = (jump * valid).sum(1) / np.maximum(valid.sum(1), 1)
+        out["jump"][i] = (jump * ok_seam).sum(1) / np.maximum(ok_seam.sum(1), 1)
         if reference is not None:
             out["div_seq"][i] = ((gen - np.asarray(reference)[i, bf:]) ** 2).reshape(nb, -1).mean(1)
     out["psnr"] = 10 * np.log10((2 * world.amplitude) ** 2 / np.maximum(out["mse"], 1e-12))
     return out
+
+
+# within this distance of the new prompt's corners, in its colours, a block follows a switch
+FOLLOW_PX = 1.0
+
+
+def switch_metrics(latents, streams: list, world: WorldConfig) -> dict[str, np.ndarray]:
+    """Switch adherence of switched streams: {field: [B, switches]}. For the switch at block s (the
+    segment s..e-1 up to the next switch or the end): `adherence` blocks from s to the first block
+    whose every frame shows every sprite in its new colour within FOLLOW_PX of the new prompt's
+    corners (e - s if none: censored), `switch_err` the mean position error over the segment's
+    blocks, `switch_colour` the fraction of its frames with the new colours right."""
+    latents = np.asarray(latents)
+    bf = world.block_frames
+    f = latents.shape[1]
+    n = max(len(as_segments(x)) - 1 for x in streams)
+    out = {k: np.zeros((len(streams), n)) for k in ("adherence", "switch_err", "switch_colour")}
+    for i, item in enumerate(streams):
+        segments = as_segments(item)
+        read, true, _, colour, _ = frame_readout(latents[i], segments, world)
+        err = np.linalg.norm(read - true, axis=-1)
+        err = np.where(np.isnan(err), float(world.size), err)  # [F, S]
+        follows = ((err <= FOLLOW_PX) & colour).all(-1).reshape(-1, bf).all(-1)  # [blocks]
+        per_block_err = err.reshape(-1, bf * err.shape[1]).mean(-1)
+        per_block_colour = colour.all(-1).reshape(-1, bf).mean(-1)
+        for k in range(1, len(segments)):
+            s0 = segments[k][0]
+            e0 = segments[k + 1][0] if k + 1 < len(segments) else f // bf
+            hit = np.nonzero(follows[s0:e0])[0]
+            out["adherence"][i, k - 1] = hit[0] if hit.size else e0 - s0
+            out["switch_err"][i, k - 1] = per_block_err[s0:e0].mean()
+            out["switch_colour"][i, k - 1] = per_block_colour[s0:e0].mean()
+    return out
+
+
+def eval_streams(world: WorldConfig, n: int, every: int, num_blocks: int) -> list[list]:
+    """The interactive setting's streams: the evaluation scenes (`eval_scenes`), each switched every
+    `every` blocks (`switch_scene`: a new colour and a direction the old prompt would not take),
+    drawn from default_rng([EVAL_SEED, i, 1])."""
+    out = []
+    for i, scene in enumerate(eval_scenes(world, n)):
+        rng = np.random.default_rng([EVAL_SEED, i, 1])
+        segments = [(0, scene)]
+        for at in range(every, num_blocks, every):
+            segments.append((at, switch_scene(rng, segments[-1][1], at, world, segments)))
+        out.append(segments)
+    return out
+
+
+def generate_stream(model: ToyModel, streams: list[list], num_blocks: int, key, schedule: str = "sequential",
+                    window: str | None = None, policy: str = "no-recache", mesh=None) -> np.ndarray:
+    """`generate` for switched streams (all switching at the same blocks): the prompt schedule
+    through `bcjax.interactive.stream` under `policy`."""
+    from bcjax.interactive import stream
+
+    world, cfg, pcfg = model.world, model.cfg, model.pcfg
+    bf, hw = pcfg.block_frames, (world.size, world.size)
+    starts = [b for b, _ in streams[0]]
+    if any([b for b, _ in st] != starts for st in streams):
+        raise ValueError("every stream of a batch must switch at the same blocks")
+    first = jnp.asarray(np.stack([render(st[0][1], bf, world) for st in streams]))
+    schedule_kv = [(b, encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(st[k][1], world)
+                                                                              for st in streams]))))
+                   for k, b in enumerate(starts)]
+    runner = _runner(cfg, pcfg, hw, schedule, window or "bidirectional", mesh)
+    events = list(stream(runner, model.params, schedule_kv, key, num_blocks, policy=policy, context=first))
+    return np.concatenate([np.asarray(first)] + [e.x0 for e in events], axis=1)
 
 
 def still_baseline(scenes: list[Scene], world: WorldConfig, num_blocks: int) -> np.ndarray:
@@ -273,7 +420,8 @@ def main(argv=None) -> dict:
     import argparse
 
     p = argparse.ArgumentParser(prog="bcjax eval toyworld", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="toy-world checkpoint or training run folder (default: the shipped one)")
+    p.add_argument("--model", default=DEFAULT_TOY_MODEL, choices=TOY_MODELS, help="the embedded toy-world model")
+    p.add_argument("--checkpoint", help="another toy-world checkpoint or training run folder (instead of --model)")
     p.add_argument("--prompts", type=int, default=8, help="fixed-seed evaluation prompts")
     p.add_argument("--blocks", type=int, default=8, help="blocks generated after the given first block")
     p.add_argument("--seed", type=int, default=0, help="sampler noise seed")
@@ -289,12 +437,12 @@ def main(argv=None) -> dict:
     for w in windows:
         if w not in WINDOWS:
             raise SystemExit(f"--windows: unknown window {w!r}; expected some of {WINDOWS}")
-    model = load_model(a.checkpoint)
+    model = load_model(a.checkpoint or a.model)
     scenes = eval_scenes(model.world, a.prompts)
     print(f"toy world: {a.prompts} prompts x {a.blocks} blocks after the given image, seed {a.seed}")
     metrics, lat, secs = run_grid(model, scenes, a.blocks, a.seed, settings(schedules, windows))
     write_outputs(a.out, metrics, lat, scenes, model.world,
-                  {"blocks": a.blocks, "seed": a.seed, "seconds": secs, "checkpoint": a.checkpoint or "shipped"})
+                  {"blocks": a.blocks, "seed": a.seed, "seconds": secs, "checkpoint": a.checkpoint or a.model})
     print(table_md(metrics, model.world))
     print(f"wrote {a.out}/table.md, metrics.csv, summary.json, mse_per_block.png, pos_err_per_block.png, frames.png")
     return summary(metrics, model.world)

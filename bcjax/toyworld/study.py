@@ -172,6 +172,110 @@ def write_study(out: str, results: dict, blocks: int, extra: dict) -> str:
     return text
 
 
+# -- the three settings of the paper's evaluation (short, long, interactive) ----------------------
+
+# the study's settings: sequential, P2 and P4 under the three windows, and P4 with no clean pass
+STUDY_GRID = (("sequential", None), ("P2", "causal"), ("P2", "bidirectional"), ("P2", "bidirectional-clean-causal"),
+              ("P4", "causal"), ("P4", "bidirectional"), ("P4", "bidirectional-clean-causal"),
+              ("P4-no-clean", "bidirectional"))
+SETTINGS = ("short", "long", "interactive")
+# the recache policies run on these (no-recache on every setting of the grid)
+POLICY_GRID = (("sequential", None), ("P4", "causal"), ("P4", "bidirectional"))
+LONG_FACTOR, SWITCH_EVERY, INTERACTIVE_BLOCKS = 4, 8, 24
+SWITCH_FIELDS = ("adherence", "switch_err", "switch_colour")
+
+
+def setting_blocks(model, setting: str) -> int:
+    """Generated blocks after the image: the trained length (short), LONG_FACTOR times it (long,
+    the window rolling), INTERACTIVE_BLOCKS with a switch every SWITCH_EVERY blocks."""
+    from bcjax.toyworld.evaluate import trained_blocks
+
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r}: expected one of {SETTINGS}")
+    n = trained_blocks(model)
+    return {"short": n - 1, "long": LONG_FACTOR * n - 1, "interactive": INTERACTIVE_BLOCKS}[setting]
+
+
+def run_setting(path: str, setting: str, prompts: int, seeds: int, grid=STUDY_GRID, policies: bool = True,
+                progress=print) -> dict:
+    """{name: {field: [seeds, prompts, blocks]}} of one model in one setting; the interactive
+    setting adds SWITCH_FIELDS [seeds, prompts, switches], and the recache policies on POLICY_GRID
+    (names 'SETTING+POLICY')."""
+    import jax
+
+    from bcjax.names import POLICIES
+    from bcjax.toyworld.evaluate import block_metrics, eval_streams, generate_stream, switch_metrics
+
+    model = load_model(path)
+    blocks = setting_blocks(model, setting)
+    scenes = eval_scenes(model.world, prompts)
+    runs = [(sch, win, "no-recache") for sch, win in grid]
+    if setting == "interactive" and policies:
+        runs += [(sch, win, pol) for pol in POLICIES[1:] for sch, win in POLICY_GRID]
+    streams = eval_streams(model.world, prompts, SWITCH_EVERY, blocks) if setting == "interactive" else scenes
+    out: dict[str, dict[str, list]] = {}
+    for seed in range(seeds):
+        t0 = time.perf_counter()
+        key, lat = jax.random.key(seed), {}
+        for sch, win, pol in runs:
+            name = setting_name(sch, win) + ("" if pol == "no-recache" else f"+{pol}")
+            if setting == "interactive":
+                lat[name] = generate_stream(model, streams, blocks, key, sch, win, pol)
+            else:
+                from bcjax.toyworld.evaluate import generate
+
+                lat[name] = generate(model, scenes, blocks, key, sch, win)
+        for name, x in lat.items():
+            m = block_metrics(x, streams, model.world, lat["sequential"])
+            if setting == "interactive":
+                m.update(switch_metrics(x, streams, model.world))
+            for k, v in m.items():
+                out.setdefault(name, {}).setdefault(k, []).append(v)
+        if progress:
+            progress(f"  {path} {setting}: seed {seed}, {len(runs)} runs of {blocks} blocks in "
+                     f"{time.perf_counter() - t0:.0f} s")
+    peak2 = (2 * model.world.amplitude) ** 2
+    res = {name: {k: np.stack(v) for k, v in m.items()} for name, m in out.items()}
+    for m in res.values():
+        m["psnr_sample"] = 10 * np.log10(peak2 / np.maximum(m["mse"].mean(-1), 1e-12))
+    return res
+
+
+def _cell(c: dict, fmt: str) -> str:
+    if "diff" not in c:
+        return f"{c['mean']:{fmt}} +- {c['ci']:{fmt}}"
+    sig = "*" if abs(c["diff"]) > c["diff_ci"] else ""
+    return f"[{c['diff']:+{fmt}} +- {c['diff_ci']:{fmt}}{sig}]"
+
+
+def settings_md(results: dict) -> str:
+    """results {model: {setting: run_setting's}} -> one markdown table per setting: per model the
+    position error, PSNR and crisp frames (and switch adherence, error and colour in the
+    interactive setting); sequential as mean +- 95% CI, every other row the paired difference to
+    it in brackets (`*`: the interval excludes 0)."""
+    lines = []
+    for setting in SETTINGS:
+        models = [m for m in results if setting in results[m]]
+        if not models:
+            continue
+        fields = [("pos_err", "pos px", ".2f"), ("psnr", "PSNR dB", ".2f"), ("crisp", "crisp", ".2f")]
+        if setting == "interactive":
+            fields += [("adherence", "blocks to follow", ".2f"), ("switch_err", "err after switch px", ".2f"),
+                       ("switch_colour", "new colour", ".2f")]
+        head = [f"{m}: {label}" for m in models for _, label, _ in fields]
+        lines += [f"### {setting}", "", "| setting | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        cells_of = {(m, f): cells(results[m][setting], f) for m in models for f, _, _ in fields}
+        names = list(dict.fromkeys(n for m in models for n in results[m][setting]))
+        for name in names:
+            row = [(_cell(cells_of[m, f][name], fmt) if name in cells_of[m, f] else "-")
+                   for m in models for f, _, fmt in fields]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines.append("Sequential: mean +- 95% CI over (prompt, seed) samples; other rows: the paired difference to "
+                 "sequential, `*` where its 95% interval excludes 0.")
+    return "\n".join(lines) + "\n"
+
+
 def curve(run: str, prompts: int, blocks: int, seed: int = 0) -> list[dict]:
     """Sequential error of every snapshot of a run (`train --snapshots`) against its training
     minutes (wall and process CPU, all sessions), and the final model's."""
@@ -206,6 +310,8 @@ def main(argv=None) -> dict:
     p.add_argument("--setting", action="append", default=[],
                    help="SCHEDULE[:WINDOW] (repeat; default the paper's grid, sequential always included)")
     p.add_argument("--out", default="study")
+    p.add_argument("--settings", help=f"comma list of {','.join(SETTINGS)}: the study's grid (STUDY_GRID and "
+                                      "the recache policies) in the paper's three settings; --setting ignored")
     a = p.parse_args(argv)
     try:
         grid = [parse_setting(spec) for spec in a.setting] or None
@@ -225,6 +331,22 @@ def main(argv=None) -> dict:
         if not sep:
             raise SystemExit(f"--model {spec!r}: expected NAME=CHECKPOINT")
         models[name] = path
+    if a.settings:
+        kinds = [k for k in a.settings.split(",") if k]
+        for k in kinds:
+            if k not in SETTINGS:
+                raise SystemExit(f"--settings: unknown setting {k!r}; expected some of {SETTINGS}")
+        by_model = {name: {k: run_setting(path, k, a.prompts, a.seeds) for k in kinds} for name, path in models.items()}
+        text = settings_md(by_model)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "settings.md"), "w") as f:
+            f.write(text)
+        summary = {m: {k: {f: cells(r, f) for f in (*FIELDS, *SWITCH_FIELDS) if f in next(iter(r.values()))}
+                       for k, r in v.items()} for m, v in by_model.items()}
+        with open(os.path.join(a.out, "settings.json"), "w") as f:
+            json.dump({"models": models, "prompts": a.prompts, "seeds": a.seeds, "cells": summary}, f, indent=2)
+        print(text)
+        return {"settings": by_model}
     results = {}
     for name, path in models.items():
         results[name] = run_model(path, a.prompts, a.seeds, a.blocks, grid=grid)

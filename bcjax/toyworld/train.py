@@ -77,7 +77,10 @@ from bcjax.toyworld.world import WorldConfig, prompt_embedding, render, sample_s
 # Training recipes, in the order of the block-causal lineage (CausVid / Self-Forcing / LongLive):
 # clean-context teacher forcing, diffusion forcing (noisy context as in a cascade tick), then
 # training on the model's own rollouts through the KV cache.
-STAGES = ("clean", "diffusion-forcing", "self-rollout")
+STAGES = ("clean", "diffusion-forcing", "self-rollout", "base", "ode-init", "stream-rollout")
+# the real models' lineage (`bcjax.toyworld.lineage`): a bidirectional base, ODE init from it, then
+# self-rollout through a rolling window with a sink and prompt switches
+LINEAGE = ("base", "ode-init", "stream-rollout")
 # Kinds of the blocks of one training forward (a "layout"): finished context (clean, t =
 # context_noise, block-causal among themselves: their K/V are the clean pass's), in-flight blocks
 # of a cascade tick (noisy, each at its own level), and teacher-forced targets (noisy; see only
@@ -106,7 +109,13 @@ class TrainConfig:
     ema: decay of an exponential moving average of the weights (0: none), which is what gets
     exported (Self-Forcing's and CausVid's generators are EMA weights, decay 0.99). A tiny model
     trained at a high learning rate oscillates from checkpoint to checkpoint; the average is what
-    stops it hedging between hypotheses (a soft, smeared sprite)."""
+    stops it hedging between hypotheses (a soft, smeared sprite).
+
+    The lineage (`bcjax.toyworld.lineage`): sink_blocks of the window are the video's first blocks
+    (LongLive's sink); clip_blocks: blocks of a base / ode-init clip, the image included (the
+    trained length); base_steps: Euler steps of the base's sampler; ode_clips: trajectories the
+    ode-init stage draws from `teacher` (a base checkpoint, default --init); switch_prob: the
+    stream-rollout clips under a switched prompt."""
 
     steps: int = 1900
     batch: int = 8
@@ -128,6 +137,12 @@ class TrainConfig:
     rollout_blocks: int = 3
     ema: float = 0.0
     cascade: str = ""
+    sink_blocks: int = 0
+    clip_blocks: int = 5
+    base_steps: int = 20
+    ode_clips: int = 512
+    teacher: str = ""
+    switch_prob: float = 0.0
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -150,9 +165,10 @@ class TrainConfig:
 def toy_pipeline_config(tcfg: TrainConfig | None = None, world: WorldConfig | None = None) -> PipelineConfig:
     """The sampler the toy model is trained for: the real models' 4-step sigma table, blocks of the
     world's block_frames, a window of the trained context + the block itself, no sink."""
-    k = (tcfg or TrainConfig()).context_blocks
+    tcfg = tcfg or TrainConfig()
+    k, sink = tcfg.context_blocks, tcfg.sink_blocks
     bf = (world or WorldConfig()).block_frames
-    return PipelineConfig(block_frames=bf, window_frames=(k + 1) * bf)
+    return PipelineConfig(block_frames=bf, window_frames=(k + sink + 1) * bf, sink_frames=sink * bf)
 
 
 def toy_model_config(world: WorldConfig, **overrides) -> WanConfig:
@@ -526,8 +542,16 @@ def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
     """jitted (state, *batch_for_step(...)) -> (state, loss) for tcfg.stage's loss; the state is
     donated. Cached per config, so a resumed session in the same process reuses the compiled step."""
     opt = make_optimizer(tcfg)
+    from bcjax.toyworld import lineage
+
     if tcfg.stage == "clean":
         loss_fn = partial(flow_loss, cfg, pcfg, tcfg.table_prob)
+    elif tcfg.stage == "base":
+        loss_fn = partial(lineage.base_loss, cfg, pcfg)
+    elif tcfg.stage == "ode-init":
+        loss_fn = partial(lineage.ode_init_loss, cfg, pcfg)
+    elif tcfg.stage == "stream-rollout":
+        loss_fn = partial(lineage.stream_rollout_loss, cfg, pcfg, tcfg.rollout_blocks)
     elif tcfg.stage == "diffusion-forcing":
         loss_fn = partial(diffusion_forcing_loss, cfg, pcfg, tcfg)
     else:
@@ -543,11 +567,26 @@ def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def batch_for_step(world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig, step: int):
+def batch_for_step(world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig, step: int, ode: dict | None = None):
     """(*data, key) of a step for tcfg.stage's loss. They depend only on (seed, step): a resumed
-    run sees what an uninterrupted one would."""
+    run sees what an uninterrupted one would. ode: the ode-init stage's trajectories."""
+    from bcjax.toyworld import lineage
+
     rng = np.random.default_rng([tcfg.seed, step])
     key = jax.random.fold_in(jax.random.key(tcfg.seed + 1), step)
+    if tcfg.stage == "base":
+        scenes = [sample_scene(rng, world) for _ in range(tcfg.batch)]
+        clips = np.stack([render(s, tcfg.clip_blocks * world.block_frames, world) for s in scenes])
+        return jnp.asarray(clips), jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])), key
+    if tcfg.stage == "ode-init":
+        if ode is None:
+            raise ValueError("the ode-init stage needs the base's trajectories (train() computes them)")
+        i = np.sort(rng.choice(len(ode["x0"]), tcfg.batch, replace=False))
+        return (*(jnp.asarray(ode[k][i]) for k in ("first", "states", "x0", "text")), key)
+    if tcfg.stage == "stream-rollout":
+        clips, exists, j, ctx = lineage.stream_clips(rng, world, pcfg, tcfg.batch, tcfg.rollout_blocks,
+                                                     tcfg.max_block, tcfg.first_prob, tcfg.switch_prob)
+        return jnp.asarray(clips), jnp.asarray(exists), jnp.asarray(j), jnp.asarray(ctx), key
     if tcfg.stage == "clean":
         clips, visible, ctx = sample_clips(rng, world, tcfg)
         return jnp.asarray(clips), jnp.asarray(visible), jnp.asarray(ctx), key
@@ -711,6 +750,16 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     start = int(state.step)
     step_fn = make_train_step(cfg, pcfg, tcfg)
     t_begin, cpu_begin = time.perf_counter(), _cpu_seconds()
+    ode = None
+    if tcfg.stage == "ode-init":  # the teacher's trajectories, once per run folder (its time is the stage's)
+        from bcjax.toyworld.lineage import ode_dataset
+
+        teacher = tcfg.teacher or init
+        path = os.path.join(out, "ode.npz")
+        if not teacher and not os.path.isfile(path):
+            raise ValueError("the ode-init stage needs --teacher (a base checkpoint; default --init)")
+        ode = ode_dataset(path, world, cfg, pcfg, lambda: init_params_from(teacher, cfg, world)[0], tcfg.ode_clips,
+                          tcfg.clip_blocks, tcfg.base_steps, tcfg.seed, progress=progress)
     step_times = []
 
     def extra():  # wall and process CPU seconds of all sessions, and which steps ran which stage
@@ -721,7 +770,7 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     bar = tqdm(total=tcfg.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     try:
         for step in range(start, stop):
-            batch = batch_for_step(world, pcfg, tcfg, step)
+            batch = batch_for_step(world, pcfg, tcfg, step, ode)
             t0 = time.perf_counter()
             state, loss = step_fn(state, *batch)
             loss = float(loss)  # blocks: the step time below is the real one
@@ -789,6 +838,8 @@ def main(argv=None) -> dict:
                       ("seed", int),
                       ("table-prob", float), ("checkpoint-every", int), ("in-flight", int), ("rollout-blocks", int),
                       ("cascade-prob", float), ("bidirectional-prob", float), ("dim", int), ("ffn-dim", int),
+                      ("sink-blocks", int), ("clip-blocks", int), ("base-steps", int), ("ode-clips", int),
+                      ("switch-prob", float), ("max-block", int), ("teacher", str),
                       ("heads", int), ("layers", int), ("patch", int), ("rope-theta", float)):
         p.add_argument(f"--{name}", type=typ)
     for name in ("size", "sprite", "min-sprites", "max-sprites"):
@@ -819,7 +870,11 @@ def main(argv=None) -> dict:
                   "lr": a.lr, "warmup": a.warmup,
                   "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every, "stage": a.stage,
                   "in_flight": a.in_flight, "rollout_blocks": a.rollout_blocks, "cascade_prob": a.cascade_prob,
-                  "bidirectional_prob": a.bidirectional_prob, "ema": a.ema, "cascade": a.cascade}
+                  "bidirectional_prob": a.bidirectional_prob, "ema": a.ema, "cascade": a.cascade,
+                  "sink_blocks": a.sink_blocks, "clip_blocks": a.clip_blocks, "base_steps": a.base_steps,
+                  "ode_clips": a.ode_clips, "switch_prob": a.switch_prob, "max_block": a.max_block,
+                  "teacher": (a.teacher or (a.init if a.stage == "ode-init" else None)) and os.path.abspath(
+                      a.teacher or a.init)}
     model_args = {"dim": a.dim, "ffn_dim": a.ffn_dim, "num_heads": a.heads, "num_layers": a.layers,
                   "rope_theta": a.rope_theta, "patch_size": None if a.patch is None else (1, a.patch, a.patch)}
     world_args = {"size": a.size, "sprite": a.sprite, "min_sprites": a.min_sprites, "max_sprites": a.max_sprites}
@@ -848,8 +903,16 @@ def main(argv=None) -> dict:
                  **{k: (getattr(cfg, k), v) for k, v in model_args.items() if getattr(cfg, k) != v}}
         if clash:
             raise SystemExit(f"--init {a.init} fixes the world and model; flags {clash} (its, given) contradict it")
+        # the window is the checkpoint's (its pipeline); the context and sink flags may restate it
+        pcfg = config_from_dict(PipelineConfig, meta["provenance"]["pipeline"])
+        bf = pcfg.block_frames
+        train_args.setdefault("sink_blocks", pcfg.sink_frames // bf)
+        train_args.setdefault("context_blocks", (pcfg.cache_frames - pcfg.sink_frames) // bf)
         tcfg = TrainConfig(**train_args)
-        pcfg = toy_pipeline_config(tcfg, world)
+        if toy_pipeline_config(tcfg, world) != pcfg:
+            raise SystemExit(f"--init {a.init} was trained for the window {pcfg.window_frames} frames with sink "
+                             f"{pcfg.sink_frames}; --context-blocks {tcfg.context_blocks} --sink-blocks "
+                             f"{tcfg.sink_blocks} give {toy_pipeline_config(tcfg, world).window_frames}")
     else:
         world, tcfg = WorldConfig(**world_args), TrainConfig(**train_args)
         cfg, pcfg = toy_model_config(world, **model_args), toy_pipeline_config(tcfg, world)

@@ -156,13 +156,13 @@ def parse_prompt(text: str, cfg: WorldConfig | None = None, starts: Sequence[tup
 
 
 def check_switch(first: Scene, scene: Scene) -> None:
-    """A switch keeps the stream's sprites (the image holds them): ValueError naming them unless
-    `scene` has the colours of `first`, in order. `bcjax stream` and `bcjax serve` share the rule."""
-    was, now = [s.colour for s in first], [s.colour for s in scene]
-    if now != was:
-        raise ValueError(f"this stream's sprites are {', '.join(was)} (the image holds them); a switch to "
-                         f"{', '.join(now)} may change directions and speeds only: "
-                         "start a new stream for other sprites")
+    """A switch keeps the stream's sprites (the image holds them, one phrase per sprite, in drawing
+    order); each may take a new colour, direction and speed. ValueError naming the counts unless
+    `scene` has as many sprite phrases as `first`. `bcjax stream` and `bcjax serve` share the rule."""
+    if len(scene) != len(first):
+        raise ValueError(f"this stream has {len(first)} sprite(s) (the image holds them); a switch to "
+                         f"{len(scene)} sprite phrase(s) cannot be rendered: give one phrase per sprite "
+                         "(a colour, direction and speed each), or start a new stream for other sprites")
 
 
 def _check_scene(scene: Scene, cfg: WorldConfig) -> None:
@@ -262,6 +262,90 @@ def draw(corners, scene: Scene, cfg: WorldConfig) -> np.ndarray:
 def render(scene: Scene, num_frames: int, cfg: WorldConfig, start_frame: int = 0) -> np.ndarray:
     """Ground-truth latents float32 [F, size, size, 3]: the scene drawn at its true positions."""
     return draw(positions(scene, num_frames, cfg, start_frame), scene, cfg)
+
+
+Segments = Sequence[tuple[int, Scene]]  # a switched stream: [(first block, scene in force)], the first at 0
+
+
+def switch_positions(segments: Segments, num_frames: int, cfg: WorldConfig) -> np.ndarray:
+    """int32 [F, S, 2] corners of a switched stream's sprites at frames 0..F-1.
+
+    segments [(first block, scene)] sorted, the first at block 0 (its corners are the image's);
+    a later scene's corners are ignored: from its first block on every sprite moves from where it
+    was on the last frame before the switch, at the new scene's velocity, world step 1 on the
+    switch block's frames (the world steps once per block: frames_per_step == block_frames)."""
+    _check_segments(segments, cfg)
+    out = np.zeros((num_frames, len(segments[0][1]), 2), np.int32)
+    bf = cfg.block_frames
+    for k, (block, scene) in enumerate(segments):
+        cut = block * bf
+        end = segments[k + 1][0] * bf if k + 1 < len(segments) else num_frames
+        if cut >= num_frames:
+            break
+        n = min(end, num_frames) - cut
+        if k == 0:
+            out[cut:cut + n] = positions(scene, n, cfg, cut)
+        else:
+            here = tuple(s._replace(row=int(r), col=int(c)) for s, (r, c) in zip(scene, out[cut - 1], strict=True))
+            out[cut:cut + n] = positions(here, n, cfg, cfg.still_frames)
+    return out
+
+
+def scene_of_frames(segments: Segments, num_frames: int, cfg: WorldConfig) -> list[tuple[int, int, Scene]]:
+    """[(first frame, end frame, scene)] of a switched stream's frames 0..F-1."""
+    bf, out = cfg.block_frames, []
+    for k, (block, scene) in enumerate(segments):
+        end = segments[k + 1][0] * bf if k + 1 < len(segments) else num_frames
+        if block * bf < num_frames:
+            out.append((block * bf, min(end, num_frames), scene))
+    return out
+
+
+def render_stream(segments: Segments, num_frames: int, cfg: WorldConfig) -> np.ndarray:
+    """Ground truth float32 [F, size, size, 3] of a switched stream: each segment's sprites in its
+    colours at `switch_positions` (without switches, `render` of the one scene)."""
+    corners = switch_positions(segments, num_frames, cfg)
+    return np.concatenate([draw(corners[a:b], scene, cfg) for a, b, scene in scene_of_frames(segments, num_frames,
+                                                                                              cfg)])
+
+
+def _check_segments(segments: Segments, cfg: WorldConfig) -> None:
+    if not segments or segments[0][0] != 0:
+        raise ValueError(f"a switched stream's first scene must start at block 0; got {[b for b, _ in segments]}")
+    blocks = [b for b, _ in segments]
+    if blocks != sorted(set(blocks)):
+        raise ValueError(f"switch blocks {blocks} must increase")
+    for _, scene in segments[1:]:
+        check_switch(segments[0][1], scene)
+    if segments[1:] and (cfg.frames_per_step != cfg.block_frames or cfg.still_frames != cfg.block_frames):
+        raise ValueError(f"switches need the world to step once per block (frames_per_step {cfg.frames_per_step} "
+                         f"and still_frames {cfg.still_frames} == block_frames {cfg.block_frames})")
+
+
+def switch_scene(rng: np.random.Generator, scene: Scene, at_block: int, cfg: WorldConfig,
+                 before: Segments | None = None) -> Scene:
+    """A switch at `at_block` that always shows: every sprite takes another colour (distinct among
+    them) and a direction whose first step from where the sprite is differs from where the old
+    prompt would have taken it, at a random speed. `before`: the stream's segments so far
+    (default [(0, scene)]). Corners: where the sprites are when the switch comes."""
+    before = list(before or [(0, scene)])
+    bf = cfg.block_frames
+    here = switch_positions(before, at_block * bf + 1, cfg)  # [.., S, 2]: last frame before, and the old next
+    last, old_next = here[-2], here[-1]
+    colours = rng.permutation([c for c in COLOURS if c not in {s.colour for s in scene}] +
+                              [s.colour for s in scene])
+    out = []
+    for i, s in enumerate(scene):
+        new_colour = next(c for c in colours if c != s.colour and c not in {o.colour for o in out})
+        dirs = list(rng.permutation(list(DIRECTIONS)))
+        speed = str(rng.choice(list(SPEEDS)))
+        for d in dirs:
+            moved = positions((Sprite(new_colour, d, speed, int(last[i][0]), int(last[i][1])),), 1, cfg,
+                              cfg.still_frames)[0, 0]
+            if tuple(moved) != tuple(old_next[i]) and tuple(moved) != tuple(last[i]):
+                break
+        out.append(Sprite(str(new_colour), str(d), speed, int(last[i][0]), int(last[i][1])))
+    return tuple(out)
 
 
 def sample_batch(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_frames: int, max_start_block: int = 0):
