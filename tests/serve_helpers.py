@@ -26,7 +26,7 @@ def served() -> Served:
     pytest.importorskip("uvicorn")
     from bcjax.serve import ToyBackend
 
-    return start_server(ToyBackend())
+    return start_server(ToyBackend("causal-1f"))  # 1-frame blocks: the quickest model
 
 
 SENTENCES = ["a red fox runs through the snow", "the cat sits on a warm mat", "waves crash on a rocky shore"]

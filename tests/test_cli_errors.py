@@ -73,8 +73,8 @@ def test_convert_names_a_garbage_source(tmp_path, capsys):
 
 def test_stream_applies_the_serve_prompt_rules(tmp_path, capsys):
     out = str(tmp_path / "s.mp4")
-    assert main(["stream", "--prompts", "red east fast@0;blue west slow@3", "--blocks", "6", "--out", out]) == 2
-    _one_line(capsys, "'blue west slow'@3", "sprites are red")
+    assert main(["stream", "--prompts", "red east fast@0;purple west slow@3", "--blocks", "6", "--out", out]) == 2
+    _one_line(capsys, "'purple'")  # a switch the world cannot render names the word
     assert main(["stream", "--prompts", "red east fast@0;red west slow@50", "--blocks", "6", "--out", out]) == 2
     _one_line(capsys, "'red west slow'@50", "last block (6)", "--blocks")
     assert os.listdir(tmp_path) == []

@@ -167,7 +167,7 @@ def test_video_to_video_on_the_toy_world():
     from bcjax.toyworld.evaluate import eval_scenes, load_model
     from bcjax.toyworld.world import DIRECTIONS, position_error, prompt_embedding, render
 
-    model = load_model()
+    model = load_model("causal-1f")
     world, cfg = model.world, model.cfg
     bf, hw, nb = world.block_frames, (world.size, world.size), 4
     scenes = eval_scenes(world, 4)

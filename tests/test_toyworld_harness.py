@@ -76,7 +76,7 @@ def test_shipped_checkpoint_reproduces_its_recorded_metrics():
     --blocks 10` does, gives the metrics recorded when it shipped; P1-causal is the sequential pipeline."""
     with open(os.path.join(ev.SHIPPED, "metrics.json")) as f:
         recorded = json.load(f)
-    model = ev.load_model()
+    model = ev.load_model(ev.SHIPPED)
     grid = [tuple(g) for g in recorded["grid"]]
     scenes = ev.eval_scenes(model.world, recorded["prompts"])
     metrics, _, _ = ev.run_grid(model, scenes, recorded["blocks"], recorded["seed"], grid, baselines=False,

@@ -88,7 +88,7 @@ def test_frames_per_block_follows_the_decoder_not_a_constant():
     from bcjax.toyworld.evaluate import load_model
 
     assert _video_frames_per_block(PipelineConfig()) == 12  # Self-Forcing's 3 latent frames, Wan VAE x4
-    toy = load_model()
+    toy = load_model("causal-1f")
     assert frames_per_block(toy.pcfg.block_frames, demo.TEMPORAL_SCALE) == 1  # one-frame blocks, no VAE
 
 

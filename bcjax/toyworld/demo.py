@@ -1,6 +1,6 @@
-"""`bcjax demo`: the shipped toy-world model, sequential vs Block Cascading, as a labelled mp4 and a report.
+"""`bcjax demo`: an embedded toy-world model, sequential vs Block Cascading, as a labelled mp4 and a report.
 
-For a few fixed prompts the given first block (the still image) is continued for 40 blocks by the
+For a few fixed prompts the given first block (the still image) is continued for about 40 frames by the
 sequential pipeline, by the best cascade of the toy-world study (P4 with the causal window, the
 default one) and by the paper's P4 bidirectional; the video (5 s at 8 fps) shows, side by side,
 ground truth | sequential | P4 causal | P4 bidirectional (one row per prompt), and the report
@@ -125,15 +125,24 @@ def frames_png(path: str, latents: list[np.ndarray], scenes, model: ToyModel, sc
     return img
 
 
+def _model_name(model: ToyModel) -> str:
+    """The embedded model's name (`bcjax.names.TOY_MODELS`), else 'custom'."""
+    from bcjax.toyworld.evaluate import EMBEDDED
+
+    return next((n for n, p in EMBEDDED.items() if model.path and os.path.samefile(p, model.path)), "custom") \
+        if model.path else "custom"
+
+
 def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, video: str,
                  frames: str | None = None, per_block: dict | None = None) -> str:
     trained_by = (" -> ".join(dict.fromkeys(s["stage"] for s in model.provenance.get("stages", [])))
                   or "clean-context teacher forcing")
     lines = ["# bcjax demo: the toy world, sequential vs Block Cascading", "",
-             f"Model: shipped toy-world Wan DiT ({model.cfg.num_layers} layers, dim {model.cfg.dim}, "
+             f"Model: {_model_name(model)} toy-world Wan DiT ({model.cfg.num_layers} layers, dim {model.cfg.dim}, "
              f"{sum(x.size for x in jax.tree_util.tree_leaves(model.params)):,} parameters, trained by "
              f"{trained_by}), "
-             f"{model.pcfg.num_steps}-step sampler, window {model.pcfg.window_frames} latent frames; "
+             f"{model.pcfg.num_steps}-step sampler, blocks of {model.pcfg.block_frames} latent frame(s), window "
+             f"{model.pcfg.window_frames} latent frames (sink {model.pcfg.sink_frames}); "
              f"{jax.default_backend()}, {jax.device_count()} device(s).", "",
              "Prompts (first block given as the still image, the rest generated):", ""]
     lines += [f"{i}. {prompt_text(s)}" for i, s in enumerate(scenes)]

@@ -46,7 +46,6 @@ from bcjax.toyworld.world import (
     WorldConfig,
     colour_correct,
     crisp_frames,
-    draw,
     prompt_embedding,
     read_positions,
     render,
@@ -71,6 +70,7 @@ class ToyModel:
     pcfg: PipelineConfig
     params: dict
     provenance: dict
+    path: str = ""
 
 
 def model_path(name_or_path: str | None = None) -> str:
@@ -110,7 +110,7 @@ def load_model(path: str | None = None, *, dtype: str | None = None, attention: 
                          f"block_frames {world.block_frames}")
     if pipeline is not None:
         check_pipeline(path, pcfg, pipeline)
-    return ToyModel(world, cfg, pcfg, params, prov)
+    return ToyModel(world, cfg, pcfg, params, prov, path)
 
 
 def check_pipeline(path: str, model: PipelineConfig, given: PipelineConfig) -> None:

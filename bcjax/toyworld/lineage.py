@@ -106,9 +106,9 @@ _base_sample_jit = jax.jit(base_sample, static_argnums=(0, 1, 5, 7))
 def ode_dataset(path: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, teacher: Callable, clips: int,
                 clip_blocks: int, steps: int, seed: int, batch: int = 32, progress: bool = True) -> dict:
     """The base's ODE trajectories for `clips` prompts (scenes drawn from default_rng([seed, 1e6 + i])),
-    computed once with the params `teacher()` returns and kept at `path` (.npz, written atomically): first [M, bf, H, W, C], text
-    [M, Lt, Dt], states [M, n, (N - 1) * bf, H, W, C] at the student's sigmas, x0 [M, (N - 1) * bf,
-    H, W, C], seconds."""
+    computed once with the params `teacher()` returns and kept at `path` (.npz, written atomically):
+    first [M, bf, H, W, C], text [M, Lt, Dt], states [M, n, (N - 1) * bf, H, W, C] at the
+    student's sigmas, x0 [M, (N - 1) * bf, H, W, C], seconds."""
     if os.path.isfile(path):
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -130,10 +130,10 @@ def ode_dataset(path: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineCon
         texts.append(ctx)
         states.append(np.asarray(st))
         x0s.append(np.asarray(x0))
-    data = {"first": np.concatenate(firsts), "text": np.concatenate(texts), "states": np.concatenate(states),
-            "x0": np.concatenate(x0s), "seconds": np.float64(time.perf_counter() - t0)}
+    data: dict[str, np.ndarray] = {"first": np.concatenate(firsts), "text": np.concatenate(texts),
+                                   "states": np.concatenate(states), "x0": np.concatenate(x0s), "seconds": np.asarray(time.perf_counter() - t0)}
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **data)
+    np.savez(tmp, **data)  # type: ignore[arg-type]  # numpy's stub types savez's **kwds as its first argument
     os.replace(tmp, path)
     return data
 
@@ -223,7 +223,8 @@ def stream_rollout_x0(cfg: WanConfig, pcfg: PipelineConfig, rollout_blocks: int,
     text = encode_text(cfg, params, context)
     frozen, ftext = jax.lax.stop_gradient((params, text))
     ctx_n = 1 + rolling
-    gen, inputs = [], []
+    gen: list[jax.Array] = []
+    inputs: list[jax.Array] = []
     for blk in range(r):
         idx = np.arange(ctx_n + blk + 1)
         kinds = np.asarray([0] * (ctx_n + blk) + [2])
@@ -332,8 +333,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, help="Euler steps (default: its base_steps)")
     a = p.parse_args(argv)
     m = evaluate_base(a.base, a.prompts, a.seeds, a.steps)
-    rows = {"pos_err": mean_ci(m["pos_err"].mean(-1)), "psnr": mean_ci(m["psnr_sample"]), "crisp": mean_ci(m["crisp"].mean(-1)),
-            "colour": mean_ci(m["colour"].mean(-1)), "jump": mean_ci(m["jump"].mean(-1))}
+    rows = {"pos_err": mean_ci(m["pos_err"].mean(-1)), "psnr": mean_ci(m["psnr_sample"]),
+            "crisp": mean_ci(m["crisp"].mean(-1)), "colour": mean_ci(m["colour"].mean(-1)),
+            "jump": mean_ci(m["jump"].mean(-1))}
     for k, (mean, ci) in rows.items():
         print(f"base {k}: {mean:.3f} +- {ci:.3f}")
     print("per block position error:", " ".join(f"{v:.2f}" for v in m["pos_err"].mean((0, 1))))

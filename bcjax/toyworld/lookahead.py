@@ -78,7 +78,7 @@ def x0_errors(model: ToyModel, scenes, seed: int, j: int, schedule: str = "P4") 
     frame_ids = (video[:, None] * bf + np.arange(bf)[None]).reshape(-1)
     text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
     tpb = bf * cfg.tokens_per_frame(world.size, world.size)
-    out = {}
+    out: dict = {}
     for label, visible in (("hidden", False), ("visible", True)):
         mask = np.repeat(block_mask(video, is_cache, rolling, sink, visible), tpb, axis=1)[None]
         flow, _ = forward(cfg, model.params, jnp.asarray(x_t), jnp.asarray(tt), text, jnp.asarray(frame_ids), None,

@@ -212,7 +212,7 @@ def run_setting(path: str, setting: str, prompts: int, seeds: int, grid=STUDY_GR
     runs = [(sch, win, "no-recache") for sch, win in grid]
     if setting == "interactive" and policies:
         runs += [(sch, win, pol) for pol in POLICIES[1:] for sch, win in POLICY_GRID]
-    streams = eval_streams(model.world, prompts, SWITCH_EVERY, blocks) if setting == "interactive" else scenes
+    streams: list = eval_streams(model.world, prompts, SWITCH_EVERY, blocks) if setting == "interactive" else scenes
     out: dict[str, dict[str, list]] = {}
     for seed in range(seeds):
         t0 = time.perf_counter()
@@ -345,6 +345,10 @@ def main(argv=None) -> dict:
                        for k, r in v.items()} for m, v in by_model.items()}
         with open(os.path.join(a.out, "settings.json"), "w") as f:
             json.dump({"models": models, "prompts": a.prompts, "seeds": a.seeds, "cells": summary}, f, indent=2)
+        # every sample, for comparisons the tables do not make (e.g. two windows paired directly)
+        np.savez(os.path.join(a.out, "settings.npz"), **{f"{m}|{k}|{name}|{f}": arr for m, v in by_model.items()
+                                                          for k, r in v.items() for name, fs in r.items()
+                                                          for f, arr in fs.items()})
         print(text)
         return {"settings": by_model}
     results = {}

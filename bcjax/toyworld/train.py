@@ -754,7 +754,7 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     if tcfg.stage == "ode-init":  # the teacher's trajectories, once per run folder (its time is the stage's)
         from bcjax.toyworld.lineage import ode_dataset
 
-        teacher = tcfg.teacher or init
+        teacher = tcfg.teacher or init or ""
         path = os.path.join(out, "ode.npz")
         if not teacher and not os.path.isfile(path):
             raise ValueError("the ode-init stage needs --teacher (a base checkpoint; default --init)")

@@ -334,7 +334,7 @@ def switch_scene(rng: np.random.Generator, scene: Scene, at_block: int, cfg: Wor
     last, old_next = here[-2], here[-1]
     colours = rng.permutation([c for c in COLOURS if c not in {s.colour for s in scene}] +
                               [s.colour for s in scene])
-    out = []
+    out: list[Sprite] = []
     for i, s in enumerate(scene):
         new_colour = next(c for c in colours if c != s.colour and c not in {o.colour for o in out})
         dirs = list(rng.permutation(list(DIRECTIONS)))
