@@ -131,7 +131,8 @@ def ode_dataset(path: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineCon
         states.append(np.asarray(st))
         x0s.append(np.asarray(x0))
     data: dict[str, np.ndarray] = {"first": np.concatenate(firsts), "text": np.concatenate(texts),
-                                   "states": np.concatenate(states), "x0": np.concatenate(x0s), "seconds": np.asarray(time.perf_counter() - t0)}
+                                   "states": np.concatenate(states), "x0": np.concatenate(x0s),
+                                   "seconds": np.asarray(time.perf_counter() - t0)}
     tmp = path + ".tmp.npz"
     np.savez(tmp, **data)  # type: ignore[arg-type]  # numpy's stub types savez's **kwds as its first argument
     os.replace(tmp, path)
