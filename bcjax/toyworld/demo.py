@@ -129,8 +129,8 @@ def _model_name(model: ToyModel) -> str:
     """The embedded model's name (`bcjax.names.TOY_MODELS`), else 'custom'."""
     from bcjax.toyworld.evaluate import EMBEDDED
 
-    return next((n for n, p in EMBEDDED.items() if model.path and os.path.samefile(p, model.path)), "custom") \
-        if model.path else "custom"
+    here = os.path.realpath(model.path) if model.path else None
+    return next((n for n, p in EMBEDDED.items() if os.path.realpath(p) == here), "custom")
 
 
 def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, video: str,
