@@ -187,22 +187,28 @@ _KILLED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["write", "remove-old"])
-def test_a_killed_overwrite_keeps_a_whole_checkpoint(tmp_path, tiny_cfg, tiny_params, where, caplog):
-    dst = _save(tmp_path / "ckpt", tiny_cfg, tiny_params, prov={"run": "old"})
+def test_a_killed_overwrite_keeps_a_whole_checkpoint(tmp_path, tiny_cfg, tiny_params, caplog):
+    """kill -9 while the new checkpoint is written, and while the old one is removed after the swap
+    (two processes at once): the output is the whole old, resp. new, checkpoint; the next write
+    removes the temporary folder the kill left."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
            "JAX_PLATFORMS": "cpu"}
-    rc = subprocess.run([sys.executable, "-c", _KILLED, str(dst), where], env=env, timeout=120).returncode
-    assert rc == 9
-    left = [e for e in os.listdir(tmp_path) if e.startswith(".bcjax-")]
-    assert len(left) == 1  # the killed run's temporary folder
-    run = "old" if where == "write" else "new"
-    assert checkpoint.read_config(str(dst))["provenance"]["run"] == run
-    _, params = checkpoint.restore(str(dst))  # whole: every array matches its manifest
-    assert _same(params, tiny_params) == (run == "old")
-    with caplog.at_level("WARNING", logger="bcjax"):
-        assert checkpoint.clean_stale(str(dst)) == [str(tmp_path / left[0])]
-    assert "interrupted" in caplog.text and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    runs = {}
+    for where in ("write", "remove-old"):
+        (tmp_path / where).mkdir()
+        dst = _save(tmp_path / where / "ckpt", tiny_cfg, tiny_params, prov={"run": "old"})
+        runs[where] = (dst, subprocess.Popen([sys.executable, "-c", _KILLED, str(dst), where], env=env))
+    for where, (dst, proc) in runs.items():
+        assert proc.wait(timeout=120) == 9
+        left = [e for e in os.listdir(dst.parent) if e.startswith(".bcjax-")]
+        assert len(left) == 1  # the killed run's temporary folder
+        run = "old" if where == "write" else "new"
+        assert checkpoint.read_config(str(dst))["provenance"]["run"] == run
+        _, params = checkpoint.restore(str(dst))  # whole: every array matches its manifest
+        assert _same(params, tiny_params) == (run == "old")
+        with caplog.at_level("WARNING", logger="bcjax"):
+            assert checkpoint.clean_stale(str(dst)) == [str(dst.parent / left[0])]
+        assert "interrupted" in caplog.text and os.listdir(dst.parent) == ["ckpt"]
 
 
 def test_a_foreign_temporary_folder_is_reported_not_removed(tmp_path, caplog):
