@@ -158,7 +158,7 @@ def _part_folder(path: str, part: str) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    text = str(e).strip().split(" See full TensorStore details")[0]  # then a pybind repr of many lines
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 

@@ -237,12 +237,21 @@ def test_save_writes_a_manifest(tmp_path, tiny_cfg, tiny_params):
 
 def test_corrupt_bytes_are_refused_naming_part_and_array(tmp_path, tiny_cfg, tiny_params):
     dst = _save(tmp_path / "ckpt", tiny_cfg, tiny_params)
-    data = _data_files(dst / "dit")
-    assert data
-    biggest = max(data, key=os.path.getsize)
+    biggest = max(_data_files(dst / "dit"), key=os.path.getsize)
+    middle = os.path.getsize(biggest) // 2
+    with open(biggest, "r+b") as f:  # one flipped bit: orbax reads it without a complaint
+        f.seek(middle)
+        byte = f.read(1)[0]
+        f.seek(middle)
+        f.write(bytes([byte ^ 0x10]))
+    _, params = checkpoint.restore(str(dst), "dit", verify=False)  # what loaded silently before the manifest
+    assert not _same(params, tiny_params)
+    with pytest.raises(BadFileError, match=rf"^{dst}/dit: array \S+ does not match its checksum; the checkpoint is "
+                                           r"corrupt \(convert it again\)$"):
+        checkpoint.restore(str(dst), "dit")
     with open(biggest, "r+b") as f:
-        f.seek(os.path.getsize(biggest) // 2)
-        f.write(bytes(64))  # 64 bytes overwritten, as in the issue
+        f.seek(middle)
+        f.write(bytes(64))  # 64 bytes overwritten, as in the issue: orbax or the checksum refuses
     with pytest.raises(BadFileError, match=rf"{dst}/dit: (array \S+ does not match its checksum|orbax cannot read)"):
         checkpoint.restore(str(dst), "dit")
 
