@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from bcjax import checkpoint, manifest
+from bcjax import checkpoint, manifest, paths
 from bcjax.cli import main
 from bcjax.errors import BadFileError
 
@@ -147,7 +147,7 @@ def test_replace_without_an_atomic_exchange_restores_the_old_one_on_failure(tmp_
     for name in ("old", "new"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(name)
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(paths, "_exchange", lambda a, b: False)
     real = os.rename
 
     def failing(a, b):
