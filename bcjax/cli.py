@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 
+from bcjax.errors import one_line
 from bcjax.names import DEFAULT_TOY_MODEL, DEFAULT_WINDOW, POLICIES, POSITIONS, SCHEDULES, TOY_MODELS, WINDOWS
 from bcjax.paths import check_output
 
@@ -193,7 +194,7 @@ def _serve(args) -> int:
         if args.checkpoint and "world" not in read_config(args.checkpoint).get("provenance", {}):
             backend: CheckpointBackend | ToyBackend = CheckpointBackend(
                 args.checkpoint, args.sampler, tuple(args.size), mesh, decoder=args.decoder,
-                decode_device=args.decode_device, **_numerics(args))
+                decode_device=args.decode_device, verify=args.verify, **_numerics(args))
         else:  # the shipped toy-world model, or another toy-world checkpoint
             backend = ToyBackend(args.checkpoint or toy_name, mesh, **_numerics(args))
         app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
@@ -267,7 +268,8 @@ def _generate_video(args) -> int:
             raise ValueError(f"--video runs sequentially for now; got --schedule {args.schedule}")
         pcfg = with_strength(pcfg, args.strength)
     t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.schedule, args.window, mesh,
-                      decoder=args.decoder or "wan", decode_device=args.decode_device, **_numerics(args))
+                      decoder=args.decoder or "wan", decode_device=args.decode_device, verify=args.verify,
+                      **_numerics(args))
     source = t2v.encode_video(args.video) if args.video else None
     t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed, source=source)
     print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | "
@@ -347,6 +349,12 @@ def _decoder_flags(s, default: str) -> None:
     s.add_argument("--decode-device", default=None, metavar="auto|cpu|ID",
                    help="where decoding runs: auto (default: a device outside the stage x model mesh, else the "
                         "host CPU), cpu, or a jax device id (one inside the mesh is allowed with a warning)")
+
+
+def _verify_flag(s) -> None:
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the weights against the checkpoint's manifest (checksums, NaN/Inf) when "
+                        "loading: faster start, corruption unnoticed (README, Checkpoints, gives the cost)")
 
 
 def _numerics_flags(s) -> None:
@@ -447,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                    help="another page allowed to open the stream's WebSocket, e.g. http://localhost:3000 (repeatable; "
                         "by default only the page this server serves)")
+    _verify_flag(s)
     _numerics_flags(s)
     s.set_defaults(fn=_serve)
 
@@ -468,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strength", type=float, default=0.6, help="video-to-video: 1 = pure noise, lower keeps more of "
                    "the input (the step list spread over [strength * 1000, 0])")
     _decoder_flags(s, "default: wan")
+    _verify_flag(s)
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("convert", help="upstream checkpoint files -> a bcjax checkpoint folder")
@@ -518,15 +528,23 @@ def _runtime(args) -> None:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
+# flags naming a file or folder bcjax reads: `~` expanded (the shell leaves `--flag=~/x` alone);
+# they stay relative for messages, and bcjax.checkpoint makes them absolute before orbax sees them
+_PATH_FLAGS = ("checkpoint", "src", "dst", "lora", "text_encoder", "tokenizer", "vae", "taehv", "video")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for flag in _PATH_FLAGS:
+        if isinstance(getattr(args, flag, None), str):
+            setattr(args, flag, os.path.expanduser(getattr(args, flag)))
     try:
         _runtime(args)
         return args.fn(args)
     # bad input: one clear line
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, ConnectionError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"bcjax {args.command}: error: {message}", file=sys.stderr)
+        print(f"bcjax {args.command}: error: {one_line(str(message))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bcjax {args.command}: interrupted", file=sys.stderr)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
 from bcjax import checkpoint
+from bcjax.errors import naming as _named
 from checkpoints_conv import causvid, diffusers_wan, io, krea, longlive, self_forcing
 from checkpoints_conv import wan as wan_conv
 
@@ -39,29 +39,10 @@ def _read_dit(layout: str, src: str):
     return io.load(src)
 
 
-def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, lora_alpha: float | None = None,
-                   ema: bool | None = None, num_heads: int | None = None, dtype: str = "keep",
-                   text_encoder: str | None = None, text_layout: str = "wan", text_preset: str = "umt5-xxl",
-                   tokenizer: str | None = None, vae: str | None = None, vae_preset: str = "wan2.1",
-                   taehv: str | None = None, overwrite: bool = False) -> dict:
-    """Convert and write; returns a summary (parts, parameter counts, seconds, peak RSS)."""
-    from bcjax.text.tokenizer import find_tokenizer_model
+def _convert_dit(layout, state, lora, lora_alpha, ema, num_heads, dtype, text_encoder, text_preset):
+    """(WanConfig, params) of the DiT read from the upstream file."""
     from bcjax.text.umt5 import UMT5Config
-    from bcjax.vae.wan_vae import VAEConfig
-    from checkpoints_conv import umt5 as umt5_conv
-    from checkpoints_conv import wan_vae as vae_conv
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"--from {layout!r}: expected one of {', '.join(LAYOUTS)}")
-    if (layout == "longlive") != (lora is not None):
-        raise ValueError("--lora is required with --from longlive, and only then")
-    if (text_encoder is None) != (tokenizer is None):
-        raise ValueError("--text-encoder and --tokenizer go together (the tokenizer is bundled for generation)")
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    t0 = time.perf_counter()
-    state = _read_dit(layout, src)
-    dtype = _source_dtype(state) if dtype == "keep" else dtype
     text_cfg = UMT5Config.preset(text_preset, param_dtype=dtype, dtype=dtype) if text_encoder else None
     overrides: dict[str, Any] = {"param_dtype": dtype, "dtype": dtype}
     if num_heads:
@@ -83,34 +64,67 @@ def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, 
         dit = krea.convert(state, cfg)
     else:
         dit = diffusers_wan.convert(state, cfg)
+    return cfg, dit
+
+
+def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, lora_alpha: float | None = None,
+                   ema: bool | None = None, num_heads: int | None = None, dtype: str = "keep",
+                   text_encoder: str | None = None, text_layout: str = "wan", text_preset: str = "umt5-xxl",
+                   tokenizer: str | None = None, vae: str | None = None, vae_preset: str = "wan2.1",
+                   taehv: str | None = None, overwrite: bool = False) -> dict:
+    """Convert and write; returns a summary (parts, parameter counts, seconds, peak RSS)."""
+    from bcjax.text.tokenizer import find_tokenizer_model, load_tokenizer
+    from bcjax.text.umt5 import UMT5Config
+    from bcjax.vae.wan_vae import VAEConfig
+    from checkpoints_conv import umt5 as umt5_conv
+    from checkpoints_conv import wan_vae as vae_conv
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"--from {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if (layout == "longlive") != (lora is not None):
+        raise ValueError("--lora is required with --from longlive, and only then")
+    if (text_encoder is None) != (tokenizer is None):
+        raise ValueError("--text-encoder and --tokenizer go together (the tokenizer is bundled for generation)")
+    inputs = [p for p in (src, lora, text_encoder, tokenizer, vae, taehv) if p]
+    checkpoint.check_destination(dst, inputs, overwrite=overwrite)  # before anything is read
+    t0 = time.perf_counter()
+    with _named(src):
+        state = _read_dit(layout, src)
+        dtype = _source_dtype(state) if dtype == "keep" else dtype
+        dit = _convert_dit(layout, state, lora, lora_alpha, ema, num_heads, dtype, text_encoder, text_preset)
+    cfg = dit[0]
     del state
-    parts: dict[str, tuple[Any, Any]] = {"dit": (cfg, dit)}
+    parts: dict[str, tuple[Any, Any]] = {"dit": dit}
+    text_cfg = UMT5Config.preset(text_preset, param_dtype=dtype, dtype=dtype) if text_encoder else None
     sources = {"dit": os.path.abspath(src)} | ({"lora": os.path.abspath(lora)} if lora else {})
     files = {}
     if text_encoder:
         # both set together with text_encoder (text_cfg above; tokenizer checked on entry)
         assert text_cfg is not None and tokenizer is not None
-        text_state = io.read_state_dict(text_encoder)
         convert_text = umt5_conv.convert_wan if text_layout == "wan" else umt5_conv.convert_transformers
-        parts["text"] = (text_cfg, convert_text(text_state, text_cfg))
+        with _named(text_encoder):
+            parts["text"] = (text_cfg, convert_text(io.read_state_dict(text_encoder), text_cfg))
         tok = find_tokenizer_model(tokenizer)
+        load_tokenizer(tok)  # a file sentencepiece cannot read is refused now, not at the first generate
         files["tokenizer/spiece.model"] = str(tok)
         sources |= {"text": os.path.abspath(text_encoder), "tokenizer": os.path.abspath(tok)}
     if vae:
         vae_cfg = VAEConfig.preset(vae_preset)
-        parts["vae"] = (vae_cfg, vae_conv.convert(io.read_state_dict(vae), vae_cfg))
+        with _named(vae):
+            parts["vae"] = (vae_cfg, vae_conv.convert(io.read_state_dict(vae), vae_cfg))
         sources["vae"] = os.path.abspath(vae)
     if taehv:  # the tiny preview decoder, kept whole (its encoder serves video-to-video previews)
         from bcjax.vae.taehv import TAEHVConfig
         from checkpoints_conv import taehv as taehv_conv
 
         taehv_cfg = TAEHVConfig.preset("taew2_1")
-        parts["taehv"] = (taehv_cfg, taehv_conv.convert_file(taehv, taehv_cfg))
+        with _named(taehv):
+            parts["taehv"] = (taehv_cfg, taehv_conv.convert_file(taehv, taehv_cfg))
         sources["taehv"] = os.path.abspath(taehv)
     checkpoint.save(dst, parts, {"layout": layout, "sources": sources,
                                  "options": {"ema": ema, "lora_alpha": lora_alpha, "dtype": dtype}},
-                    files=files, overwrite=overwrite)
+                    files=files, overwrite=overwrite, sources=inputs)
     counts = {name: int(sum(np.size(a) for a in jax.tree_util.tree_leaves(p))) for name, (_, p) in parts.items()}
     return {"parts": counts, "dit_config": cfg, "seconds": time.perf_counter() - t0,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "dst": str(Path(dst).resolve())}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "dst": checkpoint.resolve(dst)}
 

@@ -16,12 +16,15 @@ missing.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from bcjax.errors import BadFileError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -57,10 +60,13 @@ def read_state_dict(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
     """A flat state dict {name: numpy} from a file or sharded folder; `keys` walk into a nested
     checkpoint first (`read_state_dict("model.pt", "generator")`)."""
     state = nested(load(path), *keys, source=path)
+    if not isinstance(state, Mapping):
+        where = f"{path}" + "".join(f"[{k!r}]" for k in keys)
+        raise BadFileError(f"{where} is a {type(state).__name__}, not a state dict of tensors")
     bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
     if bad:
         where = f"{path}" + "".join(f"[{k!r}]" for k in keys)
-        raise ValueError(
+        raise BadFileError(
             f"{where} is not a flat state dict: entries {bad[:10]} are {type(state[bad[0]]).__name__}, not tensors; "
             f"pick one with read_state_dict(path, key)"
         )
@@ -124,36 +130,64 @@ def _is_array(v) -> bool:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file; a malformed header raises BadFileError naming the file,
+    the tensor and what is wrong (the format: 8-byte length, a JSON object of {name: {"dtype",
+    "shape", "data_offsets"}} and "__metadata__", then the byte buffer)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"safetensors file {path} is truncated ({size} bytes; no header length)")
+            raise BadFileError(f"safetensors file {path} is truncated ({size} bytes; no header length)")
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
-            raise ValueError(f"safetensors file {path} is truncated: header of {n} bytes, file of {size}")
+            raise BadFileError(f"safetensors file {path} is truncated: header of {n} bytes, file of {size}")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"safetensors file {path} has a header that is not JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise BadFileError(f"safetensors file {path} has a header that is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise BadFileError(f"safetensors file {path}: its header is a JSON {type(header).__name__}; "
+                           "expected an object of tensors")
     header.pop("__metadata__", None)
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 8 + n else np.zeros(0, np.uint8)
+    buffer = size - 8 - n
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if buffer > 0 else np.zeros(0, np.uint8)
     out: dict[str, np.ndarray] = {}
     for name, info in header.items():
-        tag = info.get("dtype")
-        if tag not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"safetensors file {path}: tensor {name} has dtype {tag!r}, "
-                             f"not one of {sorted(_SAFETENSORS_DTYPES)}")
-        dtype, shape = _SAFETENSORS_DTYPES[tag], tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * dtype.itemsize or 8 + n + end > size:
-            raise ValueError(
-                f"safetensors file {path}: tensor {name} ({tag} {list(shape)}) spans bytes [{begin}, {end}) "
-                f"of a {size - 8 - n}-byte buffer; expected {count * dtype.itemsize} bytes"
+        dtype, shape, (begin, end) = _entry(path, name, info)
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or end > buffer:
+            raise BadFileError(
+                f"safetensors file {path}: tensor {name} ({info['dtype']} {list(shape)}) spans bytes [{begin}, {end}) "
+                f"of a {buffer}-byte buffer; expected {count * dtype.itemsize} bytes"
             )
-        out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).reshape(shape)
+        out[name] = (np.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).reshape(shape) if count
+                     else np.zeros(shape, dtype))
     return out
+
+
+def _entry(path: Path, name: str, info) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, (begin, end)) of one header entry, each checked for its type and range."""
+    where = f"safetensors file {path}: tensor {name}"
+    if not isinstance(info, dict):
+        raise BadFileError(f"{where} is a JSON {type(info).__name__}; expected an object with dtype, shape and "
+                           "data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise BadFileError(f"{where} has no {', '.join(missing)}")
+    tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(tag, str) or tag not in _SAFETENSORS_DTYPES:
+        raise BadFileError(f"{where} has dtype {tag!r}, not one of {sorted(_SAFETENSORS_DTYPES)}")
+
+    def counts(v, n=None) -> bool:
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in v))
+
+    if not counts(shape):
+        raise BadFileError(f"{where} has shape {json.dumps(shape)[:60]}; expected a list of non-negative integers")
+    if not counts(offsets, 2) or offsets[0] > offsets[1]:
+        raise BadFileError(f"{where} has data_offsets {json.dumps(offsets)[:60]}; expected [begin, end], "
+                           "0 <= begin <= end")
+    return _SAFETENSORS_DTYPES[tag], tuple(shape), (offsets[0], offsets[1])
 
 
 def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
@@ -162,10 +196,17 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"checkpoint folder {folder} has {len(indexes)} index files {[p.name for p in indexes]}; "
                          "expected one")
     if indexes:
-        index = json.loads(indexes[0].read_text())
-        weight_map = index.get("weight_map")
+        try:
+            index = json.loads(indexes[0].read_bytes())
+        except (ValueError, RecursionError) as e:
+            raise BadFileError(f"{indexes[0]} is not JSON: {e}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, Mapping):
-            raise ValueError(f"{indexes[0]} has no 'weight_map'")
+            raise BadFileError(f"{indexes[0]} has no 'weight_map' object")
+        odd = [v for v in weight_map.values() if not isinstance(v, str) or Path(v).name != v or v in ("", ".", "..")]
+        if odd:
+            raise BadFileError(f"{indexes[0]}: weight_map names {shorten(map(repr, odd), 3)}; expected shard file "
+                               "names in its folder")
         out: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).is_file():
@@ -174,7 +215,7 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
             wanted = [k for k, s in weight_map.items() if s == shard]
             absent = [k for k in wanted if k not in tensors]
             if absent:
-                raise ValueError(f"shard {folder / shard} lacks {shorten(absent)}, "
+                raise BadFileError(f"shard {folder / shard} lacks {shorten(absent)}, "
                                  f"which {indexes[0].name} places there")
             out.update({k: tensors[k] for k in wanted})
         return out
@@ -186,7 +227,7 @@ def _read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
         tensors = _read_safetensors(shard)
         twice = sorted(set(tensors) & set(out))
         if twice:
-            raise ValueError(f"checkpoint folder {folder}: keys {shorten(twice)} appear in more than one shard "
+            raise BadFileError(f"checkpoint folder {folder}: keys {shorten(twice)} appear in more than one shard "
                              "and there is no index")
         out.update(tensors)
     return out
@@ -208,7 +249,7 @@ def _read_torch(path: Path):
     except Exception as e:  # noqa: BLE001 - arbitrary bytes fail in any of pickle's ways (KeyError, struct.error, ...)
         # torch's own message suggests weights_only=False, i.e. running the file's code: not done here
         first = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint that loads as plain tensors "
+        raise BadFileError(f"checkpoint {path}: not a PyTorch checkpoint that loads as plain tensors "
                          f"({first[:200]})") from None
     return as_numpy(obj)
 

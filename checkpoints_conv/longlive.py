@@ -107,10 +107,10 @@ def merge(base, lora, *, rank: int | None = None, alpha: float | None = None,
             continue
         deltas[module] = (a, b)
     if errors:
-        head = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        head = "; ".join(errors[:20])
+        more = f"; ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise ValueError(f"LongLive LoRA {lora_src} does not fit base {base_src} "
-                         f"({len(errors)} problems):\n  {head}{more}")
+                         f"({len(errors)} problems): {head}{more}")
     if not deltas:
         raise ValueError(f"LongLive LoRA {lora_src} holds no adapters")
 

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from bcjax.errors import naming
 from bcjax.vae.taehv import TAEHVConfig, param_shapes
 from checkpoints_conv import io
 
@@ -139,14 +140,16 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: TAEHVConfig | None = None
         if key not in stripped and not (decoder_only and not path.startswith("decoder/")):
             errors.append(f"missing key {prefix}{key} (shape {rule.torch_shape(expected[path])})")
     if errors:
-        head = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        lead = f"{diagnosis}.\n" if diagnosis else ""
+        head = "; ".join(errors[:20])
+        more = f"; ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        lead = f"{diagnosis}; " if diagnosis else ""
         raise ValueError(f"{lead}TAEHV checkpoint does not match {_describe(cfg)} "
-                         f"({len(errors)} problems):\n  {head}{more}")
+                         f"({len(errors)} problems): {head}{more}")
     return io.unflatten(out)
 
 
 def convert_file(path: str, cfg: TAEHVConfig | None = None, **kwargs):
-    """A taew2_1 `.pth` or `.safetensors` file -> bcjax tree (see `convert`)."""
-    return convert(io.read_state_dict(path), cfg, **kwargs)
+    """A taew2_1 `.pth` or `.safetensors` file -> bcjax tree (see `convert`); a malformed file or one
+    that does not fit `cfg` raises BadFileError naming it."""
+    with naming(path):
+        return convert(io.read_state_dict(path), cfg, **kwargs)

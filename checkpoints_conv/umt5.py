@@ -115,10 +115,10 @@ def _convert(state_dict, cfg: UMT5Config, layout: str):
         errors += [f"key {name.format(i)} has shape {tuple(np.shape(a))}; expected {want}"
                    for i, a in sorted(blocks[path].items()) if tuple(np.shape(a)) != want]
     if errors:
-        head = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        head = "; ".join(errors[:20])
+        more = f"; ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise ValueError(f"{layout}-layout umT5 checkpoint does not match the UMT5Config "
-                         f"({len(errors)} problems):\n  {head}{more}")
+                         f"({len(errors)} problems): {head}{more}")
 
     dtype = cfg.params_dtype
     out = {path: _TOP[path][2].convert(value).astype(dtype) for path, (_, value) in top.items()}

@@ -170,9 +170,9 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: WanConfig, *, prefix: str
                 continue
             out[path] = top[path].astype(dtype)
     if errors:
-        head = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"checkpoint does not match the Wan config ({len(errors)} problems):\n  {head}{more}")
+        head = "; ".join(errors[:20])
+        more = f"; ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"checkpoint does not match the Wan config ({len(errors)} problems): {head}{more}")
     return io.unflatten(out)
 
 
@@ -191,11 +191,22 @@ def infer_config(state: Mapping, **overrides) -> WanConfig:
     ffn = _find(flat, ("blocks.0.ffn.0.weight", "blocks.0.ffn.net.0.proj.weight"))
     head = _find(flat, ("head.head.weight", "proj_out.weight"))
     layers = {int(m.group(1)) for k in flat for m in [re.search(r"(?:^|\.)blocks\.(\d+)\.", k)] if m}
+    shapes = {"patch embedding": (patch, 5), "text embedding": (text, 2), "FFN": (ffn, 2), "head": (head, 2)}
+    for what, (a, ndim) in shapes.items():
+        if len(np.shape(a)) != ndim or 0 in np.shape(a):
+            raise ValueError(f"cannot tell the model's shape: its {what} weight has shape {tuple(np.shape(a))}; "
+                             f"expected {ndim} non-zero dimensions")
+    if not layers:
+        raise ValueError("cannot tell the model's shape: no blocks.N. keys")
     dim, in_channels = int(patch.shape[0]), int(patch.shape[1])
     pt, ph, pw = (int(s) for s in patch.shape[2:5])
+    out_channels = int(head.shape[0]) // (pt * ph * pw)
     fields = dict(dim=dim, ffn_dim=int(ffn.shape[0]), num_heads=max(1, dim // 128), num_layers=max(layers) + 1,
-                  in_channels=in_channels, out_channels=int(head.shape[0]) // (pt * ph * pw), patch_size=(pt, ph, pw),
+                  in_channels=in_channels, out_channels=out_channels, patch_size=(pt, ph, pw),
                   text_dim=int(text.shape[1]))
+    if out_channels < 1:
+        raise ValueError(f"cannot tell the model's shape: its head weight has shape {tuple(head.shape)}, fewer "
+                         f"outputs than one patch of {pt}x{ph}x{pw}")
     return WanConfig(**{**fields, **overrides})
 
 

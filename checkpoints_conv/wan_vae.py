@@ -179,10 +179,10 @@ def convert(state_dict: Mapping[str, np.ndarray], cfg: VAEConfig, *, layout: str
         if key not in seen and wanted(path):
             errors.append(f"missing key {prefix}{key} (shape {rule.torch_shape(expected[path])})")
     if errors:
-        head = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        head = "; ".join(errors[:20])
+        more = f"; ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise ValueError(
-            f"{layout}-layout VAE checkpoint does not match {_describe(cfg)} ({len(errors)} problems):\n  {head}{more}"
+            f"{layout}-layout VAE checkpoint does not match {_describe(cfg)} ({len(errors)} problems): {head}{more}"
         )
     return io.unflatten(out)
 

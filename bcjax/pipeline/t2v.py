@@ -88,17 +88,19 @@ class TextToVideo:
     # attention backend (None: "auto"), see bcjax.checkpoint.restore
     dtype: str | None = None
     attention: str | None = None
+    verify: bool = True  # check the weights against the checkpoint's manifest (bcjax.checkpoint.restore)
 
     def __post_init__(self):
+        self.path = checkpoint.resolve(self.path)
         meta = checkpoint.read_config(self.path)
         missing = [p for p in ("dit", "text", "vae") if p not in meta["configs"]]
         if missing:
             raise ValueError(f"checkpoint {self.path} lacks part(s) {missing}; text-to-video needs dit, text and vae "
                              "(bcjax convert --text-encoder ... --vae ... --tokenizer ...)")
         self.dit_cfg, self.dit = checkpoint.restore(self.path, "dit", mesh=self.mesh, dtype=self.dtype,
-                                                    attention=self.attention)
-        self.text_cfg, self.text = checkpoint.restore(self.path, "text")
-        self.vae_cfg, self.vae = checkpoint.restore(self.path, "vae")
+                                                    attention=self.attention, verify=self.verify)
+        self.text_cfg, self.text = checkpoint.restore(self.path, "text", verify=self.verify)
+        self.vae_cfg, self.vae = checkpoint.restore(self.path, "vae", verify=self.verify)
         if self.text_cfg.d_model != self.dit_cfg.text_dim or self.text_cfg.text_len != self.dit_cfg.text_len:
             raise ValueError(f"text encoder gives [{self.text_cfg.text_len}, {self.text_cfg.d_model}] embeddings; "
                              f"the DiT expects [{self.dit_cfg.text_len}, {self.dit_cfg.text_dim}]")
@@ -142,7 +144,8 @@ class TextToVideo:
         refusal = self.decoder_refusal(name)
         if refusal:
             raise ValueError(f"--decoder {name}: {refusal}")
-        cfg, params = (self.vae_cfg, self.vae) if name == "wan" else checkpoint.restore(self.path, "taehv")
+        cfg, params = (self.vae_cfg, self.vae) if name == "wan" else checkpoint.restore(self.path, "taehv",
+                                                                                          verify=self.verify)
         return PixelDecoder(name, cfg, params, self.decode_on)
 
     def encode_video(self, path: str) -> jax.Array:

@@ -179,7 +179,8 @@ class CheckpointBackend:
 
     def __init__(self, path: str, port: str = "self_forcing", video_hw: tuple[int, int] = (480, 832), mesh=None,
                  quality: int = 85, text_cache_bytes: int = TEXT_CACHE_BYTES, decoder: str | None = None,
-                 decode_device: str | None = None, dtype: str | None = None, attention: str | None = None):
+                 decode_device: str | None = None, dtype: str | None = None, attention: str | None = None,
+                 verify: bool = True):
         import ports
         from bcjax.checkpoint import read_config
         from bcjax.pipeline.t2v import TextToVideo
@@ -189,7 +190,7 @@ class CheckpointBackend:
         if decoder is None:  # the tiny decoder keeps a live stream's pace, when the checkpoint has it
             decoder = "taehv" if "taehv" in read_config(path)["configs"] and pcfg.context != "rebuild" else "wan"
         self.t2v = TextToVideo(path, pcfg, (height, width), mesh=mesh, decoder=decoder, decode_device=decode_device,
-                               dtype=dtype, attention=attention)
+                               dtype=dtype, attention=attention, verify=verify)
         self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
         self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, (height, width), quality
         self.port = port

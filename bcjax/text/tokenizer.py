@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bcjax.errors import BadFileError
+
 # Where the file sits in a Wan2.1 checkpoint folder (and in a google/umt5-xxl snapshot).
 _CANDIDATES = ("spiece.model", "google/umt5-xxl/spiece.model", "tokenizer.model")
 
@@ -48,9 +50,15 @@ def load_tokenizer(path: str | Path):
     import sentencepiece as spm
 
     model_file = find_tokenizer_model(path)
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError, ValueError) as e:  # sentencepiece's parse errors are RuntimeErrors
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BadFileError(f"tokenizer {model_file} is not a sentencepiece model ({first})") from None
+    if sp.get_piece_size() < 1:
+        raise BadFileError(f"tokenizer {model_file} has no pieces")
     if sp.eos_id() < 0 or sp.pad_id() < 0:
-        raise ValueError(f"tokenizer {model_file} defines no eos/pad id (eos={sp.eos_id()}, pad={sp.pad_id()})")
+        raise BadFileError(f"tokenizer {model_file} defines no eos/pad id (eos={sp.eos_id()}, pad={sp.pad_id()})")
     return sp
 
 
