@@ -209,9 +209,10 @@ def _serve(args) -> int:
 
 def _toy_model_flags(s) -> None:
     s.add_argument("--model", dest="toy_model", default=DEFAULT_TOY_MODEL, choices=TOY_MODELS,
-                   help="the embedded toy-world model: lineage-3f (bidirectional base -> causal student, 3-frame "
-                        "blocks, LongLive's window) or causal-1f (trained causally from scratch, 1-frame blocks)")
-    s.add_argument("--checkpoint", help="another toy-world checkpoint or training run (instead of --model)")
+                   help="the embedded toy-world model (causal-1f: trained block-causally from scratch, 1-frame "
+                        "blocks; docs/toyworld-study.md)")
+    s.add_argument("--checkpoint", help="another toy-world checkpoint or training run (instead of --model), e.g. a "
+                                        "lineage run's model (`python -m bcjax.toyworld.train --stage base` ...)")
 
 
 def _eval(args) -> int:

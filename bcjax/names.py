@@ -21,9 +21,10 @@ POLICIES = ("no-recache", "recache", "recache-causal")
 # RoPE positions of a stream (`bcjax.schedule.config.PipelineConfig.positions`)
 POSITIONS = ("absolute", "rolling")
 # the toy-world models embedded in the package (`bcjax demo --model`, `bcjax eval toyworld --model`,
-# `bcjax serve --model`, the study): "lineage-3f" is made the way the real models are (a
-# bidirectional many-step base -> ODE init -> self-rollout; 3-frame blocks; LongLive's 12-frame
-# window with a 3-frame sink), "causal-1f" the first one (trained block-causally from scratch;
-# 1-frame blocks; a 3-frame window)
-TOY_MODELS = ("lineage-3f", "causal-1f")
-DEFAULT_TOY_MODEL = "lineage-3f"
+# `bcjax serve --checkpoint NAME`, the study): "causal-1f" (trained block-causally from scratch;
+# 1-frame blocks; a 3-frame window). "lineage-3f", the model made the way the real ones are (a
+# bidirectional many-step base -> ODE init -> stream-rollout; 3-frame blocks; LongLive's 12-frame
+# window with a 3-frame sink; `bcjax.toyworld.lineage`), joins them once its training reaches a
+# usable quality (docs/toyworld-study.md: not yet within the CPU budget)
+TOY_MODELS = ("causal-1f",)
+DEFAULT_TOY_MODEL = "causal-1f"

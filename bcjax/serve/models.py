@@ -97,8 +97,8 @@ def _common_checks(prompt: str) -> str:
 class ToyBackend:
     """The toy-world DiT (default: the checkpoint shipped in the package). Prompts are sprite
     phrases ('red south-east fast'); the stream continues a still image whose sprites start at
-    seeded positions. A switch may change directions and speeds, not the sprites (the image
-    holds them). Frames are the latents themselves (3 channels), sent as lossless PNGs."""
+    seeded positions. A switch may change colours, directions and speeds, not the number of sprites
+    (the image holds them). Frames are the latents themselves (3 channels), sent as lossless PNGs."""
 
     mime = "image/png"
 

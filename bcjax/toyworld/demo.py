@@ -29,9 +29,9 @@ TEMPORAL_SCALE = 1
 # sequential, the best cascade of docs/toyworld-study.md, and the paper's recommended one for contrast
 COLUMNS = (("sequential", None), ("P4", "causal"), ("P4", "bidirectional"))
 LABELS = ("TRUTH", "SEQUENTIAL", "P4 CAUSAL", "P4 BIDIR")
-# about 40 generated frames at 8 fps, 5 s: 40 blocks of causal-1f's 1 frame, 14 of lineage-3f's 3
+# about 40 generated frames at 8 fps, 5 s: 40 blocks of causal-1f's 1 frame, 14 of a 3-frame-block model's
 FRAMES, FPS = 40, 8.0
-BLOCKS = FRAMES  # of a 1-frame-block model (the causal-1f default before lineage-3f)
+BLOCKS = FRAMES  # of a 1-frame-block model (causal-1f)
 
 
 def default_blocks(model: ToyModel) -> int:

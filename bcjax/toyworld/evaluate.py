@@ -60,7 +60,7 @@ EVAL_SEED = 12345  # prompts are drawn from default_rng([EVAL_SEED, i]); trainin
 FIELDS = ("mse", "psnr", "pos_err", "jump", "div_seq", "colour", "crisp")
 SHIPPED = os.path.join(os.path.dirname(__file__), "checkpoint")
 # the embedded checkpoints by name (`bcjax.names.TOY_MODELS`)
-EMBEDDED = {"causal-1f": SHIPPED, "lineage-3f": os.path.join(os.path.dirname(__file__), "checkpoint-lineage")}
+EMBEDDED = {"causal-1f": SHIPPED}
 
 
 @dataclasses.dataclass
