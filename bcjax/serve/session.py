@@ -6,12 +6,14 @@ reads between steps, never new threads, so a page (or a script) sending 1000 sta
 thread and only the newest stream computes. The thread drives `bcjax.interactive.steps` over the
 runner for the chosen (schedule, window), with a `LivePrompts` the page pushes into. Every step
 becomes one message (a binary block message when a block finished, a JSON tick otherwise) on
-the session's `Outbox`.
+the session's `Outbox`; the replies to the page's commands go there too, without ever waiting
+(the commands run on shared workers: a tab that does not read must not hold one).
 
 The thread computes only while the page keeps up: the page acknowledges the blocks it has
 received (`ack`), and the thread waits, costing nothing, while `ack_window` blocks are
-unacknowledged. The kernel's socket buffers would otherwise absorb minutes of a never-reading
-client's video before any queue on this side filled. Sessions share nothing mutable but the
+unacknowledged, and an ack counts only blocks already handed to the socket's transport. The
+kernel's socket buffers would otherwise absorb minutes of a never-reading client's video before
+any queue on this side filled. Sessions share nothing mutable but the
 `Runners`, whose jitted programs are keyed by the runner's config: the second tab with a config
 does not compile again.
 """
