@@ -35,7 +35,7 @@ SEND_BUFFER = 128 * 1024  # bytes (the kernel doubles it): 5 MB/s at a 50 ms rou
 
 def make_app(backend, *, queue: int = 8, max_sessions: int = 8, allow_origins: tuple[str, ...] = (),
              ack_window: int = 4, rate: float = 20.0, burst: int = 40, text_bytes: int = 256 * 2 ** 20,
-             idle: float = IDLE_S, stall: float = STALL_S) -> Starlette:
+             idle: float = IDLE_S, stall: float = STALL_S, runners: Runners | None = None) -> Starlette:
     """The server for one model: `backend` (ToyBackend, CheckpointBackend); `queue` messages may
     wait per tab; at most `max_sessions` tabs at once. `/ws` takes handshakes from the page's own
     origin and `allow_origins` (e.g. "http://localhost:3000") only, and only with a Host naming
@@ -43,14 +43,15 @@ def make_app(backend, *, queue: int = 8, max_sessions: int = 8, allow_origins: t
     unacknowledged; a tab may send `rate` messages/s (bursts of `burst`); each stream keeps
     `text_bytes` of text K/V. A tab is closed when it has been idle `idle` s (no message, and
     its generation waits: no stream, a stopped one, or one waiting for acks), and when nothing
-    could be handed to its socket's transport for `stall` s (its page does not read)."""
+    could be handed to its socket's transport for `stall` s (its page does not read). `runners`:
+    another app's `app.state.runners` over the same backend, to share its compiled programs."""
     if queue < 1 or max_sessions < 1 or ack_window < 1 or rate <= 0 or burst < 1 or idle <= 0 or stall <= 0:
         raise ValueError(f"queue={queue}, max_sessions={max_sessions}, ack_window={ack_window}, burst={burst} must be "
                          f">= 1 and rate={rate}, idle={idle}, stall={stall} > 0")
     for origin in allow_origins:
         _check_origin_flag(origin)
     listen_for_compiles()
-    runners = Runners(backend)
+    runners = Runners(backend) if runners is None else runners
     sessions: set[Session] = set()
     allowed = {o.rstrip("/").lower() for o in allow_origins}
 
@@ -69,7 +70,8 @@ def make_app(backend, *, queue: int = 8, max_sessions: int = 8, allow_origins: t
             await websocket.close(code=1008)  # before accept: uvicorn answers the handshake with 403
             return
         await websocket.accept()
-        outbox = Outbox(asyncio.get_running_loop(), queue)
+        # room for the replies to a whole burst of messages: only a tab that does not read fills it
+        outbox = Outbox(asyncio.get_running_loop(), queue, room=2 * burst)
         session = Session(backend, runners, outbox, ack_window=ack_window, text_bytes=text_bytes)
         if len(sessions) >= max_sessions:
             # the hello first: a tab turned away still shows the model and its controls, and retries
