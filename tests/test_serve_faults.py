@@ -166,7 +166,7 @@ def test_blind_acks_count_only_what_the_transport_took():
     assert session not in s.app.state.sessions, "the blind tab is still served after a minute"
     assert gen is not None and gen.acked <= gen.delivered <= gen.sent
     assert gen.sent < 1000, f"{gen.sent} blocks of ~600 bytes computed for a tab that read none"
-    assert closed < 40, closed
+    assert closed < 90, closed  # ~500 toy blocks fill the ~300 KB of buffers: 30-40 s on a loaded 2-core machine
     cpu = time.process_time()
     time.sleep(1.0)
     assert time.process_time() - cpu < 0.3, "the closed blind tab kept computing"
