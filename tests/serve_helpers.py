@@ -63,12 +63,14 @@ def tiny_checkpoint(folder) -> str:
     return str(dst)
 
 
-def start_server(backend, **options) -> Served:
-    """`make_app(backend, **options)` served by uvicorn on a free loopback port, in a daemon thread."""
+def start_server(backend, send_buffer: int | None = None, **options) -> Served:
+    """`make_app(backend, **options)` served by uvicorn on a free loopback port, in a daemon thread
+    (`send_buffer`: its connections' kernel send buffer, bytes; the server's default when None)."""
     from bcjax.serve import make_app, server
+    from bcjax.serve.app import SEND_BUFFER
 
     app = make_app(backend, **{"queue": 4, **options})
-    srv, sock = server(app, "127.0.0.1", 0)
+    srv, sock = server(app, "127.0.0.1", 0, send_buffer=SEND_BUFFER if send_buffer is None else send_buffer)
     threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="bcjax-test-server", daemon=True).start()
     deadline = time.monotonic() + 20
     while not srv.started:

@@ -258,9 +258,10 @@ async def _send(websocket: WebSocket, outbox: Outbox, stall: float) -> None:
         outbox.close()
 
 
-def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+def bind(host: str = "127.0.0.1", port: int = 8000, send_buffer: int = SEND_BUFFER) -> socket.socket:
     """A socket bound to (host, port), before any model loads: a port out of range, a host that is
-    no address and a port in use are ValueErrors naming them. Port 0 picks a free port."""
+    no address and a port in use are ValueErrors naming them. Port 0 picks a free port. Every
+    connection it accepts has a kernel send buffer of `send_buffer` bytes (the kernel doubles it)."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port}: expected 0 .. 65535")
     try:
@@ -273,7 +274,7 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     # every connection's kernel send buffer (accepted sockets inherit it): fixed, not grown to 4 MB,
     # so a page that stops reading backs up into the transport, where the sender sees it, after
     # kilobytes rather than hundreds of blocks
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     try:
         sock.bind(address)
     except OSError as e:
@@ -285,11 +286,12 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     return sock
 
 
-def server(app, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None):
-    """(uvicorn.Server, bound socket): on `sock`, or on one `bind(host, port)` makes."""
+def server(app, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None,
+           send_buffer: int = SEND_BUFFER):
+    """(uvicorn.Server, bound socket): on `sock`, or on one `bind(host, port, send_buffer)` makes."""
     import uvicorn
 
-    sock = sock if sock is not None else bind(host, port)
+    sock = sock if sock is not None else bind(host, port, send_buffer)
     # websockets' sans-I/O protocol where uvicorn has it (its legacy one is deprecated)
     ws = "websockets-sansio" if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "auto"
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", ws=ws, ws_max_size=WS_MAX_SIZE)), sock
