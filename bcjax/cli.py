@@ -198,7 +198,7 @@ def _serve(args) -> int:
         else:  # the shipped toy-world model, or another toy-world checkpoint
             backend = ToyBackend(args.checkpoint or toy_name, mesh, **_numerics(args))
         app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
-                       allow_origins=tuple(args.allow_origin or ()))
+                       allow_origins=tuple(args.allow_origin or ()), idle=args.idle_timeout)
         srv, _ = server(app, sock=sock)
         host, port = sock.getsockname()[:2]
         print(f"bcjax serve: {backend.describe()['title']} "
@@ -272,7 +272,15 @@ def _generate_video(args) -> int:
                       decoder=args.decoder or "wan", decode_device=args.decode_device, verify=args.verify,
                       **_numerics(args))
     source = t2v.encode_video(args.video) if args.video else None
-    t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed, source=source)
+    before = _stat(args.out)
+    try:
+        t = t2v.write_mp4(args.prompt, args.blocks, args.out if _primary() else None, seed=args.seed, source=source)
+    except KeyboardInterrupt:  # the mp4 is finished on the way out with every block written so far
+        after = _stat(args.out)
+        print(f"bcjax generate: interrupted; {args.out} holds the blocks made so far" if after and after != before
+              else f"bcjax generate: interrupted before the first block; nothing written to {args.out}",
+              file=sys.stderr)
+        return 130
     print(f"wrote {args.out}: {t['frames']} frames {args.size[0]}x{args.size[1]} at 16 fps | "
           f"encode {t['encode_s']:.2f} s | denoise {t['denoise_fps']:.2f} FPS steady "
           f"(first block {t['denoise_s'][0]:.2f} s incl. compile) | "
@@ -280,6 +288,15 @@ def _generate_video(args) -> int:
           f"{t['decodes'] / max(t['blocks'], 1):.0f} per block | end-to-end {t['end_to_end_fps']:.2f} FPS | "
           f"first frame after {t['first_frame_s']:.2f} s")
     return 0
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    """(inode, mtime) of a file, None when there is none: whether a run wrote it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _convert(args) -> int:
@@ -338,6 +355,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -453,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", type=_positive, default=8,
                    help="messages that may wait per tab before its generation waits")
     s.add_argument("--max-tabs", type=_positive, default=8, help="tabs (connections) served at once")
+    s.add_argument("--idle-timeout", type=_positive_float, default=120.0, metavar="SECONDS",  # app.IDLE_S
+                   help="a tab with no message and nothing to generate (no stream, a stopped one) is closed after "
+                        "this long, freeing its place; the page says so and reconnects on start")
     s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                    help="another page allowed to open the stream's WebSocket, e.g. http://localhost:3000 (repeatable; "
                         "by default only the page this server serves)")

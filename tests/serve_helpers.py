@@ -63,12 +63,14 @@ def tiny_checkpoint(folder) -> str:
     return str(dst)
 
 
-def start_server(backend, **options) -> Served:
-    """`make_app(backend, **options)` served by uvicorn on a free loopback port, in a daemon thread."""
+def start_server(backend, send_buffer: int | None = None, **options) -> Served:
+    """`make_app(backend, **options)` served by uvicorn on a free loopback port, in a daemon thread
+    (`send_buffer`: its connections' kernel send buffer, bytes; the server's default when None)."""
     from bcjax.serve import make_app, server
+    from bcjax.serve.app import SEND_BUFFER
 
     app = make_app(backend, **{"queue": 4, **options})
-    srv, sock = server(app, "127.0.0.1", 0)
+    srv, sock = server(app, "127.0.0.1", 0, send_buffer=SEND_BUFFER if send_buffer is None else send_buffer)
     threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="bcjax-test-server", daemon=True).start()
     deadline = time.monotonic() + 20
     while not srv.started:
@@ -134,3 +136,40 @@ def until(ws, pred, timeout: float = 30.0):
             ack(ws, m)
         elif pred(j := json.loads(m)):
             return j
+
+
+def deaf_tab(s: Served, rcvbuf: int = 4096, timeout: float = 10.0):
+    """A raw-socket WebSocket that reads its handshake's response and nothing after (a small
+    receive buffer: the server's sends back up at once); `send_text(sock, text)` writes to it."""
+    import base64
+    import os
+    import socket
+
+    host, port = s.url.rsplit("/", 1)[-1].rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # a byte at a time: nothing past the response head is read
+        byte = sock.recv(1)
+        assert byte, head
+        head += byte
+    assert head.split(b"\r\n")[0].split()[1] == b"101", head
+    return sock
+
+
+def send_text(sock, text: str) -> None:
+    """One masked WebSocket text frame (as a client must send it)."""
+    import os
+    import struct
+
+    data = text.encode()
+    n = len(data)
+    head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
+                            if n < 2 ** 16 else bytes([0x80 | 127]) + struct.pack(">Q", n))
+    mask = os.urandom(4)
+    sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))

@@ -15,6 +15,8 @@ and one binary message per generated block: a 4-byte big-endian header length, t
 (UTF-8 JSON: {"type": "block", "block", "prompt", "tick", "stages", "mime", "sizes", "decoder",
 "decode_ms" (the pixel decode of this block on the decode device; null without a decoder), ...}),
 then the block's frames as images, back to back (header["sizes"] their byte lengths).
+The server closes a tab with code 4000 after an {"type": "error", "what": "idle"} message (idle
+too long), and with 4001 when it does not read (see `bcjax.serve.session.Outbox`).
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ reads between steps, never new threads, so a page (or a script) sending 1000 sta
 thread and only the newest stream computes. The thread drives `bcjax.interactive.steps` over the
 runner for the chosen (schedule, window), with a `LivePrompts` the page pushes into. Every step
 becomes one message (a binary block message when a block finished, a JSON tick otherwise) on
-the session's `Outbox`.
+the session's `Outbox`; the replies to the page's commands go there too, without ever waiting
+(the commands run on shared workers: a tab that does not read must not hold one).
 
 The thread computes only while the page keeps up: the page acknowledges the blocks it has
 received (`ack`), and the thread waits, costing nothing, while `ack_window` blocks are
-unacknowledged. The kernel's socket buffers would otherwise absorb minutes of a never-reading
-client's video before any queue on this side filled. Sessions share nothing mutable but the
+unacknowledged, and an ack counts only blocks already handed to the socket's transport. The
+kernel's socket buffers would otherwise absorb minutes of a never-reading client's video before
+any queue on this side filled. Sessions share nothing mutable but the
 `Runners`, whose jitted programs are keyed by the runner's config: the second tab with a config
 does not compile again.
 """
@@ -19,8 +21,10 @@ does not compile again.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
+import contextlib
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -81,39 +85,108 @@ class Runners:
 
 
 class Outbox:
-    """A bounded queue from any thread to the connection's sender coroutine."""
+    """A tab's bounded queue from any thread to its connection's sender coroutine.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, maxsize: int):
-        self.loop = loop
-        self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize)
+    Two kinds of writer, two rules, so that no shared worker ever waits on a tab that does not
+    read: the tab's own generation thread `put`s its ticks and blocks and waits while `maxsize`
+    messages wait (only that tab's thread waits); replies to the page's messages (`reply`, from
+    the event loop or a shared worker) never wait: they may use `room` places past a full queue,
+    and a reply that finds those taken too ends the tab (the close policy: its page has stopped
+    reading while it goes on sending)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, maxsize: int, room: int | None = None):
+        self.loop, self.maxsize = loop, maxsize
+        self.room = maxsize if room is None else room
         self.closed = threading.Event()
+        self.ended: Ended | None = None  # why the tab is closed from this side, once it is
+        self._items: collections.deque = collections.deque()  # (msg, on_sent)
+        self._cond = threading.Condition()
+        self._ready = asyncio.Event()  # set (on the loop) when an item or the end is there
 
-    def put(self, msg, cancelled=None) -> bool:
-        """Queue msg (dict: a JSON text message; bytes: a binary one), waiting while the queue is
-        full. False once the outbox is closed or `cancelled()` holds; never call from the loop's thread."""
-        def stop() -> bool:
-            return self.closed.is_set() or (cancelled is not None and cancelled())
-
-        if stop():
-            return False
-        try:
-            fut = asyncio.run_coroutine_threadsafe(self.queue.put(msg), self.loop)
-        except RuntimeError:  # the loop is gone
-            return False
-        while True:
-            try:
-                fut.result(timeout=0.1)
-                return True
-            except concurrent.futures.TimeoutError:
-                if stop():
-                    fut.cancel()
+    def put(self, msg, cancelled=None, on_sent=None) -> bool:
+        """Queue msg (dict: a JSON text message; bytes: a binary one), waiting while `maxsize`
+        messages wait; `on_sent()` is called (on the loop) once it is handed to the socket's
+        transport. False once the outbox is closed or `cancelled()` holds; the tab's own thread only."""
+        with self._cond:
+            while len(self._items) >= self.maxsize:
+                if self.closed.is_set() or (cancelled is not None and cancelled()):
                     return False
+                self._cond.wait(0.1)
+            if self.closed.is_set() or (cancelled is not None and cancelled()):
+                return False
+            self._items.append((msg, on_sent))
+        self._wake()
+        return True
+
+    def reply(self, msg) -> bool:
+        """Queue a reply to the page without waiting (any thread); False when the outbox is
+        closed, or when `maxsize + room` messages already wait: then the tab is ended."""
+        with self._cond:
+            if self.closed.is_set():
+                return False
+            if len(self._items) >= self.maxsize + self.room:
+                overflow = True
+            else:
+                self._items.append((msg, None))
+                overflow = False
+        if overflow:
+            self.end(NOT_READING, f"{len(self._items)} messages wait unread; the page does not read")
+            return False
+        self._wake()
+        return True
+
+    def end(self, code: int, reason: str, *, drop: bool = True) -> None:
+        """Close the tab from this side: `get` returns Ended(code, reason) (after what waits,
+        unless `drop`); the generation thread's `put`s return False from now on."""
+        with self._cond:
+            if self.ended is None:
+                self.ended = Ended(code, reason)
+                if drop:
+                    self._items.clear()
+            self.closed.set()
+            self._cond.notify_all()
+        self._wake()
 
     async def get(self):
-        return await self.queue.get()
+        """The next (msg, on_sent), or an `Ended` once the outbox ended and nothing is left to send."""
+        while True:
+            with self._cond:
+                if self._items:
+                    item = self._items.popleft()
+                    self._cond.notify_all()
+                    return item
+                if self.ended is not None:
+                    return self.ended
+                self._ready.clear()
+            await self._ready.wait()
 
     def close(self) -> None:
-        self.closed.set()
+        with self._cond:
+            self.closed.set()
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._ready.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is gone
+                self.loop.call_soon_threadsafe(self._ready.set)
+
+
+# close codes of a tab the server ends (4000-4999: an application's own): the page shows why
+IDLE, NOT_READING = 4000, 4001
+
+
+@dataclasses.dataclass(frozen=True)
+class Ended:
+    """Why the server closes a tab: its close code and reason (at most 123 bytes in the frame)."""
+
+    code: int
+    reason: str
 
 
 @dataclasses.dataclass(eq=False)
@@ -129,7 +202,8 @@ class Stream:
     running: bool = True
     fps: float = 16
     sent: int = 0  # blocks put on the outbox
-    acked: int = 0  # blocks the page says it received
+    delivered: int = 0  # blocks handed to the socket's transport (what an ack may count)
+    acked: int = 0  # blocks the page says it received, at most those delivered
     pushed: dict = dataclasses.field(default_factory=dict)  # prompt index -> time of the switch
     runner: Any = None  # what `Runners.get` gave for its settings' (schedule, window)
 
@@ -146,12 +220,13 @@ class Session:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._waiting_since: float | None = time.monotonic()  # since when the thread (or no thread) waits
         self.tab = next(_tab_ids)
 
     def hello(self) -> dict:
         return {"type": "hello", "model": self.backend.describe(), "schedules": list(protocol.SCHEDULES),
                 "windows": list(protocol.WINDOWS), "window": protocol.DEFAULT_WINDOW, "policies": list(POLICIES),
-                "limits": {"max_message": protocol.MAX_MESSAGE, "queue": self.outbox.queue.maxsize,
+                "limits": {"max_message": protocol.MAX_MESSAGE, "queue": self.outbox.maxsize,
                            "ack_window": self.ack_window, "min_fps": protocol.MIN_FPS, "max_fps": protocol.MAX_FPS}}
 
     def handle(self, raw) -> None:
@@ -159,7 +234,7 @@ class Session:
         try:
             cmd = protocol.parse(raw, POLICIES)
         except protocol.BadMessage as e:
-            self.outbox.put({"type": "error", "what": "message", "message": str(e)})
+            self.outbox.reply({"type": "error", "what": "message", "message": str(e)})
             return
         self.act(cmd)
 
@@ -168,7 +243,7 @@ class Session:
         try:
             getattr(self, f"_on_{cmd['type']}")(cmd)
         except Exception as e:  # noqa: BLE001 - a bug or a backend failure: this page hears of it, the server goes on
-            self.outbox.put({"type": "error", "what": "server", "message": f"{cmd['type']}: {type(e).__name__}: {e}"})
+            self.outbox.reply({"type": "error", "what": "server", "message": f"{cmd['type']}: {type(e).__name__}: {e}"})
 
     def close(self) -> None:
         with self._cond:
@@ -180,19 +255,25 @@ class Session:
     def thread(self) -> threading.Thread | None:
         return self._thread
 
+    def idle_since(self) -> float | None:
+        """Since when (time.monotonic) this tab's generation has nothing to do: no stream, a
+        stopped one, or one waiting for the page's acks; None while it steps, compiles or paces."""
+        with self._cond:
+            return self._waiting_since
+
     def _state(self, state: str, **extra) -> None:
-        self.outbox.put({"type": "state", "state": state, "stream": self.gen.id if self.gen else None, **extra})
+        self.outbox.reply({"type": "state", "state": state, "stream": self.gen.id if self.gen else None, **extra})
 
     def _bad_prompt(self, cmd: dict, e: ValueError) -> None:
         """A refused prompt (of a start or a switch): the page shows why; a running stream goes on."""
-        self.outbox.put({"type": "error", "what": "prompt", "for": cmd["type"], "prompt": cmd["prompt"],
+        self.outbox.reply({"type": "error", "what": "prompt", "for": cmd["type"], "prompt": cmd["prompt"],
                          "message": str(e), "stream": self.gen.id if self.gen else None})
 
     def _on_start(self, cmd: dict) -> None:
         try:
             decoder = self.backend.decoder(cmd["decoder"])
         except ValueError as e:  # a decoder this model lacks: the page says why; a running stream goes on
-            self.outbox.put({"type": "error", "what": "decoder", "decoder": cmd["decoder"], "message": str(e),
+            self.outbox.reply({"type": "error", "what": "decoder", "decoder": cmd["decoder"], "message": str(e),
                              "stream": self.gen.id if self.gen else None})
             return
         settings = {**{k: cmd[k] for k in ("schedule", "window", "policy", "seed")}, "decoder": decoder}
@@ -240,7 +321,7 @@ class Session:
             t = time.perf_counter()
             index = gen.live.push(kv)
             gen.pushed[index], gen.prompt = t, prompt
-        self.outbox.put({"type": "prompt", "stream": gen.id, "index": index, "prompt": prompt})
+        self.outbox.reply({"type": "prompt", "stream": gen.id, "index": index, "prompt": prompt})
 
     def _on_stop(self, cmd: dict) -> None:
         with self._cond:
@@ -264,8 +345,14 @@ class Session:
         with self._cond:
             gen = self.gen
             if gen is not None and cmd["stream"] == gen.id and cmd["blocks"] > gen.acked:
-                gen.acked = min(cmd["blocks"], gen.sent)
+                # an ack counts only blocks handed to the transport: a page that acknowledges
+                # blindly gets no further than one that reads
+                gen.acked = min(cmd["blocks"], gen.delivered)
                 self._cond.notify_all()
+
+    def _delivered(self, gen: Stream) -> None:
+        with self._cond:
+            gen.delivered += 1
 
     # the session's thread
 
@@ -283,9 +370,13 @@ class Session:
                     return True, None, "step"
                 if self.gen is not gen or (gen is not None and gen.running
                                            and gen.sent + holding - gen.acked < self.ack_window):
+                    self._waiting_since = None
                     return False, self.gen, "step"
                 if holding:
+                    self._waiting_since = None
                     return False, gen, "flush"
+                if self._waiting_since is None:
+                    self._waiting_since = time.monotonic()
                 self._cond.wait()
 
     def _wait_until(self, gen: Stream, last_block: float, frames: int) -> bool:
@@ -300,7 +391,8 @@ class Session:
             return False
 
     def _send(self, gen: Stream, msg) -> bool:
-        return self.outbox.put(msg, lambda: not self._current(gen))
+        on_sent = functools.partial(self._delivered, gen) if isinstance(msg, bytes) else None
+        return self.outbox.put(msg, lambda: not self._current(gen), on_sent)
 
     def _run(self) -> None:
         ticks, gen, holding = None, None, False

@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const S = {  // page state; window.bcjax for the console and the browser test
   model: null, stream: null, frames: [], fps: 16, lastDraw: 0, framesDrawn: 0, blocks: 0,
   arrivals: [], pendingSwitches: [], switches: {}, latencies: [], settings: null,
-  phase: "idle", states: [], compilingSince: 0, compilingShown: [], received: 0, retries: 0,
+  phase: "idle", states: [], compilingSince: 0, compilingShown: [], received: 0, retries: 0, closedBy: 0,
 };
 window.bcjax = S;
 const canvas = $("video");
@@ -17,11 +17,21 @@ function send(msg) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg));
 }
 
-function connect() {
+const IDLE = 4000, NOT_READING = 4001;  // close codes of a tab the server ends (bcjax/serve/session.py)
+
+function connect(then) {
   ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   ws.binaryType = "arraybuffer";
-  ws.onopen = () => { $("conn").textContent = "online"; $("conn").classList.add("on"); };
+  ws.onopen = () => { $("conn").textContent = "online"; $("conn").classList.add("on"); if (then) then(); };
   ws.onclose = (ev) => {
+    if (ev.code === IDLE || ev.code === NOT_READING) {  // closed on purpose: no retry until the user starts again
+      S.closedBy = ev.code;
+      $("conn").textContent = ev.code === IDLE ? "closed while idle · start reconnects" : "closed · start reconnects";
+      $("conn").classList.remove("on");
+      if (!$("message").textContent) $("message").textContent = ev.reason;
+      if (S.stream !== null) { S.stream = null; setPhase("idle"); clearView(); }
+      return;
+    }
     // the server went away, restarted, or holds its maximum of tabs (1013): try again, ever slower
     const wait = Math.min(30, 2 ** Math.min(S.retries, 5));
     S.retries += 1;
@@ -264,7 +274,8 @@ $("prompt-form").addEventListener("submit", (ev) => {
 });
 $("start").addEventListener("click", () => {
   $("message").textContent = "";
-  send({ type: "start", prompt: $("prompt").value, ...settings() });
+  const start = () => send({ type: "start", prompt: $("prompt").value, ...settings() });
+  if (S.closedBy) { S.closedBy = 0; connect(start); } else start();  // after an idle close: a new connection
 });
 for (const id of ["schedule", "window", "policy", "seed", "decoder"]) {  // a stopped stream resumes only unchanged
   $(id).addEventListener("change", () => { if (S.phase === "stopped") $("state").textContent = "stopped · start begins a new stream"; });
