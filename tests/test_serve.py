@@ -57,8 +57,8 @@ def test_toy_prompts_are_checked():
                           ("red east fast " * 100, "at most 1000")]:
         with pytest.raises(ValueError, match=words):
             b.check(prompt)
-    with pytest.raises(ValueError, match="sprites are red"):
-        b.check("blue west slow", first="red east fast")
+    # a switch may change the sprite's colour, direction and speed (not how many sprites the image holds)
+    assert b.check("blue west slow", first="red east fast") == "blue west slow"
     assert b.check("red west slow", first="red east fast") == "red west slow"
 
 
@@ -139,7 +139,7 @@ def test_bad_input_gets_an_error_frame_and_the_stream_goes_on():
         assert "not JSON" in errors[0]["message"] and "'warp'" in errors[1]["message"]
         assert "over the 4096-byte limit" in errors[2]["message"] and "binary" in errors[3]["message"]
         for bad, words in [("purple east fast", "unknown word 'purple'"), ("", "empty"),
-                           ("red east fast " * 100, "at most"), ("blue east fast", "sprites are red")]:
+                           ("red east fast " * 100, "at most"), ("red east fast, blue west slow", "holds 1..1")]:
             ws.send(json.dumps({"type": "prompt", "prompt": bad}))
             e = until(ws, lambda j: j["type"] in ("error", "prompt"))
             assert e["type"] == "error" and e["what"] == "prompt" and words in e["message"], e
