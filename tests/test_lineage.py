@@ -160,6 +160,22 @@ def test_the_stream_rollout_generates_what_the_pipeline_generates(tiny, j):
     np.testing.assert_allclose(np.asarray(out), np.asarray(gen), atol=2e-4)
 
 
+def test_a_rollout_block_is_trained_on_the_truth_only_after_a_context_that_was_the_truth():
+    """The gate of the stream-rollout loss: block k counts while every generated block before it
+    is the world's (a sprite one patch off is not; a block's own error does not gate itself)."""
+    scene = (Sprite("red", "east", "slow", 4, 2),)
+    truth = render(scene, 9, WORLD)[None]  # three blocks of three frames
+    off = render((Sprite("red", "east", "slow", 4, 4),), 9, WORLD)[None]  # the sprite one patch east
+    gen = np.concatenate([truth[:, :3], off[:, 3:6], truth[:, 6:]], axis=1)  # block 1 drifted
+    w = np.asarray(lineage.consistent_blocks(jnp.asarray(gen), jnp.asarray(truth), 3))
+    assert w.tolist() == [[1.0, 1.0, 0.0]]
+    err = float(np.mean((off[:, 3:6] - truth[:, 3:6]) ** 2))
+    assert err > lineage.CONSISTENT_MSE > float(np.mean((0.05 * np.ones_like(truth)) ** 2))
+    gen0 = np.concatenate([off[:, :3], truth[:, 3:]], axis=1)  # the first block drifted: nothing after counts
+    w0 = np.asarray(lineage.consistent_blocks(jnp.asarray(gen0), jnp.asarray(truth), 3))
+    assert w0.tolist() == [[1.0, 0.0, 0.0]]
+
+
 def test_the_newer_frames_masks_differ_only_by_newer_in_flight_blocks():
     video = np.array([0, 4, 5, 6, 7, 8, 9, 10])
     is_cache = np.array([True, True, True, False, False, False, False, False])

@@ -32,3 +32,27 @@ def test_study_runs_the_named_settings_and_pairs_them_with_sequential(tmp_path):
 def test_a_bad_setting_names_what_is_wrong(spec, msg):
     with pytest.raises(ValueError, match=msg):
         study.parse_setting(spec)
+
+
+def _settings_json(path, model, setting, prompts=16):
+    rng = np.random.default_rng(len(model))
+    runs = {name: {f: rng.normal(size=(3, 4, 5)) for f in ("pos_err", "psnr", "crisp", "mse")}
+            for name in ("sequential", "P4-causal")}
+    summary = study.settings_cells({model: {setting: runs}})
+    path.write_text(json.dumps({"models": {model: "x"}, "prompts": prompts, "seeds": 3, "cells": summary}))
+    return runs
+
+
+def test_separate_study_runs_merge_into_one_table_with_the_same_cells(tmp_path):
+    a = _settings_json(tmp_path / "a.json", "causal-1f", "short")
+    _settings_json(tmp_path / "b.json", "lineage-3f", "long")
+    res = study.main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--out", str(tmp_path / "m")])
+    merged = res["merged"]["cells"]
+    assert set(merged) == {"causal-1f", "lineage-3f"}
+    diff = (a["P4-causal"]["pos_err"] - a["sequential"]["pos_err"]).mean(-1)
+    np.testing.assert_allclose(merged["causal-1f"]["short"]["pos_err"]["P4-causal"]["diff"], diff.mean(), atol=1e-12)
+    text = (tmp_path / "m" / "settings.md").read_text()
+    assert "### short" in text and "### long" in text and "lineage-3f: pos px" in text
+    _settings_json(tmp_path / "c.json", "other", "short", prompts=8)
+    with pytest.raises(ValueError, match="prompts 8 differs"):
+        study.merge_settings([str(tmp_path / "a.json"), str(tmp_path / "c.json")])

@@ -248,14 +248,21 @@ def _cell(c: dict, fmt: str) -> str:
     return f"[{c['diff']:+{fmt}} +- {c['diff_ci']:{fmt}}{sig}]"
 
 
-def settings_md(results: dict) -> str:
-    """results {model: {setting: run_setting's}} -> one markdown table per setting: per model the
-    position error, PSNR and crisp frames (and switch adherence, error and colour in the
-    interactive setting); sequential as mean +- 95% CI, every other row the paired difference to
-    it in brackets (`*`: the interval excludes 0)."""
+def settings_cells(results: dict) -> dict:
+    """results {model: {setting: run_setting's}} -> {model: {setting: {field: cells}}} (what
+    settings.json keeps and `settings_md` prints)."""
+    return {m: {k: {f: cells(r, f) for f in (*FIELDS, *SWITCH_FIELDS) if f in next(iter(r.values()))}
+                for k, r in v.items()} for m, v in results.items()}
+
+
+def settings_md(summary: dict) -> str:
+    """`settings_cells`' {model: {setting: {field: cells}}} -> one markdown table per setting: per
+    model the position error, PSNR and crisp frames (and switch adherence, error and colour in
+    the interactive setting); sequential as mean +- 95% CI, every other row the paired difference
+    to it in brackets (`*`: the interval excludes 0)."""
     lines = []
     for setting in SETTINGS:
-        models = [m for m in results if setting in results[m]]
+        models = [m for m in summary if setting in summary[m]]
         if not models:
             continue
         fields = [("pos_err", "pos px", ".2f"), ("psnr", "PSNR dB", ".2f"), ("crisp", "crisp", ".2f")]
@@ -264,8 +271,8 @@ def settings_md(results: dict) -> str:
                        ("switch_colour", "new colour", ".2f")]
         head = [f"{m}: {label}" for m in models for _, label, _ in fields]
         lines += [f"### {setting}", "", "| setting | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-        cells_of = {(m, f): cells(results[m][setting], f) for m in models for f, _, _ in fields}
-        names = list(dict.fromkeys(n for m in models for n in results[m][setting]))
+        cells_of = {(m, f): summary[m][setting][f] for m in models for f, _, _ in fields}
+        names = list(dict.fromkeys(n for m in models for n in cells_of[m, "pos_err"]))
         for name in names:
             row = [(_cell(cells_of[m, f][name], fmt) if name in cells_of[m, f] else "-")
                    for m in models for f, _, fmt in fields]
@@ -274,6 +281,22 @@ def settings_md(results: dict) -> str:
     lines.append("Sequential: mean +- 95% CI over (prompt, seed) samples; other rows: the paired difference to "
                  "sequential, `*` where its 95% interval excludes 0.")
     return "\n".join(lines) + "\n"
+
+
+def merge_settings(paths: list[str]) -> dict:
+    """settings.json files of separate runs (per model or per setting) -> one, same layout."""
+    merged: dict = {"models": {}, "prompts": None, "seeds": None, "cells": {}}
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        for key in ("prompts", "seeds"):
+            if merged[key] not in (None, d[key]):
+                raise ValueError(f"{path}: {key} {d[key]} differs from the others' {merged[key]}")
+            merged[key] = d[key]
+        merged["models"].update(d["models"])
+        for m, by_setting in d["cells"].items():
+            merged["cells"].setdefault(m, {}).update(by_setting)
+    return merged
 
 
 def curve(run: str, prompts: int, blocks: int, seed: int = 0) -> list[dict]:
@@ -312,11 +335,23 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="study")
     p.add_argument("--settings", help=f"comma list of {','.join(SETTINGS)}: the study's grid (STUDY_GRID and "
                                       "the recache policies) in the paper's three settings; --setting ignored")
+    p.add_argument("--merge", help="comma list of settings.json files (e.g. one per model or setting): one "
+                                   "settings.md and settings.json in --out, models side by side")
     a = p.parse_args(argv)
     try:
         grid = [parse_setting(spec) for spec in a.setting] or None
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if a.merge:  # separate runs' tables as one (models side by side)
+        merged = merge_settings(a.merge.split(","))
+        text = settings_md(merged["cells"])
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "settings.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(a.out, "settings.json"), "w") as f:
+            json.dump(merged, f, indent=2)
+        print(text)
+        return {"merged": merged}
     if a.curve:
         rows = curve(a.curve, a.prompts, a.blocks)
         os.makedirs(a.out, exist_ok=True)
@@ -337,12 +372,11 @@ def main(argv=None) -> dict:
             if k not in SETTINGS:
                 raise SystemExit(f"--settings: unknown setting {k!r}; expected some of {SETTINGS}")
         by_model = {name: {k: run_setting(path, k, a.prompts, a.seeds) for k in kinds} for name, path in models.items()}
-        text = settings_md(by_model)
+        summary = settings_cells(by_model)
+        text = settings_md(summary)
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "settings.md"), "w") as f:
             f.write(text)
-        summary = {m: {k: {f: cells(r, f) for f in (*FIELDS, *SWITCH_FIELDS) if f in next(iter(r.values()))}
-                       for k, r in v.items()} for m, v in by_model.items()}
         with open(os.path.join(a.out, "settings.json"), "w") as f:
             json.dump({"models": models, "prompts": a.prompts, "seeds": a.seeds, "cells": summary}, f, indent=2)
         # every sample, for comparisons the tables do not make (e.g. two windows paired directly)
