@@ -160,6 +160,32 @@ def test_the_stream_rollout_generates_what_the_pipeline_generates(tiny, j):
     np.testing.assert_allclose(np.asarray(out), np.asarray(gen), atol=2e-4)
 
 
+@pytest.mark.parametrize("j", [1, 4])
+def test_the_teacher_forced_targets_in_one_forward_do_not_see_each_other(tiny, j):
+    """stream_targets_x0 with 3 targets in one forward: target r's prediction is the one it gets as
+    the last of r + 1 targets (so targets see only the clean blocks before them, not each other);
+    at j = 1 (no context yet) it is a single-target pass after the sink and the truth blocks before
+    it, whose RoPE positions the forward keeps."""
+    cfg, pcfg, params = tiny
+    clips, exists, jj, ctx = lineage.stream_clips(np.random.default_rng(5), WORLD, pcfg, 2, 3, 9, 0.0, 0.0, block=j)
+    clips, text, exists = jnp.asarray(clips), encode_text(cfg, params, jnp.asarray(ctx)), jnp.asarray(exists)
+    record = jnp.asarray([[0, 2, 3], [1, 3, 0]], jnp.int32)
+    x_in = clips[:, 9:] + 0.7 * jax.random.normal(jax.random.key(2), clips[:, 9:].shape)
+    multi = lineage.stream_targets_x0(cfg, pcfg, params, text, clips[:, :9], clips[:, 9:15], x_in, record, exists,
+                                      jnp.asarray(jj))
+    for r in range(3):  # clip blocks: 0 the sink, 1-2 video j-2, j-1, 3-5 video j, j+1, j+2
+        prefix = lineage.stream_targets_x0(cfg, pcfg, params, text, clips[:, :9], clips[:, 9:9 + 3 * r],
+                                           x_in[:, :3 * (r + 1)], record[:, :r + 1], exists, jnp.asarray(jj))
+        np.testing.assert_allclose(np.asarray(multi[:, 3 * r:3 * (r + 1)]), np.asarray(prefix[:, -3:]), atol=2e-5)
+        if j == 1:
+            context = jnp.concatenate([clips[:, :3], clips[:, 3 * (1 + r):3 * (3 + r)]], axis=1)
+            one = lineage.stream_targets_x0(cfg, pcfg, params, text, context, x_in[:, :0],
+                                            x_in[:, 3 * r:3 * (r + 1)], record[:, r:r + 1],
+                                            jnp.asarray([[True, r >= 2, r >= 1]] * 2), jnp.asarray(1 + r, jnp.int32))
+            np.testing.assert_allclose(np.asarray(multi[:, 3 * r:3 * (r + 1)]), np.asarray(one), atol=2e-5)
+    assert float(jnp.abs(multi[:, :3] - multi[:, 3:6]).max()) > 1e-3  # the targets differ
+
+
 def test_a_rollout_block_is_trained_on_the_truth_only_after_a_context_that_was_the_truth():
     """The gate of the stream-rollout loss: block k counts while every generated block before it
     is the world's (a sprite one patch off is not; a block's own error does not gate itself)."""

@@ -125,8 +125,10 @@ def check_pipeline(path: str, model: PipelineConfig, given: PipelineConfig) -> N
 def trained_blocks(model: ToyModel) -> int:
     """The model's trained length in blocks, the image included: a lineage student's clip (the
     base's), else the latest block the trainer drew a target from, plus the image."""
+    from bcjax.toyworld.train import LINEAGE
+
     train = model.provenance.get("train", {})
-    if any(s.get("stage") in ("base", "ode-init", "stream-rollout") for s in model.provenance.get("stages", [])):
+    if any(s.get("stage") in LINEAGE for s in model.provenance.get("stages", [])):
         return int(train.get("clip_blocks", 5))
     return int(train.get("max_block", 12)) + 1
 

@@ -1,13 +1,13 @@
 """The real models' lineage in the toy world: a bidirectional many-step base, its ODE trajectories,
 and a block-causal few-step student initialised from it (`python -m bcjax.toyworld.train --stage`
-base, ode-init, stream-rollout).
+base, ode-init, stream-teacher, stream-rollout).
 
 CausVid, Self-Forcing, LongLive and Krea Realtime are students of Wan2.1-T2V: a bidirectional
 flow-matching DiT sampled in many steps. The student starts from the base's weights (so from a
 network that reads the frames *after* a frame), is regressed onto the base's ODE trajectories
 under the block-causal mask (CausVid's ODE initialisation, Self-Forcing's `ode_regression.py`),
 then trained on its own KV-cached rollouts (Self-Forcing's self-rollout; LongLive's streaming
-tuning adds a rolling window, an attention sink and prompt switches). Here, the same three stages:
+tuning adds a rolling window, an attention sink and prompt switches). Here, the same stages:
 
 * base: full attention over a clip of `clip_blocks` blocks (the still image, clean at t = 0, and
   the rest at one sigma, shifted-uniform like the sampler's grid); flow-matching loss. Sampled by
@@ -17,6 +17,9 @@ tuning adds a rolling window, an attention sink and prompt switches). Here, the 
   folder); each step regresses the student's x0 on the base's final x0 from the trajectory's state at
   one of the student's sigmas per block (drawn per block), block-causal over the clip with the
   student's window and sink (the still image clean in front, as the sink).
+* stream-teacher: CausVid's teacher forcing over the stream's layout (`stream_teacher_loss`):
+  `rollout_blocks` blocks after the same context, each the truth noised to one of the student's
+  sigmas, all targets of one forward; the cheap stage that teaches the student the world.
 * stream-rollout: the student generates `rollout_blocks` blocks with the few-step sampler after
   the cache a stream really has at video block j (the sink block, the rolling window's blocks
   before j), j drawn up to `max_block` (so the sink's growing RoPE offset in a long stream is
@@ -245,19 +248,57 @@ def stream_rollout_x0(cfg: WanConfig, pcfg: PipelineConfig, rollout_blocks: int,
         x0, xs_in, _ = sample_block(pass_fn, pcfg, key, j + blk, (b, bf, hh, ww, c))
         gen.append(jax.lax.stop_gradient(x0))
         inputs.append(xs_in[record[:, blk], jnp.arange(b)])
-    # one forward: [sink | context | rollout but the last, as clean | the recorded inputs as targets]
+    x_in = jnp.concatenate(inputs, axis=1)
+    clean = jnp.concatenate(gen[:-1], axis=1) if r > 1 else x_in[:, :0]
+    pred = stream_targets_x0(cfg, pcfg, params, text, clip[:, :ctx_n * bf], clean, x_in, record, exists, j)
+    return pred, jnp.concatenate(gen, axis=1)
+
+
+def stream_targets_x0(cfg: WanConfig, pcfg: PipelineConfig, params, text, context, clean, x_in, record, exists, j):
+    """x0 predictions with gradient [B, R * bf, ...] of R target blocks in one forward over
+    [sink | K rolling context | the R - 1 blocks before the last target, clean | the R targets]:
+    target r sees the clean blocks of its window (the sink, and of the context and `clean` the
+    rolling ones before it), as the sequential pass over a KV cache does. context [B, (1 + K) * bf,
+    ...]; clean [B, (R - 1) * bf, ...]; x_in [B, R * bf, ...] the targets' inputs at the sampler
+    steps record int [B, R]; exists bool [B, 1 + K]; j the video block of the first target."""
+    bf = pcfg.block_frames
+    rolling, _ = window_blocks(pcfg)
+    b, _, hh, ww, _ = x_in.shape
+    r = x_in.shape[1] // bf
+    tpb = bf * cfg.tokens_per_frame(hh, ww)
+    offset, sink = stream_layout(rolling, r)
+    ctx_n = 1 + rolling
     index = np.concatenate([np.arange(ctx_n + r - 1), np.arange(ctx_n, ctx_n + r)])
     kinds = np.asarray([0] * (ctx_n + r - 1) + [2] * r)
     ex = jnp.concatenate([exists, jnp.ones((b, 2 * r - 1), bool)], axis=1)
     mask = stream_mask(index, kinds, ex, rolling, tpb)
-    seq = jnp.concatenate([clip[:, :ctx_n * bf], *gen[:-1], *inputs], axis=1)
+    seq = jnp.concatenate([context, clean, x_in], axis=1)
     sig, ts = jnp.asarray(pcfg.sigmas, jnp.float32)[record], jnp.asarray(pcfg.timesteps, jnp.float32)[record]
     t = jnp.concatenate([jnp.full((b, (ctx_n + r - 1) * bf), pcfg.context_noise, jnp.float32),
                          jnp.repeat(ts, bf, axis=1)], axis=1)
     flow, _ = forward(cfg, params, seq, t, text, stream_frame_ids(j, offset[index], sink[index], bf), None, mask)
-    x_in = jnp.concatenate(inputs, axis=1)
     s = jnp.repeat(sig, bf, axis=1)[:, :, None, None, None]
-    return x_in - s * flow[:, -r * bf:], jnp.concatenate(gen, axis=1)
+    return x_in - s * flow[:, -r * bf:]
+
+
+def stream_teacher_loss(cfg: WanConfig, pcfg: PipelineConfig, rollout_blocks: int, params, clip, exists, j, context,
+                        key):
+    """Teacher forcing over the stream's layout (CausVid's, before Self-Forcing's rollout): the R
+    blocks after the context are all targets in one forward, each the truth noised to one of the
+    student's sigmas (drawn per block), each seeing the truth's clean blocks of its window; MSE of
+    the x0 predictions against the truth. No rollout passes and R targets per forward: about 4x
+    cheaper per trained block than `stream_rollout_loss` with one rollout block (measured: 6 targets
+    in one forward of 14 blocks vs 4 no-gradient passes and one forward of 4 blocks per target)."""
+    bf, r = pcfg.block_frames, rollout_blocks
+    ctx_n = 1 + window_blocks(pcfg)[0]
+    k_step, k_eps = jax.random.split(key)
+    record = jax.random.randint(k_step, (clip.shape[0], r), 0, pcfg.num_steps)
+    truth = clip[:, -r * bf:]
+    s = jnp.repeat(jnp.asarray(pcfg.sigmas, jnp.float32)[record], bf, axis=1)[:, :, None, None, None]
+    x_in = (1.0 - s) * truth + s * jax.random.normal(k_eps, truth.shape, jnp.float32)
+    pred = stream_targets_x0(cfg, pcfg, params, encode_text(cfg, params, context), clip[:, :ctx_n * bf],
+                             truth[:, :-bf], x_in, record, exists, j)
+    return jnp.mean((pred - truth) ** 2)
 
 
 # A generated block "is" the truth when its MSE to the world's render is below this: a crisp

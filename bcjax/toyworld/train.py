@@ -77,10 +77,11 @@ from bcjax.toyworld.world import WorldConfig, prompt_embedding, render, sample_s
 # Training recipes, in the order of the block-causal lineage (CausVid / Self-Forcing / LongLive):
 # clean-context teacher forcing, diffusion forcing (noisy context as in a cascade tick), then
 # training on the model's own rollouts through the KV cache.
-STAGES = ("clean", "diffusion-forcing", "self-rollout", "base", "ode-init", "stream-rollout")
+STAGES = ("clean", "diffusion-forcing", "self-rollout", "base", "ode-init", "stream-teacher", "stream-rollout")
 # the real models' lineage (`bcjax.toyworld.lineage`): a bidirectional base, ODE init from it, then
-# self-rollout through a rolling window with a sink and prompt switches
-LINEAGE = ("base", "ode-init", "stream-rollout")
+# teacher forcing (CausVid) and self-rollout (Self-Forcing) through a rolling window with a sink
+# and prompt switches
+LINEAGE = ("base", "ode-init", "stream-teacher", "stream-rollout")
 # Kinds of the blocks of one training forward (a "layout"): finished context (clean, t =
 # context_noise, block-causal among themselves: their K/V are the clean pass's), in-flight blocks
 # of a cascade tick (noisy, each at its own level), and teacher-forced targets (noisy; see only
@@ -115,7 +116,8 @@ class TrainConfig:
     (LongLive's sink); clip_blocks: blocks of a base / ode-init clip, the image included (the
     trained length); base_steps: Euler steps of the base's sampler; ode_clips: trajectories the
     ode-init stage draws from `teacher` (a base checkpoint, default --init); switch_prob: the
-    stream-rollout clips under a switched prompt."""
+    stream-rollout / stream-teacher clips under a switched prompt; rollout_blocks: also the
+    stream-teacher stage's targets per clip."""
 
     steps: int = 1900
     batch: int = 8
@@ -552,6 +554,8 @@ def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
         loss_fn = partial(lineage.ode_init_loss, cfg, pcfg)
     elif tcfg.stage == "stream-rollout":
         loss_fn = partial(lineage.stream_rollout_loss, cfg, pcfg, tcfg.rollout_blocks)
+    elif tcfg.stage == "stream-teacher":
+        loss_fn = partial(lineage.stream_teacher_loss, cfg, pcfg, tcfg.rollout_blocks)
     elif tcfg.stage == "diffusion-forcing":
         loss_fn = partial(diffusion_forcing_loss, cfg, pcfg, tcfg)
     else:
@@ -583,7 +587,7 @@ def batch_for_step(world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig, 
             raise ValueError("the ode-init stage needs the base's trajectories (train() computes them)")
         i = np.sort(rng.choice(len(ode["x0"]), tcfg.batch, replace=False))
         return (*(jnp.asarray(ode[k][i]) for k in ("first", "states", "x0", "text")), key)
-    if tcfg.stage == "stream-rollout":
+    if tcfg.stage in ("stream-rollout", "stream-teacher"):
         clips, exists, j, ctx = lineage.stream_clips(rng, world, pcfg, tcfg.batch, tcfg.rollout_blocks,
                                                      tcfg.max_block, tcfg.first_prob, tcfg.switch_prob)
         return jnp.asarray(clips), jnp.asarray(exists), jnp.asarray(j), jnp.asarray(ctx), key
