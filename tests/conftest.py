@@ -1,7 +1,9 @@
 import os
 
-# Five fake CPU devices for the cascade's mesh tests; must be set before jax initialises.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=5")
+# Five fake CPU devices for the cascade's mesh tests; must be set before jax initialises. Appended
+# to the user's XLA_FLAGS (set, even empty, they would otherwise leave the suite one device).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=5").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the suite does not read or fill the user's persistent compile cache (test_compile_cache turns it on)
 os.environ["BCJAX_COMPILE_CACHE"] = "off"
