@@ -225,3 +225,20 @@ def test_a_pipeline_that_is_not_the_checkpoints_is_refused_naming_both():
     with pytest.raises(ValueError, match="'lineage-9f': not one of the embedded causal-1f"):
         model_path("lineage-9f")
 
+
+def test_a_base_with_short_clips_trains_both_clip_lengths(tmp_path):
+    """--short-clips: a drawn fraction of the base's steps on 2-block clips (the first move), the
+    rest on clip_blocks; the draw depends on (seed, step) only, so a resumed run repeats it."""
+    from bcjax.toyworld.train import is_short_step, train
+
+    tcfg = TrainConfig(stage="base", steps=6, batch=2, clip_blocks=3, short_clips=0.5, context_blocks=2,
+                       sink_blocks=1, checkpoint_every=6, seed=1)
+    draws = [is_short_step(tcfg, s) for s in range(6)]
+    assert any(draws) and not all(draws) and draws == [is_short_step(tcfg, s) for s in range(6)]
+    assert not any(is_short_step(TrainConfig(stage="ode-init", short_clips=1.0), s) for s in range(6))
+    cfg = toy_model_config(WORLD, dim=32, ffn_dim=64, num_heads=1, num_layers=1)
+    summary = train(str(tmp_path), WORLD, cfg, toy_pipeline_config(tcfg, WORLD), tcfg, progress=False)
+    assert summary["steps"] == 6 and np.isfinite(summary["loss_last50"])
+    with pytest.raises(ValueError, match="short_clips 1.5"):
+        TrainConfig(short_clips=1.5)
+

@@ -117,7 +117,9 @@ class TrainConfig:
     trained length); base_steps: Euler steps of the base's sampler; ode_clips: trajectories the
     ode-init stage draws from `teacher` (a base checkpoint, default --init); switch_prob: the
     stream-rollout / stream-teacher clips under a switched prompt; rollout_blocks: also the
-    stream-teacher stage's targets per clip."""
+    stream-teacher stage's targets per clip; short_clips: the fraction of base steps on 2-block
+    clips (the image and the first move: the one move the base learns alone, and loses when
+    trained on long clips only; docs/toyworld-study.md)."""
 
     steps: int = 1900
     batch: int = 8
@@ -141,6 +143,7 @@ class TrainConfig:
     cascade: str = ""
     sink_blocks: int = 0
     clip_blocks: int = 5
+    short_clips: float = 0.0
     base_steps: int = 20
     ode_clips: int = 512
     teacher: str = ""
@@ -151,6 +154,8 @@ class TrainConfig:
             raise ValueError(f"training stage {self.stage!r}: expected one of {STAGES}")
         if self.in_flight < 1 or self.rollout_blocks < 1:
             raise ValueError(f"in_flight {self.in_flight} and rollout_blocks {self.rollout_blocks} must be >= 1")
+        if not 0.0 <= self.short_clips <= 1.0:
+            raise ValueError(f"short_clips {self.short_clips} is a fraction of the base steps: must lie in [0, 1]")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema decay {self.ema} must lie in [0, 1)")
         if self.cascade:
@@ -571,6 +576,13 @@ def make_train_step(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConfig):
     return jax.jit(step, donate_argnums=(0,))
 
 
+def is_short_step(tcfg: TrainConfig, step: int) -> bool:
+    """Whether this base step trains on 2-block clips (a `short_clips` fraction of the steps,
+    drawn from (seed, step) so a resumed run draws what an uninterrupted one would)."""
+    return (tcfg.stage == "base" and tcfg.short_clips > 0
+            and bool(np.random.default_rng([tcfg.seed, step, 2]).random() < tcfg.short_clips))
+
+
 def batch_for_step(world: WorldConfig, pcfg: PipelineConfig, tcfg: TrainConfig, step: int, ode: dict | None = None):
     """(*data, key) of a step for tcfg.stage's loss. They depend only on (seed, step): a resumed
     run sees what an uninterrupted one would. ode: the ode-init stage's trajectories."""
@@ -753,6 +765,7 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     state = jax.device_put(state, jax.devices()[0])
     start = int(state.step)
     step_fn = make_train_step(cfg, pcfg, tcfg)
+    short_cfg = dataclasses.replace(tcfg, clip_blocks=2)
     t_begin, cpu_begin = time.perf_counter(), _cpu_seconds()
     ode = None
     if tcfg.stage == "ode-init":  # the teacher's trajectories, once per run folder (its time is the stage's)
@@ -774,9 +787,10 @@ def train(out: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineConfig, tc
     bar = tqdm(total=tcfg.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     try:
         for step in range(start, stop):
-            batch = batch_for_step(world, pcfg, tcfg, step, ode)
+            step_cfg = short_cfg if is_short_step(tcfg, step) else tcfg
+            batch = batch_for_step(world, pcfg, step_cfg, step, ode)
             t0 = time.perf_counter()
-            state, loss = step_fn(state, *batch)
+            state, loss = (step_fn if step_cfg is tcfg else make_train_step(cfg, pcfg, short_cfg))(state, *batch)
             loss = float(loss)  # blocks: the step time below is the real one
             step_times.append(time.perf_counter() - t0)
             losses.append(loss)
@@ -842,7 +856,8 @@ def main(argv=None) -> dict:
                       ("seed", int),
                       ("table-prob", float), ("checkpoint-every", int), ("in-flight", int), ("rollout-blocks", int),
                       ("cascade-prob", float), ("bidirectional-prob", float), ("dim", int), ("ffn-dim", int),
-                      ("sink-blocks", int), ("clip-blocks", int), ("base-steps", int), ("ode-clips", int),
+                      ("sink-blocks", int), ("clip-blocks", int), ("short-clips", float), ("base-steps", int),
+                      ("ode-clips", int),
                       ("switch-prob", float), ("max-block", int), ("teacher", str),
                       ("heads", int), ("layers", int), ("patch", int), ("rope-theta", float)):
         p.add_argument(f"--{name}", type=typ)
@@ -875,7 +890,8 @@ def main(argv=None) -> dict:
                   "seed": a.seed, "table_prob": a.table_prob, "checkpoint_every": a.checkpoint_every, "stage": a.stage,
                   "in_flight": a.in_flight, "rollout_blocks": a.rollout_blocks, "cascade_prob": a.cascade_prob,
                   "bidirectional_prob": a.bidirectional_prob, "ema": a.ema, "cascade": a.cascade,
-                  "sink_blocks": a.sink_blocks, "clip_blocks": a.clip_blocks, "base_steps": a.base_steps,
+                  "sink_blocks": a.sink_blocks, "clip_blocks": a.clip_blocks, "short_clips": a.short_clips,
+                  "base_steps": a.base_steps,
                   "ode_clips": a.ode_clips, "switch_prob": a.switch_prob, "max_block": a.max_block,
                   "teacher": (a.teacher or (a.init if a.stage == "ode-init" else None)) and os.path.abspath(
                       a.teacher or a.init)}
