@@ -869,7 +869,8 @@ def main(argv=None) -> dict:
                    help="training recipe of this session's steps (default clean; a resumed run keeps its last "
                         "unless given): clean-context teacher forcing, diffusion forcing (noisy cascade-tick "
                         "context, causal and bidirectional windows), self-rollout (Self-Forcing: trained on its "
-                        "own KV-cached rollouts)")
+                        "own KV-cached rollouts); the real models' lineage (bcjax.toyworld.lineage): base "
+                        "(bidirectional, many-step), ode-init, stream-teacher, stream-rollout")
     p.add_argument("--until", type=int, help="stop (checkpointed) at this step; rerun to continue")
     p.add_argument("--time-limit", type=float, help="stop (checkpointed) after this many seconds of this session")
     p.add_argument("--cpu-limit", type=float,
