@@ -56,3 +56,5 @@ def test_separate_study_runs_merge_into_one_table_with_the_same_cells(tmp_path):
     _settings_json(tmp_path / "c.json", "other", "short", prompts=8)
     with pytest.raises(ValueError, match="prompts 8 differs"):
         study.merge_settings([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    with pytest.raises(SystemExit, match="--merge: .*prompts 8 differs"):
+        study.main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'c.json'}", "--out", str(tmp_path / "m2")])

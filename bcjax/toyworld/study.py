@@ -299,6 +299,17 @@ def merge_settings(paths: list[str]) -> dict:
     return merged
 
 
+def write_settings(out: str, record: dict) -> str:
+    """settings.md (the tables of record["cells"]) and settings.json (the record) in out; the tables."""
+    text = settings_md(record["cells"])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "settings.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "settings.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    return text
+
+
 def curve(run: str, prompts: int, blocks: int, seed: int = 0) -> list[dict]:
     """Sequential error of every snapshot of a run (`train --snapshots`) against its training
     minutes (wall and process CPU, all sessions), and the final model's."""
@@ -343,14 +354,11 @@ def main(argv=None) -> dict:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if a.merge:  # separate runs' tables as one (models side by side)
-        merged = merge_settings(a.merge.split(","))
-        text = settings_md(merged["cells"])
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "settings.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(a.out, "settings.json"), "w") as f:
-            json.dump(merged, f, indent=2)
-        print(text)
+        try:
+            merged = merge_settings(a.merge.split(","))
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--merge: {e}") from None
+        print(write_settings(a.out, merged))
         return {"merged": merged}
     if a.curve:
         rows = curve(a.curve, a.prompts, a.blocks)
@@ -372,13 +380,8 @@ def main(argv=None) -> dict:
             if k not in SETTINGS:
                 raise SystemExit(f"--settings: unknown setting {k!r}; expected some of {SETTINGS}")
         by_model = {name: {k: run_setting(path, k, a.prompts, a.seeds) for k in kinds} for name, path in models.items()}
-        summary = settings_cells(by_model)
-        text = settings_md(summary)
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "settings.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(a.out, "settings.json"), "w") as f:
-            json.dump({"models": models, "prompts": a.prompts, "seeds": a.seeds, "cells": summary}, f, indent=2)
+        text = write_settings(a.out, {"models": models, "prompts": a.prompts, "seeds": a.seeds,
+                                      "cells": settings_cells(by_model)})
         # every sample, for comparisons the tables do not make (e.g. two windows paired directly)
         np.savez(os.path.join(a.out, "settings.npz"), **{f"{m}|{k}|{name}|{f}": arr for m, v in by_model.items()
                                                           for k, r in v.items() for name, fs in r.items()
