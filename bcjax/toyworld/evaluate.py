@@ -59,8 +59,11 @@ from bcjax.toyworld.world import (
 EVAL_SEED = 12345  # prompts are drawn from default_rng([EVAL_SEED, i]); training uses [seed, step]
 FIELDS = ("mse", "psnr", "pos_err", "jump", "div_seq", "colour", "crisp")
 SHIPPED = os.path.join(os.path.dirname(__file__), "checkpoint")
-# the embedded checkpoints by name (`bcjax.names.TOY_MODELS`)
-EMBEDDED = {"causal-1f": SHIPPED}
+LINEAGE = os.path.join(os.path.dirname(__file__), "lineage-3f")
+# the embedded checkpoints by name: the block-causal models (`bcjax.names.TOY_MODELS`) and
+# lineage-3f's teacher, the bidirectional many-step base (`bcjax.toyworld.lineage`, `--init`)
+EMBEDDED = {"causal-1f": SHIPPED, "lineage-3f": LINEAGE,
+            "lineage-base": os.path.join(os.path.dirname(__file__), "lineage-base")}
 
 
 @dataclasses.dataclass

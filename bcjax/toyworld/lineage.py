@@ -391,21 +391,45 @@ def evaluate_base(path: str, prompts: int = 16, seeds: int = 3, steps: int | Non
     return res
 
 
+def base_summary(m: dict) -> dict:
+    """{field: (mean, 95% CI half-width) over prompts and seeds} of `evaluate_base`'s metrics."""
+    from bcjax.toyworld.study import mean_ci
+
+    return {"pos_err": mean_ci(m["pos_err"].mean(-1)), "psnr": mean_ci(m["psnr_sample"]),
+            "crisp": mean_ci(m["crisp"].mean(-1)), "colour": mean_ci(m["colour"].mean(-1)),
+            "jump": mean_ci(m["jump"].mean(-1))}
+
+
+def ship_base(model_dir: str, dst: str, prompts: int = 8, seeds: int = 1) -> dict:
+    """Copy a base checkpoint into the package (lineage-3f's teacher, `lineage-base`) with the
+    metrics of its own samples that a test re-derives (metrics.json); written atomically."""
+    import json
+    import shutil
+
+    m = evaluate_base(model_dir, prompts, seeds)
+    record = {"prompts": prompts, "seeds": seeds, "summary": {k: list(v) for k, v in base_summary(m).items()},
+              "pos_err_per_block": [float(v) for v in m["pos_err"].mean((0, 1))], "jax": jax.__version__}
+    tmp = dst.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return record
+
+
 def main(argv=None) -> dict:
     import argparse
 
-    from bcjax.toyworld.study import mean_ci
-
     p = argparse.ArgumentParser(description="the bidirectional base's own samples, scored like the students'")
-    p.add_argument("base", help="a base checkpoint (a training run's model-base)")
+    p.add_argument("base", help="a base checkpoint (a training run's model-base, or lineage-base)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, help="Euler steps (default: its base_steps)")
     a = p.parse_args(argv)
     m = evaluate_base(a.base, a.prompts, a.seeds, a.steps)
-    rows = {"pos_err": mean_ci(m["pos_err"].mean(-1)), "psnr": mean_ci(m["psnr_sample"]),
-            "crisp": mean_ci(m["crisp"].mean(-1)), "colour": mean_ci(m["colour"].mean(-1)),
-            "jump": mean_ci(m["jump"].mean(-1))}
+    rows = base_summary(m)
     for k, (mean, ci) in rows.items():
         print(f"base {k}: {mean:.3f} +- {ci:.3f}")
     print("per block position error:", " ".join(f"{v:.2f}" for v in m["pos_err"].mean((0, 1))))

@@ -711,8 +711,9 @@ def init_params_from(path: str, cfg: WanConfig, world: WorldConfig) -> tuple[dic
     """(params, the training stages recorded in its provenance) of a toy-world bcjax checkpoint,
     refused unless it holds this run's model and world."""
     from bcjax.checkpoint import config_from_dict, read_config, restore
+    from bcjax.toyworld.evaluate import model_path
 
-    path = os.path.abspath(path)
+    path = os.path.abspath(model_path(path))  # an embedded model's name too (lineage-base)
     prov = read_config(path).get("provenance", {})
     if "world" in prov and config_from_dict(WorldConfig, prov["world"]) != world:
         raise ValueError(f"--init {path} was trained on world {prov['world']}; this run's world is {world}")
