@@ -22,9 +22,8 @@ POLICIES = ("no-recache", "recache", "recache-causal")
 POSITIONS = ("absolute", "rolling")
 # the toy-world models embedded in the package (`bcjax demo --model`, `bcjax eval toyworld --model`,
 # `bcjax serve --checkpoint NAME`, the study): "causal-1f" (trained block-causally from scratch;
-# 1-frame blocks; a 3-frame window). "lineage-3f", the model made the way the real ones are (a
-# bidirectional many-step base -> ODE init -> stream-rollout; 3-frame blocks; LongLive's 12-frame
-# window with a 3-frame sink; `bcjax.toyworld.lineage`), joins them once its training reaches a
-# usable quality (docs/toyworld-study.md: not yet within the CPU budget)
-TOY_MODELS = ("causal-1f",)
+# 1-frame blocks; a 3-frame window) and "lineage-3f", made the way the real ones are (a
+# bidirectional many-step base -> ODE init -> teacher forcing -> self-rollout; 3-frame blocks;
+# LongLive's 12-frame window with a 3-frame sink; `bcjax.toyworld.lineage`)
+TOY_MODELS = ("causal-1f", "lineage-3f")
 DEFAULT_TOY_MODEL = "causal-1f"
