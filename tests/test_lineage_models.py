@@ -44,11 +44,7 @@ def test_lineage_student_reproduces_its_recorded_metrics():
     it tracks the sprite far better than holding the image still."""
     recorded = _recorded("lineage-3f")
     model = ev.load_model("lineage-3f")
-    grid = [tuple(g) for g in recorded["grid"]]
-    scenes = ev.eval_scenes(model.world, recorded["prompts"])
-    metrics, _, _ = ev.run_grid(model, scenes, recorded["blocks"], recorded["seed"], grid, baselines=False,
-                                progress=None)
-    got = ev.summary(metrics, model.world)
+    metrics, got = ev.rerun_recorded(model, recorded)
     for name in got:
         want = recorded["summary"][name]
         assert got[name]["mse"] == pytest.approx(want["mse"], rel=0.05), name

@@ -77,11 +77,7 @@ def test_shipped_checkpoint_reproduces_its_recorded_metrics():
     with open(os.path.join(ev.SHIPPED, "metrics.json")) as f:
         recorded = json.load(f)
     model = ev.load_model(ev.SHIPPED)
-    grid = [tuple(g) for g in recorded["grid"]]
-    scenes = ev.eval_scenes(model.world, recorded["prompts"])
-    metrics, _, _ = ev.run_grid(model, scenes, recorded["blocks"], recorded["seed"], grid, baselines=False,
-                                progress=None)
-    got = ev.summary(metrics, model.world)
+    metrics, got = ev.rerun_recorded(model, recorded)
     for name in got:
         want = recorded["summary"][name]
         assert got[name]["mse"] == pytest.approx(want["mse"], rel=0.05), name

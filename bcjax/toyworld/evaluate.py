@@ -398,7 +398,6 @@ def ship(run: str, dst: str = SHIPPED, prompts: int = 16, blocks: int = 10, seed
     metrics a test re-derives from it (metrics.json: grid, prompts, blocks, seed, summary with
     the still baseline, and the sequential position error per block). The defaults are the
     issue's measurement, `bcjax eval toyworld --prompts 16 --blocks 10`."""
-    import shutil
 
     src = os.path.join(run, "model")
     model = load_model(src)
@@ -411,6 +410,15 @@ def ship(run: str, dst: str = SHIPPED, prompts: int = 16, blocks: int = 10, seed
               "jax": jax.__version__, "backend": jax.default_backend()}
     with open(os.path.join(run, "summary.json")) as f:
         record["training"] = json.load(f)
+    publish(src, dst, record)
+    return record
+
+
+def publish(src: str, dst: str, record: dict) -> None:
+    """Copy checkpoint folder src to dst with `record` as its metrics.json, atomically (a copy
+    beside dst renamed over it: an interrupted ship leaves the old checkpoint whole)."""
+    import shutil
+
     tmp = dst.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
@@ -418,7 +426,16 @@ def ship(run: str, dst: str = SHIPPED, prompts: int = 16, blocks: int = 10, seed
         json.dump(record, f, indent=2)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
-    return record
+
+
+def rerun_recorded(model: ToyModel, recorded: dict) -> tuple[dict, dict]:
+    """(per-block metrics, summary) of a shipped model re-evaluated exactly as its metrics.json
+    records (grid, prompts, blocks, seed): what the shipped-checkpoint tests compare."""
+    grid = [tuple(g) for g in recorded["grid"]]
+    scenes = eval_scenes(model.world, recorded["prompts"])
+    metrics, _, _ = run_grid(model, scenes, recorded["blocks"], recorded["seed"], grid, baselines=False,
+                             progress=None)
+    return metrics, summary(metrics, model.world)
 
 
 def main(argv=None) -> dict:

@@ -403,19 +403,12 @@ def base_summary(m: dict) -> dict:
 def ship_base(model_dir: str, dst: str, prompts: int = 8, seeds: int = 1) -> dict:
     """Copy a base checkpoint into the package (lineage-3f's teacher, `lineage-base`) with the
     metrics of its own samples that a test re-derives (metrics.json); written atomically."""
-    import json
-    import shutil
+    from bcjax.toyworld.evaluate import publish
 
     m = evaluate_base(model_dir, prompts, seeds)
     record = {"prompts": prompts, "seeds": seeds, "summary": {k: list(v) for k, v in base_summary(m).items()},
               "pos_err_per_block": [float(v) for v in m["pos_err"].mean((0, 1))], "jax": jax.__version__}
-    tmp = dst.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
-    with open(os.path.join(tmp, "metrics.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    publish(model_dir, dst, record)
     return record
 
 
