@@ -58,12 +58,12 @@ from bcjax.toyworld.world import (
 
 EVAL_SEED = 12345  # prompts are drawn from default_rng([EVAL_SEED, i]); training uses [seed, step]
 FIELDS = ("mse", "psnr", "pos_err", "jump", "div_seq", "colour", "crisp")
-SHIPPED = os.path.join(os.path.dirname(__file__), "checkpoint")
-LINEAGE = os.path.join(os.path.dirname(__file__), "lineage-3f")
+_HERE = os.path.dirname(__file__)
+SHIPPED = os.path.join(_HERE, "checkpoint")
+LINEAGE = os.path.join(_HERE, "lineage-3f")
 # the embedded checkpoints by name: the block-causal models (`bcjax.names.TOY_MODELS`) and
 # lineage-3f's teacher, the bidirectional many-step base (`bcjax.toyworld.lineage`, `--init`)
-EMBEDDED = {"causal-1f": SHIPPED, "lineage-3f": LINEAGE,
-            "lineage-base": os.path.join(os.path.dirname(__file__), "lineage-base")}
+EMBEDDED = {"causal-1f": SHIPPED, "lineage-3f": LINEAGE, "lineage-base": os.path.join(_HERE, "lineage-base")}
 
 
 @dataclasses.dataclass
@@ -398,7 +398,6 @@ def ship(run: str, dst: str = SHIPPED, prompts: int = 16, blocks: int = 10, seed
     metrics a test re-derives from it (metrics.json: grid, prompts, blocks, seed, summary with
     the still baseline, and the sequential position error per block). The defaults are the
     issue's measurement, `bcjax eval toyworld --prompts 16 --blocks 10`."""
-
     src = os.path.join(run, "model")
     model = load_model(src)
     scenes = eval_scenes(model.world, prompts)
