@@ -3,13 +3,13 @@
 # No global effects here: the persistent compile cache is the CLI's choice, or the caller's
 # (`bcjax.compile_cache.enable()`), since JAX's config belongs to the whole importing program.
 from bcjax import compile_cache  # noqa: F401 (bcjax.compile_cache.enable() without another import)
-from bcjax.cascade import Cascade, generate, make_mesh
 from bcjax.compile_count import CompileCounter
 from bcjax.model import KV, WanConfig, encode_text, forward, init_params, param_shapes
 from bcjax.model.kv_cache import KVCache, init_cache
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.runners import Block, Runner, Step, StepState, generate, make_mesh, make_runner
+from bcjax.schedule.config import PipelineConfig
 
 __all__ = [
-    "Cascade", "CompileCounter", "KV", "KVCache", "PipelineConfig", "SequentialPipeline", "WanConfig",
-    "encode_text", "forward", "generate", "init_cache", "init_params", "make_mesh", "param_shapes",
+    "KV", "Block", "CompileCounter", "KVCache", "PipelineConfig", "Runner", "Step", "StepState", "WanConfig",
+    "encode_text", "forward", "generate", "init_cache", "init_params", "make_mesh", "make_runner", "param_shapes",
 ]

@@ -9,6 +9,9 @@ import tempfile
 import time
 
 from bcjax.errors import one_line
+from bcjax.flags import OldName as _OldName
+from bcjax.flags import positive as _positive
+from bcjax.flags import positive_seconds as _positive_float
 from bcjax.names import DEFAULT_TOY_MODEL, DEFAULT_WINDOW, POLICIES, POSITIONS, SCHEDULES, TOY_MODELS, WINDOWS
 from bcjax.paths import check_output
 
@@ -51,7 +54,7 @@ def _primary() -> bool:
 def _save_atomic(path: str, array) -> None:
     import numpy as np
 
-    from bcjax.pipeline.video import publish
+    from bcjax.app.video import publish
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -94,7 +97,6 @@ def _run(cfg, port, params, text, key, args, schedule, window):
     import jax
     import jax.numpy as jnp
 
-    from bcjax.cascade import Cascade
     from bcjax.runners import make_runner
 
     hw = tuple(args.latent_hw)
@@ -102,16 +104,8 @@ def _run(cfg, port, params, text, key, args, schedule, window):
     # Krea's loop for a rebuilt context (latent only, so R = the latent); several stage devices
     # split each tick's tokens (context parallelism for the sequential schedule)
     runner = make_runner(cfg, pcfg, hw, schedule, window, _mesh(args, cfg))
-    stream = runner.blocks(params, text, key, args.blocks)
-    if schedule == "sequential":
-        label = ("sequential (Krea: context rebuilt per block, R = latent)" if pcfg.context == "rebuild"
-                 else "sequential")
-        if isinstance(runner, Cascade):
-            label += f", context parallel on {args.devices} devices"
-    else:
-        label = f"{schedule} {window}, {runner.stagger.in_flight} blocks in flight on {args.devices} device(s)"
-    if args.model > 1:
-        label += f" x {args.model} (tensor parallel)"
+    stream = runner.blocks(params, text, key, num_blocks=args.blocks)
+    label = runner.label + (", R = latent" if runner.takes_round_trip else "")
     blocks, times = [], []
     t0 = time.perf_counter()
     for b, x0 in stream:
@@ -130,7 +124,7 @@ def _run(cfg, port, params, text, key, args, schedule, window):
 
 def _video_frames_per_block(pcfg) -> int:
     """A random-weight Wan DiT's block in video frames: its latents are the Wan VAE's."""
-    from bcjax.pipeline.video import frames_per_block
+    from bcjax.app.video import frames_per_block
     from bcjax.vae.wan_vae import VAEConfig
 
     return frames_per_block(pcfg.block_frames, VAEConfig.preset("wan2.1").temporal_scale)
@@ -230,6 +224,12 @@ def _generate(args) -> int:
                          f"only {jax.device_count()} device(s) available")
     if args.video and not args.checkpoint:
         raise ValueError("--video needs --checkpoint (its VAE encodes the input video)")
+    if args.prompt and not args.checkpoint:
+        raise ValueError("--prompt needs --checkpoint: a random-weight model has no text encoder (it runs on a "
+                         "random prompt embedding)")
+    if args.out and not args.checkpoint and args.out.lower().endswith(".mp4"):
+        raise ValueError(f"--out {args.out}: without --checkpoint, generate writes latents (.npy); an .mp4 needs "
+                         "--checkpoint (its VAE decodes the latents to pixels)")
     if args.out:  # before anything is computed
         check_output(args.out)
     if args.checkpoint:
@@ -246,7 +246,7 @@ def _generate(args) -> int:
 
 def _generate_video(args) -> int:
     import ports
-    from bcjax.pipeline.t2v import TextToVideo
+    from bcjax.app.t2v import TextToVideo
 
     if not args.prompt:
         raise ValueError("--checkpoint needs --prompt")
@@ -263,7 +263,7 @@ def _generate_video(args) -> int:
             "krea_14b_clean_pass" if layout == "krea" else "self_forcing"
     pcfg = _pipeline(ports.get(port), args)
     if args.video:
-        from bcjax.pipeline.prompts import with_strength
+        from bcjax.app.prompts import with_strength
 
         if args.schedule != "sequential":
             raise ValueError(f"--video runs sequentially for now; got --schedule {args.schedule}")
@@ -321,12 +321,18 @@ def _convert(args) -> int:
 def _bench(args) -> int:
     import importlib
 
-    what, rest = args.what, args.rest
-    if what == "memory":  # folded into `bench compile`: XLA:CPU is its target "cpu"
-        print("bcjax bench memory is `bcjax bench compile --target cpu` now", file=sys.stderr)
-        what, rest = "compile", ["--target", "cpu", *rest]
-    importlib.import_module(f"bcjax.bench.{what}").main(rest)  # prints its figures
+    importlib.import_module(f"bcjax.bench.{args.what}").main(args.rest)  # prints its figures
     return 0
+
+
+BENCHES = ("sequential", "cascade", "comm", "convert", "switch", "startup", "compile", "gpu", "decode", "upstream")
+
+
+def _bench_name(text: str) -> str:
+    """argparse type of `bench`'s first argument: a removed bench's name says what replaced it."""
+    if text == "memory":  # folded into `bench compile`: XLA:CPU is its target "cpu"
+        raise argparse.ArgumentTypeError("`bench memory` is `bcjax bench compile --target cpu` now")
+    return text
 
 
 def _check_checkpoint(path: str | None) -> None:
@@ -335,34 +341,6 @@ def _check_checkpoint(path: str | None) -> None:
         raise ValueError(f"--checkpoint {path}: is a file; a checkpoint is a folder (make one with `bcjax convert`)")
     if path and not os.path.isdir(path):
         raise ValueError(f"--checkpoint {path}: no such folder (make one with `bcjax convert`)")
-
-
-class _OldName(argparse.Action):
-    """A flag's deprecated spelling: works, and says the new one."""
-
-    def __init__(self, *args, new: str, **kwargs):
-        self.new = new
-        super().__init__(*args, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string != self.new:
-            print(f"bcjax: {option_string} is deprecated here; it is spelled {self.new} (--port is serve's TCP port)",
-                  file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
 
 
 def _decoder_flags(s, default: str) -> None:
@@ -413,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(s, blocks):
         s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=blocks)
         s.add_argument("--sampler", "--port", dest="sampler", default=None, action=_OldName, new="--sampler",
+                       why="--port is serve's TCP port",
                        help="sampling preset: self_forcing (default), causvid, longlive, krea_14b (Krea's loop; the "
                             "default for a Krea checkpoint), krea_14b_clean_pass (--port: its deprecated name)")
         s.add_argument("--preset", default="tiny", help="model shape: tiny, wan2.1-1.3b, wan2.1-14b (random weights)")
@@ -432,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="bcjax-demo.mp4", help="the video (written atomically)")
     s.add_argument("--report", help="markdown report (default: beside the video, .md)")
     _toy_model_flags(s)
-    s.add_argument("--prompts", type=_positive, default=3)
+    s.add_argument("--num-prompts", "--prompts", dest="prompts", type=_positive, default=3, metavar="N",
+                   action=_OldName, new="--num-prompts", why="--prompts is stream's prompt schedule",
+                   help="how many fixed-seed prompts (rows of the video); --prompts: its deprecated name")
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive,
                    help="blocks generated after the given first block (default: about 40 frames, 5 s at 8 fps)")
     s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
@@ -531,17 +512,61 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_convert)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
-    s.add_argument("what", choices=["sequential", "cascade", "comm", "convert", "switch", "startup", "compile",
-                                    "memory", "gpu", "decode", "upstream"])
+    s.add_argument("what", type=_bench_name, choices=BENCHES, metavar="BENCH", help=f"one of: {', '.join(BENCHES)}")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     s.set_defaults(fn=_bench)
     return p
+
+
+# what shows that a machine has an accelerator, as jax._src.hardware_utils looks for it: NVIDIA's
+# device nodes (WSL2's /dev/dxg), AMD's KFD node, and Google's PCI vendor id (TPU chips)
+_GPU_NODES = ("dev/nvidia0", "dev/nvidiactl", "dev/dxg", "dev/kfd")
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def _accelerators(root: str = "/") -> list[str]:
+    """The kinds of accelerator this machine shows ('gpu', 'tpu'); [] for a CPU-only one."""
+    import glob
+
+    found = ["gpu"] if any(os.path.exists(os.path.join(root, n)) for n in _GPU_NODES) else []
+    for vendor in glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor")):
+        with open(vendor) as f:
+            if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                return [*found, "tpu"]
+    return found
+
+
+def _cpu_unless_accelerated() -> None:
+    """JAX's platforms = cpu on a Linux machine with no accelerator, unless JAX_PLATFORMS says
+    otherwise. Without it, jax initialises every installed plugin first: the CUDA plugin's version
+    check prints a cuPTI traceback and libtpu its TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES
+    warnings (`pip install ".[test]"` brings both). A plugin bcjax cannot vouch for (not CUDA's)
+    leaves the choice to jax."""
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    if "JAX_PLATFORMS" in os.environ or sys.platform != "linux" or _accelerators():
+        return
+    try:
+        import jax_plugins
+
+        plugins = {name for _, name, _ in pkgutil.iter_modules(jax_plugins.__path__)}
+    except ImportError:  # no plugin package installed: no namespace
+        plugins = set()
+    plugins |= {e.value.rpartition(".")[2] for e in entry_points(group="jax_plugins")}
+    if any("cuda" not in name for name in plugins):
+        return
+    import jax
+
+    if not jax.config.values.get("jax_platforms"):  # unless the program chose already
+        jax.config.update("jax_platforms", "cpu")
 
 
 def _runtime(args) -> None:
     """Compile cache and multi-host set-up, before anything touches a device."""
     from bcjax import compile_cache
 
+    _cpu_unless_accelerated()
     if args.no_compile_cache:
         compile_cache.disable()
     elif args.compile_cache:
@@ -577,6 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bcjax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a harness's or bench's own `raise SystemExit("message")`: the same one line
+        if not isinstance(e.code, str):  # argparse's exits (--help, a bad flag) have said what they had to
+            raise
+        print(f"bcjax {args.command}: error: {one_line(e.code)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

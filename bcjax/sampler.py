@@ -39,11 +39,11 @@ def check_rebuild(pcfg: PipelineConfig, runner: str) -> None:
     """Krea's rebuilt context in a clean-pass runner: the clean pass of block b-1 at t = 0,
     attending only to itself, IS the rebuild pass of block b's context (at the same relative
     RoPE offsets), so a cache of one block serves it; R is the latent frame itself (no VAE here).
-    keep_first_frame needs frame 0 in place of R: only KreaPipeline has it."""
+    keep_first_frame needs frame 0 in place of R: only Krea's loop (program 'krea') has it."""
     if pcfg.context == "rebuild":
         if pcfg.keep_first_frame:
             raise ValueError(f"{runner} rebuilds Krea's context from the previous block as it is; "
-                             "keep_first_frame=True needs bcjax.pipeline.krea.KreaPipeline")
+                             "keep_first_frame=True needs Krea's loop (make_runner(..., program='krea'))")
         if pcfg.cache_frames != pcfg.block_frames:
             raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={pcfg.window_frames} "
                              f"must be 2 x block_frames={pcfg.block_frames}")
@@ -131,7 +131,7 @@ def denoise_block(cfg: WanConfig, pcfg: PipelineConfig, params, text: KV, cache:
     [B, F, H, W, C]).
 
     source: video-to-video, the input video's latents of this block [B, F, H, W, C], noised to
-    the first step's sigma instead of starting from pure noise (`bcjax.pipeline.prompts.with_strength`).
+    the first step's sigma instead of starting from pure noise (`bcjax.app.prompts.with_strength`).
     model_axis: inside shard_map, the tensor-parallel axis (params, text and cache hold this
     device's heads)."""
     batch = text.k.shape[1]

@@ -1,6 +1,6 @@
-"""The one interface every runner (`SequentialPipeline`, `KreaPipeline`, `Cascade`) shares.
+"""The state a runner (`bcjax.runners.Runner`) steps through, and what a step returns.
 
-    state = runner.start(params, text, key, num_blocks=None, context=None, reencode=None)
+    state = runner.start(params, text, key, num_blocks=None, context=None)
     while not runner.done(state):
         prompt_block = runner.entering(state)        # whose prompt is in force for the next step
         state, out = runner.step(params, text, state)  # the prompt's text K/V: an argument of every step
@@ -10,14 +10,13 @@
 A step is one call of the runner's compiled program: one block (all its denoising passes and
 its clean pass) for the sequential pipeline, one tick (a joint pass over every block in flight)
 for the cascade. Prompt switching, streaming and the server are written once against this
-interface (`bcjax.interactive`), above every runner; the runners know nothing of prompts beyond
+interface (`bcjax.app.interactive`), above every runner; the runners know nothing of prompts beyond
 the text K/V of each step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 
@@ -32,6 +31,8 @@ class StepState(NamedTuple):
     step: int  # steps taken so far
     first_block: int  # absolute id of the stream's first generated block (> 0 after given context)
     num_blocks: int | None  # blocks the stream generates; None: until the caller stops
+    # video-to-video input latents [B, num_blocks * block_frames, H, W, C] (one-block-per-step programs)
+    source: Any = None
 
 
 class Step(NamedTuple):
@@ -67,50 +68,3 @@ def keeps_clean_cache(pcfg) -> bool:
     """`keeps_cache` of a clean-pass runner: a cache a recache policy may rewrite at a switch.
     Under Krea's rules it holds the rebuilt context, made under the prompt in force anyway."""
     return pcfg.context != "rebuild"
-
-
-def refuse_round_trip(reencode, runner: str) -> None:
-    """A VAE round trip (Krea's R) given to a runner without Krea's loop is refused by name: its
-    clean-pass cache (or, in Krea's mode, the latent frame) stands where R would."""
-    if reencode is not None:
-        raise ValueError(f"{runner} takes no VAE round trip (reencode): R is Krea's loop's "
-                         "(bcjax.pipeline.krea.KreaPipeline, sampler krea_14b)")
-
-
-class Runner(Protocol):
-    """What `bcjax.interactive`, the server, the CLI and the benches may call on any runner
-    (`bcjax.runners.make_runner` builds one); the type checker holds every runner to it."""
-
-    def encode_text(self, params, context) -> Any: ...
-
-    def place_params(self, params) -> Any: ...
-
-    def place_text(self, text) -> Any: ...
-
-    def replicate(self, tree) -> Any: ...
-
-    def abstract_inputs(self, batch: int = 1) -> tuple: ...
-
-    def lower(self, *inputs) -> jax.stages.Lowered: ...
-
-    def blocks(self, params, text, key, num_blocks: int) -> Iterator[Block]: ...
-
-    def generate(self, params, text, num_blocks: int, key) -> jax.Array: ...
-
-    # False: no cache a recache policy could rewrite (Krea's loop); such a policy is refused at start
-    keeps_cache: bool
-    # True: start(reencode=) takes Krea's VAE round trip for R (Krea's loop); others refuse one
-    takes_round_trip: bool
-
-    def start(self, params, text, key, num_blocks: int | None = None, context=None,
-              reencode: Callable | None = None) -> StepState: ...
-
-    def step(self, params, text, state: StepState) -> tuple[StepState, Step]: ...
-
-    def entering(self, state: StepState) -> int: ...
-
-    def done(self, state: StepState) -> bool: ...
-
-    def cache(self, state: StepState) -> Any: ...
-
-    def with_cache(self, state: StepState, cache) -> StepState: ...

@@ -30,7 +30,3 @@ def get(name: str) -> Port:
     if key not in NAMES:
         raise ValueError(f"unknown port {name!r}; known: {', '.join(NAMES)}")
     return importlib.import_module(f"ports.{key}").PORT
-
-
-def all_ports() -> list[Port]:
-    return [get(n) for n in NAMES]

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcjax.cascade import Cascade, make_mesh
+from bcjax.cascade import make_mesh
 from bcjax.model import WanConfig, init_params
 from bcjax.pipeline import PipelineConfig
+from bcjax.runners import make_runner
 
 
 def tiny_params():
@@ -27,6 +28,7 @@ def run_case(num_blocks: int = 6, checkpoint_path: str | None = None, model: int
         q = params["blocks"]["self_attn"]["q"]["kernel"]
         assert q.addressable_shards[0].data.shape[-1] == cfg.dim // model  # this device's heads only
     ctx = np.random.default_rng(0).standard_normal((1, cfg.text_len, cfg.text_dim)).astype(np.float32)
-    cas = Cascade(cfg, PipelineConfig(window_frames=9, sink_frames=3), (4, 6), "P4", "bidirectional", mesh)
+    cas = make_runner(cfg, PipelineConfig(window_frames=9, sink_frames=3), (4, 6), "P4", "bidirectional", mesh,
+                      program="tick")
     text = cas.encode_text(params, jnp.asarray(ctx))  # split by heads, like the weights
-    return cas.generate(params, text, num_blocks, jax.random.key(1))
+    return cas.generate(params, text, jax.random.key(1), num_blocks=num_blocks)

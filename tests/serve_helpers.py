@@ -26,7 +26,19 @@ def served() -> Served:
     pytest.importorskip("uvicorn")
     from bcjax.serve import ToyBackend
 
-    return start_server(ToyBackend("causal-1f"))  # 1-frame blocks: the quickest model
+    return start_server(ToyBackend("causal-1f"), shared=True)  # 1-frame blocks: the quickest model
+
+
+_started: list = []  # (uvicorn.Server, its thread) of the servers a test started for itself
+
+
+def stop_started(timeout: float = 15.0) -> None:
+    """Shut down every server a test started (tests/conftest.py, after each test): a server left
+    running keeps serving tabs, and their generation threads, into the tests after it."""
+    while _started:
+        srv, thread = _started.pop()
+        srv.should_exit = True
+        thread.join(timeout)
 
 
 SENTENCES = ["a red fox runs through the snow", "the cat sits on a warm mat", "waves crash on a rocky shore"]
@@ -63,15 +75,19 @@ def tiny_checkpoint(folder) -> str:
     return str(dst)
 
 
-def start_server(backend, send_buffer: int | None = None, **options) -> Served:
+def start_server(backend, send_buffer: int | None = None, shared: bool = False, **options) -> Served:
     """`make_app(backend, **options)` served by uvicorn on a free loopback port, in a daemon thread
-    (`send_buffer`: its connections' kernel send buffer, bytes; the server's default when None)."""
+    (`send_buffer`: its connections' kernel send buffer, bytes; the server's default when None).
+    Stopped after the test that started it, unless `shared` (the process-wide `served()`)."""
     from bcjax.serve import make_app, server
     from bcjax.serve.app import SEND_BUFFER
 
     app = make_app(backend, **{"queue": 4, **options})
     srv, sock = server(app, "127.0.0.1", 0, send_buffer=SEND_BUFFER if send_buffer is None else send_buffer)
-    threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="bcjax-test-server", daemon=True).start()
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="bcjax-test-server", daemon=True)
+    thread.start()
+    if not shared:
+        _started.append((srv, thread))
     deadline = time.monotonic() + 20
     while not srv.started:
         if time.monotonic() > deadline:

@@ -22,9 +22,10 @@ import numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from bcjax import checkpoint  # noqa: E402
-from bcjax.cascade import Cascade, make_mesh  # noqa: E402
+from bcjax.cascade import make_mesh  # noqa: E402
 from bcjax.model import WanConfig, init_params  # noqa: E402
-from bcjax.pipeline import PipelineConfig, SequentialPipeline  # noqa: E402
+from bcjax.pipeline import PipelineConfig  # noqa: E402
+from bcjax.runners import make_runner  # noqa: E402
 
 HW = (4, 6)
 CFG = WanConfig.preset("tiny", num_heads=4, attention="xla")
@@ -32,7 +33,9 @@ PCFG = PipelineConfig(window_frames=9, sink_frames=3)
 
 
 def runner(kind: str, mesh):
-    return SequentialPipeline(CFG, PCFG, HW, mesh) if kind == "sequential" else Cascade(CFG, PCFG, HW, "P4", kind, mesh)
+    if kind == "sequential":
+        return make_runner(CFG, PCFG, HW, mesh=mesh, program="block")
+    return make_runner(CFG, PCFG, HW, "P4", kind, mesh, program="tick")
 
 
 def main(out: str, ckpt: str) -> None:
@@ -58,26 +61,27 @@ def main(out: str, ckpt: str) -> None:
                     a.addressable_shards[0].data.nbytes for a in jax.tree_util.tree_leaves(prm))
                 report["full_bytes"] = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
             text = run.encode_text(prm, prompt)
-            lat = np.asarray(jax.device_get(run.generate(prm, text, 5, key, context=first)))
+            lat = np.asarray(jax.device_get(run.generate(prm, text, key, num_blocks=5, context=first)))
             if ref is None:
                 ref = lat
                 continue
             report["max_abs"][f"{kind} {stage}x{model}"] = float(np.abs(lat - ref).max())
             if (stage, model) == (5, 2) and kind == "bidirectional":
-                state = run.start(prm, text, key, 5, context=first)
+                state = run.start(prm, text, key, num_blocks=5, context=first)
                 k = run.cache(state).k
                 report["cache_shape"] = list(k.shape)
                 report["cache_shard"] = list(k.addressable_shards[0].data.shape)
                 report["text_shard"] = list(text.k.addressable_shards[0].data.shape)
     # Krea's own loop (context rebuilt before every block, R = the latent): one device vs (1, 2)
     import ports
-    from bcjax.pipeline.krea import KreaPipeline
+    from bcjax.runners import make_runner
 
     kcfg = ports.get("krea_14b").pipeline
     lat = {}
     for model in (1, 2):
-        krea = KreaPipeline(CFG, kcfg, HW, make_mesh(1, model) if model > 1 else None)
-        lat[model] = np.asarray(jax.device_get(krea.generate(params, krea.encode_text(params, prompt), 4, key)))
+        krea = make_runner(CFG, kcfg, HW, mesh=make_mesh(1, model) if model > 1 else None, program="krea")
+        lat[model] = np.asarray(jax.device_get(krea.generate(params, krea.encode_text(params, prompt), key,
+                                                             num_blocks=4)))
     report["max_abs"]["krea 1x2"] = float(np.abs(lat[2] - lat[1]).max())
 
     # collectives of the compiled tick against the formula (bytes per tick per device)

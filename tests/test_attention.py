@@ -227,11 +227,11 @@ def test_a_backend_the_platform_lacks_is_named():
     with pytest.raises(ValueError, match="attention='flash3'"):
         WanConfig.preset("tiny", attention="flash3")
     # a runner checks its backend against the platform of the devices it compiles for, at construction
-    from bcjax.pipeline.sequential import SequentialPipeline
+    from bcjax.runners import make_runner
 
     cpu = WanConfig.preset("tiny", attention="pallas_gpu")
     with pytest.raises(ValueError, match="pallas_gpu.*needs a GPU"):
-        SequentialPipeline(cpu, PipelineConfig(), (4, 4))
+        make_runner(cpu, PipelineConfig(), (4, 4), program="block")
 
 
 def test_auto_follows_the_platform_compiled_for():

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.cascade import Cascade, make_mesh
+from bcjax.cascade import make_mesh
 from bcjax.model import encode_text
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.pipeline import PipelineConfig
+from bcjax.runners import make_runner
 
 HW = (4, 6)
 ROLLING = PipelineConfig(window_frames=9, sink_frames=3)  # sink + a window the stream outgrows
@@ -26,13 +27,14 @@ def text(tiny_cfg, tiny_params):
 def _run(cfg, params, text, where):
     key = jax.random.key(4)
     if where == "sequential":
-        return SequentialPipeline(cfg, ROLLING, HW).generate(params, text, 4, key)
+        return make_runner(cfg, ROLLING, HW, program="block").generate(params, text, key, num_blocks=4)
     mesh = None
     if where == "p4-mesh5":
         if jax.device_count() < 5:
             pytest.skip("needs 5 devices (XLA_FLAGS=--xla_force_host_platform_device_count=5)")
         mesh = make_mesh(5)
-    return Cascade(cfg, ROLLING, HW, "P4", "bidirectional", mesh=mesh).generate(params, text, 4, key)
+    return make_runner(cfg, ROLLING, HW, "P4", "bidirectional", mesh=mesh, program="tick").generate(params, text, key,
+                                                                                                    num_blocks=4)
 
 
 @pytest.mark.slow

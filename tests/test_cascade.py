@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.cascade import Cascade, make_mesh
+from bcjax.cascade import make_mesh
 from bcjax.cascade.tick import tick
 from bcjax.compile_count import CompileCounter
 from bcjax.model import encode_text
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.pipeline import PipelineConfig
+from bcjax.runners import make_runner
 from bcjax.schedule import block_noise
 
 HW = (4, 6)
@@ -33,15 +34,15 @@ def mesh5():
 
 
 @functools.cache
-def _cascade(cfg, pcfg, schedule, window, mesh=None) -> Cascade:
-    """One runner per configuration for the whole module: each Cascade jit-compiles its own tick and
+def _cascade(cfg, pcfg, schedule, window, mesh=None):
+    """One runner per configuration for the whole module: each runner jit-compiles its own tick and
     scans, so tests of the same configuration share them instead of compiling them again."""
-    return Cascade(cfg, pcfg, HW, schedule, window, mesh=mesh)
+    return make_runner(cfg, pcfg, HW, schedule, window, mesh=mesh, program="tick")
 
 
 @functools.cache
-def _sequential(cfg, pcfg) -> SequentialPipeline:
-    return SequentialPipeline(cfg, pcfg, HW)
+def _sequential(cfg, pcfg):
+    return make_runner(cfg, pcfg, HW, program="block")
 
 
 def _max_err(a, b):
@@ -51,10 +52,10 @@ def _max_err(a, b):
 @pytest.mark.parametrize("pcfg", [GLOBAL, ROLLING], ids=["global", "sink+rolling"])
 def test_p1_causal_reproduces_sequential(tiny_cfg, tiny_params, text, pcfg):
     key = jax.random.key(2)
-    seq = _sequential(tiny_cfg, pcfg).generate(tiny_params, text, 7, key)
+    seq = _sequential(tiny_cfg, pcfg).generate(tiny_params, text, key, num_blocks=7)
     cas = _cascade(tiny_cfg, pcfg, "P1", "causal")
     assert cas.stagger.in_flight == 2  # really overlapping: next block's first step beside the clean pass
-    out = cas.generate(tiny_params, text, 7, key)
+    out = cas.generate(tiny_params, text, key, num_blocks=7)
     assert out.shape == seq.shape == (1, 21, *HW, tiny_cfg.in_channels)
     assert _max_err(out, seq) <= 1e-5
 
@@ -63,8 +64,8 @@ def test_p1_causal_reproduces_sequential(tiny_cfg, tiny_params, text, pcfg):
 @pytest.mark.parametrize("window", ["causal", "bidirectional"])
 def test_sharded_tick_equals_batched_tick(tiny_cfg, tiny_params, text, mesh5, schedule, window):
     key = jax.random.key(4)
-    batched = _cascade(tiny_cfg, ROLLING, schedule, window).generate(tiny_params, text, 6, key)
-    sharded = _cascade(tiny_cfg, ROLLING, schedule, window, mesh=mesh5).generate(tiny_params, text, 6, key)
+    batched = _cascade(tiny_cfg, ROLLING, schedule, window).generate(tiny_params, text, key, num_blocks=6)
+    sharded = _cascade(tiny_cfg, ROLLING, schedule, window, mesh=mesh5).generate(tiny_params, text, key, num_blocks=6)
     assert _max_err(batched, sharded) <= 1e-5
 
 
@@ -74,11 +75,12 @@ def test_sharded_p1_with_padding_groups_is_still_sequential(tiny_cfg, tiny_param
     key = jax.random.key(8)
     cas = _cascade(tiny_cfg, GLOBAL, "P1", "causal", mesh=mesh5)
     # 2 blocks x 3 frames of one 6-token group each on 5 devices: 4 padding groups
-    assert cas.stagger.num_slots == 2 and cas.spec.split.padded_tokens - cas.spec.split.tokens == 4 * 6
-    seq = _sequential(tiny_cfg, GLOBAL).generate(tiny_params, text, 6, key)
+    split = cas.tick_program.spec.split
+    assert cas.stagger.num_slots == 2 and split.padded_tokens - split.tokens == 4 * 6
+    seq = _sequential(tiny_cfg, GLOBAL).generate(tiny_params, text, key, num_blocks=6)
     ctx = np.random.default_rng(11).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
     # the public one-call API, from raw prompt embeddings
-    out = bcjax.generate(tiny_cfg, tiny_params, jnp.asarray(ctx), 6, key, pcfg=GLOBAL, latent_hw=HW,
+    out = bcjax.generate(tiny_cfg, tiny_params, jnp.asarray(ctx), key, num_blocks=6, pcfg=GLOBAL, latent_hw=HW,
                          schedule="P1", window="causal", mesh=mesh5)
     assert _max_err(out, seq) <= 1e-5
 
@@ -86,15 +88,15 @@ def test_sharded_p1_with_padding_groups_is_still_sequential(tiny_cfg, tiny_param
 @pytest.mark.slow
 def test_block_zero_is_the_same_under_every_schedule(tiny_cfg, tiny_params, text):
     key = jax.random.key(6)
-    seq = _sequential(tiny_cfg, GLOBAL).generate(tiny_params, text, 3, key)[:, :3]
+    seq = _sequential(tiny_cfg, GLOBAL).generate(tiny_params, text, key, num_blocks=3)[:, :3]
     for schedule in ["sequential", "P1", "P2", "P4"]:
-        out = _cascade(tiny_cfg, GLOBAL, schedule, "causal").generate(tiny_params, text, 3, key)
+        out = _cascade(tiny_cfg, GLOBAL, schedule, "causal").generate(tiny_params, text, key, num_blocks=3)
         assert _max_err(out[:, :3], seq) <= 1e-5, schedule
     # Bidirectional: block 0 also attends to newer blocks once they enter, which under P1 is
     # only after its x0 is out; under P2/P4 it sees them while denoising (by design).
-    p1 = _cascade(tiny_cfg, GLOBAL, "P1", "bidirectional").generate(tiny_params, text, 3, key)
+    p1 = _cascade(tiny_cfg, GLOBAL, "P1", "bidirectional").generate(tiny_params, text, key, num_blocks=3)
     assert _max_err(p1[:, :3], seq) <= 1e-5
-    p4 = _cascade(tiny_cfg, GLOBAL, "P4", "bidirectional").generate(tiny_params, text, 3, key)
+    p4 = _cascade(tiny_cfg, GLOBAL, "P4", "bidirectional").generate(tiny_params, text, key, num_blocks=3)
     assert _max_err(p4[:, :3], seq) > 1e-3
 
 
@@ -116,7 +118,7 @@ def test_noise_depends_only_on_seed_block_and_step(tiny_cfg, tiny_params, text, 
         expected.append(x)
     expected = np.concatenate(expected, axis=1)
     for schedule, mesh in [("P4", None), ("P2", None), ("P4", mesh5), ("P2", mesh5)]:
-        out = _cascade(tiny_cfg, pcfg, schedule, "bidirectional", mesh=mesh).generate(zero, text, nb, key)
+        out = _cascade(tiny_cfg, pcfg, schedule, "bidirectional", mesh=mesh).generate(zero, text, key, num_blocks=nb)
         assert _max_err(out, expected) <= 1e-5, (schedule, mesh)
 
 
@@ -126,7 +128,7 @@ def test_perturbing_a_newer_block(tiny_cfg, tiny_params, text, window, changes):
     move under the causal window, and must under the bidirectional one."""
     cas = _cascade(tiny_cfg, ROLLING, "P4", window)
     key, nb = jax.random.key(1), jnp.int32(20)
-    state = cas.init_state(1)
+    state = cas.tick_program.init_state(1)
     step = cas.lower(tiny_params, text, key, nb, state).compile()
     for _ in range(7):  # pipeline full, cache rolling
         state, _ = step(tiny_params, text, key, nb, state)
@@ -134,7 +136,7 @@ def test_perturbing_a_newer_block(tiny_cfg, tiny_params, text, window, changes):
     stages = (int(state.tick) - slots) % cas.stagger.num_slots  # P4, stride 1: stage of each slot
     newer = int(jnp.argmax(stages == 1))
     bumped = state._replace(x=state.x.at[newer].add(0.5))
-    run = jax.jit(lambda s: tick(cas.spec, tiny_params, text, key, nb, s))
+    run = jax.jit(lambda s: tick(cas.tick_program.spec, tiny_params, text, key, nb, s))
     (a, (ea, _)), (b, (eb, _)) = run(state), run(bumped)
     stages = np.asarray(stages)
     assert sorted(stages) == [0, 1, 2, 3, 4]
@@ -150,7 +152,7 @@ def test_perturbing_a_newer_block(tiny_cfg, tiny_params, text, window, changes):
 def test_stream_equals_scan_and_never_recompiles(tiny_cfg, tiny_params, text):
     cas = _cascade(tiny_cfg, ROLLING, "P4", "bidirectional")
     key = jax.random.key(12)
-    whole = cas.generate(tiny_params, text, 8, key)
+    whole = cas.generate(tiny_params, text, key, num_blocks=8)
     stream = cas.blocks(tiny_params, text, key, num_blocks=None)  # endless stream
     got = [next(stream)]  # compiles the tick once
     with CompileCounter() as cc:
@@ -169,7 +171,7 @@ def test_stream_equals_scan_and_never_recompiles(tiny_cfg, tiny_params, text):
 def test_finite_stream_equals_scan(tiny_cfg, tiny_params, text, schedule):
     cas = _cascade(tiny_cfg, ROLLING, schedule, "bidirectional")
     key = jax.random.key(13)
-    whole = cas.generate(tiny_params, text, 5, key)
+    whole = cas.generate(tiny_params, text, key, num_blocks=5)
     got = list(cas.blocks(tiny_params, text, key, num_blocks=5))
     assert [b for b, _ in got] == [0, 1, 2, 3, 4]
     assert _max_err(jnp.concatenate([x for _, x in got], axis=1), whole) <= 1e-5
@@ -179,13 +181,13 @@ def test_bad_mesh_and_flags_are_named(tiny_cfg, mesh5):
     from jax.sharding import Mesh
 
     with pytest.raises(ValueError, match="window 'sideways'"):
-        Cascade(tiny_cfg, GLOBAL, HW, "P4", "sideways")
+        make_runner(tiny_cfg, GLOBAL, HW, "P4", "sideways", program="tick")
     with pytest.raises(ValueError, match="schedule 'P4x'"):
-        Cascade(tiny_cfg, GLOBAL, HW, "P4x", "causal")
+        make_runner(tiny_cfg, GLOBAL, HW, "P4x", "causal", program="tick")
     with pytest.raises(ValueError, match="no 'stage' axis"):
-        Cascade(tiny_cfg, GLOBAL, HW, mesh=Mesh(np.asarray(jax.devices()[:5]), ("data",)))
+        make_runner(tiny_cfg, GLOBAL, HW, mesh=Mesh(np.asarray(jax.devices()[:5]), ("data",)), program="tick")
     with pytest.raises(ValueError, match="'model' = 5 must divide num_heads = 2 and ffn_dim = 128"):
-        Cascade(tiny_cfg, GLOBAL, HW, mesh=make_mesh(1, 5))
+        make_runner(tiny_cfg, GLOBAL, HW, mesh=make_mesh(1, 5), program="tick")
     with pytest.raises(ValueError, match="needs 10 devices"):
         make_mesh(5, 2)
 
@@ -197,22 +199,22 @@ def test_given_context_blocks_continue_exactly(tiny_cfg, tiny_params, text, mesh
     blocks; P1-causal after context == sequential after context; sharded == batched."""
     key = jax.random.key(5)
     pipe = _sequential(tiny_cfg, ROLLING)
-    full = pipe.generate(tiny_params, text, 6, key)
+    full = pipe.generate(tiny_params, text, key, num_blocks=6)
     given = full[:, :6]  # blocks 0, 1 as context; the rest continue them
-    cont = pipe.generate(tiny_params, text, 4, key, context=given)
+    cont = pipe.generate(tiny_params, text, key, num_blocks=4, context=given)
     assert cont.shape == (1, 12, *HW, tiny_cfg.in_channels)
     assert _max_err(cont, full[:, 6:]) <= 1e-5  # same noise (block ids are absolute), same cache
-    p1 = _cascade(tiny_cfg, ROLLING, "P1", "causal").generate(tiny_params, text, 4, key, context=given)
+    p1 = _cascade(tiny_cfg, ROLLING, "P1", "causal").generate(tiny_params, text, key, num_blocks=4, context=given)
     assert _max_err(p1, cont) <= 1e-5
     for window in ("causal", "bidirectional"):
-        batched = _cascade(tiny_cfg, ROLLING, "P4", window).generate(tiny_params, text, 4, key, context=given)
-        sharded = _cascade(tiny_cfg, ROLLING, "P4", window, mesh=mesh5).generate(tiny_params, text, 4, key,
+        batched = _cascade(tiny_cfg, ROLLING, "P4", window).generate(tiny_params, text, key, num_blocks=4,
+                                                                     context=given)
+        sharded = _cascade(tiny_cfg, ROLLING, "P4", window, mesh=mesh5).generate(tiny_params, text, key, num_blocks=4,
                                                                                  context=given)
         assert _max_err(batched, sharded) <= 1e-5
         assert _max_err(batched, cont) > 1e-4  # a real cascade, not the sequential result again
     cas = _cascade(tiny_cfg, ROLLING, "P4", "bidirectional")
-    state = cas.init_state(1, *cas.prefill(tiny_params, text, given))
-    ids = [b for b, _ in cas.blocks(tiny_params, text, key, 4, state=state)]
+    ids = [b for b, _ in cas.blocks(tiny_params, text, key, num_blocks=4, context=given)]
     assert ids == [2, 3, 4, 5]
     with pytest.raises(ValueError, match="context frames must be"):
-        pipe.generate(tiny_params, text, 2, key, context=given[:, :4])
+        pipe.generate(tiny_params, text, key, num_blocks=2, context=given[:, :4])

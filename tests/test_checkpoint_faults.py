@@ -70,7 +70,7 @@ def test_relative_and_home_paths_restore(tmp_path, tiny_cfg, tiny_params, monkey
 def test_generate_and_serve_take_a_relative_checkpoint(full_checkpoint, tmp_path, monkeypatch):
     """Run from the checkpoint's parent with `ckpt` and `./ckpt/`: every part loads (then a patched
     step stops the run before anything compiles)."""
-    from bcjax.pipeline import t2v
+    from bcjax.app import t2v
 
     def reached(*args, **kwargs):
         raise _Reached
@@ -298,7 +298,7 @@ def test_nan_weights_are_refused(tmp_path, tiny_cfg, tiny_params, monkeypatch):
 
 
 def test_generate_names_a_corrupt_checkpoint_and_no_verify_skips(full_checkpoint, tmp_path, capsys, monkeypatch):
-    from bcjax.pipeline import t2v
+    from bcjax.app import t2v
 
     dst = tmp_path / "ckpt"
     shutil.copytree(full_checkpoint, dst)

@@ -41,7 +41,7 @@ def _run(code, env):
 def test_import_changes_no_jax_setting(tmp_path):
     """`import bcjax` and the modules of the Python API leave JAX's global config as a bare `import jax` has it."""
     read = f"import jax; print([getattr(jax.config, k) for k in {_SETTINGS!r}])"
-    modules = ("bcjax", "bcjax.pipeline.t2v", "bcjax.pipeline.streaming", "bcjax.checkpoint", "bcjax.runners",
+    modules = ("bcjax", "bcjax.app.t2v", "bcjax.app.streaming", "bcjax.checkpoint", "bcjax.runners",
                "bcjax.distributed", "bcjax.cascade", "bcjax.text", "bcjax.vae", "bcjax.compile_cache", "ports")
     bare = _run(read, _clean_env(tmp_path))
     assert _run("; ".join(f"import {m}" for m in modules) + "; " + read, _clean_env(tmp_path)) == bare

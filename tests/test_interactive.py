@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.cascade import Cascade, make_mesh
+from bcjax.app.interactive import parse_prompt_schedule, stream
+from bcjax.cascade import make_mesh
 from bcjax.compile_count import CompileCounter
-from bcjax.interactive import parse_prompt_schedule, stream
 from bcjax.model import encode_text
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.pipeline import PipelineConfig
 from bcjax.pipeline.recache import POLICIES
+from bcjax.runners import make_runner
 
 HW = (4, 6)
 GLOBAL = PipelineConfig(window_frames=21)
@@ -45,7 +46,7 @@ def test_schedule_parsing_names_the_problem():
 
 
 def test_sequential_switch_policies(tiny_cfg, tiny_params, texts):
-    pipe = SequentialPipeline(tiny_cfg, ROLLING, HW)
+    pipe = make_runner(tiny_cfg, ROLLING, HW, program="block")
     key = jax.random.key(4)
     a_only = _cat(_run(pipe, tiny_params, [(0, texts[0])], key, 6))
     no_rc = _run(pipe, tiny_params, [(0, texts[0]), (3, texts[1])], key, 6)
@@ -53,10 +54,10 @@ def test_sequential_switch_policies(tiny_cfg, tiny_params, texts):
     got = _cat(no_rc)
     np.testing.assert_allclose(got[:, :9], a_only[:, :9], atol=1e-6)  # before the switch: prompt a
     # after: the same compiled block function, only the text changed (== a manual loop)
-    cache = pipe.init_cache(1)
+    cache = pipe.block_program.init_cache(1)
     manual = []
     for b in range(6):
-        cache, x0 = pipe._block_fn(tiny_params, texts[0 if b < 3 else 1], cache, key, jnp.int32(b))
+        cache, x0 = pipe.block_program._block_fn(tiny_params, texts[0 if b < 3 else 1], cache, key, jnp.int32(b))
         manual.append(np.asarray(x0))
     np.testing.assert_allclose(got, np.concatenate(manual, axis=1), atol=1e-6)
     rc = _run(pipe, tiny_params, [(0, texts[0]), (3, texts[1])], key, 6, policy="recache")
@@ -69,13 +70,14 @@ def test_sequential_switch_policies(tiny_cfg, tiny_params, texts):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 def test_switching_never_retraces(tiny_cfg, tiny_params, texts, policy):
-    for runner in (SequentialPipeline(tiny_cfg, ROLLING, HW), Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional")):
+    for runner in (make_runner(tiny_cfg, ROLLING, HW, program="block"), make_runner(tiny_cfg, ROLLING, HW, "P4",
+                                                                                    "bidirectional", program="tick")):
         key = jax.random.key(5)
         sched = [(0, texts[0]), (3, texts[1]), (5, texts[0]), (8, texts[1])]
         _run(runner, tiny_params, sched[:2], key, 5, policy=policy)  # compiles block/tick and recache once
         with CompileCounter() as cc:
             events = _run(runner, tiny_params, sched, key, 11, policy=policy)
-        assert cc.count == 0, f"{type(runner).__name__}: {cc.count} recompiles over 3 switches"
+        assert cc.count == 0, f"{runner.label}: {cc.count} recompiles over 3 switches"
         assert [e.block for e in events] == list(range(11))
 
 
@@ -87,8 +89,10 @@ def test_p1_causal_with_recache_is_the_sequential_recache(tiny_cfg, tiny_params,
     bidirectional recache lets older frames see that predecessor, which a P1 tick cannot yet.)"""
     key = jax.random.key(6)
     sched = [(0, texts[0]), (3, texts[1])]
-    seq = _cat(_run(SequentialPipeline(tiny_cfg, GLOBAL, HW), tiny_params, sched, key, 6, policy="recache-causal"))
-    p1 = _cat(_run(Cascade(tiny_cfg, GLOBAL, HW, "P1", "causal"), tiny_params, sched, key, 6, policy="recache-causal"))
+    seq = _cat(_run(make_runner(tiny_cfg, GLOBAL, HW, program="block"), tiny_params, sched, key, 6,
+                    policy="recache-causal"))
+    p1 = _cat(_run(make_runner(tiny_cfg, GLOBAL, HW, "P1", "causal", program="tick"), tiny_params, sched, key, 6,
+                   policy="recache-causal"))
     np.testing.assert_allclose(p1, seq, atol=1e-5)
 
 
@@ -99,8 +103,10 @@ def test_sharded_cascade_switch_equals_batched(tiny_cfg, tiny_params, texts):
     key = jax.random.key(7)
     sched = [(0, texts[0]), (4, texts[1])]
     for policy in POLICIES:
-        one = _cat(_run(Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional"), tiny_params, sched, key, 7,
+        one = _cat(_run(make_runner(tiny_cfg, ROLLING, HW, "P4", "bidirectional", program="tick"), tiny_params, sched,
+                        key, 7,
                         policy=policy))
-        five = _cat(_run(Cascade(tiny_cfg, ROLLING, HW, "P4", "bidirectional", make_mesh(5)), tiny_params, sched, key,
+        five = _cat(_run(make_runner(tiny_cfg, ROLLING, HW, "P4", "bidirectional", make_mesh(5), program="tick"),
+                         tiny_params, sched, key,
                          7, policy=policy))
         np.testing.assert_allclose(five, one, atol=1e-5)

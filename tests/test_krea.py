@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 
 import ports
-from bcjax.cascade import Cascade
 from bcjax.model import encode_text
 from bcjax.model.wan import forward
-from bcjax.pipeline import SequentialPipeline
-from bcjax.pipeline.krea import KreaPipeline
+from bcjax.runners import make_runner
 from bcjax.schedule.flow import block_noise
 
 HW = (4, 6)
@@ -54,7 +52,7 @@ def test_rule2_every_entry_a_pass_output_the_t0_x0(tiny_cfg, tiny_params, text):
     flow = np.linspace(-1, 1, tiny_cfg.out_channels).astype(np.float32)
     params = _constant_flow(tiny_cfg, tiny_params, flow)
     key = jax.random.key(2)
-    got = np.asarray(KreaPipeline(tiny_cfg, KREA, HW).generate(params, text, 2, key))
+    got = np.asarray(make_runner(tiny_cfg, KREA, HW, program="krea").generate(params, text, key, num_blocks=2))
     sig = [1.0, 0.9375, 0.8333333, 0.625, 0.0049800797]  # sigma(0) = table entry 999, not 0
     for b in range(2):
         shape = (1, 3, *HW, tiny_cfg.in_channels)
@@ -94,7 +92,8 @@ def test_rules3_to_6_rebuilt_context(tiny_cfg, tiny_params, text, keep_first_fra
         seen.append(np.asarray(x0))
         return 0.5 * x0[:, :1] + 0.25
 
-    out = np.asarray(KreaPipeline(tiny_cfg, pcfg, HW).generate(tiny_params, text, 4, key, reencode))
+    out = np.asarray(make_runner(tiny_cfg, pcfg, HW, program="krea").generate(tiny_params, text, key, num_blocks=4,
+                                                                              reencode=reencode))
     assert len(seen) == 4  # every block goes through the round trip, in order
     blocks = [out[:, 3 * b:3 * b + 3] for b in range(4)]
     # block 0: no context, RoPE 0..2
@@ -119,12 +118,12 @@ def test_clean_pass_variant_keeps_its_name_and_bad_combinations_are_named(tiny_c
     clean = ports.get("krea_14b_clean_pass").pipeline
     assert clean.context == "clean-pass" and clean.num_steps == 4
     keep = dataclasses.replace(KREA, keep_first_frame=True)
-    with pytest.raises(ValueError, match="keep_first_frame=True needs bcjax.pipeline.krea.KreaPipeline"):
-        SequentialPipeline(tiny_cfg, keep, HW)
-    with pytest.raises(ValueError, match="keep_first_frame=True needs bcjax.pipeline.krea.KreaPipeline"):
-        Cascade(tiny_cfg, keep, HW, "P1", "causal")
+    with pytest.raises(ValueError, match="keep_first_frame=True needs Krea.s loop"):
+        make_runner(tiny_cfg, keep, HW, program="block")
+    with pytest.raises(ValueError, match="keep_first_frame=True needs Krea.s loop"):
+        make_runner(tiny_cfg, keep, HW, "P1", "causal", program="tick")
     with pytest.raises(ValueError, match="needs PipelineConfig\\(context='rebuild'\\)"):
-        KreaPipeline(tiny_cfg, clean, HW)
+        make_runner(tiny_cfg, clean, HW, program="krea")
     with pytest.raises(ValueError, match="keep_first_frame=True needs context='rebuild'"):
         dataclasses.replace(clean, keep_first_frame=True)
 
@@ -135,20 +134,22 @@ def test_cascade_in_krea_mode(tiny_cfg, tiny_params, text):
     its K/V a one-block cache): P1-causal == Krea's own loop; the same for the sequential
     pipeline; P4 sharded over 5 devices == batched."""
     key = jax.random.key(6)
-    ref = np.asarray(KreaPipeline(tiny_cfg, KREA, HW).generate(tiny_params, text, 5, key))
-    seq = np.asarray(SequentialPipeline(tiny_cfg, KREA, HW).generate(tiny_params, text, 5, key))
-    p1 = np.asarray(Cascade(tiny_cfg, KREA, HW, "P1", "causal").generate(tiny_params, text, 5, key))
-    print(f"Krea mode vs KreaPipeline: sequential {np.abs(seq - ref).max():.1e}, "
+    ref = np.asarray(make_runner(tiny_cfg, KREA, HW, program="krea").generate(tiny_params, text, key, num_blocks=5))
+    seq = np.asarray(make_runner(tiny_cfg, KREA, HW, program="block").generate(tiny_params, text, key, num_blocks=5))
+    p1 = np.asarray(make_runner(tiny_cfg, KREA, HW, "P1", "causal", program="tick").generate(tiny_params, text, key,
+                                                                                             num_blocks=5))
+    print(f"Krea mode vs Krea's loop: sequential {np.abs(seq - ref).max():.1e}, "
           f"P1-causal {np.abs(p1 - ref).max():.1e}")
     assert np.abs(seq - ref).max() <= 1e-5 and np.abs(p1 - ref).max() <= 1e-5
     for window in ("causal", "bidirectional"):
-        one = np.asarray(Cascade(tiny_cfg, KREA, HW, "P4", window).generate(tiny_params, text, 5, key))
+        one = np.asarray(make_runner(tiny_cfg, KREA, HW, "P4", window, program="tick").generate(tiny_params, text, key,
+                                                                                                num_blocks=5))
         assert np.abs(one - ref).max() > 1e-3  # a real cascade: blocks start from noisy context
         if jax.device_count() >= 5:
             from bcjax.cascade import make_mesh
 
-            five = np.asarray(Cascade(tiny_cfg, KREA, HW, "P4", window, make_mesh(5)).generate(tiny_params, text, 5,
-                                                                                               key))
+            five = np.asarray(make_runner(tiny_cfg, KREA, HW, "P4", window, make_mesh(5),
+                                          program="tick").generate(tiny_params, text, key, num_blocks=5))
             assert np.abs(five - one).max() <= 1e-5
 
 
@@ -160,12 +161,13 @@ import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 import ports
 from bcjax.model import WanConfig, encode_text, init_params
-from bcjax.pipeline.krea import KreaPipeline
 cfg = WanConfig.preset("tiny", attention="xla")
 params = init_params(cfg, jax.random.key(0))
 ctx = np.random.default_rng(17).standard_normal((1, cfg.text_len, cfg.text_dim)).astype(np.float32)
 text = encode_text(cfg, params, jnp.asarray(ctx))
-out = KreaPipeline(cfg, ports.get("krea_14b").pipeline, (4, 6)).generate(params, text, 3, jax.random.key(5))
+from bcjax.runners import make_runner
+runner = make_runner(cfg, ports.get("krea_14b").pipeline, (4, 6), program="krea")
+out = runner.generate(params, text, jax.random.key(5), num_blocks=3)
 print(jax.device_count(), hashlib.sha256(np.asarray(out).tobytes()).hexdigest())
 """
 

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 
 import ports
-from bcjax.cascade import Cascade
+from bcjax.app.interactive import stream
+from bcjax.app.prompts import interpolate_schedule, with_strength
 from bcjax.compile_count import CompileCounter
-from bcjax.interactive import stream
 from bcjax.model import encode_text
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
-from bcjax.pipeline.krea import KreaPipeline
-from bcjax.pipeline.prompts import interpolate_schedule, with_strength
+from bcjax.pipeline import PipelineConfig
+from bcjax.runners import make_runner
 
 HW = (4, 6)
 
@@ -39,14 +38,14 @@ def test_interpolated_stream_in_sequential_and_cascade(tiny_cfg, tiny_params):
     sched = [(s, encode_text(tiny_cfg, tiny_params, jnp.asarray(e))) for s, e in ramp]
     pcfg = PipelineConfig(window_frames=9)
     key = jax.random.key(1)
-    seq = list(stream(SequentialPipeline(tiny_cfg, pcfg, HW), tiny_params, sched, key, 6))
+    seq = list(stream(make_runner(tiny_cfg, pcfg, HW, program="block"), tiny_params, sched, key, 6))
     assert [e.prompt for e in seq] == [0, 0, 1, 2, 3, 3]  # blocks 2, 3, 4 ramp (w = 0, 1/2, 1)
     # P1-causal == sequential up to the first block with weight > 0 (a cascade tick has one
     # text, the entering block's, so later its predecessor's clean pass already sees the next one)
-    p1 = list(stream(Cascade(tiny_cfg, pcfg, HW, "P1", "causal"), tiny_params, sched, key, 6))
+    p1 = list(stream(make_runner(tiny_cfg, pcfg, HW, "P1", "causal", program="tick"), tiny_params, sched, key, 6))
     np.testing.assert_allclose(np.concatenate([e.x0 for e in p1[:3]], 1), np.concatenate([e.x0 for e in seq[:3]], 1),
                                atol=1e-5)
-    cas = Cascade(tiny_cfg, pcfg, HW, "P4", "bidirectional")
+    cas = make_runner(tiny_cfg, pcfg, HW, "P4", "bidirectional", program="tick")
     plain = np.concatenate([e.x0 for e in stream(cas, tiny_params, sched[:1], key, 6)], 1)
     with CompileCounter() as cc:  # every ramp block's K/V go through the same compiled tick
         p4 = list(stream(cas, tiny_params, sched, key, 6))
@@ -78,26 +77,29 @@ def test_video_to_video_follows_the_source_as_strength_drops(tiny_cfg, tiny_para
     errs = []
     for strength in (1.0, 0.5, 0.05):
         pcfg = with_strength(base, strength)
-        pipe = KreaPipeline(tiny_cfg, pcfg, HW) if runner == "krea" else SequentialPipeline(tiny_cfg, pcfg, HW)
-        out = pipe.generate(tiny_params, text, 2, jax.random.key(3), source=source) if runner == "krea" else \
-            jnp.concatenate([x for _, x in pipe.blocks(tiny_params, text, jax.random.key(3), 2, source=source)], axis=1)
+        pipe = make_runner(tiny_cfg, pcfg, HW, program="krea") if runner == "krea" else make_runner(tiny_cfg, pcfg, HW,
+                                                                                                    program="block")
+        out = pipe.generate(tiny_params, text, jax.random.key(3), num_blocks=2,
+                            source=source) if runner == "krea" else \
+            jnp.concatenate([x for _, x in pipe.blocks(tiny_params, text, jax.random.key(3), num_blocks=2,
+                                                       source=source)], axis=1)
         errs.append(float(jnp.sqrt(jnp.mean((out - source) ** 2))))
     assert errs[0] > errs[1] > errs[2] and errs[2] < 0.5 * errs[0], errs
     with pytest.raises(ValueError, match="source latents must be"):
-        next(SequentialPipeline(tiny_cfg, PipelineConfig(window_frames=9), HW).blocks(
-            tiny_params, text, jax.random.key(3), 3, source=source))
+        next(make_runner(tiny_cfg, PipelineConfig(window_frames=9), HW, program="block").blocks(
+            tiny_params, text, jax.random.key(3), num_blocks=3, source=source))
 
 
 def test_krea_steps_like_the_other_runners(tiny_cfg, tiny_params):
-    """KreaPipeline has the shared stepping interface: a stream (with a prompt switch and a
+    """Krea's loop has the shared stepping interface: a stream (with a prompt switch and a
     given first block) equals its own block loop; a recache policy is refused by name."""
     rng = np.random.default_rng(11)
     texts = [encode_text(tiny_cfg, tiny_params,
                          jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
              for _ in range(2)]
-    pipe = KreaPipeline(tiny_cfg, ports.get("krea_14b").pipeline, HW)
+    pipe = make_runner(tiny_cfg, ports.get("krea_14b").pipeline, HW, program="krea")
     key = jax.random.key(4)
-    ref = np.asarray(pipe.generate(tiny_params, texts[0], 4, key))
+    ref = np.asarray(pipe.generate(tiny_params, texts[0], key, num_blocks=4))
     got = np.concatenate([e.x0 for e in stream(pipe, tiny_params, [(0, texts[0])], key, 4)], axis=1)
     np.testing.assert_allclose(got, ref, atol=1e-6)
     cont = list(stream(pipe, tiny_params, [(0, texts[0]), (2, texts[1])], key, 3, context=jnp.asarray(ref[:, :3])))
@@ -106,7 +108,7 @@ def test_krea_steps_like_the_other_runners(tiny_cfg, tiny_params):
     assert np.abs(cont[1].x0 - ref[:, 6:9]).max() > 1e-3  # the switch takes effect at block 2
     # a recache policy is refused when the stream starts, before any block is computed
     started = []
-    pipe.start = lambda *a, **k: started.append(1)
+    pipe.program.start = lambda *a, **k: started.append(1)
     with pytest.raises(ValueError, match="keeps no cache"):
         next(stream(pipe, tiny_params, [(0, texts[0]), (1, texts[1])], key, 3, policy="recache"))
     assert not started
@@ -119,13 +121,13 @@ def test_krea_stream_takes_the_vae_round_trip_like_its_block_loop(tiny_cfg, tiny
     given blocks first; a runner without Krea's loop refuses a round trip by name."""
     import dataclasses
 
-    from bcjax.interactive import PromptSchedule, steps
+    from bcjax.app.interactive import PromptSchedule, steps
 
     rng = np.random.default_rng(12)
     text = encode_text(tiny_cfg, tiny_params,
                        jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
     pcfg = dataclasses.replace(ports.get("krea_14b").pipeline, keep_first_frame=keep_first_frame)
-    pipe = KreaPipeline(tiny_cfg, pcfg, HW)
+    pipe = make_runner(tiny_cfg, pcfg, HW, program="krea")
     key = jax.random.key(5)
 
     def trip(seen):
@@ -135,8 +137,8 @@ def test_krea_stream_takes_the_vae_round_trip_like_its_block_loop(tiny_cfg, tiny
         return reencode
 
     ref_seen, got_seen = [], []
-    ref = np.asarray(pipe.generate(tiny_params, text, 4, key, reencode=trip(ref_seen)))
-    plain = np.asarray(pipe.generate(tiny_params, text, 4, key))
+    ref = np.asarray(pipe.generate(tiny_params, text, key, num_blocks=4, reencode=trip(ref_seen)))
+    plain = np.asarray(pipe.generate(tiny_params, text, key, num_blocks=4))
     if keep_first_frame:  # frame 0 stands where R would: the round trip changes nothing
         np.testing.assert_array_equal(ref, plain)
     else:
@@ -152,9 +154,9 @@ def test_krea_stream_takes_the_vae_round_trip_like_its_block_loop(tiny_cfg, tiny
                                    context=jnp.asarray(ref[:, :3]), reencode=trip(cont_seen))]
     np.testing.assert_allclose(np.concatenate([e.x0 for e in cont], axis=1), ref[:, 3:], atol=1e-6)
     assert len(cont_seen) == 4
-    seq = SequentialPipeline(tiny_cfg, PipelineConfig(window_frames=6), HW)
-    with pytest.raises(ValueError, match="takes no VAE round trip"):
-        seq.start(tiny_params, text, key, 2, reencode=trip([]))
+    seq = make_runner(tiny_cfg, PipelineConfig(window_frames=6), HW, program="block")
+    with pytest.raises(ValueError, match="VAE round trip for R. is Krea's loop's"):
+        seq.start(tiny_params, text, key, num_blocks=2, reencode=trip([]))
 
 
 @pytest.mark.slow
@@ -179,10 +181,9 @@ def test_video_to_video_on_the_toy_world():
     text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
     to_prompt, to_source, mses = {}, {}, {}
     for strength in (1.0, 0.6, 0.3, 0.02):
-        pipe = SequentialPipeline(cfg, with_strength(model.pcfg, strength), hw)
-        cache = pipe.prefill(model.params, text, jnp.asarray(truth[:, :bf]))
-        out = np.concatenate([np.asarray(x) for _, x in pipe.blocks(model.params, text, jax.random.key(0), nb, cache,
-                                                                first_block=1, source=jnp.asarray(source[:, bf:]))], 1)
+        pipe = make_runner(cfg, with_strength(model.pcfg, strength), hw, program="block")
+        out = np.asarray(pipe.generate(model.params, text, jax.random.key(0), num_blocks=nb,
+                                       context=jnp.asarray(truth[:, :bf]), source=jnp.asarray(source[:, bf:])))
         out = np.concatenate([truth[:, :bf], out], 1)
         to_prompt[strength] = float(np.mean([position_error(o, s, world)[0][bf:].mean()
                                              for o, s in zip(out, scenes, strict=True)]))

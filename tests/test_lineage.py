@@ -156,7 +156,8 @@ def test_the_stream_rollout_generates_what_the_pipeline_generates(tiny, j):
     context = np.concatenate([clips[:, :3], clips[:, 3 + 3 * (3 - j):9]], axis=1)
     assert context.shape[1] == 3 * j and exists.tolist() == [[True, j >= 3, j >= 2]] * 2
     runner = make_runner(cfg, pcfg, (12, 12), "sequential")
-    out = runner.generate(params, encode_text(cfg, params, jnp.asarray(ctx)), 2, key, context=jnp.asarray(context))
+    out = runner.generate(params, encode_text(cfg, params, jnp.asarray(ctx)), key, num_blocks=2,
+                          context=jnp.asarray(context))
     np.testing.assert_allclose(np.asarray(out), np.asarray(gen), atol=2e-4)
 
 

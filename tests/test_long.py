@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.cascade import Cascade
 from bcjax.compile_count import CompileCounter
 from bcjax.model import encode_text
 from bcjax.model.rope import rope_base
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.pipeline import PipelineConfig
+from bcjax.runners import make_runner
 
 HW = (4, 6)
 LONGLIVE = PipelineConfig(window_frames=12, sink_frames=3)
@@ -53,9 +53,10 @@ def test_rolling_positions_stay_in_the_table_and_keep_every_window_offset(sink, 
 
 def test_rolling_table_too_short_for_the_window_is_refused(tiny_cfg):
     with pytest.raises(ValueError, match="RoPE table longer than"):
-        SequentialPipeline(_table(tiny_cfg, 24), dataclasses.replace(LONGLIVE, positions="rolling"), HW)
+        make_runner(_table(tiny_cfg, 24), dataclasses.replace(LONGLIVE, positions="rolling"), HW, program="block")
     with pytest.raises(ValueError, match="positions='rolling'"):
-        SequentialPipeline(_table(tiny_cfg, 60), LONGLIVE, HW).generate(None, None, 21, jax.random.key(0))
+        make_runner(_table(tiny_cfg, 60), LONGLIVE, HW, program="block").generate(None, None, jax.random.key(0),
+                                                                                  num_blocks=21)
     with pytest.raises(ValueError, match="positions="):
         PipelineConfig(positions="relative")
 
@@ -69,12 +70,12 @@ def test_rolling_without_sink_is_the_absolute_stream(tiny_cfg, tiny_params, text
 
     def make(cfg, p):
         if runner == "sequential":
-            return SequentialPipeline(cfg, p, HW)
-        return Cascade(cfg, p, HW, "P4", "bidirectional")
+            return make_runner(cfg, p, HW, program="block")
+        return make_runner(cfg, p, HW, "P4", "bidirectional", program="tick")
 
-    absolute = make(tiny_cfg, pcfg).generate(tiny_params, text, n, key)
-    rolling = make(_table(tiny_cfg, 30), dataclasses.replace(pcfg, positions="rolling")).generate(tiny_params, text, n,
-                                                                                                  key)
+    absolute = make(tiny_cfg, pcfg).generate(tiny_params, text, key, num_blocks=n)
+    rolling = make(_table(tiny_cfg, 30), dataclasses.replace(pcfg, positions="rolling")).generate(tiny_params, text,
+                                                                                                  key, num_blocks=n)
     assert _err(rolling, absolute) <= 2e-4, _err(rolling, absolute)
 
 
@@ -82,10 +83,10 @@ def test_rolling_with_sink_is_absolute_until_the_table_ends_then_runs_on(tiny_cf
     """With a sink: identical up to the first jump (continuity), then the sink moves closer, so
     the stream changes, stays finite, and never recompiles."""
     key, n, table = jax.random.key(2), 20, 36
-    absolute = SequentialPipeline(tiny_cfg, LONGLIVE, HW).generate(tiny_params, text, n, key)
-    pipe = SequentialPipeline(_table(tiny_cfg, table), dataclasses.replace(LONGLIVE, positions="rolling"), HW)
+    absolute = make_runner(tiny_cfg, LONGLIVE, HW, program="block").generate(tiny_params, text, key, num_blocks=n)
+    pipe = make_runner(_table(tiny_cfg, table), dataclasses.replace(LONGLIVE, positions="rolling"), HW, program="block")
     with CompileCounter() as cc:
-        rolling = jnp.concatenate([x for _, x in pipe.blocks(tiny_params, text, key, n)], axis=1)
+        rolling = jnp.concatenate([x for _, x in pipe.blocks(tiny_params, text, key, num_blocks=n)], axis=1)
     assert cc.count <= 3  # block fn (+ its rebase branch, + tiny host ops), never per block
     first_jump = table // LONGLIVE.block_frames  # first block whose last frame passes the table
     before = slice(0, first_jump * LONGLIVE.block_frames)
@@ -106,11 +107,11 @@ def test_soak_ten_thousand_frames_no_recompile_no_growth(tiny_cfg, tiny_params, 
     ten times): zero compiles after warm-up, a constant set of live device buffers, flat RSS."""
     pcfg = dataclasses.replace(LONGLIVE, positions="rolling")
     if runner == "sequential":
-        stream = (x for _, x in SequentialPipeline(tiny_cfg, pcfg, HW).blocks(tiny_params, text, jax.random.key(3),
-                                                                              3400))
+        pipe = make_runner(tiny_cfg, pcfg, HW, program="block")
+        stream = (x for _, x in pipe.blocks(tiny_params, text, jax.random.key(3), num_blocks=3400))
     else:
-        stream = (x for _, x in Cascade(tiny_cfg, pcfg, HW, "P4", "bidirectional").blocks(
-            tiny_params, text, jax.random.key(3), None))
+        stream = (x for _, x in make_runner(tiny_cfg, pcfg, HW, "P4", "bidirectional", program="tick").blocks(
+            tiny_params, text, jax.random.key(3), num_blocks=None))
     warm = 50
     for _ in range(warm):
         assert bool(jnp.isfinite(next(stream)).all())  # also compiles the check used below

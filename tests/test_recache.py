@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from longlive_reference import interactive
 
-from bcjax.interactive import stream
+from bcjax.app.interactive import stream
 from bcjax.model import encode_text
 from bcjax.model.wan import KV, forward
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.pipeline import PipelineConfig
 from bcjax.pipeline.recache import gather_frames, recache_frames
 from bcjax.pipeline.recache import recache as _recache
+from bcjax.runners import make_runner
 
 HW = (4, 6)
 LONGLIVE = PipelineConfig(window_frames=12, sink_frames=3)  # local_attn_size 12, sink_size 3
@@ -33,9 +34,9 @@ def texts(tiny_cfg, tiny_params):
 
 def _generate(pipe, params, text, key, n):
     """(cache after n blocks, {block: x0})"""
-    cache, blocks = pipe.init_cache(1), {}
+    cache, blocks = pipe.block_program.init_cache(1), {}
     for b in range(n):
-        cache, x0 = pipe._block_fn(params, text, cache, key, jnp.int32(b))
+        cache, x0 = pipe.block_program._block_fn(params, text, cache, key, jnp.int32(b))
         blocks[b] = np.asarray(x0)
     return cache, blocks
 
@@ -68,7 +69,7 @@ def _recached(cfg, params, pcfg, text, blocks, cache, s, causal=False):
 def test_past_the_window_the_sink_keeps_the_old_prompt(tiny_cfg, tiny_params, texts):
     """s = 15 > 12: sink K/V untouched; the stored frames are one bidirectional pass over frames
     6..14 that also attends to the OLD sink K/V (frames 3..5 are not keys)."""
-    pipe = SequentialPipeline(tiny_cfg, LONGLIVE, HW)
+    pipe = make_runner(tiny_cfg, LONGLIVE, HW, program="block")
     cache, blocks = _generate(pipe, tiny_params, texts[0], jax.random.key(1), 5)
     new, frames = _recached(tiny_cfg, tiny_params, LONGLIVE, texts[1], blocks, cache, 15)
     assert sorted(np.asarray(new.frame_ids).tolist()) == [0, 1, 2, 9, 10, 11, 12, 13, 14]
@@ -96,7 +97,7 @@ def test_past_the_window_the_sink_keeps_the_old_prompt(tiny_cfg, tiny_params, te
 
 def test_inside_the_window_everything_is_rewritten(tiny_cfg, tiny_params, texts):
     """s = 9 <= 12: frames 0..8 re-run together, the sink included, no old K/V read."""
-    pipe = SequentialPipeline(tiny_cfg, LONGLIVE, HW)
+    pipe = make_runner(tiny_cfg, LONGLIVE, HW, program="block")
     cache, blocks = _generate(pipe, tiny_params, texts[0], jax.random.key(2), 3)
     new, frames = _recached(tiny_cfg, tiny_params, LONGLIVE, texts[1], blocks, cache, 9)
     _, kv = forward(tiny_cfg, tiny_params, jnp.asarray(frames[:, 3:]), jnp.zeros((1, 9)), texts[1], jnp.arange(9))
@@ -111,7 +112,7 @@ def test_inside_the_window_everything_is_rewritten(tiny_cfg, tiny_params, texts)
 def test_the_pass_has_no_causal_mask(tiny_cfg, tiny_params, texts):
     """Moving the newest frame changes an older frame's recached K/V under "recache", not under
     "recache-causal"."""
-    pipe = SequentialPipeline(tiny_cfg, LONGLIVE, HW)
+    pipe = make_runner(tiny_cfg, LONGLIVE, HW, program="block")
     cache, blocks = _generate(pipe, tiny_params, texts[0], jax.random.key(3), 5)
     frames = gather_frames(blocks, 15, 12, 3, blocks[0])
     moved = frames.copy()
@@ -125,7 +126,7 @@ def test_the_pass_has_no_causal_mask(tiny_cfg, tiny_params, texts):
 
 def test_causal_recache_with_the_same_prompt_rebuilds_the_cache(tiny_cfg, tiny_params, texts):
     """The block-causal variant re-derives what the clean passes wrote (inside the window)."""
-    pipe = SequentialPipeline(tiny_cfg, LONGLIVE, HW)
+    pipe = make_runner(tiny_cfg, LONGLIVE, HW, program="block")
     cache, blocks = _generate(pipe, tiny_params, texts[0], jax.random.key(4), 4)
     again, _ = _recached(tiny_cfg, tiny_params, LONGLIVE, texts[0], blocks, cache, 12, causal=True)
     np.testing.assert_array_equal(np.asarray(again.frame_ids), np.asarray(cache.frame_ids))
@@ -140,7 +141,7 @@ def test_causal_recache_with_the_same_prompt_rebuilds_the_cache(tiny_cfg, tiny_p
                          ids=["s15", "s6", "nosink-s15"])
 def test_stream_equals_longlive_bookkeeping(tiny_cfg, tiny_params, texts, pcfg, switch_at):
     key = jax.random.key(5)
-    pipe = SequentialPipeline(tiny_cfg, pcfg, HW)
+    pipe = make_runner(tiny_cfg, pcfg, HW, program="block")
     n = 8
     plain = np.concatenate([e.x0 for e in stream(pipe, tiny_params, [(0, texts[0])], key, n)], axis=1)
     ref_plain = interactive(tiny_cfg, tiny_params, pcfg, texts, {}, key, n, HW)

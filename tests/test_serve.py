@@ -14,8 +14,8 @@ pytest.importorskip("websockets")
 
 from serve_helpers import ack, connect, read, served, start, until
 
+from bcjax.app.interactive import LivePrompts, steps, stream
 from bcjax.compile_count import CompileCounter
-from bcjax.interactive import LivePrompts, steps, stream
 from bcjax.serve import protocol
 
 POLICIES = ("no-recache", "recache")
@@ -99,7 +99,7 @@ def test_both_runners_step_the_same_way():
     key, n = jax.random.key(2), 5
     for schedule in ("sequential", "P4"):
         runner = served().app.state.runners.get(schedule, "bidirectional")
-        state = runner.start(b.params, text, key, n, context=context)
+        state = runner.start(b.params, text, key, num_blocks=n, context=context)
         assert runner.cache(runner.with_cache(state, runner.cache(state))) is runner.cache(state)
         got, stages = [], []
         while not runner.done(state):
@@ -110,13 +110,10 @@ def test_both_runners_step_the_same_way():
             if out.block >= 0:
                 got.append((out.block, np.asarray(out.x0)))
         assert [blk for blk, _ in got] == list(range(1, n + 1))
+        ref = (x for _, x in runner.blocks(b.params, text, key, num_blocks=n, context=context))
         if schedule == "sequential":
-            ref = (x for _, x in runner.blocks(b.params, text, key, n, runner.prefill(b.params, text, context),
-                                               first_block=1))
             assert stages == [tuple((blk, st) for st in range(5)) for blk in range(1, n + 1)]
         else:
-            ref = (x for _, x in runner.blocks(b.params, text, key, n, state=runner.init_state(1, *runner.prefill(
-                b.params, text, context))))
             table = stagger_table(runner.stagger, n)
             assert stages == [tuple(sorted((1 + int(blk), int(st)) for blk, st, u in zip(*row, strict=True) if u))
                               for row in zip(table["block"], table["stage"], table["busy"], strict=True)][:len(stages)]

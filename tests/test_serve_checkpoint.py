@@ -77,7 +77,7 @@ def test_the_toy_world_offers_no_decoder_and_says_why():
 
 def test_a_decoder_the_checkpoint_lacks_is_refused_by_name(checkpoint_dir):
     import ports
-    from bcjax.pipeline.t2v import TextToVideo
+    from bcjax.app.t2v import TextToVideo
 
     t2v = TextToVideo(checkpoint_dir, ports.get("krea_14b").pipeline, (32, 48))
     assert t2v.decoders() == ["wan"]  # Krea's round trip decodes with the Wan VAE already
@@ -92,7 +92,7 @@ def test_overlapped_decode_sends_the_frames_of_decoding_each_block_in_turn(check
     decoder's carried state and the first block's trimmed frames included)."""
     import jax
 
-    from bcjax.interactive import LivePrompts, steps
+    from bcjax.app.interactive import LivePrompts, steps
     from bcjax.serve import CheckpointBackend
 
     s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48)), ack_window=100)
@@ -117,7 +117,7 @@ def test_a_krea_stream_follows_krea_s_loop_with_the_vae_round_trip(checkpoint_di
     the same JPEGs as TextToVideo's Krea blocks. A recache policy is refused at start."""
     import jax
 
-    from bcjax.pipeline.video import to_uint8
+    from bcjax.app.video import to_uint8
     from bcjax.serve import CheckpointBackend
     from bcjax.serve.models import _images
 

@@ -224,9 +224,9 @@ def test_an_interrupted_generate_says_the_mp4_keeps_its_blocks(tmp_path, capsys,
     """Finding 9: Ctrl-C in `bcjax generate --checkpoint` printed only 'interrupted'."""
     import numpy as np
 
-    import bcjax.pipeline.t2v
+    import bcjax.app.t2v
+    from bcjax.app.video import Mp4Writer
     from bcjax.cli import main
-    from bcjax.pipeline.video import Mp4Writer
 
     blocks_before_ctrl_c = [2]
 
@@ -240,7 +240,7 @@ def test_an_interrupted_generate_says_the_mp4_keeps_its_blocks(tmp_path, capsys,
                     w.write(np.zeros((12, 32, 32, 3), np.uint8))
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(bcjax.pipeline.t2v, "TextToVideo", Interrupted)
+    monkeypatch.setattr(bcjax.app.t2v, "TextToVideo", Interrupted)
     (tmp_path / "ckpt").mkdir()
     out = tmp_path / "v.mp4"
     argv = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--sampler", "self_forcing", "--prompt", "a fox",

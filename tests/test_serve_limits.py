@@ -177,7 +177,7 @@ def test_a_tab_that_never_reads_pauses_its_generation():
 
 
 def test_100_prompts_leave_threads_rss_and_text_kv_bounded():
-    from bcjax.interactive import kv_bytes
+    from bcjax.app.interactive import kv_bytes
     from bcjax.toyworld.world import COLOURS, DIRECTIONS, SPEEDS
 
     s = served()

@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from bcjax.pipeline.streaming import drain, overlapped
-from bcjax.pipeline.video import Mp4Writer, read_mp4
+from bcjax.app.streaming import drain, overlapped
+from bcjax.app.video import Mp4Writer, read_mp4
 
 
 def _slow_items(n, seconds, fail_at=None):

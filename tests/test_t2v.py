@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bcjax import checkpoint
+from bcjax.app.video import read_mp4
 from bcjax.cli import main
-from bcjax.pipeline.video import read_mp4
 from bcjax.text.umt5 import UMT5Config
 from bcjax.vae.wan_vae import VAEConfig
 
@@ -129,14 +129,15 @@ def test_krea_mode_reencodes_the_first_frame_through_the_vae(tiny_checkpoint, tm
     import jax.numpy as jnp
 
     import ports
-    from bcjax.pipeline.t2v import TextToVideo, VAERoundTrip
+    from bcjax.app.t2v import TextToVideo, VAERoundTrip
     from bcjax.vae.wan_vae import decode, encode
 
     t2v = TextToVideo(str(tiny_checkpoint), ports.get("krea_14b").pipeline, video_hw=(32, 48))
     text = t2v.encode("a red fox in the snow")
     trip = VAERoundTrip(t2v.vae_cfg, t2v.vae, 1, t2v.latent_hw)
     rs = []
-    latents = t2v.denoiser.generate(t2v.dit, text, 3, jax.random.key(0), lambda x0: rs.append(trip(x0)) or rs[-1])
+    latents = t2v.denoiser.generate(t2v.dit, text, jax.random.key(0), num_blocks=3,
+                                    reencode=lambda x0: rs.append(trip(x0)) or rs[-1])
     video = decode(t2v.vae_cfg, t2v.vae, latents)  # whole clip: 1 + 4 * 8 frames
     for b in (1, 2):  # latent frame 3b decodes to pixel frames 4(3b) - 3 .. 4(3b); R is the last of them
         ref = encode(t2v.vae_cfg, t2v.vae, video[:, 12 * b:12 * b + 1])
@@ -165,7 +166,7 @@ def test_video_to_video_from_an_mp4(tiny_checkpoint, tmp_path, capsys):
 def test_krea_mode_decodes_each_block_once(tiny_checkpoint, tmp_path, monkeypatch):
     """Krea's round trip decodes every block with the Wan VAE; those frames go to the writer."""
     import ports
-    from bcjax.pipeline import t2v as t2v_module
+    from bcjax.app import t2v as t2v_module
     from bcjax.vae import wan_vae
 
     calls = []

@@ -11,11 +11,12 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bcjax.cascade import Cascade, make_mesh
+from bcjax.cascade import make_mesh
 from bcjax.model import WanConfig
 from bcjax.model.tensor_parallel import MODEL, param_specs
 from bcjax.model.wan import param_shapes
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.pipeline import PipelineConfig
+from bcjax.runners import make_runner
 
 HERE = pathlib.Path(__file__).parent
 
@@ -100,9 +101,9 @@ def test_a_model_size_that_does_not_divide_is_named_before_compiling():
     mesh = make_mesh(1, 3)
     with pytest.raises(ValueError, match=r"'model' = 3 must divide num_heads = 2 and ffn_dim = 128"
                                          r".*does not divide num_heads and ffn_dim"):
-        Cascade(cfg, PipelineConfig(), (4, 6), "P4", "bidirectional", mesh)
+        make_runner(cfg, PipelineConfig(), (4, 6), "P4", "bidirectional", mesh, program="tick")
     with pytest.raises(ValueError, match=r"'model' = 3 must divide num_heads = 2"):
-        SequentialPipeline(cfg, PipelineConfig(), (4, 6), mesh)
+        make_runner(cfg, PipelineConfig(), (4, 6), mesh=mesh, program="block")
     with pytest.raises(ValueError, match=r"num_heads = 40 and ffn_dim = 13824.*does not divide num_heads$"):
         make_mesh(1, 3, cfg=WanConfig.preset("wan2.1-14b"))
     make_mesh(1, 2, cfg=WanConfig.preset("wan2.1-14b"))  # 2 divides both

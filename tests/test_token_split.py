@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 
 import ports
-from bcjax.cascade import Cascade, make_mesh
+from bcjax.cascade import make_mesh
 from bcjax.cascade.tokens import token_split
 from bcjax.model import WanConfig, encode_text, init_params
 from bcjax.pipeline import PipelineConfig
-from bcjax.pipeline.krea import KreaPipeline
-from bcjax.pipeline.sequential import SequentialPipeline
+from bcjax.runners import make_runner
 
 HERE = pathlib.Path(__file__).parent
 HW = (4, 6)  # 2 x 3 = 6 tokens per frame with the tiny model's 2 x 2 patches
@@ -80,8 +79,9 @@ def test_split_ticks_equal_one_device(model, name, schedule, window, devices, gr
     cfg, params, text = model
     pcfg = KREA if name == "krea" else ROLLING
     key = jax.random.key(3)
-    ref = Cascade(cfg, pcfg, HW, schedule, window).generate(params, text, 5, key)
-    got = Cascade(cfg, pcfg, HW, schedule, window, make_mesh(devices), token_group=group).generate(params, text, 5, key)
+    ref = make_runner(cfg, pcfg, HW, schedule, window, program="tick").generate(params, text, key, num_blocks=5)
+    got = make_runner(cfg, pcfg, HW, schedule, window, make_mesh(devices), token_group=group,
+                      program="tick").generate(params, text, key, num_blocks=5)
     assert _err(got, ref) <= 1e-5
 
 
@@ -93,10 +93,12 @@ def test_context_parallel_sequential_is_the_sequential_pipeline_and_krea_loop(mo
         pytest.skip("needs 5 devices")
     cfg, params, text = model
     key = jax.random.key(5)
-    seq = SequentialPipeline(cfg, ROLLING, HW).generate(params, text, 4, key)
-    assert _err(Cascade(cfg, ROLLING, HW, "sequential", mesh=make_mesh(5)).generate(params, text, 4, key), seq) <= 1e-5
-    krea = KreaPipeline(cfg, KREA, HW).generate(params, text, 4, key)
-    assert _err(Cascade(cfg, KREA, HW, "sequential", mesh=make_mesh(5)).generate(params, text, 4, key), krea) <= 1e-5
+    seq = make_runner(cfg, ROLLING, HW, program="block").generate(params, text, key, num_blocks=4)
+    cp = make_runner(cfg, ROLLING, HW, "sequential", mesh=make_mesh(5), program="tick")
+    assert _err(cp.generate(params, text, key, num_blocks=4), seq) <= 1e-5
+    krea = make_runner(cfg, KREA, HW, program="krea").generate(params, text, key, num_blocks=4)
+    cp = make_runner(cfg, KREA, HW, "sequential", mesh=make_mesh(5), program="tick")
+    assert _err(cp.generate(params, text, key, num_blocks=4), krea) <= 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 
 from bcjax.model import encode_text, init_params
 from bcjax.model.kv_cache import write_frames
-from bcjax.pipeline import PipelineConfig, SequentialPipeline, cached_pass
+from bcjax.pipeline import PipelineConfig, cached_pass
+from bcjax.runners import make_runner
 from bcjax.toyworld import train as tw
 from bcjax.toyworld.png import line_plot, read_png, write_png
 from bcjax.toyworld.world import (
@@ -169,13 +170,13 @@ def test_training_forward_equals_kv_cached_passes(visible):
     flow = jax.jit(tw.context_flow, static_argnums=0)(cfg, params, clips[:, :-bf], x_t, t, jnp.full((2,), visible),
                                                       text)
 
-    pipe = SequentialPipeline(cfg, pcfg, (world.size, world.size))
+    pipe = make_runner(cfg, pcfg, (world.size, world.size), program="block")
     first = k - visible  # the sampler's view: visible context blocks, then the block at index k
-    cache = pipe.prefill(params, text, clips[:, first * bf:k * bf], first_block=first)
+    cache = pipe.block_program.prefill(params, text, clips[:, first * bf:k * bf], first_block=first)
     ids = k * bf + jnp.arange(bf)
     got, _ = _cached_pass(cfg, params, x_t, jnp.repeat(t[:, None], bf, 1), text, cache, ids)
     np.testing.assert_allclose(np.asarray(flow), np.asarray(got), atol=2e-5)
-    cache2 = pipe.init_cache(2)  # prefill == the clean passes the sampler runs after each block
+    cache2 = pipe.block_program.init_cache(2)  # prefill == the clean passes the sampler runs after each block
     for b in range(first, k):
         sl = slice(b * bf, (b + 1) * bf)
         _, kv = _cached_pass(cfg, params, clips[:, sl], jnp.zeros((2, bf)), text, cache2, b * bf + jnp.arange(bf))
@@ -336,7 +337,7 @@ def test_cascade_option_refuses_what_it_cannot_train():
 
 @pytest.mark.slow
 def test_rollout_is_the_sequential_pipeline():
-    """The self-rollout's sampler through its KV buffer generates what SequentialPipeline does
+    """The self-rollout's sampler through its KV buffer generates what the sequential runner does
     (same noise per block and step), and the training layout recomputes its passes exactly."""
     world, cfg = SMALL, SMALL_CFG
     tcfg = tw.TrainConfig(batch=2, context_blocks=1, rollout_blocks=2, stage="self-rollout")
@@ -347,7 +348,8 @@ def test_rollout_is_the_sequential_pipeline():
     clips, ctx = jnp.asarray(clips), jnp.asarray(ctx)
     key = jax.random.key(7)
     text = encode_text(cfg, params, ctx)
-    want = SequentialPipeline(cfg, pcfg, (world.size, world.size)).generate(params, text, 2, key, context=clips[:, :bf])
+    want = make_runner(cfg, pcfg, (world.size, world.size), program="block").generate(params, text, key, num_blocks=2,
+                                                                                      context=clips[:, :bf])
     last = jnp.full((2, 2), pcfg.num_steps - 1)
     x0, gen = jax.jit(tw.self_rollout_x0, static_argnums=(0, 1, 2))(cfg, pcfg, tcfg, params, clips,
                                                                    jnp.asarray(visible), ctx, key, last)

@@ -13,7 +13,7 @@ from bcjax.toyworld import train as tw
 from bcjax.toyworld.world import WorldConfig, render
 
 SMALL = WorldConfig(size=8, sprite=2)
-# The targets the shipped model was trained to meet (`bcjax eval toyworld --prompts 16 --blocks 10`): position
+# The targets the shipped model was trained to meet (`bcjax eval toyworld --num-prompts 16 --blocks 10`): position
 # error <= 1.0 px over the blocks and <= 2.0 px at block 10, PSNR >= 25 dB, the sprite's colour right in
 # >= 95% of frames; and (the demo's promise) the sprite crisp: >= 95% of generated frames a clean render.
 # Measured when it shipped: 0.00 px, 0.00 px at block 10, 37.6 dB, colour 100%, crisp 100%.
@@ -62,7 +62,7 @@ def test_grid_runs_every_setting_through_the_public_api():
 def test_cli_harness_writes_its_files(tmp_path):
     from bcjax.cli import main
 
-    assert main(["eval", "toyworld", "--checkpoint", ev.SHIPPED, "--prompts", "2", "--blocks", "2",
+    assert main(["eval", "toyworld", "--checkpoint", ev.SHIPPED, "--num-prompts", "2", "--blocks", "2",
                  "--schedules", "sequential,P4", "--windows", "bidirectional", "--out", str(tmp_path)]) == 0
     for f in ("table.md", "metrics.csv", "summary.json", "mse_per_block.png", "pos_err_per_block.png", "frames.png"):
         assert os.path.getsize(tmp_path / f) > 0, f
@@ -72,7 +72,7 @@ def test_cli_harness_writes_its_files(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_checkpoint_reproduces_its_recorded_metrics():
-    """The checkpoint `bcjax demo` uses loads and, re-evaluated as `bcjax eval toyworld --prompts 16
+    """The checkpoint `bcjax demo` uses loads and, re-evaluated as `bcjax eval toyworld --num-prompts 16
     --blocks 10` does, gives the metrics recorded when it shipped; P1-causal is the sequential pipeline."""
     with open(os.path.join(ev.SHIPPED, "metrics.json")) as f:
         recorded = json.load(f)

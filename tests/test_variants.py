@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.cascade import Cascade, make_mesh
+from bcjax.cascade import make_mesh
 from bcjax.cascade.tick import tick
 from bcjax.compile_count import CompileCounter
 from bcjax.model import encode_text
-from bcjax.pipeline import PipelineConfig, SequentialPipeline
+from bcjax.pipeline import PipelineConfig
 from bcjax.runners import make_runner
 
 HW = (4, 6)
@@ -30,14 +30,14 @@ def text(tiny_cfg, tiny_params):
 
 
 @functools.cache
-def _cascade(cfg, pcfg, schedule, window, mesh=None) -> Cascade:
-    """One runner per configuration for the whole module (each Cascade compiles its own programs)."""
-    return Cascade(cfg, pcfg, HW, schedule, window, mesh=mesh)
+def _cascade(cfg, pcfg, schedule, window, mesh=None):
+    """One runner per configuration for the whole module (each runner compiles its own programs)."""
+    return make_runner(cfg, pcfg, HW, schedule, window, mesh=mesh, program="tick")
 
 
 @functools.cache
-def _sequential(cfg, pcfg) -> SequentialPipeline:
-    return SequentialPipeline(cfg, pcfg, HW)
+def _sequential(cfg, pcfg):
+    return make_runner(cfg, pcfg, HW, program="block")
 
 
 def _max_err(a, b):
@@ -52,17 +52,18 @@ def _last_pass(pcfg):
 @pytest.mark.parametrize("pcfg", [GLOBAL, ROLLING], ids=["global", "sink+rolling"])
 def test_p1_no_clean_is_the_sequential_pipeline_without_the_clean_pass(tiny_cfg, tiny_params, text, pcfg):
     key = jax.random.key(2)
-    seq = _sequential(tiny_cfg, _last_pass(pcfg)).generate(tiny_params, text, 7, key)
+    seq = _sequential(tiny_cfg, _last_pass(pcfg)).generate(tiny_params, text, key, num_blocks=7)
     cas = _cascade(tiny_cfg, pcfg, "P1-no-clean", "causal")
     assert cas.stagger.in_flight == 1 and cas.stagger.num_stages == 4 and cas.pcfg.context == "last-pass"
-    out = cas.generate(tiny_params, text, 7, key)
+    out = cas.generate(tiny_params, text, key, num_blocks=7)
     assert out.shape == seq.shape == (1, 21, *HW, tiny_cfg.in_channels)
     assert _max_err(out, seq) <= 1e-5
     # the same cascade, named by the sampler instead of the schedule
-    assert _max_err(_cascade(tiny_cfg, _last_pass(pcfg), "P1", "bidirectional").generate(tiny_params, text, 7, key),
+    assert _max_err(_cascade(tiny_cfg, _last_pass(pcfg), "P1", "bidirectional").generate(tiny_params, text, key,
+                                                                                         num_blocks=7),
                     seq) <= 1e-5
     # a different sampler: block 0 is the same (no cache yet), later blocks see a t_0 cache entry
-    clean = _sequential(tiny_cfg, pcfg).generate(tiny_params, text, 7, key)
+    clean = _sequential(tiny_cfg, pcfg).generate(tiny_params, text, key, num_blocks=7)
     assert _max_err(clean[:, :3], seq[:, :3]) <= 1e-5 and _max_err(clean[:, 3:], seq[:, 3:]) > 1e-4
 
 
@@ -71,16 +72,16 @@ def test_p1_clean_causal_is_the_sequential_pipeline(tiny_cfg, tiny_params, text)
     """Under P1 the only newer block a bidirectional row sees is the next block's first step, seen
     by the clean stage; with the clean stage causal, P1 is the sequential pipeline again."""
     key = jax.random.key(3)
-    seq = _sequential(tiny_cfg, ROLLING).generate(tiny_params, text, 5, key)
-    out = _cascade(tiny_cfg, ROLLING, "P1", "bidirectional-clean-causal").generate(tiny_params, text, 5, key)
+    seq = _sequential(tiny_cfg, ROLLING).generate(tiny_params, text, key, num_blocks=5)
+    out = _cascade(tiny_cfg, ROLLING, "P1", "bidirectional-clean-causal").generate(tiny_params, text, key, num_blocks=5)
     assert _max_err(out, seq) <= 1e-5
-    bi = _cascade(tiny_cfg, ROLLING, "P1", "bidirectional").generate(tiny_params, text, 5, key)
+    bi = _cascade(tiny_cfg, ROLLING, "P1", "bidirectional").generate(tiny_params, text, key, num_blocks=5)
     assert _max_err(bi, seq) > 1e-4
 
 
 def test_sequential_without_the_clean_pass_steps_four_stages(tiny_cfg, tiny_params, text):
     pipe = make_runner(tiny_cfg, _last_pass(ROLLING), HW, "sequential")
-    assert isinstance(pipe, SequentialPipeline)
+    assert pipe.kind == "block"
     state = pipe.start(tiny_params, text, jax.random.key(1), num_blocks=2)
     _, out = pipe.step(tiny_params, text, state)
     assert out.stages == ((0, 0), (0, 1), (0, 2), (0, 3))
@@ -95,12 +96,13 @@ def test_p4_no_clean_on_2_and_4_devices_equals_one(tiny_cfg, tiny_params, text, 
     key = jax.random.key(4)
     one = _cascade(tiny_cfg, ROLLING, "P4-no-clean", window)
     assert one.stagger.in_flight == 4
-    ref = one.generate(tiny_params, text, 6, key)
+    ref = one.generate(tiny_params, text, key, num_blocks=6)
     cas = _cascade(tiny_cfg, ROLLING, "P4-no-clean", window, make_mesh(devices))
-    assert cas.spec.split.padded_tokens == cas.spec.split.tokens  # 4 blocks: no padding group
-    assert _max_err(cas.generate(tiny_params, text, 6, key), ref) <= 1e-5
+    assert cas.tick_program.spec.split.padded_tokens == cas.tick_program.spec.split.tokens  # 4 blocks: no padding group
+    assert _max_err(cas.generate(tiny_params, text, key, num_blocks=6), ref) <= 1e-5
     # a real cascade, not the clean-pass P4 again
-    assert _max_err(_cascade(tiny_cfg, ROLLING, "P4", window).generate(tiny_params, text, 6, key), ref) > 1e-4
+    assert _max_err(_cascade(tiny_cfg, ROLLING, "P4", window).generate(tiny_params, text, key, num_blocks=6),
+                    ref) > 1e-4
 
 
 @pytest.mark.slow
@@ -108,7 +110,7 @@ def test_p4_no_clean_on_2_and_4_devices_equals_one(tiny_cfg, tiny_params, text, 
 def test_every_variant_generates_and_streams_with_no_recompile(tiny_cfg, tiny_params, text, schedule, window):
     cas = make_runner(tiny_cfg, ROLLING, HW, schedule, window)
     key = jax.random.key(13)
-    whole = cas.generate(tiny_params, text, 5, key)
+    whole = cas.generate(tiny_params, text, key, num_blocks=5)
     state = cas.start(tiny_params, text, key, num_blocks=5)
     state, first = cas.step(tiny_params, text, state)  # compiles the tick once
     got = [first] if first.block >= 0 else []
@@ -128,14 +130,14 @@ def _mid_stream(tiny_cfg, tiny_params, text, schedule, window, bump_stage, ticks
     Returns (stages [M], tick outputs, perturbed tick outputs)."""
     cas = _cascade(tiny_cfg, ROLLING, schedule, window)
     key, nb = jax.random.key(1), jnp.int32(20)
-    state = cas.init_state(1)
+    state = cas.tick_program.init_state(1)
     step = cas.lower(tiny_params, text, key, nb, state).compile()
     for _ in range(ticks):
         state, _ = step(tiny_params, text, key, nb, state)
     m = cas.stagger.num_slots
     stages = np.asarray((int(state.tick) - np.arange(m)) % m)  # stride 1: the stage of each slot
     bumped = state._replace(x=state.x.at[int(np.argmax(stages == bump_stage))].add(0.5))
-    run = jax.jit(lambda s: tick(cas.spec, tiny_params, text, key, nb, s))
+    run = jax.jit(lambda s: tick(cas.tick_program.spec, tiny_params, text, key, nb, s))
     return stages, run(state), run(bumped)
 
 
@@ -170,7 +172,7 @@ def test_no_clean_is_refused_for_krea_rebuilt_context(tiny_cfg):
     import ports
 
     with pytest.raises(ValueError, match="schedule 'P4-no-clean' has no clean stage"):
-        Cascade(tiny_cfg, ports.get("krea_14b").pipeline, HW, "P4-no-clean")
+        make_runner(tiny_cfg, ports.get("krea_14b").pipeline, HW, "P4-no-clean", program="tick")
 
 
 def test_bench_flops_per_block_of_every_variant():

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from bcjax.pipeline.video import Mp4Writer, read_mp4
+from bcjax.app.video import Mp4Writer, read_mp4
 
 
 def _probe(path):
@@ -53,7 +53,7 @@ if sys.argv[1] == "imageio":  # how the writer used to start ffmpeg (preexec_fn=
     g = imageio_ffmpeg.write_frames(sys.argv[2], (32, 32), fps=8, macro_block_size=1, ffmpeg_log_level="error")
     g.send(None); g.send(np.zeros((32, 32, 3), np.uint8).tobytes()); g.close()
 else:
-    from bcjax.pipeline.video import Mp4Writer, read_mp4
+    from bcjax.app.video import Mp4Writer, read_mp4
     with Mp4Writer(sys.argv[2], fps=8) as w:
         w.write(np.zeros((4, 32, 32, 3), np.uint8))
 """
@@ -81,8 +81,8 @@ def test_ffmpeg_starts_without_os_fork_in_a_jax_process(tmp_path):
 
 def test_frames_per_block_follows_the_decoder_not_a_constant():
     """FPS = video frames per block / seconds: block_frames x the decoder's temporal scale."""
+    from bcjax.app.video import frames_per_block
     from bcjax.cli import _video_frames_per_block
-    from bcjax.pipeline.video import frames_per_block
     from bcjax.schedule.config import PipelineConfig
     from bcjax.toyworld import demo
     from bcjax.toyworld.evaluate import load_model
@@ -93,7 +93,7 @@ def test_frames_per_block_follows_the_decoder_not_a_constant():
 
 
 def test_block_to_uint8_drops_the_first_blocks_padding():
-    from bcjax.pipeline.video import block_to_uint8
+    from bcjax.app.video import block_to_uint8
 
     video = np.stack([np.full((2, 2, 3), v, np.float32) for v in (-1.0, 0.0, 1.0)])[None]  # [1, 3, 2, 2, 3]
     assert block_to_uint8(video, True, 1)[:, 0, 0, 0].tolist() == [128, 255]

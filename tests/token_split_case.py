@@ -22,10 +22,11 @@ import numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import ports  # noqa: E402
-from bcjax.cascade import Cascade, make_mesh  # noqa: E402
+from bcjax.cascade import make_mesh  # noqa: E402
 from bcjax.compile_count import CompileCounter  # noqa: E402
 from bcjax.model import WanConfig, encode_text, init_params  # noqa: E402
 from bcjax.pipeline import PipelineConfig  # noqa: E402
+from bcjax.runners import make_runner  # noqa: E402
 
 HW = (4, 6)
 CFG = WanConfig.preset("tiny", num_heads=4, attention="xla")
@@ -50,18 +51,20 @@ def main(out: str) -> None:
     key = jax.random.key(3)
     report: dict = {"errors": {}, "splits": {}}
     for name, (pcfg, schedule, window) in CASES.items():
-        ref = Cascade(CFG, pcfg, HW, schedule, window).generate(params, text, BLOCKS, key)
+        ref = make_runner(CFG, pcfg, HW, schedule, window, program="tick").generate(params, text, key,
+                                                                                    num_blocks=BLOCKS)
         meshes = ({"8": (8, 1), "4x2": (4, 2), "2x2": (2, 2)} if name in ("sequential", "P4-bidirectional")
                   else {"8": (8, 1)})
         for label, (stage, model) in meshes.items():
             for group in (None, 2):
-                cas = Cascade(CFG, pcfg, HW, schedule, window, make_mesh(stage, model), token_group=group)
-                got = cas.generate(params, text, BLOCKS, key)
+                cas = make_runner(CFG, pcfg, HW, schedule, window, make_mesh(stage, model), token_group=group,
+                                  program="tick")
+                got = cas.generate(params, text, key, num_blocks=BLOCKS)
                 report["errors"][f"{name} {label} group={group}"] = float(jnp.abs(got - ref).max())
-                report["splits"][f"{name} {label} group={group}"] = list(cas.spec.split)
+                report["splits"][f"{name} {label} group={group}"] = list(cas.tick_program.spec.split)
 
     # a stream on (4, 2): one compile of the tick, then none however long it runs
-    cas = Cascade(CFG, ROLLING, HW, "P4", "bidirectional", make_mesh(4, 2), token_group=2)
+    cas = make_runner(CFG, ROLLING, HW, "P4", "bidirectional", make_mesh(4, 2), token_group=2, program="tick")
     state = cas.start(params, text, key, num_blocks=None)
     state, _ = cas.step(params, text, state)
     with CompileCounter() as counter:
@@ -80,10 +83,12 @@ def table() -> None:
     meshes = {"2": (2, 1), "3": (3, 1), "4": (4, 1), "5": (5, 1), "8": (8, 1), "(2, 2)": (2, 2), "(4, 2)": (4, 2)}
     print(f"| case ({BLOCKS} blocks, fp32) | " + " | ".join(meshes) + " |\n|---|" + "---:|" * len(meshes))
     for name, (pcfg, schedule, window) in CASES.items():
-        ref = Cascade(CFG, pcfg, HW, schedule, window).generate(params, text, BLOCKS, key)
+        ref = make_runner(CFG, pcfg, HW, schedule, window, program="tick").generate(params, text, key,
+                                                                                    num_blocks=BLOCKS)
         row = []
         for stage, model in meshes.values():
-            got = Cascade(CFG, pcfg, HW, schedule, window, make_mesh(stage, model)).generate(params, text, BLOCKS, key)
+            run = make_runner(CFG, pcfg, HW, schedule, window, make_mesh(stage, model), program="tick")
+            got = run.generate(params, text, key, num_blocks=BLOCKS)
             row.append(f"{float(jnp.abs(got - ref).max()):.1e}")
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)
 

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 
 import ports
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache, median_seconds
-from bcjax.cascade import Cascade
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import KV, encode_text, forward, init_params
 from bcjax.names import WINDOWS
-from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
+from bcjax.runners import make_runner
+from bcjax.sampler import cached_pass
 from bcjax.schedule.stagger import make_stagger, slot_state
 
 
@@ -190,13 +190,13 @@ def run(args) -> dict:
         return forward(cfg, prm, xx, jnp.full((1, bf), 500.0), text, frames, ctx)[0]
 
     stage_pass = jax.jit(stage_pass)
-    seq_pipe = SequentialPipeline(cfg, pcfg, hw)
-    cascades = {s: Cascade(cfg, pcfg, hw, s, "bidirectional") for s in ("P2", "P4")}
+    seq_pipe = make_runner(cfg, pcfg, hw)
+    cascades = {s: make_runner(cfg, pcfg, hw, s, "bidirectional") for s in ("P2", "P4")}
 
     # XLA counts a scanned layer body once, so only its ratios are comparable
     x_seq = _flops(seq_pass, params, cache, x)
     x_stage = _flops(stage_pass, params, cache, x)
-    x_tick = _flops(cascades["P4"], params, text, key, jnp.int32(10 ** 6), cascades["P4"].init_state(1))
+    x_tick = _flops(cascades["P4"], params, text, key, jnp.int32(10 ** 6), cascades["P4"].tick_program.init_state(1))
     print(f"  XLA cost analysis ratios (cross-check): P4 stage share {x_stage / x_seq:.3f}x, "
           f"P4 batched tick {x_tick / x_seq:.3f}x a sequential pass")
     print("\n== wall time, steady state, same device ==")
@@ -216,9 +216,9 @@ def run(args) -> dict:
     for sched, cas in cascades.items():
         # start at a steady-state tick: every slot busy, cache full (costs are shape-static)
         steady = cas.stagger.num_stages + pcfg.cache_frames // bf
-        state = cas.init_state(1)._replace(
-            x=jax.random.normal(key, cas.init_state(1).x.shape), cache=jax.tree_util.tree_map(jnp.copy, cache),
-            tick=jnp.int32(steady))
+        empty = cas.tick_program.init_state(1)
+        state = empty._replace(x=jax.random.normal(key, empty.x.shape), cache=jax.tree_util.tree_map(jnp.copy, cache),
+                               tick=jnp.int32(steady))
         nb = jnp.int32(10 ** 6)
         ticks = []
         step = cas.lower(params, text, key, nb, state).compile()

@@ -35,165 +35,15 @@ invisible keys (`bcjax.model.attention`); groups go to devices in token order (o
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # --hlo compiles on fake CPU devices: 64 covers (16, 4); must be set before jax starts a backend
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64"
-
 import argparse
 import dataclasses
-import re
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
-from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK
-from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS
-
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-             "f64": 8, "s64": 8, "u64": 8}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
-_COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
-_CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]+)\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
-
-
-def _bytes(shapes: str) -> int:
-    return sum(_ITEMSIZE[dt] * int(np.prod([int(d) for d in dims.split(",") if d]))
-               for dt, dims in _SHAPE.findall(shapes))
-
-
-_VALUE = re.compile(r"^\s*%([\w.\-]+) = s32\[\]\S* (constant|copy)\((-?\d+|%[\w.\-]+)\)")
-_TUPLE_FIRST = re.compile(r"^\s*%([\w.\-]+) = \(.*\) tuple\(%([\w.\-]+)")
-_WHILE = re.compile(r"while\(%([\w.\-]+)\), condition=%([\w.\-]+), body=%([\w.\-]+)")
-_BOUND = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
-
-
-def _parse(hlo: str):
-    """{computation: (collectives [(kind, result bytes, first replica group or size)], callees [(name, times)])}, entry.
-
-    A while loop counts its body `known_trip_count` times (XLA:CPU and XLA:GPU annotate it); where
-    the annotation is missing (XLA:TPU), from its condition `i < bound` and the induction
-    variable's initial constant. XLA:TPU's async collectives keep copies of the collective in their
-    continuation fusions and "done" computation: only the start's is counted."""
-    comps: dict[str, tuple[list, list]] = {}  # per computation: (collective ops, calls)
-    entry, name = None, None
-    values: dict[str, dict[str, str]] = {}  # per computation: s32 scalar constants and copies
-    tuples: dict[str, dict[str, str]] = {}  # per computation: a tuple's first operand
-    bounds: dict[str, str] = {}  # condition computation -> the name its `i < bound` compares with
-    # (computation, init tuple, condition, body) of whiles without a known trip count
-    loops: list[tuple[str, str, str, str, int]] = []
-    done: set[str] = set()
-    for line in hlo.splitlines():
-        m = _COMPUTATION.match(line)
-        if m and line.rstrip().endswith("{"):
-            name = m.group(1)
-            comps[name] = ([], [])
-            values[name], tuples[name] = {}, {}
-            if line.startswith("ENTRY"):
-                entry = name
-            continue
-        if name is None or "=" not in line:
-            continue
-        ops, calls = comps[name]
-        if v := _VALUE.match(line):
-            values[name][v.group(1)] = v.group(3)
-        if t := _TUPLE_FIRST.match(line):
-            tuples[name][t.group(1)] = t.group(2)
-        if (bnd := _BOUND.search(line)) and "ROOT" in line:
-            bounds[name] = bnd.group(1)
-        if ("ROOT" in line and 'custom_call_target="AsyncCollectiveDone"' in line) \
-                or name.startswith("async_collective_fusion"):  # XLA:TPU's continuation of a started one
-            done.add(name)
-        c = _COLLECTIVE.search(line)
-        if c and "-done" not in line.split("=", 1)[1].split("(", 1)[0]:
-            g = _GROUPS_LIST.search(line)
-            group: list[int] | int | None = [int(d) for d in g.group(1).split(",")] if g else None
-            if group is None and (io := _GROUPS_IOTA.search(line)):
-                group = int(io.group(2))  # iota form [groups, size]: the devices are not listed
-            shapes = _SHAPE.findall(c.group(1))
-            if c.group(2) in ("all-gather", "collective-permute") and f"{c.group(2)}-start(" in line:
-                shapes = shapes[len(shapes) // 2:]  # XLA:GPU's start returns (operands, results)
-            ops.append((c.group(2), _bytes(" ".join(f"{dt}[{dims}]" for dt, dims in shapes)), group))
-        trip = _TRIP.search(line)
-        w = _WHILE.search(line)
-        if w and not trip:
-            loops.append((name, w.group(1), w.group(2), w.group(3), len(calls)))
-        for callee in _CALLS.findall(line):
-            is_body = f"body=%{callee}" in line
-            calls.append((callee, int(trip.group(1)) if is_body and trip else 1))
-        if b := _BRANCHES.search(line):
-            calls.extend((n.strip().lstrip("%"), 1) for n in b.group(1).split(","))
-
-    def constant(comp: str, ref: str) -> int | None:
-        for _ in range(8):  # follow copies to the constant
-            ref = values.get(comp, {}).get(ref.lstrip("%"), ref)
-            if not ref.startswith("%"):
-                break
-        try:
-            return int(ref)
-        except ValueError:
-            return None
-
-    for comp, init_tuple, cond, body, _ in loops:
-        bound = constant(cond, "%" + bounds[cond]) if cond in bounds else None
-        first = tuples[comp].get(init_tuple)
-        init = constant(comp, "%" + first) if first else None
-        if bound is not None and init is not None and bound > init:
-            calls = comps[comp][1]
-            comps[comp] = (comps[comp][0], [(c, bound - init if c == body else k) for c, k in calls])
-    for name in done:
-        comps[name] = ([], comps[name][1])
-    return comps, entry
-
-
-def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, Any]]:
-    """Per mesh axis ('stage', 'model'; 'other' for groups spanning neither): collective ops run
-    per call of the program, their result bytes and the bytes one device receives (ring), and
-    under "kinds" the ops of each kind (all-gather, all-reduce, ...).
-    Each op counts as often as the loops around it run (while known_trip_count); a branch of a
-    conditional counts once."""
-    comps, entry = _parse(hlo)
-    times: dict[str, int] = defaultdict(int)
-
-    def visit(comp: str, k: int):
-        times[comp] += k
-        for callee, n in comps.get(comp, ((), ()))[1]:
-            if callee in comps:
-                visit(callee, k * n)
-
-    visit(entry, 1)
-    # replica groups name positions in the program's device assignment, which is the mesh's
-    # order; device ids agree with them only on some platforms (not on a v5e-32 topology)
-    ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
-    axes = {name: [set(np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])[j].tolist())
-                   for j in range(ids.size // ids.shape[i])]
-            for i, name in enumerate(mesh.axis_names)}
-    out: defaultdict[str, dict[str, Any]] = defaultdict(
-        lambda: {"ops": 0, "payload": 0.0, "wire": 0.0, "kinds": defaultdict(int)})
-    for comp, k in times.items():
-        for kind, nbytes, group in comps[comp][0]:
-            size = group if isinstance(group, int) else len(group or ())
-            axis = next((a for a, groups in axes.items() if isinstance(group, list) and set(group) in groups), None)
-            if axis is None and isinstance(group, int):  # iota groups: by size, when it is unambiguous
-                sizes = [a for a in mesh.axis_names if mesh.shape[a] == size]
-                axis = sizes[0] if len(sizes) == 1 else None
-            axis = axis or "other"
-            if size <= 1:
-                continue
-            wire = nbytes * (size - 1) / size * (2 if kind == "all-reduce" else 1)
-            out[axis]["ops"] += k
-            out[axis]["payload"] += k * nbytes
-            out[axis]["wire"] += k * wire
-            out[axis]["kinds"][kind] += k
-    return {axis: {**v, "kinds": dict(v["kinds"])} for axis, v in out.items()}
-
+from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, force_host_devices
+from bcjax.bench.hlo import hlo_collectives
+from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS, Window
 
 STAGES = (1, 2, 4, 5, 8, 16)
 # the sampler each preset's FPS rows use: Self-Forcing's for 1.3B (the paper's 16 / 30 FPS), Krea's
@@ -269,7 +119,7 @@ def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batc
     return out
 
 
-def _visible_frames(pcfg, window: str, in_flight: int, age: int) -> int:
+def _visible_frames(pcfg, window: Window, in_flight: int, age: int) -> int:
     """Key frames a query of the in-flight block `age` blocks younger than the oldest sees in a
     long stream's steady state (`bcjax.cascade.masks`): the sink, the `rolling` frames before its
     block (cache or older in-flight blocks), its own block, and under `bidirectional` every newer
@@ -285,7 +135,7 @@ def _visible_frames(pcfg, window: str, in_flight: int, age: int) -> int:
     return pcfg.sink_frames + rolling + (1 + newer) * pcfg.block_frames
 
 
-def tick_flops(cfg, pcfg, latent_hw, schedule: str, window: str, stage: int, model: int,
+def tick_flops(cfg, pcfg, latent_hw, schedule: str, window: Window, stage: int, model: int,
                group: int | None = None) -> dict[str, float]:
     """Matmul FLOPs of one tick: {"total": the joint pass, "device": the busiest device's share}.
 
@@ -402,14 +252,14 @@ class FpsRow:
     port: str
     hardware: Hardware
     schedule: str
-    window: str
+    window: Window
     mesh: tuple[int, int]
     layout: TickLayout
     flops: dict
     comm: dict
 
 
-def fps_rows(preset: str, latent_hw, window: str, dtype: str = "bfloat16", rows=FPS_ROWS, port: str | None = None,
+def fps_rows(preset: str, latent_hw, window: Window, dtype: str = "bfloat16", rows=FPS_ROWS, port: str | None = None,
              group: int | None = None) -> list[FpsRow]:
     import ports
     from bcjax.model.config import WanConfig
@@ -436,20 +286,20 @@ def calibrated_mfu(row: FpsRow, fps: float) -> float:
     return row.flops["device"] / (row.hardware.tflops * 1e12 * compute_s)
 
 
-def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: str, stage: int, model: int,
+def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: Window, stage: int, model: int,
                               group: int | None = None) -> dict:
-    """hlo_collectives of the cascade's compiled tick (`Cascade.lower`) on a (stage, model) mesh of
+    """hlo_collectives of the cascade's compiled tick (`Runner.lower`) on a (stage, model) mesh of
     fake CPU devices, from abstract inputs: nothing of the model's size is allocated."""
     import jax
 
-    from bcjax.cascade import Cascade, make_mesh
+    from bcjax.runners import make_mesh, make_runner
 
     n = stage * model
     if jax.device_count() < n:
         raise RuntimeError(f"a {stage}x{model} mesh needs {n} devices; jax has {jax.device_count()} (run this module "
                            "as its own process so it can force 64 host devices)")
     mesh = make_mesh(stage, model, devices=jax.devices()[:n], cfg=cfg)
-    cas = Cascade(cfg, pcfg, latent_hw, schedule=schedule, window=window, mesh=mesh, token_group=group)
+    cas = make_runner(cfg, pcfg, latent_hw, schedule, window, mesh, program="tick", token_group=group)
     hlo = cas.lower(*cas.abstract_inputs()).compile().as_text()
     if hlo is None:
         raise RuntimeError(f"the {stage}x{model} cascade compiled without an HLO text to count collectives in")
@@ -471,7 +321,7 @@ def _same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(abs(a[x][k] - b[x][k]) <= 1e-9 * max(1.0, b[x][k]) for x in b for k in keys)
 
 
-def print_bytes(cfg, pcfg, hw, schedules, stages, models, group, hlo: bool, window: str) -> None:
+def print_bytes(cfg, pcfg, hw, schedules, stages, models, group, hlo: bool, window: Window) -> None:
     import jax
 
     print("| schedule | mesh | T / per device (groups of g) | stage all-gathers (payload / wire) | "
@@ -498,7 +348,7 @@ def print_bytes(cfg, pcfg, hw, schedules, stages, models, group, hlo: bool, wind
                       f"({jax.default_backend()}), {agree} |", flush=True)
 
 
-def print_fps(presets, latent_hw, window: str, mfu: float, dtype: str, group: int | None) -> dict:
+def print_fps(presets, latent_hw, window: Window, mfu: float, dtype: str, group: int | None) -> dict:
     """The FPS table of every preset; returns {preset: [(row, fps at mfu, fps calibrated)]}."""
     tables = {p: fps_rows(p, latent_hw, window, dtype, group=group) for p in presets}
     cal_preset, cal_hw, cal_sched = CALIBRATION
@@ -575,13 +425,14 @@ def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str
     return text
 
 
-def print_memory(target_name: str, presets, latent_hw, window: str, dtype: str, layers: int | None) -> None:
+def print_memory(target_name: str, presets, latent_hw, window: Window, dtype: str, layers: int | None) -> None:
     """Per-device memory of each FPS row that fits `target_name`'s devices: the Cascade of its
-    schedule compiled for the target (bench compile's `compile_row`; nothing runs)."""
+    schedule compiled for the target (bench compile's `compile_row`; nothing runs): the tick,
+    context parallel for the sequential schedule."""
     from bcjax import compile_cache, targets
     from bcjax.bench.compile import HEADER, build_mesh, compile_row, print_row
-    from bcjax.cascade import Cascade
     from bcjax.model import attention
+    from bcjax.runners import make_runner
 
     compile_cache.disable()
     target = targets.get(target_name)
@@ -604,7 +455,7 @@ def print_memory(target_name: str, presets, latent_hw, window: str, dtype: str, 
 
             pcfg = ports.get(r.port).pipeline
             mesh, label = build_mesh(stage, model, devices, cfg)
-            cas = Cascade(cfg, pcfg, latent_hw, schedule=r.schedule, window=r.window, mesh=mesh)
+            cas = make_runner(cfg, pcfg, latent_hw, r.schedule, r.window, mesh, program="tick")
             row = compile_row(preset, f"{r.schedule} {r.window}", label, cfg.attention,
                               lambda cas=cas: cas.lower(*cas.abstract_inputs()), mesh)
             print_row(row, target, 0.1)
@@ -621,6 +472,7 @@ def main(argv=None) -> int:
     import ports
     from bcjax.model.config import WanConfig
 
+    force_host_devices(64)  # --hlo compiles on fake CPU devices: 64 covers (16, 4)
     ap = argparse.ArgumentParser(prog="bcjax bench comm", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="wan2.1-1.3b", choices=WanConfig.preset_names(),
                     help="model of the bytes table")

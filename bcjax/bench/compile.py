@@ -38,13 +38,6 @@ marked "does not fit: X GiB > Y GiB". Nothing runs: no timing.
 
 from __future__ import annotations
 
-import os
-
-# --target cpu compiles meshes of up to 40 host devices: forced here, which works as long as no
-# jax backend has started yet (importing jax does not start one)
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=40"
-
 import argparse
 import dataclasses
 import re
@@ -118,7 +111,7 @@ def compile_row(model: str, program: str, mesh_label: str, backend: str, lower: 
     hlo = compiled.as_text()
     row.written = hbm_bytes_written(hlo)
     if mesh is not None and mesh.size > 1:
-        from bcjax.bench.comm import hlo_collectives
+        from bcjax.bench.hlo import hlo_collectives
 
         row.collectives = hlo_collectives(hlo, mesh)
     return row
@@ -146,9 +139,9 @@ def hbm_bytes_written(hlo: str) -> float:
     stay on chip and are not counted; in-place updates (dynamic-update-slice, e.g. cache writes)
     are left out, their slices being small beside the rest. A proxy to compare backends of one
     program, not a measurement."""
-    from bcjax.bench.comm import _SHAPE, _bytes, _parse
+    from bcjax.bench.hlo import SHAPE, parse_computations, shape_bytes
 
-    trips = {callee: k for comp in _parse(hlo)[0].values() for callee, k in comp[1]}
+    trips = {callee: k for comp in parse_computations(hlo)[0].values() for callee, k in comp[1]}
     comps: dict[str, tuple[list, list[str]]] = {}  # computation: ([(bytes, op or fused computation)], callees)
     in_place: set[str] = set()  # fused computations rooted at a dynamic-update-slice
     entry, name = None, None
@@ -173,7 +166,7 @@ def hbm_bytes_written(hlo: str) -> float:
             in_place.add(name)
         if not any((op.group(1) + "(").endswith(x) for x in _NO_TRAFFIC):
             called = re.search(r"calls=%([\w.\-]+)", line) if op.group(1) == "fusion" else None
-            comps[name][0].append((_bytes(" ".join(f"{dt}[{d}]" for dt, d in _SHAPE.findall(rhs[:op.start(1)]))),
+            comps[name][0].append((shape_bytes(" ".join(f"{dt}[{d}]" for dt, d in SHAPE.findall(rhs[:op.start(1)]))),
                                    called.group(1) if called else op.group(1)))
     total = 0.0
 
@@ -195,20 +188,18 @@ def hbm_bytes_written(hlo: str) -> float:
 
 def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh) -> Callable:
     """A thunk lowering the DiT program `case` on `mesh` from the runner's abstract inputs."""
-    from bcjax.cascade import Cascade
-    from bcjax.pipeline.krea import KreaPipeline
-    from bcjax.pipeline.sequential import SequentialPipeline
+    from bcjax.runners import make_runner
 
-    if case == "sequential":
-        runner: SequentialPipeline | KreaPipeline | Cascade = SequentialPipeline(cfg, pcfg, hw, mesh)
+    if case == "sequential":  # the fused block, its mesh only splitting weights
+        runner = make_runner(cfg, pcfg, hw, "sequential", mesh=mesh, program="block")
     elif case == "krea":
         import ports
 
-        runner = KreaPipeline(cfg, ports.get("krea_14b").pipeline, hw, mesh)
+        runner = make_runner(cfg, ports.get("krea_14b").pipeline, hw, "sequential", mesh=mesh, program="krea")
     elif case == "p4":
-        runner = Cascade(cfg, pcfg, hw, schedule="P4", window="bidirectional", mesh=mesh)
-    elif case == "cp":
-        runner = Cascade(cfg, pcfg, hw, schedule="sequential", window="causal", mesh=mesh)
+        runner = make_runner(cfg, pcfg, hw, "P4", "bidirectional", mesh)
+    elif case == "cp":  # context parallel: the tick's sequential schedule, each pass split over `stage`
+        runner = make_runner(cfg, pcfg, hw, "sequential", mesh=mesh, program="tick")
     else:
         raise ValueError(f"not a DiT program: {case!r}")
     return lambda: runner.lower(*runner.abstract_inputs(1))
@@ -229,7 +220,8 @@ def vae_lowering(hw, block_frames: int, dtype: str, sharding, preset: str = "wan
 
     def lower():
         put = _abstract(sharding)
-        state = wan_vae.DecodeState(wan_vae._cache_shapes(vcfg, 1, hw), jax.ShapeDtypeStruct((), jnp.int32))
+        state = wan_vae.DecodeState(wan_vae._cache_shapes(vcfg, 1, hw),  # shapes, not arrays: lowered only
+                                    jax.ShapeDtypeStruct((), jnp.int32))  # type: ignore[arg-type]
         z = jax.ShapeDtypeStruct((1, block_frames, *hw, vcfg.z_dim), jnp.float32)
         return wan_vae.decode_step.lower(vcfg, put(wan_vae.param_shapes(vcfg)), put(state), put(z))
 
@@ -400,6 +392,9 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
 
 
 def main(argv=None) -> int:
+    from bcjax.bench._common import force_host_devices
+
+    force_host_devices(40)  # --target cpu compiles meshes of up to 40 host devices
     from bcjax.model.config import WanConfig
     from bcjax.schedule.config import PipelineConfig
 

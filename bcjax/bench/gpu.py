@@ -28,7 +28,7 @@ from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache, median_secon
 from bcjax.model import attention
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import KV, encode_text, forward, init_params
-from bcjax.pipeline.sequential import SequentialPipeline
+from bcjax.runners import make_runner
 from bcjax.schedule.config import PipelineConfig
 
 
@@ -50,7 +50,6 @@ def _fps(seconds_per_block: float) -> float:
 
 
 def run(args) -> dict:
-    from bcjax.cascade import Cascade
     from bcjax.vae import wan_vae
 
     cfg = WanConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, attention=args.attention)
@@ -70,7 +69,7 @@ def run(args) -> dict:
     out: dict[str, float] = {}
 
     print("\n== compile ==", flush=True)
-    pipe = SequentialPipeline(cfg, pcfg, hw)
+    pipe = make_runner(cfg, pcfg, hw)
     first = pcfg.cache_frames // bf  # a full cache holds frames [0, cache_frames)
     cache = full_cache(cfg, pcfg, 1, p, key)
     block_fn = _compiled("sequential block fn", pipe, params, text, cache, key, jnp.int32(first))
@@ -94,7 +93,7 @@ def run(args) -> dict:
     out["seq_block_s"], out["seq_e2e_s"] = statistics.median(times), statistics.median(e2e)
     ttff = []
     for _ in range(2):  # a new stream: block 0 on an empty cache, then its decode (the first step pads)
-        empty, fresh = pipe.init_cache(1), wan_vae.init_decode_state(vcfg, 1, hw)
+        empty, fresh = pipe.block_program.init_cache(1), wan_vae.init_decode_state(vcfg, 1, hw)
         jax.block_until_ready((empty, fresh))
         t0 = time.perf_counter()
         _, x0 = block_fn(params, text, empty, key, jnp.int32(0))
@@ -108,10 +107,10 @@ def run(args) -> dict:
     del cache
 
     print("\n== P4 bidirectional, every slot batched on this device ==", flush=True)
-    cas = Cascade(cfg, pcfg, hw, "P4", "bidirectional")
+    cas = make_runner(cfg, pcfg, hw, "P4", "bidirectional")
     st = cas.stagger
     steady = st.num_stages + first  # every slot busy, cache full
-    state = cas.init_state(1)
+    state = cas.tick_program.init_state(1)
     state = state._replace(x=jax.random.normal(key, state.x.shape), cache=full_cache(cfg, pcfg, 1, p, key),
                            tick=jnp.int32(steady))
     nb = jnp.int32(10**6)

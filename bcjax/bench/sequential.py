@@ -27,7 +27,8 @@ import numpy as np
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, forward
-from bcjax.pipeline.sequential import SequentialPipeline, cached_pass
+from bcjax.runners import make_runner
+from bcjax.sampler import cached_pass
 from bcjax.schedule.config import PipelineConfig
 from checkpoints_conv import wan as wan_conv
 
@@ -75,7 +76,7 @@ def _ms(fn: Callable[[], object], repeats: int) -> float:
 def _bench_bcjax(cfg, pcfg, hw, context, blocks: int, repeats: int) -> dict[str, float]:
     params = _to_device(wan_conv.convert(_RandomStateDict(cfg), cfg))
     text = jax.block_until_ready(jax.jit(partial(encode_text, cfg))(params, jnp.asarray(context)))
-    pipe, key, bf = SequentialPipeline(cfg, pcfg, hw), jax.random.key(0), pcfg.block_frames
+    pipe, key, bf = make_runner(cfg, pcfg, hw), jax.random.key(0), pcfg.block_frames
     cache = full_cache(cfg, pcfg, 1, cfg.tokens_per_frame(*hw), jax.random.key(3))
     t0 = time.perf_counter()
     # AOT-compiled once: every later call reuses this executable (static shapes), so no call
@@ -96,7 +97,7 @@ def _bench_bcjax(cfg, pcfg, hw, context, blocks: int, repeats: int) -> dict[str,
     # query sees, so this is cheaper than the steady state above)
     empty_ms = []
     for _ in range(1 + blocks):
-        empty = pipe.init_cache(1)
+        empty = pipe.block_program.init_cache(1)
         t0 = time.perf_counter()
         jax.block_until_ready(block_fn(params, text, empty, key, jnp.int32(0)))
         empty_ms.append(1e3 * (time.perf_counter() - t0))

@@ -36,7 +36,7 @@ params = init_params(cfg, jax.random.key(0), (h, w))
 text = encode_text(cfg, params, jnp.zeros((1, cfg.text_len, cfg.text_dim)))
 pcfg = PipelineConfig(window_frames=12, sink_frames=3)
 runner = make_runner(cfg, pcfg, (h, w), schedule)
-_, first = next(runner.blocks(params, text, jax.random.key(1), 4))
+_, first = next(runner.blocks(params, text, jax.random.key(1), num_blocks=4))
 jax.block_until_ready(first)
 print(json.dumps({"first_block_s": time.perf_counter() - t0, "import_s": t_import,
                   "cache": bcjax.compile_cache.current(), **events}))
@@ -57,7 +57,7 @@ def start(cache_dir: str | None, preset: str, hw, schedule: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bcjax bench startup", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--latent-hw", type=int, nargs=2, default=(8, 8))
     p.add_argument("--schedule", default="P4", choices=["sequential", "P1", "P2", "P4"])

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import ports
-from bcjax.interactive import stream
+from bcjax.app.interactive import stream
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
 from bcjax.pipeline.recache import POLICIES
@@ -44,7 +44,7 @@ def measure(runner, params, texts, key, blocks: int, switch_at: int, policy: str
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bcjax bench switch", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--latent-hw", type=int, nargs=2, default=(8, 8))
     p.add_argument("--port", default="longlive", help="sampler/window preset (LongLive: 12-frame window, 3-frame sink)")

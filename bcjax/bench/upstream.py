@@ -65,7 +65,7 @@ import numpy as np
 import ports
 from bcjax.bench.sequential import _RandomStateDict, _to_device
 from bcjax.model.config import WanConfig
-from bcjax.pipeline.sequential import SequentialPipeline
+from bcjax.runners import make_runner
 from bcjax.schedule.flow import block_noise
 from checkpoints_conv import wan as wan_conv
 
@@ -228,13 +228,13 @@ class _Upstream:
 
 
 def _bcjax_runner(cfg, pcfg, hw, params, context, key):
-    pipe = SequentialPipeline(cfg, pcfg, hw)
+    pipe = make_runner(cfg, pcfg, hw)
     text = jax.block_until_ready(pipe.encode_text(params, jnp.asarray(context)))
 
     def run():
         times, out = [], []
         t0 = time.perf_counter()
-        for x0 in pipe.blocks(params, text, key, NUM_BLOCKS):
+        for _, x0 in pipe.blocks(params, text, key, num_blocks=NUM_BLOCKS):
             out.append(np.asarray(jax.block_until_ready(x0)))
             t1 = time.perf_counter()
             times.append(t1 - t0)

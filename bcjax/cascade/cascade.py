@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +21,18 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from bcjax.cascade.masks import WINDOWS
 from bcjax.cascade.tick import CascadeState, TickSpec, tick
 from bcjax.cascade.tokens import token_split
 from bcjax.distributed import local, replicate
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
 from bcjax.model.tensor_parallel import MODEL, Layout, check_model_axis
-from bcjax.model.wan import KV, check_latents, encode_text
+from bcjax.model.wan import KV
 from bcjax.names import DEFAULT_WINDOW
 from bcjax.sampler import check_rebuild, clean_block, write_context
 from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger, slot_state
-from bcjax.stepping import Block, Step, StepState, keeps_clean_cache, refuse_round_trip
+from bcjax.stepping import Step, StepState, keeps_clean_cache
 
 STAGE = "stage"
 ENDLESS = np.iinfo(np.int32).max  # num_blocks of a stream with no planned end
@@ -71,39 +71,26 @@ def make_mesh(stage: int | None = None, model: int = 1, devices=None, cfg: WanCo
 
 
 @dataclasses.dataclass
-class Cascade:
-    """A compiled cascade for one model, sampler, latent size, schedule and window.
+class TickProgram:
+    """The cascade's compiled tick for one model, sampler, latent size, schedule and window on a
+    layout's mesh, and the whole-generation scan of it: the "tick" program of a
+    `bcjax.runners.Runner` (`make_runner` builds both; the checks common to every program are there)."""
 
-    >>> cas = Cascade(cfg, pcfg, (60, 104), schedule="P4", window="bidirectional", mesh=make_mesh(5))
-    >>> latents = cas.generate(params, text_kv, num_blocks=7, key=jax.random.key(0))
-    """
-
-    cfg: WanConfig
+    cfg: WanConfig  # resolved for the layout's platform
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
+    layout: Layout
     # `bcjax.names.SCHEDULES` (any P<k>, a stride); a "-no-clean" schedule, or a pcfg with
     # context="last-pass", has no clean stage: the last denoising pass writes the cache
     schedule: str | int = "P4"
     window: str = DEFAULT_WINDOW
-    mesh: Mesh | None = None
     # tokens per group of the stage split (`bcjax.cascade.tokens`); None: the least padding
     token_group: int | None = None
 
     def __post_init__(self):
-        check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
-        if self.window not in WINDOWS:
-            raise ValueError(f"window {self.window!r}: expected one of {WINDOWS}")
-        check_rebuild(self.pcfg, "Cascade")
-        if self.pcfg.positions == "rolling":
-            self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
-        devices = 1
-        if self.mesh is not None:
-            if STAGE not in self.mesh.shape:
-                raise ValueError(f"mesh axes {tuple(self.mesh.shape)} have no {STAGE!r} axis")
-            devices = self.mesh.shape[STAGE]
-        # weights split over `model` (checks that it divides heads and FFN before anything compiles)
-        self.layout = Layout(self.cfg, self.mesh)
-        self.cfg = self.layout.resolve(self.cfg)  # attention for the mesh's platform, not the process default
+        check_rebuild(self.pcfg, "the cascade")
+        self.mesh = self.layout.mesh
+        devices = 1 if self.mesh is None else self.mesh.shape[STAGE]
         self.stagger = make_stagger(self.schedule, self.pcfg.num_steps, clean_pass=self.pcfg.clean_pass)
         if not self.stagger.clean_pass:  # a "-no-clean" schedule: the sampler's last-pass cache entry
             if self.pcfg.context == "rebuild":
@@ -112,12 +99,12 @@ class Cascade:
             self.pcfg = dataclasses.replace(self.pcfg, context="last-pass")
         p = self.cfg.tokens_per_frame(*self.latent_hw)
         split = token_split(self.stagger.num_slots * self.pcfg.block_frames, p, devices, self.token_group)
-        self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, tuple(self.latent_hw), split)
+        self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, self.latent_hw, split)
         self._step = self._distribute(partial(tick, self.spec))
         self._runs: dict[int, Callable] = {}
 
     # -- placement -------------------------------------------------------------------------
-    def _distribute(self, fn) -> Callable:
+    def _distribute(self, fn) -> Any:  # a jitted function (its .lower compiles ahead)
         """fn(params, text, key, num_blocks, state[, axis]) jitted on the mesh (or batched, without
         one), the state donated. Nothing is placed on a device here: each device derives its slot
         ids from its `stage` index, so the program lowers from abstract values alone."""
@@ -144,12 +131,14 @@ class Cascade:
         state = CascadeState(lay.abstract(x, P()), cache, scalar, scalar)
         return lay.abstract_params(), lay.abstract_text(batch), lay.abstract_key(), scalar, state
 
-    def lower(self, params, text: KV, key, num_blocks, state: CascadeState,
-              num_ticks: int | None = None) -> jax.stages.Lowered:
-        """One tick (or, with num_ticks, the whole-generation scan of that many ticks) lowered for
-        these inputs, concrete or abstract (`abstract_inputs`); `.compile()` gives the executable."""
-        fn = self._step if num_ticks is None else self._run(num_ticks)
-        return fn.lower(params, text, key, num_blocks, state)
+    def lower(self, params, text: KV, key, num_blocks, state: CascadeState) -> jax.stages.Lowered:
+        """One tick lowered for these inputs, concrete or abstract (`abstract_inputs`); `.compile()`
+        gives the executable."""
+        return self._step.lower(params, text, key, num_blocks, state)
+
+    def lower_scan(self, num_ticks: int, params, text: KV, key, num_blocks, state: CascadeState) -> jax.stages.Lowered:
+        """The whole-generation scan of num_ticks ticks, lowered as `lower` lowers one."""
+        return self._run(num_ticks).lower(params, text, key, num_blocks, state)
 
     def init_state(self, batch: int, cache: KVCache | None = None, first_block: int = 0) -> CascadeState:
         """A cascade before its first tick; `cache` (e.g. from `prefill`) holds given context
@@ -186,18 +175,6 @@ class Cascade:
         arrays when the mesh spans processes); a no-op for arrays already there and without a mesh."""
         return self.layout.place_params(params), self.layout.place_text(text)
 
-    def place_params(self, params):
-        """DiT params in the layout the tick takes (split over `model`, replicated over `stage`)."""
-        return self.layout.place_params(params)
-
-    def place_text(self, text: KV) -> KV:
-        """Text K/V in the layout the tick takes (split by heads over `model`)."""
-        return self.layout.place_text(text)
-
-    def encode_text(self, params, context) -> KV:
-        """Prompt embeddings [B, Lt, text_dim] -> text K/V computed on the mesh, split by heads."""
-        return self.layout.encode_text(params, context)
-
     def _check_length(self, num_blocks: int, first_block: int = 0):
         self.pcfg.check_length(self.cfg.rope_max_positions, num_blocks, first_block)
 
@@ -207,7 +184,7 @@ class Cascade:
             self._runs[num_ticks] = self._distribute(partial(_scan_ticks, self.spec, num_ticks))
         return self._runs[num_ticks]
 
-    def generate(self, params, text: KV, num_blocks: int, key, context=None) -> jax.Array:
+    def generate(self, params, text: KV, key, *, num_blocks: int, context=None) -> jax.Array:
         """Latents [B, num_blocks * block_frames, H, W, C]; the whole stagger runs as one scan.
 
         context: optional given clean frames [B, G * block_frames, H, W, C] (an image-to-video
@@ -225,32 +202,12 @@ class Cascade:
         ticks = np.asarray([st.emit_tick(b) for b in range(num_blocks)])
         return jnp.concatenate(list(emitted[ticks]), axis=1)
 
-    # -- streaming: one jitted tick with donated state -------------------------------------
-    def blocks(self, params, text: KV, key, num_blocks: int | None = None,
-               state: CascadeState | None = None) -> Iterator[Block]:
-        """Yield each block (id, x0 [B, block_frames, H, W, C]) as it finishes denoising.
-
-        num_blocks None streams until the caller stops (or the RoPE table ends). `state` (from
-        `init_state`, e.g. with a prefilled cache) continues a stream.
-        """
-        params, text = self._placed(params, text)
-        step = self._begin(state if state is not None else self.init_state(text.k.shape[1]), key, num_blocks)
-        while not self.done(step):  # the last clean pass has no reader: skipped
-            step, out = self.step(params, text, step)
-            if out.block >= 0:
-                assert out.x0 is not None  # a finished block comes with its latents
-                yield Block(out.block, out.x0)
-
-    # -- the stepping interface shared with SequentialPipeline (bcjax.stepping) ---------
-    takes_round_trip = False  # R (Krea's VAE round trip) is KreaPipeline's
+    # -- the stepping interface (bcjax.stepping): one tick per step ---------------------------
     keeps_cache = property(lambda self: keeps_clean_cache(self.pcfg))
 
-    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None,
+    def start(self, params, text: KV, key, *, num_blocks: int | None = None, context=None, source=None,
               reencode=None) -> StepState:
-        """A stream before its first tick. context: given clean frames [B, G * block_frames, H, W, C]
-        written under `text` (generation starts at block G); num_blocks None: until the caller
-        stops (absolute positions: until the RoPE table ends)."""
-        refuse_round_trip(reencode, "Cascade")
+        """A stream before its first tick (`Runner.start`; it has refused source and reencode)."""
         params, text = self._placed(params, text)
         batch = text.k.shape[1]
         carry = (self.init_state(batch) if context is None
@@ -298,11 +255,6 @@ class Cascade:
     def with_cache(self, state: StepState, cache: KVCache) -> StepState:
         return state._replace(carry=state.carry._replace(cache=cache))
 
-    def replicate(self, tree):
-        """Leaves replicated over the mesh (global arrays over several processes); without a mesh,
-        device arrays on the default device."""
-        return jax.tree_util.tree_map(jnp.asarray, tree) if self.mesh is None else replicate(tree, self.mesh)
-
 
 def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, state, axis=None, model_axis=None):
     def body(state, _):
@@ -310,15 +262,3 @@ def _scan_ticks(spec: TickSpec, num_ticks: int, params, text, key, num_blocks, s
 
     return jax.lax.scan(body, state, None, length=num_ticks)
 
-
-def generate(cfg: WanConfig, params, prompt, num_blocks: int, key, *, pcfg: PipelineConfig | None = None,
-             latent_hw: tuple[int, int] = (60, 104), schedule: str | int = "P4", window: str = DEFAULT_WINDOW,
-             mesh: Mesh | None = None) -> jax.Array:
-    """One-call cascade generation; see `Cascade` to reuse the compiled program or to stream.
-
-    prompt: umT5 prompt embeddings [B, text_len, text_dim], or their `encode_text` K/V.
-    Returns latents [B, num_blocks * block_frames, H, W, C].
-    """
-    text = prompt if isinstance(prompt, KV) else encode_text(cfg, params, prompt)
-    cas = Cascade(cfg, pcfg or PipelineConfig(), latent_hw, schedule, window, mesh)
-    return cas.generate(params, text, num_blocks, key)

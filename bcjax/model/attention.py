@@ -355,7 +355,7 @@ def _attend_part(kernel, interpret, qr, k, v, mask, o_acc, lse_acc, granule):
             rows = jnp.any(mc, axis=2)[:, :, None, None]  # [batch, query_block, 1, 1]
             lse = jnp.where(rows, lse, NEG_INF)
             o = jnp.where(rows[..., None], o, 0.0)
-            return _merge(*carry, o, lse)
+            return _merge(carry[0], carry[1], o, lse)
 
         return jax.lax.cond(seen, run, lambda c_: c_, carry), None
 

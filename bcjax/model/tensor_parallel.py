@@ -67,11 +67,11 @@ def param_specs(params):
     """PartitionSpec per leaf of a DiT parameter tree (arrays or ShapeDtypeStructs)."""
 
     def spec(path, leaf):
-        keys = [getattr(k, "key", None) for k in path]
-        axis = _COLUMN.get(tuple(keys[-2:])) if keys[0] == "blocks" else None
+        keys = [str(getattr(k, "key", "")) for k in path]
+        axis = _COLUMN.get((keys[-2], keys[-1])) if keys[0] == "blocks" and len(keys) > 1 else None
         if axis is None:
             return P()
-        parts = [None] * leaf.ndim
+        parts: list[str | None] = [None] * leaf.ndim
         parts[1 + axis] = MODEL  # after the stacked layer axis
         return P(*parts)
 
@@ -82,14 +82,14 @@ def text_specs():
     """Specs of encode_text's KV: split by heads."""
     from bcjax.model.wan import KV
 
-    return KV(KV_SPEC, KV_SPEC)
+    return KV(KV_SPEC, KV_SPEC)  # type: ignore[arg-type]  # a tree of specs shaped like the K/V
 
 
 def cache_specs():
     """Specs of a KVCache: K/V split by heads, frame ids and base replicated."""
     from bcjax.model.kv_cache import KVCache
 
-    return KVCache(KV_SPEC, KV_SPEC, P(), P())
+    return KVCache(KV_SPEC, KV_SPEC, P(), P())  # type: ignore[arg-type]  # specs shaped like the cache
 
 
 def shardings(mesh: Mesh, specs):
@@ -103,9 +103,9 @@ def place(tree, mesh: Mesh, specs):
     return jax.tree_util.tree_map(put, tree, shardings(mesh, specs))
 
 
-def _for_mesh(specs, mesh: Mesh):
-    """specs with MODEL dropped when the mesh has no such axis (a plain 'stage' mesh)."""
-    if MODEL in mesh.shape:
+def _for_mesh(specs, mesh: Mesh | None):
+    """specs with MODEL dropped when the mesh has no such axis (a plain 'stage' mesh, or none)."""
+    if mesh is not None and MODEL in mesh.shape:
         return specs
     return jax.tree_util.tree_map(lambda s: P(*(None if a == MODEL else a for a in s)), specs,
                                   is_leaf=lambda s: isinstance(s, P))
@@ -239,9 +239,10 @@ class Layout:
 
     @functools.cached_property
     def _make_cache(self):
-        # one jitted maker per layout: a stream start must not recompile it
+        # one jitted maker per layout: a stream start must not recompile it (used with a mesh only)
         from bcjax.model.kv_cache import init_cache
 
+        assert self.mesh is not None
         return jax.jit(functools.partial(init_cache, self.cfg), static_argnums=(0, 1, 2),
                        out_shardings=shardings(self.mesh, self.cache))
 

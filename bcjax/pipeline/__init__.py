@@ -1,7 +1,8 @@
-"""Pipelines: the sequential block-causal runner, Krea's loop, text to video, streaming output, prompts
-and the recache at a switch."""
+"""The sequential schedule's programs (the fused block, Krea's loop) and the KV recache at a
+prompt switch; run them through `bcjax.runners.make_runner`."""
 
-from bcjax.pipeline.sequential import SequentialPipeline, cached_pass, denoise_block
+from bcjax.pipeline.krea import KreaProgram
+from bcjax.pipeline.sequential import BlockProgram
 from bcjax.schedule.config import PipelineConfig
 
-__all__ = ["PipelineConfig", "SequentialPipeline", "cached_pass", "denoise_block"]
+__all__ = ["BlockProgram", "KreaProgram", "PipelineConfig"]

@@ -23,34 +23,33 @@ as that code runs:
 The rebuild pass of block b's context, block b-1's frames at t = 0 seeing only each other, is
 exactly a clean pass that ignores the cache; with a cache of one block, the block's passes then
 read what Krea's rebuild computes (RoPE offsets between the two blocks are the same 3 frames). So
-`SequentialPipeline` and `Cascade` run Krea's mode too (`check_rebuild`): in the cascade an
+the block and tick programs run Krea's mode too (`check_rebuild`): in the cascade an
 in-flight block's context is its predecessor's K/V at its current noise level, as in every
 cascade, and the rebuilt clean K/V once the predecessor has passed its clean stage; R there is
 the latent frame itself and keep_first_frame is refused. P1-causal equals this loop (tests).
 
-R needs the VAE: `KreaPipeline.blocks(..., reencode=...)` and `start(..., reencode=...)` take the round trip
-(`bcjax.pipeline.t2v.VAERoundTrip`: the checkpoint's VAE decodes the stream and encodes the last
+R needs the VAE: a Krea runner's `blocks`, `generate` and `start` take the round trip (`reencode=`,
+`bcjax.app.t2v.VAERoundTrip`: the checkpoint's VAE decodes the stream and encodes the last
 pixel frame alone); without one (latent-only runs, tests) R is the latent frame itself, unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
 from bcjax.model.tensor_parallel import Layout
-from bcjax.model.wan import KV, check_latents, forward
+from bcjax.model.wan import KV, forward
 from bcjax.sampler import check_source, sample_block
 from bcjax.schedule.config import PipelineConfig
-from bcjax.stepping import Block, Step, StepState, block_entering, blocks_done
+from bcjax.stepping import Step, StepState, block_entering, blocks_done
 
 
 def context_frames(pcfg: PipelineConfig, previous, first_frame, reencoded):
@@ -104,35 +103,26 @@ class KreaCarry(NamedTuple):
 
 
 @dataclasses.dataclass
-class KreaPipeline:
-    """Sequential generation in Krea's mode (`PipelineConfig(context="rebuild")`).
+class KreaProgram:
+    """Sequential generation in Krea's mode (`PipelineConfig(context="rebuild")`) with its VAE
+    round trip: the "krea" program of a `bcjax.runners.Runner` (`make_runner` builds both)."""
 
-    >>> pipe = KreaPipeline(cfg, ports.get("krea_14b").pipeline, latent_hw=(60, 104))
-    >>> latents = pipe.generate(params, text_kv, num_blocks=7, key=jax.random.key(0))
-
-    """
-
-    cfg: WanConfig
+    cfg: WanConfig  # resolved for the layout's platform
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
-    # Tensor parallel: a mesh whose `model` axis splits heads and FFN (bcjax.model.tensor_parallel);
-    # None or model = 1: one device. The carried frames (previous block, frame 0, R) are replicated.
-    mesh: Mesh | None = None
+    # Tensor parallel: its mesh's `model` axis splits heads and FFN (bcjax.model.tensor_parallel);
+    # no mesh: one device. The carried frames (previous block, frame 0, R) are replicated.
+    layout: Layout
 
     def __post_init__(self):
-        check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
         if self.pcfg.context != "rebuild":
-            raise ValueError(f"KreaPipeline needs PipelineConfig(context='rebuild'); got {self.pcfg.context!r} "
-                             "(use SequentialPipeline for a clean-pass cache)")
+            raise ValueError(f"Krea's loop needs PipelineConfig(context='rebuild'); got {self.pcfg.context!r} "
+                             "(program 'block' runs a clean-pass cache)")
         if self.pcfg.cache_frames != self.pcfg.block_frames:
             raise ValueError(f"Krea's rebuilt context is the previous block: window_frames={self.pcfg.window_frames} "
                              f"must be 2 x block_frames={self.pcfg.block_frames} (kv_cache_num_frames = the block)")
-        self.layout = lay = Layout.split_only(self.cfg, self.mesh)
-        self.cfg = lay.resolve(self.cfg)  # attention for the platform compiled for, not the process default
+        lay, cfg, pcfg, hw = self.layout, self.cfg, self.pcfg, self.latent_hw
         self.mesh = lay.mesh
-        # the stepping interface's placement (as SequentialPipeline's): the layout's own methods
-        self.replicate, self.place_params, self.place_text = lay.replicate, lay.place_params, lay.place_text
-        cfg, pcfg, hw = self.cfg, self.pcfg, tuple(self.latent_hw)
         w, t, _ = lay.specs()
         self._block_fn = jax.jit(lay.shard_map(partial(krea_block, cfg, pcfg, latent_hw=hw),
                                                (w, t, P(), P(), P()), P()))
@@ -156,31 +146,6 @@ class KreaPipeline:
         for these inputs, concrete or abstract (`abstract_inputs`)."""
         return self._block_fn.lower(params, text, context, key, block)
 
-    def blocks(self, params, text: KV, key, num_blocks: int, reencode: Callable | None = None,
-               source=None) -> Iterator[Block]:
-        """Yield each block (id, x0 [B, block_frames, H, W, C]) as soon as it is denoised.
-
-        reencode: called with every block's x0 in order, returns R [B, 1, H, W, C], the VAE round
-        trip of the block's first latent frame (rule 4; `bcjax.pipeline.t2v.VAERoundTrip` decodes
-        the stream and encodes that frame's last pixel frame as an image). None: R is the latent
-        frame itself, unchanged (latent-only runs, tests).
-        source: video-to-video input latents [B, >= num_blocks * block_frames, H, W, C].
-        """
-        bf = self.pcfg.block_frames
-        check_source(source, num_blocks, bf)
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
-        params, text = self.place_params(params), self.place_text(text)
-        carry = self._empty(text.k.shape[1], reencode)
-        for b in range(num_blocks):
-            if source is None:
-                x0 = self._block_fn(params, text, self._context(carry, b), key, jnp.int32(b))
-            else:
-                x0 = self._v2v_fn(params, text, self._context(carry, b), key, jnp.int32(b),
-                                  source[:, b * bf:(b + 1) * bf])
-            carry = self._advance(carry, x0, b)
-            yield Block(b, x0)
-
     # -- what a stream carries between blocks: (block b-1's x0, frame 0, R of block b-1) -------------
     def _empty(self, batch: int, reencode: Callable | None = None) -> KreaCarry:
         zeros = jnp.zeros((batch, self.pcfg.block_frames, *self.latent_hw, self.cfg.in_channels), jnp.float32)
@@ -198,14 +163,22 @@ class KreaPipeline:
 
     # -- the stepping interface shared with the other runners (bcjax.stepping) ----------------
     keeps_cache = False  # the context is rebuilt under the prompt in force before every block
-    takes_round_trip = True  # start(reencode=) gives R from the VAE round trip
 
-    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None,
+    def start(self, params, text: KV, key, *, num_blocks: int | None = None, context=None, source=None,
               reencode: Callable | None = None) -> StepState:
         """A stream before its first block; context: given frames [B, G * block_frames, H, W, C]
         (blocks 0..G-1; generation starts at block G); num_blocks None: until the caller stops
-        (positions never grow). reencode: the VAE round trip giving R, called with every block's
-        x0 in order, given blocks first (as in `blocks`); None: R is the latent frame itself."""
+        (positions never grow). reencode: the VAE round trip giving R [B, 1, H, W, C] (rule 4;
+        `bcjax.app.t2v.VAERoundTrip` decodes the stream and encodes that frame's last pixel frame
+        as an image), called with every block's x0 in order, given blocks first; None: R is the
+        latent frame itself (latent-only runs, tests). source: video-to-video input latents
+        [B, >= num_blocks * block_frames, H, W, C]."""
+        if num_blocks is not None and num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+        if source is not None:
+            if num_blocks is None:
+                raise ValueError("video-to-video (source) needs num_blocks: the stream ends with its input")
+            check_source(source, num_blocks, self.pcfg.block_frames)
         carry, first = self._empty(text.k.shape[1], reencode), 0
         if context is not None:
             bf = self.pcfg.block_frames
@@ -215,13 +188,17 @@ class KreaPipeline:
             for g in range(first):
                 block = jnp.asarray(context[:, g * bf:(g + 1) * bf], jnp.float32)
                 carry = self._advance(carry, block, g)
-        return StepState(carry, key, 0, first, num_blocks)
+        return StepState(carry, key, 0, first, num_blocks, source)
 
     def step(self, params, text: KV, state: StepState) -> tuple[StepState, Step]:
         """The next block under `text` (its context rebuilt under `text` too: nothing to recache)."""
-        b = self.entering(state)
-        params, text = self.place_params(params), self.place_text(text)
-        x0 = self._block_fn(params, text, self._context(state.carry, b), state.key, jnp.int32(b))
+        b, i, bf = self.entering(state), state.step, self.pcfg.block_frames
+        params, text = self.layout.place_params(params), self.layout.place_text(text)
+        if state.source is None:
+            x0 = self._block_fn(params, text, self._context(state.carry, b), state.key, jnp.int32(b))
+        else:
+            x0 = self._v2v_fn(params, text, self._context(state.carry, b), state.key, jnp.int32(b),
+                              state.source[:, i * bf:(i + 1) * bf])
         carry = self._advance(state.carry, x0, b)
         stages = tuple((b, s) for s in range(self.pcfg.num_steps))
         return state._replace(carry=carry, step=state.step + 1), Step(b, x0, stages)
@@ -235,13 +212,3 @@ class KreaPipeline:
 
     def with_cache(self, state: StepState, cache):
         raise ValueError("Krea's loop keeps no cache to replace")
-
-    # replicate / place_params / place_text: the layout's (see __post_init__)
-
-    def encode_text(self, params, context) -> KV:
-        return self.layout.encode_text(params, context)
-
-    def generate(self, params, text: KV, num_blocks: int, key, reencode: Callable | None = None,
-                 source=None) -> jax.Array:
-        """Latents [B, num_blocks * block_frames, H, W, C]."""
-        return jnp.concatenate([x0 for _, x0 in self.blocks(params, text, key, num_blocks, reencode, source)], axis=1)

@@ -17,52 +17,38 @@ a fixed capacity, so the same executable serves a stream of any length.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
 from bcjax.model.tensor_parallel import Layout
-from bcjax.model.wan import KV, check_latents
-from bcjax.sampler import cached_pass, check_rebuild, check_source, clean_block, denoise_block, write_context
+from bcjax.model.wan import KV
+from bcjax.sampler import check_rebuild, check_source, clean_block, denoise_block, write_context
 from bcjax.schedule.config import PipelineConfig
-from bcjax.stepping import Block, Step, StepState, block_entering, blocks_done, keeps_clean_cache, refuse_round_trip
-
-__all__ = ["SequentialPipeline", "cached_pass", "check_rebuild", "clean_block", "denoise_block"]
+from bcjax.stepping import Step, StepState, block_entering, blocks_done, keeps_clean_cache
 
 
 @dataclasses.dataclass
-class SequentialPipeline:
-    """Block-by-block generation with one compiled block function.
+class BlockProgram:
+    """The sequential schedule's whole block (its num_steps denoising passes and its clean pass)
+    compiled into one call, and video-to-video from the same block: the "block" program of a
+    `bcjax.runners.Runner` (`make_runner` builds both; the checks common to every program are there)."""
 
-    >>> pipe = SequentialPipeline(cfg, PipelineConfig(), latent_hw=(60, 104))
-    >>> latents = pipe.generate(params, text_kv, num_blocks=7, key=jax.random.key(0))
-    """
-
-    cfg: WanConfig
+    cfg: WanConfig  # resolved for the layout's platform
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
-    # Tensor parallel: a mesh whose `model` axis splits heads and FFN (bcjax.model.tensor_parallel;
-    # a `stage` axis, if any, holds replicas). None or model = 1: one device, as before.
-    mesh: Mesh | None = None
+    # Tensor parallel: its mesh's `model` axis splits heads and FFN (bcjax.model.tensor_parallel;
+    # a `stage` axis, if any, holds replicas). No mesh: one device.
+    layout: Layout
 
     def __post_init__(self):
-        check_latents(self.cfg, jax.ShapeDtypeStruct((1, 1, *self.latent_hw, self.cfg.in_channels), jnp.float32))
-        check_rebuild(self.pcfg, "SequentialPipeline")
-        if self.pcfg.positions == "rolling":
-            self.pcfg.rope_period(self.cfg.rope_max_positions)  # validates the table against the window
-        self.layout = lay = Layout.split_only(self.cfg, self.mesh)
-        self.cfg = lay.resolve(self.cfg)  # attention for the platform compiled for, not the process default
-        self.mesh = lay.mesh  # nothing to split: one device (a `stage` axis is the cascade's business)
-        # the stepping interface's placement: leaves where the passes compute (replicated; DiT
-        # params split over `model`; text K/V split by heads), the layout's own methods
-        self.replicate, self.place_params, self.place_text = lay.replicate, lay.place_params, lay.place_text
-        cfg, pcfg, hw = self.cfg, self.pcfg, tuple(self.latent_hw)
+        check_rebuild(self.pcfg, "the sequential pipeline")
+        lay, cfg, pcfg, hw = self.layout, self.cfg, self.pcfg, self.latent_hw
+        self.mesh = lay.mesh
         w, t, c = lay.specs()
         self._block_fn = jax.jit(lay.shard_map(partial(denoise_block, cfg, pcfg, latent_hw=hw),
                                                (w, t, c, P(), P()), (c, P())), donate_argnums=(2,))
@@ -99,12 +85,7 @@ class SequentialPipeline:
 
     def _placed(self, params, text):
         """params and text K/V in the layout the compiled passes take (a no-op without tensor parallelism)."""
-        return self.place_params(params), self.place_text(text)
-
-    def encode_text(self, params, context) -> KV:
-        """Prompt embeddings [B, Lt, text_dim] -> text K/V, computed where they live (split by heads
-        under tensor parallelism, so no device needs every layer's cross-attention weights)."""
-        return self.layout.encode_text(params, context)
+        return self.layout.place_params(params), self.layout.place_text(text)
 
     def _check_length(self, num_blocks: int, first_block: int = 0):
         self.pcfg.check_length(self.cfg.rope_max_positions, num_blocks, first_block)
@@ -119,59 +100,38 @@ class SequentialPipeline:
         return write_context(self._context_fn, self.cfg, self.pcfg, self.latent_hw, params, text, frames, cache,
                              first_block)
 
-    def blocks(self, params, text: KV, key, num_blocks: int, cache: KVCache | None = None,
-               first_block: int = 0, source=None) -> Iterator[Block]:
-        """Yield each block (id, x0 latents [B, block_frames, H, W, C]) as soon as it is denoised;
-        blocks first_block .. first_block + num_blocks - 1 (after a prefilled cache).
-
-        source: video-to-video input latents [B, num_blocks * block_frames, H, W, C], block i of
-        them noised to the first sigma as the start of generated block first_block + i (use a
-        sampler from `bcjax.pipeline.prompts.with_strength`)."""
-        self._check_length(num_blocks, first_block)
-        bf = self.pcfg.block_frames
-        check_source(source, num_blocks, bf)
-        params, text = self._placed(params, text)
-        cache = cache if cache is not None else self.init_cache(text.k.shape[1])
-        for i, b in enumerate(range(first_block, first_block + num_blocks)):
-            if source is None:
-                cache, x0 = self._block_fn(params, text, cache, key, jnp.int32(b))
-            else:
-                cache, x0 = self._v2v_fn(params, text, cache, key, jnp.int32(b), source[:, i * bf:(i + 1) * bf])
-            yield Block(b, x0)
-
-    def generate(self, params, text: KV, num_blocks: int, key, context=None) -> jax.Array:
-        """Latents [B, num_blocks * block_frames, H, W, C] for one prompt's text K/V; after the
-        given clean `context` frames [B, G * block_frames, H, W, C] when there are any."""
-        cache, first = None, 0
-        if context is not None:
-            cache, first = self.prefill(params, text, context), context.shape[1] // self.pcfg.block_frames
-        return jnp.concatenate([x0 for _, x0 in self.blocks(params, text, key, num_blocks, cache, first)], axis=1)
-
-    # -- the stepping interface shared with Cascade (bcjax.stepping) --------------------
-    takes_round_trip = False  # R (Krea's VAE round trip) is KreaPipeline's
+    # -- the stepping interface (bcjax.stepping): one block per step --------------------------
     keeps_cache = property(lambda self: keeps_clean_cache(self.pcfg))
 
-    def start(self, params, text: KV, key, num_blocks: int | None = None, context=None,
+    def start(self, params, text: KV, key, *, num_blocks: int | None = None, context=None, source=None,
               reencode=None) -> StepState:
-        """A stream before its first step. context: given clean frames [B, G * block_frames, H, W, C]
-        written under `text` (generation starts at block G); num_blocks None: until the caller
-        stops (absolute positions: until the RoPE table ends)."""
-        refuse_round_trip(reencode, "SequentialPipeline")
+        """A stream before its first block (`Runner.start`; it has refused reencode). source:
+        video-to-video input latents [B, num_blocks * block_frames, H, W, C], block i of them
+        noised to the first sigma as the start of generated block i (a sampler from
+        `bcjax.app.prompts.with_strength`)."""
         first = 0 if context is None else context.shape[1] // self.pcfg.block_frames
         if num_blocks is None:
             num_blocks = self.pcfg.stream_blocks(self.cfg.rope_max_positions, first)
         if num_blocks is not None:
             self._check_length(num_blocks, first)
         params, text = self._placed(params, text)
+        if source is not None:
+            if num_blocks is None:
+                raise ValueError("video-to-video (source) needs num_blocks: the stream ends with its input")
+            check_source(source, num_blocks, self.pcfg.block_frames)
         cache = self.init_cache(text.k.shape[1]) if context is None else self.prefill(params, text, context)
-        return StepState(cache, key, 0, first, num_blocks)
+        return StepState(cache, key, 0, first, num_blocks, source)
 
     def step(self, params, text: KV, state: StepState) -> tuple[StepState, Step]:
         """Denoise the next block under `text` and write its clean K/V (one compiled call; the
         cache is donated). Every step emits its block."""
-        b = self.entering(state)
+        b, i, bf = self.entering(state), state.step, self.pcfg.block_frames
         params, text = self._placed(params, text)
-        cache, x0 = self._block_fn(params, text, state.carry, state.key, jnp.int32(b))
+        if state.source is None:
+            cache, x0 = self._block_fn(params, text, state.carry, state.key, jnp.int32(b))
+        else:
+            cache, x0 = self._v2v_fn(params, text, state.carry, state.key, jnp.int32(b),
+                                     state.source[:, i * bf:(i + 1) * bf])
         stages = tuple((b, s) for s in range(self.pcfg.num_steps + int(self.pcfg.clean_pass)))
         return state._replace(carry=cache, step=state.step + 1), Step(b, x0, stages)
 
@@ -183,5 +143,3 @@ class SequentialPipeline:
 
     def with_cache(self, state: StepState, cache: KVCache) -> StepState:
         return state._replace(carry=cache)
-
-    # replicate / place_params / place_text: the layout's (see __post_init__)

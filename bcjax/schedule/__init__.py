@@ -1,5 +1,6 @@
 """Noise schedules (flow matching, few-step sampler), the sampler's config and the stagger tables."""
 
+from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.flow import (
     block_noise,
     denoising_schedule,
@@ -11,6 +12,6 @@ from bcjax.schedule.flow import (
 )
 
 __all__ = [
-    "block_noise", "denoising_schedule", "predict_x0", "renoise", "shifted_sigmas",
+    "PipelineConfig", "block_noise", "denoising_schedule", "predict_x0", "renoise", "shifted_sigmas",
     "sigma_of_timestep", "warp_denoising_steps",
 ]

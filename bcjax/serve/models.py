@@ -66,7 +66,7 @@ class TextCache:
         self._lock = threading.Lock()  # tabs encode from their own threads
 
     def __call__(self, text: str):
-        from bcjax.interactive import kv_bytes
+        from bcjax.app.interactive import kv_bytes
 
         with self._lock:
             if text in self.kv:
@@ -182,8 +182,8 @@ class CheckpointBackend:
                  decode_device: str | None = None, dtype: str | None = None, attention: str | None = None,
                  verify: bool = True):
         import ports
+        from bcjax.app.t2v import TextToVideo
         from bcjax.checkpoint import read_config
-        from bcjax.pipeline.t2v import TextToVideo
 
         pcfg = dataclasses.replace(ports.get(port).pipeline, positions="rolling")
         height, width = video_hw
@@ -234,7 +234,7 @@ class CheckpointBackend:
     def frame_encoder(self, decoder: str | None = None, round_trip: bool = False):
         import jax
 
-        from bcjax.pipeline.video import block_to_uint8
+        from bcjax.app.video import block_to_uint8
 
         if round_trip:
             return self._round_trip_encoder(decoder)
@@ -266,8 +266,8 @@ class CheckpointBackend:
         needs R."""
         import jax
 
-        from bcjax.pipeline.t2v import VAERoundTrip
-        from bcjax.pipeline.video import block_to_uint8
+        from bcjax.app.t2v import VAERoundTrip
+        from bcjax.app.video import block_to_uint8
 
         if self.decoder(decoder) != "wan":
             raise ValueError(f"decoder {decoder!r}: Krea's loop decodes every block with the Wan VAE for its R; "

@@ -3,7 +3,7 @@
 A `Session` belongs to one WebSocket connection and owns at most one thread, made on the first
 start and ended with the connection. Start, stop, pace and reset are state changes the thread
 reads between steps, never new threads, so a page (or a script) sending 1000 starts costs one
-thread and only the newest stream computes. The thread drives `bcjax.interactive.steps` over the
+thread and only the newest stream computes. The thread drives `bcjax.app.interactive.steps` over the
 runner for the chosen (schedule, window), with a `LivePrompts` the page pushes into. Every step
 becomes one message (a binary block message when a block finished, a JSON tick otherwise) on
 the session's `Outbox`; the replies to the page's commands go there too, without ever waiting
@@ -32,8 +32,10 @@ from typing import Any
 
 import jax
 
-from bcjax.interactive import LivePrompts, steps
+from bcjax.app.interactive import LivePrompts, steps
+from bcjax.names import as_window
 from bcjax.pipeline.recache import POLICIES
+from bcjax.runners import Runner
 from bcjax.serve import protocol
 
 # the compile events jax reports (tracing, lowering, XLA); their durations add up to a compile
@@ -70,17 +72,17 @@ class Runners:
 
     def __init__(self, backend):
         self.backend = backend
-        self._made: dict[tuple[str, str | None], object] = {}
+        self._made: dict[tuple[str, str | None], Runner] = {}
         self._lock = threading.Lock()
 
-    def get(self, schedule: str, window: str):
+    def get(self, schedule: str, window: str) -> Runner:
         from bcjax.runners import make_runner
 
         b = self.backend
         key = (schedule, None if schedule == "sequential" else window)
         with self._lock:
             if key not in self._made:
-                self._made[key] = make_runner(b.cfg, b.pcfg, b.latent_hw, schedule, window, b.mesh)
+                self._made[key] = make_runner(b.cfg, b.pcfg, b.latent_hw, schedule, as_window(window), b.mesh)
             return self._made[key]
 
 
@@ -228,15 +230,6 @@ class Session:
                 "windows": list(protocol.WINDOWS), "window": protocol.DEFAULT_WINDOW, "policies": list(POLICIES),
                 "limits": {"max_message": protocol.MAX_MESSAGE, "queue": self.outbox.maxsize,
                            "ack_window": self.ack_window, "min_fps": protocol.MIN_FPS, "max_fps": protocol.MAX_FPS}}
-
-    def handle(self, raw) -> None:
-        """Act on one page message (call from a worker thread, in arrival order); replies go to the outbox."""
-        try:
-            cmd = protocol.parse(raw, POLICIES)
-        except protocol.BadMessage as e:
-            self.outbox.reply({"type": "error", "what": "message", "message": str(e)})
-            return
-        self.act(cmd)
 
     def act(self, cmd: dict) -> None:
         """Act on one parsed page message (an `ack` only takes a lock: fine on the event loop)."""

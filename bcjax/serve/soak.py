@@ -36,7 +36,7 @@ def _tab(url: str, index: int, args, stop: threading.Event, blocks: list[int]) -
     with connect(url, max_size=None, open_timeout=30) as ws:
         json.loads(ws.recv(timeout=30))  # hello
         received: dict[int, int] = {}
-        since_switch, starts = 0, 0
+        since_switch, starts, colour = 0, 0, colours[index % len(colours)]
 
         def start():
             nonlocal since_switch, starts, colour

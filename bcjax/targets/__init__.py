@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 from importlib import resources
 
@@ -98,6 +99,9 @@ def _devices(target: Target) -> tuple:
     if target.platform == "cpu":
         return tuple(jax.devices("cpu"))
     if target.platform == "tpu":
+        if not _has_libtpu():  # a target this install cannot compile for: one line, not a traceback
+            raise ValueError(f"target {target.name!r} needs libtpu (XLA:TPU's compile-only topologies), which is not "
+                             f"installed: pip install 'jax[tpu]=={jax.__version__}' (bcjax's tpu extra)")
         # compile-only needs no exclusive hold on a TPU: without this, a second process (a test run
         # beside a bench) finds libtpu's lockfile taken and gets no topology
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -119,6 +123,17 @@ def _devices(target: Target) -> tuple:
         raise RuntimeError(f"target {target.name!r}: topology {target.topology} gave {len(devices)} devices, "
                            f"expected {target.num_devices}")
     return devices
+
+
+def _has_libtpu() -> bool:
+    """Whether jax can load libtpu: the `libtpu` package, or a library at $TPU_LIBRARY_PATH (how
+    jax._src.cloud_tpu_init.get_tpu_library_path finds it)."""
+    if os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", "")):
+        return True
+    try:
+        return importlib.util.find_spec("libtpu") is not None
+    except ImportError:  # a finder that blocks the package (as .ci/no_torch blocks torch)
+        return False
 
 
 def whole_slice_required(devices) -> bool:

@@ -17,14 +17,14 @@ import time
 import jax
 import numpy as np
 
+from bcjax.app.video import frames_per_block, publish
 from bcjax.distributed import is_primary
-from bcjax.names import DEFAULT_WINDOW
-from bcjax.pipeline.video import frames_per_block, publish
+from bcjax.names import DEFAULT_WINDOW, as_window
 from bcjax.toyworld.evaluate import ToyModel, block_metrics, eval_scenes, load_model, setting_name, summary
 from bcjax.toyworld.png import draw_text
 from bcjax.toyworld.world import prompt_text, render, to_rgb
 
-# the toy world has no VAE: its latents are its frames (see bcjax.pipeline.video.frames_per_block)
+# the toy world has no VAE: its latents are its frames (see bcjax.app.video.frames_per_block)
 TEMPORAL_SCALE = 1
 # sequential, the best cascade of docs/toyworld-study.md, and the paper's recommended one for contrast
 COLUMNS = (("sequential", None), ("P4", "causal"), ("P4", "bidirectional"))
@@ -44,7 +44,6 @@ def timed_stream(model: ToyModel, scenes, num_blocks: int, key, schedule: str, w
     block): the streaming APIs, block by block, as a viewer would receive them."""
     import jax.numpy as jnp
 
-    from bcjax.cascade.cascade import Cascade
     from bcjax.model.wan import encode_text
     from bcjax.runners import make_runner
     from bcjax.toyworld.world import prompt_embedding
@@ -53,13 +52,9 @@ def timed_stream(model: ToyModel, scenes, num_blocks: int, key, schedule: str, w
     hw, bf = (world.size, world.size), pcfg.block_frames
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
     text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
-    runner = make_runner(cfg, pcfg, hw, schedule, window or DEFAULT_WINDOW, mesh)  # None: sequential, no window
-    if isinstance(runner, Cascade):
-        state = runner.init_state(len(scenes), *runner.prefill(model.params, text, first))
-        stream = runner.blocks(model.params, text, key, num_blocks, state=state)
-    else:
-        stream = runner.blocks(model.params, text, key, num_blocks, runner.prefill(model.params, text, first),
-                               first_block=1)
+    # window None: sequential, no window
+    runner = make_runner(cfg, pcfg, hw, schedule, as_window(window or DEFAULT_WINDOW), mesh)
+    stream = runner.blocks(model.params, text, key, num_blocks=num_blocks, context=first)
     out, times = [np.asarray(first)], []
     t0 = time.perf_counter()
     for _, x0 in stream:
@@ -99,9 +94,10 @@ def compose(latents: list[np.ndarray], scenes, model: ToyModel, scale: int = 8) 
 
 
 def frames_png(path: str, latents: list[np.ndarray], scenes, model: ToyModel, scale: int | None = None) -> np.ndarray:
-    """Write a still of the demo: per prompt one row per panel (truth, then each setting) with the
-    last frame of every block, the given first block included, labelled (scale: pixels per latent
-    pixel; default 6, 3 past 16 blocks). Returns the image."""
+    """Write a still of the demo laid out as its video (`compose`): a label header, one row per
+    prompt, one column per panel (truth, then each setting); a panel holds the last frame of every
+    block in reading order (left to right, then down), the given first block first, outlined red
+    (scale: pixels per latent pixel; default 6, 3 past 16 blocks). Returns the image."""
     from bcjax.toyworld.png import image_grid, write_png
 
     world = model.world
@@ -109,18 +105,30 @@ def frames_png(path: str, latents: list[np.ndarray], scenes, model: ToyModel, sc
     f = latents[0].shape[1]
     pick = np.arange(bf - 1, f, bf)  # each block's last frame
     scale = scale or (6 if len(pick) <= 16 else 3)
-    rows = []
-    for i, scene in enumerate(scenes):
-        rows.append(to_rgb(render(scene, f, world)[pick], world))
-        rows += [to_rgb(lat[i][pick], world) for lat in latents]
-    grid = image_grid(rows, scale=scale, gap=2, background=(32, 32, 32))
-    label_w = 4 * 10 * 2 + 8  # room for a 10-character label at font scale 2
-    img = np.full((grid.shape[0], grid.shape[1] + label_w, 3), 32, np.uint8)
-    img[:, label_w:] = grid
-    side = world.size * scale + 2
-    for r in range(len(rows)):
-        draw_text(img, LABELS[r % len(LABELS)], 2 + r * side + side // 2 - 5, 4, colour=(255, 255, 255),
-                  scale=2 if scale >= 6 else 1)
+    per_row = int(np.ceil(np.sqrt(len(pick))))
+    side, gap, head = world.size * scale, 4, 14
+    panels = [np.stack([render(s, f, world) for s in scenes]), *latents]  # [B, F, h, w, C] each
+    cells: list[list[np.ndarray]] = []  # [prompt][panel] -> uint8 [ch, cw, 3]
+    for i in range(len(scenes)):
+        cells.append([])
+        for lat in panels:
+            rgb = to_rgb(lat[i][pick], world)
+            cell = image_grid([rgb[k:k + per_row] for k in range(0, len(rgb), per_row)], scale=scale, gap=2,
+                              background=(32, 32, 32))
+            given = cell[:side + 4, :side + 4]  # the first tile and the 2-pixel gap around it
+            tile = given[2:-2, 2:-2].copy()
+            given[:] = (255, 80, 80)  # red, as the video's frame counter on the given frames
+            given[2:-2, 2:-2] = tile
+            cells[-1].append(cell)
+    ch, cw = cells[0][0].shape[:2]
+    img = np.full((head + len(scenes) * (ch + gap) + gap, len(panels) * (cw + gap) + gap, 3), 32, np.uint8)
+    text = 2 if cw >= 4 * 2 * max(len(s) for s in LABELS) + 4 else 1
+    for j, label in enumerate(LABELS[:len(panels)]):
+        draw_text(img, label, 4, gap + j * (cw + gap) + 2, colour=(255, 255, 255), scale=text)
+    for i, row in enumerate(cells):
+        for j, cell in enumerate(row):
+            y, x = head + gap + i * (ch + gap), gap + j * (cw + gap)
+            img[y:y + ch, x:x + cw] = cell
     write_png(path, img)
     return img
 
@@ -163,8 +171,9 @@ def write_report(path: str, model: ToyModel, scenes, rows: dict, timing: dict, v
                   for name, m in per_block.items()]
     if frames:
         lines += ["", f"![truth and every setting, the last frame of every block]({os.path.basename(frames)})", "",
-                  f"`{os.path.basename(frames)}`: per prompt, rows {', '.join(LABELS)}; "
-                  "columns: the last frame of every block, the given still image first."]
+                  f"`{os.path.basename(frames)}`: laid out as the video, one row per prompt, columns "
+                  f"{', '.join(LABELS)}; each panel holds the last frame of every block, left to right then down, "
+                  "the given still image first (outlined red)."]
     lines += ["", f"Video: `{os.path.basename(video)}` (columns: {', '.join(LABELS)}; "
                   "frame counter red on the given frames).",
               "Steady ms/block on one device is not the cascade's speed-up: that needs the tick's tokens split over "
@@ -191,8 +200,8 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
         blocks: int | None = None, seed: int = 0, devices: int = 1, fps: float = FPS) -> dict:
     """`bcjax demo`: checkpoint an embedded model's name (`bcjax.names.TOY_MODELS`, default the
     reference one) or a toy-world checkpoint; blocks default `default_blocks`."""
-    from bcjax.cascade.cascade import make_mesh
-    from bcjax.pipeline.video import Mp4Writer
+    from bcjax.app.video import Mp4Writer
+    from bcjax.runners import make_mesh
 
     _check_out(out)
     if devices > jax.device_count():
@@ -222,14 +231,36 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
         w.write(video)
     frames = os.path.splitext(report)[0] + "-frames.png"
     frames_png(frames, list(lat.values()), scenes, model)
-    print(write_report(report, model, scenes, rows, timing, out, frames, blocks_m))
+    write_report(report, model, scenes, rows, timing, out, frames, blocks_m)
+    for name, v in rows.items():  # the gist; every figure and the per-block table are in the report
+        print(f"  {name:<18s} PSNR {v['psnr']:6.2f} dB, position error {v['pos_err']:5.2f} px, "
+              f"crisp frames {100 * v['crisp']:5.1f} %")
     print(f"wrote {out} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]}), {frames} and {report}")
     return {"summary": rows, "blocks": blocks_m, "timing": timing, "video": out, "report": report, "frames": frames}
 
 
+def stream_frames(frames: np.ndarray, world, title: str, prompt: str, start: int, scale: int = 24) -> np.ndarray:
+    """uint8 video frames [F, H, W, 3] of one block of `bcjax stream` (latents [F, h, w, C]),
+    labelled as the demo's video: a header with the run (`title`) and the prompt in force, the
+    panel, and a frame counter (from `start`, red on the given block) in the footer; sides padded
+    to multiples of 16 for the codec."""
+    gap, head, foot, side = 4, 30, 14, world.size * scale
+    h16, w16 = -(-(head + side + gap + foot) // 16) * 16, -(-(side + 2 * gap) // 16) * 16
+    video = np.full((len(frames), h16, w16, 3), 32, np.uint8)
+    for row, text in ((4, title.upper()), (18, prompt.upper())):
+        draw_text(video[0], text, row, gap + 2, colour=(255, 255, 255),
+                  scale=2 if 8 * len(text) <= w16 - 2 * gap else 1)
+    video[1:, :head] = video[0, :head]
+    video[:, head:head + side, gap:gap + side] = np.repeat(np.repeat(to_rgb(frames, world), scale, 1), scale, 2)
+    for t in range(len(frames)):
+        draw_text(video[t], f"{start + t:03d}", h16 - 12, w16 - 30,
+                  colour=(255, 80, 80) if start + t < world.block_frames else (255, 255, 255), scale=2)
+    return video
+
+
 def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | None = None, blocks: int = 12,
                schedule: str = "P4", window: str = DEFAULT_WINDOW, policy: str = "no-recache", seed: int = 0,
-               devices: int = 1, fps: float | None = None, scale: int = 8, positions: str = "absolute",
+               devices: int = 1, fps: float | None = None, scale: int = 24, positions: str = "absolute",
                interpolate: int = 0, dtype: str | None = None, attention: str | None = None) -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
@@ -240,13 +271,12 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from bcjax.cascade.cascade import make_mesh
-    from bcjax.interactive import parse_prompt_schedule, stream
+    from bcjax.app.interactive import parse_prompt_schedule, stream
+    from bcjax.app.prompts import interpolate_schedule
+    from bcjax.app.streaming import overlapped
+    from bcjax.app.video import Mp4Writer, NullWriter
     from bcjax.model.wan import encode_text
-    from bcjax.pipeline.prompts import interpolate_schedule
-    from bcjax.pipeline.streaming import overlapped
-    from bcjax.pipeline.video import Mp4Writer, NullWriter
-    from bcjax.runners import make_runner
+    from bcjax.runners import make_mesh, make_runner
     from bcjax.toyworld.world import check_switch, parse_prompt, prompt_embedding
 
     _check_out(out)
@@ -270,21 +300,24 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
         embeds = interpolate_schedule(embeds, interpolate)
     schedule_kv = [(b, encode_text(cfg, model.params, jnp.asarray(e))) for b, e in embeds]
     hw, bf = (world.size, world.size), world.block_frames
-    runner = make_runner(cfg, pcfg, hw, schedule, window, make_mesh(devices) if devices > 1 else None)
+    runner = make_runner(cfg, pcfg, hw, schedule, as_window(window), make_mesh(devices) if devices > 1 else None)
     first = render(parse_prompt(sched[0][1], world, starts), bf, world)[None]
 
-    def big(frames):
-        return np.repeat(np.repeat(to_rgb(frames, world), scale, 1), scale, 2)
+    name = setting_name(schedule, None if schedule == "sequential" else window)
+    title = f"{name} {policy}"
+
+    def big(frames, block: int):
+        prompt = next(text for at, text in reversed(sched) if at <= block)  # the one in force from this block
+        return stream_frames(frames, world, title, prompt, block * bf, scale)
 
     events = []
-    bar = tqdm(total=blocks, unit="block",
-               desc=f"stream {setting_name(schedule, None if schedule == 'sequential' else window)}")
+    bar = tqdm(total=blocks, unit="block", desc=f"stream {name}")
     fps = fps or FPS  # as in `run`
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with (Mp4Writer(out, fps=fps) if is_primary() else NullWriter()) as w:  # multi-host: process 0 writes
-        w.write(big(first[0]))
+        w.write(big(first[0], 0))
         def sink(e):  # on a background thread, while the next block denoises
-            w.write(big(e.x0[0]))
+            w.write(big(e.x0[0], e.block))
             return e
 
         for ev in overlapped(stream(runner, model.params, schedule_kv,

@@ -20,7 +20,7 @@ bidirectional window} (sequential has no in-flight neighbours: one row) this rep
 Baselines: "still" (the given image held: no motion learned), "init" (the same network at its
 initialisation). Outputs: `table.md`, `metrics.csv`, `mse_per_block.png`, `pos_err_per_block.png`, `frames.png`.
 
-    bcjax eval toyworld [--checkpoint DIR] [--prompts 8] [--blocks 8] [--out eval/]
+    bcjax eval toyworld [--checkpoint DIR] [--num-prompts 8] [--blocks 8] [--out eval/]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 
 from bcjax.model.config import WanConfig
 from bcjax.model.wan import encode_text, init_params
-from bcjax.names import DEFAULT_TOY_MODEL, GRID_SCHEDULES, GRID_WINDOWS, SCHEDULES, TOY_MODELS, WINDOWS
+from bcjax.names import DEFAULT_TOY_MODEL, GRID_SCHEDULES, GRID_WINDOWS, SCHEDULES, TOY_MODELS, WINDOWS, as_window
 from bcjax.schedule.config import PipelineConfig
 from bcjax.toyworld.world import (
     Scene,
@@ -154,14 +154,14 @@ def setting_name(schedule: str, window: str | None) -> str:
 def generate(model: ToyModel, scenes: list[Scene], num_blocks: int, key, schedule: str = "sequential",
              window: str | None = None, params=None, mesh=None) -> np.ndarray:
     """[B, (1 + num_blocks) * bf, H, W, C]: the given still first block, then num_blocks generated
-    by the public pipeline API (SequentialPipeline or Cascade, `context=` the first block)."""
+    by the public runner API (`bcjax.runners.make_runner`, `context=` the first block)."""
     world, cfg, pcfg = model.world, model.cfg, model.pcfg
     params = model.params if params is None else params
     bf, hw = pcfg.block_frames, (world.size, world.size)
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
     text = encode_text(cfg, params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
     runner = _runner(cfg, pcfg, hw, schedule, window or "bidirectional", mesh)
-    out = runner.generate(params, text, num_blocks, key, context=first)
+    out = runner.generate(params, text, key, num_blocks=num_blocks, context=first)
     return np.concatenate([np.asarray(first), np.asarray(out)], axis=1)
 
 
@@ -195,7 +195,7 @@ def _runner(cfg: WanConfig, pcfg: PipelineConfig, hw: tuple[int, int], schedule:
     its compiled programs."""
     from bcjax.runners import make_runner
 
-    return make_runner(cfg, pcfg, hw, schedule, window, mesh)
+    return make_runner(cfg, pcfg, hw, schedule, as_window(window), mesh)
 
 
 def block_metrics(latents, scenes, world: WorldConfig, reference=None) -> dict[str, np.ndarray]:
@@ -283,8 +283,8 @@ def eval_streams(world: WorldConfig, n: int, every: int, num_blocks: int) -> lis
 def generate_stream(model: ToyModel, streams: list[list], num_blocks: int, key, schedule: str = "sequential",
                     window: str | None = None, policy: str = "no-recache", mesh=None) -> np.ndarray:
     """`generate` for switched streams (all switching at the same blocks): the prompt schedule
-    through `bcjax.interactive.stream` under `policy`."""
-    from bcjax.interactive import stream
+    through `bcjax.app.interactive.stream` under `policy`."""
+    from bcjax.app.interactive import stream
 
     world, cfg, pcfg = model.world, model.cfg, model.pcfg
     bf, hw = pcfg.block_frames, (world.size, world.size)
@@ -390,29 +390,6 @@ def write_outputs(out: str, metrics: dict, lat: dict, scenes: list[Scene], world
     write_png(os.path.join(out, "frames.png"), image_grid(rows, scale=3))
 
 
-SHIP_GRID = (("sequential", None), ("P1", "causal"), ("P4", "bidirectional"), ("P4", "causal"))
-
-
-def ship(run: str, dst: str = SHIPPED, prompts: int = 16, blocks: int = 10, seed: int = 0) -> dict:
-    """Copy a training run's model into the package as the embedded checkpoint and record the
-    metrics a test re-derives from it (metrics.json: grid, prompts, blocks, seed, summary with
-    the still baseline, and the sequential position error per block). The defaults are the
-    issue's measurement, `bcjax eval toyworld --prompts 16 --blocks 10`."""
-    src = os.path.join(run, "model")
-    model = load_model(src)
-    scenes = eval_scenes(model.world, prompts)
-    metrics, _, _ = run_grid(model, scenes, blocks, seed, SHIP_GRID, baselines=False, progress=None)
-    still = block_metrics(still_baseline(scenes, model.world, blocks), scenes, model.world)
-    record = {"grid": [list(g) for g in SHIP_GRID], "prompts": prompts, "blocks": blocks, "seed": seed,
-              "summary": summary({**metrics, "still": still}, model.world), "still_mse": float(still["mse"].mean()),
-              "sequential_pos_err_per_block": [float(v) for v in metrics["sequential"]["pos_err"].mean(0)],
-              "jax": jax.__version__, "backend": jax.default_backend()}
-    with open(os.path.join(run, "summary.json")) as f:
-        record["training"] = json.load(f)
-    publish(src, dst, record)
-    return record
-
-
 def publish(src: str, dst: str, record: dict) -> None:
     """Copy checkpoint folder src to dst with `record` as its metrics.json, atomically (a copy
     beside dst renamed over it: an interrupted ship leaves the old checkpoint whole)."""
@@ -440,11 +417,15 @@ def rerun_recorded(model: ToyModel, recorded: dict) -> tuple[dict, dict]:
 def main(argv=None) -> dict:
     import argparse
 
+    from bcjax.flags import OldName, positive
+
     p = argparse.ArgumentParser(prog="bcjax eval toyworld", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_TOY_MODEL, choices=TOY_MODELS, help="the embedded toy-world model")
     p.add_argument("--checkpoint", help="another toy-world checkpoint or training run folder (instead of --model)")
-    p.add_argument("--prompts", type=int, default=8, help="fixed-seed evaluation prompts")
-    p.add_argument("--blocks", type=int, default=8, help="blocks generated after the given first block")
+    p.add_argument("--num-prompts", "--prompts", dest="prompts", type=positive, default=8, metavar="N", action=OldName,
+                   new="--num-prompts", why="--prompts is `bcjax stream`'s prompt schedule",
+                   help="how many fixed-seed evaluation prompts (--prompts: its deprecated name)")
+    p.add_argument("--blocks", type=positive, default=8, help="blocks generated after the given first block")
     p.add_argument("--seed", type=int, default=0, help="sampler noise seed")
     p.add_argument("--schedules", default=",".join(GRID_SCHEDULES), help=f"comma list of {','.join(SCHEDULES)}")
     p.add_argument("--windows", default=",".join(GRID_WINDOWS), help=f"comma list of {','.join(WINDOWS)}")

@@ -428,7 +428,7 @@ def diffusion_forcing_loss(cfg: WanConfig, pcfg: PipelineConfig, tcfg: TrainConf
 
 
 def rollout(cfg: WanConfig, pcfg: PipelineConfig, params, text, context, visible, key, num_blocks: int, record):
-    """The few-step sampler through a KV cache, after given context, as `SequentialPipeline` runs it.
+    """The few-step sampler through a KV cache, after given context, as the sequential runner runs it.
 
     context [B, K * bf, H, W, C] clean blocks (clip blocks 0..K-1, `visible` [B] of them, the
     newest, written by clean passes); generates clip blocks K..K + num_blocks - 1 with noise

@@ -447,7 +447,3 @@ def to_rgb(frames, cfg: WorldConfig) -> np.ndarray:
     """Latents [..., 3] -> uint8 RGB for viewing: background mid-grey, colours at full saturation."""
     x = np.clip(np.asarray(frames, np.float32) / (2 * cfg.amplitude) + 0.5, 0.0, 1.0)
     return (x * 255 + 0.5).astype(np.uint8)
-
-
-def scenes_of(prompts: Sequence[str], cfg: WorldConfig) -> list[Scene]:
-    return [parse_prompt(p, cfg) for p in prompts]

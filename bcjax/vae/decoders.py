@@ -8,7 +8,7 @@ Placement. Ticks of a cascade run in lockstep, so a decode on a stage device del
 next tick. `decode_device` picks a device outside the `stage` x `model` mesh when there is one,
 else the host CPU; the decoder's weights live there and each block's latents are copied there, so
 the decode runs beside the denoising (`bcjax generate`: on its own thread,
-`bcjax.pipeline.streaming.overlapped`; `bcjax serve`: dispatched before the next step and fetched
+`bcjax.app.streaming.overlapped`; `bcjax serve`: dispatched before the next step and fetched
 after it, on the tab's one thread, `bcjax.serve.session`).
 """
 

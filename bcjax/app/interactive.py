@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from bcjax.model.tensor_parallel import model_size
 from bcjax.model.wan import KV
 from bcjax.pipeline.recache import POLICIES, Recacher
+from bcjax.runners import Runner
 
 
 class StreamEvent(NamedTuple):
@@ -183,7 +184,7 @@ class LivePrompts:
                 total -= self._bytes.pop(index)
 
 
-def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy: str = "no-recache",
+def steps(runner: Runner, params, prompts, key, num_blocks: int | None = None, *, policy: str = "no-recache",
           context=None, on_dispatch: Callable[[], None] | None = None,
           reencode: Callable | None = None) -> Iterator[Tick]:
     """Drive `runner` step by step, the prompt of each step from `prompts` (`at`, `text`),
@@ -197,13 +198,13 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
     and sending them) runs while the devices compute the step. Its time is left out of the
     Tick's `seconds` (the time the step held the caller up), not out of StreamEvent's.
 
-    reencode: Krea's VAE round trip (R), for a runner with Krea's loop (`KreaPipeline.start`).
+    reencode: Krea's VAE round trip (R), for a runner with Krea's loop (`Runner.takes_round_trip`).
     A policy the runner cannot follow (a recache without a cache) is refused here, before the
     stream starts, not at its first switch."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
     if policy != "no-recache" and not runner.keeps_cache:
-        raise ValueError(f"policy {policy!r} rewrites the KV cache at a switch; {type(runner).__name__} keeps no cache "
+        raise ValueError(f"policy {policy!r} rewrites the KV cache at a switch; {runner.label} keeps no cache "
                          "(Krea's loop rebuilds its context under the prompt in force before every block): "
                          "use 'no-recache'")
     bf = runner.pcfg.block_frames
@@ -214,8 +215,8 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
                          "(use policy 'no-recache', which a cascade needs anyway)")
     params = runner.place_params(params)
     current = prompts.at(first)
-    extra = {} if reencode is None else {"reencode": reencode}
-    state = runner.start(params, runner.place_text(prompts.text(current)), key, num_blocks, context, **extra)
+    state = runner.start(params, runner.place_text(prompts.text(current)), key, num_blocks=num_blocks, context=context,
+                         reencode=reencode)
     rec = Recacher(runner.cfg, runner.pcfg, policy, None if runner.mesh is None else NamedSharding(runner.mesh, P()))
     for g in range(first):
         rec.add(g, context[:, g * bf:(g + 1) * bf])
@@ -251,11 +252,11 @@ def steps(runner, params, prompts, key, num_blocks: int | None = None, *, policy
         yield Tick(n, p, stages, time.perf_counter() - t0 - beside, r, event)
 
 
-def stream(runner, params, schedule: Sequence[tuple[int, KV]], key, num_blocks: int, *, policy: str = "no-recache",
-           context=None) -> Iterator[StreamEvent]:
+def stream(runner: Runner, params, schedule: Sequence[tuple[int, KV]], key, num_blocks: int, *,
+           policy: str = "no-recache", context=None) -> Iterator[StreamEvent]:
     """Yield a StreamEvent per block, switching prompts per `schedule` under `policy`.
 
-    runner: a SequentialPipeline or a Cascade (anything with the stepping interface); schedule:
+    runner: any `bcjax.runners.Runner`; schedule:
     [(first block id, text K/V)], the first at block <= the first generated one; context:
     optional given clean frames [B, G*bf, H, W, C] (blocks 0..G-1; generation starts at block G).
     """

@@ -11,18 +11,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from bcjax import checkpoint
+from bcjax.app.streaming import drain, overlapped
+from bcjax.app.video import Mp4Writer, NullWriter, block_to_uint8, frames_per_block, read_mp4
 from bcjax.model.wan import KV
-from bcjax.names import DEFAULT_WINDOW
-from bcjax.pipeline.krea import KreaPipeline
-from bcjax.pipeline.sequential import SequentialPipeline
-from bcjax.pipeline.streaming import drain, overlapped
-from bcjax.pipeline.video import Mp4Writer, NullWriter, block_to_uint8, frames_per_block, read_mp4
+from bcjax.names import DEFAULT_WINDOW, as_window
 from bcjax.runners import make_runner
 from bcjax.schedule.config import PipelineConfig
 from bcjax.text.tokenizer import load_tokenizer, tokenize
@@ -81,7 +80,7 @@ class TextToVideo:
     video_hw: tuple[int, int] = (480, 832)
     schedule: str = "sequential"
     window: str = DEFAULT_WINDOW
-    mesh: object = None
+    mesh: Mesh | None = None
     decoder: str = "wan"  # a name in bcjax.vae.decoders.DECODERS
     decode_device: str | None = None  # see bcjax.vae.decoders.decode_device; None = auto
     # the DiT's run-time numerics (not in the checkpoint): compute dtype (None: its weights' dtype) and
@@ -118,9 +117,11 @@ class TextToVideo:
         if self.pcfg.context == "rebuild" and self.schedule != "sequential":
             raise ValueError(f"schedule {self.schedule!r}: a cascade of Krea's rebuilt context (port krea_14b) "
                              "takes R = the latent, not Krea's VAE round trip, so it would not make Krea's video; "
-                             "use --schedule sequential, or the Python API's Cascade, or the port krea_14b_clean_pass")
-        # Krea's loop runs as KreaPipeline here: its context's first frame goes through the real VAE
-        self.denoiser = make_runner(self.dit_cfg, self.pcfg, self.latent_hw, self.schedule, self.window, self.mesh)
+                             "use --schedule sequential, or make_runner(..., program='tick'), or the port "
+                             "krea_14b_clean_pass")
+        # Krea's loop runs as its own program here: its context's first frame goes through the real VAE
+        self.denoiser = make_runner(self.dit_cfg, self.pcfg, self.latent_hw, self.schedule, as_window(self.window),
+                                    self.mesh)
         self._embed = jax.jit(lambda p, ids, mask: prompt_embeddings(self.text_cfg, p, ids, mask))
 
     def decoders(self) -> list[str]:
@@ -171,19 +172,18 @@ class TextToVideo:
 
     def _latent_blocks(self, text: KV, num_blocks: int, key, source=None, timings=None):
         """(x0, its decoded video or None) per block: Krea's round trip decodes every block already."""
-        if source is not None and not isinstance(self.denoiser, (KreaPipeline, SequentialPipeline)):
+        if source is not None and not self.denoiser.takes_source:
             raise ValueError(f"video-to-video runs sequentially for now; schedule {self.schedule!r} is a cascade")
-        if isinstance(self.denoiser, KreaPipeline):
+        if self.denoiser.takes_round_trip:
             # a fresh round trip per video (its decoder state starts with the clip); its decoded
             # frames go to the writer, so each block is decoded once
             trip = VAERoundTrip(self.vae_cfg, self.vae, text.k.shape[1], self.latent_hw)
-            for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks, reencode=trip, source=source):
+            for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks=num_blocks, reencode=trip, source=source):
                 if timings is not None:
                     timings["decodes"] += 1
                 yield x0, trip.video
         else:
-            extra = {} if source is None else {"source": source}
-            for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks, **extra):
+            for _, x0 in self.denoiser.blocks(self.dit, text, key, num_blocks=num_blocks, source=source):
                 yield x0, None
 
     def _timed_blocks(self, prompt: str, num_blocks: int, seed: int, timings: dict, source=None):
@@ -244,7 +244,7 @@ class TextToVideo:
         with (Mp4Writer(path, fps=VIDEO_FPS) if path is not None else NullWriter()) as writer:
             blocks = tqdm(self._timed_blocks(prompt, num_blocks, seed, timings, source), total=num_blocks, unit="block",
                           disable=not progress, desc=f"{self.schedule}")
-            decoders: list[PixelDecoder] = []
+            decoders: list[Callable] = []
 
             def sink(block):  # on the worker thread, while the next block denoises
                 if not decoders:
