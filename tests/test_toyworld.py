@@ -10,8 +10,9 @@ import pytest
 
 from bcjax.model import encode_text, init_params
 from bcjax.model.kv_cache import write_frames
-from bcjax.pipeline import PipelineConfig, cached_pass
+from bcjax.pipeline import PipelineConfig
 from bcjax.runners import make_runner
+from bcjax.sampler import cached_pass
 from bcjax.toyworld import train as tw
 from bcjax.toyworld.png import line_plot, read_png, write_png
 from bcjax.toyworld.world import (
