@@ -5,13 +5,8 @@ import os
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=5").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# the suite does not read or fill the user's persistent compile cache (test_compile_cache turns it
-# on in its own processes); it uses its own (TEST_COMPILE_CACHE below)
+# the suite does not read or fill the user's persistent compile cache (test_compile_cache turns it on)
 os.environ["BCJAX_COMPILE_CACHE"] = "off"
-
-import atexit
-import shutil
-import tempfile
 
 import jax
 import pytest
@@ -19,34 +14,17 @@ import pytest
 from bcjax.model import WanConfig, init_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# One persistent compile cache for this test process, in a temporary folder (never the user's):
-# many tests build runners of the same configuration, and an identical program is then compiled
-# once per run instead of once per runner object
-TEST_COMPILE_CACHE = tempfile.mkdtemp(prefix="bcjax-test-compile-cache-")
-atexit.register(shutil.rmtree, TEST_COMPILE_CACHE, ignore_errors=True)
-
-
-def _use_test_compile_cache():
-    from bcjax import compile_cache
-
-    if compile_cache.current() != TEST_COMPILE_CACHE:
-        compile_cache.enable(TEST_COMPILE_CACHE, min_compile_s=0.0)
-
-
-_use_test_compile_cache()
 
 
 @pytest.fixture(autouse=True)
 def _after_each_test():
-    """Servers a serve test started for itself are shut down after it (tests/serve_helpers.py),
-    and the test compile cache is back on."""
+    """Servers a serve test started for itself are shut down after it (tests/serve_helpers.py)."""
     yield
     import sys
 
     helpers = sys.modules.get("serve_helpers")
     if helpers is not None:
         helpers.stop_started()
-    _use_test_compile_cache()  # a test that ran a command which turns the cache off (bench compile) ends here
 
 
 @pytest.fixture(scope="session")

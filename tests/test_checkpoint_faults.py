@@ -12,6 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from cli_helpers import one_line
 
 from bcjax import checkpoint, manifest, paths
 from bcjax.cli import main
@@ -20,14 +21,6 @@ from bcjax.errors import BadFileError
 HERE = os.path.dirname(os.path.abspath(__file__))
 # orbax leaves the reads of a failed restore's other arrays as un-awaited coroutines
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-def _one_line(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
-    return err
 
 
 def _save(dst, tiny_cfg, tiny_params, **kwargs):
@@ -124,7 +117,7 @@ def test_overwrite_refuses_what_is_not_a_checkpoint(tmp_path, capsys, monkeypatc
     ]
     for (src, dst), words in cases:
         assert main(["convert", "--from", "wan", src, dst, "--overwrite"]) == 2
-        _one_line(capsys, words)
+        one_line(capsys, words)
     assert (tmp_path / "notes" / "precious.txt").read_text() == "keep me"
     assert (tmp_path / "notes" / "sub" / "notes.md").read_text() == "and me"
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"source weights"
@@ -257,7 +250,7 @@ def test_corrupt_bytes_are_refused_naming_part_and_array(tmp_path, tiny_cfg, tin
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete-data", "_METADATA", "manifest.ocdbt", "part"])
-def test_incomplete_checkpoints_are_one_line(tmp_path, tiny_cfg, tiny_params, capsys, damage):
+def test_incomplete_checkpoints_areone_line(tmp_path, tiny_cfg, tiny_params, capsys, damage):
     dst = _save(tmp_path / "ckpt", tiny_cfg, tiny_params)
     biggest = max(_data_files(dst / "dit"), key=os.path.getsize)
     if damage == "truncate":
@@ -309,7 +302,7 @@ def test_generate_names_a_corrupt_checkpoint_and_no_verify_skips(full_checkpoint
     args = ["generate", "--checkpoint", str(dst), "--prompt", "a fox", "--size", "32", "48",
             "--out", str(tmp_path / "a.mp4")]
     assert main(args) == 2
-    _one_line(capsys, f"{dst}/vae: array", "does not match its checksum")
+    one_line(capsys, f"{dst}/vae: array", "does not match its checksum")
 
     def reached(*args, **kwargs):
         raise _Reached

@@ -8,19 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from cli_helpers import one_line
 
 from bcjax import cli
 from bcjax.cli import build_parser, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _one_line(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
-    return err
 
 
 def _env(**changes) -> dict:
@@ -77,9 +70,9 @@ def test_accelerators_keep_their_platforms(tmp_path, monkeypatch):
 def test_generate_without_checkpoint_refuses_an_mp4_and_a_prompt(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_setup", lambda args: pytest.fail("computed before refusing"))
     assert main(["generate", "--out", str(tmp_path / "x.mp4")]) == 2
-    _one_line(capsys, "--out", "x.mp4", "latents (.npy)", "--checkpoint")
+    one_line(capsys, "--out", "x.mp4", "latents (.npy)", "--checkpoint")
     assert main(["generate", "--prompt", "a fox"]) == 2
-    _one_line(capsys, "--prompt needs --checkpoint", "no text encoder")
+    one_line(capsys, "--prompt needs --checkpoint", "no text encoder")
     assert os.listdir(tmp_path) == []
 
 
@@ -87,7 +80,7 @@ def test_a_count_is_num_prompts_and_bad_counts_name_the_flag(capsys):
     assert build_parser().parse_args(["demo", "--num-prompts", "2"]).prompts == 2
     assert capsys.readouterr().err == ""
     assert build_parser().parse_args(["demo", "--prompts", "2"]).prompts == 2  # the old spelling, for a release
-    _one_line(capsys, "--prompts is deprecated", "--num-prompts")
+    one_line(capsys, "--prompts is deprecated", "--num-prompts")
     assert build_parser().parse_args(["stream", "--prompts", "red east fast@0"]).prompts == "red east fast@0"
     for argv in (["demo", "--num-prompts", "x"], ["demo", "--blocks", "0"],
                  ["eval", "toyworld", "--num-prompts", "-1"]):
@@ -101,7 +94,7 @@ def test_a_count_is_num_prompts_and_bad_counts_name_the_flag(capsys):
 
 def test_eval_errors_take_the_cli_prefix(capsys, monkeypatch):
     assert main(["eval", "toyworld", "--schedules", "P9"]) == 2
-    _one_line(capsys, "bcjax eval: error: --schedules: unknown schedule 'P9'")
+    one_line(capsys, "bcjax eval: error: --schedules: unknown schedule 'P9'")
     from bcjax.toyworld import evaluate
 
     def refuse(*args, **kwargs):
@@ -132,7 +125,7 @@ def test_bench_memory_is_not_listed_and_points_to_its_replacement(capsys):
     assert "bcjax bench compile --target cpu" in err, err
 
 
-def test_bench_compile_without_libtpu_is_one_line(tmp_path):
+def test_bench_compile_without_libtpu_isone_line(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\n"
         "class _NoLibtpu:\n"
