@@ -78,7 +78,8 @@ def tiny_checkpoint(folder) -> str:
 def start_server(backend, send_buffer: int | None = None, shared: bool = False, **options) -> Served:
     """`make_app(backend, **options)` served by uvicorn on a free loopback port, in a daemon thread
     (`send_buffer`: its connections' kernel send buffer, bytes; the server's default when None).
-    Stopped after the test that started it, unless `shared` (the process-wide `served()`)."""
+    Stopped after the test that started it, unless `shared` (a server kept for the whole process:
+    `served()`, a module's cached one)."""
     from bcjax.serve import make_app, server
     from bcjax.serve.app import SEND_BUFFER
 

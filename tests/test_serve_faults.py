@@ -27,7 +27,7 @@ def _strict():
     takes nothing for STALL s closed (the defaults are 120 s and 30 s), and small kernel send
     buffers (4 KB, doubled: a tab that does not read backs up into the transport sooner)."""
     s = served()
-    return start_server(s.backend, idle=1.5, stall=STALL, runners=s.app.state.runners, send_buffer=4096)
+    return start_server(s.backend, idle=1.5, stall=STALL, runners=s.app.state.runners, send_buffer=4096, shared=True)
 
 
 def _wait(pred, timeout: float) -> bool:
