@@ -249,7 +249,7 @@ def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, d
 
     spec: one PartitionSpec for every leaf; by default the DiT takes the tensor-parallel layout
     of `bcjax.model.tensor_parallel` (split over the mesh's `model` axis, replicated over
-    `stage`; fully replicated when model = 1) and other parts are replicated. orbax reads each
+    `tokens`; fully replicated when model = 1) and other parts are replicated. orbax reads each
     device's slice of each tensor from the file, so a host reads only what its devices hold.
 
     verify: check every array against the manifest (shape, dtype, checksum) and for NaN/Inf

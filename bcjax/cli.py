@@ -12,7 +12,17 @@ from bcjax.errors import one_line
 from bcjax.flags import OldName as _OldName
 from bcjax.flags import positive as _positive
 from bcjax.flags import positive_seconds as _positive_float
-from bcjax.names import DEFAULT_TOY_MODEL, DEFAULT_WINDOW, POLICIES, POSITIONS, SCHEDULES, TOY_MODELS, WINDOWS
+from bcjax.names import (
+    DEFAULT_MASK,
+    DEFAULT_TOY_MODEL,
+    MASKS,
+    POLICIES,
+    POSITIONS,
+    SEQUENTIAL,
+    STAGGERS,
+    TOKENS,
+    TOY_MODELS,
+)
 from bcjax.paths import check_output
 
 
@@ -39,8 +49,8 @@ def _info(args) -> int:
     for d in devices:
         print(f"  {d.id}: {d.device_kind} ({d.platform})")
     n = len(devices)
-    print(f"mesh: ('stage',) = ({n},): a tick's tokens (5 blocks for a 4-step P4 cascade, 1 block for sequential) "
-          f"are split over the {n} stage device(s)")
+    print(f"mesh: ('{TOKENS}',) = ({n},): a tick's tokens (5 blocks for a 4-step P4 cascade, 1 block for "
+          f"sequential) are split over the {n} device(s) of the '{TOKENS}' axis")
     return 0
 
 
@@ -69,14 +79,14 @@ def _setup(args):
     import jax
 
     import ports
-    from bcjax.model import WanConfig, encode_text, init_params
+    from bcjax.model import WanConfig, init_params, text_kv
 
     port = ports.get(args.sampler or "self_forcing")
     cfg = WanConfig.preset(args.preset, **_numerics(args))
     key = jax.random.key(args.seed)
     params = init_params(cfg, jax.random.fold_in(key, 1), tuple(args.latent_hw))
     prompt = jax.random.normal(jax.random.fold_in(key, 2), (1, cfg.text_len, cfg.text_dim))
-    return port, cfg, params, encode_text(cfg, params, prompt), jax.random.fold_in(key, 3)
+    return port, cfg, params, text_kv(cfg, params, prompt), jax.random.fold_in(key, 3)
 
 
 def _numerics(args) -> dict:
@@ -92,7 +102,7 @@ def _pipeline(port, args):
     return dataclasses.replace(port.pipeline, positions=args.positions)
 
 
-def _run(cfg, port, params, text, key, args, schedule, window):
+def _run(cfg, port, params, text, key, args, stagger, mask):
     """Generate block by block, printing each block's latency. Returns (latents, seconds per block)."""
     import jax
     import jax.numpy as jnp
@@ -101,9 +111,9 @@ def _run(cfg, port, params, text, key, args, schedule, window):
 
     hw = tuple(args.latent_hw)
     pcfg = _pipeline(port, args)
-    # Krea's loop for a rebuilt context (latent only, so R = the latent); several stage devices
-    # split each tick's tokens (context parallelism for the sequential schedule)
-    runner = make_runner(cfg, pcfg, hw, schedule, window, _mesh(args, cfg))
+    # Krea's loop for a rebuilt context (latent only, so R = the latent); several `tokens` devices
+    # split each tick's tokens (context parallelism for the sequential stagger)
+    runner = make_runner(cfg, pcfg, hw, stagger, mask, _mesh(args, cfg))
     stream = runner.blocks(params, text, key, num_blocks=args.blocks)
     label = runner.label + (", R = latent" if runner.takes_round_trip else "")
     blocks, times = [], []
@@ -131,7 +141,7 @@ def _video_frames_per_block(pcfg) -> int:
 
 
 def _mesh(args, cfg=None):
-    """The (stage = --devices, model = --model) mesh, or None for one device; `cfg` checks that
+    """The (tokens = --devices, model = --model) mesh, or None for one device; `cfg` checks that
     --model divides its heads and FFN width before anything compiles."""
     import jax
 
@@ -165,8 +175,8 @@ def _stream(args) -> int:
 
 def _stream_run(demo, args) -> None:
     demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint or args.toy_model, blocks=args.blocks,
-                    schedule=args.schedule,
-                    window=args.window, policy=args.policy, seed=args.seed, devices=args.devices,
+                    stagger=args.stagger,
+                    mask=args.mask, policy=args.policy, seed=args.seed, devices=args.devices,
                     positions=args.positions, interpolate=args.interpolate, **_numerics(args))
 
 
@@ -237,7 +247,7 @@ def _generate(args) -> int:
     port, cfg, params, text, key = _setup(args)
     print(f"bcjax generate: {args.preset} random-weight model, {port.name} sampling, {args.blocks} blocks "
           f"(pass --checkpoint for a converted model and an mp4)")
-    latents, _ = _run(cfg, port, params, text, key, args, args.schedule, args.window)
+    latents, _ = _run(cfg, port, params, text, key, args, args.stagger, args.mask)
     if args.out and _primary():
         _save_atomic(args.out, latents)
         print(f"latents [B, F, H, W, C] {tuple(latents.shape)} written to {args.out}")
@@ -254,21 +264,19 @@ def _generate_video(args) -> int:
         raise ValueError(f"--checkpoint writes a video: --out must name an .mp4 file (got {args.out!r})")
     _check_checkpoint(args.checkpoint)
     mesh = _mesh(args)
-    port = args.sampler
-    if port is None:  # a Krea checkpoint runs Krea's own loop unless told otherwise
-        from bcjax import checkpoint
+    from bcjax.checkpoint import read_config
 
-        layout = checkpoint.read_config(args.checkpoint).get("provenance", {}).get("layout")
-        port = "krea_14b" if layout == "krea" and args.schedule == "sequential" else \
-            "krea_14b_clean_pass" if layout == "krea" else "self_forcing"
-    pcfg = _pipeline(ports.get(port), args)
+    # the checkpoint's own sampler unless told (Krea's loop for a Krea checkpoint, `ports.for_checkpoint`)
+    port = ports.get(args.sampler) if args.sampler else \
+        ports.for_checkpoint(read_config(args.checkpoint).get("provenance", {}), args.stagger)
+    pcfg = _pipeline(port, args)
     if args.video:
         from bcjax.app.prompts import with_strength
 
-        if args.schedule != "sequential":
-            raise ValueError(f"--video runs sequentially for now; got --schedule {args.schedule}")
+        if args.stagger != SEQUENTIAL:
+            raise ValueError(f"--video runs sequentially for now; got --stagger {args.stagger}")
         pcfg = with_strength(pcfg, args.strength)
-    t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.schedule, args.window, mesh,
+    t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.stagger, args.mask, mesh,
                       decoder=args.decoder or "wan", decode_device=args.decode_device, verify=args.verify,
                       **_numerics(args))
     source = t2v.encode_video(args.video) if args.video else None
@@ -350,7 +358,7 @@ def _decoder_flags(s, default: str) -> None:
                    help="pixel decoder (with a real checkpoint): the Wan VAE or TAEHV, the tiny preview decoder; "
                         f"{default}")
     s.add_argument("--decode-device", default=None, metavar="auto|cpu|ID",
-                   help="where decoding runs: auto (default: a device outside the stage x model mesh, else the "
+                   help="where decoding runs: auto (default: a device outside the tokens x model mesh, else the "
                         "host CPU), cpu, or a jax device id (one inside the mesh is allowed with a warning)")
 
 
@@ -360,9 +368,19 @@ def _verify_flag(s) -> None:
                         "loading: faster start, corruption unnoticed (README, Checkpoints, gives the cost)")
 
 
+def _stagger_flags(s) -> None:
+    """--stagger and --mask (a cascade's choices), with their deprecated spellings --schedule and --window."""
+    s.add_argument("--stagger", "--schedule", dest="stagger", default="P4", choices=STAGGERS, action=_OldName,
+                   new="--stagger", help="when blocks enter: sequential (one in flight) or a cascade (P1, P2, P4, "
+                   "P4-no-clean); --schedule: its deprecated name")
+    s.add_argument("--mask", "--window", dest="mask", default=DEFAULT_MASK, choices=MASKS, action=_OldName,
+                   new="--mask", help="what a cascade's in-flight blocks see of each other; --window: its deprecated "
+                   "name (window is the cache span)")
+
+
 def _numerics_flags(s) -> None:
     """The run's numerics; not saved in checkpoints (architecture only), so every run may choose."""
-    from bcjax.model.attention import BACKENDS
+    from bcjax.names import BACKENDS
     from bcjax.presets import DTYPES
 
     s.add_argument("--dtype", choices=DTYPES, default=None,
@@ -396,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "default for a Krea checkpoint), krea_14b_clean_pass (--port: its deprecated name)")
         s.add_argument("--preset", default="tiny", help="model shape: tiny, wan2.1-1.3b, wan2.1-14b (random weights)")
         s.add_argument("--latent-hw", type=_positive, nargs=2, default=(8, 8), metavar=("H", "W"))
-        s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis")
+        s.add_argument("--devices", type=_positive, default=1, help="devices on the 'tokens' mesh axis")
         s.add_argument("--model", type=_positive, default=1,
                        help="devices on the 'model' mesh axis: tensor-parallel weights (heads and FFN split), "
                             "devices x model in all")
@@ -416,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many fixed-seed prompts (rows of the video); --prompts: its deprecated name")
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive,
                    help="blocks generated after the given first block (default: about 40 frames, 5 s at 8 fps)")
-    s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
+    s.add_argument("--devices", type=_positive, default=1, help="devices on the 'tokens' mesh axis for the cascade")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_demo)
 
@@ -427,8 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="bcjax-stream.mp4")
     _toy_model_flags(s)
     s.add_argument("--blocks", "--num-blocks", dest="blocks", type=_positive, default=12)
-    s.add_argument("--schedule", default="P4", choices=SCHEDULES)
-    s.add_argument("--window", default=DEFAULT_WINDOW, choices=WINDOWS)
+    _stagger_flags(s)
     s.add_argument("--policy", default="no-recache", choices=POLICIES,
                    help="KV cache at a switch: keep it (Block Cascading), or LongLive v1.0's recache (bidirectional, "
                         "as upstream runs it) or its block-causal variant")
@@ -447,11 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "no download)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed)")
-    s.add_argument("--sampler", default="self_forcing",
-                   help="real model: sampling preset (self_forcing, causvid, longlive, krea_14b)")
+    s.add_argument("--sampler", default=None,
+                   help="real model: sampling preset (self_forcing, causvid, longlive, krea_14b_clean_pass; default: "
+                        "the checkpoint's own, Self-Forcing's or, for a Krea checkpoint, krea_14b_clean_pass)")
     s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
                    help="real model: video size in pixels")
-    s.add_argument("--devices", type=_positive, default=1, help="devices on the 'stage' mesh axis for the cascade")
+    s.add_argument("--devices", type=_positive, default=1, help="devices on the 'tokens' mesh axis for the cascade")
     s.add_argument("--model", type=_positive, default=1,
                    help="devices on the 'model' mesh axis (tensor-parallel weights)")
     _decoder_flags(s, "default: taehv when the checkpoint has it (not for Krea's loop), else wan")
@@ -479,9 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help="the text prompt (with --checkpoint)")
     s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
                    help="video size in pixels (with --checkpoint)")
-    s.add_argument("--schedule", default="P4", choices=SCHEDULES)
-    s.add_argument("--window", default=DEFAULT_WINDOW, choices=WINDOWS)
-    s.add_argument("--video", help="video-to-video (with --checkpoint, --schedule sequential): an mp4 of --size "
+    _stagger_flags(s)
+    s.add_argument("--video", help="video-to-video (with --checkpoint, --stagger sequential): an mp4 of --size "
                    "whose latents, noised to --strength, start the blocks (Krea's / StreamDiffusionV2's strength)")
     s.add_argument("--strength", type=float, default=0.6, help="video-to-video: 1 = pure noise, lower keeps more of "
                    "the input (the step list spread over [strength * 1000, 0])")

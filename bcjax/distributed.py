@@ -1,4 +1,4 @@
-"""Several hosts, one `stage` mesh: JAX's multi-controller runtime, not a launcher of our own.
+"""Several hosts, one ('tokens', 'model') mesh: JAX's multi-controller runtime, not a launcher of our own.
 
 Every process runs the same program. `initialize` joins them through `jax.distributed` (which
 finds TPU pods, SLURM, ... by itself; or takes an explicit coordinator); `jax.devices()` then

@@ -42,7 +42,7 @@ class Step(NamedTuple):
     x0: jax.Array | None  # [B, block_frames, H, W, C] that block's x0; None when block == -1
     # (block id, stage) of every block this step worked on; stages 0..num_steps-1 denoise
     # (0 = pure noise), stage num_steps is the clean pass that writes the block's K/V (absent
-    # with no clean pass: a "-no-clean" schedule, context="last-pass")
+    # with no clean pass: a "-no-clean" stagger, context="last-pass")
     stages: tuple[tuple[int, int], ...]
 
 

@@ -1,6 +1,6 @@
 """Krea Realtime 14B sampled like Self-Forcing: 4 passes, then a clean pass that writes a cache.
 
-The schedule of configs/self_forcing_server_14b.yaml ([1000, 937, 833, 625, 0] un-warped, the
+The denoising schedule of configs/self_forcing_server_14b.yaml ([1000, 937, 833, 625, 0] un-warped, the
 trailing 0 the end point) over a clean-pass cache with Krea's 6-frame span (3 context frames +
 the block). Not what Krea's server runs (see `krea_14b`), but the form the cascade's
 clean-pass stage takes.

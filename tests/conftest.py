@@ -1,9 +1,11 @@
 import os
 
-# Five fake CPU devices for the cascade's mesh tests; must be set before jax initialises. Appended
-# to the user's XLA_FLAGS (set, even empty, they would otherwise leave the suite one device).
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=5").strip()
+import shared
+
+# The suite's XLA flags (tests/shared.py: 10 fake CPU devices, LLVM optimisation off), appended to the
+# user's XLA_FLAGS (set, even empty, they would otherwise leave the suite one device); a flag the user
+# set wins. Before jax initialises.
+os.environ["XLA_FLAGS"] = shared.xla_flags(base=os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the suite does not read or fill the user's persistent compile cache (test_compile_cache turns it on)
 os.environ["BCJAX_COMPILE_CACHE"] = "off"
@@ -25,6 +27,14 @@ def _after_each_test():
     helpers = sys.modules.get("serve_helpers")
     if helpers is not None:
         helpers.stop_started()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each module, its runners and compiled programs go (tests/shared.py `release`: one
+    process holds a bounded number of memory maps)."""
+    yield
+    shared.release()
 
 
 @pytest.fixture(scope="session")

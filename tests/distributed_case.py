@@ -16,7 +16,7 @@ def tiny_params():
 
 
 def run_case(num_blocks: int = 6, checkpoint_path: str | None = None, model: int = 1):
-    """P4 latents on a (stage 5, `model`) mesh; the params restored from `checkpoint_path`
+    """P4 latents on a (tokens 5, `model`) mesh; the params restored from `checkpoint_path`
     straight onto the mesh (split over `model`) when given."""
     cfg, params = tiny_params()
     mesh = make_mesh(5, model)
@@ -30,5 +30,5 @@ def run_case(num_blocks: int = 6, checkpoint_path: str | None = None, model: int
     ctx = np.random.default_rng(0).standard_normal((1, cfg.text_len, cfg.text_dim)).astype(np.float32)
     cas = make_runner(cfg, PipelineConfig(window_frames=9, sink_frames=3), (4, 6), "P4", "bidirectional", mesh,
                       program="tick")
-    text = cas.encode_text(params, jnp.asarray(ctx))  # split by heads, like the weights
+    text = cas.text_kv(params, jnp.asarray(ctx))  # split by heads, like the weights
     return cas.generate(params, text, jax.random.key(1), num_blocks=num_blocks)

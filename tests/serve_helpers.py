@@ -113,7 +113,7 @@ def connect(s: Served, **options):
 
 
 def start(ws, prompt="red east fast", **settings):
-    ws.send(json.dumps({"type": "start", "prompt": prompt, "schedule": "P4", "window": "bidirectional",
+    ws.send(json.dumps({"type": "start", "prompt": prompt, "stagger": "P4", "mask": "bidirectional",
                         "policy": "no-recache", "seed": 0, "fps": 0, **settings}))
 
 

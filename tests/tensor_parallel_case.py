@@ -1,31 +1,22 @@
-"""The tensor-parallel equality case, run by tests/test_tensor_parallel.py in its own process
-with 10 fake CPU devices (the suite's process has 5): `python tensor_parallel_case.py OUT.json CKPT`.
+"""The tensor-parallel equality case on the suite's 10 fake CPU devices (tests/test_tensor_parallel.py
+calls `report(ckpt_dir)`).
 
 The tiny DiT with 4 heads (2 per device on `model` = 2) and a sink + window cache, continuing a
-given first block: sequential and P4 (causal, bidirectional) latents on meshes (stage, model)
-= (1, 2), (5, 1), (5, 2) against one device (the sequential pipeline replicates over `stage`), text K/V computed
+given first block: sequential and P4 (causal, bidirectional) latents on meshes (tokens, model)
+= (1, 2), (5, 1), (5, 2) against one device (the sequential pipeline replicates over `tokens`), text K/V computed
 on each runner's layout, params
 restored by orbax straight into the (5, 2) layout; plus where the tensors ended up.
 """
 
-import json
-import os
-import sys
-
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=10"
-os.environ["JAX_PLATFORMS"] = "cpu"
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from shared import runner as shared_runner
 
-jax.config.update("jax_default_matmul_precision", "highest")
-
-from bcjax import checkpoint  # noqa: E402
-from bcjax.cascade import make_mesh  # noqa: E402
-from bcjax.model import WanConfig, init_params  # noqa: E402
-from bcjax.pipeline import PipelineConfig  # noqa: E402
-from bcjax.runners import make_runner  # noqa: E402
+from bcjax import checkpoint
+from bcjax.cascade import make_mesh
+from bcjax.model import WanConfig, init_params
+from bcjax.pipeline import PipelineConfig
 
 HW = (4, 6)
 CFG = WanConfig.preset("tiny", num_heads=4, attention="xla")
@@ -34,11 +25,12 @@ PCFG = PipelineConfig(window_frames=9, sink_frames=3)
 
 def runner(kind: str, mesh):
     if kind == "sequential":
-        return make_runner(CFG, PCFG, HW, mesh=mesh, program="block")
-    return make_runner(CFG, PCFG, HW, "P4", kind, mesh, program="tick")
+        return shared_runner(CFG, PCFG, HW, mesh=mesh, program="block")
+    return shared_runner(CFG, PCFG, HW, "P4", kind, mesh, program="tick")
 
 
-def main(out: str, ckpt: str) -> None:
+def report(ckpt: str) -> dict:
+    """{"devices", "max_abs": {case: max abs to one device}, where the restored tensors live, "comm"}."""
     params = init_params(CFG, jax.random.key(0), HW)
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.standard_normal((1, CFG.text_len, CFG.text_dim)).astype(np.float32))
@@ -48,11 +40,11 @@ def main(out: str, ckpt: str) -> None:
     report = {"devices": jax.device_count(), "max_abs": {}}
     for kind in ("sequential", "causal", "bidirectional"):
         ref = None
-        for stage, model in ((1, 1), (1, 2), (5, 1), (5, 2)):
-            mesh = None if stage * model == 1 else make_mesh(stage, model)
+        for tokens, model in ((1, 1), (1, 2), (5, 1), (5, 2)):
+            mesh = None if tokens * model == 1 else make_mesh(tokens, model)
             run = runner(kind, mesh)
             prm = params
-            if (stage, model) == (5, 2):  # orbax straight into the split layout
+            if (tokens, model) == (5, 2):  # orbax straight into the split layout
                 _, prm = checkpoint.restore(ckpt, "dit", mesh=mesh)
                 q = prm["blocks"]["self_attn"]["q"]["kernel"]
                 report["restored_q_spec"] = str(q.sharding.spec)
@@ -60,13 +52,13 @@ def main(out: str, ckpt: str) -> None:
                 report["restored_bytes_per_device"] = sum(
                     a.addressable_shards[0].data.nbytes for a in jax.tree_util.tree_leaves(prm))
                 report["full_bytes"] = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
-            text = run.encode_text(prm, prompt)
+            text = run.text_kv(prm, prompt)
             lat = np.asarray(jax.device_get(run.generate(prm, text, key, num_blocks=5, context=first)))
             if ref is None:
                 ref = lat
                 continue
-            report["max_abs"][f"{kind} {stage}x{model}"] = float(np.abs(lat - ref).max())
-            if (stage, model) == (5, 2) and kind == "bidirectional":
+            report["max_abs"][f"{kind} {tokens}x{model}"] = float(np.abs(lat - ref).max())
+            if (tokens, model) == (5, 2) and kind == "bidirectional":
                 state = run.start(prm, text, key, num_blocks=5, context=first)
                 k = run.cache(state).k
                 report["cache_shape"] = list(k.shape)
@@ -74,13 +66,12 @@ def main(out: str, ckpt: str) -> None:
                 report["text_shard"] = list(text.k.addressable_shards[0].data.shape)
     # Krea's own loop (context rebuilt before every block, R = the latent): one device vs (1, 2)
     import ports
-    from bcjax.runners import make_runner
 
     kcfg = ports.get("krea_14b").pipeline
     lat = {}
     for model in (1, 2):
-        krea = make_runner(CFG, kcfg, HW, mesh=make_mesh(1, model) if model > 1 else None, program="krea")
-        lat[model] = np.asarray(jax.device_get(krea.generate(params, krea.encode_text(params, prompt), key,
+        krea = shared_runner(CFG, kcfg, HW, mesh=make_mesh(1, model) if model > 1 else None, program="krea")
+        lat[model] = np.asarray(jax.device_get(krea.generate(params, krea.text_kv(params, prompt), key,
                                                              num_blocks=4)))
     report["max_abs"]["krea 1x2"] = float(np.abs(lat[2] - lat[1]).max())
 
@@ -88,15 +79,10 @@ def main(out: str, ckpt: str) -> None:
     from bcjax.bench.comm import compiled_tick_collectives, tick_bytes
 
     report["comm"] = {}
-    for stage, model in ((5, 1), (1, 2), (5, 2)):
-        hlo = compiled_tick_collectives(CFG, PCFG, HW, "P4", "bidirectional", stage, model)
-        formula = tick_bytes(CFG, PCFG, HW, "P4", stage, model)
-        report["comm"][f"{stage}x{model}"] = {
+    for tokens, model in ((5, 1), (1, 2), (5, 2)):
+        hlo = compiled_tick_collectives(CFG, PCFG, HW, "P4", "bidirectional", tokens, model)
+        formula = tick_bytes(CFG, PCFG, HW, "P4", tokens, model)
+        report["comm"][f"{tokens}x{model}"] = {
             src: {axis: [v["payload"], v["wire"]] for axis, v in d.items()}
             for src, d in (("hlo", hlo), ("formula", formula))}
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    return report

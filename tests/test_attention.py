@@ -69,18 +69,18 @@ def _sequential_mask(filled: int, capacity: int = 6):
     return jnp.concatenate([jnp.repeat(ids >= 0, P), jnp.ones(BF * P, bool)])[None, None]
 
 
-def _tick_mask(schedule: str, window: str, tick: int, sink: int = 0, rolling: int = 6, capacity: int = 6):
+def _tick_mask(stagger: str, mask: str, tick: int, sink: int = 0, rolling: int = 6, capacity: int = 6):
     """The batched tick's mask [1, slots, (capacity + slots * BF) * P] at `tick` (idle slots during
     fill when tick is small), with the cache holding the frames before the oldest busy block."""
-    st = make_stagger(schedule, 4)
+    st = make_stagger(stagger, 4)
     blocks, _, busy = slot_state(st, tick, np.arange(st.num_slots), 100)
     oldest = int(np.min(np.where(busy, blocks, 10**6))) * BF
     frames = [f for f in range(oldest) if f < sink or f >= oldest - (capacity - sink)]
     ids = np.full(capacity, -1)
     ids[:len(frames)] = frames
-    mask = tick_key_mask(jnp.arange(st.num_slots), jnp.asarray(blocks), jnp.asarray(busy), jnp.asarray(ids),
-                         block_frames=BF, tokens_per_frame=P, sink=sink, rolling=rolling, window=window)
-    return mask, st.num_slots
+    keys = tick_key_mask(jnp.arange(st.num_slots), jnp.asarray(blocks), jnp.asarray(busy), jnp.asarray(ids),
+                         block_frames=BF, tokens_per_frame=P, sink=sink, rolling=rolling, mask=mask)
+    return keys, st.num_slots
 
 
 def _case(mask, dtype, key=0):

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 
 from bcjax.cascade import make_mesh
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.pipeline import PipelineConfig
-from bcjax.runners import make_runner
 
 HW = (4, 6)
 ROLLING = PipelineConfig(window_frames=9, sink_frames=3)  # sink + a window the stream outgrows
@@ -21,19 +21,19 @@ BACKENDS = ["chunked", "splash-interpret", "pallas_gpu-interpret"]
 @pytest.fixture(scope="module")
 def text(tiny_cfg, tiny_params):
     ctx = np.random.default_rng(11).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
-    return encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx))
+    return text_kv(tiny_cfg, tiny_params, jnp.asarray(ctx))
 
 
 def _run(cfg, params, text, where):
     key = jax.random.key(4)
     if where == "sequential":
-        return make_runner(cfg, ROLLING, HW, program="block").generate(params, text, key, num_blocks=4)
+        return shared.runner(cfg, ROLLING, HW, program="block").generate(params, text, key, num_blocks=4)
     mesh = None
     if where == "p4-mesh5":
         if jax.device_count() < 5:
             pytest.skip("needs 5 devices (XLA_FLAGS=--xla_force_host_platform_device_count=5)")
         mesh = make_mesh(5)
-    return make_runner(cfg, ROLLING, HW, "P4", "bidirectional", mesh=mesh, program="tick").generate(params, text, key,
+    return shared.runner(cfg, ROLLING, HW, "P4", "bidirectional", mesh=mesh, program="tick").generate(params, text, key,
                                                                                                     num_blocks=4)
 
 

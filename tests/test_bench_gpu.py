@@ -13,7 +13,8 @@ def test_bench_gpu_smoke_run_prints_every_figure(capsys):
                      "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     for figure in ("sequential denoise FPS", "sequential + streamed VAE decode FPS", "time to first frame",
-                   "P4 batched on one device FPS", "P4 one stage's tick", "P4 all-gather per tick per device",
+                   "P4 batched on one device FPS", "P4 one block's share of a tick",
+                   "P4 all-gather per tick per device",
                    "modelled P4 on 5 devices FPS (all-gather serial)", "peak device memory"):
         assert re.search(rf"\| {re.escape(figure)} \| \S", out), (figure, out)
     for backend in ("chunked", "dense"):  # the CPU's backends, each timed on a full and an empty cache

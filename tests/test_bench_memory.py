@@ -22,7 +22,7 @@ def test_chunked_needs_far_less_than_dense_on_cpu(capsys, monkeypatch):
     assert set(temps) == {(c, b) for c in ("sequential", "p4") for b in ("dense", "chunked")}, out
     for case in ("sequential", "p4"):
         assert temps[case, "chunked"] * 3 < temps[case, "dense"], (case, temps)
-    assert "stage 5 ops" in out  # the P4 tick's all-gathers over `stage`, counted from the optimised HLO
+    assert "tokens 5 ops" in out  # the P4 tick's all-gathers over `tokens`, counted from the optimised HLO
 
 
 def test_bad_input_names_what_is_wrong():

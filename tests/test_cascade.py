@@ -1,18 +1,17 @@
 """The cascade: exactness against the sequential pipeline, sharded == batched, masks, noise, compiles."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 
 from bcjax.cascade import make_mesh
 from bcjax.cascade.tick import tick
 from bcjax.compile_count import CompileCounter
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.pipeline import PipelineConfig
-from bcjax.runners import make_runner
 from bcjax.schedule import block_noise
 
 HW = (4, 6)
@@ -23,7 +22,7 @@ ROLLING = PipelineConfig(window_frames=9, sink_frames=3)  # sink + a window the 
 @pytest.fixture(scope="module")
 def text(tiny_cfg, tiny_params):
     ctx = np.random.default_rng(11).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
-    return encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx))
+    return text_kv(tiny_cfg, tiny_params, jnp.asarray(ctx))
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +32,13 @@ def mesh5():
     return make_mesh(5)
 
 
-@functools.cache
 def _cascade(cfg, pcfg, schedule, window, mesh=None):
-    """One runner per configuration for the whole module: each runner jit-compiles its own tick and
-    scans, so tests of the same configuration share them instead of compiling them again."""
-    return make_runner(cfg, pcfg, HW, schedule, window, mesh=mesh, program="tick")
+    """The run's runner of this configuration (tests/shared.py: compiled once for every test)."""
+    return shared.runner(cfg, pcfg, HW, schedule, window, mesh=mesh, program="tick")
 
 
-@functools.cache
 def _sequential(cfg, pcfg):
-    return make_runner(cfg, pcfg, HW, program="block")
+    return shared.runner(cfg, pcfg, HW, program="block")
 
 
 def _max_err(a, b):
@@ -54,7 +50,7 @@ def test_p1_causal_reproduces_sequential(tiny_cfg, tiny_params, text, pcfg):
     key = jax.random.key(2)
     seq = _sequential(tiny_cfg, pcfg).generate(tiny_params, text, key, num_blocks=7)
     cas = _cascade(tiny_cfg, pcfg, "P1", "causal")
-    assert cas.stagger.in_flight == 2  # really overlapping: next block's first step beside the clean pass
+    assert cas.plan.in_flight == 2  # really overlapping: next block's first step beside the clean pass
     out = cas.generate(tiny_params, text, key, num_blocks=7)
     assert out.shape == seq.shape == (1, 21, *HW, tiny_cfg.in_channels)
     assert _max_err(out, seq) <= 1e-5
@@ -76,12 +72,12 @@ def test_sharded_p1_with_padding_groups_is_still_sequential(tiny_cfg, tiny_param
     cas = _cascade(tiny_cfg, GLOBAL, "P1", "causal", mesh=mesh5)
     # 2 blocks x 3 frames of one 6-token group each on 5 devices: 4 padding groups
     split = cas.tick_program.spec.split
-    assert cas.stagger.num_slots == 2 and split.padded_tokens - split.tokens == 4 * 6
+    assert cas.plan.num_slots == 2 and split.padded_tokens - split.tokens == 4 * 6
     seq = _sequential(tiny_cfg, GLOBAL).generate(tiny_params, text, key, num_blocks=6)
     ctx = np.random.default_rng(11).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
     # the public one-call API, from raw prompt embeddings
     out = bcjax.generate(tiny_cfg, tiny_params, jnp.asarray(ctx), key, num_blocks=6, pcfg=GLOBAL, latent_hw=HW,
-                         schedule="P1", window="causal", mesh=mesh5)
+                         stagger="P1", mask="causal", mesh=mesh5)
     assert _max_err(out, seq) <= 1e-5
 
 
@@ -132,8 +128,8 @@ def test_perturbing_a_newer_block(tiny_cfg, tiny_params, text, window, changes):
     step = cas.lower(tiny_params, text, key, nb, state).compile()
     for _ in range(7):  # pipeline full, cache rolling
         state, _ = step(tiny_params, text, key, nb, state)
-    slots = jnp.arange(cas.stagger.num_slots)
-    stages = (int(state.tick) - slots) % cas.stagger.num_slots  # P4, stride 1: stage of each slot
+    slots = jnp.arange(cas.plan.num_slots)
+    stages = (int(state.tick) - slots) % cas.plan.num_slots  # P4, stride 1: stage of each slot
     newer = int(jnp.argmax(stages == 1))
     bumped = state._replace(x=state.x.at[newer].add(0.5))
     run = jax.jit(lambda s: tick(cas.tick_program.spec, tiny_params, text, key, nb, s))
@@ -180,16 +176,16 @@ def test_finite_stream_equals_scan(tiny_cfg, tiny_params, text, schedule):
 def test_bad_mesh_and_flags_are_named(tiny_cfg, mesh5):
     from jax.sharding import Mesh
 
-    with pytest.raises(ValueError, match="window 'sideways'"):
-        make_runner(tiny_cfg, GLOBAL, HW, "P4", "sideways", program="tick")
-    with pytest.raises(ValueError, match="schedule 'P4x'"):
-        make_runner(tiny_cfg, GLOBAL, HW, "P4x", "causal", program="tick")
-    with pytest.raises(ValueError, match="no 'stage' axis"):
-        make_runner(tiny_cfg, GLOBAL, HW, mesh=Mesh(np.asarray(jax.devices()[:5]), ("data",)), program="tick")
+    with pytest.raises(ValueError, match="mask 'sideways'"):
+        shared.runner(tiny_cfg, GLOBAL, HW, "P4", "sideways", program="tick")
+    with pytest.raises(ValueError, match="stagger 'P4x'"):
+        shared.runner(tiny_cfg, GLOBAL, HW, "P4x", "causal", program="tick")
+    with pytest.raises(ValueError, match="no 'tokens' axis"):
+        shared.runner(tiny_cfg, GLOBAL, HW, mesh=Mesh(np.asarray(jax.devices()[:5]), ("data",)), program="tick")
     with pytest.raises(ValueError, match="'model' = 5 must divide num_heads = 2 and ffn_dim = 128"):
-        make_runner(tiny_cfg, GLOBAL, HW, mesh=make_mesh(1, 5), program="tick")
-    with pytest.raises(ValueError, match="needs 10 devices"):
-        make_mesh(5, 2)
+        shared.runner(tiny_cfg, GLOBAL, HW, mesh=make_mesh(1, 5), program="tick")
+    with pytest.raises(ValueError, match="needs 15 devices"):
+        make_mesh(5, 3)
 
 
 @pytest.mark.slow

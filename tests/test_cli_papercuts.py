@@ -93,8 +93,8 @@ def test_a_count_is_num_prompts_and_bad_counts_name_the_flag(capsys):
 
 
 def test_eval_errors_take_the_cli_prefix(capsys, monkeypatch):
-    assert main(["eval", "toyworld", "--schedules", "P9"]) == 2
-    one_line(capsys, "bcjax eval: error: --schedules: unknown schedule 'P9'")
+    assert main(["eval", "toyworld", "--staggers", "P9"]) == 2
+    one_line(capsys, "bcjax eval: error: --staggers: unknown stagger 'P9'")
     from bcjax.toyworld import evaluate
 
     def refuse(*args, **kwargs):

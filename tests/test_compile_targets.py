@@ -97,7 +97,7 @@ def test_whole_slice_rule_and_padded_meshes():
     with pytest.raises(Exception, match="all slice devices"):  # the compiler's own rule, pinned
         two_device_program(v5e32)
     cfg = WanConfig.preset("wan2.1-14b")
-    assert make_mesh(5, 4, devices=v5e32, cfg=cfg).devices.shape == (8, 4)  # padded: 3 idle stage devices
+    assert make_mesh(5, 4, devices=v5e32, cfg=cfg).devices.shape == (8, 4)  # padded: 3 idle `tokens` devices
     assert make_mesh(3, 4, devices=v5e16, cfg=cfg).devices.shape == (3, 4)  # no rule: as asked
     with pytest.raises(ValueError, match=r"must be used whole.*'model' = 3 does not divide 32"):
         make_mesh(5, 3, devices=v5e32)

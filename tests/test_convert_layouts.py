@@ -148,7 +148,7 @@ def _diffusers_sd(wan_sd):
 
 
 def test_diffusers_single_file_matches_plain_conversion_and_oracle(tiny_cfg, wan_sd, ref, oracle, tmp_path):
-    from bcjax.model import encode_text, forward
+    from bcjax.model import forward, text_kv
 
     sd = _diffusers_sd(wan_sd)
     assert "blocks.0.norm2.weight" in sd and "blocks.0.ffn.net.0.proj.weight" in sd  # really diffusers names
@@ -161,7 +161,7 @@ def test_diffusers_single_file_matches_plain_conversion_and_oracle(tiny_cfg, wan
     ctx = rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
     t = np.full((1, 3), 750.0, np.float32)
     p = jax.tree_util.tree_map(jnp.asarray, params)
-    ours, _ = forward(tiny_cfg, p, jnp.asarray(x), jnp.asarray(t), encode_text(tiny_cfg, p, jnp.asarray(ctx)),
+    ours, _ = forward(tiny_cfg, p, jnp.asarray(x), jnp.asarray(t), text_kv(tiny_cfg, p, jnp.asarray(ctx)),
                       jnp.arange(3))
     want = oracle(x, t[:, 0], ctx)
     assert np.abs(np.asarray(ours) - want).max() <= 1e-4

@@ -1,6 +1,6 @@
 """Several processes, one mesh: the cascade across 3 local processes (2 fake CPU devices each,
-gloo collectives; the `stage` mesh takes 5 of the 6, so it spans all three), and across 2
-processes of 5 devices forming (stage 5, model 2), equals the single-process 5-device cascade,
+gloo collectives; the `tokens` mesh takes 5 of the 6, so it spans all three), and across 2
+processes of 5 devices forming (tokens 5, model 2), equals the single-process 5-device cascade,
 with params restored by orbax straight onto that mesh; bad setups fail fast. (Equal devices per process: JAX's and
 orbax's multi-host utilities assume it.)"""
 
@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from shared import subprocess_env
 
 import bcjax.distributed as dist
 
@@ -27,9 +28,9 @@ def _free_port() -> int:
 
 
 def _env():
-    env = dict(os.environ)
+    """Each worker sets its own device count (the suite's compile flags kept)."""
+    env = subprocess_env(None)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    env.pop("XLA_FLAGS", None)
     return env
 
 
@@ -37,7 +38,7 @@ def _env():
 @pytest.mark.parametrize("processes, devices, model", [(3, 2, 1), (2, 5, 2)],
                          ids=["3x2 devices, (5,1)", "2x5 devices, (5,2)"])
 def test_processes_form_one_mesh_and_match_one_process(tmp_path, processes, devices, model):
-    """3 processes x 2 devices, the `stage` mesh taking 5 of the 6; 2 x 5 forming (stage 5,
+    """3 processes x 2 devices, the `tokens` mesh taking 5 of the 6; 2 x 5 forming (tokens 5,
     model 2), the weights split over `model` and restored that way. Both equal one process's
     (5, 1) cascade."""
     if jax.device_count() < 5:

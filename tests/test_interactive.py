@@ -4,14 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 
 from bcjax.app.interactive import parse_prompt_schedule, stream
 from bcjax.cascade import make_mesh
 from bcjax.compile_count import CompileCounter
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.pipeline import PipelineConfig
 from bcjax.pipeline.recache import POLICIES
-from bcjax.runners import make_runner
 
 HW = (4, 6)
 GLOBAL = PipelineConfig(window_frames=21)
@@ -21,7 +21,7 @@ ROLLING = PipelineConfig(window_frames=9, sink_frames=3)
 @pytest.fixture(scope="module")
 def texts(tiny_cfg, tiny_params):
     rng = np.random.default_rng(21)
-    return [encode_text(tiny_cfg, tiny_params,
+    return [text_kv(tiny_cfg, tiny_params,
                         jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
             for _ in range(2)]
 
@@ -46,7 +46,7 @@ def test_schedule_parsing_names_the_problem():
 
 
 def test_sequential_switch_policies(tiny_cfg, tiny_params, texts):
-    pipe = make_runner(tiny_cfg, ROLLING, HW, program="block")
+    pipe = shared.runner(tiny_cfg, ROLLING, HW, program="block")
     key = jax.random.key(4)
     a_only = _cat(_run(pipe, tiny_params, [(0, texts[0])], key, 6))
     no_rc = _run(pipe, tiny_params, [(0, texts[0]), (3, texts[1])], key, 6)
@@ -70,7 +70,7 @@ def test_sequential_switch_policies(tiny_cfg, tiny_params, texts):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 def test_switching_never_retraces(tiny_cfg, tiny_params, texts, policy):
-    for runner in (make_runner(tiny_cfg, ROLLING, HW, program="block"), make_runner(tiny_cfg, ROLLING, HW, "P4",
+    for runner in (shared.runner(tiny_cfg, ROLLING, HW, program="block"), shared.runner(tiny_cfg, ROLLING, HW, "P4",
                                                                                     "bidirectional", program="tick")):
         key = jax.random.key(5)
         sched = [(0, texts[0]), (3, texts[1]), (5, texts[0]), (8, texts[1])]
@@ -89,9 +89,9 @@ def test_p1_causal_with_recache_is_the_sequential_recache(tiny_cfg, tiny_params,
     bidirectional recache lets older frames see that predecessor, which a P1 tick cannot yet.)"""
     key = jax.random.key(6)
     sched = [(0, texts[0]), (3, texts[1])]
-    seq = _cat(_run(make_runner(tiny_cfg, GLOBAL, HW, program="block"), tiny_params, sched, key, 6,
+    seq = _cat(_run(shared.runner(tiny_cfg, GLOBAL, HW, program="block"), tiny_params, sched, key, 6,
                     policy="recache-causal"))
-    p1 = _cat(_run(make_runner(tiny_cfg, GLOBAL, HW, "P1", "causal", program="tick"), tiny_params, sched, key, 6,
+    p1 = _cat(_run(shared.runner(tiny_cfg, GLOBAL, HW, "P1", "causal", program="tick"), tiny_params, sched, key, 6,
                    policy="recache-causal"))
     np.testing.assert_allclose(p1, seq, atol=1e-5)
 
@@ -103,10 +103,10 @@ def test_sharded_cascade_switch_equals_batched(tiny_cfg, tiny_params, texts):
     key = jax.random.key(7)
     sched = [(0, texts[0]), (4, texts[1])]
     for policy in POLICIES:
-        one = _cat(_run(make_runner(tiny_cfg, ROLLING, HW, "P4", "bidirectional", program="tick"), tiny_params, sched,
+        one = _cat(_run(shared.runner(tiny_cfg, ROLLING, HW, "P4", "bidirectional", program="tick"), tiny_params, sched,
                         key, 7,
                         policy=policy))
-        five = _cat(_run(make_runner(tiny_cfg, ROLLING, HW, "P4", "bidirectional", make_mesh(5), program="tick"),
+        five = _cat(_run(shared.runner(tiny_cfg, ROLLING, HW, "P4", "bidirectional", make_mesh(5), program="tick"),
                          tiny_params, sched, key,
                          7, policy=policy))
         np.testing.assert_allclose(five, one, atol=1e-5)

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
+from shared import subprocess_env
 
 import ports
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.model.wan import forward
-from bcjax.runners import make_runner
 from bcjax.schedule.flow import block_noise
 
 HW = (4, 6)
@@ -26,7 +27,7 @@ forward = jax.jit(forward, static_argnums=0)
 @pytest.fixture(scope="module")
 def text(tiny_cfg, tiny_params):
     ctx = np.random.default_rng(17).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
-    return encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx))
+    return text_kv(tiny_cfg, tiny_params, jnp.asarray(ctx))
 
 
 def test_rule1_timesteps_and_sigmas():
@@ -52,7 +53,7 @@ def test_rule2_every_entry_a_pass_output_the_t0_x0(tiny_cfg, tiny_params, text):
     flow = np.linspace(-1, 1, tiny_cfg.out_channels).astype(np.float32)
     params = _constant_flow(tiny_cfg, tiny_params, flow)
     key = jax.random.key(2)
-    got = np.asarray(make_runner(tiny_cfg, KREA, HW, program="krea").generate(params, text, key, num_blocks=2))
+    got = np.asarray(shared.runner(tiny_cfg, KREA, HW, program="krea").generate(params, text, key, num_blocks=2))
     sig = [1.0, 0.9375, 0.8333333, 0.625, 0.0049800797]  # sigma(0) = table entry 999, not 0
     for b in range(2):
         shape = (1, 3, *HW, tiny_cfg.in_channels)
@@ -92,7 +93,7 @@ def test_rules3_to_6_rebuilt_context(tiny_cfg, tiny_params, text, keep_first_fra
         seen.append(np.asarray(x0))
         return 0.5 * x0[:, :1] + 0.25
 
-    out = np.asarray(make_runner(tiny_cfg, pcfg, HW, program="krea").generate(tiny_params, text, key, num_blocks=4,
+    out = np.asarray(shared.runner(tiny_cfg, pcfg, HW, program="krea").generate(tiny_params, text, key, num_blocks=4,
                                                                               reencode=reencode))
     assert len(seen) == 4  # every block goes through the round trip, in order
     blocks = [out[:, 3 * b:3 * b + 3] for b in range(4)]
@@ -119,11 +120,11 @@ def test_clean_pass_variant_keeps_its_name_and_bad_combinations_are_named(tiny_c
     assert clean.context == "clean-pass" and clean.num_steps == 4
     keep = dataclasses.replace(KREA, keep_first_frame=True)
     with pytest.raises(ValueError, match="keep_first_frame=True needs Krea.s loop"):
-        make_runner(tiny_cfg, keep, HW, program="block")
+        shared.runner(tiny_cfg, keep, HW, program="block")
     with pytest.raises(ValueError, match="keep_first_frame=True needs Krea.s loop"):
-        make_runner(tiny_cfg, keep, HW, "P1", "causal", program="tick")
+        shared.runner(tiny_cfg, keep, HW, "P1", "causal", program="tick")
     with pytest.raises(ValueError, match="needs PipelineConfig\\(context='rebuild'\\)"):
-        make_runner(tiny_cfg, clean, HW, program="krea")
+        shared.runner(tiny_cfg, clean, HW, program="krea")
     with pytest.raises(ValueError, match="keep_first_frame=True needs context='rebuild'"):
         dataclasses.replace(clean, keep_first_frame=True)
 
@@ -134,21 +135,21 @@ def test_cascade_in_krea_mode(tiny_cfg, tiny_params, text):
     its K/V a one-block cache): P1-causal == Krea's own loop; the same for the sequential
     pipeline; P4 sharded over 5 devices == batched."""
     key = jax.random.key(6)
-    ref = np.asarray(make_runner(tiny_cfg, KREA, HW, program="krea").generate(tiny_params, text, key, num_blocks=5))
-    seq = np.asarray(make_runner(tiny_cfg, KREA, HW, program="block").generate(tiny_params, text, key, num_blocks=5))
-    p1 = np.asarray(make_runner(tiny_cfg, KREA, HW, "P1", "causal", program="tick").generate(tiny_params, text, key,
+    ref = np.asarray(shared.runner(tiny_cfg, KREA, HW, program="krea").generate(tiny_params, text, key, num_blocks=5))
+    seq = np.asarray(shared.runner(tiny_cfg, KREA, HW, program="block").generate(tiny_params, text, key, num_blocks=5))
+    p1 = np.asarray(shared.runner(tiny_cfg, KREA, HW, "P1", "causal", program="tick").generate(tiny_params, text, key,
                                                                                              num_blocks=5))
     print(f"Krea mode vs Krea's loop: sequential {np.abs(seq - ref).max():.1e}, "
           f"P1-causal {np.abs(p1 - ref).max():.1e}")
     assert np.abs(seq - ref).max() <= 1e-5 and np.abs(p1 - ref).max() <= 1e-5
     for window in ("causal", "bidirectional"):
-        one = np.asarray(make_runner(tiny_cfg, KREA, HW, "P4", window, program="tick").generate(tiny_params, text, key,
-                                                                                                num_blocks=5))
+        one = np.asarray(shared.runner(tiny_cfg, KREA, HW, "P4", window, program="tick").generate(
+            tiny_params, text, key, num_blocks=5))
         assert np.abs(one - ref).max() > 1e-3  # a real cascade: blocks start from noisy context
         if jax.device_count() >= 5:
             from bcjax.cascade import make_mesh
 
-            five = np.asarray(make_runner(tiny_cfg, KREA, HW, "P4", window, make_mesh(5),
+            five = np.asarray(shared.runner(tiny_cfg, KREA, HW, "P4", window, make_mesh(5),
                                           program="tick").generate(tiny_params, text, key, num_blocks=5))
             assert np.abs(five - one).max() <= 1e-5
 
@@ -160,11 +161,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 import ports
-from bcjax.model import WanConfig, encode_text, init_params
+from bcjax.model import WanConfig, text_kv, init_params
 cfg = WanConfig.preset("tiny", attention="xla")
 params = init_params(cfg, jax.random.key(0))
 ctx = np.random.default_rng(17).standard_normal((1, cfg.text_len, cfg.text_dim)).astype(np.float32)
-text = encode_text(cfg, params, jnp.asarray(ctx))
+text = text_kv(cfg, params, jnp.asarray(ctx))
 from bcjax.runners import make_runner
 runner = make_runner(cfg, ports.get("krea_14b").pipeline, (4, 6), program="krea")
 out = runner.generate(params, text, jax.random.key(5), num_blocks=3)
@@ -177,7 +178,7 @@ def test_sequential_krea_mode_is_bit_stable_across_1_and_5_devices():
     code = _BITS.format(tests=os.path.dirname(__file__))
     digests = []
     for n in (1, 5):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        env = subprocess_env(n)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         count, digest = out.stdout.split()[-2:]

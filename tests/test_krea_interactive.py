@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 
 import ports
 from bcjax.app.interactive import stream
-from bcjax.app.prompts import interpolate_schedule, with_strength
+from bcjax.app.prompts import interpolate_prompt_schedule, with_strength
 from bcjax.compile_count import CompileCounter
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.pipeline import PipelineConfig
 from bcjax.runners import make_runner
 
@@ -19,33 +20,33 @@ HW = (4, 6)
 
 def test_interpolation_ramps_like_torch_lerp():
     a, b, c = (np.full((1, 2, 3), v, np.float32) for v in (0.0, 3.0, 9.0))
-    got = interpolate_schedule([(0, a), (3, b)], 4)
+    got = interpolate_prompt_schedule([(0, a), (3, b)], 4)
     assert [s for s, _ in got] == [0, 3, 4, 5, 6]
     np.testing.assert_allclose([e[0, 0, 0] for _, e in got], [0.0, 0.0, 1.0, 2.0, 3.0], atol=1e-6)
     # a switch during a ramp starts from the embedding in force there, and cuts the ramp
-    got = interpolate_schedule([(0, a), (3, b), (5, c)], 4)
+    got = interpolate_prompt_schedule([(0, a), (3, b), (5, c)], 4)
     assert [s for s, _ in got] == [0, 3, 4, 5, 6, 7, 8]
     np.testing.assert_allclose([e[0, 0, 0] for _, e in got], [0, 0, 1, 1, 1 + 8 / 3, 1 + 16 / 3, 9], atol=1e-5)
     with pytest.raises(ValueError, match="need >= 2"):
-        interpolate_schedule([(0, a), (3, b)], 1)
+        interpolate_prompt_schedule([(0, a), (3, b)], 1)
 
 
 @pytest.mark.slow
 def test_interpolated_stream_in_sequential_and_cascade(tiny_cfg, tiny_params):
     rng = np.random.default_rng(7)
     embs = [rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32) for _ in range(2)]
-    ramp = interpolate_schedule([(0, embs[0]), (2, embs[1])], 3)
-    sched = [(s, encode_text(tiny_cfg, tiny_params, jnp.asarray(e))) for s, e in ramp]
+    ramp = interpolate_prompt_schedule([(0, embs[0]), (2, embs[1])], 3)
+    sched = [(s, text_kv(tiny_cfg, tiny_params, jnp.asarray(e))) for s, e in ramp]
     pcfg = PipelineConfig(window_frames=9)
     key = jax.random.key(1)
-    seq = list(stream(make_runner(tiny_cfg, pcfg, HW, program="block"), tiny_params, sched, key, 6))
+    seq = list(stream(shared.runner(tiny_cfg, pcfg, HW, program="block"), tiny_params, sched, key, 6))
     assert [e.prompt for e in seq] == [0, 0, 1, 2, 3, 3]  # blocks 2, 3, 4 ramp (w = 0, 1/2, 1)
     # P1-causal == sequential up to the first block with weight > 0 (a cascade tick has one
     # text, the entering block's, so later its predecessor's clean pass already sees the next one)
-    p1 = list(stream(make_runner(tiny_cfg, pcfg, HW, "P1", "causal", program="tick"), tiny_params, sched, key, 6))
+    p1 = list(stream(shared.runner(tiny_cfg, pcfg, HW, "P1", "causal", program="tick"), tiny_params, sched, key, 6))
     np.testing.assert_allclose(np.concatenate([e.x0 for e in p1[:3]], 1), np.concatenate([e.x0 for e in seq[:3]], 1),
                                atol=1e-5)
-    cas = make_runner(tiny_cfg, pcfg, HW, "P4", "bidirectional", program="tick")
+    cas = shared.runner(tiny_cfg, pcfg, HW, "P4", "bidirectional", program="tick")
     plain = np.concatenate([e.x0 for e in stream(cas, tiny_params, sched[:1], key, 6)], 1)
     with CompileCounter() as cc:  # every ramp block's K/V go through the same compiled tick
         p4 = list(stream(cas, tiny_params, sched, key, 6))
@@ -70,15 +71,14 @@ def test_strength_spreads_the_steps_as_krea_does():
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["sequential", "krea"])
 def test_video_to_video_follows_the_source_as_strength_drops(tiny_cfg, tiny_params, runner):
-    text = encode_text(tiny_cfg, tiny_params, jnp.asarray(
+    text = text_kv(tiny_cfg, tiny_params, jnp.asarray(
         np.random.default_rng(8).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
     source = jax.random.normal(jax.random.key(9), (1, 6, *HW, tiny_cfg.in_channels))
     base = ports.get("krea_14b").pipeline if runner == "krea" else PipelineConfig(window_frames=9)
     errs = []
     for strength in (1.0, 0.5, 0.05):
         pcfg = with_strength(base, strength)
-        pipe = make_runner(tiny_cfg, pcfg, HW, program="krea") if runner == "krea" else make_runner(tiny_cfg, pcfg, HW,
-                                                                                                    program="block")
+        pipe = shared.runner(tiny_cfg, pcfg, HW, program="krea" if runner == "krea" else "block")
         out = pipe.generate(tiny_params, text, jax.random.key(3), num_blocks=2,
                             source=source) if runner == "krea" else \
             jnp.concatenate([x for _, x in pipe.blocks(tiny_params, text, jax.random.key(3), num_blocks=2,
@@ -86,7 +86,7 @@ def test_video_to_video_follows_the_source_as_strength_drops(tiny_cfg, tiny_para
         errs.append(float(jnp.sqrt(jnp.mean((out - source) ** 2))))
     assert errs[0] > errs[1] > errs[2] and errs[2] < 0.5 * errs[0], errs
     with pytest.raises(ValueError, match="source latents must be"):
-        next(make_runner(tiny_cfg, PipelineConfig(window_frames=9), HW, program="block").blocks(
+        next(shared.runner(tiny_cfg, PipelineConfig(window_frames=9), HW, program="block").blocks(
             tiny_params, text, jax.random.key(3), num_blocks=3, source=source))
 
 
@@ -94,9 +94,10 @@ def test_krea_steps_like_the_other_runners(tiny_cfg, tiny_params):
     """Krea's loop has the shared stepping interface: a stream (with a prompt switch and a
     given first block) equals its own block loop; a recache policy is refused by name."""
     rng = np.random.default_rng(11)
-    texts = [encode_text(tiny_cfg, tiny_params,
+    texts = [text_kv(tiny_cfg, tiny_params,
                          jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
              for _ in range(2)]
+    # its own runner, not the run's shared one: its program's start is replaced below
     pipe = make_runner(tiny_cfg, ports.get("krea_14b").pipeline, HW, program="krea")
     key = jax.random.key(4)
     ref = np.asarray(pipe.generate(tiny_params, texts[0], key, num_blocks=4))
@@ -124,10 +125,10 @@ def test_krea_stream_takes_the_vae_round_trip_like_its_block_loop(tiny_cfg, tiny
     from bcjax.app.interactive import PromptSchedule, steps
 
     rng = np.random.default_rng(12)
-    text = encode_text(tiny_cfg, tiny_params,
+    text = text_kv(tiny_cfg, tiny_params,
                        jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
     pcfg = dataclasses.replace(ports.get("krea_14b").pipeline, keep_first_frame=keep_first_frame)
-    pipe = make_runner(tiny_cfg, pcfg, HW, program="krea")
+    pipe = shared.runner(tiny_cfg, pcfg, HW, program="krea")
     key = jax.random.key(5)
 
     def trip(seen):
@@ -154,7 +155,7 @@ def test_krea_stream_takes_the_vae_round_trip_like_its_block_loop(tiny_cfg, tiny
                                    context=jnp.asarray(ref[:, :3]), reencode=trip(cont_seen))]
     np.testing.assert_allclose(np.concatenate([e.x0 for e in cont], axis=1), ref[:, 3:], atol=1e-6)
     assert len(cont_seen) == 4
-    seq = make_runner(tiny_cfg, PipelineConfig(window_frames=6), HW, program="block")
+    seq = shared.runner(tiny_cfg, PipelineConfig(window_frames=6), HW, program="block")
     with pytest.raises(ValueError, match="VAE round trip for R. is Krea's loop's"):
         seq.start(tiny_params, text, key, num_blocks=2, reencode=trip([]))
 
@@ -178,10 +179,10 @@ def test_video_to_video_on_the_toy_world():
     truth = np.stack([render(s, (1 + nb) * bf, world) for s in scenes])
     source = np.stack([render(s, (1 + nb) * bf, world) for s in opposite])
     np.testing.assert_array_equal(source[:, :bf], truth[:, :bf])  # one still image, two motions
-    text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
+    text = text_kv(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
     to_prompt, to_source, mses = {}, {}, {}
     for strength in (1.0, 0.6, 0.3, 0.02):
-        pipe = make_runner(cfg, with_strength(model.pcfg, strength), hw, program="block")
+        pipe = shared.runner(cfg, with_strength(model.pcfg, strength), hw, program="block")
         out = np.asarray(pipe.generate(model.params, text, jax.random.key(0), num_blocks=nb,
                                        context=jnp.asarray(truth[:, :bf]), source=jnp.asarray(source[:, bf:])))
         out = np.concatenate([truth[:, :bf], out], 1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.model.wan import encode_text, init_params
+from bcjax.model.wan import init_params, text_kv
 from bcjax.toyworld import lineage, lookahead
 from bcjax.toyworld.evaluate import (
     block_metrics,
@@ -116,7 +116,7 @@ def test_the_base_sampler_is_euler_on_the_flow_through_the_grid(tiny):
     cfg, pcfg, params = tiny
     scenes = [sample_scene(np.random.default_rng(i), WORLD) for i in range(2)]
     first = jnp.asarray(np.stack([render(s, 3, WORLD) for s in scenes]))
-    text = encode_text(cfg, params, jnp.asarray(np.stack([prompt_embedding(s, WORLD) for s in scenes])))
+    text = text_kv(cfg, params, jnp.asarray(np.stack([prompt_embedding(s, WORLD) for s in scenes])))
     x0, states = lineage.base_sample(cfg, pcfg, params, text, first, 2, jax.random.key(0), 3)
     grid = lineage.base_sigmas(3, pcfg.shift, pcfg.sigmas)
     x = jax.random.normal(jax.random.key(0), (2, 6, 12, 12, 3), jnp.float32)
@@ -156,7 +156,7 @@ def test_the_stream_rollout_generates_what_the_pipeline_generates(tiny, j):
     context = np.concatenate([clips[:, :3], clips[:, 3 + 3 * (3 - j):9]], axis=1)
     assert context.shape[1] == 3 * j and exists.tolist() == [[True, j >= 3, j >= 2]] * 2
     runner = make_runner(cfg, pcfg, (12, 12), "sequential")
-    out = runner.generate(params, encode_text(cfg, params, jnp.asarray(ctx)), key, num_blocks=2,
+    out = runner.generate(params, text_kv(cfg, params, jnp.asarray(ctx)), key, num_blocks=2,
                           context=jnp.asarray(context))
     np.testing.assert_allclose(np.asarray(out), np.asarray(gen), atol=2e-4)
 
@@ -169,7 +169,7 @@ def test_the_teacher_forced_targets_in_one_forward_do_not_see_each_other(tiny, j
     it, whose RoPE positions the forward keeps."""
     cfg, pcfg, params = tiny
     clips, exists, jj, ctx = lineage.stream_clips(np.random.default_rng(5), WORLD, pcfg, 2, 3, 9, 0.0, 0.0, block=j)
-    clips, text, exists = jnp.asarray(clips), encode_text(cfg, params, jnp.asarray(ctx)), jnp.asarray(exists)
+    clips, text, exists = jnp.asarray(clips), text_kv(cfg, params, jnp.asarray(ctx)), jnp.asarray(exists)
     record = jnp.asarray([[0, 2, 3], [1, 3, 0]], jnp.int32)
     x_in = clips[:, 9:] + 0.7 * jax.random.normal(jax.random.key(2), clips[:, 9:].shape)
     multi = lineage.stream_targets_x0(cfg, pcfg, params, text, clips[:, :9], clips[:, 9:15], x_in, record, exists,

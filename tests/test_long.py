@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 
 from bcjax.compile_count import CompileCounter
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.model.rope import rope_base
 from bcjax.pipeline import PipelineConfig
-from bcjax.runners import make_runner
 
 HW = (4, 6)
 LONGLIVE = PipelineConfig(window_frames=12, sink_frames=3)
@@ -22,7 +22,7 @@ LONGLIVE = PipelineConfig(window_frames=12, sink_frames=3)
 @pytest.fixture(scope="module")
 def text(tiny_cfg, tiny_params):
     ctx = np.random.default_rng(5).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
-    return encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx))
+    return text_kv(tiny_cfg, tiny_params, jnp.asarray(ctx))
 
 
 def _table(cfg, positions):
@@ -53,9 +53,9 @@ def test_rolling_positions_stay_in_the_table_and_keep_every_window_offset(sink, 
 
 def test_rolling_table_too_short_for_the_window_is_refused(tiny_cfg):
     with pytest.raises(ValueError, match="RoPE table longer than"):
-        make_runner(_table(tiny_cfg, 24), dataclasses.replace(LONGLIVE, positions="rolling"), HW, program="block")
+        shared.runner(_table(tiny_cfg, 24), dataclasses.replace(LONGLIVE, positions="rolling"), HW, program="block")
     with pytest.raises(ValueError, match="positions='rolling'"):
-        make_runner(_table(tiny_cfg, 60), LONGLIVE, HW, program="block").generate(None, None, jax.random.key(0),
+        shared.runner(_table(tiny_cfg, 60), LONGLIVE, HW, program="block").generate(None, None, jax.random.key(0),
                                                                                   num_blocks=21)
     with pytest.raises(ValueError, match="positions="):
         PipelineConfig(positions="relative")
@@ -70,8 +70,8 @@ def test_rolling_without_sink_is_the_absolute_stream(tiny_cfg, tiny_params, text
 
     def make(cfg, p):
         if runner == "sequential":
-            return make_runner(cfg, p, HW, program="block")
-        return make_runner(cfg, p, HW, "P4", "bidirectional", program="tick")
+            return shared.runner(cfg, p, HW, program="block")
+        return shared.runner(cfg, p, HW, "P4", "bidirectional", program="tick")
 
     absolute = make(tiny_cfg, pcfg).generate(tiny_params, text, key, num_blocks=n)
     rolling = make(_table(tiny_cfg, 30), dataclasses.replace(pcfg, positions="rolling")).generate(tiny_params, text,
@@ -83,8 +83,9 @@ def test_rolling_with_sink_is_absolute_until_the_table_ends_then_runs_on(tiny_cf
     """With a sink: identical up to the first jump (continuity), then the sink moves closer, so
     the stream changes, stays finite, and never recompiles."""
     key, n, table = jax.random.key(2), 20, 36
-    absolute = make_runner(tiny_cfg, LONGLIVE, HW, program="block").generate(tiny_params, text, key, num_blocks=n)
-    pipe = make_runner(_table(tiny_cfg, table), dataclasses.replace(LONGLIVE, positions="rolling"), HW, program="block")
+    absolute = shared.runner(tiny_cfg, LONGLIVE, HW, program="block").generate(tiny_params, text, key, num_blocks=n)
+    pipe = shared.runner(_table(tiny_cfg, table), dataclasses.replace(LONGLIVE, positions="rolling"), HW,
+                         program="block")
     with CompileCounter() as cc:
         rolling = jnp.concatenate([x for _, x in pipe.blocks(tiny_params, text, key, num_blocks=n)], axis=1)
     assert cc.count <= 3  # block fn (+ its rebase branch, + tiny host ops), never per block
@@ -107,10 +108,10 @@ def test_soak_ten_thousand_frames_no_recompile_no_growth(tiny_cfg, tiny_params, 
     ten times): zero compiles after warm-up, a constant set of live device buffers, flat RSS."""
     pcfg = dataclasses.replace(LONGLIVE, positions="rolling")
     if runner == "sequential":
-        pipe = make_runner(tiny_cfg, pcfg, HW, program="block")
+        pipe = shared.runner(tiny_cfg, pcfg, HW, program="block")
         stream = (x for _, x in pipe.blocks(tiny_params, text, jax.random.key(3), num_blocks=3400))
     else:
-        stream = (x for _, x in make_runner(tiny_cfg, pcfg, HW, "P4", "bidirectional", program="tick").blocks(
+        stream = (x for _, x in shared.runner(tiny_cfg, pcfg, HW, "P4", "bidirectional", program="tick").blocks(
             tiny_params, text, jax.random.key(3), num_blocks=None))
     warm = 50
     for _ in range(warm):

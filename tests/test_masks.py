@@ -1,11 +1,11 @@
-"""Every window of the tick against hand-written visibility for a small slot table."""
+"""Every mask of the tick against hand-written visibility for a small slot table."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bcjax.cascade.masks import tick_frame_mask
-from bcjax.names import WINDOWS
+from bcjax.names import MASKS
 
 # A P4 tick (4 steps + the clean stage) in steady state, one frame per block (block_frames = 1),
 # sink 1 frame, rolling 2 frames: window_frames = 1 + 2 + 1 = 4. Blocks 6..10 are in flight,
@@ -33,21 +33,21 @@ def _render(mask, num_cache: int) -> list[str]:
     return [f"{r[:num_cache]}|{r[num_cache:]}" for r in rows]
 
 
-def _mask(window, busy=None, clean=True, blocks=SLOT_BLOCKS, cache=CACHE_IDS, stages=SLOT_STAGES):
+def _mask(mask, busy=None, clean=True, blocks=SLOT_BLOCKS, cache=CACHE_IDS, stages=SLOT_STAGES):
     m = len(blocks)
     busy = np.ones(m, bool) if busy is None else np.asarray(busy)
     return tick_frame_mask(jnp.arange(m), jnp.asarray(blocks), jnp.asarray(busy), jnp.asarray(cache), block_frames=1,
-                           sink=1, rolling=2, window=window,
+                           sink=1, rolling=2, mask=mask,
                            clean=(jnp.asarray(stages) == 4) & jnp.asarray(busy) if clean else None)
 
 
-def test_every_window_has_a_hand_written_table():
-    assert set(EXPECTED) == set(WINDOWS)
+def test_every_mask_has_a_hand_written_table():
+    assert set(EXPECTED) == set(MASKS)
 
 
-@pytest.mark.parametrize("window", WINDOWS)
-def test_window_visibility_matches_hand_written(window):
-    assert _render(_mask(window), len(CACHE_IDS)) == EXPECTED[window]
+@pytest.mark.parametrize("mask", MASKS)
+def test_mask_visibility_matches_hand_written(mask):
+    assert _render(_mask(mask), len(CACHE_IDS)) == EXPECTED[mask]
 
 
 def test_windowed_rows_never_see_more_than_the_models_window():
@@ -65,14 +65,14 @@ def test_without_a_clean_stage_clean_causal_is_bidirectional():
     np.testing.assert_array_equal(np.asarray(no_clean), np.asarray(_mask("bidirectional", busy=[1, 1, 1, 1, 0])))
 
 
-@pytest.mark.parametrize("window", WINDOWS)
-def test_filling_cascade_idle_slots_are_never_seen(window):
+@pytest.mark.parametrize("mask", MASKS)
+def test_filling_cascade_idle_slots_are_never_seen(mask):
     """Tick 1 of P4: blocks 0 (stage 1) and 1 (stage 0) in slots 0, 1; slots 2..4 idle, cache empty.
-    Every window agrees here (nothing to cut, no clean stage yet) except that causal hides block 1
+    Every mask agrees here (nothing to cut, no clean stage yet) except that causal hides block 1
     from block 0; an idle slot's key is seen by no row but its own."""
     blocks, stages, busy = [0, 1, 2, 3, 4], [1, 0, -1, -1, -1], [1, 1, 0, 0, 0]
-    got = _render(_mask(window, busy=busy, blocks=blocks, cache=[-1, -1, -1], stages=stages), 3)
-    newer = "." if window == "causal" else "1"
+    got = _render(_mask(mask, busy=busy, blocks=blocks, cache=[-1, -1, -1], stages=stages), 3)
+    newer = "." if mask == "causal" else "1"
     assert got[:2] == [f"...|1{newer}...", "...|11..."]
     assert [row[4 + slot] for slot, row in enumerate(got)][2:] == ["1", "1", "1"]
     assert all(row[4 + idle] == "." for slot, row in enumerate(got) for idle in (2, 3, 4) if idle != slot)

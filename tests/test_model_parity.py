@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.model import encode_text, forward
+from bcjax.model import forward, text_kv
 
 TOL = 1e-4
 
@@ -23,7 +23,7 @@ def test_full_sequence_scalar_timestep(tiny_cfg, torch_tiny_params, oracle, time
     ref = oracle(x, np.array([timestep], np.float32), ctx)  # diffusers' scalar-timestep path
     t = np.full((1, 6), timestep, np.float32)
     ours, _ = forward(tiny_cfg, torch_tiny_params, jnp.asarray(x), jnp.asarray(t),
-                      encode_text(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(6))
+                      text_kv(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(6))
     err = np.abs(np.asarray(ours) - ref).max()
     assert err <= TOL, err
     assert np.abs(ref).max() > 0.1  # the comparison is not between two near-zero outputs
@@ -34,7 +34,7 @@ def test_full_sequence_per_frame_timesteps(tiny_cfg, torch_tiny_params, oracle):
     t = np.array([[0.0, 0.0, 0.0, 833.3333, 833.3333, 833.3333]], np.float32)
     ref = oracle(x, t, ctx)
     ours, _ = forward(tiny_cfg, torch_tiny_params, jnp.asarray(x), jnp.asarray(t),
-                      encode_text(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(6))
+                      text_kv(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(6))
     err = np.abs(np.asarray(ours) - ref).max()
     assert err <= TOL, err
     # per-frame timesteps really differ from a scalar one
@@ -49,7 +49,7 @@ def test_batch_of_two(tiny_cfg, torch_tiny_params, oracle):
     t = np.array([[1000.0] * 3, [625.0] * 3], np.float32)
     ref = oracle(x, t, ctx)
     ours, _ = forward(tiny_cfg, torch_tiny_params, jnp.asarray(x), jnp.asarray(t),
-                      encode_text(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(3))
+                      text_kv(tiny_cfg, torch_tiny_params, jnp.asarray(ctx)), jnp.arange(3))
     assert np.abs(np.asarray(ours) - ref).max() <= TOL
 
 
@@ -60,9 +60,9 @@ def test_bf16_runs_close_to_fp32(tiny_cfg, tiny_params):
     p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), tiny_params)
     x, ctx = _inputs(tiny_cfg)
     t = jnp.full((1, 3), 500.0)
-    out32, _ = forward(tiny_cfg, tiny_params, jnp.asarray(x), t, encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx)),
+    out32, _ = forward(tiny_cfg, tiny_params, jnp.asarray(x), t, text_kv(tiny_cfg, tiny_params, jnp.asarray(ctx)),
                        jnp.arange(3))
-    out16, kv16 = forward(cfg16, p16, jnp.asarray(x), t, encode_text(cfg16, p16, jnp.asarray(ctx)), jnp.arange(3))
+    out16, kv16 = forward(cfg16, p16, jnp.asarray(x), t, text_kv(cfg16, p16, jnp.asarray(ctx)), jnp.arange(3))
     assert out16.dtype == jnp.float32 and kv16.k.dtype == jnp.bfloat16
     rel = float(jnp.abs(out16 - out32).max() / jnp.abs(out32).max())
     assert rel < 0.05, rel

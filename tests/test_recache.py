@@ -7,15 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 from longlive_reference import interactive
 
 from bcjax.app.interactive import stream
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.model.wan import KV, forward
 from bcjax.pipeline import PipelineConfig
 from bcjax.pipeline.recache import gather_frames, recache_frames
 from bcjax.pipeline.recache import recache as _recache
-from bcjax.runners import make_runner
 
 HW = (4, 6)
 LONGLIVE = PipelineConfig(window_frames=12, sink_frames=3)  # local_attn_size 12, sink_size 3
@@ -27,7 +27,7 @@ forward = jax.jit(forward, static_argnums=0)
 @pytest.fixture(scope="module")
 def texts(tiny_cfg, tiny_params):
     rng = np.random.default_rng(12)
-    return [encode_text(tiny_cfg, tiny_params,
+    return [text_kv(tiny_cfg, tiny_params,
                         jnp.asarray(rng.standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)), jnp.float32))
             for _ in range(2)]
 
@@ -69,7 +69,7 @@ def _recached(cfg, params, pcfg, text, blocks, cache, s, causal=False):
 def test_past_the_window_the_sink_keeps_the_old_prompt(tiny_cfg, tiny_params, texts):
     """s = 15 > 12: sink K/V untouched; the stored frames are one bidirectional pass over frames
     6..14 that also attends to the OLD sink K/V (frames 3..5 are not keys)."""
-    pipe = make_runner(tiny_cfg, LONGLIVE, HW, program="block")
+    pipe = shared.runner(tiny_cfg, LONGLIVE, HW, program="block")
     cache, blocks = _generate(pipe, tiny_params, texts[0], jax.random.key(1), 5)
     new, frames = _recached(tiny_cfg, tiny_params, LONGLIVE, texts[1], blocks, cache, 15)
     assert sorted(np.asarray(new.frame_ids).tolist()) == [0, 1, 2, 9, 10, 11, 12, 13, 14]
@@ -97,7 +97,7 @@ def test_past_the_window_the_sink_keeps_the_old_prompt(tiny_cfg, tiny_params, te
 
 def test_inside_the_window_everything_is_rewritten(tiny_cfg, tiny_params, texts):
     """s = 9 <= 12: frames 0..8 re-run together, the sink included, no old K/V read."""
-    pipe = make_runner(tiny_cfg, LONGLIVE, HW, program="block")
+    pipe = shared.runner(tiny_cfg, LONGLIVE, HW, program="block")
     cache, blocks = _generate(pipe, tiny_params, texts[0], jax.random.key(2), 3)
     new, frames = _recached(tiny_cfg, tiny_params, LONGLIVE, texts[1], blocks, cache, 9)
     _, kv = forward(tiny_cfg, tiny_params, jnp.asarray(frames[:, 3:]), jnp.zeros((1, 9)), texts[1], jnp.arange(9))
@@ -112,7 +112,7 @@ def test_inside_the_window_everything_is_rewritten(tiny_cfg, tiny_params, texts)
 def test_the_pass_has_no_causal_mask(tiny_cfg, tiny_params, texts):
     """Moving the newest frame changes an older frame's recached K/V under "recache", not under
     "recache-causal"."""
-    pipe = make_runner(tiny_cfg, LONGLIVE, HW, program="block")
+    pipe = shared.runner(tiny_cfg, LONGLIVE, HW, program="block")
     cache, blocks = _generate(pipe, tiny_params, texts[0], jax.random.key(3), 5)
     frames = gather_frames(blocks, 15, 12, 3, blocks[0])
     moved = frames.copy()
@@ -126,7 +126,7 @@ def test_the_pass_has_no_causal_mask(tiny_cfg, tiny_params, texts):
 
 def test_causal_recache_with_the_same_prompt_rebuilds_the_cache(tiny_cfg, tiny_params, texts):
     """The block-causal variant re-derives what the clean passes wrote (inside the window)."""
-    pipe = make_runner(tiny_cfg, LONGLIVE, HW, program="block")
+    pipe = shared.runner(tiny_cfg, LONGLIVE, HW, program="block")
     cache, blocks = _generate(pipe, tiny_params, texts[0], jax.random.key(4), 4)
     again, _ = _recached(tiny_cfg, tiny_params, LONGLIVE, texts[0], blocks, cache, 12, causal=True)
     np.testing.assert_array_equal(np.asarray(again.frame_ids), np.asarray(cache.frame_ids))
@@ -141,7 +141,7 @@ def test_causal_recache_with_the_same_prompt_rebuilds_the_cache(tiny_cfg, tiny_p
                          ids=["s15", "s6", "nosink-s15"])
 def test_stream_equals_longlive_bookkeeping(tiny_cfg, tiny_params, texts, pcfg, switch_at):
     key = jax.random.key(5)
-    pipe = make_runner(tiny_cfg, pcfg, HW, program="block")
+    pipe = shared.runner(tiny_cfg, pcfg, HW, program="block")
     n = 8
     plain = np.concatenate([e.x0 for e in stream(pipe, tiny_params, [(0, texts[0])], key, n)], axis=1)
     ref_plain = interactive(tiny_cfg, tiny_params, pcfg, texts, {}, key, n, HW)

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 
 from bcjax.compile_count import CompileCounter
-from bcjax.model import encode_text, forward
+from bcjax.model import forward, text_kv
 from bcjax.pipeline import PipelineConfig
-from bcjax.runners import make_runner
 from bcjax.schedule import block_noise
 
 HW = (4, 6)  # latent height, width -> 2x3 = 6 tokens per frame
@@ -70,8 +70,8 @@ def test_sequential_matches_oracle_driver(tiny_cfg, torch_tiny_params, oracle, p
     ctx = _context(tiny_cfg)
     key = jax.random.key(7)
     ref = oracle_generate(oracle, pcfg, ctx, num_blocks, key)
-    pipe = make_runner(tiny_cfg, pcfg, HW, program="block")
-    text = encode_text(tiny_cfg, torch_tiny_params, jnp.asarray(ctx))
+    pipe = shared.runner(tiny_cfg, pcfg, HW, program="block")
+    text = text_kv(tiny_cfg, torch_tiny_params, jnp.asarray(ctx))
     ours = np.asarray(pipe.generate(torch_tiny_params, text, key, num_blocks=num_blocks))
     err = np.abs(ours - ref).max(axis=(0, 2, 3, 4))
     assert ours.shape == ref.shape
@@ -85,8 +85,8 @@ def test_cached_generation_equals_teacher_forced_forward(tiny_cfg, tiny_params):
     pcfg = PipelineConfig(denoising_steps=(1000,), window_frames=9, sink_frames=3)
     nb, bf = 5, pcfg.block_frames
     key = jax.random.key(3)
-    text = encode_text(tiny_cfg, tiny_params, jnp.asarray(_context(tiny_cfg, 1)))
-    x0 = make_runner(tiny_cfg, pcfg, HW, program="block").generate(tiny_params, text, key, num_blocks=nb)
+    text = text_kv(tiny_cfg, tiny_params, jnp.asarray(_context(tiny_cfg, 1)))
+    x0 = shared.runner(tiny_cfg, pcfg, HW, program="block").generate(tiny_params, text, key, num_blocks=nb)
     noise = jnp.concatenate([block_noise(key, b, 0, (1, bf, *HW, tiny_cfg.in_channels)) for b in range(nb)], 1)
 
     f = nb * bf
@@ -116,8 +116,8 @@ def test_rope_positions_continue_across_blocks(tiny_cfg):
 
 def test_one_compile_serves_a_long_stream(tiny_cfg, tiny_params):
     pcfg = PipelineConfig(window_frames=9, sink_frames=3)
-    pipe = make_runner(tiny_cfg, pcfg, HW, program="block")
-    text = encode_text(tiny_cfg, tiny_params, jnp.asarray(_context(tiny_cfg)))
+    pipe = shared.runner(tiny_cfg, pcfg, HW, program="block")
+    text = text_kv(tiny_cfg, tiny_params, jnp.asarray(_context(tiny_cfg)))
     key = jax.random.key(0)
     stream = pipe.blocks(tiny_params, text, key, num_blocks=12)
     jax.block_until_ready(next(stream))  # compiles the block function once
@@ -129,8 +129,8 @@ def test_one_compile_serves_a_long_stream(tiny_cfg, tiny_params):
 
 
 def test_same_seed_same_video_and_noise_depends_on_block_and_step(tiny_cfg, tiny_params):
-    pipe = make_runner(tiny_cfg, PipelineConfig(), HW, program="block")
-    text = encode_text(tiny_cfg, tiny_params, jnp.asarray(_context(tiny_cfg)))
+    pipe = shared.runner(tiny_cfg, PipelineConfig(), HW, program="block")
+    text = text_kv(tiny_cfg, tiny_params, jnp.asarray(_context(tiny_cfg)))
     a = pipe.generate(tiny_params, text, jax.random.key(5), num_blocks=2)
     b = pipe.generate(tiny_params, text, jax.random.key(5), num_blocks=2)
     c = pipe.generate(tiny_params, text, jax.random.key(6), num_blocks=2)
@@ -143,17 +143,17 @@ def test_same_seed_same_video_and_noise_depends_on_block_and_step(tiny_cfg, tiny
 
 
 def test_bad_latent_shape_is_named(tiny_cfg, tiny_params):
-    text = encode_text(tiny_cfg, tiny_params, jnp.asarray(_context(tiny_cfg)))
+    text = text_kv(tiny_cfg, tiny_params, jnp.asarray(_context(tiny_cfg)))
     with pytest.raises(ValueError, match=r"channels.*\(1, 3, 4, 6, 8\)"):
         forward(tiny_cfg, tiny_params, jnp.zeros((1, 3, 4, 6, 8)), jnp.zeros((1, 3)), text, jnp.arange(3))
     with pytest.raises(ValueError, match="divisible"):
-        make_runner(tiny_cfg, PipelineConfig(), (5, 6), program="block")
+        shared.runner(tiny_cfg, PipelineConfig(), (5, 6), program="block")
     with pytest.raises(ValueError, match=r"timesteps t must be \[batch, frames\]"):
         forward(tiny_cfg, tiny_params, jnp.zeros((1, 3, 4, 6, 16)), jnp.zeros((1,)), text, jnp.arange(3))
     with pytest.raises(ValueError, match="prompt embeddings"):
-        encode_text(tiny_cfg, tiny_params, jnp.zeros((1, 16, 7)))
+        text_kv(tiny_cfg, tiny_params, jnp.zeros((1, 16, 7)))
     with pytest.raises(ValueError, match="RoPE table"):
-        next(make_runner(tiny_cfg, PipelineConfig(), HW, program="block").blocks(tiny_params, text, jax.random.key(0),
+        next(shared.runner(tiny_cfg, PipelineConfig(), HW, program="block").blocks(tiny_params, text, jax.random.key(0),
                                                                                  num_blocks=400))
 
 

@@ -23,7 +23,7 @@ POLICIES = ("no-recache", "recache")
 
 def test_messages_are_checked_and_the_problem_named():
     ok = protocol.parse(json.dumps({"type": "start", "prompt": "red east fast", "seed": 7}), POLICIES)
-    assert ok == {"type": "start", "prompt": "red east fast", "schedule": "P4", "window": "causal",
+    assert ok == {"type": "start", "prompt": "red east fast", "stagger": "P4", "mask": "causal",
                   "policy": "no-recache", "seed": 7, "fps": 16, "decoder": None}
     bad = {
         "not json": "not JSON",
@@ -33,7 +33,8 @@ def test_messages_are_checked_and_the_problem_named():
         '{"type": "prompt", "prompt": 3}': "field 'prompt' is a int",
         '{"type": "start", "prompt": "a", "seed": -1}': "field 'seed' = -1",
         '{"type": "start", "prompt": "a", "seed": "x"}': "expected an integer",
-        '{"type": "start", "prompt": "a", "schedule": "P9"}': "field 'schedule' = 'P9'",
+        '{"type": "start", "prompt": "a", "stagger": "P9"}': "field 'stagger' = 'P9'",
+        '{"type": "start", "prompt": "a", "schedule": "P4", "stagger": "P4"}': "'stagger' and its old name 'schedule'",
         '{"type": "start", "prompt": "a", "policy": "sometimes"}': "field 'policy'",
         '{"type": "pace", "fps": 1000}': "field 'fps' = 1000",
         '{"type": "start", "prompt": "a", "decoder": "vqgan"}':
@@ -47,6 +48,17 @@ def test_messages_are_checked_and_the_problem_named():
         protocol.parse(b"abc", POLICIES)
     header, images = protocol.unpack_block(protocol.pack_block({"block": 4}, [b"one", b"", b"three"]))
     assert header == {"block": 4, "sizes": [3, 0, 5]} and images == [b"one", b"", b"three"]
+
+
+def test_a_start_message_with_the_old_keys_is_read():
+    """A page or client of the last release sends "schedule" and "window" (now "stagger" and "mask"):
+    read for one release, as the new keys."""
+    old = protocol.parse(json.dumps({"type": "start", "prompt": "red east fast", "schedule": "P2",
+                                     "window": "bidirectional"}), POLICIES)
+    new = protocol.parse(json.dumps({"type": "start", "prompt": "red east fast", "stagger": "P2",
+                                     "mask": "bidirectional"}), POLICIES)
+    assert old == new and old["stagger"] == "P2" and old["mask"] == "bidirectional"
+    assert "schedule" not in old and "window" not in old
 
 
 def test_toy_prompts_are_checked():
@@ -63,16 +75,16 @@ def test_toy_prompts_are_checked():
 
 
 @pytest.mark.slow
-def test_live_prompts_switch_at_the_next_entering_block_like_a_schedule():
-    """A prompt pushed while the stream runs gives the same video as a schedule naming the
+def test_live_prompts_switch_at_the_next_entering_block_like_a_prompt_schedule():
+    """A prompt pushed while the stream runs gives the same video as a prompt schedule naming the
     block it took effect at, for both runners (one loop, one stepping interface)."""
     import jax.numpy as jnp
 
     b = served().backend
-    a, c = b.encode("red east fast"), b.encode("red west slow")
+    a, c = b.prompt_kv("red east fast"), b.prompt_kv("red west slow")
     context = jnp.asarray(b.context("red east fast", 0))
-    for schedule in ("sequential", "P4"):
-        runner = served().app.state.runners.get(schedule, "bidirectional")
+    for stagger in ("sequential", "P4"):
+        runner = served().app.state.runners.get(stagger, "bidirectional")
         live, seen = LivePrompts(a), []
         for tick in steps(runner, b.params, live, jax.random.key(1), 6, context=context):
             seen.append(tick)
@@ -80,7 +92,7 @@ def test_live_prompts_switch_at_the_next_entering_block_like_a_schedule():
                 assert live.push(c) == 1  # in force from the next block that enters
         events = [t.event for t in seen if t.event is not None]
         switch_block = min(blk for t in seen for blk, _, p in t.stages if p == 1)
-        assert switch_block == 3, schedule  # blocks 1, 2 entered before the push
+        assert switch_block == 3, stagger  # blocks 1, 2 entered before the push
         ref = list(stream(runner, b.params, [(0, a), (switch_block, c)], jax.random.key(1), 6, context=context))
         assert [e.block for e in events] == [e.block for e in ref] == list(range(1, 7))
         assert [e.prompt for e in events] == [e.prompt for e in ref] == [0, 0, 1, 1, 1, 1]
@@ -95,10 +107,10 @@ def test_both_runners_step_the_same_way():
     from bcjax.schedule.stagger import stagger_table
 
     b = served().backend
-    text, context = b.encode("red east fast"), jnp.asarray(b.context("red east fast", 2))
+    text, context = b.prompt_kv("red east fast"), jnp.asarray(b.context("red east fast", 2))
     key, n = jax.random.key(2), 5
-    for schedule in ("sequential", "P4"):
-        runner = served().app.state.runners.get(schedule, "bidirectional")
+    for stagger in ("sequential", "P4"):
+        runner = served().app.state.runners.get(stagger, "bidirectional")
         state = runner.start(b.params, text, key, num_blocks=n, context=context)
         assert runner.cache(runner.with_cache(state, runner.cache(state))) is runner.cache(state)
         got, stages = [], []
@@ -111,13 +123,13 @@ def test_both_runners_step_the_same_way():
                 got.append((out.block, np.asarray(out.x0)))
         assert [blk for blk, _ in got] == list(range(1, n + 1))
         ref = (x for _, x in runner.blocks(b.params, text, key, num_blocks=n, context=context))
-        if schedule == "sequential":
+        if stagger == "sequential":
             assert stages == [tuple((blk, st) for st in range(5)) for blk in range(1, n + 1)]
         else:
-            table = stagger_table(runner.stagger, n)
+            table = stagger_table(runner.plan, n)
             assert stages == [tuple(sorted((1 + int(blk), int(st)) for blk, st, u in zip(*row, strict=True) if u))
                               for row in zip(table["block"], table["stage"], table["busy"], strict=True)][:len(stages)]
-            assert len(stages) == runner.stagger.emit_tick(n - 1) + 1  # the last clean pass has no reader
+            assert len(stages) == runner.plan.emit_tick(n - 1) + 1  # the last clean pass has no reader
         for (_, x), r in zip(got, ref, strict=True):
             np.testing.assert_array_equal(x, np.asarray(r))
 
@@ -158,7 +170,7 @@ def test_bad_input_gets_an_error_frame_and_the_stream_goes_on():
             ws.recv(timeout=10)
         assert closed.value.rcvd.code == 1009
     with connect(s) as ws:
-        start(ws, schedule="sequential")
+        start(ws, stagger="sequential")
         assert len(read(ws, 1)[0]) == 1
 
 
@@ -177,7 +189,7 @@ def test_tabs_are_isolated_and_share_compiled_programs():
         got_b, other_b = read(tab_b, 8)
         # resume: the same settings and the prompt the stream was switched to
         tab_c.send(json.dumps({"type": "start", "prompt": "red north slow", "seed": 5, "fps": 0,
-                               "window": "bidirectional"}))
+                               "mask": "bidirectional"}))
         rest_c, _ = read(tab_c, 10)
     assert cc.count == 0, f"a second and third tab compiled {cc.count} programs"
     # tab B saw exactly what it sees alone: C's switch, pause and pace never reached it
@@ -195,7 +207,7 @@ def test_a_closed_tab_stops_its_generation():
         return [t for t in threading.enumerate() if t.name.startswith("bcjax-tab-")]
 
     with connect(s) as ws:
-        start(ws, schedule="sequential", fps=0)
+        start(ws, stagger="sequential", fps=0)
         read(ws, 2)
         assert streams() and s.app.state.sessions
     deadline = time.monotonic() + 10
@@ -256,11 +268,11 @@ def test_decode_overlaps_the_next_step_and_sends_the_same_frames():
     base = served()
     log: list = []
     s = start_server(_Recording(base.backend, log), ack_window=100)
-    s.app.state.runners.get = lambda schedule, window: _Recording(base.app.state.runners.get(schedule, window), log)
-    for schedule in ("sequential", "P4"):
+    s.app.state.runners.get = lambda stagger, mask: _Recording(base.app.state.runners.get(stagger, mask), log)
+    for stagger in ("sequential", "P4"):
         log.clear()
         with connect(s) as ws:
-            start(ws, schedule=schedule, seed=4)
+            start(ws, stagger=stagger, seed=4)
             got, _ = read(ws, 6)
             ws.send(json.dumps({"type": "stop"}))
             until(ws, lambda j: j["type"] == "state" and j["state"] == "stopped")
@@ -278,20 +290,20 @@ def test_decode_overlaps_the_next_step_and_sends_the_same_frames():
                     got.append(ack(ws, m))
             ws.send(json.dumps({"type": "reset"}))
         decoded = [k for what, k in log if what == "decode"]
-        assert len(got) == len(decoded), f"{schedule}: {len(decoded)} blocks decoded, {len(got)} sent after the stop"
+        assert len(got) == len(decoded), f"{stagger}: {len(decoded)} blocks decoded, {len(got)} sent after the stop"
         at = {event: i for i, event in enumerate(log)}
         for k, (header, _) in enumerate(got[:6]):
             # the step after the block's: dispatched after the block's decode, before its pixels are fetched
-            assert at[("decode", k)] < at[("step", header["tick"] + 1)] < at[("fetch", k)], (schedule, k, log)
+            assert at[("decode", k)] < at[("step", header["tick"] + 1)] < at[("fetch", k)], (stagger, k, log)
         # the frames of decoding each block before the next step (the PNGs are lossless: same pixels)
         b = base.backend
         encode, ref = b.frame_encoder(), []
         # endless, as the server's: a cascade told its length drains differently at the end
-        ticks = steps(base.app.state.runners.get(schedule, "bidirectional"), b.params,
-                      LivePrompts(b.encode("red east fast")), jax.random.key(4), None,
+        ticks = steps(base.app.state.runners.get(stagger, "bidirectional"), b.params,
+                      LivePrompts(b.prompt_kv("red east fast")), jax.random.key(4), None,
                       context=jnp.asarray(b.context("red east fast", 4)))
         while len(ref) < len(got):
             if (e := next(ticks).event) is not None:
                 ref.append((e.block, encode(e.x0)()[0]))
         ticks.close()
-        assert [(h["block"], imgs) for h, imgs in got] == ref, schedule
+        assert [(h["block"], imgs) for h, imgs in got] == ref, stagger

@@ -51,7 +51,7 @@ def test_page_streams_switches_and_shows_the_latency(tmp_path):
             assert options == ["red south-east", "red south", "red south-west"]
             page.fill("#prompt", "red south-east fast")
             assert page.locator("#strip .cell").count() == 5  # 4 denoising stages + the clean pass
-            page.select_option("#schedule", "P4")
+            page.select_option("#stagger", "P4")
             page.select_option("#fps", "30")
             page.click("#start")
             # the first start compiles: the page says so, counting seconds, then runs
@@ -136,7 +136,7 @@ def test_page_picks_taehv_for_a_checkpoint_and_shows_its_decode_time(tmp_path):
                   what="the hello")
             assert page.eval_on_selector_all("#decoder option", "os => os.map(o => o.value)") == ["wan", "taehv"]
             assert page.input_value("#decoder") == "taehv" and not page.is_disabled("#decoder")
-            page.select_option("#schedule", "P2")
+            page.select_option("#stagger", "P2")
             page.select_option("#fps", "8")
             page.fill("#prompt", "a red fox runs")  # the tiny text encoder reads 16 tokens
             page.click("#start")

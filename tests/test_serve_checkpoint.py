@@ -26,7 +26,7 @@ def test_a_real_checkpoint_streams_jpeg_frames_and_switches_free_text(checkpoint
     with pytest.raises(ValueError, match="tokens long; the text encoder reads at most 16"):
         s.backend.check("the cat sits on a warm mat " * 3)
     with connect(s) as ws:
-        start(ws, prompt="a red fox runs", schedule="P2", window="causal")
+        start(ws, prompt="a red fox runs", stagger="P2", mask="causal")
         blocks, _ = read(ws, 2, timeout=120)
         header, images = blocks[0]
         assert header["mime"] == "image/jpeg" and len(images) == 9  # 3 latent frames -> 1 + 4 * 2 video frames
@@ -49,12 +49,12 @@ def test_the_page_picks_the_decoder_and_hears_each_blocks_decode_time(checkpoint
     model = s.backend.describe()  # what the hello carries
     assert model["decoders"] == ["wan", "taehv"] and model["decoder"] == "taehv" and model["decode_device"]
     with connect(s) as ws:
-        start(ws, prompt="a red fox runs", schedule="sequential", decoder="taehv")
+        start(ws, prompt="a red fox runs", stagger="sequential", decoder="taehv")
         state = until(ws, lambda j: j["type"] == "state", timeout=120)
         assert state["settings"]["decoder"] == "taehv"
         (header, images), = read(ws, 1, timeout=120)[0]
         assert header["decoder"] == "taehv" and header["decode_ms"] > 0 and len(images) == 9  # TAEHV keeps Wan's frames
-        start(ws, prompt="a red fox runs", schedule="sequential", decoder="wan")  # another decoder: a new stream
+        start(ws, prompt="a red fox runs", stagger="sequential", decoder="wan")  # another decoder: a new stream
         state = until(ws, lambda j: j["type"] == "state" and j["state"] == "compiling")
         assert state["settings"]["decoder"] == "wan"
         header = None
@@ -97,11 +97,11 @@ def test_overlapped_decode_sends_the_frames_of_decoding_each_block_in_turn(check
 
     s = start_server(CheckpointBackend(checkpoint_dir, video_hw=(32, 48)), ack_window=100)
     with connect(s) as ws:
-        start(ws, prompt="a red fox runs", schedule="sequential", decoder="taehv", seed=3)
+        start(ws, prompt="a red fox runs", stagger="sequential", decoder="taehv", seed=3)
         got, _ = read(ws, 3, timeout=120)
     b, encode, ref = s.backend, s.backend.frame_encoder("taehv"), []
     ticks = steps(s.app.state.runners.get("sequential", "bidirectional"), b.params,
-                  LivePrompts(b.encode("a red fox runs")), jax.random.key(3), None)
+                  LivePrompts(b.prompt_kv("a red fox runs")), jax.random.key(3), None)
     while len(ref) < len(got):
         if (e := next(ticks).event) is not None:
             ref.append((e.block, encode(e.x0)()[0]))  # decoded and fetched before the next step
@@ -124,15 +124,15 @@ def test_a_krea_stream_follows_krea_s_loop_with_the_vae_round_trip(checkpoint_di
     s = start_server(CheckpointBackend(checkpoint_dir, port="krea_14b", video_hw=(32, 48)), ack_window=100)
     assert s.backend.describe()["decoder"] == "wan"
     with connect(s) as ws:
-        start(ws, prompt="a red fox runs", schedule="sequential", policy="recache", seed=3)
+        start(ws, prompt="a red fox runs", stagger="sequential", policy="recache", seed=3)
         err = until(ws, lambda j: j["type"] == "error")
         assert "keeps no cache" in err["message"], err
-        start(ws, prompt="a red fox runs", schedule="sequential", seed=3)
+        start(ws, prompt="a red fox runs", stagger="sequential", seed=3)
         got, _ = read(ws, 3, timeout=180)
     b = s.backend
     t2v, pad = b.t2v, b.t2v.vae_cfg.first_chunk_padding
     ref = []
-    for i, (_, video) in enumerate(t2v._latent_blocks(b.encode("a red fox runs"), 3, jax.random.key(3))):
+    for i, (_, video) in enumerate(t2v._latent_blocks(b.prompt_kv("a red fox runs"), 3, jax.random.key(3))):
         video = video[:, pad:] if i == 0 else video
         ref.append(_images(to_uint8(video[0]), "JPEG", quality=b.quality))
     assert [len(imgs) for imgs in ref] == [9, 12, 12]

@@ -156,8 +156,8 @@ def test_blind_acks_count_only_what_the_transport_took():
     before = set(s.app.state.sessions)
     t0 = time.monotonic()
     sock = deaf_tab(s)
-    send_text(sock, json.dumps({"type": "start", "prompt": "red east fast", "schedule": "P4", "fps": 0,
-                                "window": "bidirectional", "policy": "no-recache", "seed": 0}))
+    send_text(sock, json.dumps({"type": "start", "prompt": "red east fast", "stagger": "P4", "fps": 0,
+                                "mask": "bidirectional", "policy": "no-recache", "seed": 0}))
     assert _wait(lambda: len(s.app.state.sessions) > len(before), 10)
     (session,) = set(s.app.state.sessions) - before
     gen, delivered, progress = None, 0, time.monotonic()  # progress: when the transport last took a block

@@ -182,7 +182,7 @@ def test_100_prompts_leave_threads_rss_and_text_kv_bounded():
 
     s = served()
     cache = s.backend.text_cache
-    one = kv_bytes(s.backend.encode("red east fast"))
+    one = kv_bytes(s.backend.prompt_kv("red east fast"))
     saved = cache.max_bytes
     cache.max_bytes = 8 * one
     threads, rss = len(threading.enumerate()), _rss_mb()
@@ -224,7 +224,7 @@ def test_a_tab_past_the_cap_gets_the_hello_then_why():
             tabs.enter_context(connect(s))
         with ws_connect(s.ws_url, open_timeout=10) as ninth:
             hello = json.loads(ninth.recv(timeout=10))
-            assert hello["type"] == "hello" and hello["schedules"] and hello["model"]["stages"]
+            assert hello["type"] == "hello" and hello["staggers"] and hello["model"]["stages"]
             error = json.loads(ninth.recv(timeout=10))
             assert error["full"] and "8 tabs" in error["message"]
             with pytest.raises(ConnectionClosed) as closed:

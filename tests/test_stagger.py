@@ -67,10 +67,10 @@ def _render(table: np.ndarray) -> list[str]:
     return ["".join("." if v < 0 else str(v) for v in row) for row in table]
 
 
-@pytest.mark.parametrize("steps,schedule,num_blocks", sorted(EXPECTED), ids=lambda v: str(v))
-def test_stagger_table_matches_hand_written(steps, schedule, num_blocks):
-    want = EXPECTED[(steps, schedule, num_blocks)]
-    st = make_stagger(schedule, steps)
+@pytest.mark.parametrize("steps,stagger,num_blocks", sorted(EXPECTED), ids=lambda v: str(v))
+def test_stagger_table_matches_hand_written(steps, stagger, num_blocks):
+    want = EXPECTED[(steps, stagger, num_blocks)]
+    st = make_stagger(stagger, steps)
     assert (st.stride, st.num_slots) == (want["stride"], want["slots"])
     table = stagger_table(st, num_blocks)
     assert _render(table["stage"]) == want["stage"]
@@ -78,9 +78,9 @@ def test_stagger_table_matches_hand_written(steps, schedule, num_blocks):
 
 
 @pytest.mark.parametrize("steps", [3, 4, 5])
-@pytest.mark.parametrize("schedule", ["sequential", "P1", "P2", "P4", "P1-no-clean", "P2-no-clean", "P4-no-clean"])
-def test_stagger_invariants(steps, schedule):
-    st = make_stagger(schedule, steps)
+@pytest.mark.parametrize("stagger", ["sequential", "P1", "P2", "P4", "P1-no-clean", "P2-no-clean", "P4-no-clean"])
+def test_stagger_invariants(steps, stagger):
+    st = make_stagger(stagger, steps)
     nb = 9
     table = stagger_table(st, nb)
     busy = table["busy"]
@@ -92,24 +92,24 @@ def test_stagger_invariants(steps, schedule):
     for row_stage, row_busy in zip(table["stage"], busy, strict=True):  # at most one block per stage per tick
         stages = row_stage[row_busy]
         assert len(stages) == len(set(stages))
-    if schedule == "sequential":
+    if stagger == "sequential":
         assert busy.sum(axis=1).max() == 1
 
 
 def test_one_slot_per_block_in_flight_and_errors():
-    # slots are not devices (the stage axis splits tokens): never a padded, idle slot
-    for schedule, slots in (("P4", 5), ("P2", 3), ("P1", 2), ("sequential", 1)):
-        st = make_stagger(schedule, 4)
+    # slots are not devices (the `tokens` axis splits tokens): never a padded, idle slot
+    for stagger, slots in (("P4", 5), ("P2", 3), ("P1", 2), ("sequential", 1)):
+        st = make_stagger(stagger, 4)
         assert st.in_flight == st.num_slots == slots
-    with pytest.raises(ValueError, match="schedule 'P0'"):
+    with pytest.raises(ValueError, match="stagger 'P0'"):
         make_stagger("P0", 4)
-    with pytest.raises(ValueError, match="schedule 'fast'"):
+    with pytest.raises(ValueError, match="stagger 'fast'"):
         make_stagger("fast", 4)
     with pytest.raises(ValueError, match="cannot hold the 5 blocks in flight"):
         Stagger(4, 1, 4)
 
 
-def test_no_clean_schedules_drop_the_clean_stage():
+def test_no_clean_staggers_drop_the_clean_stage():
     from bcjax.cascade.tokens import token_split
 
     st = make_stagger("P4-no-clean", 4)
@@ -119,12 +119,12 @@ def test_no_clean_schedules_drop_the_clean_stage():
     # P1 of it is the sequential pipeline without the clean pass: one block at a time, n passes each
     assert make_stagger("P1-no-clean", 4) == make_stagger("sequential-no-clean", 4) == Stagger(4, 4, 1, False)
     assert (st.num_ticks(10), make_stagger("P4", 4).num_ticks(10)) == (13, 14)  # one stage less to drain
-    # its 4 blocks in flight split over 4 and 8 stage devices with no padding group (1560 tokens a
+    # its 4 blocks in flight split over 4 and 8 `tokens` devices with no padding group (1560 tokens a
     # 480 x 832 frame; the tests' tiny 6-token frame in groups of 3 on 8)
     for p, devices, group in ((1560, 4, None), (1560, 8, None), (6, 4, None), (6, 8, 3)):
         sp = token_split(st.in_flight * 3, p, devices, group)
         assert sp.padded_tokens == sp.tokens, (p, devices)
-    with pytest.raises(ValueError, match="schedule 'P0-no-clean'"):
+    with pytest.raises(ValueError, match="stagger 'P0-no-clean'"):
         make_stagger("P0-no-clean", 4)
     with pytest.raises(ValueError, match=r"stride 5 must be in \[1, 4\] for 4 steps and no clean pass"):
         Stagger(4, 5, 1, False)

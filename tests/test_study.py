@@ -27,8 +27,8 @@ def test_study_runs_the_named_settings_and_pairs_them_with_sequential(tmp_path):
     np.testing.assert_allclose(pos["P4-no-clean-causal"]["diff"], diff.mean(), atol=1e-9)
 
 
-@pytest.mark.parametrize("spec, msg", [("P5x", "schedule 'P5x'"), ("P4:sideways", "window 'sideways'"),
-                                       ("sequential:causal", "sequential has no window")])
+@pytest.mark.parametrize("spec, msg", [("P5x", "stagger 'P5x'"), ("P4:sideways", "mask 'sideways'"),
+                                       ("sequential:causal", "sequential has no mask")])
 def test_a_bad_setting_names_what_is_wrong(spec, msg):
     with pytest.raises(ValueError, match=msg):
         study.parse_setting(spec)

@@ -74,11 +74,11 @@ def _probe(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["sequential", "P4"])
-def test_cli_writes_a_playable_mp4(tiny_checkpoint, tmp_path, capsys, schedule):
+@pytest.mark.parametrize("stagger", ["sequential", "P4"])
+def test_cli_writes_a_playable_mp4(tiny_checkpoint, tmp_path, capsys, stagger):
     out = tmp_path / "fox.mp4"
     rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox in the snow",
-               "--num-blocks", "2", "--size", "32", "48", "--schedule", schedule, "--out", str(out), "--seed", "3"])
+               "--num-blocks", "2", "--size", "32", "48", "--stagger", stagger, "--out", str(out), "--seed", "3"])
     assert rc == 0
     # 2 blocks = 6 latent frames -> 1 + 4 * 5 = 21 video frames of 48x32
     assert _probe(out) == ((48, 32), 21)
@@ -103,7 +103,7 @@ def test_bad_paths_and_flags_are_named(tiny_checkpoint, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mp4"))
     with pytest.raises(SystemExit):
-        main(["generate", "--schedule", "P3"])
+        main(["generate", "--stagger", "P3"])
 
 
 def test_convert_errors_are_named(sources, tmp_path, capsys):
@@ -122,6 +122,37 @@ def test_convert_errors_are_named(sources, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_checkpoint_samples_with_its_own_port_unless_told():
+    """Which sampler a checkpoint runs is decided once, below the CLI (`ports.for_checkpoint`), so
+    `bcjax generate`, `bcjax serve` and `TextToVideo` agree: Krea's loop for a Krea checkpoint run
+    sequentially, its clean-pass variant under a cascade or where each tab picks (the server)."""
+    import ports
+
+    krea = {"layout": "krea"}
+    assert ports.for_checkpoint(krea, "sequential").name == "krea_14b"
+    assert ports.for_checkpoint(krea, "P4").name == ports.for_checkpoint(krea, None).name == "krea_14b_clean_pass"
+    assert ports.for_checkpoint({"layout": "self_forcing"}, "sequential").name == "self_forcing"
+    assert ports.for_checkpoint({}, "P4").name == "self_forcing"
+
+
+@pytest.mark.slow
+def test_a_krea_checkpoint_runs_krea_s_loop_without_being_told(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    import ports
+    from bcjax.app.t2v import TextToVideo
+
+    krea = tmp_path / "krea"
+    shutil.copytree(tiny_checkpoint, krea)
+    config = json.loads((krea / "config.json").read_text())
+    config["provenance"]["layout"] = "krea"
+    (krea / "config.json").write_text(json.dumps(config))
+    assert TextToVideo(str(krea), video_hw=(32, 48)).pcfg == ports.get("krea_14b").pipeline
+    assert TextToVideo(str(krea), video_hw=(32, 48), stagger="P4").pcfg == ports.get("krea_14b_clean_pass").pipeline
+    assert TextToVideo(str(tiny_checkpoint), video_hw=(32, 48)).pcfg == ports.get("self_forcing").pipeline
+
+
 @pytest.mark.slow
 def test_krea_mode_reencodes_the_first_frame_through_the_vae(tiny_checkpoint, tmp_path):
     """Krea's R: the last pixel frame decoded from latent frame 3b-3, encoded alone as an image;
@@ -133,7 +164,7 @@ def test_krea_mode_reencodes_the_first_frame_through_the_vae(tiny_checkpoint, tm
     from bcjax.vae.wan_vae import decode, encode
 
     t2v = TextToVideo(str(tiny_checkpoint), ports.get("krea_14b").pipeline, video_hw=(32, 48))
-    text = t2v.encode("a red fox in the snow")
+    text = t2v.prompt_kv("a red fox in the snow")
     trip = VAERoundTrip(t2v.vae_cfg, t2v.vae, 1, t2v.latent_hw)
     rs = []
     latents = t2v.denoiser.generate(t2v.dit, text, jax.random.key(0), num_blocks=3,
@@ -145,7 +176,7 @@ def test_krea_mode_reencodes_the_first_frame_through_the_vae(tiny_checkpoint, tm
     assert float(jnp.abs(rs[1] - latents[:, 3:4]).max()) > 1e-3  # the round trip is not the identity
     out = tmp_path / "krea.mp4"
     rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--port", "krea_14b",
-               "--num-blocks", "2", "--size", "32", "48", "--schedule", "sequential", "--out", str(out)])
+               "--num-blocks", "2", "--size", "32", "48", "--stagger", "sequential", "--out", str(out)])
     assert rc == 0 and _probe(out) == ((48, 32), 21)
 
 
@@ -153,7 +184,7 @@ def test_krea_mode_reencodes_the_first_frame_through_the_vae(tiny_checkpoint, tm
 def test_video_to_video_from_an_mp4(tiny_checkpoint, tmp_path, capsys):
     src, out = tmp_path / "in.mp4", tmp_path / "v2v.mp4"
     base = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "2",
-            "--size", "32", "48", "--schedule", "sequential"]
+            "--size", "32", "48", "--stagger", "sequential"]
     assert main(base + ["--out", str(src)]) == 0
     assert main(base + ["--video", str(src), "--strength", "0.5", "--out", str(out)]) == 0
     assert _probe(out) == ((48, 32), 21)
@@ -191,10 +222,10 @@ def test_krea_mode_decodes_each_block_once(tiny_checkpoint, tmp_path, monkeypatc
 def test_taehv_decoder_writes_the_same_frame_count(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "taehv.mp4"
     rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "2",
-               "--size", "32", "48", "--schedule", "P4", "--decoder", "taehv", "--out", str(out)])
+               "--size", "32", "48", "--stagger", "P4", "--decoder", "taehv", "--out", str(out)])
     assert rc == 0 and _probe(out) == ((48, 32), 21)  # TAEHV's trim keeps Wan's 1 + 4 (F - 1) frames
     assert "decode (taehv on" in capsys.readouterr().out
     rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "1",
-               "--size", "32", "48", "--schedule", "sequential", "--port", "krea_14b", "--decoder", "taehv",
+               "--size", "32", "48", "--stagger", "sequential", "--port", "krea_14b", "--decoder", "taehv",
                "--out", str(out)])
     assert rc == 2 and "round trip decodes every block with the Wan VAE" in capsys.readouterr().err

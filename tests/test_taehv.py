@@ -152,21 +152,21 @@ def test_bad_latents_are_named(cfg, params):
 
 
 def test_decode_device_outside_the_mesh(cfg, params, ref):
-    """On the 5 fake CPU devices: a 4-stage mesh leaves device 4 for decoding; a full mesh leaves the
-    host; a device inside the mesh is allowed with a warning that names the cost."""
+    """On the suite's 10 fake CPU devices: a 4-stage mesh leaves device 4 for decoding; a full mesh
+    leaves the host; a device inside the mesh is allowed with a warning that names the cost."""
     from bcjax.cascade import make_mesh
     from bcjax.vae.decoders import PixelDecoder, decode_device
 
-    assert jax.device_count() == 5, "conftest sets 5 fake CPU devices before jax starts"
+    assert jax.device_count() == 10, "conftest sets 10 fake CPU devices before jax starts (tests/shared.py)"
     mesh4 = make_mesh(4)
     device = decode_device(None, mesh4)
     assert device == jax.devices()[4] and decode_device("auto", mesh4) == device
-    assert decode_device(None, make_mesh(5)) == jax.devices("cpu")[0]
+    assert decode_device(None, make_mesh(10)) == jax.devices("cpu")[0]
     assert decode_device(None, None) == jax.devices()[1]  # one-device runs decode beside device 0
-    with pytest.warns(UserWarning, match="stage 0 of the denoising mesh.*lockstep"):
+    with pytest.warns(UserWarning, match="mesh position 0 of the denoising mesh.*lockstep"):
         assert decode_device("0", mesh4) == jax.devices()[0]
-    with pytest.raises(ValueError, match=r"--decode-device 9: no such device; ids are \[0, 1, 2, 3, 4\]"):
-        decode_device("9", mesh4)
+    with pytest.raises(ValueError, match=r"--decode-device 10: no such device; ids are \[0, 1, 2, .*, 9\]"):
+        decode_device("10", mesh4)
     with pytest.raises(ValueError, match="expected auto, cpu or a device id"):
         decode_device("gpu", mesh4)
     pixels = PixelDecoder("taehv", cfg, params, device)

@@ -1,27 +1,21 @@
-"""The stage axis splits a tick's tokens: any device count runs any schedule and equals one device.
+"""The `tokens` axis splits a tick's tokens: any device count runs any stagger and equals one device.
 
 No torch: random Flax-initialised weights; the reference is the same runner on one device (whose
 parity with the diffusers oracle and upstream pipelines the other tests hold)."""
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import token_split_case
+from shared import runner
 
 import ports
 from bcjax.cascade import make_mesh
 from bcjax.cascade.tokens import token_split
-from bcjax.model import WanConfig, encode_text, init_params
+from bcjax.model import init_params, text_kv
 from bcjax.pipeline import PipelineConfig
-from bcjax.runners import make_runner
 
-HERE = pathlib.Path(__file__).parent
 HW = (4, 6)  # 2 x 3 = 6 tokens per frame with the tiny model's 2 x 2 patches
 ROLLING = PipelineConfig(window_frames=9, sink_frames=3)
 KREA = ports.get("krea_14b").pipeline
@@ -52,17 +46,17 @@ def test_a_split_that_cannot_divide_pads_little_and_keeps_groups_large():
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = WanConfig.preset("tiny", attention="xla")
+    cfg = token_split_case.CFG  # its one-device references are the ones the 8-device case compares to
     params = init_params(cfg, jax.random.key(0), HW)
     prompt = jnp.asarray(np.random.default_rng(0).standard_normal((1, cfg.text_len, cfg.text_dim)), jnp.float32)
-    return cfg, params, encode_text(cfg, params, prompt)
+    return cfg, params, text_kv(cfg, params, prompt)
 
 
 def _err(a, b):
     return float(jnp.abs(jnp.asarray(a) - jnp.asarray(b)).max())
 
 
-# a spread of schedules x device counts x group sizes (all of them on 8 devices: token_split_case.py)
+# a spread of staggers x device counts x group sizes (all of them on 8 devices: token_split_case.py)
 @pytest.mark.parametrize("name, schedule, window, devices, group", [
     ("sequential", "sequential", "causal", 2, None),
     ("sequential", "sequential", "causal", 3, 2),
@@ -79,38 +73,34 @@ def test_split_ticks_equal_one_device(model, name, schedule, window, devices, gr
     cfg, params, text = model
     pcfg = KREA if name == "krea" else ROLLING
     key = jax.random.key(3)
-    ref = make_runner(cfg, pcfg, HW, schedule, window, program="tick").generate(params, text, key, num_blocks=5)
-    got = make_runner(cfg, pcfg, HW, schedule, window, make_mesh(devices), token_group=group,
-                      program="tick").generate(params, text, key, num_blocks=5)
+    ref = runner(cfg, pcfg, HW, schedule, window, program="tick").generate(params, text, key, num_blocks=5)
+    got = runner(cfg, pcfg, HW, schedule, window, make_mesh(devices), token_group=group,
+                 program="tick").generate(params, text, key, num_blocks=5)
     assert _err(got, ref) <= 1e-5
 
 
 @pytest.mark.slow
 def test_context_parallel_sequential_is_the_sequential_pipeline_and_krea_loop(model):
-    """The sequential schedule split over devices is the sequential pipeline (and, with Krea's
+    """The sequential stagger split over devices is the sequential pipeline (and, with Krea's
     rules, Krea's loop with R the latent frame) computed on one device."""
     if jax.device_count() < 5:
         pytest.skip("needs 5 devices")
     cfg, params, text = model
     key = jax.random.key(5)
-    seq = make_runner(cfg, ROLLING, HW, program="block").generate(params, text, key, num_blocks=4)
-    cp = make_runner(cfg, ROLLING, HW, "sequential", mesh=make_mesh(5), program="tick")
-    assert _err(cp.generate(params, text, key, num_blocks=4), seq) <= 1e-5
-    krea = make_runner(cfg, KREA, HW, program="krea").generate(params, text, key, num_blocks=4)
-    cp = make_runner(cfg, KREA, HW, "sequential", mesh=make_mesh(5), program="tick")
-    assert _err(cp.generate(params, text, key, num_blocks=4), krea) <= 1e-5
+    seq = runner(cfg, ROLLING, HW, program="block").generate(params, text, key, num_blocks=5)
+    cp = runner(cfg, ROLLING, HW, "sequential", mesh=make_mesh(5), program="tick")
+    assert _err(cp.generate(params, text, key, num_blocks=5), seq) <= 1e-5
+    krea = runner(cfg, KREA, HW, program="krea").generate(params, text, key, num_blocks=5)
+    cp = runner(cfg, KREA, HW, "sequential", mesh=make_mesh(5), program="tick")
+    assert _err(cp.generate(params, text, key, num_blocks=5), krea) <= 1e-5
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """token_split_case.py's figures, from its own 8-device process."""
-    tmp = tmp_path_factory.mktemp("split")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(HERE / "token_split_case.py"), str(tmp / "out.json")],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((tmp / "out.json").read_text())
+def report():
+    """token_split_case.py's figures (8 of the suite's 10 devices)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/shared.py gives the suite 10)")
+    return token_split_case.report()
 
 
 @pytest.mark.slow

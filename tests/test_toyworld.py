@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcjax.model import encode_text, init_params
+from bcjax.model import init_params, text_kv
 from bcjax.model.kv_cache import write_frames
 from bcjax.pipeline import PipelineConfig
 from bcjax.runners import make_runner
@@ -167,7 +167,7 @@ def test_training_forward_equals_kv_cached_passes(visible):
     clips, ctx = jnp.asarray(clips), jnp.asarray(ctx)
     x_t = jnp.asarray(np.random.default_rng(4).standard_normal(clips[:, -bf:].shape), jnp.float32)
     t = jnp.asarray([900.0, 250.0])
-    text = encode_text(cfg, params, ctx)
+    text = text_kv(cfg, params, ctx)
     flow = jax.jit(tw.context_flow, static_argnums=0)(cfg, params, clips[:, :-bf], x_t, t, jnp.full((2,), visible),
                                                       text)
 
@@ -258,8 +258,8 @@ def test_png_round_trip(tmp_path):
 
 # -- diffusion forcing and self-rollout -------------------------------------------------------
 
-@pytest.mark.parametrize("window", ["causal", "bidirectional"])
-def test_diffusion_forcing_mask_is_a_cascade_ticks(window):
+@pytest.mark.parametrize("mask", ["causal", "bidirectional"])
+def test_diffusion_forcing_mask_is_a_cascade_ticks(mask):
     """In-flight blocks of a training layout see exactly what a P4 tick shows them: the clean
     cache inside their window, older in-flight blocks inside it, newer ones when bidirectional."""
     from bcjax.cascade.masks import tick_key_mask
@@ -273,32 +273,32 @@ def test_diffusion_forcing_mask_is_a_cascade_ticks(window):
     cache_ids = np.arange(2 * bf, 4 * bf)
     tick = np.asarray(tick_key_mask(jnp.arange(st.num_slots), jnp.asarray(slot_blocks), jnp.ones(st.num_slots, bool),
                                     jnp.asarray(cache_ids), block_frames=bf, tokens_per_frame=1, sink=0,
-                                    rolling=k * bf, window=window))[0]
+                                    rolling=k * bf, mask=mask))[0]
     index = np.arange(2, 9)
     kind = np.asarray([tw.CLEAN] * 2 + [tw.FLIGHT] * 5)
-    ours = np.asarray(tw.layout_mask(index, kind, jnp.ones((1, 7), bool), jnp.asarray([window == "bidirectional"]), k,
+    ours = np.asarray(tw.layout_mask(index, kind, jnp.ones((1, 7), bool), jnp.asarray([mask == "bidirectional"]), k,
                                      bf))[0]
     for qi, qb in enumerate(index):
         if kind[qi] != tw.FLIGHT:
             continue
         for ki, kb in enumerate(index):
             col = (list(cache_ids).index(kb * bf) if kb < 4 else len(cache_ids) + (kb % st.num_slots) * bf)
-            assert ours[qi, ki * bf] == tick[qb % st.num_slots, col], (window, qb, kb)
+            assert ours[qi, ki * bf] == tick[qb % st.num_slots, col], (mask, qb, kb)
     # a clean block's view is its clean pass's: the clean blocks before it in the window, itself
     np.testing.assert_array_equal(ours[1, ::bf], [True, True, False, False, False, False, False])
 
 
-@pytest.mark.parametrize("schedule", ["P4", "P2", "P4-no-clean"])
-def test_cascade_layouts_are_the_schedules_ticks(schedule):
-    """`--cascade`: every drawn clip is a tick of the schedule's stagger table (the in-flight blocks
+@pytest.mark.parametrize("stagger", ["P4", "P2", "P4-no-clean"])
+def test_cascade_layouts_are_the_staggers_ticks(stagger):
+    """`--cascade`: every drawn clip is a tick of the stagger's table (the in-flight blocks
     oldest first at their stages, the cache a generation has before them), fill, steady state and
     drain all occur, and the stages' sigmas are the sampler's table (the clean stage: sigma 0)."""
     from bcjax.schedule.stagger import make_stagger, stagger_table
 
-    tcfg = dataclasses.replace(SMALL_TCFG, stage="diffusion-forcing", cascade=schedule, cascade_prob=1.0, batch=96,
+    tcfg = dataclasses.replace(SMALL_TCFG, stage="diffusion-forcing", cascade=stagger, cascade_prob=1.0, batch=96,
                                max_block=6)
     pcfg = tw.toy_pipeline_config(tcfg)
-    st = make_stagger(schedule, pcfg.num_steps)
+    st = make_stagger(stagger, pcfg.num_steps)
     assert tcfg.flight_blocks(pcfg) == st.in_flight
     clips, visible, flying, stages, _ = tw.tick_layouts(np.random.default_rng(0), SMALL, pcfg, tcfg)
     k, m, bf = tcfg.context_blocks, st.in_flight, SMALL.block_frames
@@ -330,7 +330,7 @@ def test_cascade_layouts_are_the_schedules_ticks(schedule):
 
 
 def test_cascade_option_refuses_what_it_cannot_train():
-    with pytest.raises(ValueError, match="schedule 'P4x'"):
+    with pytest.raises(ValueError, match="stagger 'P4x'"):
         tw.TrainConfig(stage="diffusion-forcing", cascade="P4x")
     with pytest.raises(ValueError, match="diffusion-forcing stage; stage is 'self-rollout'"):
         tw.TrainConfig(stage="self-rollout", cascade="P4")
@@ -348,7 +348,7 @@ def test_rollout_is_the_sequential_pipeline():
     clips, visible, ctx = tw.sample_clips(np.random.default_rng(6), world, tcfg, targets=2)
     clips, ctx = jnp.asarray(clips), jnp.asarray(ctx)
     key = jax.random.key(7)
-    text = encode_text(cfg, params, ctx)
+    text = text_kv(cfg, params, ctx)
     want = make_runner(cfg, pcfg, (world.size, world.size), program="block").generate(params, text, key, num_blocks=2,
                                                                                       context=clips[:, :bf])
     last = jnp.full((2, 2), pcfg.num_steps - 1)

@@ -63,7 +63,7 @@ def test_cli_harness_writes_its_files(tmp_path):
     from bcjax.cli import main
 
     assert main(["eval", "toyworld", "--checkpoint", ev.SHIPPED, "--num-prompts", "2", "--blocks", "2",
-                 "--schedules", "sequential,P4", "--windows", "bidirectional", "--out", str(tmp_path)]) == 0
+                 "--staggers", "sequential,P4", "--masks", "bidirectional", "--out", str(tmp_path)]) == 0
     for f in ("table.md", "metrics.csv", "summary.json", "mse_per_block.png", "pos_err_per_block.png", "frames.png"):
         assert os.path.getsize(tmp_path / f) > 0, f
     assert set(json.loads((tmp_path / "summary.json").read_text())["summary"]) == {

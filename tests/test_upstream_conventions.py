@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.model.wan import forward
 from bcjax.pipeline import PipelineConfig
-from bcjax.runners import make_runner
 
 HW = (4, 6)
 NOISY_CONTEXT = PipelineConfig(window_frames=9, sink_frames=3, context_noise=50.0)
@@ -34,9 +34,9 @@ def _kv_at(cfg, params, text, frames, t, first_frame):
 
 @pytest.mark.slow
 def test_given_context_at_t0_generated_blocks_at_context_noise(tiny_cfg, tiny_params, prompt):
-    text = encode_text(tiny_cfg, tiny_params, prompt)
+    text = text_kv(tiny_cfg, tiny_params, prompt)
     key = jax.random.key(8)
-    pipe = make_runner(tiny_cfg, NOISY_CONTEXT, HW, program="block")
+    pipe = shared.runner(tiny_cfg, NOISY_CONTEXT, HW, program="block")
     given = jax.random.normal(jax.random.key(9), (1, 3, *HW, tiny_cfg.in_channels))
     cache = pipe.block_program.prefill(tiny_params, text, given)
     p = cache.tokens_per_frame
@@ -50,11 +50,11 @@ def test_given_context_at_t0_generated_blocks_at_context_noise(tiny_cfg, tiny_pa
                                atol=2e-5)
     # the cascade's context path is the same: P1-causal after context == sequential after context
     seq = pipe.generate(tiny_params, text, key, num_blocks=3, context=given)
-    p1 = make_runner(tiny_cfg, NOISY_CONTEXT, HW, "P1", "causal", program="tick").generate(tiny_params, text, key,
+    p1 = shared.runner(tiny_cfg, NOISY_CONTEXT, HW, "P1", "causal", program="tick").generate(tiny_params, text, key,
                                                                                            num_blocks=3, context=given)
     np.testing.assert_allclose(np.asarray(p1), np.asarray(seq), atol=1e-5)
     # what writing the context at context_noise (the old convention) would have changed
-    old = make_runner(tiny_cfg, NOISY_CONTEXT, HW, program="block")
+    old = shared.runner(tiny_cfg, NOISY_CONTEXT, HW, program="block")
     old_cache = old.block_program.init_cache(1)
     from bcjax.sampler import clean_block
 
@@ -74,16 +74,16 @@ def test_given_context_at_t0_generated_blocks_at_context_noise(tiny_cfg, tiny_pa
 def test_short_prompt_embeddings_are_zero_padded(tiny_cfg, tiny_params, prompt):
     short = prompt[:, :5]
     padded = np.concatenate([short, np.zeros((1, tiny_cfg.text_len - 5, tiny_cfg.text_dim), np.float32)], axis=1)
-    got, ref = encode_text(tiny_cfg, tiny_params, short), encode_text(tiny_cfg, tiny_params, padded)
+    got, ref = text_kv(tiny_cfg, tiny_params, short), text_kv(tiny_cfg, tiny_params, padded)
     assert got.k.shape == ref.k.shape and got.k.shape[2] == tiny_cfg.text_len
     np.testing.assert_array_equal(np.asarray(got.k), np.asarray(ref.k))
     np.testing.assert_array_equal(np.asarray(got.v), np.asarray(ref.v))
     # unpadded (the old behaviour) attends to 5 text tokens instead of text_len: another video
-    unpadded = encode_text(dataclasses.replace(tiny_cfg, text_len=5), tiny_params, short)
-    pipe = make_runner(tiny_cfg, PipelineConfig(window_frames=9), HW, program="block")
+    unpadded = text_kv(dataclasses.replace(tiny_cfg, text_len=5), tiny_params, short)
+    pipe = shared.runner(tiny_cfg, PipelineConfig(window_frames=9), HW, program="block")
     key = jax.random.key(10)
     a, b = pipe.generate(tiny_params, got, key, num_blocks=1), pipe.generate(tiny_params, unpadded, key, num_blocks=1)
     print(f"unpadded vs zero-padded prompt embeddings: outputs differ by {float(jnp.abs(a - b).max()):.3f}")
     assert float(jnp.abs(a - b).max()) > 1e-3
     with pytest.raises(ValueError, match=rf"17 tokens .* text_len is {tiny_cfg.text_len}"):
-        encode_text(tiny_cfg, tiny_params, np.zeros((1, tiny_cfg.text_len + 1, tiny_cfg.text_dim), np.float32))
+        text_kv(tiny_cfg, tiny_params, np.zeros((1, tiny_cfg.text_len + 1, tiny_cfg.text_dim), np.float32))

@@ -2,19 +2,18 @@
 a clean pass (P4-no-clean), against the sequential pipeline, across devices, and streamed."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import shared
 
 from bcjax.cascade import make_mesh
 from bcjax.cascade.tick import tick
 from bcjax.compile_count import CompileCounter
-from bcjax.model import encode_text
+from bcjax.model import text_kv
 from bcjax.pipeline import PipelineConfig
-from bcjax.runners import make_runner
 
 HW = (4, 6)
 GLOBAL = PipelineConfig(window_frames=21)
@@ -26,18 +25,16 @@ VARIANTS = [("P4", "bidirectional-clean-causal"), ("P4", "bidirectional-windowed
 @pytest.fixture(scope="module")
 def text(tiny_cfg, tiny_params):
     ctx = np.random.default_rng(11).standard_normal((1, tiny_cfg.text_len, tiny_cfg.text_dim)).astype(np.float32)
-    return encode_text(tiny_cfg, tiny_params, jnp.asarray(ctx))
+    return text_kv(tiny_cfg, tiny_params, jnp.asarray(ctx))
 
 
-@functools.cache
 def _cascade(cfg, pcfg, schedule, window, mesh=None):
-    """One runner per configuration for the whole module (each runner compiles its own programs)."""
-    return make_runner(cfg, pcfg, HW, schedule, window, mesh=mesh, program="tick")
+    """The run's runner of this configuration (tests/shared.py: compiled once for every test)."""
+    return shared.runner(cfg, pcfg, HW, schedule, window, mesh=mesh, program="tick")
 
 
-@functools.cache
 def _sequential(cfg, pcfg):
-    return make_runner(cfg, pcfg, HW, program="block")
+    return shared.runner(cfg, pcfg, HW, program="block")
 
 
 def _max_err(a, b):
@@ -54,7 +51,7 @@ def test_p1_no_clean_is_the_sequential_pipeline_without_the_clean_pass(tiny_cfg,
     key = jax.random.key(2)
     seq = _sequential(tiny_cfg, _last_pass(pcfg)).generate(tiny_params, text, key, num_blocks=7)
     cas = _cascade(tiny_cfg, pcfg, "P1-no-clean", "causal")
-    assert cas.stagger.in_flight == 1 and cas.stagger.num_stages == 4 and cas.pcfg.context == "last-pass"
+    assert cas.plan.in_flight == 1 and cas.plan.num_stages == 4 and cas.pcfg.context == "last-pass"
     out = cas.generate(tiny_params, text, key, num_blocks=7)
     assert out.shape == seq.shape == (1, 21, *HW, tiny_cfg.in_channels)
     assert _max_err(out, seq) <= 1e-5
@@ -80,7 +77,7 @@ def test_p1_clean_causal_is_the_sequential_pipeline(tiny_cfg, tiny_params, text)
 
 
 def test_sequential_without_the_clean_pass_steps_four_stages(tiny_cfg, tiny_params, text):
-    pipe = make_runner(tiny_cfg, _last_pass(ROLLING), HW, "sequential")
+    pipe = shared.runner(tiny_cfg, _last_pass(ROLLING), HW, "sequential")
     assert pipe.kind == "block"
     state = pipe.start(tiny_params, text, jax.random.key(1), num_blocks=2)
     _, out = pipe.step(tiny_params, text, state)
@@ -95,7 +92,7 @@ def test_p4_no_clean_on_2_and_4_devices_equals_one(tiny_cfg, tiny_params, text, 
         pytest.skip(f"needs {devices} devices")
     key = jax.random.key(4)
     one = _cascade(tiny_cfg, ROLLING, "P4-no-clean", window)
-    assert one.stagger.in_flight == 4
+    assert one.plan.in_flight == 4
     ref = one.generate(tiny_params, text, key, num_blocks=6)
     cas = _cascade(tiny_cfg, ROLLING, "P4-no-clean", window, make_mesh(devices))
     assert cas.tick_program.spec.split.padded_tokens == cas.tick_program.spec.split.tokens  # 4 blocks: no padding group
@@ -108,7 +105,7 @@ def test_p4_no_clean_on_2_and_4_devices_equals_one(tiny_cfg, tiny_params, text, 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule,window", VARIANTS)
 def test_every_variant_generates_and_streams_with_no_recompile(tiny_cfg, tiny_params, text, schedule, window):
-    cas = make_runner(tiny_cfg, ROLLING, HW, schedule, window)
+    cas = shared.runner(tiny_cfg, ROLLING, HW, schedule, window)
     key = jax.random.key(13)
     whole = cas.generate(tiny_params, text, key, num_blocks=5)
     state = cas.start(tiny_params, text, key, num_blocks=5)
@@ -134,7 +131,7 @@ def _mid_stream(tiny_cfg, tiny_params, text, schedule, window, bump_stage, ticks
     step = cas.lower(tiny_params, text, key, nb, state).compile()
     for _ in range(ticks):
         state, _ = step(tiny_params, text, key, nb, state)
-    m = cas.stagger.num_slots
+    m = cas.plan.num_slots
     stages = np.asarray((int(state.tick) - np.arange(m)) % m)  # stride 1: the stage of each slot
     bumped = state._replace(x=state.x.at[int(np.argmax(stages == bump_stage))].add(0.5))
     run = jax.jit(lambda s: tick(cas.tick_program.spec, tiny_params, text, key, nb, s))
@@ -171,8 +168,8 @@ def test_windowed_query_does_not_reach_past_the_models_window(tiny_cfg, tiny_par
 def test_no_clean_is_refused_for_krea_rebuilt_context(tiny_cfg):
     import ports
 
-    with pytest.raises(ValueError, match="schedule 'P4-no-clean' has no clean stage"):
-        make_runner(tiny_cfg, ports.get("krea_14b").pipeline, HW, "P4-no-clean", program="tick")
+    with pytest.raises(ValueError, match="stagger 'P4-no-clean' has no clean stage"):
+        shared.runner(tiny_cfg, ports.get("krea_14b").pipeline, HW, "P4-no-clean", program="tick")
 
 
 def test_bench_flops_per_block_of_every_variant():

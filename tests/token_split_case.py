@@ -1,19 +1,18 @@
-"""The token-split equality case with 8 fake CPU devices (the suite's process has 5), run by
-tests/test_token_split.py in its own process: `python token_split_case.py OUT.json`.
+"""The token-split equality case on 8 fake CPU devices: `report()` (tests/test_token_split.py calls
+it in the suite's process, which has 10) gives every stagger on 8 `tokens` devices, and (tokens, model)
+meshes (2, 2) and (4, 2), against one device; and the compiles of a stream on the (4, 2) mesh after
+its first tick (must be 0).
 
-`python tests/token_split_case.py --table` prints README's equality table instead: every case on
-2, 3, 4, 5 and 8 stage devices and on (2, 2) and (4, 2), max abs difference to one device.
-
-Every schedule on 8 stage devices, and (stage, model) meshes (2, 2) and (4, 2), against one
-device; and the compiles of a stream on the (4, 2) mesh after its first tick (must be 0).
+`python tests/token_split_case.py --table` prints the docs' equality table instead: every case on
+2, 3, 4, 5 and 8 `tokens` devices and on (2, 2) and (4, 2), max abs difference to one device.
 """
 
-import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +20,12 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from shared import runner  # noqa: E402
+
 import ports  # noqa: E402
 from bcjax.cascade import make_mesh  # noqa: E402
 from bcjax.compile_count import CompileCounter  # noqa: E402
-from bcjax.model import WanConfig, encode_text, init_params  # noqa: E402
+from bcjax.model import WanConfig, init_params, text_kv  # noqa: E402
 from bcjax.pipeline import PipelineConfig  # noqa: E402
 from bcjax.runners import make_runner  # noqa: E402
 
@@ -32,7 +33,7 @@ HW = (4, 6)
 CFG = WanConfig.preset("tiny", num_heads=4, attention="xla")
 ROLLING = PipelineConfig(window_frames=9, sink_frames=3)
 KREA = ports.get("krea_14b").pipeline
-CASES = {  # name: (pipeline config, schedule, window)
+CASES = {  # name: (pipeline config, stagger, mask)
     "sequential": (ROLLING, "sequential", "causal"),
     "krea": (KREA, "sequential", "causal"),
     "P2-causal": (ROLLING, "P2", "causal"),
@@ -44,21 +45,21 @@ CASES = {  # name: (pipeline config, schedule, window)
 BLOCKS = 5
 
 
-def main(out: str) -> None:
+def report() -> dict:
+    """{"errors": {case: max abs to one device}, "splits": {case: token split}, "stream_compiles": n}."""
     params = init_params(CFG, jax.random.key(0), HW)
     prompt = jnp.asarray(np.random.default_rng(0).standard_normal((1, CFG.text_len, CFG.text_dim)), jnp.float32)
-    text = encode_text(CFG, params, prompt)
+    text = text_kv(CFG, params, prompt)
     key = jax.random.key(3)
     report: dict = {"errors": {}, "splits": {}}
     for name, (pcfg, schedule, window) in CASES.items():
-        ref = make_runner(CFG, pcfg, HW, schedule, window, program="tick").generate(params, text, key,
-                                                                                    num_blocks=BLOCKS)
+        ref = runner(CFG, pcfg, HW, schedule, window, program="tick").generate(params, text, key, num_blocks=BLOCKS)
         meshes = ({"8": (8, 1), "4x2": (4, 2), "2x2": (2, 2)} if name in ("sequential", "P4-bidirectional")
                   else {"8": (8, 1)})
         for label, (stage, model) in meshes.items():
             for group in (None, 2):
-                cas = make_runner(CFG, pcfg, HW, schedule, window, make_mesh(stage, model), token_group=group,
-                                  program="tick")
+                cas = runner(CFG, pcfg, HW, schedule, window, make_mesh(stage, model), token_group=group,
+                             program="tick")
                 got = cas.generate(params, text, key, num_blocks=BLOCKS)
                 report["errors"][f"{name} {label} group={group}"] = float(jnp.abs(got - ref).max())
                 report["splits"][f"{name} {label} group={group}"] = list(cas.tick_program.spec.split)
@@ -71,14 +72,13 @@ def main(out: str) -> None:
         for _ in range(12):
             state, _ = cas.step(params, text, state)
     report["stream_compiles"] = counter.count
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    return report
 
 
 def table() -> None:
     params = init_params(CFG, jax.random.key(0), HW)
     prompt = jnp.asarray(np.random.default_rng(0).standard_normal((1, CFG.text_len, CFG.text_dim)), jnp.float32)
-    text = encode_text(CFG, params, prompt)
+    text = text_kv(CFG, params, prompt)
     key = jax.random.key(3)
     meshes = {"2": (2, 1), "3": (3, 1), "4": (4, 1), "5": (5, 1), "8": (8, 1), "(2, 2)": (2, 2), "(4, 2)": (4, 2)}
     print(f"| case ({BLOCKS} blocks, fp32) | " + " | ".join(meshes) + " |\n|---|" + "---:|" * len(meshes))
@@ -94,4 +94,6 @@ def table() -> None:
 
 
 if __name__ == "__main__":
-    table() if sys.argv[1] == "--table" else main(sys.argv[1])
+    if sys.argv[1:] != ["--table"]:
+        sys.exit("usage: python tests/token_split_case.py --table")
+    table()

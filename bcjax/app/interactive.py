@@ -6,7 +6,7 @@ sequential pipeline and the cascade share; it never asks which runner it holds. 
 switching, `bcjax stream` and `bcjax serve` are the same code for both.
 
 Prompts come from a source with `at(block) -> prompt index` and `text(index) -> text K/V`:
-- `PromptSchedule`: a schedule fixed in advance, [(block id, text K/V)]: the prompt in force
+- `PromptSchedule`: a prompt schedule fixed in advance, [(block id, text K/V)]: the prompt in force
   from that block on;
 - `LivePrompts`: prompts pushed while the stream runs (from another thread: a web page); a push
   takes effect at the next block that enters.
@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from bcjax.model.tensor_parallel import model_size
 from bcjax.model.wan import KV
+from bcjax.names import Policy
 from bcjax.pipeline.recache import POLICIES, Recacher
 from bcjax.runners import Runner
 
@@ -46,15 +47,15 @@ from bcjax.runners import Runner
 class StreamEvent(NamedTuple):
     block: int  # absolute block id
     x0: np.ndarray  # [B, block_frames, H, W, C]
-    prompt: int  # index (into the schedule / pushed prompts) of the prompt in force when this block started
+    prompt: int  # index (into the prompt schedule / pushed prompts) of the prompt in force when this block started
     seconds: float  # wall time since the previous event (recache included)
     recache_s: float  # of which spent recaching the cache for a switch (0 when none)
     switched: bool  # a new prompt took effect during this interval (in the cascade: when its first block entered)
 
 
-class Tick(NamedTuple):
-    """One runner step as the interactive loop saw it (a block for the sequential pipeline, a
-    tick for the cascade)."""
+class StepRecord(NamedTuple):
+    """One runner step as the interactive loop saw it (a whole block for the sequential runners,
+    a tick for the cascade)."""
 
     step: int
     prompt: int  # the prompt in force for this step
@@ -88,20 +89,20 @@ def parse_prompt_schedule(spec: str) -> list[tuple[int, str]]:
     if any(b <= a for a, b in itertools.pairwise(starts)):
         raise ValueError(f"prompt starts {starts} must strictly increase")
     if any(not t for _, t in out):
-        raise ValueError("a prompt in the schedule is empty")
+        raise ValueError("a prompt in the prompt schedule is empty")
     return out
 
 
 class PromptSchedule:
     """Prompts fixed in advance: [(first block id, text K/V)], starts strictly increasing."""
 
-    def __init__(self, schedule: Sequence[tuple[int, KV]]):
-        if not schedule:
+    def __init__(self, prompt_schedule: Sequence[tuple[int, KV]]):
+        if not prompt_schedule:
             raise ValueError("empty prompt schedule")
-        self.starts = [int(s) for s, _ in schedule]
+        self.starts = [int(s) for s, _ in prompt_schedule]
         if any(b <= a for a, b in itertools.pairwise(self.starts)):
             raise ValueError(f"prompt starts {self.starts} must strictly increase")
-        self.texts = [t for _, t in schedule]
+        self.texts = [t for _, t in prompt_schedule]
 
     def at(self, block: int) -> int:
         starts = self.starts
@@ -184,11 +185,11 @@ class LivePrompts:
                 total -= self._bytes.pop(index)
 
 
-def steps(runner: Runner, params, prompts, key, num_blocks: int | None = None, *, policy: str = "no-recache",
+def steps(runner: Runner, params, prompts, key, num_blocks: int | None = None, *, policy: Policy = "no-recache",
           context=None, on_dispatch: Callable[[], None] | None = None,
-          reencode: Callable | None = None) -> Iterator[Tick]:
+          reencode: Callable | None = None) -> Iterator[StepRecord]:
     """Drive `runner` step by step, the prompt of each step from `prompts` (`at`, `text`),
-    recaching at a switch under `policy`. Yields a Tick per step. num_blocks None: until the
+    recaching at a switch under `policy`. Yields a StepRecord per step. num_blocks None: until the
     caller stops (closing the generator ends the stream). context: given clean frames
     [B, G * block_frames, H, W, C] (blocks 0..G-1, written under the prompt in force at block G;
     generation starts at block G).
@@ -196,7 +197,7 @@ def steps(runner: Runner, params, prompts, key, num_blocks: int | None = None, *
     on_dispatch: called once per step, after the step is dispatched and before its block is
     waited for, so host work placed there (fetching the previous block's decoded pixels, encoding
     and sending them) runs while the devices compute the step. Its time is left out of the
-    Tick's `seconds` (the time the step held the caller up), not out of StreamEvent's.
+    StepRecord's `seconds` (the time the step held the caller up), not out of StreamEvent's.
 
     reencode: Krea's VAE round trip (R), for a runner with Krea's loop (`Runner.takes_round_trip`).
     A policy the runner cannot follow (a recache without a cache) is refused here, before the
@@ -249,21 +250,21 @@ def steps(runner: Runner, params, prompts, key, num_blocks: int | None = None, *
             event = StreamEvent(out.block, x0, prompts.at(out.block), now - t_event, spent, switched)
             t_event, spent, switched = now, 0.0, False
         stages = tuple((b, s, prompts.at(b)) for b, s in out.stages)
-        yield Tick(n, p, stages, time.perf_counter() - t0 - beside, r, event)
+        yield StepRecord(n, p, stages, time.perf_counter() - t0 - beside, r, event)
 
 
-def stream(runner: Runner, params, schedule: Sequence[tuple[int, KV]], key, num_blocks: int, *,
-           policy: str = "no-recache", context=None) -> Iterator[StreamEvent]:
-    """Yield a StreamEvent per block, switching prompts per `schedule` under `policy`.
+def stream(runner: Runner, params, prompt_schedule: Sequence[tuple[int, KV]], key, num_blocks: int, *,
+           policy: Policy = "no-recache", context=None) -> Iterator[StreamEvent]:
+    """Yield a StreamEvent per block, switching prompts per `prompt_schedule` under `policy`.
 
-    runner: any `bcjax.runners.Runner`; schedule:
+    runner: any `bcjax.runners.Runner`; prompt_schedule:
     [(first block id, text K/V)], the first at block <= the first generated one; context:
     optional given clean frames [B, G*bf, H, W, C] (blocks 0..G-1; generation starts at block G).
     """
-    prompts = PromptSchedule(schedule)
+    prompts = PromptSchedule(prompt_schedule)
     first = 0 if context is None else context.shape[1] // runner.pcfg.block_frames
     if prompts.starts[0] > first:
         raise ValueError(f"the first prompt starts at block {prompts.starts[0]}; the stream starts at block {first}")
-    for tick in steps(runner, params, prompts, key, num_blocks, policy=policy, context=context):
-        if tick.event is not None:
-            yield tick.event
+    for record in steps(runner, params, prompts, key, num_blocks, policy=policy, context=context):
+        if record.event is not None:
+            yield record.event

@@ -6,12 +6,12 @@ Upstream: krea-ai/realtime-video `release_server.py`:
   (the first is the old prompt, the last the new one); the text K/V are re-encoded for each.
   `old` is the embedding in force when the switch arrives, an interpolated one if a ramp is
   still running.
-- `get_denoising_schedule` (v2v.py) with `strength`: the same number of steps spread over
-  [strength * 1000, 0] (`linspace(...).long()`), then warped through the scheduler table; the
+- `get_denoising_schedule` (v2v.py) with `strength`: the same number of denoising steps spread
+  over [strength * 1000, 0] (`linspace(...).long()`), then warped through the scheduler table; the
   input latents are noised to the first step's sigma: x = (1 - sigma) latents + sigma eps.
 
-A schedule is [(first block id, embeddings [B, Lt, D])]; interpolation returns another one with
-an entry per ramp block, which `encode_text` turns into the [(block, text K/V)] schedule every
+A prompt schedule is [(first block id, embeddings [B, Lt, D])]; interpolation returns another one
+with an entry per ramp block, which `text_kv` turns into the [(block, text K/V)] prompt schedule every
 runner's stream takes, so it combines with the sequential pipeline and the cascade alike.
 """
 
@@ -26,18 +26,19 @@ import numpy as np
 from bcjax.schedule.config import PipelineConfig
 
 
-def interpolate_schedule(schedule: Sequence[tuple[int, np.ndarray]], steps: int) -> list[tuple[int, np.ndarray]]:
+def interpolate_prompt_schedule(prompt_schedule: Sequence[tuple[int, np.ndarray]],
+                                steps: int) -> list[tuple[int, np.ndarray]]:
     """[(block, embeddings)] with every switch ramped over `steps` blocks: block s + i (i < steps)
     gets lerp(in_force, new, i / (steps - 1)); a switch during a ramp starts from the embedding
     in force at that block."""
     if steps < 2:
         raise ValueError(f"interpolation steps={steps}: need >= 2 (the ramp's first block is the old prompt, "
                          "its last the new one)")
-    starts = [int(b) for b, _ in schedule]
+    starts = [int(b) for b, _ in prompt_schedule]
     if any(b <= a for a, b in itertools.pairwise(starts)):
         raise ValueError(f"prompt starts {starts} must strictly increase")
     out: list[tuple[int, np.ndarray]] = []
-    for i, (start, new) in enumerate(schedule):
+    for i, (start, new) in enumerate(prompt_schedule):
         new = np.asarray(new, np.float32)
         end = starts[i + 1] if i + 1 < len(starts) else None
         if not out:

@@ -21,8 +21,9 @@ from bcjax import checkpoint
 from bcjax.app.streaming import drain, overlapped
 from bcjax.app.video import Mp4Writer, NullWriter, block_to_uint8, frames_per_block, read_mp4
 from bcjax.model.wan import KV
-from bcjax.names import DEFAULT_WINDOW, as_window
+from bcjax.names import DEFAULT_MASK, SEQUENTIAL, as_mask
 from bcjax.runners import make_runner
+from bcjax.runners.runner import renamed_keyword
 from bcjax.schedule.config import PipelineConfig
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings
@@ -71,15 +72,18 @@ def _timed(blocks: Iterator[jax.Array], seconds: list) -> Iterator[jax.Array]:
 class TextToVideo:
     """A bcjax checkpoint (dit + text + vae + tokenizer, from `bcjax convert`) ready to generate.
 
-    >>> t2v = TextToVideo("ckpt/", PipelineConfig(), video_hw=(480, 832), schedule="P4")
+    >>> t2v = TextToVideo("ckpt/", PipelineConfig(), video_hw=(480, 832), stagger="P4")
     >>> timings = t2v.write_mp4("a fox in the snow", num_blocks=7, seed=0, path="fox.mp4")
     """
 
     path: str
-    pcfg: PipelineConfig
+    # the sampler; None: the checkpoint's own (`ports.for_checkpoint`: Krea's loop for a Krea
+    # checkpoint run sequentially, its clean-pass variant under a cascade, else Self-Forcing's), set
+    # before anything reads it
+    pcfg: PipelineConfig = None  # type: ignore[assignment]
     video_hw: tuple[int, int] = (480, 832)
-    schedule: str = "sequential"
-    window: str = DEFAULT_WINDOW
+    stagger: str = SEQUENTIAL  # `bcjax.names.STAGGERS`
+    mask: str = DEFAULT_MASK  # `bcjax.names.MASKS`: what a cascade's in-flight blocks see of each other
     mesh: Mesh | None = None
     decoder: str = "wan"  # a name in bcjax.vae.decoders.DECODERS
     decode_device: str | None = None  # see bcjax.vae.decoders.decode_device; None = auto
@@ -88,8 +92,13 @@ class TextToVideo:
     dtype: str | None = None
     attention: str | None = None
     verify: bool = True  # check the weights against the checkpoint's manifest (bcjax.checkpoint.restore)
+    # the old names of stagger and mask (deprecated; keyword only)
+    schedule: dataclasses.InitVar[str | None] = None
+    window: dataclasses.InitVar[str | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, schedule, window):
+        self.stagger = renamed_keyword("schedule", "stagger", schedule, SEQUENTIAL, self.stagger)
+        self.mask = renamed_keyword("window", "mask", window, DEFAULT_MASK, self.mask)
         self.path = checkpoint.resolve(self.path)
         meta = checkpoint.read_config(self.path)
         missing = [p for p in ("dit", "text", "vae") if p not in meta["configs"]]
@@ -106,6 +115,10 @@ class TextToVideo:
         if self.vae_cfg.z_dim != self.dit_cfg.in_channels:
             raise ValueError(f"VAE has {self.vae_cfg.z_dim} latent channels; the DiT has {self.dit_cfg.in_channels}")
         self._parts = set(meta["configs"])
+        if self.pcfg is None:
+            import ports
+
+            self.pcfg = ports.for_checkpoint(meta.get("provenance", {}), self.stagger).pipeline
         self.decode_on = decode_device(self.decode_device, self.mesh)
         self.pixels = self.pixel_decoder(self.decoder)
         self.tokenizer = load_tokenizer(os.path.join(self.path, "tokenizer"))
@@ -114,13 +127,13 @@ class TextToVideo:
         if h % scale or w % scale:
             raise ValueError(f"video size {h}x{w} must be a multiple of {scale} (VAE stride x DiT patch)")
         self.latent_hw = (h // self.vae_cfg.spatial_scale, w // self.vae_cfg.spatial_scale)
-        if self.pcfg.context == "rebuild" and self.schedule != "sequential":
-            raise ValueError(f"schedule {self.schedule!r}: a cascade of Krea's rebuilt context (port krea_14b) "
+        if self.pcfg.context == "rebuild" and self.stagger != SEQUENTIAL:
+            raise ValueError(f"stagger {self.stagger!r}: a cascade of Krea's rebuilt context (port krea_14b) "
                              "takes R = the latent, not Krea's VAE round trip, so it would not make Krea's video; "
-                             "use --schedule sequential, or make_runner(..., program='tick'), or the port "
+                             "use --stagger sequential, or make_runner(..., program='tick'), or the port "
                              "krea_14b_clean_pass")
         # Krea's loop runs as its own program here: its context's first frame goes through the real VAE
-        self.denoiser = make_runner(self.dit_cfg, self.pcfg, self.latent_hw, self.schedule, as_window(self.window),
+        self.denoiser = make_runner(self.dit_cfg, self.pcfg, self.latent_hw, self.stagger, as_mask(self.mask),
                                     self.mesh)
         self._embed = jax.jit(lambda p, ids, mask: prompt_embeddings(self.text_cfg, p, ids, mask))
 
@@ -165,15 +178,16 @@ class TextToVideo:
         video = frames[:usable].astype(np.float32)[None] / 127.5 - 1.0
         return encode(self.vae_cfg, self.vae, video)
 
-    def encode(self, prompt: str) -> KV:
+    def prompt_kv(self, prompt: str) -> KV:
+        """A prompt string -> its per-layer cross-attention K/V (umT5, then the DiT's text K/V)."""
         ids, mask = tokenize(self.tokenizer, prompt, self.text_cfg.text_len)
         # on the runner's layout: split by heads when the DiT is split over a `model` axis
-        return self.denoiser.encode_text(self.dit, self._embed(self.text, ids, mask))
+        return self.denoiser.text_kv(self.dit, self._embed(self.text, ids, mask))
 
     def _latent_blocks(self, text: KV, num_blocks: int, key, source=None, timings=None):
         """(x0, its decoded video or None) per block: Krea's round trip decodes every block already."""
         if source is not None and not self.denoiser.takes_source:
-            raise ValueError(f"video-to-video runs sequentially for now; schedule {self.schedule!r} is a cascade")
+            raise ValueError(f"video-to-video runs sequentially for now; stagger {self.stagger!r} is a cascade")
         if self.denoiser.takes_round_trip:
             # a fresh round trip per video (its decoder state starts with the clip); its decoded
             # frames go to the writer, so each block is decoded once
@@ -189,7 +203,7 @@ class TextToVideo:
     def _timed_blocks(self, prompt: str, num_blocks: int, seed: int, timings: dict, source=None):
         """The denoiser's (x0, decoded video or None) blocks, timing the prompt encode and each block's denoise."""
         timings.update(t0=time.perf_counter(), denoise_s=[], decode_s=[], blocks=0, decodes=0)
-        text = jax.block_until_ready(self.encode(prompt))
+        text = jax.block_until_ready(self.prompt_kv(prompt))
         timings["encode_s"] = time.perf_counter() - timings["t0"]
         blocks = self._latent_blocks(text, num_blocks, jax.random.key(seed), source, timings)
         yield from _timed(blocks, timings["denoise_s"])
@@ -243,7 +257,7 @@ class TextToVideo:
         t0 = time.perf_counter()
         with (Mp4Writer(path, fps=VIDEO_FPS) if path is not None else NullWriter()) as writer:
             blocks = tqdm(self._timed_blocks(prompt, num_blocks, seed, timings, source), total=num_blocks, unit="block",
-                          disable=not progress, desc=f"{self.schedule}")
+                          disable=not progress, desc=f"{self.stagger}")
             decoders: list[Callable] = []
 
             def sink(block):  # on the worker thread, while the next block denoises

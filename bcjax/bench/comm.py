@@ -1,23 +1,23 @@
-"""Communication of a cascade tick whose `stage` axis shards the tick's tokens, and the FPS it allows.
+"""Communication of a cascade tick whose `tokens` axis shards the tick's tokens, and the FPS it allows.
 
     bcjax bench comm [--preset wan2.1-1.3b] [--port self_forcing] [--latent-hw 60 104]
-                     [--schedules sequential P1 P2 P4] [--stages 1 2 4 5 8 16] [--models 1]
-                     [--group G] [--hlo] [--fps-presets wan2.1-1.3b wan2.1-14b] [--window bidirectional]
+                     [--staggers sequential P1 P2 P4] [--tokens 1 2 4 5 8 16] [--models 1]
+                     [--group G] [--hlo] [--fps-presets wan2.1-1.3b wan2.1-14b] [--mask bidirectional]
                      [--mfu 0.4] [--memory TARGET]
 
 The tick (the token-sharded tick of `bcjax.cascade.tick`): one joint DiT pass over every in-flight
 block, T = in_flight x block_frames x tokens_per_frame query tokens (in_flight = ceil((n + 1) /
 stride): P4 5, P2 3, P1 2, "sequential" 1, whose stride n + 1 makes n + 1 passes per block). The
 tokens are cut into groups of g tokens (g divides tokens_per_frame: a group never straddles a
-latent frame); each of the N `stage` devices takes ceil(groups / N) groups, idle padding groups
+latent frame); each of the N `tokens` devices takes ceil(groups / N) groups, idle padding groups
 only where N does not divide them, so T_pad = N ceil(T / (g N)) g. Sequential on N devices is
 context parallelism of one block; P4 on 8 or 16 is the cascade and context parallelism at once.
 
 Bytes per tick and per device, two sources that must agree:
-* the formula (`tick_bytes`), per layer: the `stage` all-gather of the tick's K and V ([B, T_pad,
+* the formula (`tick_bytes`), per layer: the `tokens` all-gather of the tick's K and V ([B, T_pad,
   heads / model, head_dim] each, compute dtype), the `model` psums of o, cross-attention o and ffn_2
   ([B, T_pad / N, dim] each) and qk-norm's three sum-of-squares psums ([B, T_pad / N, 1] f32);
-  once per tick the `stage` all-gather of the flow ([B, T_pad, patch_features] f32);
+  once per tick the `tokens` all-gather of the flow ([B, T_pad, patch_features] f32);
 * the compiled program (`--hlo`, `hlo_collectives`): every all-gather / all-reduce of the tick's
   optimised HLO, each counted as often as its loop runs, assigned to the mesh axis its replica
   groups span (compiled on fake CPU devices; nothing runs).
@@ -29,7 +29,7 @@ FLOP/s x MFU) plus each axis' wire bytes / its link bandwidth, not overlapped (c
 stream emits one block (12 video frames) every `stride` ticks, FPS = 12 / (stride x tick). FLOPs
 count the keys each query sees in the steady state of a long stream (full cache, every in-flight
 block busy): the sink and `rolling` frames before its block, its own block, and under the
-bidirectional window the newer in-flight blocks. That is the cost of an attention that skips
+bidirectional mask the newer in-flight blocks. That is the cost of an attention that skips
 invisible keys (`bcjax.model.attention`); groups go to devices in token order (oldest block first).
 """
 
@@ -43,9 +43,10 @@ import numpy as np
 
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, force_host_devices
 from bcjax.bench.hlo import hlo_collectives
-from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS, Window
+from bcjax.flags import OldName
+from bcjax.names import DEFAULT_MASK, MASKS, STAGGERS, Mask
 
-STAGES = (1, 2, 4, 5, 8, 16)
+TOKENS_SIZES = (1, 2, 4, 5, 8, 16)  # sizes of the `tokens` axis in the bytes table
 # the sampler each preset's FPS rows use: Self-Forcing's for 1.3B (the paper's 16 / 30 FPS), Krea's
 # clean-pass sampler for 14B (the paper's 14B is Krea Realtime 14B)
 PORT_OF = {"wan2.1-1.3b": "self_forcing", "wan2.1-14b": "krea_14b_clean_pass"}
@@ -53,13 +54,13 @@ PORT_OF = {"wan2.1-1.3b": "self_forcing", "wan2.1-14b": "krea_14b_clean_pass"}
 
 @dataclasses.dataclass(frozen=True)
 class TickLayout:
-    """How one tick's query tokens fall on the `stage` axis."""
+    """How one tick's query tokens fall on the `tokens` axis."""
 
     stride: int  # ticks between block entries: one block is emitted every `stride` ticks
     in_flight: int  # blocks in one joint pass
     block_tokens: int  # block_frames x tokens_per_frame
     group: int  # tokens per group (divides tokens_per_frame)
-    stage: int  # devices on `stage`
+    devices: int  # devices on the `tokens` axis
     num_stages: int  # passes per block: n + 1, or n with no clean pass ("-no-clean")
     emit_passes: int  # passes from a block's noise to its x0 (n)
 
@@ -73,25 +74,25 @@ class TickLayout:
 
     @property
     def device_tokens(self) -> int:  # query tokens per device, padding included
-        return -(-self.groups // self.stage) * self.group
+        return -(-self.groups // self.devices) * self.group
 
     @property
     def padded_tokens(self) -> int:  # T_pad
-        return self.stage * self.device_tokens
+        return self.devices * self.device_tokens
 
 
-def tick_layout(cfg, pcfg, latent_hw, schedule: str, stage: int, group: int | None = None) -> TickLayout:
+def tick_layout(cfg, pcfg, latent_hw, stagger: str, tokens: int, group: int | None = None) -> TickLayout:
     from bcjax.cascade.tokens import token_split
     from bcjax.schedule.stagger import make_stagger
 
-    st = make_stagger(schedule, pcfg.num_steps)
+    st = make_stagger(stagger, pcfg.num_steps)
     p = cfg.tokens_per_frame(*latent_hw)
-    split = token_split(st.in_flight * pcfg.block_frames, p, stage, group)  # the runner's own split
-    return TickLayout(st.stride, st.in_flight, pcfg.block_frames * p, split.group, stage, st.num_stages,
+    split = token_split(st.in_flight * pcfg.block_frames, p, tokens, group)  # the runner's own split
+    return TickLayout(st.stride, st.in_flight, pcfg.block_frames * p, split.group, tokens, st.num_stages,
                       st.emit_stage + 1)
 
 
-def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batch: int = 1,
+def tick_bytes(cfg, pcfg, latent_hw, stagger: str, tokens: int, model: int, batch: int = 1,
                group: int | None = None) -> dict[str, dict]:
     """Collectives of one tick per device, by mesh axis: {axis: {ops, payload, wire}} (module
     docstring)."""
@@ -99,15 +100,15 @@ def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batc
 
     dt = jnp.dtype(cfg.compute_dtype).itemsize
     layers, heads = cfg.num_layers, cfg.num_heads // model
-    lay = tick_layout(cfg, pcfg, latent_hw, schedule, stage, group)
+    lay = tick_layout(cfg, pcfg, latent_hw, stagger, tokens, group)
     t_all, t_dev = lay.padded_tokens, lay.device_tokens
     tick_op = ("all-gather", batch * t_all * cfg.patch_features * 4)  # the flow, f32
     gather = 2 * batch * t_all * heads * cfg.head_dim * dt  # K and V of one layer
     out = {}
-    if stage > 1:
-        ring = (stage - 1) / stage
+    if tokens > 1:
+        ring = (tokens - 1) / tokens
         kind, nbytes = tick_op
-        out["stage"] = {"ops": 2 * layers + 1, "payload": layers * gather + nbytes,
+        out["tokens"] = {"ops": 2 * layers + 1, "payload": layers * gather + nbytes,
                         "wire": (layers * gather + nbytes * (2 if kind == "all-reduce" else 1)) * ring,
                         "kinds": {"all-gather": 2 * layers + (kind == "all-gather"),
                                   **({kind: 1} if kind != "all-gather" else {})}}
@@ -119,7 +120,7 @@ def tick_bytes(cfg, pcfg, latent_hw, schedule: str, stage: int, model: int, batc
     return out
 
 
-def _visible_frames(pcfg, window: Window, in_flight: int, age: int) -> int:
+def _visible_frames(pcfg, mask: Mask, in_flight: int, age: int) -> int:
     """Key frames a query of the in-flight block `age` blocks younger than the oldest sees in a
     long stream's steady state (`bcjax.cascade.masks`): the sink, the `rolling` frames before its
     block (cache or older in-flight blocks), its own block, and under `bidirectional` every newer
@@ -129,13 +130,13 @@ def _visible_frames(pcfg, window: Window, in_flight: int, age: int) -> int:
     causal one (the window is full either way deep in a stream)."""
     rolling = pcfg.cache_frames - pcfg.sink_frames
     newer = in_flight - 1 - age
-    if window in ("causal", "bidirectional-windowed") or (
-            window == "bidirectional-clean-causal" and age == 0 and pcfg.clean_pass):
+    if mask in ("causal", "bidirectional-windowed") or (
+            mask == "bidirectional-clean-causal" and age == 0 and pcfg.clean_pass):
         newer = 0
     return pcfg.sink_frames + rolling + (1 + newer) * pcfg.block_frames
 
 
-def tick_flops(cfg, pcfg, latent_hw, schedule: str, window: Window, stage: int, model: int,
+def tick_flops(cfg, pcfg, latent_hw, stagger: str, mask: Mask, tokens: int, model: int,
                group: int | None = None) -> dict[str, float]:
     """Matmul FLOPs of one tick: {"total": the joint pass, "device": the busiest device's share}.
 
@@ -145,7 +146,7 @@ def tick_flops(cfg, pcfg, latent_hw, schedule: str, window: Window, stage: int, 
     head. Groups go to devices in token order, oldest block first; a padding token costs the
     matmuls and attention over the tick's own tokens (an upper bound). `model` divides all of it
     (heads and FFN columns split)."""
-    lay = tick_layout(cfg, pcfg, latent_hw, schedule, stage, group)
+    lay = tick_layout(cfg, pcfg, latent_hw, stagger, tokens, group)
     p = cfg.tokens_per_frame(*latent_hw)
     d = cfg.dim
     dense = 12 * d * d + 4 * d * cfg.ffn_dim + 4 * d * cfg.text_len
@@ -156,11 +157,11 @@ def tick_flops(cfg, pcfg, latent_hw, schedule: str, window: Window, stage: int, 
 
     # [padded tokens] FLOPs of each query token, oldest block first
     ages = np.minimum(np.arange(lay.padded_tokens) // lay.block_tokens, lay.in_flight)
-    keys = np.array([_visible_frames(pcfg, window, lay.in_flight, a) * p for a in range(lay.in_flight)]
+    keys = np.array([_visible_frames(pcfg, mask, lay.in_flight, a) * p for a in range(lay.in_flight)]
                     + [pcfg.cache_frames * p + lay.tokens])
     flops = cfg.num_layers * (dense + 4 * d * keys[ages].astype(np.float64)) + embed_head
     real = flops[: lay.tokens].sum()
-    device = flops.reshape(stage, lay.device_tokens).sum(axis=1).max()
+    device = flops.reshape(tokens, lay.device_tokens).sum(axis=1).max()
     assert per_token(keys[0]) == flops[0]
     return {"total": real / model, "device": device / model}
 
@@ -174,7 +175,7 @@ class Hardware:
     chip: str
     tflops: float
     hbm_gib: float
-    stage_gbs: float  # the link a `stage` ring crosses (its slowest hop)
+    tokens_gbs: float  # the link a `tokens` ring crosses (its slowest hop)
     model_gbs: float  # the link a `model` group's psums cross
     target: str | None  # the `bcjax bench compile` target with these devices
     note: str
@@ -188,10 +189,10 @@ _H100: dict[str, Any] = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_
 # v5p 1200 GB/s over 6, v6e 800 GB/s over 4, i.e. 50, 100, 100 GB/s per link each way. A ring
 # over an axis is modelled on one link each way (a bidirectional ring would halve its time).
 HARDWARE = {h.name: h for h in (
-    Hardware("1 H100", 1, stage_gbs=450.0, note="one GPU: no communication", **_H100),
-    Hardware("5 H100", 5, stage_gbs=450.0, note="one node, NVLink 450 GB/s each way (the paper's setup)", **_H100),
-    Hardware("8 H100", 8, stage_gbs=450.0, note="one node, NVLink 450 GB/s each way", **_H100),
-    Hardware("16 H100", 16, stage_gbs=50.0, note="two nodes: the stage ring crosses InfiniBand, 50 GB/s per GPU",
+    Hardware("1 H100", 1, tokens_gbs=450.0, note="one GPU: no communication", **_H100),
+    Hardware("5 H100", 5, tokens_gbs=450.0, note="one node, NVLink 450 GB/s each way (the paper's setup)", **_H100),
+    Hardware("8 H100", 8, tokens_gbs=450.0, note="one node, NVLink 450 GB/s each way", **_H100),
+    Hardware("16 H100", 16, tokens_gbs=50.0, note="two nodes: the `tokens` ring crosses InfiniBand, 50 GB/s per GPU",
              **_H100),
     Hardware("TPU v5e-32", 32, "TPU v5e", 197.0, 16.0, 50.0, 50.0, "v5e-32",
              "ICI 50 GB/s per link each way; XLA:TPU needs the whole slice"),
@@ -199,7 +200,7 @@ HARDWARE = {h.name: h for h in (
              "8 chips, ICI 100 GB/s per link each way"),
     Hardware("TPU v6e-16", 16, "TPU v6e", 918.0, 32.0, 100.0, 100.0, "v6e-16", "ICI 100 GB/s per link each way"),
 )}
-# (hardware, schedule, stage devices or None = the whole machine over the smallest `model` that fits)
+# (hardware, stagger, `tokens` devices or None = the whole machine over the smallest `model` that fits)
 FPS_ROWS = (
     ("1 H100", "sequential", 1), ("1 H100", "P4", 1),
     ("5 H100", "sequential", 5), ("5 H100", "P2", 5), ("5 H100", "P4", 5),
@@ -220,10 +221,10 @@ def model_fps(flops_per_device: float, comm: dict, hw: Hardware, mfu: float, str
     """One tick's time (compute at `mfu` plus each axis' wire bytes over its link, not overlapped)
     and the FPS of one block (12 frames) every `stride` ticks."""
     compute = flops_per_device / (hw.tflops * 1e12 * mfu)
-    stage = comm.get("stage", {}).get("wire", 0.0) / (hw.stage_gbs * 1e9)
+    tokens = comm.get("tokens", {}).get("wire", 0.0) / (hw.tokens_gbs * 1e9)
     model = comm.get("model", {}).get("wire", 0.0) / (hw.model_gbs * 1e9)
-    tick = compute + stage + model
-    return {"compute_ms": 1e3 * compute, "stage_ms": 1e3 * stage, "model_ms": 1e3 * model, "tick_ms": 1e3 * tick,
+    tick = compute + tokens + model
+    return {"compute_ms": 1e3 * compute, "tokens_ms": 1e3 * tokens, "model_ms": 1e3 * model, "tick_ms": 1e3 * tick,
             "fps": VIDEO_FRAMES_PER_BLOCK / (stride * tick)}
 
 
@@ -237,13 +238,13 @@ def _weights_bytes(cfg) -> float:
                for a in jax.tree_util.tree_leaves(param_shapes(cfg)))
 
 
-def row_mesh(cfg, hw: Hardware, stage: int | None) -> tuple[int, int]:
-    """(stage, model) of an FPS row: `model` the smallest size splitting heads and FFN whose weights
-    take at most half a device (`bench compile`'s rule); stage None = every device."""
+def row_mesh(cfg, hw: Hardware, tokens: int | None) -> tuple[int, int]:
+    """(tokens, model) of an FPS row: `model` the smallest size splitting heads and FFN whose weights
+    take at most half a device (`bench compile`'s rule); tokens None = every device."""
     valid = [m for m in (1, 2, 4, 8, 16) if cfg.num_heads % m == 0 and cfg.ffn_dim % m == 0 and m <= hw.devices]
     fitting = [m for m in valid if _weights_bytes(cfg) / m <= hw.hbm_gib * 2**30 / 2]
     model = (fitting or valid[-1:])[0]
-    return (stage if stage is not None else hw.devices // model), model
+    return (tokens if tokens is not None else hw.devices // model), model
 
 
 @dataclasses.dataclass
@@ -251,15 +252,15 @@ class FpsRow:
     preset: str
     port: str
     hardware: Hardware
-    schedule: str
-    window: Window
+    stagger: str
+    mask: Mask
     mesh: tuple[int, int]
     layout: TickLayout
     flops: dict
     comm: dict
 
 
-def fps_rows(preset: str, latent_hw, window: Window, dtype: str = "bfloat16", rows=FPS_ROWS, port: str | None = None,
+def fps_rows(preset: str, latent_hw, mask: Mask, dtype: str = "bfloat16", rows=FPS_ROWS, port: str | None = None,
              group: int | None = None) -> list[FpsRow]:
     import ports
     from bcjax.model.config import WanConfig
@@ -268,41 +269,41 @@ def fps_rows(preset: str, latent_hw, window: Window, dtype: str = "bfloat16", ro
     port = port or PORT_OF.get(preset, "self_forcing")
     pcfg = ports.get(port).pipeline
     out = []
-    for name, schedule, stage in rows:
+    for name, stagger, tokens in rows:
         hw = HARDWARE[name]
-        mesh = row_mesh(cfg, hw, stage)
-        win = "causal" if schedule == "sequential" else window  # one block in flight: the windows agree
-        out.append(FpsRow(preset, port, hw, schedule, win, mesh,
-                          tick_layout(cfg, pcfg, latent_hw, schedule, mesh[0], group),
-                          tick_flops(cfg, pcfg, latent_hw, schedule, win, *mesh, group=group),
-                          tick_bytes(cfg, pcfg, latent_hw, schedule, *mesh, group=group)))
+        mesh = row_mesh(cfg, hw, tokens)
+        row_mask = "causal" if stagger == "sequential" else mask  # one block in flight: the masks agree
+        out.append(FpsRow(preset, port, hw, stagger, row_mask, mesh,
+                          tick_layout(cfg, pcfg, latent_hw, stagger, mesh[0], group),
+                          tick_flops(cfg, pcfg, latent_hw, stagger, row_mask, *mesh, group=group),
+                          tick_bytes(cfg, pcfg, latent_hw, stagger, *mesh, group=group)))
     return out
 
 
 def calibrated_mfu(row: FpsRow, fps: float) -> float:
     """The MFU at which `row` gives the measured `fps` (its communication taken as modelled)."""
     exposed = model_fps(row.flops["device"], row.comm, row.hardware, 1.0, row.layout.stride)
-    compute_s = VIDEO_FRAMES_PER_BLOCK / (fps * row.layout.stride) - 1e-3 * (exposed["stage_ms"] + exposed["model_ms"])
+    compute_s = VIDEO_FRAMES_PER_BLOCK / (fps * row.layout.stride) - 1e-3 * (exposed["tokens_ms"] + exposed["model_ms"])
     return row.flops["device"] / (row.hardware.tflops * 1e12 * compute_s)
 
 
-def compiled_tick_collectives(cfg, pcfg, latent_hw, schedule: str, window: Window, stage: int, model: int,
+def compiled_tick_collectives(cfg, pcfg, latent_hw, stagger: str, mask: Mask, tokens: int, model: int,
                               group: int | None = None) -> dict:
-    """hlo_collectives of the cascade's compiled tick (`Runner.lower`) on a (stage, model) mesh of
+    """hlo_collectives of the cascade's compiled tick (`Runner.lower`) on a (tokens, model) mesh of
     fake CPU devices, from abstract inputs: nothing of the model's size is allocated."""
     import jax
 
     from bcjax.runners import make_mesh, make_runner
 
-    n = stage * model
+    n = tokens * model
     if jax.device_count() < n:
-        raise RuntimeError(f"a {stage}x{model} mesh needs {n} devices; jax has {jax.device_count()} (run this module "
+        raise RuntimeError(f"a {tokens}x{model} mesh needs {n} devices; jax has {jax.device_count()} (run this module "
                            "as its own process so it can force 64 host devices)")
-    mesh = make_mesh(stage, model, devices=jax.devices()[:n], cfg=cfg)
-    cas = make_runner(cfg, pcfg, latent_hw, schedule, window, mesh, program="tick", token_group=group)
+    mesh = make_mesh(tokens, model, devices=jax.devices()[:n], cfg=cfg)
+    cas = make_runner(cfg, pcfg, latent_hw, stagger, mask, mesh, program="tick", token_group=group)
     hlo = cas.lower(*cas.abstract_inputs()).compile().as_text()
     if hlo is None:
-        raise RuntimeError(f"the {stage}x{model} cascade compiled without an HLO text to count collectives in")
+        raise RuntimeError(f"the {tokens}x{model} cascade compiled without an HLO text to count collectives in")
     return hlo_collectives(hlo, mesh)
 
 
@@ -311,7 +312,7 @@ def _fmt(b: float) -> str:
 
 
 def _bytes_cells(d: dict) -> str:
-    s, m = d.get("stage", {}), d.get("model", {})
+    s, m = d.get("tokens", {}), d.get("model", {})
     return (f"{_fmt(s.get('payload', 0))} / {_fmt(s.get('wire', 0))} | {_fmt(m.get('payload', 0))} / "
             f"{_fmt(m.get('wire', 0))} | {s.get('ops', 0)} / {m.get('ops', 0)}")
 
@@ -321,45 +322,45 @@ def _same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(abs(a[x][k] - b[x][k]) <= 1e-9 * max(1.0, b[x][k]) for x in b for k in keys)
 
 
-def print_bytes(cfg, pcfg, hw, schedules, stages, models, group, hlo: bool, window: Window) -> None:
+def print_bytes(cfg, pcfg, hw, staggers, tokens_sizes, models, group, hlo: bool, mask: Mask) -> None:
     import jax
 
-    print("| schedule | mesh | T / per device (groups of g) | stage all-gathers (payload / wire) | "
-          "model psums (payload / wire) | ops stage / model | source |")
+    print("| stagger | mesh | T / per device (groups of g) | tokens all-gathers (payload / wire) | "
+          "model psums (payload / wire) | ops tokens / model | source |")
     print("|---|---|---|---|---|---|---|")
-    for schedule in schedules:
-        for stage in stages:
+    for stagger in staggers:
+        for tokens in tokens_sizes:
             for model in models:
-                lay = tick_layout(cfg, pcfg, hw, schedule, stage, group)
-                f = tick_bytes(cfg, pcfg, hw, schedule, stage, model, group=group)
+                lay = tick_layout(cfg, pcfg, hw, stagger, tokens, group)
+                f = tick_bytes(cfg, pcfg, hw, stagger, tokens, model, group=group)
                 pad = lay.padded_tokens - lay.tokens
                 shape = f"{lay.tokens} / {lay.device_tokens} (g {lay.group}{f', {pad} padding' if pad else ''})"
-                print(f"| {schedule} | ({stage}, {model}) | {shape} | {_bytes_cells(f)} | formula |", flush=True)
+                print(f"| {stagger} | ({tokens}, {model}) | {shape} | {_bytes_cells(f)} | formula |", flush=True)
                 if not hlo:
                     continue
                 try:
-                    h = compiled_tick_collectives(cfg, pcfg, hw, schedule, window, stage, model, group)
+                    h = compiled_tick_collectives(cfg, pcfg, hw, stagger, mask, tokens, model, group)
                 except Exception as e:  # noqa: BLE001 - a mesh today's cascade refuses is one row saying why
-                    print(f"| {schedule} | ({stage}, {model}) | | not compiled: {str(e).splitlines()[0]} | | | "
+                    print(f"| {stagger} | ({tokens}, {model}) | | not compiled: {str(e).splitlines()[0]} | | | "
                           f"compiled HLO |", flush=True)
                     continue
                 agree = "= formula" if _same(h, f) else "≠ formula"
-                print(f"| {schedule} | ({stage}, {model}) | | {_bytes_cells(h)} | compiled HLO "
+                print(f"| {stagger} | ({tokens}, {model}) | | {_bytes_cells(h)} | compiled HLO "
                       f"({jax.default_backend()}), {agree} |", flush=True)
 
 
-def print_fps(presets, latent_hw, window: Window, mfu: float, dtype: str, group: int | None) -> dict:
+def print_fps(presets, latent_hw, mask: Mask, mfu: float, dtype: str, group: int | None) -> dict:
     """The FPS table of every preset; returns {preset: [(row, fps at mfu, fps calibrated)]}."""
-    tables = {p: fps_rows(p, latent_hw, window, dtype, group=group) for p in presets}
-    cal_preset, cal_hw, cal_sched = CALIBRATION
-    cal_rows = tables.get(cal_preset) or fps_rows(cal_preset, latent_hw, window, dtype, group=group)
-    cal_row = next(r for r in cal_rows if (r.hardware.name, r.schedule) == (cal_hw, cal_sched))
+    tables = {p: fps_rows(p, latent_hw, mask, dtype, group=group) for p in presets}
+    cal_preset, cal_hw, cal_stagger = CALIBRATION
+    cal_rows = tables.get(cal_preset) or fps_rows(cal_preset, latent_hw, mask, dtype, group=group)
+    cal_row = next(r for r in cal_rows if (r.hardware.name, r.stagger) == (cal_hw, cal_stagger))
     cal = calibrated_mfu(cal_row, PAPER_FPS[CALIBRATION])
     print(f"\nModelled FPS at {latent_hw[0] * 8}x{latent_hw[1] * 8} ({dtype}, batch 1; one block = "
           f"{VIDEO_FRAMES_PER_BLOCK} frames every `stride` ticks; communication not overlapped with compute; "
-          f"window {window} for the cascades). MFU {mfu:.0%} is an assumption; MFU {cal:.1%} is calibrated: it "
+          f"mask {mask} for the cascades). MFU {mfu:.0%} is an assumption; MFU {cal:.1%} is calibrated: it "
           f"makes 1.3B sequential on 1 H100 reach the paper's measured {PAPER_FPS[CALIBRATION]:.0f} FPS.")
-    print(f"| model | hardware | schedule | mesh | T / per device | TFLOP/tick/device | compute ms | stage ms | "
+    print(f"| model | hardware | stagger | mesh | T / per device | TFLOP/tick/device | compute ms | tokens ms | "
           f"model ms | tick ms | FPS at MFU {mfu:.0%} | FPS at MFU {cal:.1%} | paper |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out: dict[str, list[tuple[FpsRow, dict, dict]]] = {}
@@ -368,23 +369,23 @@ def print_fps(presets, latent_hw, window: Window, mfu: float, dtype: str, group:
         for r in rows:
             a = model_fps(r.flops["device"], r.comm, r.hardware, mfu, r.layout.stride)
             c = model_fps(r.flops["device"], r.comm, r.hardware, cal, r.layout.stride)
-            paper = PAPER_FPS.get((preset, r.hardware.name, r.schedule))
-            print(f"| {preset} | {r.hardware.name} | {r.schedule} | {r.mesh} | {r.layout.tokens} / "
+            paper = PAPER_FPS.get((preset, r.hardware.name, r.stagger))
+            print(f"| {preset} | {r.hardware.name} | {r.stagger} | {r.mesh} | {r.layout.tokens} / "
                   f"{r.layout.device_tokens} | {r.flops['device'] / 1e12:.2f} | {a['compute_ms']:.1f} | "
-                  f"{a['stage_ms']:.1f} | {a['model_ms']:.1f} | {a['tick_ms']:.1f} | {a['fps']:.1f} | {c['fps']:.1f} | "
-                  f"{paper if paper else '-'} |")
+                  f"{a['tokens_ms']:.1f} | {a['model_ms']:.1f} | {a['tick_ms']:.1f} | {a['fps']:.1f} | "
+                  f"{c['fps']:.1f} | {paper if paper else '-'} |")
             out[preset].append((r, a, c))
     print("\nHardware: " + "; ".join(f"{h.name}: {h.chip} {h.tflops:.0f} TFLOP/s bf16, {h.hbm_gib:.0f} GiB, {h.note}"
                                      for h in HARDWARE.values()))
     # the paper's other measured figures against the calibrated model
     for preset, results in out.items():
         for r, _, c in results:
-            paper = PAPER_FPS.get((preset, r.hardware.name, r.schedule))
-            if paper is None or (preset, r.hardware.name, r.schedule) == CALIBRATION:
+            paper = PAPER_FPS.get((preset, r.hardware.name, r.stagger))
+            if paper is None or (preset, r.hardware.name, r.stagger) == CALIBRATION:
                 continue
             need = VIDEO_FRAMES_PER_BLOCK / (paper * r.layout.stride)
             gap = 1e3 * need - c["tick_ms"]
-            print(f"{preset} {r.schedule} on {r.hardware.name}: calibrated model {c['fps']:.1f} FPS vs the paper's "
+            print(f"{preset} {r.stagger} on {r.hardware.name}: calibrated model {c['fps']:.1f} FPS vs the paper's "
                   f"{paper} FPS; the paper's tick is {1e3 * need:.0f} ms, the model's {c['tick_ms']:.0f} ms: "
                   f"{'an overhead of' if gap > 0 else 'a saving of'} {abs(gap):.0f} ms per tick "
                   f"({abs(gap) / c['tick_ms']:.0%}) closes the gap; at MFU {calibrated_mfu(r, paper):.1%} the model "
@@ -401,22 +402,22 @@ def print_fps(presets, latent_hw, window: Window, mfu: float, dtype: str, group:
 
 def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str:
     """The model's answer to "5 GPUs: cascade, context parallel, or both?" for one preset: each
-    schedule's FPS and a block's latency (noise to x0, n ticks) on `hardware` at `mfu`, and the MFU
+    stagger's FPS and a block's latency (noise to x0, n ticks) on `hardware` at `mfu`, and the MFU
     the context-parallel sequential pipeline (short shards) may fall to before P4 (long shards, at
     `mfu`) catches up."""
-    here = {r.schedule: (r, c) for r, _, c in rows if r.hardware.name == hardware}
+    here = {r.stagger: (r, c) for r, _, c in rows if r.hardware.name == hardware}
     parts = []
-    for sched, (r, _) in here.items():
+    for stagger, (r, _) in here.items():
         f = model_fps(r.flops["device"], r.comm, r.hardware, mfu, r.layout.stride)
         latency = r.layout.emit_passes * f["tick_ms"]  # a block's x0 leaves its n-th pass, n ticks after it entered
-        parts.append(f"{sched} {f['fps']:.1f} FPS ({latency:.0f} ms from noise to a block's x0)")
+        parts.append(f"{stagger} {f['fps']:.1f} FPS ({latency:.0f} ms from noise to a block's x0)")
     text = f"{preset} on {hardware} at MFU {mfu:.1%}: " + ", ".join(parts)
     if "sequential" in here and "P4" in here:
         seq, p4 = here["sequential"][0], here["P4"][0]
         p4_s = (1e-3 * model_fps(p4.flops["device"], p4.comm, p4.hardware, mfu, p4.layout.stride)["tick_ms"]
                 * p4.layout.stride)
         comm_s = 1e-3 * sum(model_fps(seq.flops["device"], seq.comm, seq.hardware, 1.0, 1)[k]
-                            for k in ("stage_ms", "model_ms"))
+                            for k in ("tokens_ms", "model_ms"))
         per_block = p4_s / seq.layout.stride - comm_s  # the compute time per tick at which the two tie
         if per_block > 0:
             even = seq.flops["device"] / (seq.hardware.tflops * 1e12 * per_block)
@@ -425,10 +426,10 @@ def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str
     return text
 
 
-def print_memory(target_name: str, presets, latent_hw, window: Window, dtype: str, layers: int | None) -> None:
+def print_memory(target_name: str, presets, latent_hw, mask: Mask, dtype: str, layers: int | None) -> None:
     """Per-device memory of each FPS row that fits `target_name`'s devices: the Cascade of its
-    schedule compiled for the target (bench compile's `compile_row`; nothing runs): the tick,
-    context parallel for the sequential schedule."""
+    stagger compiled for the target (bench compile's `compile_row`; nothing runs): the tick,
+    context parallel for the sequential stagger."""
     from bcjax import compile_cache, targets
     from bcjax.bench.compile import HEADER, build_mesh, compile_row, print_row
     from bcjax.model import attention
@@ -442,21 +443,21 @@ def print_memory(target_name: str, presets, latent_hw, window: Window, dtype: st
     print(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1), flush=True)
     seen = set()
     for preset in presets:
-        for r in fps_rows(preset, latent_hw, window, dtype):
-            stage, model = r.mesh
-            if (r.hardware.target != target.name and target.name != "cpu") or stage * model > len(devices):
+        for r in fps_rows(preset, latent_hw, mask, dtype):
+            tokens, model = r.mesh
+            if (r.hardware.target != target.name and target.name != "cpu") or tokens * model > len(devices):
                 continue
-            if (preset, r.schedule, r.mesh) in seen:
+            if (preset, r.stagger, r.mesh) in seen:
                 continue
-            seen.add((preset, r.schedule, r.mesh))
+            seen.add((preset, r.stagger, r.mesh))
             cfg = dataclasses.replace(r_cfg(preset, dtype, layers),
                                       attention=attention.backends_for(target.platform)[0])
             import ports
 
             pcfg = ports.get(r.port).pipeline
-            mesh, label = build_mesh(stage, model, devices, cfg)
-            cas = make_runner(cfg, pcfg, latent_hw, r.schedule, r.window, mesh, program="tick")
-            row = compile_row(preset, f"{r.schedule} {r.window}", label, cfg.attention,
+            mesh, label = build_mesh(tokens, model, devices, cfg)
+            cas = make_runner(cfg, pcfg, latent_hw, r.stagger, r.mask, mesh, program="tick")
+            row = compile_row(preset, f"{r.stagger} {r.mask}", label, cfg.attention,
                               lambda cas=cas: cas.lower(*cas.abstract_inputs()), mesh)
             print_row(row, target, 0.1)
 
@@ -478,13 +479,17 @@ def main(argv=None) -> int:
                     help="model of the bytes table")
     ap.add_argument("--port", help="sampler (window, steps) of the bytes table (default: the preset's, see PORT_OF)")
     ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"))
-    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
-    ap.add_argument("--stages", nargs="+", type=int, default=list(STAGES), help="stage devices of the bytes table")
+    ap.add_argument("--staggers", "--schedules", dest="staggers", nargs="+", default=list(STAGGERS), action=OldName,
+                    new="--staggers", help="the staggers of the bytes table (--schedules: its deprecated name)")
+    ap.add_argument("--tokens", "--stages", dest="tokens", nargs="+", type=int, default=list(TOKENS_SIZES),
+                    action=OldName, new="--tokens",
+                    help="sizes of the 'tokens' axis in the bytes table (--stages: its deprecated name)")
     ap.add_argument("--models", nargs="+", type=int, default=[1], help="model devices of the bytes table")
     ap.add_argument("--group", type=int, help="tokens per group (default: the divisor of tokens_per_frame with the "
                                               "least padding, see bcjax.cascade.tokens)")
-    ap.add_argument("--window", default=DEFAULT_WINDOW, choices=WINDOWS,
-                    help="the cascades' window (FLOPs of the FPS model; the window of --hlo's programs)")
+    ap.add_argument("--mask", "--window", dest="mask", default=DEFAULT_MASK, choices=MASKS, action=OldName,
+                    new="--mask", help="the cascades' mask (FLOPs of the FPS model; the mask of --hlo's programs); "
+                    "--window: its deprecated name")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak FLOP/s reached (FPS model)")
     ap.add_argument("--fps-presets", nargs="*", default=["wan2.1-1.3b", "wan2.1-14b"],
@@ -503,7 +508,7 @@ def main(argv=None) -> int:
     print(f"{args.preset} | sampler {port} ({pcfg.num_steps} steps, cache {pcfg.cache_frames} frames) | latent "
           f"{hw[0]}x{hw[1]} ({cfg.tokens_per_frame(*hw)} tokens per frame) | {args.dtype} | batch 1 | bytes per "
           f"tick per device, token-sharded tick")
-    print_bytes(cfg, pcfg, hw, args.schedules, args.stages, args.models, args.group, args.hlo, args.window)
+    print_bytes(cfg, pcfg, hw, args.staggers, args.tokens, args.models, args.group, args.hlo, args.mask)
     if args.hlo:
         import jax
 
@@ -511,12 +516,12 @@ def main(argv=None) -> int:
             print("XLA:CPU computes bf16 as f32, so its collectives carry twice the bytes of a bf16 accelerator's "
                   "(compare with --dtype float32).")
     if args.fps_presets:
-        print_fps(args.fps_presets, hw, args.window, args.mfu, args.dtype, args.group)
+        print_fps(args.fps_presets, hw, args.mask, args.mfu, args.dtype, args.group)
         print("\nPer-device memory of these rows: `bcjax bench comm --memory TARGET` (TARGET: h100, v5e-32, v5p-16, "
               "v6e-16) compiles each row's cascade for that target with `bench compile`'s machinery, e.g.\n"
-              "  JAX_PLATFORMS=cpu bcjax bench comm --stages 1 --memory v5e-32")
+              "  JAX_PLATFORMS=cpu bcjax bench comm --tokens 1 --memory v5e-32")
     if args.memory:
-        print_memory(args.memory, args.fps_presets or [args.preset], hw, args.window, args.dtype, args.layers)
+        print_memory(args.memory, args.fps_presets or [args.preset], hw, args.mask, args.dtype, args.layers)
     return 0
 
 

@@ -19,19 +19,19 @@ Programs:
   pass over a full cache), on (1, model) meshes (tensor parallel over `model`);
 * krea: one block of Krea's own loop (the rebuilt-context pass and the denoising passes; the
   `krea_14b` port's sampler);
-* p4: one P4 bidirectional tick under shard_map over (stage, model), per device (the stage axis
+* p4: one P4 bidirectional tick under shard_map over (tokens, model), per device (the `tokens` axis
   splits the tick's tokens, `bcjax.cascade.tokens`);
-* cp: one tick of the sequential schedule split the same way: context parallelism of one block's
-  pass over the stage devices (n + 1 such ticks make a block);
+* cp: one tick of the sequential stagger split the same way: context parallelism of one block's
+  pass over the `tokens` devices (n + 1 such ticks make a block);
 * vae: the Wan VAE decoder's streaming step for one block (block_frames latent frames);
 * taehv: TAEHV's (taew2_1, the tiny Wan2.1 decoder) streaming step for one block, its memory
   blocks carried as the state (`bcjax.vae.taehv.decode_step`);
 * umt5: the umT5-XXL encoder for one prompt (512 tokens).
 
 Meshes: by default every mesh of the target worth a row: model sizes from the smallest whose
-weights take at most half a device, stage 5 (the paper's one P4 block per device) and the whole
+weights take at most half a device, tokens 5 (the paper's one P4 block per device) and the whole
 target (the tick's tokens over every device); a target that must be used whole (v5e-32) gets its
-stage axis grown to the slice (`make_mesh`).
+`tokens` axis grown to the slice (`make_mesh`).
 A program the compiler refuses is one row with the compiler's first line; one that does not fit is
 marked "does not fit: X GiB > Y GiB". Nothing runs: no timing.
 """
@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from bcjax import targets
+from bcjax.names import BACKENDS, TOKENS
 
 GiB = 2**30
 CASES = ("sequential", "krea", "p4", "cp", "vae", "taehv", "umt5")
@@ -198,7 +199,7 @@ def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh) -> Callable:
         runner = make_runner(cfg, ports.get("krea_14b").pipeline, hw, "sequential", mesh=mesh, program="krea")
     elif case == "p4":
         runner = make_runner(cfg, pcfg, hw, "P4", "bidirectional", mesh)
-    elif case == "cp":  # context parallel: the tick's sequential schedule, each pass split over `stage`
+    elif case == "cp":  # context parallel: the tick's sequential stagger, each pass split over `tokens`
         runner = make_runner(cfg, pcfg, hw, "sequential", mesh=mesh, program="tick")
     else:
         raise ValueError(f"not a DiT program: {case!r}")
@@ -287,15 +288,15 @@ def default_meshes(case: str, cfg, target: targets.Target, n: int) -> list[tuple
     return list(dict.fromkeys(meshes))
 
 
-def build_mesh(stage: int, model: int, devices, cfg):
-    """make_mesh over the target's devices: on a whole-slice target the stage axis is padded so the
+def build_mesh(tokens: int, model: int, devices, cfg):
+    """make_mesh over the target's devices: on a whole-slice target the `tokens` axis is padded so the
     mesh covers every chip (and the label says so)."""
     from bcjax.cascade import make_mesh
 
-    mesh = make_mesh(stage, model, devices=devices, cfg=cfg)
-    label = f"{stage}x{model}"
-    if mesh.shape["stage"] != stage:
-        label += f" (grown to {mesh.shape['stage']}x{model}: whole slice)"
+    mesh = make_mesh(tokens, model, devices=devices, cfg=cfg)
+    label = f"{tokens}x{model}"
+    if mesh.shape[TOKENS] != tokens:
+        label += f" (grown to {mesh.shape[TOKENS]}x{model}: whole slice)"
     return mesh, label
 
 
@@ -325,17 +326,17 @@ def print_row(row: Row, target: targets.Target, headroom: float) -> None:
           f"{_fmt_collectives(row.collectives)} |", flush=True)
 
 
-HEADER = ("| model | program | mesh (stage x model) | attention | args | temp | out | total | fits | HBM written | "
+HEADER = ("| model | program | mesh (tokens x model) | attention | args | temp | out | total | fits | HBM written | "
           "compile s | "
           "collectives per call (optimised HLO) |")
 
 
 def _parse_mesh(text: str) -> tuple[int, int]:
     try:
-        stage, model = (int(v) for v in text.lower().split("x"))
+        tokens, model = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--meshes {text!r}: expected STAGExMODEL, e.g. 5x1") from None
-    return stage, model
+        raise ValueError(f"--meshes {text!r}: expected TOKENSxMODEL, e.g. 5x1") from None
+    return tokens, model
 
 
 def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str, pcfg, layers=None,
@@ -361,19 +362,19 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
             base = dataclasses.replace(base, num_layers=layers)
         for case in (c for c in cases if c in DIT_CASES):
             shapes = meshes or default_meshes(case, base, target, n)
-            if case in ("sequential", "krea"):  # a `stage` axis would only hold replicas
+            if case in ("sequential", "krea"):  # a `tokens` axis would only hold replicas
                 shapes = list(dict.fromkeys((1, model) for _, model in shapes))
-            for stage, model in shapes:
-                if stage * model > n:
-                    raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; "
+            for tokens, model in shapes:
+                if tokens * model > n:
+                    raise ValueError(f"mesh {tokens}x{model} needs {tokens * model} devices; "
                                      f"target {target.name} has {n}")
                 for backend in backends or attention.backends_for(target.platform):
                     cfg = dataclasses.replace(base, attention=backend)
                     try:
-                        mesh, label = build_mesh(stage, model, devices, cfg)
+                        mesh, label = build_mesh(tokens, model, devices, cfg)
                         lower = dit_lowering(case, cfg, pcfg, hw, mesh)
                     except ValueError as e:  # a mesh this model or target cannot take
-                        add(Row(preset, case, f"{stage}x{model}", backend, error=str(e)))
+                        add(Row(preset, case, f"{tokens}x{model}", backend, error=str(e)))
                         continue
                     add(compile_row(preset, case, label, backend, lower, mesh))
     sharding, mesh = _placement(devices, whole)
@@ -402,8 +403,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target", required=True, help=f"one of: {', '.join(targets.TARGETS)}")
     ap.add_argument("--preset", nargs="+", default=["wan2.1-1.3b", "wan2.1-14b"], choices=WanConfig.preset_names())
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    ap.add_argument("--backends", nargs="+", help="attention backends (default: every one the target's platform has)")
-    ap.add_argument("--meshes", nargs="+", metavar="STAGExMODEL",
+    ap.add_argument("--backends", nargs="+", choices=BACKENDS,
+                    help="attention backends (default: every one the target's platform has)")
+    ap.add_argument("--meshes", nargs="+", metavar="TOKENSxMODEL",
                     help="meshes of the DiT programs (default: see above)")
     ap.add_argument("--latent-hw", nargs=2, type=int, default=(60, 104), metavar=("H", "W"),
                     help="latent size (default 60 104 = 480x832 video)")
@@ -432,9 +434,9 @@ def main(argv=None) -> int:
         pcfg = PipelineConfig()
     hw = tuple(args.latent_hw)
     devices = target.devices()
-    for stage, model in meshes or ():
-        if stage * model > len(devices):
-            raise ValueError(f"mesh {stage}x{model} needs {stage * model} devices; target {target.name} has "
+    for tokens, model in meshes or ():
+        if tokens * model > len(devices):
+            raise ValueError(f"mesh {tokens}x{model} needs {tokens * model} devices; target {target.name} has "
                              f"{len(devices)}")
     whole = " | programs must use the whole slice" if targets.whole_slice_required(devices) else ""
     print(f"target {target.name}: {target.what} | {len(devices)} x {devices[0].device_kind} ({target.platform}), "

@@ -11,7 +11,7 @@ Per block (3 latent frames, steady state: not the clip's first block), for each 
   video: a 480x832 Wan VAE decode is ~40 TFLOP, minutes on a CPU), fp32, random weights;
 * the modelled end-to-end FPS (`bcjax.bench.comm`'s model: FLOPs / (peak x MFU) on an H100, plus
   P4's exposed communication on the paper's 5-H100 node) of sequential and P4, with the decode on
-  the denoising device (sequential: after each block; P4: on stage 0, which every tick then waits
+  the denoising device (sequential: after each block; P4: on the mesh's first device, which every tick then waits
   for, ticks being lockstep) or on its own decode device (overlapped: the slower of the two sets
   the pace).
 Compiled memory per accelerator comes from `bench compile --cases vae taehv` (not here).
@@ -148,7 +148,7 @@ def _fps_model(rows, hw, args) -> None:
           f"sequential on 1 H100, P4 on 5 (NVLink); denoise {1e3 * seq_s:.0f} ms / block sequential, "
           f"{1e3 * tick_s:.0f} ms / tick P4 ==")
     print("| decoder | decode ms / block | sequential, decode on device 0 | sequential, decode device | "
-          "P4, decode on stage 0 | P4, decode device |")
+          "P4, decode on mesh device 0 | P4, decode device |")
     print("|---|---|---|---|---|---|")
     fps = VIDEO_FRAMES_PER_BLOCK
     for name, (counted, _, _) in rows.items():

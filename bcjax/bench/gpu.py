@@ -7,7 +7,7 @@ Prints, for the model at the latent size (speed does not depend on the weights, 
 * sequential: steady-state block time (cache full) -> denoise FPS; with the streamed VAE decode of
   each block -> end-to-end FPS; time to first frame (block 0 on an empty cache + its decode);
 * P4 bidirectional, every slot batched on this device: tick time -> FPS;
-* one stage of a 5-device P4 tick (its block's queries over the cache and all in-flight blocks'
+* one block's share of a 5-device P4 tick (its block's queries over the cache and all in-flight blocks'
   K/V) + the per-layer K/V all-gather bytes at --link-gbps -> modelled 5-device P4 FPS;
 * one layer's self-attention (sequential pass, full cache) per attention backend of the platform;
 * peak device memory (where the platform reports it).
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache, median_seconds
 from bcjax.model import attention
 from bcjax.model.config import WanConfig
-from bcjax.model.wan import KV, encode_text, forward, init_params
+from bcjax.model.wan import KV, forward, init_params, text_kv
 from bcjax.runners import make_runner
 from bcjax.schedule.config import PipelineConfig
 
@@ -62,7 +62,7 @@ def run(args) -> dict:
           f"{pcfg.num_steps} steps | attention {cfg.attention}", flush=True)
     key = jax.random.key(0)
     params = init_params(cfg, key, hw)
-    text = encode_text(cfg, params, jax.random.normal(key, (1, cfg.text_len, cfg.text_dim)))
+    text = text_kv(cfg, params, jax.random.normal(key, (1, cfg.text_len, cfg.text_dim)))
     vcfg = wan_vae.VAEConfig.preset("tiny" if args.preset == "tiny" else "wan2.1", dtype=args.dtype,
                                      param_dtype=args.dtype)
     vparams = wan_vae.init_params(vcfg, jax.random.key(1))
@@ -108,7 +108,7 @@ def run(args) -> dict:
 
     print("\n== P4 bidirectional, every slot batched on this device ==", flush=True)
     cas = make_runner(cfg, pcfg, hw, "P4", "bidirectional")
-    st = cas.stagger
+    st = cas.plan
     steady = st.num_stages + first  # every slot busy, cache full
     state = cas.tick_program.init_state(1)
     state = state._replace(x=jax.random.normal(key, state.x.shape), cache=full_cache(cfg, pcfg, 1, p, key),
@@ -127,7 +127,8 @@ def run(args) -> dict:
           f"{_fps(out['p4_tick_s'] * st.stride):.2f} FPS ({st.num_slots} slots)", flush=True)
     del state
 
-    print(f"\n== P4 on {st.num_slots} devices: one stage's tick, measured here, + all-gather model ==", flush=True)
+    print(f"\n== P4 on {st.num_slots} devices: one block's share of a tick, measured here, + all-gather model ==",
+          flush=True)
     others = st.num_slots - 1
     cache = full_cache(cfg, pcfg, 1, p, key)
     extra = jax.random.normal(key, (cfg.num_layers, 1, others * bf * p, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
@@ -135,21 +136,21 @@ def run(args) -> dict:
     del cache, extra
     x = jax.random.normal(key, (1, bf, *hw, cfg.in_channels))
     frames = jnp.arange(bf) + pcfg.cache_frames
-    stage = jax.jit(lambda prm, c, xx: forward(cfg, prm, xx, jnp.full((1, bf), 500.0), text, frames, c)[0])
-    stage = _compiled("one stage's pass", stage, params, ctx, x)
-    out["stage_s"] = median_seconds(lambda c=ctx: jax.block_until_ready(stage(params, c, x)), args.blocks)
+    share = jax.jit(lambda prm, c, xx: forward(cfg, prm, xx, jnp.full((1, bf), 500.0), text, frames, c)[0])
+    share = _compiled("one block's pass", share, params, ctx, x)
+    out["share_s"] = median_seconds(lambda c=ctx: jax.block_until_ready(share(params, c, x)), args.blocks)
     del ctx
     item = jnp.dtype(cfg.compute_dtype).itemsize
     gather = 2 * cfg.num_layers * others * bf * p * cfg.dim * item  # K and V of the other blocks, every layer
     out["gather_bytes"] = gather
     t_comm = gather / (args.link_gbps * 1e9)
-    print(f"  one stage's tick: {1e3 * out['stage_s']:.1f} ms; K/V all-gather {gather / 1e6:.1f} MB per tick per "
-          f"device = {1e3 * t_comm:.2f} ms at {args.link_gbps:g} GB/s")
-    for label, t in (("all-gather overlapped", max(out["stage_s"], t_comm)),
-                     ("all-gather serial", out["stage_s"] + t_comm)):
+    print(f"  one block's share of a tick: {1e3 * out['share_s']:.1f} ms; K/V all-gather {gather / 1e6:.1f} MB per "
+          f"tick per device = {1e3 * t_comm:.2f} ms at {args.link_gbps:g} GB/s")
+    for label, t in (("all-gather overlapped", max(out["share_s"], t_comm)),
+                     ("all-gather serial", out["share_s"] + t_comm)):
         print(f"  modelled P4 on {st.num_slots} devices, {label}: {1e3 * t:.1f} ms/tick = "
               f"{_fps(t * st.stride):.2f} FPS")
-    out["p4_5dev_fps"] = _fps((out["stage_s"] + t_comm) * st.stride)
+    out["p4_5dev_fps"] = _fps((out["share_s"] + t_comm) * st.stride)
 
     print("\n== one layer's self-attention (sequential pass, full cache), per backend ==", flush=True)
     ks = jax.random.split(key, 5)
@@ -181,7 +182,7 @@ def run(args) -> dict:
             ("sequential + streamed VAE decode FPS", f"{_fps(out['seq_e2e_s']):.2f}"),
             ("time to first frame", f"{1e3 * out['ttff_s']:.0f} ms"),
             ("P4 batched on one device FPS", f"{_fps(out['p4_tick_s'] * st.stride):.2f}"),
-            ("P4 one stage's tick", f"{1e3 * out['stage_s']:.1f} ms"),
+            ("P4 one block's share of a tick", f"{1e3 * out['share_s']:.1f} ms"),
             ("P4 all-gather per tick per device", f"{gather / 1e6:.1f} MB"),
             (f"modelled P4 on {st.num_slots} devices FPS (all-gather serial)", f"{out['p4_5dev_fps']:.2f}"),
             ("peak device memory", _peak_gib())]

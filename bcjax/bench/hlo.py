@@ -113,7 +113,7 @@ def parse_computations(hlo: str):
 
 
 def hlo_collectives(hlo: str, mesh) -> dict[str, dict[str, Any]]:
-    """Per mesh axis ('stage', 'model'; 'other' for groups spanning neither): collective ops run
+    """Per mesh axis ('tokens', 'model'; 'other' for groups spanning neither): collective ops run
     per call of the program, their result bytes and the bytes one device receives (ring), and
     under "kinds" the ops of each kind (all-gather, all-reduce, ...).
     Each op counts as often as the loops around it run (while known_trip_count); a branch of a

@@ -26,7 +26,7 @@ import numpy as np
 
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, full_cache
 from bcjax.model.config import WanConfig
-from bcjax.model.wan import encode_text, forward
+from bcjax.model.wan import forward, text_kv
 from bcjax.runners import make_runner
 from bcjax.sampler import cached_pass
 from bcjax.schedule.config import PipelineConfig
@@ -75,7 +75,7 @@ def _ms(fn: Callable[[], object], repeats: int) -> float:
 
 def _bench_bcjax(cfg, pcfg, hw, context, blocks: int, repeats: int) -> dict[str, float]:
     params = _to_device(wan_conv.convert(_RandomStateDict(cfg), cfg))
-    text = jax.block_until_ready(jax.jit(partial(encode_text, cfg))(params, jnp.asarray(context)))
+    text = jax.block_until_ready(jax.jit(partial(text_kv, cfg))(params, jnp.asarray(context)))
     pipe, key, bf = make_runner(cfg, pcfg, hw), jax.random.key(0), pcfg.block_frames
     cache = full_cache(cfg, pcfg, 1, cfg.tokens_per_frame(*hw), jax.random.key(3))
     t0 = time.perf_counter()

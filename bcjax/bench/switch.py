@@ -22,12 +22,13 @@ import numpy as np
 import ports
 from bcjax.app.interactive import stream
 from bcjax.model.config import WanConfig
-from bcjax.model.wan import encode_text, init_params
+from bcjax.model.wan import init_params, text_kv
+from bcjax.names import Policy
 from bcjax.pipeline.recache import POLICIES
 from bcjax.runners import make_runner
 
 
-def measure(runner, params, texts, key, blocks: int, switch_at: int, policy: str, repeats: int) -> dict:
+def measure(runner, params, texts, key, blocks: int, switch_at: int, policy: Policy, repeats: int) -> dict:
     """{'steady_ms', 'switch_ms', 'stall_ms', 'recache_ms'} medians over `repeats` streams."""
     rows = []
     for r in range(repeats + 1):  # the first stream compiles
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     hw = tuple(a.latent_hw)
     params = init_params(cfg, jax.random.key(0), hw)
     rng = np.random.default_rng(0)
-    texts = [encode_text(cfg, params, rng.standard_normal((1, cfg.text_len, cfg.text_dim)).astype(np.float32))
+    texts = [text_kv(cfg, params, rng.standard_normal((1, cfg.text_len, cfg.text_dim)).astype(np.float32))
              for _ in range(2)]
     key = jax.random.key(1)
     print(f"prompt-switch stall: {a.preset} ({cfg.num_layers} layers, dim {cfg.dim}), latents {hw[0]}x{hw[1]}, "

@@ -229,7 +229,7 @@ class _Upstream:
 
 def _bcjax_runner(cfg, pcfg, hw, params, context, key):
     pipe = make_runner(cfg, pcfg, hw)
-    text = jax.block_until_ready(pipe.encode_text(params, jnp.asarray(context)))
+    text = jax.block_until_ready(pipe.text_kv(params, jnp.asarray(context)))
 
     def run():
         times, out = [], []

@@ -1,9 +1,9 @@
 """Block Cascading: the tick compiled into one `lax.scan` per generation, or stepped for a stream.
 
-Devices: a `Mesh` with a `stage` axis and a `model` axis for tensor-parallel weights
+Devices: a `Mesh` with a `tokens` axis and a `model` axis for tensor-parallel weights
 (`bcjax.model.tensor_parallel`: heads and FFN split over `model`, one shard_map over both axes).
-The stage devices split each tick's tokens (`bcjax.cascade.tokens`), so any number of them runs
-any schedule: P4's five blocks on 2, 4, 5, 8 or 16 devices, and the sequential schedule on N
+The `tokens` devices split each tick's tokens (`bcjax.cascade.tokens`), so any number of them runs
+any stagger: P4's five blocks on 2, 4, 5, 8 or 16 devices, and the sequential stagger on N
 devices is context parallelism of one block. With one device the whole tick is batched on it.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -26,29 +27,36 @@ from bcjax.cascade.tokens import token_split
 from bcjax.distributed import local, replicate
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
-from bcjax.model.tensor_parallel import MODEL, Layout, check_model_axis
+from bcjax.model.tensor_parallel import Layout, check_model_axis
 from bcjax.model.wan import KV
-from bcjax.names import DEFAULT_WINDOW
+from bcjax.names import DEFAULT_MASK, MODEL, TOKENS, Mask
 from bcjax.sampler import check_rebuild, clean_block, write_context
 from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.stagger import make_stagger, slot_state
 from bcjax.stepping import Step, StepState, keeps_clean_cache
 
-STAGE = "stage"
 ENDLESS = np.iinfo(np.int32).max  # num_blocks of a stream with no planned end
 
 
-def make_mesh(stage: int | None = None, model: int = 1, devices=None, cfg: WanConfig | None = None) -> Mesh:
-    """A ('stage', 'model') mesh; by default every device on `stage`. Devices are laid out
-    stage-major, so a `model` group is `model` consecutive devices (the same host, the fastest
-    links: its reductions run every sublayer, the stage all-gather once per layer). cfg: checks
-    that `model` divides its heads and FFN width.
+def make_mesh(tokens: int | None = None, model: int = 1, devices=None, cfg: WanConfig | None = None, *,
+              stage: int | None = None) -> Mesh:
+    """A ('tokens', 'model') mesh; by default every device on `tokens`. Devices are laid out
+    tokens-major, so a `model` group is `model` consecutive devices (the same host, the fastest
+    links: its reductions run every sublayer, the `tokens` all-gather once per layer). cfg: checks
+    that `model` divides its heads and FFN width. stage: the old name of `tokens` (deprecated).
 
     On a TPU slice that XLA:TPU needs used whole (a v5e slice of more than 16 chips, see
-    `bcjax.targets`), the stage axis grows so that stage x model covers every chip: a cascade
+    `bcjax.targets`), the `tokens` axis grows so that tokens x model covers every chip: a cascade
     splits its tick's tokens over all of them (replicas for the sequential runners). A `model`
     that does not divide the slice is refused, saying why."""
     from bcjax.targets import whole_slice_required
+
+    if stage is not None:
+        warnings.warn("make_mesh(stage=...) is deprecated: the axis that splits a tick's tokens is "
+                      "'tokens'; pass tokens=...", DeprecationWarning, stacklevel=2)
+        if tokens is not None:
+            raise TypeError("make_mesh got both tokens= and its old name stage=")
+        tokens = stage
 
     devices = list(devices if devices is not None else jax.devices())
     if model < 1:
@@ -60,19 +68,19 @@ def make_mesh(stage: int | None = None, model: int = 1, devices=None, cfg: WanCo
         if n % model:
             raise ValueError(f"this TPU slice ({n} x {devices[0].device_kind}) must be used whole: XLA:TPU refuses a "
                              f"program on part of it (limited ICI routing), and 'model' = {model} does not divide {n}")
-        if stage is not None and stage * model > n:
-            raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; {n} available")
-        stage = n // model  # the whole slice: the tick's tokens are split over every stage device
-    stage = stage or len(devices) // model
-    if stage * model > len(devices):
-        raise ValueError(f"mesh ('stage'={stage}, 'model'={model}) needs {stage * model} devices; "
+        if tokens is not None and tokens * model > n:
+            raise ValueError(f"mesh ('tokens'={tokens}, 'model'={model}) needs {tokens * model} devices; {n} available")
+        tokens = n // model  # the whole slice: the tick's tokens are split over every device
+    tokens = tokens or len(devices) // model
+    if tokens * model > len(devices):
+        raise ValueError(f"mesh ('tokens'={tokens}, 'model'={model}) needs {tokens * model} devices; "
                          f"{len(devices)} available")
-    return Mesh(np.asarray(devices[: stage * model]).reshape(stage, model), (STAGE, MODEL))
+    return Mesh(np.asarray(devices[: tokens * model]).reshape(tokens, model), (TOKENS, MODEL))
 
 
 @dataclasses.dataclass
 class TickProgram:
-    """The cascade's compiled tick for one model, sampler, latent size, schedule and window on a
+    """The cascade's compiled tick for one model, sampler, latent size, stagger and mask on a
     layout's mesh, and the whole-generation scan of it: the "tick" program of a
     `bcjax.runners.Runner` (`make_runner` builds both; the checks common to every program are there)."""
 
@@ -80,26 +88,27 @@ class TickProgram:
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
     layout: Layout
-    # `bcjax.names.SCHEDULES` (any P<k>, a stride); a "-no-clean" schedule, or a pcfg with
+    # `bcjax.names.STAGGERS` (any P<k>, a stride); a "-no-clean" stagger, or a pcfg with
     # context="last-pass", has no clean stage: the last denoising pass writes the cache
-    schedule: str | int = "P4"
-    window: str = DEFAULT_WINDOW
-    # tokens per group of the stage split (`bcjax.cascade.tokens`); None: the least padding
+    stagger: str | int = "P4"
+    mask: Mask = DEFAULT_MASK
+    # tokens per group of the `tokens` split (`bcjax.cascade.tokens`); None: the least padding
     token_group: int | None = None
 
     def __post_init__(self):
         check_rebuild(self.pcfg, "the cascade")
         self.mesh = self.layout.mesh
-        devices = 1 if self.mesh is None else self.mesh.shape[STAGE]
-        self.stagger = make_stagger(self.schedule, self.pcfg.num_steps, clean_pass=self.pcfg.clean_pass)
-        if not self.stagger.clean_pass:  # a "-no-clean" schedule: the sampler's last-pass cache entry
+        devices = 1 if self.mesh is None else self.mesh.shape[TOKENS]
+        # the stagger's table (when each block enters, its stage at every tick)
+        self.plan = make_stagger(self.stagger, self.pcfg.num_steps, clean_pass=self.pcfg.clean_pass)
+        if not self.plan.clean_pass:  # a "-no-clean" stagger: the sampler's last-pass cache entry
             if self.pcfg.context == "rebuild":
-                raise ValueError(f"schedule {self.schedule!r} has no clean stage, and Krea's rebuilt context "
-                                 "(context='rebuild') is made by it: use a schedule with a clean pass")
+                raise ValueError(f"stagger {self.stagger!r} has no clean stage, and Krea's rebuilt context "
+                                 "(context='rebuild') is made by it: use a stagger with a clean pass")
             self.pcfg = dataclasses.replace(self.pcfg, context="last-pass")
         p = self.cfg.tokens_per_frame(*self.latent_hw)
-        split = token_split(self.stagger.num_slots * self.pcfg.block_frames, p, devices, self.token_group)
-        self.spec = TickSpec(self.cfg, self.pcfg, self.stagger, self.window, self.latent_hw, split)
+        split = token_split(self.plan.num_slots * self.pcfg.block_frames, p, devices, self.token_group)
+        self.spec = TickSpec(self.cfg, self.pcfg, self.plan, self.mask, self.latent_hw, split)
         self._step = self._distribute(partial(tick, self.spec))
         self._runs: dict[int, Callable] = {}
 
@@ -107,14 +116,14 @@ class TickProgram:
     def _distribute(self, fn) -> Any:  # a jitted function (its .lower compiles ahead)
         """fn(params, text, key, num_blocks, state[, axis]) jitted on the mesh (or batched, without
         one), the state donated. Nothing is placed on a device here: each device derives its slot
-        ids from its `stage` index, so the program lowers from abstract values alone."""
+        ids from its `tokens` index, so the program lowers from abstract values alone."""
         if self.mesh is None:
             return jax.jit(fn, donate_argnums=(4,))
         lay = self.layout
         # x whole on every device (see tick); a tree of PartitionSpecs shaped like the state
         state_spec = CascadeState(P(), lay.cache, P(), P())  # type: ignore[arg-type]  # specs, not arrays
         mapped = jax.shard_map(
-            partial(fn, axis=STAGE, model_axis=lay.axis), mesh=self.mesh,
+            partial(fn, axis=TOKENS, model_axis=lay.axis), mesh=self.mesh,
             in_specs=(lay.params, lay.text, P(), P(), state_spec),
             out_specs=(state_spec, P()), check_vma=False,
         )
@@ -125,7 +134,7 @@ class TickProgram:
         """(params, text, key, num_blocks, state) of one tick as ShapeDtypeStructs placed on the
         mesh as the tick takes them; nothing is allocated (works in a compile-only process)."""
         lay = self.layout
-        x = jax.ShapeDtypeStruct((self.stagger.num_slots, batch, *self.spec.block_shape), jnp.float32)
+        x = jax.ShapeDtypeStruct((self.plan.num_slots, batch, *self.spec.block_shape), jnp.float32)
         cache = lay.abstract_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         scalar = lay.abstract_scalar()
         state = CascadeState(lay.abstract(x, P()), cache, scalar, scalar)
@@ -143,7 +152,7 @@ class TickProgram:
     def init_state(self, batch: int, cache: KVCache | None = None, first_block: int = 0) -> CascadeState:
         """A cascade before its first tick; `cache` (e.g. from `prefill`) holds given context
         blocks, after which generation starts at block `first_block`."""
-        x = jnp.zeros((self.stagger.num_slots, batch, *self.spec.block_shape), jnp.float32)
+        x = jnp.zeros((self.plan.num_slots, batch, *self.spec.block_shape), jnp.float32)
         if cache is None:
             cache = self.layout.init_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         state = CascadeState(x, cache, jnp.int32(0), jnp.int32(first_block))
@@ -164,14 +173,14 @@ class TickProgram:
     @functools.cached_property
     def _context_fn(self) -> Callable:
         # jitted once per cascade (a prefill per stream must not recompile); on the mesh, split
-        # over `model` and replicated over `stage`, so its cache is where the tick reads it
+        # over `model` and replicated over `tokens`, so its cache is where the tick reads it
         lay = self.layout
         w, t, c = lay.specs()
         return jax.jit(lay.shard_map(partial(clean_block, self.cfg, self.pcfg, timestep=0.0), (w, t, P(), c, P()), c),
                        donate_argnums=(3,))
 
     def _placed(self, params, text):
-        """params and text K/V on the mesh: replicated over `stage`, split over `model` (global
+        """params and text K/V on the mesh: replicated over `tokens`, split over `model` (global
         arrays when the mesh spans processes); a no-op for arrays already there and without a mesh."""
         return self.layout.place_params(params), self.layout.place_text(text)
 
@@ -190,7 +199,7 @@ class TickProgram:
         context: optional given clean frames [B, G * block_frames, H, W, C] (an image-to-video
         first block, a video to continue): prefilled into the cache, generation continues after.
         """
-        st = self.stagger
+        st = self.plan
         params, text = self._placed(params, text)
         if context is None:
             state = self.init_state(text.k.shape[1])
@@ -226,7 +235,7 @@ class TickProgram:
         """One tick under `text`: a joint pass over every block in flight (the state is donated).
         Emits the block that finished denoising this tick, if any (none while the cascade fills,
         and on stride - 1 of every stride ticks)."""
-        st, tau = self.stagger, state.step
+        st, tau = self.plan, state.step
         params, text = self._placed(params, text)
         total = ENDLESS if state.num_blocks is None else state.num_blocks
         carry, (x0, _) = self._step(params, text, state.key, jnp.int32(total), state.carry)
@@ -241,13 +250,13 @@ class TickProgram:
     def entering(self, state: StepState) -> int:
         """The newest block in flight at the next tick: its prompt is the one in force for that
         tick (every in-flight block is computed under it)."""
-        newest = state.step // self.stagger.stride
+        newest = state.step // self.plan.stride
         if state.num_blocks is not None:
             newest = min(newest, state.num_blocks - 1)
         return state.first_block + newest
 
     def done(self, state: StepState) -> bool:
-        return state.num_blocks is not None and state.step > self.stagger.emit_tick(state.num_blocks - 1)
+        return state.num_blocks is not None and state.step > self.plan.emit_tick(state.num_blocks - 1)
 
     def cache(self, state: StepState) -> KVCache:
         return state.carry.cache

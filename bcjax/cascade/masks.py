@@ -3,13 +3,14 @@
 Keys of a tick are [clean cache (capacity frames) | every slot's block (num_slots * block_frames
 frames)], each frame `tokens_per_frame` tokens. A query block starting at frame q0 sees:
 
-* a cached frame f if the slot holds one and f is inside q0's attention window;
+* a cached frame f if the slot holds one and f is inside q0's attention window (the cache span);
 * an in-flight frame of another busy slot if it is inside q0's window and, under a causal row,
   the block is not newer than the query's (under a bidirectional row, newer blocks too);
 * its own block, always.
 
-q0's window is the model's: the sink frames, plus the `rolling` frames before q0. The windows
-(`bcjax.names.WINDOWS`), all training-free and all the same one-pass tick:
+q0's window is the model's: the sink frames, plus the `rolling` frames before q0. The masks
+(`bcjax.names.MASKS`: what the in-flight blocks of a tick see of each other), all training-free
+and all the same one-pass tick:
 
 * `causal`: every row causal (the training mask; P1 is then the sequential pipeline).
 * `bidirectional`: every row bidirectional; newer in-flight blocks are never cut by the window
@@ -35,30 +36,30 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bcjax.names import WINDOWS  # re-exported: checked here
+from bcjax.names import MASKS, Mask  # re-exported: checked here
 
 
 def tick_key_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_frames: int,
-                  tokens_per_frame: int, sink: int, rolling: int, window: str, isolated=None, clean=None):
+                  tokens_per_frame: int, sink: int, rolling: int, mask: Mask, isolated=None, clean=None):
     """bool [1, Q, (C + M * block_frames) * tokens_per_frame] for the query slots `q_slots` [Q]:
     `tick_frame_mask` with every key frame spelled out as its tokens."""
-    mask = tick_frame_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, block_frames=block_frames, sink=sink,
-                           rolling=rolling, window=window, isolated=isolated, clean=clean)
-    return jnp.repeat(mask, tokens_per_frame, axis=1)[None]
+    frames = tick_frame_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, block_frames=block_frames, sink=sink,
+                             rolling=rolling, mask=mask, isolated=isolated, clean=clean)
+    return jnp.repeat(frames, tokens_per_frame, axis=1)[None]
 
 
 def tick_frame_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_frames: int, sink: int,
-                    rolling: int, window: str, isolated=None, clean=None):
+                    rolling: int, mask: Mask, isolated=None, clean=None):
     """bool [Q, C + M * block_frames]: which key frames each query slot of `q_slots` [Q] sees.
 
     slot_blocks, slot_busy: [M] the block in every slot and whether the slot is busy;
     cache_frame_ids: [C] absolute frame of each cache slot (-1 = empty); isolated: bool [Q],
     query slots that see only their own block (Krea's rebuilt context in the clean stage);
     clean: bool [Q], query slots in the clean stage (their rows are causal under
-    `bidirectional-clean-causal`; ignored by the other windows).
+    `bidirectional-clean-causal`; ignored by the other masks).
     """
-    if window not in WINDOWS:
-        raise ValueError(f"window {window!r}: expected one of {WINDOWS}")
+    if mask not in MASKS:
+        raise ValueError(f"mask {mask!r}: expected one of {MASKS}")
     bf = block_frames
     num_slots = slot_blocks.shape[0]
     q_blocks = slot_blocks[q_slots]
@@ -70,13 +71,13 @@ def tick_frame_mask(q_slots, slot_blocks, slot_busy, cache_frame_ids, *, block_f
     busy = slot_busy[owner][None, :]  # [1, M * bf]
     newer = slot_blocks[owner][None, :] > q_blocks[:, None]  # [Q, M * bf]
 
-    causal = jnp.full(q_blocks.shape, window == "causal")  # [Q] rows that see no newer block
-    if window == "bidirectional-clean-causal" and clean is not None:
+    causal = jnp.full(q_blocks.shape, mask == "causal")  # [Q] rows that see no newer block
+    if mask == "bidirectional-clean-causal" and clean is not None:
         causal = clean
 
     # [Q, 1] the query's window of non-sink frames: [lo, hi)
     lo, hi = q_start - rolling, jnp.full_like(q_start, jnp.iinfo(jnp.int32).max)
-    if window == "bidirectional-windowed":
+    if mask == "bidirectional-windowed":
         span = rolling + bf
         newest_end = jnp.max(jnp.where(busy, frames[None, :] + 1, 0), axis=1, keepdims=True)  # [1, 1]
         hi = jnp.clip(newest_end, q_start + bf, q_start + span)

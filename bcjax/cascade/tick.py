@@ -1,20 +1,20 @@
 """One cascade tick: a joint DiT pass over every in-flight block, then the blocks step forward.
 
 The same function runs on one device (every token local) and per device under `shard_map` over
-the `stage` axis. There the tick's *tokens* are split (`bcjax.cascade.tokens`): each device runs
+the `tokens` axis. There the tick's tokens are split (`bcjax.cascade.tokens`): each device runs
 the DiT on its share of the query tokens, in groups inside one latent frame, and every attention
-layer all-gathers the tick's K/V over `stage` (one collective per layer), so the sharded tick
+layer all-gathers the tick's K/V over `tokens` (one collective per layer), so the sharded tick
 computes exactly the joint pass. A block may span devices; a device may hold parts of several.
 
 Why an all-gather of K and V: every query of the tick may see every in-flight key (the
-bidirectional window), so each device needs all T keys; an all-gather moves (N-1)/N of the
+bidirectional mask), so each device needs all T keys; an all-gather moves (N-1)/N of the
 tick's K/V to each device, the least any exact split of the queries can move, in one collective
 whose latency a ring hides behind the layer's own projections on GPUs and TPUs. Splitting heads
 instead (all-to-all) would move the same bytes twice per layer (queries in, outputs back) and
 caps the device count at the head count.
 
 The state outside the pass (each slot's x0, the cache) is small next to the pass and is kept
-whole on every stage device: noise, re-noise and the x0 update are elementwise over a few
+whole on every device of the `tokens` axis: noise, re-noise and the x0 update are elementwise over a few
 blocks, and after the pass one all-gather of the flow (T x patch features) gives every device
 the same x0, so no psum or slot ownership is needed.
 """
@@ -33,6 +33,7 @@ from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, write_frames
 from bcjax.model.rope import rope_tables
 from bcjax.model.wan import KV, forward_tokens, grid_hw, patchify, unpatchify
+from bcjax.names import Mask
 from bcjax.sampler import pass_positions, stage_input, stage_sigmas
 from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.flow import predict_x0
@@ -41,7 +42,7 @@ from bcjax.schedule.stagger import Stagger, slot_state
 
 class CascadeState(NamedTuple):
     # [num_slots, B, block_frames, H, W, C]: each slot's x0 from its last pass (whole on every
-    # stage device). The re-noise to the next sigma happens at the start of the next tick, so a
+    # device). The re-noise to the next sigma happens at the start of the next tick, so a
     # tick draws noise once.
     x: jax.Array
     cache: KVCache  # clean K/V of finished blocks, identical on every device
@@ -57,10 +58,10 @@ class TickSpec:
 
     cfg: WanConfig
     pcfg: PipelineConfig
-    stagger: Stagger
-    window: str
+    plan: Stagger  # its stagger's table (`bcjax.schedule.stagger.make_stagger`)
+    mask: Mask
     latent_hw: tuple[int, int]
-    split: TokenSplit  # the tick's tokens over the stage devices (one device: every token)
+    split: TokenSplit  # the tick's tokens over the `tokens` devices (one device: every token)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -77,14 +78,14 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
 
     num_blocks: blocks to generate in the whole stream (traced; a huge number for an endless
     stream), the first one with absolute id state.first_block (frame ids, noise, cache slots).
-    axis: the `stage` mesh axis the tick's tokens are split over (this device's share follows from
+    axis: the `tokens` mesh axis the tick's tokens are split over (this device's share follows from
     its index on it: a compiled tick takes no constant array, so it lowers from abstract values
     alone); model_axis: the tensor-parallel axis (params, text and cache hold this device's
     heads), both inside shard_map.
     Returns (state, (x0 [B, block_frames, H, W, C] of the block that finished denoising this
     tick or zeros, its block id or -1)).
     """
-    cfg, pcfg, st, sp = spec.cfg, spec.pcfg, spec.stagger, spec.split
+    cfg, pcfg, st, sp = spec.cfg, spec.pcfg, spec.plan, spec.split
     bf, n, p = pcfg.block_frames, st.num_steps, spec.tokens_per_frame
     m = st.num_slots
     batch = state.x.shape[1]
@@ -114,7 +115,7 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     positions = jnp.clip(positions, 0, cfg.rope_max_positions - 1)  # idle slots past the stream's end
     frame_mask = tick_frame_mask(
         jnp.arange(m), blocks, busy, cache.frame_ids, block_frames=bf, sink=pcfg.sink_frames,
-        rolling=pcfg.cache_frames - pcfg.sink_frames, window=spec.window,
+        rolling=pcfg.cache_frames - pcfg.sink_frames, mask=spec.mask,
         isolated=(stages == n) if rebuild else None, clean=busy & (stages == st.clean_stage),
     )  # [M, C + M * bf]
 

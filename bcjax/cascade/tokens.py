@@ -1,12 +1,12 @@
-"""How a tick's query tokens are spread over the `stage` mesh axis.
+"""How a tick's query tokens are spread over the `tokens` mesh axis.
 
 A tick is one joint DiT pass over every block in flight: num_slots x block_frames latent frames
-of tokens_per_frame tokens each, T tokens in all. The stage devices split T, not the blocks:
+of tokens_per_frame tokens each, T tokens in all. The `tokens` devices split T, not the blocks:
 each device takes an equal run of consecutive *groups*, a group being tokens_per_frame / k tokens
 of one latent frame (k divides tokens_per_frame), so every group has one timestep and one row of
 the attention mask. Padding groups (idle queries, keys nobody sees) are added only when the
-groups do not divide over the devices. Hence any device count runs any schedule: P4's 5 blocks
-use 2, 4, 5, 8 or 16 devices, and the sequential schedule's one block on N devices is context
+groups do not divide over the devices. Hence any device count runs any stagger: P4's 5 blocks
+use 2, 4, 5, 8 or 16 devices, and the sequential stagger's one block on N devices is context
 parallelism of each pass.
 
 Group size: the smallest padding wins, then the largest group (fewer mask rows and modulation
@@ -24,7 +24,7 @@ MIN_GROUP = 64  # tokens: at 480x832 (1560 tokens per frame) allows 65-token gro
 class TokenSplit(NamedTuple):
     group: int  # tokens per group (divides tokens_per_frame)
     groups: int  # real groups of the tick: frames x tokens_per_frame / group
-    per_device: int  # groups each stage device holds (the last devices' tail may be padding)
+    per_device: int  # groups each device holds (the last devices' tail may be padding)
     devices: int
 
     @property

@@ -1,7 +1,7 @@
 """The one attention function every Wan attention goes through, and its backends.
 
 Masks are *per query block*: the T query tokens are Qb equal contiguous blocks, and each block
-has its own boolean key mask over all S keys. Block-causal, bidirectional-window, cache
+has its own boolean key mask over all S keys. Block-causal, bidirectional (the tick's masks), cache
 validity and pipeline-fill masks are all of this form (a block of 3 latent frames either sees a
 key token or not), and it stays small: [Qb, S] instead of [T, S].
 
@@ -39,7 +39,7 @@ Backends (`WanConfig.attention`, or "auto": by platform):
   blocks from a `MaskInfo` computed from a static mask at trace time; a tick's visibility (which
   cache slots hold frames, which slots are busy, the window) is traced, and splash's dynamic-mask
   mode materialises the whole [heads, T, S] mask (1.3 GiB of bools per layer at 480x832). Lists of
-  precompiled variants under `lax.switch` grow with every fill level, window and stagger phase,
+  precompiled variants under `lax.switch` grow with every fill level, mask and stagger phase,
   and reordering keys into a visible prefix copies the cache every layer. So: the kernel gets a
   static full mask over one key chunk (block sizes divide the chunk), the within-chunk
   visibility goes in as segment ids (queries 1, keys 1 if visible else 0; the mask is per query
@@ -76,6 +76,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from bcjax.names import BACKENDS, Backend  # re-exported: checked here
+
 F32 = jnp.float32
 NEG_INF = -jnp.inf
 DENSE_LOGITS_BYTES = 256 * 2**20  # "auto" off TPU/GPU: dense while its fp32 logits fit this
@@ -84,11 +86,11 @@ CHUNK_LOGITS_BYTES = 256 * 2**20  # chunked: keys per chunk so that one chunk's 
 MIN_CHUNK = 512  # keys per chunk at least when a granule is larger (a multiple of every kernel's key block)
 MAX_PREFIX_BUCKETS = 8  # dense: cache prefixes compiled per attention (one granule each up to 8 granules)
 _KERNELS = ("splash", "pallas_gpu")
-BACKENDS = ("auto", "dense", "xla", "chunked", "splash", "pallas_gpu", "cudnn",
-            *(f"{k}-interpret" for k in _KERNELS))
+# BACKENDS (`bcjax.names.Backend`): these kernels, each also "<kernel>-interpret", and "auto", "dense",
+# "xla", "chunked", "cudnn"
 
 
-GPU_DEFAULT = "pallas_gpu"  # see the module docstring: least memory in XLA:GPU's H100 compile
+GPU_DEFAULT: Backend = "pallas_gpu"  # see the module docstring: least memory in XLA:GPU's H100 compile
 
 
 def platform_of(devices) -> str:
@@ -105,7 +107,7 @@ def platform_of(devices) -> str:
     return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 
-def backends_for(platform: str) -> tuple[str, ...]:
+def backends_for(platform: str) -> tuple[Backend, ...]:
     """The backends that run on `platform` ("cpu", "gpu", "tpu", ...), default first."""
     if platform == "tpu":
         return ("splash", "chunked", "dense")
@@ -114,7 +116,7 @@ def backends_for(platform: str) -> tuple[str, ...]:
     return ("chunked", "dense")
 
 
-def for_platform(name: str, platform: str, dtype=jnp.bfloat16) -> str:
+def for_platform(name: Backend, platform: str, dtype=jnp.bfloat16) -> Backend:
     """The backend `name` resolves to in a program compiled for `platform` with compute `dtype`:
     "auto" becomes the platform's kernel ("splash" on TPU, `GPU_DEFAULT` on GPU in half
     precision); elsewhere "auto" stays, choosing dense or chunked by size at trace time. A

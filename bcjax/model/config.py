@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from bcjax.model.attention import BACKENDS
+from bcjax.names import BACKENDS, Backend
 from bcjax.presets import check_dtypes, from_preset
 
 _PRESETS: dict[str, dict] = {
@@ -38,9 +38,9 @@ class WanConfig:
     rope_theta: float = 10000.0
     param_dtype: str = "float32"
     dtype: str = "float32"  # matmul/attention compute dtype; norms, modulation and residual stay fp32
-    # attention backend (bcjax.model.attention.BACKENDS): "auto" picks by platform; "dense" (alias
+    # attention backend (`bcjax.names.Backend`): "auto" picks by platform; "dense" (alias
     # "xla"), "chunked", "splash" (TPU), "pallas_gpu" / "cudnn" (GPU), "<kernel>-interpret"
-    attention: str = "auto"
+    attention: Backend = "auto"
 
     def __post_init__(self):
         if self.dim % self.num_heads:

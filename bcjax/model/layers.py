@@ -130,7 +130,7 @@ class WanBlock(nn.Module):
     """One DiT block: modulated self-attention, cross-attention to text, modulated FFN.
 
     kv_axis: inside `shard_map`, the mesh axis over which the pass's tokens are spread (the
-    cascade's `stage`): each device's keys/values are all-gathered in every layer so the sharded
+    cascade's `tokens`): each device's keys/values are all-gathered in every layer so the sharded
     pass attends exactly as the joint pass over all devices' tokens would.
     model_axis: inside `shard_map`, the tensor-parallel axis: this device holds num_heads / m
     heads and ffn_dim / m FFN columns (bcjax.model.tensor_parallel); the residual stream, norms

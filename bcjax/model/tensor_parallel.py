@@ -14,18 +14,18 @@ of every device's heads: one more psum, of [B, T, 1] (tiny), per normed projecti
 
 **shard_map over both axes, not sharding annotations under jit.** The communication decides it:
 
-* The cascade already runs its tick under `shard_map` over `stage`, with the per-layer K/V
+* The cascade already runs its tick under `shard_map` over `tokens`, with the per-layer K/V
   all-gather written by hand. With `model` in the same shard_map that all-gather stays exactly as
   it is and moves only this device's heads (1/m of the bytes); under jit annotations GSPMD would
   have to rediscover it from a sharded layout and may choose another collective.
 * Every byte on the wire is one we wrote: three [B, T, dim] psums and three [B, T, 1] psums per
-  layer, the stage all-gather of [B, T_tick, heads/m, head_dim] K and V. `bcjax bench memory`
+  layer, the `tokens` all-gather of [B, T_tick, heads/m, head_dim] K and V. `bcjax bench memory`
   counts them from the compiled HLO and checks them against that formula. Under annotations the
   partitioner chooses; with a head-spanning norm and the cache's dynamic-update-slices it can
   insert all-gathers of q/k or of the cache, invisible in the source.
 * One mechanism for one process and many: shard_map over global arrays.
 
-The cost is that the model code knows it is sharded: `forward`/`encode_text` take `model_axis`,
+The cost is that the model code knows it is sharded: `forward`/`text_kv` take `model_axis`,
 which only `layers.py` reads (its projections are sized num_heads / m, its output projections
 are row-parallel). Nothing changes with model = 1: the same modules, no collectives.
 """
@@ -40,8 +40,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
-
-MODEL = "model"
+from bcjax.names import MODEL  # re-exported: the axis this module splits over
 
 # (module, parameter) of a block -> the axis of its per-layer shape split over `model`
 _COLUMN = {(proj, "kernel"): 1 for proj in "qkv"} | {(proj, "bias"): 0 for proj in "qkv"} | {
@@ -79,7 +78,7 @@ def param_specs(params):
 
 
 def text_specs():
-    """Specs of encode_text's KV: split by heads."""
+    """Specs of text_kv's KV: split by heads."""
     from bcjax.model.wan import KV
 
     return KV(KV_SPEC, KV_SPEC)  # type: ignore[arg-type]  # a tree of specs shaped like the K/V
@@ -104,7 +103,7 @@ def place(tree, mesh: Mesh, specs):
 
 
 def _for_mesh(specs, mesh: Mesh | None):
-    """specs with MODEL dropped when the mesh has no such axis (a plain 'stage' mesh, or none)."""
+    """specs with MODEL dropped when the mesh has no such axis (a plain 'tokens' mesh, or none)."""
     if mesh is not None and MODEL in mesh.shape:
         return specs
     return jax.tree_util.tree_map(lambda s: P(*(None if a == MODEL else a for a in s)), specs,
@@ -127,7 +126,7 @@ class Layout:
     def split_only(cls, cfg: WanConfig, mesh: Mesh | None) -> Layout:
         """The layout of a runner that uses a mesh only to split weights (the sequential
         pipeline, Krea's loop): one device (the mesh's first) unless the mesh's `model` axis is
-        > 1 or the mesh is a TPU slice that must be used whole (a `stage` axis then holds replicas)."""
+        > 1 or the mesh is a TPU slice that must be used whole (a `tokens` axis then holds replicas)."""
         from bcjax.targets import whole_slice_required
 
         keep = mesh is not None and (model_size(mesh) > 1 or whole_slice_required(mesh.devices.flat))
@@ -254,18 +253,19 @@ class Layout:
         return jax.shard_map(functools.partial(fn, model_axis=self.axis), mesh=self.mesh, in_specs=in_specs,
                              out_specs=out_specs, check_vma=False)
 
-    def encode_text(self, params, context):
-        """encode_text on this layout: prompt embeddings [B, Lt, text_dim] (replicated) -> K/V split by heads."""
-        from bcjax.model.wan import encode_text
+    def text_kv(self, params, context):
+        """`bcjax.model.wan.text_kv` on this layout: prompt embeddings [B, Lt, text_dim] (replicated) ->
+        per-layer cross-attention K/V split by heads."""
+        from bcjax.model.wan import text_kv
 
         if self.axis is None:
-            return self.place_text(encode_text(self.cfg, params, context))
-        return self._encode(self.place_params(params), context)
+            return self.place_text(text_kv(self.cfg, params, context))
+        return self._text_kv(self.place_params(params), context)
 
     @functools.cached_property
-    def _encode(self):
+    def _text_kv(self):
         # jitted once per layout: every prompt (a switch mid-stream included) reuses the program
-        from bcjax.model.wan import encode_text
+        from bcjax.model.wan import text_kv
 
-        return jax.jit(self.shard_map(lambda p, c, model_axis: encode_text(self.cfg, p, c, model_axis=model_axis),
+        return jax.jit(self.shard_map(lambda p, c, model_axis: text_kv(self.cfg, p, c, model_axis=model_axis),
                                       (self.params, P()), self.text))

@@ -94,7 +94,7 @@ def param_shapes(cfg: WanConfig):
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="model_axis")
-def encode_text(cfg: WanConfig, params, context, *, model_axis: str | None = None) -> KV:
+def text_kv(cfg: WanConfig, params, context, *, model_axis: str | None = None) -> KV:
     """Prompt embeddings [B, Lt <= text_len, text_dim] -> per-layer cross-attention K/V
     [L, B, text_len, N, H].
 
@@ -129,7 +129,7 @@ def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | Non
             kv_axis: str | None = None, kv_out: tuple | None = None, model_axis: str | None = None):
     """One DiT pass.
 
-    x [B, F, H, W, C] latents; t [B, F] per-frame timesteps (0..1000); text: encode_text(...);
+    x [B, F, H, W, C] latents; t [B, F] per-frame timesteps (0..1000); text: text_kv(...);
     frame_ids int [F] absolute latent-frame index of each frame (RoPE); context: clean K/V
     [L, B, S, N, H] the tokens also attend to; key_mask bool [B|1, Qb, S + G*F*h*w] (None = all).
     kv_axis: inside shard_map, the mesh axis (size G) whose devices' tokens form one joint pass.

@@ -1,4 +1,4 @@
-"""The sequential schedule's programs (the fused block, Krea's loop) and the KV recache at a
+"""The sequential stagger's programs (the fused block, Krea's loop) and the KV recache at a
 prompt switch; run them through `bcjax.runners.make_runner`."""
 
 from bcjax.pipeline.krea import KreaProgram

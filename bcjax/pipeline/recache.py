@@ -44,7 +44,7 @@ from bcjax.distributed import put
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache, write_frames
 from bcjax.model.wan import KV, forward
-from bcjax.names import POLICIES  # re-exported: checked here
+from bcjax.names import POLICIES, Policy  # re-exported: checked here
 from bcjax.sampler import pass_positions
 from bcjax.schedule.config import PipelineConfig
 
@@ -132,7 +132,7 @@ class Recacher:
     sharding: where the gathered frames go (a replicated NamedSharding for a mesh), or None.
     """
 
-    def __init__(self, cfg: WanConfig, pcfg: PipelineConfig, policy: str = "recache", sharding=None):
+    def __init__(self, cfg: WanConfig, pcfg: PipelineConfig, policy: Policy = "recache", sharding=None):
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
         self.policy, self.pcfg, self.sharding = policy, pcfg, sharding

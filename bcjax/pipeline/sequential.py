@@ -34,7 +34,7 @@ from bcjax.stepping import Step, StepState, block_entering, blocks_done, keeps_c
 
 @dataclasses.dataclass
 class BlockProgram:
-    """The sequential schedule's whole block (its num_steps denoising passes and its clean pass)
+    """The sequential stagger's whole block (its num_steps denoising passes and its clean pass)
     compiled into one call, and video-to-video from the same block: the "block" program of a
     `bcjax.runners.Runner` (`make_runner` builds both; the checks common to every program are there)."""
 
@@ -42,7 +42,7 @@ class BlockProgram:
     pcfg: PipelineConfig
     latent_hw: tuple[int, int]
     # Tensor parallel: its mesh's `model` axis splits heads and FFN (bcjax.model.tensor_parallel;
-    # a `stage` axis, if any, holds replicas). No mesh: one device.
+    # a `tokens` axis, if any, holds replicas). No mesh: one device.
     layout: Layout
 
     def __post_init__(self):

@@ -4,18 +4,18 @@ mesh) plus a program (what one step computes), built by `make_runner` and nothin
 The programs (internal; a caller never sees which one it got):
 
 - "tick" (`bcjax.cascade.cascade.TickProgram`): the cascade's tick, a joint pass over every block
-  in flight; its schedule says how many, from "sequential" (one block, n + 1 ticks, Krea's rules
-  included) to P4, its tokens split over the mesh's `stage` devices. Sequential on several stage
-  devices is context parallelism.
-- "block" (`bcjax.pipeline.sequential.BlockProgram`): the sequential schedule's whole block (its n
+  in flight; its stagger says how many, from "sequential" (one block, n + 1 ticks, Krea's rules
+  included) to P4, its tokens split over the mesh's `tokens` devices. Sequential on several
+  `tokens` devices is context parallelism.
+- "block" (`bcjax.pipeline.sequential.BlockProgram`): the sequential stagger's whole block (its n
   denoising passes and its clean pass) fused into one call, n + 1 dispatches fewer per block; it
   also runs video-to-video.
 - "krea" (`bcjax.pipeline.krea.KreaProgram`): Krea's own loop where the tick cannot follow it: R
   from the VAE round trip (`reencode=`) and keep_first_frame.
 
-Tests pin the block and Krea programs to the tick's sequential schedule (`tests/test_token_split.py`).
+Tests pin the block and Krea programs to the tick's sequential stagger (`tests/test_token_split.py`).
 
-    runner = make_runner(cfg, pcfg, latent_hw, schedule="P4", window="causal", mesh=make_mesh(5))
+    runner = make_runner(cfg, pcfg, latent_hw, stagger="P4", mask="causal", mesh=make_mesh(5))
     latents = runner.generate(params, text, key, num_blocks=7)
     for block in runner.blocks(params, text, key, num_blocks=7): ...
     state = runner.start(params, text, key, num_blocks=None)        # a stream, step by step
@@ -26,17 +26,18 @@ Tests pin the block and Krea programs to the tick's sequential schedule (`tests/
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from bcjax.cascade.cascade import STAGE, TickProgram
+from bcjax.cascade.cascade import TickProgram
 from bcjax.model.config import WanConfig
 from bcjax.model.tensor_parallel import Layout, model_size
-from bcjax.model.wan import KV, check_latents, encode_text
-from bcjax.names import DEFAULT_WINDOW, PROGRAMS, WINDOWS, Program, Window
+from bcjax.model.wan import KV, check_latents, text_kv
+from bcjax.names import DEFAULT_MASK, MASKS, PROGRAMS, SEQUENTIAL, TOKENS, Mask, Program
 from bcjax.pipeline.krea import KreaProgram
 from bcjax.pipeline.sequential import BlockProgram
 from bcjax.schedule.config import PipelineConfig
@@ -46,17 +47,18 @@ from bcjax.stepping import Block, Step, StepState
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Runner:
-    """A compiled runner for one model, sampler, latent size, schedule, window and mesh.
+    """A compiled runner for one model, sampler, latent size, stagger, mask and mesh.
 
     Built by `make_runner`. Every method has one signature whatever the program: the arguments
     every run needs (params, text K/V, the noise key) positional, the rest keyword-only."""
 
     program: TickProgram | BlockProgram | KreaProgram
     kind: Program
-    schedule: str | int
-    # the in-flight attention rule of a cascade; "causal" for the sequential schedule (one block in
-    # flight: nothing newer to see)
-    window: Window
+    # its stagger's name (`bcjax.names.STAGGERS`, any "P<k>", a stride)
+    stagger: str | int
+    # what the in-flight blocks of a tick see of each other; "causal" for the sequential stagger
+    # (one block in flight: nothing newer to see)
+    mask: Mask
 
     # -- what it runs ------------------------------------------------------------------------
     @property
@@ -81,16 +83,17 @@ class Runner:
         return self.program.layout.mesh
 
     @property
-    def stagger(self) -> Stagger:
-        """The stagger it steps by (the sequential schedule's for the block and Krea programs)."""
+    def plan(self) -> Stagger:
+        """Its stagger's table, the `Stagger` it steps by (the sequential stagger's for the block and
+        Krea programs)."""
         if isinstance(self.program, TickProgram):
-            return self.program.stagger
-        return make_stagger("sequential", self.pcfg.num_steps, clean_pass=self.pcfg.clean_pass)
+            return self.program.plan
+        return make_stagger(SEQUENTIAL, self.pcfg.num_steps, clean_pass=self.pcfg.clean_pass)
 
     @property
     def in_flight(self) -> int:
-        """Blocks in flight at once (1 for the sequential schedule)."""
-        return self.stagger.in_flight
+        """Blocks in flight at once (1 for the sequential stagger)."""
+        return self.plan.in_flight
 
     @property
     def devices(self) -> int:
@@ -100,17 +103,17 @@ class Runner:
     @property
     def label(self) -> str:
         """One line saying what runs where, for logs and benches."""
-        stage = 1 if self.mesh is None else self.mesh.shape.get(STAGE, 1)
-        if self.schedule == "sequential":
+        tokens = 1 if self.mesh is None else self.mesh.shape.get(TOKENS, 1)
+        if self.stagger == SEQUENTIAL:
             text = "sequential"
             if self.kind == "krea":
                 text += " (Krea's loop: context rebuilt per block)"
             elif self.pcfg.context == "rebuild":
                 text += " (Krea's rules)"
-            if self.kind == "tick" and stage > 1:
-                text += f", context parallel on {stage} devices"
+            if self.kind == "tick" and tokens > 1:
+                text += f", context parallel on {tokens} devices"
         else:
-            text = f"{self.schedule} {self.window}, {self.in_flight} blocks in flight on {stage} device(s)"
+            text = f"{self.stagger} {self.mask}, {self.in_flight} blocks in flight on {tokens} device(s)"
         if model_size(self.mesh) > 1:
             text += f" x {model_size(self.mesh)} (tensor parallel)"
         return text
@@ -125,7 +128,7 @@ class Runner:
 
     @property
     def block_program(self) -> BlockProgram:
-        """The sequential schedule's fused block program (its `init_cache`, `prefill`), for benches
+        """The sequential stagger's fused block program (its `init_cache`, `prefill`), for benches
         and tests that build a cache by hand; refused for the others."""
         if not isinstance(self.program, BlockProgram):
             raise ValueError(f"this runner ({self.label}) runs program {self.kind!r}, not the fused block")
@@ -147,13 +150,13 @@ class Runner:
         return self.kind != "tick"
 
     # -- placement ---------------------------------------------------------------------------
-    def encode_text(self, params, embeddings) -> KV:
-        """Prompt embeddings [B, Lt, text_dim] -> text K/V, computed where the steps read them
-        (split by heads over `model` under tensor parallelism)."""
-        return self.layout.encode_text(params, embeddings)
+    def text_kv(self, params, embeddings) -> KV:
+        """Prompt embeddings [B, Lt, text_dim] -> per-layer cross-attention K/V (`bcjax.model.text_kv`),
+        computed where the steps read them (split by heads over `model` under tensor parallelism)."""
+        return self.layout.text_kv(params, embeddings)
 
     def place_params(self, params):
-        """DiT params where the steps compute (split over `model`, replicated over `stage`)."""
+        """DiT params where the steps compute (split over `model`, replicated over `tokens`)."""
         return self.layout.place_params(params)
 
     def place_text(self, text: KV) -> KV:
@@ -193,7 +196,7 @@ class Runner:
                              "(its clean-pass cache, or in Krea's mode the latent frame, stands where R would)")
         if source is not None and not self.takes_source:
             raise ValueError(f"source (video-to-video) runs one block per step; this runner is {self.label}: "
-                             "use schedule 'sequential'")
+                             "use stagger 'sequential'")
         return self.program.start(params, text, key, num_blocks=num_blocks, context=context, source=source,
                                   reencode=reencode)
 
@@ -239,67 +242,87 @@ class Runner:
                                                           source=source, reencode=reencode)], axis=1)
 
 
-def choose_program(pcfg: PipelineConfig, schedule: str | int, mesh: Mesh | None) -> Program:
-    """The program a schedule runs by default: a cascade's tick; for the sequential schedule the
-    fused block on one `stage` device (Krea's loop for Krea's rebuilt context), the tick's
-    sequential schedule on several (context parallelism: each pass's tokens split over `stage`)."""
-    if schedule != "sequential":
+def choose_program(pcfg: PipelineConfig, stagger: str | int, mesh: Mesh | None) -> Program:
+    """The program a stagger runs by default: a cascade's tick; for the sequential stagger the
+    fused block on one `tokens` device (Krea's loop for Krea's rebuilt context), the tick's
+    sequential stagger on several (context parallelism: each pass's tokens split over `tokens`)."""
+    if stagger != SEQUENTIAL:
         return "tick"
     if pcfg.context == "rebuild":
-        return "krea"  # its VAE round trip needs the block on the host between blocks: one stage device
-    if mesh is not None and mesh.shape.get(STAGE, 1) > 1:
+        return "krea"  # its VAE round trip needs the block on the host between blocks: one device
+    if mesh is not None and mesh.shape.get(TOKENS, 1) > 1:
         return "tick"
     return "block"
 
 
-def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int], schedule: str | int = "sequential",
-                window: Window = DEFAULT_WINDOW, mesh: Mesh | None = None, *, program: Program | None = None,
-                token_group: int | None = None) -> Runner:
-    """The runner for a sampler (`pcfg`), latent size, schedule and window on `mesh`: the only
+def renamed_keyword(old: str, new: str, value, default, given):
+    """`given` (the new keyword's value), or a deprecated keyword's `value` with a DeprecationWarning
+    naming the new one; both given is a TypeError. For the keywords renamed in 0.x (one release)."""
+    if value is None:
+        return given
+    warnings.warn(f"{old}= is deprecated: it is spelled {new}= (docs/concepts/glossary.md)", DeprecationWarning,
+                  stacklevel=3)
+    if given != default:
+        raise TypeError(f"got both {new}= and its old name {old}=")
+    return value
+
+
+def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int], stagger: str | int = SEQUENTIAL,
+                mask: Mask = DEFAULT_MASK, mesh: Mesh | None = None, *, program: Program | None = None,
+                token_group: int | None = None, schedule: str | int | None = None,
+                window: Mask | None = None) -> Runner:
+    """The runner for a sampler (`pcfg`), latent size, stagger and mask on `mesh`: the only
     constructor of one.
 
-    schedule: `bcjax.names.SCHEDULES`, any "P<k>"/"P<k>-no-clean", or an int stride. window:
-    `bcjax.names.WINDOWS` (ignored by the sequential schedule: one block in flight). mesh: a
-    ('stage', 'model') mesh (`make_mesh`); None: one device. program: force one of
-    `bcjax.names.PROGRAMS` ("tick" runs the sequential schedule as the cascade does; "block" runs
-    Krea's rules with the clean-pass machinery); None: `choose_program`. token_group: tokens per
-    group of the tick's stage split (`bcjax.cascade.tokens`); None: the least padding."""
-    if window not in WINDOWS:
-        raise ValueError(f"window {window!r}: expected one of {WINDOWS}")
-    kind = program or choose_program(pcfg, schedule, mesh)
+    stagger: `bcjax.names.STAGGERS`, any "P<k>"/"P<k>-no-clean", or an int stride. mask:
+    `bcjax.names.MASKS`, what the in-flight blocks of a tick see of each other (ignored by the
+    sequential stagger: one block in flight). mesh: a ('tokens', 'model') mesh (`make_mesh`); None:
+    one device. program: force one of `bcjax.names.PROGRAMS` ("tick" runs the sequential stagger as
+    the cascade does; "block" runs Krea's rules with the clean-pass machinery); None:
+    `choose_program`. token_group: tokens per group of the tick's `tokens` split
+    (`bcjax.cascade.tokens`); None: the least padding. schedule, window: the old names of stagger
+    and mask (deprecated)."""
+    stagger = renamed_keyword("schedule", "stagger", schedule, SEQUENTIAL, stagger)
+    mask = renamed_keyword("window", "mask", window, DEFAULT_MASK, mask)
+    if mask not in MASKS:
+        raise ValueError(f"mask {mask!r}: expected one of {MASKS}")
+    kind = program or choose_program(pcfg, stagger, mesh)
     if kind not in PROGRAMS:
         raise ValueError(f"program {kind!r}: expected one of {PROGRAMS}")
-    if kind != "tick" and schedule != "sequential":
-        raise ValueError(f"program {kind!r} runs the sequential schedule only; schedule {schedule!r} is a cascade's "
+    if kind != "tick" and stagger != SEQUENTIAL:
+        raise ValueError(f"program {kind!r} runs the sequential stagger only; stagger {stagger!r} is a cascade's "
                          "(program 'tick')")
-    if mesh is not None and STAGE not in mesh.shape:
-        raise ValueError(f"mesh axes {tuple(mesh.shape)} have no {STAGE!r} axis (bcjax.runners.make_mesh makes one)")
+    if mesh is not None and TOKENS not in mesh.shape:
+        raise ValueError(f"mesh axes {tuple(mesh.shape)} have no {TOKENS!r} axis (bcjax.runners.make_mesh makes one)")
     check_latents(cfg, jax.ShapeDtypeStruct((1, 1, *latent_hw, cfg.in_channels), jnp.float32))
     if pcfg.positions == "rolling":
-        pcfg.rope_period(cfg.rope_max_positions)  # validates the table against the window
+        pcfg.rope_period(cfg.rope_max_positions)  # validates the table against the cache window
     # weights split over `model` (checks that it divides heads and FFN before anything compiles);
-    # the one-block programs use a `stage` axis only for replicas
+    # the one-block programs use a `tokens` axis only for replicas
     layout = Layout(cfg, mesh) if kind == "tick" else Layout.split_only(cfg, mesh)
     cfg = layout.resolve(cfg)  # attention for the mesh's platform, not the process default
     hw = (int(latent_hw[0]), int(latent_hw[1]))
     prog: TickProgram | BlockProgram | KreaProgram
     if kind == "tick":
-        prog = TickProgram(cfg, pcfg, hw, layout, schedule, window, token_group)
+        prog = TickProgram(cfg, pcfg, hw, layout, stagger, mask, token_group)
     elif kind == "block":
         prog = BlockProgram(cfg, pcfg, hw, layout)
     else:
         prog = KreaProgram(cfg, pcfg, hw, layout)
-    return Runner(prog, kind, schedule, window if schedule != "sequential" else "causal")
+    return Runner(prog, kind, stagger, mask if stagger != SEQUENTIAL else "causal")
 
 
 def generate(cfg: WanConfig, params, prompt, key, *, num_blocks: int, pcfg: PipelineConfig | None = None,
-             latent_hw: tuple[int, int] = (60, 104), schedule: str | int = "P4", window: Window = DEFAULT_WINDOW,
-             mesh: Mesh | None = None, context=None) -> jax.Array:
+             latent_hw: tuple[int, int] = (60, 104), stagger: str | int = "P4", mask: Mask = DEFAULT_MASK,
+             mesh: Mesh | None = None, context=None, schedule: str | int | None = None,
+             window: Mask | None = None) -> jax.Array:
     """One-call generation; `make_runner` to reuse the compiled program or to stream.
 
-    prompt: umT5 prompt embeddings [B, text_len, text_dim], or their `encode_text` K/V.
+    prompt: umT5 prompt embeddings [B, text_len, text_dim], or their `text_kv` K/V. schedule,
+    window: the old names of stagger and mask (deprecated).
     Returns latents [B, num_blocks * block_frames, H, W, C]."""
-    runner = make_runner(cfg, pcfg or PipelineConfig(), latent_hw, schedule, window, mesh)
-    text = prompt if isinstance(prompt, KV) else encode_text(cfg, params, prompt)
+    stagger = renamed_keyword("schedule", "stagger", schedule, "P4", stagger)
+    mask = renamed_keyword("window", "mask", window, DEFAULT_MASK, mask)
+    runner = make_runner(cfg, pcfg or PipelineConfig(), latent_hw, stagger, mask, mesh)
+    text = prompt if isinstance(prompt, KV) else text_kv(cfg, params, prompt)
     return runner.generate(params, text, key, num_blocks=num_blocks, context=context)
-

@@ -1,4 +1,5 @@
-"""Noise schedules (flow matching, few-step sampler), the sampler's config and the stagger tables."""
+"""Denoising schedules (flow-matching sigmas, the few-step sampler), the sampler's config and the stagger
+tables."""
 
 from bcjax.schedule.config import PipelineConfig
 from bcjax.schedule.flow import (

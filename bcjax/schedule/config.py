@@ -6,10 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from bcjax.names import POSITIONS  # re-exported: checked here
+from bcjax.names import CONTEXTS, POSITIONS, Context, Positions  # re-exported: checked here
 from bcjax.schedule.flow import denoising_schedule
-
-CONTEXTS = ("clean-pass", "rebuild", "last-pass")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +51,9 @@ class PipelineConfig:
     window_frames: int = 21
     sink_frames: int = 0
     context_noise: float = 0.0
-    positions: str = "absolute"
+    positions: Positions = "absolute"
     trailing_zero: str = "end"
-    context: str = "clean-pass"
+    context: Context = "clean-pass"
     keep_first_frame: bool = False
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""Flow-matching noise schedule and the few-step sampler, as pure functions.
+"""The flow-matching denoising schedule (sigmas) and the few-step sampler, as pure functions.
 
 Forward process x_t = (1 - sigma) x0 + sigma eps; the model predicts the flow v = eps - x0, so
 x0 = x_t - sigma v. The few-step (DMD-style) sampler predicts x0 at every step and re-noises it

@@ -1,4 +1,4 @@
-"""Stagger schedules of Block Cascading, as data.
+"""The staggers of Block Cascading (when each block enters; how many are in flight), as data.
 
 A block lives n + 1 ticks: stages 0..n-1 are its denoising steps (t_{n-1}, ..., t_0 in the
 paper's notation; stage 0 is pure noise) and stage n is the clean-context pass (t_c) that writes
@@ -7,7 +7,7 @@ tau - b * stride. `P_k` makes the next block enter after its predecessor has don
 steps, rounded to the nearest step with halves up (stride = max(1, floor(n / k + 1/2))):
 
 * P1 (stride n): the next block's first step shares a tick with its predecessor's clean pass.
-  Under a causal window this is exactly the sequential pipeline, one pass per block cheaper.
+  Under the causal mask this is exactly the sequential pipeline, one pass per block cheaper.
 * P2 (stride 2 for 3- and 4-step models, 3 for 5 steps) and P4 (stride 1 for n <= 5: the
   one-step stagger, every stage busy every tick).
 * "sequential" (stride n + 1): no overlap at all.
@@ -20,7 +20,7 @@ sequential pipeline without the clean pass.
 
 Blocks are stationary in *slots*: block b sits in slot b mod num_slots for its whole life, and
 num_slots = ceil(num_stages / stride) (the in-flight count) makes it free again when block
-b + num_slots enters. Slots are not devices: the `stage` mesh axis splits a tick's tokens
+b + num_slots enters. Slots are not devices: the `tokens` mesh axis splits a tick's tokens
 (`bcjax.cascade.tokens`), whatever the slot count.
 """
 
@@ -32,7 +32,7 @@ import re
 
 import numpy as np
 
-NO_CLEAN = "-no-clean"  # schedule-name suffix: the stagger without the clean stage
+NO_CLEAN = "-no-clean"  # stagger-name suffix: the stagger without the clean stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,25 +83,25 @@ class Stagger:
         return block * self.stride + self.emit_stage
 
 
-def make_stagger(schedule: str | int, num_steps: int, clean_pass: bool = True) -> Stagger:
-    """Stagger of a named schedule ("P1", "P2", "P4", "sequential", each with a "-no-clean"
+def make_stagger(stagger: str | int, num_steps: int, clean_pass: bool = True) -> Stagger:
+    """The table of a named stagger ("P1", "P2", "P4", "sequential", each with a "-no-clean"
     suffix too) or an explicit stride; one slot per block in flight. clean_pass False (or the
     suffix): no clean stage (`Stagger.clean_pass`)."""
-    name = schedule
-    if isinstance(schedule, str) and schedule.endswith(NO_CLEAN):
-        schedule, clean_pass = schedule[:-len(NO_CLEAN)], False
+    name = stagger
+    if isinstance(stagger, str) and stagger.endswith(NO_CLEAN):
+        stagger, clean_pass = stagger[:-len(NO_CLEAN)], False
     num_stages = num_steps + int(clean_pass)
-    if isinstance(schedule, int):
-        stride = schedule
-    elif schedule == "sequential":
+    if isinstance(stagger, int):
+        stride = stagger
+    elif stagger == "sequential":
         stride = num_stages
-    elif m := re.fullmatch(r"[Pp](\d+)", str(schedule)):
+    elif m := re.fullmatch(r"[Pp](\d+)", str(stagger)):
         k = int(m.group(1))
         if k < 1:
-            raise ValueError(f"schedule {name!r}: P_k needs k >= 1")
+            raise ValueError(f"stagger {name!r}: P_k needs k >= 1")
         stride = max(1, math.floor(num_steps / k + 0.5))
     else:
-        raise ValueError(f"schedule {name!r}: expected 'sequential', 'P1', 'P2', 'P4' (any P<k>, each also "
+        raise ValueError(f"stagger {name!r}: expected 'sequential', 'P1', 'P2', 'P4' (any P<k>, each also "
                          f"with '{NO_CLEAN}') or a stride")
     in_flight = math.ceil(num_stages / stride)
     return Stagger(num_steps, stride, in_flight, clean_pass)

@@ -6,7 +6,7 @@ Both backends have one shape, which the sessions use without asking which they h
                                            the decoders it offers)
     check(prompt, first=None) -> str       the prompt normalised, or ValueError naming what is wrong
                                            (first: the stream's first prompt, for a switch)
-    encode(prompt) -> KV                   the checked prompt's text K/V
+    prompt_kv(prompt) -> KV                the checked prompt's text K/V (cross-attention, per layer)
     context(prompt, seed) -> array | None  given clean first frames [1, G * bf, H, W, C], or None
     decoder(name | None) -> name | None    the pixel decoder a stream asked for (None: the default),
                                            or ValueError naming why it cannot have it
@@ -59,8 +59,8 @@ class TextCache:
     """Text K/V of the last prompts, so a prompt typed again is not encoded again; least recently
     used dropped first once they hold over `max_bytes` (the newest is kept whatever its size)."""
 
-    def __init__(self, encode, max_bytes: int):
-        self.encode, self.max_bytes = encode, max_bytes
+    def __init__(self, prompt_kv, max_bytes: int):
+        self.prompt_kv, self.max_bytes = prompt_kv, max_bytes
         self.kv: collections.OrderedDict = collections.OrderedDict()
         self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()  # tabs encode from their own threads
@@ -72,7 +72,7 @@ class TextCache:
             if text in self.kv:
                 self.kv.move_to_end(text)
                 return self.kv[text]
-        kv = self.encode(text)
+        kv = self.prompt_kv(text)
         with self._lock:
             self.kv[text], self._bytes[text] = kv, kv_bytes(kv)
             while len(self.kv) > 1 and sum(self._bytes.values()) > self.max_bytes:
@@ -137,17 +137,17 @@ class ToyBackend:
             check_switch(parse_prompt(first, self.world), scene)
         return prompt_text(scene)
 
-    def encode(self, prompt: str):
+    def prompt_kv(self, prompt: str):
         return self.text_cache(self.check(prompt))
 
     def _embed(self, text: str):
         import jax.numpy as jnp
 
-        from bcjax.model.wan import encode_text
+        from bcjax.model.wan import text_kv
         from bcjax.toyworld.world import parse_prompt, prompt_embedding
 
         emb = prompt_embedding(parse_prompt(text, self.world), self.world)
-        return encode_text(self.cfg, self.params, jnp.asarray(emb[None]))
+        return text_kv(self.cfg, self.params, jnp.asarray(emb[None]))
 
     def context(self, prompt: str, seed: int):
         """The still first block: the prompt's sprites at seeded start corners, [1, bf, H, W, 3]."""
@@ -177,7 +177,7 @@ class CheckpointBackend:
 
     mime = "image/jpeg"
 
-    def __init__(self, path: str, port: str = "self_forcing", video_hw: tuple[int, int] = (480, 832), mesh=None,
+    def __init__(self, path: str, port: str | None = None, video_hw: tuple[int, int] = (480, 832), mesh=None,
                  quality: int = 85, text_cache_bytes: int = TEXT_CACHE_BYTES, decoder: str | None = None,
                  decode_device: str | None = None, dtype: str | None = None, attention: str | None = None,
                  verify: bool = True):
@@ -185,7 +185,10 @@ class CheckpointBackend:
         from bcjax.app.t2v import TextToVideo
         from bcjax.checkpoint import read_config
 
-        pcfg = dataclasses.replace(ports.get(port).pipeline, positions="rolling")
+        # None: the checkpoint's own sampler; a Krea checkpoint's clean-pass variant, which every tab's
+        # stagger can run (`ports.for_checkpoint`)
+        chosen = ports.get(port) if port else ports.for_checkpoint(read_config(path).get("provenance", {}), None)
+        pcfg = dataclasses.replace(chosen.pipeline, positions="rolling")
         height, width = video_hw
         if decoder is None:  # the tiny decoder keeps a live stream's pace, when the checkpoint has it
             decoder = "taehv" if "taehv" in read_config(path)["configs"] and pcfg.context != "rebuild" else "wan"
@@ -193,11 +196,11 @@ class CheckpointBackend:
                                dtype=dtype, attention=attention, verify=verify)
         self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
         self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, (height, width), quality
-        self.port = port
+        self.port = chosen.name
         # every decoder the checkpoint has, on the one decode device: a tab picks one per stream
         self.pixels = {d: self.t2v.pixels if d == self.t2v.decoder else self.t2v.pixel_decoder(d)
                        for d in self.t2v.decoders()}
-        self.text_cache = TextCache(self.t2v.encode, text_cache_bytes)
+        self.text_cache = TextCache(self.t2v.prompt_kv, text_cache_bytes)
 
     def describe(self) -> dict:
         return {"kind": "text", "title": f"{self.port} checkpoint ({self.cfg.num_layers} layers, dim {self.cfg.dim}, "
@@ -225,7 +228,7 @@ class CheckpointBackend:
                              f"the text encoder reads at most {self.t2v.text_cfg.text_len}")
         return text
 
-    def encode(self, prompt: str):
+    def prompt_kv(self, prompt: str):
         return self.text_cache(self.check(prompt))
 
     def context(self, prompt: str, seed: int):

@@ -1,10 +1,12 @@
 """The page <-> server messages: parsing what a page sends, packing what the server sends.
 
 Page -> server: one JSON object per text message, at most MAX_MESSAGE bytes:
-    {"type": "start", "prompt": str, "schedule": "P4", "window": "causal",
+    {"type": "start", "prompt": str, "stagger": "P4", "mask": "causal",
      "policy": "no-recache", "seed": 0, "fps": 16,
      "decoder": "taehv"}                                a new stream (or resume a stopped one); decoder:
-                                                        one the hello offers, absent or null: the default
+                                                        one the hello offers, absent or null: the default;
+                                                        "schedule" / "window": the old names of "stagger" /
+                                                        "mask", still read (one release; OLD_KEYS)
     {"type": "prompt", "prompt": str}                   switch at the next block
     {"type": "stop"} | {"type": "reset"}               pause | end the stream
     {"type": "pace", "fps": 16}                         frames/s the stream is paced to (0: as fast as it computes)
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import struct
 
-from bcjax.names import DEFAULT_WINDOW, SCHEDULES, WINDOWS
+from bcjax.names import DEFAULT_MASK, MASKS, STAGGERS
 from bcjax.vae.decoders import DECODERS
 
 MAX_MESSAGE = 4096  # bytes of one page message (a prompt and a few fields fit many times over)
@@ -36,6 +38,8 @@ MAX_SEED = 2 ** 31 - 1
 MIN_FPS, MAX_FPS = 1, 120
 MAX_STREAM = 2 ** 31 - 1
 TYPES = ("start", "prompt", "stop", "reset", "pace", "ack")
+# a start message's fields under their old names (pages of bcjax <= 0.x; read for one release)
+OLD_KEYS = {"schedule": "stagger", "window": "mask"}
 
 
 class BadMessage(ValueError):
@@ -68,8 +72,13 @@ def parse(raw: str | bytes | None, policies: tuple[str, ...]) -> dict:
     if kind in ("start", "prompt"):
         out["prompt"] = _field(msg, "prompt", str)
     if kind == "start":
-        out["schedule"] = _choice(msg, "schedule", SCHEDULES, "P4")
-        out["window"] = _choice(msg, "window", WINDOWS, DEFAULT_WINDOW)
+        for old, new in OLD_KEYS.items():
+            if old in msg:
+                if new in msg:
+                    raise BadMessage(f"fields {new!r} and its old name {old!r} both given; send {new!r}")
+                msg[new] = msg.pop(old)
+        out["stagger"] = _choice(msg, "stagger", STAGGERS, "P4")
+        out["mask"] = _choice(msg, "mask", MASKS, DEFAULT_MASK)
         out["policy"] = _choice(msg, "policy", policies, "no-recache")
         out["seed"] = _number(msg, "seed", 0, MAX_SEED, 0, integer=True)
         # which decoders a model has is the backend's to say; the names are checked here

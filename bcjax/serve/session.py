@@ -4,7 +4,7 @@ A `Session` belongs to one WebSocket connection and owns at most one thread, mad
 start and ended with the connection. Start, stop, pace and reset are state changes the thread
 reads between steps, never new threads, so a page (or a script) sending 1000 starts costs one
 thread and only the newest stream computes. The thread drives `bcjax.app.interactive.steps` over the
-runner for the chosen (schedule, window), with a `LivePrompts` the page pushes into. Every step
+runner for the chosen (stagger, mask), with a `LivePrompts` the page pushes into. Every step
 becomes one message (a binary block message when a block finished, a JSON tick otherwise) on
 the session's `Outbox`; the replies to the page's commands go there too, without ever waiting
 (the commands run on shared workers: a tab that does not read must not hold one).
@@ -33,7 +33,7 @@ from typing import Any
 import jax
 
 from bcjax.app.interactive import LivePrompts, steps
-from bcjax.names import as_window
+from bcjax.names import SEQUENTIAL, as_mask
 from bcjax.pipeline.recache import POLICIES
 from bcjax.runners import Runner
 from bcjax.serve import protocol
@@ -68,21 +68,21 @@ def compile_seconds() -> float:
 
 
 class Runners:
-    """One runner per (schedule, window), built on first use and shared by every session."""
+    """One runner per (stagger, mask), built on first use and shared by every session."""
 
     def __init__(self, backend):
         self.backend = backend
         self._made: dict[tuple[str, str | None], Runner] = {}
         self._lock = threading.Lock()
 
-    def get(self, schedule: str, window: str) -> Runner:
+    def get(self, stagger: str, mask: str) -> Runner:
         from bcjax.runners import make_runner
 
         b = self.backend
-        key = (schedule, None if schedule == "sequential" else window)
+        key = (stagger, None if stagger == SEQUENTIAL else mask)
         with self._lock:
             if key not in self._made:
-                self._made[key] = make_runner(b.cfg, b.pcfg, b.latent_hw, schedule, as_window(window), b.mesh)
+                self._made[key] = make_runner(b.cfg, b.pcfg, b.latent_hw, stagger, as_mask(mask), b.mesh)
             return self._made[key]
 
 
@@ -207,7 +207,7 @@ class Stream:
     delivered: int = 0  # blocks handed to the socket's transport (what an ack may count)
     acked: int = 0  # blocks the page says it received, at most those delivered
     pushed: dict = dataclasses.field(default_factory=dict)  # prompt index -> time of the switch
-    runner: Any = None  # what `Runners.get` gave for its settings' (schedule, window)
+    runner: Any = None  # what `Runners.get` gave for its settings' (stagger, mask)
 
 
 class Session:
@@ -226,8 +226,8 @@ class Session:
         self.tab = next(_tab_ids)
 
     def hello(self) -> dict:
-        return {"type": "hello", "model": self.backend.describe(), "schedules": list(protocol.SCHEDULES),
-                "windows": list(protocol.WINDOWS), "window": protocol.DEFAULT_WINDOW, "policies": list(POLICIES),
+        return {"type": "hello", "model": self.backend.describe(), "staggers": list(protocol.STAGGERS),
+                "masks": list(protocol.MASKS), "mask": protocol.DEFAULT_MASK, "policies": list(POLICIES),
                 "limits": {"max_message": protocol.MAX_MESSAGE, "queue": self.outbox.maxsize,
                            "ack_window": self.ack_window, "min_fps": protocol.MIN_FPS, "max_fps": protocol.MAX_FPS}}
 
@@ -269,7 +269,7 @@ class Session:
             self.outbox.reply({"type": "error", "what": "decoder", "decoder": cmd["decoder"], "message": str(e),
                              "stream": self.gen.id if self.gen else None})
             return
-        settings = {**{k: cmd[k] for k in ("schedule", "window", "policy", "seed")}, "decoder": decoder}
+        settings = {**{k: cmd[k] for k in ("stagger", "mask", "policy", "seed")}, "decoder": decoder}
         try:
             prompt = self.backend.check(cmd["prompt"])
         except ValueError as e:
@@ -286,8 +286,8 @@ class Session:
         if resumed:
             self._state("running", settings={**settings, "fps": cmd["fps"]}, prompt=prompt, resumed=True)
             return
-        kv = self.backend.encode(prompt)  # before the stream exists: a failure leaves the old one alone
-        runner = self.runners.get(settings["schedule"], settings["window"])
+        kv = self.backend.prompt_kv(prompt)  # before the stream exists: a failure leaves the old one alone
+        runner = self.runners.get(settings["stagger"], settings["mask"])
         with self._cond:
             self._streams += 1
             self.gen = Stream(self._streams, settings, prompt, prompt, LivePrompts(kv, self.text_bytes), fps=cmd["fps"],
@@ -309,7 +309,7 @@ class Session:
         except ValueError as e:
             self._bad_prompt(cmd, e)
             return
-        kv = self.backend.encode(prompt)
+        kv = self.backend.prompt_kv(prompt)
         with self._cond:
             t = time.perf_counter()
             index = gen.live.push(kv)
@@ -438,14 +438,14 @@ class Session:
         # Krea's loop: the stream's R comes from the VAE round trip, whose pixels are the ones sent
         encode = self.backend.frame_encoder(s["decoder"], round_trip=gen.runner.takes_round_trip)
 
-        def ticks(on_dispatch):
+        def records(on_dispatch):
             return steps(gen.runner, self.backend.params, gen.live, jax.random.key(s["seed"]), None,
                          policy=s["policy"], context=None if context is None else jnp.asarray(context),
                          on_dispatch=on_dispatch, reencode=getattr(encode, "reencode", None))
 
-        return self._messages(gen, ticks, encode)
+        return self._messages(gen, records, encode)
 
-    def _messages(self, gen: Stream, make_ticks, encode):
+    def _messages(self, gen: Stream, make_records, encode):
         """A generator sending `gen`'s messages: one runner step per resume with "step" (the first
         resume is next()), or, resumed with "flush", only the block it holds. Yields whether it
         holds a block (see `_next`).
@@ -461,20 +461,20 @@ class Session:
         compile_since: dict[int, float] = {}  # prompt -> compile seconds when its switch came in force
         recached: dict[int, float] = {}  # prompt -> seconds its switch spent recaching
         compute = 0.0
-        held: list = []  # at most one (tick, fetch): a block decoding, sent after the next step is dispatched
+        held: list = []  # at most one (record, fetch): a block decoding, sent after the next step is dispatched
 
         def send_held() -> None:
             """Send the held block (if any): wait for its pixels, pace, send; _Ended when the stream ended."""
             nonlocal last_block, started, touched, compute, recached
             if not held:
                 return
-            tick, fetch = held.pop()
-            e = tick.event
+            record, fetch = held.pop()
+            e = record.event
             images, decode_s = fetch()
             if last_block is not None and not self._wait_until(gen, last_block, len(images)):
                 raise _Ended
             last_block = time.perf_counter()
-            header = {"type": "block", **_base(gen, tick), "block": e.block, "block_prompt": e.prompt,
+            header = {"type": "block", **_base(gen, record), "block": e.block, "block_prompt": e.prompt,
                       "block_ms": 1e3 * e.seconds, "block_recache_ms": 1e3 * e.recache_s,
                       "compute_ms": 1e3 * compute, "mime": self.backend.mime, "decoder": gen.settings["decoder"],
                       "decode_ms": None if decode_s is None else 1e3 * decode_s}
@@ -484,8 +484,8 @@ class Session:
             # two moments a switch becomes visible under a cascade: the first block with
             # any pass under the new text (every block in flight runs under the prompt in
             # force), and the first block that started under it
-            if tick.prompt > touched and tick.prompt in pushed:
-                touched = tick.prompt
+            if record.prompt > touched and record.prompt in pushed:
+                touched = record.prompt
                 header.update(touched_prompt=touched, touched_ms=1e3 * (last_block - pushed[touched]),
                               touched_compile_ms=1e3 * (compile_seconds() - compile_since.get(touched, 0.0)))
             if e.prompt > started and e.prompt in pushed:
@@ -502,14 +502,14 @@ class Session:
             with self._cond:
                 gen.sent += 1
 
-        ticks = make_ticks(send_held)
+        records = make_records(send_held)
         try:
             todo = "step"
             while True:
                 if todo == "flush":
                     send_held()
                 else:
-                    tick = next(ticks)  # dispatches the step, sends the held block beside it, waits for the step
+                    record = next(records)  # dispatches the step, sends the held block beside it, waits for the step
                     if not self._current(gen):
                         return
                     if first:
@@ -517,29 +517,29 @@ class Session:
                         self._send(gen, {"type": "state", "state": "running", "stream": gen.id,
                                          "first_tick_ms": 1e3 * (time.perf_counter() - t_start),
                                          "compile_ms": 1e3 * (compile_seconds() - c_start)})
-                    if tick.prompt > in_force:  # a switch takes effect: from here every step runs under its text
-                        in_force = tick.prompt
-                        compile_since.setdefault(tick.prompt, compile_seconds())
-                    compute += tick.seconds
-                    if tick.recache_s:
-                        recached[tick.prompt] = recached.get(tick.prompt, 0.0) + tick.recache_s
-                    if tick.event is None:
-                        if not self._send(gen, {"type": "tick", **_base(gen, tick)}):
+                    if record.prompt > in_force:  # a switch takes effect: from here every step runs under its text
+                        in_force = record.prompt
+                        compile_since.setdefault(record.prompt, compile_seconds())
+                    compute += record.seconds
+                    if record.recache_s:
+                        recached[record.prompt] = recached.get(record.prompt, 0.0) + record.recache_s
+                    if record.event is None:
+                        if not self._send(gen, {"type": "tick", **_base(gen, record)}):
                             return
                     else:
-                        held.append((tick, encode(tick.event.x0)))  # the decode dispatched, not waited for
+                        held.append((record, encode(record.event.x0)))  # the decode dispatched, not waited for
                 todo = yield bool(held)
         except _Ended:
             return
         finally:
-            ticks.close()
+            records.close()
 
 
 class _Ended(Exception):
     """A stream ended (replaced, reset, its tab closed) while its thread was sending a block."""
 
 
-def _base(gen: Stream, tick) -> dict:
-    """What every tick and block message says of the step."""
-    return {"stream": gen.id, "tick": tick.step, "prompt": tick.prompt, "stages": [list(x) for x in tick.stages],
-            "step_ms": 1e3 * tick.seconds, "recache_ms": 1e3 * tick.recache_s}
+def _base(gen: Stream, record) -> dict:
+    """What every tick and block message says of the step (`record`: its `StepRecord`)."""
+    return {"stream": gen.id, "tick": record.step, "prompt": record.prompt, "stages": [list(x) for x in record.stages],
+            "step_ms": 1e3 * record.seconds, "recache_ms": 1e3 * record.recache_s}

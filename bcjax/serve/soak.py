@@ -1,7 +1,7 @@
 """A soak of `bcjax serve` (not run in CI): N tabs stream and switch prompts for a while; every
 `--every` seconds one line of the server's threads, RSS, text-cache bytes and blocks/s.
 
-    python -m bcjax.serve.soak --minutes 10 --tabs 8 [--fps 0] [--schedule P4]
+    python -m bcjax.serve.soak --minutes 10 --tabs 8 [--fps 0] [--stagger P4]
 
 The server runs in this process (the embedded toy-world model, uvicorn on a free loopback port);
 each tab is a WebSocket client thread that acknowledges blocks as the page does, switches to
@@ -17,7 +17,8 @@ import random
 import threading
 import time
 
-from bcjax.names import SCHEDULES
+from bcjax.flags import OldName
+from bcjax.names import STAGGERS
 
 
 def _rss_mb() -> float:
@@ -43,8 +44,8 @@ def _tab(url: str, index: int, args, stop: threading.Event, blocks: list[int]) -
             colour = colours[(index + starts) % len(colours)]
             starts += 1
             since_switch = 0
-            ws.send(json.dumps({"type": "start", "prompt": f"{colour} east fast", "schedule": args.schedule,
-                                "window": "causal", "policy": "no-recache", "seed": index, "fps": args.fps}))
+            ws.send(json.dumps({"type": "start", "prompt": f"{colour} east fast", "stagger": args.stagger,
+                                "mask": "causal", "policy": "no-recache", "seed": index, "fps": args.fps}))
 
         colour = ""
         start()
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--tabs", type=int, default=8)
     p.add_argument("--fps", type=float, default=0, help="each tab's pace (0: as fast as it computes)")
-    p.add_argument("--schedule", default="P4", choices=SCHEDULES)
+    p.add_argument("--stagger", "--schedule", dest="stagger", default="P4", choices=STAGGERS, action=OldName,
+                   new="--stagger", help="--schedule: its deprecated name")
     p.add_argument("--switch-every", type=int, default=4, help="blocks between a tab's prompt switches")
     p.add_argument("--every", type=float, default=30, help="seconds between report lines")
     args = p.parse_args(argv)

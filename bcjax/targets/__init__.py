@@ -16,7 +16,7 @@ Arrays cannot be created on compile-only devices; programs are lowered from Shap
 The whole-slice rule: XLA:TPU refuses a program on a v5e slice of more than 16 chips (v5e-32,
 v5e-64) whose device assignment is not the whole slice ("On platforms with limited ICI routing device
 assignment should include all slice devices"). `whole_slice` records it per target, as probed with
-the real compiler (`tests/test_compile_targets.py` pins it); `make_mesh` pads the `stage` axis to
+the real compiler (`tests/test_compile_targets.py` pins it); `make_mesh` pads the `tokens` axis to
 cover the slice.
 """
 

@@ -1,7 +1,7 @@
 """`bcjax demo`: an embedded toy-world model, sequential vs Block Cascading, as a labelled mp4 and a report.
 
 For a few fixed prompts the given first block (the still image) is continued for about 40 frames by the
-sequential pipeline, by the best cascade of the toy-world study (P4 with the causal window, the
+sequential pipeline, by the best cascade of the toy-world study (P4 with the causal mask, the
 default one) and by the paper's P4 bidirectional; the video (5 s at 8 fps) shows, side by side,
 ground truth | sequential | P4 causal | P4 bidirectional (one row per prompt), and the report
 holds each setting's error against ground truth and its steady generation speed.
@@ -19,7 +19,7 @@ import numpy as np
 
 from bcjax.app.video import frames_per_block, publish
 from bcjax.distributed import is_primary
-from bcjax.names import DEFAULT_WINDOW, as_window
+from bcjax.names import DEFAULT_MASK, SEQUENTIAL, Policy, Positions, as_mask
 from bcjax.toyworld.evaluate import ToyModel, block_metrics, eval_scenes, load_model, setting_name, summary
 from bcjax.toyworld.png import draw_text
 from bcjax.toyworld.world import prompt_text, render, to_rgb
@@ -39,21 +39,21 @@ def default_blocks(model: ToyModel) -> int:
     return -(-FRAMES // model.world.block_frames)
 
 
-def timed_stream(model: ToyModel, scenes, num_blocks: int, key, schedule: str, window: str | None, mesh=None):
+def timed_stream(model: ToyModel, scenes, num_blocks: int, key, stagger: str, mask: str | None, mesh=None):
     """(latents [B, (1 + num_blocks) * bf, H, W, C], first-block s incl. compile, steady ms per
     block): the streaming APIs, block by block, as a viewer would receive them."""
     import jax.numpy as jnp
 
-    from bcjax.model.wan import encode_text
+    from bcjax.model.wan import text_kv
     from bcjax.runners import make_runner
     from bcjax.toyworld.world import prompt_embedding
 
     world, cfg, pcfg = model.world, model.cfg, model.pcfg
     hw, bf = (world.size, world.size), pcfg.block_frames
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
-    text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
-    # window None: sequential, no window
-    runner = make_runner(cfg, pcfg, hw, schedule, as_window(window or DEFAULT_WINDOW), mesh)
+    text = text_kv(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
+    # mask None: sequential, one block in flight
+    runner = make_runner(cfg, pcfg, hw, stagger, as_mask(mask or DEFAULT_MASK), mesh)
     stream = runner.blocks(model.params, text, key, num_blocks=num_blocks, context=first)
     out, times = [np.asarray(first)], []
     t0 = time.perf_counter()
@@ -212,11 +212,11 @@ def run(out: str = "bcjax-demo.mp4", report: str | None = None, checkpoint: str 
     mesh = make_mesh(devices) if devices > 1 else None
     key = jax.random.key(seed)
     print(f"bcjax demo: toy-world model ({model.cfg.num_layers} layers, dim {model.cfg.dim}), {prompts} prompts, "
-          f"{blocks} blocks after the given image, on {jax.default_backend()} ({devices} device(s) on the stage axis)")
+          f"{blocks} blocks after the given image, on {jax.default_backend()} ({devices} device(s) on the tokens axis)")
     lat, timing = {}, {}
-    for schedule, window in COLUMNS:
-        name = setting_name(schedule, window)
-        lat[name], first, steady = timed_stream(model, scenes, blocks, key, schedule, window, mesh)
+    for stagger, mask in COLUMNS:
+        name = setting_name(stagger, mask)
+        lat[name], first, steady = timed_stream(model, scenes, blocks, key, stagger, mask, mesh)
         timing[name] = (first, steady)
         print(f"  {name:<18s} first block {first:6.2f} s (compile incl.), steady {steady:7.1f} ms/block")
     ref = lat["sequential"]
@@ -259,34 +259,39 @@ def stream_frames(frames: np.ndarray, world, title: str, prompt: str, start: int
 
 
 def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | None = None, blocks: int = 12,
-               schedule: str = "P4", window: str = DEFAULT_WINDOW, policy: str = "no-recache", seed: int = 0,
-               devices: int = 1, fps: float | None = None, scale: int = 24, positions: str = "absolute",
-               interpolate: int = 0, dtype: str | None = None, attention: str | None = None) -> list:
+               stagger: str = "P4", mask: str = DEFAULT_MASK, policy: Policy = "no-recache", seed: int = 0,
+               devices: int = 1, fps: float | None = None, scale: int = 24, positions: Positions = "absolute",
+               interpolate: int = 0, dtype: str | None = None, attention: str | None = None,
+               schedule: str | None = None, window: str | None = None) -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
     is ready (an interrupted stream leaves a playable file); dtype, attention: see `load_model`.
-    Returns the StreamEvents."""
+    schedule, window: the old names of stagger and mask (deprecated). Returns the StreamEvents."""
     import dataclasses
 
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
     from bcjax.app.interactive import parse_prompt_schedule, stream
-    from bcjax.app.prompts import interpolate_schedule
+    from bcjax.app.prompts import interpolate_prompt_schedule
     from bcjax.app.streaming import overlapped
     from bcjax.app.video import Mp4Writer, NullWriter
-    from bcjax.model.wan import encode_text
+    from bcjax.model.wan import text_kv
     from bcjax.runners import make_mesh, make_runner
+    from bcjax.runners.runner import renamed_keyword
     from bcjax.toyworld.world import check_switch, parse_prompt, prompt_embedding
 
+    stagger = renamed_keyword("schedule", "stagger", schedule, "P4", stagger)
+    mask = renamed_keyword("window", "mask", window, DEFAULT_MASK, mask)
     _check_out(out)
     model = load_model(checkpoint, dtype=dtype, attention=attention)
     world, cfg = model.world, model.cfg
     pcfg = dataclasses.replace(model.pcfg, positions=positions)
-    sched = parse_prompt_schedule(prompts)
+    prompt_schedule = parse_prompt_schedule(prompts)
     rng = np.random.default_rng(seed)
-    scenes = [parse_prompt(text, world) for _, text in sched]  # the embedding holds no positions
-    for (at, text), scene in zip(sched[1:], scenes[1:], strict=True):  # the rules `bcjax serve` applies to a switch
+    scenes = [parse_prompt(text, world) for _, text in prompt_schedule]  # the embedding holds no positions
+    # the rules `bcjax serve` applies to a switch
+    for (at, text), scene in zip(prompt_schedule[1:], scenes[1:], strict=True):
         if at > blocks:
             raise ValueError(f"--prompts: {text!r}@{at} starts after the stream's last block ({blocks}); "
                              f"raise --blocks to {at} or more, or move the switch")
@@ -295,19 +300,19 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
         except ValueError as e:
             raise ValueError(f"--prompts: {text!r}@{at}: {e}") from None
     starts = [(int(y), int(x)) for y, x in (rng.integers(world.lo, world.hi + 1, 2) for _ in scenes[0])]
-    embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(sched, scenes, strict=True)]
+    embeds = [(b, prompt_embedding(sc, world)[None]) for (b, _), sc in zip(prompt_schedule, scenes, strict=True)]
     if interpolate:  # Krea's prompt interpolation: each switch ramps over `interpolate` blocks
-        embeds = interpolate_schedule(embeds, interpolate)
-    schedule_kv = [(b, encode_text(cfg, model.params, jnp.asarray(e))) for b, e in embeds]
+        embeds = interpolate_prompt_schedule(embeds, interpolate)
+    prompt_schedule_kv = [(b, text_kv(cfg, model.params, jnp.asarray(e))) for b, e in embeds]
     hw, bf = (world.size, world.size), world.block_frames
-    runner = make_runner(cfg, pcfg, hw, schedule, as_window(window), make_mesh(devices) if devices > 1 else None)
-    first = render(parse_prompt(sched[0][1], world, starts), bf, world)[None]
+    runner = make_runner(cfg, pcfg, hw, stagger, as_mask(mask), make_mesh(devices) if devices > 1 else None)
+    first = render(parse_prompt(prompt_schedule[0][1], world, starts), bf, world)[None]
 
-    name = setting_name(schedule, None if schedule == "sequential" else window)
+    name = setting_name(stagger, None if stagger == SEQUENTIAL else mask)
     title = f"{name} {policy}"
 
     def big(frames, block: int):
-        prompt = next(text for at, text in reversed(sched) if at <= block)  # the one in force from this block
+        prompt = next(text for at, text in reversed(prompt_schedule) if at <= block)  # the one in force from this block
         return stream_frames(frames, world, title, prompt, block * bf, scale)
 
     events = []
@@ -320,7 +325,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
             w.write(big(e.x0[0], e.block))
             return e
 
-        for ev in overlapped(stream(runner, model.params, schedule_kv,
+        for ev in overlapped(stream(runner, model.params, prompt_schedule_kv,
                                     jax.random.key(seed), blocks, policy=policy, context=jnp.asarray(first)), sink):
             events.append(ev)
             bar.update(1)
@@ -330,7 +335,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     bar.close()
     steady = sorted(e.seconds for e in events[2:]) or [events[-1].seconds]
     print(f"wrote {out}: {(1 + len(events)) * bf} frames; steady {1e3 * steady[len(steady) // 2]:.1f} ms/block, "
-          f"{len(sched) - 1} switch(es), policy {policy}")
+          f"{len(prompt_schedule) - 1} switch(es), policy {policy}")
     return events
 
 

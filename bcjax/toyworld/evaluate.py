@@ -1,19 +1,19 @@
-"""The quality harness: a trained toy-world DiT under every schedule, scored against ground truth.
+"""The quality harness: a trained toy-world DiT under every stagger, scored against ground truth.
 
 Image-to-video: the world's first block (the still image) is given, written to the cache by the
 clean pass; the model generates the next blocks from the prompt. Every generated block has an
 exact ground-truth render, so for N fixed-seed prompts x {sequential, P1, P2, P4} x {causal,
-bidirectional window} (sequential has no in-flight neighbours: one row) this reports per block:
+bidirectional mask} (sequential has no in-flight neighbours: one row) this reports per block:
 
 - mse / psnr against the ground truth (psnr peak-to-peak 2 * amplitude);
 - pos_err: mean pixel distance between the sprites' read-back and true corners;
 - jump: temporal consistency across block boundaries, |read-back step - true step| between a
   block's first frame and the previous block's last frame (flicker / teleporting at the seams
   where cascading changes what a block saw);
-- div_seq: MSE against the sequential output for the same prompt and seed (what the schedule
+- div_seq: MSE against the sequential output for the same prompt and seed (what the stagger
   changed), 0 for sequential itself;
 - colour: fraction of frames in which every sprite shows in its own colour (`colour_correct`:
-  found, and at least half of its window in its colour);
+  found, and at least half of its box in its colour);
 - crisp: fraction of frames that are a clean render of the world at the read-back corners
   (`crisp_frames`: no pixel off by half the amplitude -- no smear, blotch or ghost).
 
@@ -37,8 +37,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcjax.model.config import WanConfig
-from bcjax.model.wan import encode_text, init_params
-from bcjax.names import DEFAULT_TOY_MODEL, GRID_SCHEDULES, GRID_WINDOWS, SCHEDULES, TOY_MODELS, WINDOWS, as_window
+from bcjax.model.wan import init_params, text_kv
+from bcjax.names import (
+    DEFAULT_TOY_MODEL,
+    GRID_MASKS,
+    GRID_STAGGERS,
+    MASKS,
+    SEQUENTIAL,
+    STAGGERS,
+    TOY_MODELS,
+    Policy,
+    as_mask,
+)
 from bcjax.schedule.config import PipelineConfig
 from bcjax.toyworld.world import (
     Scene,
@@ -140,27 +150,28 @@ def eval_scenes(world: WorldConfig, n: int) -> list[Scene]:
     return [sample_scene(np.random.default_rng([EVAL_SEED, i]), world) for i in range(n)]
 
 
-def settings(schedules=GRID_SCHEDULES, windows=GRID_WINDOWS) -> list[tuple[str, str | None]]:
-    """(schedule, window) pairs; sequential has no window. By default the paper's grid; the
-    variants (`bcjax.names`: P4-no-clean, the restricted bidirectional windows) by name."""
-    return [(s, None) if s == "sequential" else (s, w)
-            for s in schedules for w in ((None,) if s == "sequential" else windows)]
+def settings(staggers=GRID_STAGGERS, masks=GRID_MASKS) -> list[tuple[str, str | None]]:
+    """(stagger, mask) pairs; sequential has no mask (one block in flight). By default the paper's
+    grid; the variants (`bcjax.names`: P4-no-clean, the restricted bidirectional masks) by name."""
+    return [(s, None) if s == SEQUENTIAL else (s, m)
+            for s in staggers for m in ((None,) if s == SEQUENTIAL else masks)]
 
 
-def setting_name(schedule: str, window: str | None) -> str:
-    return schedule if window is None else f"{schedule}-{window}"
+def setting_name(stagger: str, mask: str | None) -> str:
+    """A run's label, e.g. "sequential", "P4-bidirectional" (the study's and the demo's keys)."""
+    return stagger if mask is None else f"{stagger}-{mask}"
 
 
-def generate(model: ToyModel, scenes: list[Scene], num_blocks: int, key, schedule: str = "sequential",
-             window: str | None = None, params=None, mesh=None) -> np.ndarray:
+def generate(model: ToyModel, scenes: list[Scene], num_blocks: int, key, stagger: str = SEQUENTIAL,
+             mask: str | None = None, params=None, mesh=None) -> np.ndarray:
     """[B, (1 + num_blocks) * bf, H, W, C]: the given still first block, then num_blocks generated
     by the public runner API (`bcjax.runners.make_runner`, `context=` the first block)."""
     world, cfg, pcfg = model.world, model.cfg, model.pcfg
     params = model.params if params is None else params
     bf, hw = pcfg.block_frames, (world.size, world.size)
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
-    text = encode_text(cfg, params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
-    runner = _runner(cfg, pcfg, hw, schedule, window or "bidirectional", mesh)
+    text = text_kv(cfg, params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
+    runner = _runner(cfg, pcfg, hw, stagger, mask or "bidirectional", mesh)
     out = runner.generate(params, text, key, num_blocks=num_blocks, context=first)
     return np.concatenate([np.asarray(first), np.asarray(out)], axis=1)
 
@@ -190,12 +201,12 @@ def frame_readout(frames, segments: Segments, world: WorldConfig):
 
 
 @functools.lru_cache(maxsize=32)
-def _runner(cfg: WanConfig, pcfg: PipelineConfig, hw: tuple[int, int], schedule: str, window: str, mesh):
+def _runner(cfg: WanConfig, pcfg: PipelineConfig, hw: tuple[int, int], stagger: str, mask: str, mesh):
     """One runner per setting for the whole process: a study's seeds and models of one shape reuse
     its compiled programs."""
     from bcjax.runners import make_runner
 
-    return make_runner(cfg, pcfg, hw, schedule, as_window(window), mesh)
+    return make_runner(cfg, pcfg, hw, stagger, as_mask(mask), mesh)
 
 
 def block_metrics(latents, scenes, world: WorldConfig, reference=None) -> dict[str, np.ndarray]:
@@ -280,8 +291,8 @@ def eval_streams(world: WorldConfig, n: int, every: int, num_blocks: int) -> lis
     return out
 
 
-def generate_stream(model: ToyModel, streams: list[list], num_blocks: int, key, schedule: str = "sequential",
-                    window: str | None = None, policy: str = "no-recache", mesh=None) -> np.ndarray:
+def generate_stream(model: ToyModel, streams: list[list], num_blocks: int, key, stagger: str = SEQUENTIAL,
+                    mask: str | None = None, policy: Policy = "no-recache", mesh=None) -> np.ndarray:
     """`generate` for switched streams (all switching at the same blocks): the prompt schedule
     through `bcjax.app.interactive.stream` under `policy`."""
     from bcjax.app.interactive import stream
@@ -292,11 +303,11 @@ def generate_stream(model: ToyModel, streams: list[list], num_blocks: int, key, 
     if any([b for b, _ in st] != starts for st in streams):
         raise ValueError("every stream of a batch must switch at the same blocks")
     first = jnp.asarray(np.stack([render(st[0][1], bf, world) for st in streams]))
-    schedule_kv = [(b, encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(st[k][1], world)
-                                                                              for st in streams]))))
-                   for k, b in enumerate(starts)]
-    runner = _runner(cfg, pcfg, hw, schedule, window or "bidirectional", mesh)
-    events = list(stream(runner, model.params, schedule_kv, key, num_blocks, policy=policy, context=first))
+    prompt_schedule_kv = [(b, text_kv(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(st[k][1], world)
+                                                                               for st in streams]))))
+                          for k, b in enumerate(starts)]
+    runner = _runner(cfg, pcfg, hw, stagger, mask or "bidirectional", mesh)
+    events = list(stream(runner, model.params, prompt_schedule_kv, key, num_blocks, policy=policy, context=first))
     return np.concatenate([np.asarray(first)] + [e.x0 for e in events], axis=1)
 
 
@@ -313,10 +324,10 @@ def run_grid(model: ToyModel, scenes: list[Scene], num_blocks: int, seed: int = 
     {setting: wall time incl. compile}) for every setting of the grid, plus the baselines."""
     key = jax.random.key(seed)
     lat, secs = {}, {}
-    for schedule, window in grid or settings():
-        name = setting_name(schedule, window)
+    for stagger, mask in grid or settings():
+        name = setting_name(stagger, mask)
         t0 = time.perf_counter()
-        lat[name] = generate(model, scenes, num_blocks, key, schedule, window, mesh=mesh)
+        lat[name] = generate(model, scenes, num_blocks, key, stagger, mask, mesh=mesh)
         secs[name] = time.perf_counter() - t0
         if progress:
             progress(f"  {name:<20s} {secs[name]:6.1f} s")
@@ -427,22 +438,25 @@ def main(argv=None) -> dict:
                    help="how many fixed-seed evaluation prompts (--prompts: its deprecated name)")
     p.add_argument("--blocks", type=positive, default=8, help="blocks generated after the given first block")
     p.add_argument("--seed", type=int, default=0, help="sampler noise seed")
-    p.add_argument("--schedules", default=",".join(GRID_SCHEDULES), help=f"comma list of {','.join(SCHEDULES)}")
-    p.add_argument("--windows", default=",".join(GRID_WINDOWS), help=f"comma list of {','.join(WINDOWS)}")
+    p.add_argument("--staggers", "--schedules", dest="staggers", default=",".join(GRID_STAGGERS), action=OldName,
+                   new="--staggers", help=f"comma list of {','.join(STAGGERS)} (--schedules: its deprecated name)")
+    p.add_argument("--masks", "--windows", dest="masks", default=",".join(GRID_MASKS), action=OldName,
+                   new="--masks", help=f"comma list of {','.join(MASKS)}: what a cascade's in-flight blocks see of "
+                   "each other (--windows: its deprecated name)")
     p.add_argument("--out", default="eval-toyworld", help="folder for table.md, metrics.csv, PNGs")
     a = p.parse_args(argv)
-    schedules = [s for s in a.schedules.split(",") if s]
-    for s in schedules:
-        if s not in SCHEDULES:
-            raise SystemExit(f"--schedules: unknown schedule {s!r}; expected some of {SCHEDULES}")
-    windows = [w for w in a.windows.split(",") if w]
-    for w in windows:
-        if w not in WINDOWS:
-            raise SystemExit(f"--windows: unknown window {w!r}; expected some of {WINDOWS}")
+    staggers = [s for s in a.staggers.split(",") if s]
+    for s in staggers:
+        if s not in STAGGERS:
+            raise SystemExit(f"--staggers: unknown stagger {s!r}; expected some of {STAGGERS}")
+    masks = [m for m in a.masks.split(",") if m]
+    for m in masks:
+        if m not in MASKS:
+            raise SystemExit(f"--masks: unknown mask {m!r}; expected some of {MASKS}")
     model = load_model(a.checkpoint or a.model)
     scenes = eval_scenes(model.world, a.prompts)
     print(f"toy world: {a.prompts} prompts x {a.blocks} blocks after the given image, seed {a.seed}")
-    metrics, lat, secs = run_grid(model, scenes, a.blocks, a.seed, settings(schedules, windows))
+    metrics, lat, secs = run_grid(model, scenes, a.blocks, a.seed, settings(staggers, masks))
     write_outputs(a.out, metrics, lat, scenes, model.world,
                   {"blocks": a.blocks, "seed": a.seed, "seconds": secs, "checkpoint": a.checkpoint or a.model})
     print(table_md(metrics, model.world))

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcjax.model.config import WanConfig
-from bcjax.model.wan import encode_text, forward
+from bcjax.model.wan import forward, text_kv
 from bcjax.sampler import sample_block
 from bcjax.schedule.config import PipelineConfig
 from bcjax.toyworld.world import WorldConfig, prompt_embedding, render, render_stream, sample_scene, switch_scene
@@ -81,7 +81,7 @@ def base_loss(cfg: WanConfig, pcfg: PipelineConfig, params, clip, context, key):
     sigma = pcfg.shift * u / (1.0 + (pcfg.shift - 1.0) * u)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
     s = sigma[:, None, None, None, None]
-    flow = base_flow(cfg, params, first, (1.0 - s) * x0 + s * eps, sigma, encode_text(cfg, params, context))
+    flow = base_flow(cfg, params, first, (1.0 - s) * x0 + s * eps, sigma, text_kv(cfg, params, context))
     return jnp.mean((flow - (eps - x0)) ** 2)
 
 
@@ -127,7 +127,7 @@ def ode_dataset(path: str, world: WorldConfig, cfg: WanConfig, pcfg: PipelineCon
                                                                                                         clips))]
         first = np.stack([render(s, bf, world) for s in scenes])
         ctx = np.stack([prompt_embedding(s, world) for s in scenes])
-        text = encode_text(cfg, teacher, jnp.asarray(ctx))
+        text = text_kv(cfg, teacher, jnp.asarray(ctx))
         x0, st = _base_sample_jit(cfg, pcfg, teacher, text, jnp.asarray(first), clip_blocks - 1,
                                   jax.random.key(seed * 7919 + lo), steps)
         firsts.append(first)
@@ -175,7 +175,7 @@ def ode_init_loss(cfg: WanConfig, pcfg: PipelineConfig, params, first, states, x
     rolling, sink = window_blocks(pcfg)
     mask = causal_block_mask(nb + 1, rolling, sink, bf * cfg.tokens_per_frame(*first.shape[2:4]))
     seq = jnp.concatenate([first, x_t], axis=1)
-    flow, _ = forward(cfg, params, seq, t, encode_text(cfg, params, context), jnp.arange(seq.shape[1]), None, mask)
+    flow, _ = forward(cfg, params, seq, t, text_kv(cfg, params, context), jnp.arange(seq.shape[1]), None, mask)
     pred = x_t - sigma[:, :, None, None, None] * flow[:, bf:]
     return jnp.mean((pred - x0) ** 2)
 
@@ -225,7 +225,7 @@ def stream_rollout_x0(cfg: WanConfig, pcfg: PipelineConfig, rollout_blocks: int,
     b, _, hh, ww, c = clip.shape
     tpb = bf * cfg.tokens_per_frame(hh, ww)
     offset, sink = stream_layout(rolling, r)
-    text = encode_text(cfg, params, context)
+    text = text_kv(cfg, params, context)
     frozen, ftext = jax.lax.stop_gradient((params, text))
     ctx_n = 1 + rolling
     gen: list[jax.Array] = []
@@ -297,7 +297,7 @@ def stream_teacher_loss(cfg: WanConfig, pcfg: PipelineConfig, rollout_blocks: in
     truth = clip[:, -r * bf:]
     s = jnp.repeat(jnp.asarray(pcfg.sigmas, jnp.float32)[record], bf, axis=1)[:, :, None, None, None]
     x_in = (1.0 - s) * truth + s * jax.random.normal(k_eps, truth.shape, jnp.float32)
-    pred = stream_targets_x0(cfg, pcfg, params, encode_text(cfg, params, context), clip[:, :ctx_n * bf],
+    pred = stream_targets_x0(cfg, pcfg, params, text_kv(cfg, params, context), clip[:, :ctx_n * bf],
                              truth[:, :-bf], x_in, record, exists, j)
     return jnp.mean((pred - truth) ** 2)
 
@@ -379,7 +379,7 @@ def evaluate_base(path: str, prompts: int = 16, seeds: int = 3, steps: int | Non
     scenes = eval_scenes(world, prompts)
     bf = world.block_frames
     first = jnp.asarray(np.stack([render(s, bf, world) for s in scenes]))
-    text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
+    text = text_kv(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
     out: dict[str, list] = {}
     for seed in range(seeds):
         x0, _ = _base_sample_jit(cfg, pcfg, model.params, text, first, n, jax.random.key(seed), steps)

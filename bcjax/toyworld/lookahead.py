@@ -1,7 +1,7 @@
 """What reading newer frames does to a model, apart from the cascade.
 
 In a P4 tick the block at stage s shares the forward with the newer blocks at stages < s (noisier):
-the bidirectional window shows them to it, the causal window hides them. This measures the
+the bidirectional mask shows them to it, the causal mask hides them. This measures the
 model alone, teacher-forced on the world's truth, so nothing a cascade generated enters: for a
 steady-state tick at video block j (in flight: j at the clean stage, j + 1 .. j + 4 at stages
 3 .. 0), every in-flight block is the truth noised to its stage's sigma (fresh noise per seed),
@@ -9,7 +9,7 @@ the cache is the truth's clean blocks inside the window (the sink and the rollin
 j, written block-causally as their clean passes wrote them), and each in-flight block's x0
 error is measured with the newer blocks hidden (the causal rows) and visible (the bidirectional
 rows), on the same inputs. If visible is worse, the model cannot read the future; if it is not,
-what the cascade loses under the bidirectional window comes from the tick itself (the context
+what the cascade loses under the bidirectional mask comes from the tick itself (the context
 it generates), not from reading newer frames.
 
     python -m bcjax.toyworld.lookahead [--model lineage-3f --model causal-1f] [--prompts 16 --seeds 3]
@@ -24,21 +24,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcjax.model.wan import encode_text, forward
+from bcjax.flags import OldName
+from bcjax.model.wan import forward, text_kv
 from bcjax.schedule.stagger import make_stagger
 from bcjax.toyworld.evaluate import ToyModel, eval_scenes, load_model
 from bcjax.toyworld.study import mean_ci
 from bcjax.toyworld.world import prompt_embedding, render
 
 
-def tick_layout(model: ToyModel, j: int, schedule: str = "P4"):
+def tick_layout(model: ToyModel, j: int, stagger: str = "P4"):
     """(video blocks [N] of [cache | in flight oldest first], is_cache bool [N], stages [N] (-1 for
     the cache), rolling blocks, sink blocks) of the steady-state tick whose oldest in-flight block
     is video block j."""
     pcfg = model.pcfg
     bf = pcfg.block_frames
     rolling, sink = (pcfg.cache_frames - pcfg.sink_frames) // bf, pcfg.sink_frames // bf
-    m = make_stagger(schedule, pcfg.num_steps).in_flight
+    m = make_stagger(stagger, pcfg.num_steps).in_flight
     cache = sorted(set(range(sink)) | set(range(max(j - rolling, 0), j)))
     flight = list(range(j, j + m))
     stages = [-1] * len(cache) + [pcfg.num_steps - i for i in range(m)]  # oldest: the clean stage (n)
@@ -58,12 +59,12 @@ def block_mask(video, is_cache, rolling: int, sink: int, newer_visible: bool) ->
     return m
 
 
-def x0_errors(model: ToyModel, scenes, seed: int, j: int, schedule: str = "P4") -> dict:
+def x0_errors(model: ToyModel, scenes, seed: int, j: int, stagger: str = "P4") -> dict:
     """{"stage": [n stages], "sigma": [...], "hidden": [B, n], "visible": [B, n]}: x0 MSE of the
     in-flight blocks at the denoising stages 0..n-1, newer blocks hidden vs visible."""
     world, cfg, pcfg = model.world, model.cfg, model.pcfg
     bf = pcfg.block_frames
-    video, is_cache, stages, rolling, sink = tick_layout(model, j, schedule)
+    video, is_cache, stages, rolling, sink = tick_layout(model, j, stagger)
     n_frames = (int(video.max()) + 1) * bf
     truth = np.stack([render(s, n_frames, world) for s in scenes])  # [B, F, H, W, C]
     x0 = np.concatenate([truth[:, v * bf:(v + 1) * bf] for v in video], axis=1)
@@ -76,7 +77,7 @@ def x0_errors(model: ToyModel, scenes, seed: int, j: int, schedule: str = "P4") 
     x_t = (1 - s_f) * x0 + s_f * eps
     tt = np.broadcast_to(np.repeat(t, bf)[None], (len(scenes), len(video) * bf))
     frame_ids = (video[:, None] * bf + np.arange(bf)[None]).reshape(-1)
-    text = encode_text(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
+    text = text_kv(cfg, model.params, jnp.asarray(np.stack([prompt_embedding(s, world) for s in scenes])))
     tpb = bf * cfg.tokens_per_frame(world.size, world.size)
     out: dict = {}
     for label, visible in (("hidden", False), ("visible", True)):
@@ -91,7 +92,7 @@ def x0_errors(model: ToyModel, scenes, seed: int, j: int, schedule: str = "P4") 
     return out
 
 
-def run(models: dict[str, str], prompts: int = 16, seeds: int = 3, schedule: str = "P4") -> tuple[dict, str]:
+def run(models: dict[str, str], prompts: int = 16, seeds: int = 3, stagger: str = "P4") -> tuple[dict, str]:
     """Every model's table: per denoising stage, x0 MSE with newer blocks hidden and visible (mean
     +- 95% CI over prompts x seeds) and the paired difference (visible - hidden)."""
     results, lines = {}, []
@@ -101,7 +102,7 @@ def run(models: dict[str, str], prompts: int = 16, seeds: int = 3, schedule: str
         sink = model.pcfg.sink_frames // model.pcfg.block_frames
         j = sink + rolling + 2  # the window full and rolled (past the image)
         scenes = eval_scenes(model.world, prompts)
-        runs = [x0_errors(model, scenes, seed, j, schedule) for seed in range(seeds)]
+        runs = [x0_errors(model, scenes, seed, j, stagger) for seed in range(seeds)]
         hidden = np.concatenate([r["hidden"] for r in runs])
         visible = np.concatenate([r["visible"] for r in runs])
         rows = []
@@ -110,7 +111,7 @@ def run(models: dict[str, str], prompts: int = 16, seeds: int = 3, schedule: str
             rows.append({"stage": s, "sigma": runs[0]["sigma"][s], "hidden": h, "visible": v, "diff": d,
                          "newer_blocks": s})
         results[name] = {"tick_block": j, "rows": rows}
-        lines += [f"{name} (steady {schedule} tick at video block {j}; {hidden.shape[0]} samples):", "",
+        lines += [f"{name} (steady {stagger} tick at video block {j}; {hidden.shape[0]} samples):", "",
                   "| stage | sigma | newer blocks | x0 MSE, newer hidden | x0 MSE, newer visible | visible - hidden |",
                   "|---|---|---|---|---|---|"]
         for r in rows:
@@ -128,14 +129,15 @@ def main(argv=None) -> dict:
                                                                   "embedded models)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--schedule", default="P4")
+    p.add_argument("--stagger", "--schedule", dest="stagger", default="P4", action=OldName, new="--stagger",
+                   help="the cascade's stagger (--schedule: its deprecated name)")
     p.add_argument("--out", help="write the table (markdown) and the numbers (json next to it)")
     a = p.parse_args(argv)
     from bcjax.names import TOY_MODELS
 
     specs = a.model or list(TOY_MODELS)
     models = dict(s.partition("=")[::2] if "=" in s else (s, s) for s in specs)
-    results, text = run(models, a.prompts, a.seeds, a.schedule)
+    results, text = run(models, a.prompts, a.seeds, a.stagger)
     print(text)
     if a.out:
         with open(a.out, "w") as f:

@@ -1,4 +1,4 @@
-"""The quality study: several toy models (training recipes) x every schedule, with confidence intervals.
+"""The quality study: several toy models (training recipes) x every stagger, with confidence intervals.
 
 For each model, each sampler seed and the fixed evaluation prompts, `evaluate.run_grid` scores
 {sequential, P1, P2, P4} x {causal, bidirectional} (or the `--setting`s given) against the ground truth. A sample is one
@@ -11,7 +11,7 @@ pos_err_per_block-<model>.png.
     python -m bcjax.toyworld.study --model clean=CKPT --model df=RUN/model-diffusion-forcing ...
         [--prompts 16 --seeds 3 --blocks 10 --out study/]
     python -m bcjax.toyworld.study --model ... --setting sequential --setting P4:causal \
-        --setting P4:bidirectional-windowed --setting P4-no-clean:causal   # SCHEDULE[:WINDOW] each
+        --setting P4:bidirectional-windowed --setting P4-no-clean:causal   # STAGGER[:MASK] each
     python -m bcjax.toyworld.study --curve RUN [--prompts 16 --blocks 10]   # error vs training minutes
 """
 
@@ -50,26 +50,26 @@ def mean_ci(x) -> tuple[float, float]:
 
 
 def parse_setting(spec: str) -> tuple[str, str | None]:
-    """'SCHEDULE[:WINDOW]' -> (schedule, window); sequential takes no window, a cascade defaults
-    to the bidirectional one. Names are checked against `bcjax.names`."""
-    from bcjax.names import SCHEDULES, WINDOWS
+    """'STAGGER[:MASK]' -> (stagger, mask); sequential takes no mask, a cascade defaults to the
+    bidirectional one. Names are checked against `bcjax.names`."""
+    from bcjax.names import MASKS, SEQUENTIAL, STAGGERS
 
-    schedule, _, window = spec.partition(":")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"--setting {spec!r}: schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if schedule == "sequential":
-        if window:
-            raise ValueError(f"--setting {spec!r}: sequential has no window")
-        return schedule, None
-    window = window or "bidirectional"
-    if window not in WINDOWS:
-        raise ValueError(f"--setting {spec!r}: window {window!r} is not one of {', '.join(WINDOWS)}")
-    return schedule, window
+    stagger, _, mask = spec.partition(":")
+    if stagger not in STAGGERS:
+        raise ValueError(f"--setting {spec!r}: stagger {stagger!r} is not one of {', '.join(STAGGERS)}")
+    if stagger == SEQUENTIAL:
+        if mask:
+            raise ValueError(f"--setting {spec!r}: sequential has no mask (one block in flight)")
+        return stagger, None
+    mask = mask or "bidirectional"
+    if mask not in MASKS:
+        raise ValueError(f"--setting {spec!r}: mask {mask!r} is not one of {', '.join(MASKS)}")
+    return stagger, mask
 
 
 def run_model(path: str, prompts: int, seeds: int, blocks: int, progress=print, grid=None) -> dict:
     """{setting: {field: [seeds, prompts, blocks]}} for one model over the grid's settings
-    (default: every schedule x window of `evaluate.settings`); sequential always runs (the
+    (default: every stagger x mask of `evaluate.settings`); sequential always runs (the
     paired differences are to it)."""
     grid = list(grid or settings())
     if ("sequential", None) not in grid:
@@ -174,7 +174,7 @@ def write_study(out: str, results: dict, blocks: int, extra: dict) -> str:
 
 # -- the three settings of the paper's evaluation (short, long, interactive) ----------------------
 
-# the study's settings: sequential, P2 and P4 under the three windows, and P4 with no clean pass
+# the study's settings: sequential, P2 and P4 under the three masks, and P4 with no clean pass
 STUDY_GRID = (("sequential", None), ("P2", "causal"), ("P2", "bidirectional"), ("P2", "bidirectional-clean-causal"),
               ("P4", "causal"), ("P4", "bidirectional"), ("P4", "bidirectional-clean-causal"),
               ("P4-no-clean", "bidirectional"))
@@ -187,7 +187,7 @@ SWITCH_FIELDS = ("adherence", "switch_err", "switch_colour")
 
 def setting_blocks(model, setting: str) -> int:
     """Generated blocks after the image: the trained length (short), LONG_FACTOR times it (long,
-    the window rolling), INTERACTIVE_BLOCKS with a switch every SWITCH_EVERY blocks."""
+    the cache window rolling), INTERACTIVE_BLOCKS with a switch every SWITCH_EVERY blocks."""
     from bcjax.toyworld.evaluate import trained_blocks
 
     if setting not in SETTINGS:
@@ -203,28 +203,28 @@ def run_setting(path: str, setting: str, prompts: int, seeds: int, grid=STUDY_GR
     (names 'SETTING+POLICY')."""
     import jax
 
-    from bcjax.names import POLICIES
+    from bcjax.names import POLICIES, Policy
     from bcjax.toyworld.evaluate import block_metrics, eval_streams, generate_stream, switch_metrics
 
     model = load_model(path)
     blocks = setting_blocks(model, setting)
     scenes = eval_scenes(model.world, prompts)
-    runs = [(sch, win, "no-recache") for sch, win in grid]
+    runs: list[tuple[str, str | None, Policy]] = [(stagger, mask, "no-recache") for stagger, mask in grid]
     if setting == "interactive" and policies:
-        runs += [(sch, win, pol) for pol in POLICIES[1:] for sch, win in POLICY_GRID]
+        runs += [(stagger, mask, pol) for pol in POLICIES[1:] for stagger, mask in POLICY_GRID]
     streams: list = eval_streams(model.world, prompts, SWITCH_EVERY, blocks) if setting == "interactive" else scenes
     out: dict[str, dict[str, list]] = {}
     for seed in range(seeds):
         t0 = time.perf_counter()
         key, lat = jax.random.key(seed), {}
-        for sch, win, pol in runs:
-            name = setting_name(sch, win) + ("" if pol == "no-recache" else f"+{pol}")
+        for stagger, mask, pol in runs:
+            name = setting_name(stagger, mask) + ("" if pol == "no-recache" else f"+{pol}")
             if setting == "interactive":
-                lat[name] = generate_stream(model, streams, blocks, key, sch, win, pol)
+                lat[name] = generate_stream(model, streams, blocks, key, stagger, mask, pol)
             else:
                 from bcjax.toyworld.evaluate import generate
 
-                lat[name] = generate(model, scenes, blocks, key, sch, win)
+                lat[name] = generate(model, scenes, blocks, key, stagger, mask)
         for name, x in lat.items():
             m = block_metrics(x, streams, model.world, lat["sequential"])
             if setting == "interactive":
@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--blocks", type=int, default=10)
     p.add_argument("--setting", action="append", default=[],
-                   help="SCHEDULE[:WINDOW] (repeat; default the paper's grid, sequential always included)")
+                   help="STAGGER[:MASK] (repeat; default the paper's grid, sequential always included)")
     p.add_argument("--out", default="study")
     p.add_argument("--settings", help=f"comma list of {','.join(SETTINGS)}: the study's grid (STUDY_GRID and "
                                       "the recache policies) in the paper's three settings; --setting ignored")
@@ -382,7 +382,7 @@ def main(argv=None) -> dict:
         by_model = {name: {k: run_setting(path, k, a.prompts, a.seeds) for k in kinds} for name, path in models.items()}
         text = write_settings(a.out, {"models": models, "prompts": a.prompts, "seeds": a.seeds,
                                       "cells": settings_cells(by_model)})
-        # every sample, for comparisons the tables do not make (e.g. two windows paired directly)
+        # every sample, for comparisons the tables do not make (e.g. two masks paired directly)
         np.savez(os.path.join(a.out, "settings.npz"), **{f"{m}|{k}|{name}|{f}": arr for m, v in by_model.items()
                                                           for k, r in v.items() for name, fs in r.items()
                                                           for f, arr in fs.items()})

@@ -21,7 +21,7 @@ import json
 import jax
 import numpy as np
 
-from bcjax.names import DEFAULT_TOY_MODEL, POLICIES, TOY_MODELS
+from bcjax.names import DEFAULT_TOY_MODEL, POLICIES, TOY_MODELS, Policy
 from bcjax.toyworld.evaluate import ToyModel, eval_scenes, generate_stream, load_model, switch_metrics
 from bcjax.toyworld.world import Scene, WorldConfig, switch_scene
 
@@ -32,16 +32,16 @@ def switched(scene: Scene, at_block: int, world: WorldConfig, seed: int = 0) -> 
 
 
 def adherence(model: ToyModel, scenes: list[Scene], num_blocks: int, at_block: int, seed: int = 0,
-              runner_kind: str = "sequential", policy: str = "no-recache", window: str = "bidirectional") -> dict:
+              stagger: str = "sequential", policy: Policy = "no-recache", mask: str = "bidirectional") -> dict:
     """One switch at `at_block` for every scene: blocks to adherence, error after the switch and
-    new-colour fraction, per scene, under a runner and recache policy."""
+    new-colour fraction, per scene, under a stagger (and a cascade's mask) and recache policy."""
     world = model.world
     streams = [[(0, s), (at_block, switched(s, at_block, world, i))] for i, s in enumerate(scenes)]
-    lat = generate_stream(model, streams, num_blocks, jax.random.key(seed), runner_kind,
-                          None if runner_kind == "sequential" else window, policy)
+    lat = generate_stream(model, streams, num_blocks, jax.random.key(seed), stagger,
+                          None if stagger == "sequential" else mask, policy)
     m = switch_metrics(lat, streams, world)
     return {"adherence": m["adherence"][:, 0].tolist(), "switch_err": m["switch_err"][:, 0].tolist(),
-            "switch_colour": m["switch_colour"][:, 0].tolist(), "switch_block": at_block, "runner": runner_kind,
+            "switch_colour": m["switch_colour"][:, 0].tolist(), "switch_block": at_block, "runner": stagger,
             "policy": policy, "latents": lat, "streams": streams}
 
 
@@ -57,11 +57,11 @@ def main(argv=None) -> dict:
     model = load_model(a.checkpoint or a.model)
     scenes = eval_scenes(model.world, a.prompts)
     out = {}
-    for kind in ("sequential", "P4"):
+    for stagger in ("sequential", "P4"):
         for policy in POLICIES:
-            r = adherence(model, scenes, a.blocks, a.switch_at, a.seed, kind, policy)
-            out[f"{kind}/{policy}"] = {k: v for k, v in r.items() if k not in ("latents", "streams")}
-            print(f"{kind:<10s} {policy:<14s} blocks to follow {np.mean(r['adherence']):.2f}  "
+            r = adherence(model, scenes, a.blocks, a.switch_at, a.seed, stagger, policy)
+            out[f"{stagger}/{policy}"] = {k: v for k, v in r.items() if k not in ("latents", "streams")}
+            print(f"{stagger:<10s} {policy:<14s} blocks to follow {np.mean(r['adherence']):.2f}  "
                   f"err after the switch {np.mean(r['switch_err']):.2f} px  "
                   f"new colour {np.mean(r['switch_colour']):.2f}")
     print(json.dumps({k: float(np.mean(v["adherence"])) for k, v in out.items()}))

@@ -375,7 +375,7 @@ def nearest_colours(frames, cfg: WorldConfig) -> np.ndarray:
 
 def colour_correct(frames, scene: Scene, cfg: WorldConfig) -> np.ndarray:
     """bool [F, S]: the sprite shows in its own colour -- the readout finds it (`read_positions`)
-    and at least half of the pixels of the sprite-sized window there are nearest to its colour.
+    and at least half of the pixels of the sprite-sized box there are nearest to its colour.
     A sprite painted in another colour, smeared into blotches or lost is wrong."""
     pos = read_positions(frames, scene, cfg)
     nearest = nearest_colours(frames, cfg)
@@ -406,7 +406,7 @@ def read_positions(frames, scene: Scene, cfg: WorldConfig, min_visible: int | No
     where fewer than min_visible pixels (default a quarter of the sprite) show its colour.
 
     Every pixel is assigned to the nearest of {background, the 6 colours, wall}; the estimate is
-    the sprite-sized window with the most pixels of the sprite's colour minus background pixels
+    the sprite-sized box with the most pixels of the sprite's colour minus background pixels
     (another sprite's pixels are neutral: they may be covering it). Exact on renders unless the
     sprite is covered on two opposite sides.
     """
@@ -415,15 +415,15 @@ def read_positions(frames, scene: Scene, cfg: WorldConfig, min_visible: int | No
     nearest = nearest_colours(frames, cfg)
     names = list(COLOURS)
     out = np.full((nearest.shape[0], len(scene), 2), np.nan)
-    def windows(mask):
-        # [F, H+1, W+1] summed-area table -> [F, n*n] pixel count of every k x k window
-        sat = np.pad(mask.astype(np.int32).cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
+    def boxes(pixels):
+        # [F, H+1, W+1] summed-area table -> [F, n*n] pixel count of every k x k box
+        sat = np.pad(pixels.astype(np.int32).cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
         counts = sat[:, k:k + n, k:k + n] - sat[:, :n, k:k + n] - sat[:, k:k + n, :n] + sat[:, :n, :n]
         return counts.reshape(len(nearest), -1)
 
-    background = windows(nearest == 0)
+    background = boxes(nearest == 0)
     for s, sprite in enumerate(scene):
-        hits = windows(nearest == 1 + names.index(sprite.colour))
+        hits = boxes(nearest == 1 + names.index(sprite.colour))
         best = (hits - background).argmax(1)
         seen = hits.max(1) >= min_visible
         out[seen, s] = np.stack(np.unravel_index(best, (n, n)), -1)[seen]

@@ -4,8 +4,8 @@ Both decoders stream the same way: `init_state(batch, latent_hw)`, then `step(st
 returns (state, video [B, 4F, H, W, 3] in [-1, 1]) whose first step's `first_chunk_padding` leading
 frames are padding. Callers never branch on which decoder it is.
 
-Placement. Ticks of a cascade run in lockstep, so a decode on a stage device delays every stage's
-next tick. `decode_device` picks a device outside the `stage` x `model` mesh when there is one,
+Placement. Ticks of a cascade run in lockstep, so a decode on a mesh device delays every device's
+next tick. `decode_device` picks a device outside the `tokens` x `model` mesh when there is one,
 else the host CPU; the decoder's weights live there and each block's latents are copied there, so
 the decode runs beside the denoising (`bcjax generate`: on its own thread,
 `bcjax.app.streaming.overlapped`; `bcjax serve`: dispatched before the next step and fetched
@@ -75,11 +75,11 @@ def decode_device(spec: str | None, mesh=None):
     spec: None or "auto" (the first device outside the mesh; without one, the mesh's first
     device on an accelerator, the host on CPU), "cpu" (the host), or a device id
     (`jax.devices()[i].id`). A device inside the mesh is allowed, with a warning: the decode then
-    delays that device's next tick, and with it every stage (ticks run in lockstep).
+    delays that device's next tick, and with it every device's (ticks run in lockstep).
 
     Why "auto" does not fall back to the host on an accelerator: a 480x832 Wan VAE block is about
     40 TFLOP (`bcjax bench decode`), minutes on a host CPU against tens of milliseconds on the
-    accelerator, so stalling stage 0 for one decode costs far less than the host; pass "cpu" to
+    accelerator, so stalling the mesh's first device for one decode costs far less than the host; pass "cpu" to
     choose the host anyway (TAEHV at small sizes).
     """
     inside = mesh_devices(mesh)
@@ -100,8 +100,8 @@ def decode_device(spec: str | None, mesh=None):
         raise ValueError(f"--decode-device {wanted}: no such device; ids are {sorted(by_id)}")
     device = by_id[wanted]
     if device in inside and len(jax.devices()) > 1:
-        where = "stage 0" if device == inside[0] else f"mesh position {inside.index(device)}"
+        where = f"mesh position {inside.index(device)}"
         warnings.warn(f"--decode-device {wanted} is {where} of the denoising mesh: each block's decode delays that "
-                      "device's next tick, and every stage with it (ticks run in lockstep); a device outside the "
+                      "device's next tick, and every device's with it (ticks run in lockstep); a device outside the "
                       "mesh or the host (auto, cpu) keeps the denoiser's pace", stacklevel=2)
     return device

@@ -481,7 +481,7 @@ def decode_step(cfg: VAEConfig, params, state: DecodeState, z):
 def decode(cfg: VAEConfig, params, z, *, chunk: int | None = None):
     """Whole clip: z [B, F, h, w, 16] normalised latents -> video [B, 1 + 4(F-1), 8h, 8w, 3] in [-1, 1].
 
-    chunk: latent frames per `decode_step` (None = the clip in one step; 1 = Wan's own schedule,
+    chunk: latent frames per `decode_step` (None = the clip in one step; 1 = Wan's own chunking,
     the least activation memory). Full chunks run under one lax.scan, a remainder as one more step.
     """
     _check_latents(cfg, z)

@@ -25,7 +25,7 @@ WIDTH = "100"  # argparse wraps help at $COLUMNS
 # `python -m` entry points the guides show (module, one line on what it is for)
 MODULES = (
     ("bcjax.toyworld.train", "trains a toy-world model, stage by stage"),
-    ("bcjax.toyworld.study", "the toy-world study: schedules x windows over models and seeds, 95% CIs"),
+    ("bcjax.toyworld.study", "the toy-world study: staggers x masks over models and seeds, 95% CIs"),
     ("bcjax.toyworld.lineage", "the lineage base's own samples, scored like a student's"),
     ("bcjax.toyworld.lookahead", "what reading newer in-flight blocks does to a block's x0"),
     ("bcjax.serve.soak", "many tabs of `bcjax serve` switching prompts: threads, memory, blocks/s"),

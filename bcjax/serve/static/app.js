@@ -75,8 +75,8 @@ function onHello(msg) {
   S.retries = 0;
   const m = (S.model = msg.model);
   $("model").textContent = `${m.title} · ${m.kind === "toy" ? "sprite-phrase prompts" : "free-text prompts"}`;
-  fill($("schedule"), msg.schedules, "P4");
-  fill($("window"), msg.windows, msg.window);  // the server's default
+  fill($("stagger"), msg.staggers, "P4");
+  fill($("mask"), msg.masks, msg.mask);  // the server's default
   fill($("policy"), msg.policies, "no-recache");
   // the decoders this model has (the server's names); none: the control stays, disabled, with why
   fill($("decoder"), m.decoders, m.decoder);
@@ -202,8 +202,8 @@ function onBlock(buf) {
     $("latency").title = `server ${h.switch_ms.toFixed(0)} ms, recache ${h.switch_recache_ms.toFixed(1)} ms, ` +
       `one-time compile ${h.switch_compile_ms.toFixed(0)} ms (not counted)`;
     const row = document.createElement("tr");
-    const sched = S.settings.schedule === "sequential" ? "sequential" : `${S.settings.schedule} ${S.settings.window}`;
-    for (const v of [sched, S.settings.policy, `${touchedMs.toFixed(0)} ms`, `${ms.toFixed(0)} ms`,
+    const run = S.settings.stagger === "sequential" ? "sequential" : `${S.settings.stagger} ${S.settings.mask}`;
+    for (const v of [run, S.settings.policy, `${touchedMs.toFixed(0)} ms`, `${ms.toFixed(0)} ms`,
                      `${h.switch_recache_ms.toFixed(1)} ms`, `${h.switch_compile_ms.toFixed(0)} ms`]) {
       const td = document.createElement("td"); td.textContent = v; row.appendChild(td);
     }
@@ -259,7 +259,7 @@ function complete() {  // toy world: complete the word being typed from the worl
 }
 
 function settings() {
-  return { schedule: $("schedule").value, window: $("window").value, policy: $("policy").value,
+  return { stagger: $("stagger").value, mask: $("mask").value, policy: $("policy").value,
            seed: Number($("seed").value) || 0, fps: Number($("fps").value),
            decoder: $("decoder").disabled ? null : $("decoder").value };
 }
@@ -277,7 +277,7 @@ $("start").addEventListener("click", () => {
   const start = () => send({ type: "start", prompt: $("prompt").value, ...settings() });
   if (S.closedBy) { S.closedBy = 0; connect(start); } else start();  // after an idle close: a new connection
 });
-for (const id of ["schedule", "window", "policy", "seed", "decoder"]) {  // a stopped stream resumes only unchanged
+for (const id of ["stagger", "mask", "policy", "seed", "decoder"]) {  // a stopped stream resumes only unchanged
   $(id).addEventListener("change", () => { if (S.phase === "stopped") $("state").textContent = "stopped · start begins a new stream"; });
 }
 $("stop").addEventListener("click", () => send({ type: "stop" }));
