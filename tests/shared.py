@@ -1,10 +1,11 @@
-"""What the whole test run shares: the XLA flags of its processes, and one runner per configuration.
+"""What the tests share: the XLA flags of the run's processes, and one runner per configuration.
 
 A runner jit-compiles its tick or block and, per `num_blocks`, the scan over them; most of the
-suite's time is those compiles. Tests of the same configuration take the same runner from
-`runner(...)`, so its programs compile once per run, not once per test (tests about compiling or
-constructing call `make_runner` themselves). Nothing here imports jax at import time: conftest
-imports the flags before jax starts."""
+suite's time is those compiles. A module's tests of the same configuration take the same runner
+from `runner(...)`, so its programs compile once, not once per test (tests about compiling or
+constructing a runner, or that change one, call `make_runner` themselves); `release()` drops them
+after the module. Nothing here imports jax at import time: conftest imports the flags before jax
+starts."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
 
 
 def runner(cfg, pcfg, latent_hw, *args, **kwargs):
-    """`bcjax.runners.make_runner(...)`, one per configuration for the whole run, however the
+    """`bcjax.runners.make_runner(...)`, one per configuration until `release()`, however the
     arguments are spelled (positional or keyword, defaults given or not). Arguments must be
     hashable: configs are frozen dataclasses, meshes hash by devices and axis names."""
     import inspect
