@@ -1,10 +1,12 @@
 """argparse pieces shared by `bcjax` and the harnesses it hands arguments to (`bcjax eval toyworld`):
-value types whose errors say what was expected, and a flag's deprecated spelling."""
+value types whose errors say what was expected, and a flag's deprecated spelling (and a Python
+keyword's: `renamed_keyword`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def positive(text: str) -> int:
@@ -42,3 +44,15 @@ class OldName(argparse.Action):
             print(f"{parser.prog}: {option_string} is deprecated here; it is spelled {self.new}"
                   + (f" ({self.why})" if self.why else ""), file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def renamed_keyword(old: str, new: str, value, default, given):
+    """`given` (the new keyword's value), or a deprecated keyword's `value` with a DeprecationWarning
+    naming the new one; both given is a TypeError. For the keywords renamed in 0.x (one release)."""
+    if value is None:
+        return given
+    warnings.warn(f"{old}= is deprecated: it is spelled {new}= (docs/concepts/glossary.md)", DeprecationWarning,
+                  stacklevel=3)
+    if given != default:
+        raise TypeError(f"got both {new}= and its old name {old}=")
+    return value

@@ -20,10 +20,10 @@ from jax.sharding import Mesh
 from bcjax import checkpoint
 from bcjax.app.streaming import drain, overlapped
 from bcjax.app.video import Mp4Writer, NullWriter, block_to_uint8, frames_per_block, read_mp4
+from bcjax.flags import renamed_keyword
 from bcjax.model.wan import KV
 from bcjax.names import DEFAULT_MASK, SEQUENTIAL, as_mask
 from bcjax.runners import make_runner
-from bcjax.runners.runner import renamed_keyword
 from bcjax.schedule.config import PipelineConfig
 from bcjax.text.tokenizer import load_tokenizer, tokenize
 from bcjax.text.umt5 import prompt_embeddings

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -25,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from bcjax.cascade.tick import CascadeState, TickSpec, tick
 from bcjax.cascade.tokens import token_split
 from bcjax.distributed import local, replicate
+from bcjax.flags import renamed_keyword
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
 from bcjax.model.tensor_parallel import Layout, check_model_axis
@@ -51,12 +51,7 @@ def make_mesh(tokens: int | None = None, model: int = 1, devices=None, cfg: WanC
     that does not divide the slice is refused, saying why."""
     from bcjax.targets import whole_slice_required
 
-    if stage is not None:
-        warnings.warn("make_mesh(stage=...) is deprecated: the axis that splits a tick's tokens is "
-                      "'tokens'; pass tokens=...", DeprecationWarning, stacklevel=2)
-        if tokens is not None:
-            raise TypeError("make_mesh got both tokens= and its old name stage=")
-        tokens = stage
+    tokens = renamed_keyword("stage", "tokens", stage, None, tokens)
 
     devices = list(devices if devices is not None else jax.devices())
     if model < 1:

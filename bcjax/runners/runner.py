@@ -26,7 +26,6 @@ Tests pin the block and Krea programs to the tick's sequential stagger (`tests/t
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterator
 
 import jax
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from bcjax.cascade.cascade import TickProgram
+from bcjax.flags import renamed_keyword
 from bcjax.model.config import WanConfig
 from bcjax.model.tensor_parallel import Layout, model_size
 from bcjax.model.wan import KV, check_latents, text_kv
@@ -253,18 +253,6 @@ def choose_program(pcfg: PipelineConfig, stagger: str | int, mesh: Mesh | None) 
     if mesh is not None and mesh.shape.get(TOKENS, 1) > 1:
         return "tick"
     return "block"
-
-
-def renamed_keyword(old: str, new: str, value, default, given):
-    """`given` (the new keyword's value), or a deprecated keyword's `value` with a DeprecationWarning
-    naming the new one; both given is a TypeError. For the keywords renamed in 0.x (one release)."""
-    if value is None:
-        return given
-    warnings.warn(f"{old}= is deprecated: it is spelled {new}= (docs/concepts/glossary.md)", DeprecationWarning,
-                  stacklevel=3)
-    if given != default:
-        raise TypeError(f"got both {new}= and its old name {old}=")
-    return value
 
 
 def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int], stagger: str | int = SEQUENTIAL,

@@ -276,9 +276,9 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     from bcjax.app.prompts import interpolate_prompt_schedule
     from bcjax.app.streaming import overlapped
     from bcjax.app.video import Mp4Writer, NullWriter
+    from bcjax.flags import renamed_keyword
     from bcjax.model.wan import text_kv
     from bcjax.runners import make_mesh, make_runner
-    from bcjax.runners.runner import renamed_keyword
     from bcjax.toyworld.world import check_switch, parse_prompt, prompt_embedding
 
     stagger = renamed_keyword("schedule", "stagger", schedule, "P4", stagger)
