@@ -9,6 +9,7 @@ extra installs `jax[tpu]` and `jax[cuda13]` at the installed jax version.
 
 import dataclasses
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -32,7 +33,9 @@ KERNEL_MARK = {"splash": "tpu_custom_call", "pallas_gpu": "__gpu$xla.gpu.triton"
 CASES = [("v5e-8", "splash"), ("h100", "cudnn"), ("h100", "pallas_gpu")]
 
 
-def _compile(case, cfg, target, backend, mesh_shape, hw=HW, pcfg=None):
+def _lower(case, cfg, target, backend, mesh_shape, hw=HW, pcfg=None):
+    """The lowered program; a kernel that refused the shapes (it warns at trace time and falls back
+    to chunked) fails here."""
     cfg = dataclasses.replace(cfg, attention=backend)
     mesh = make_mesh(*mesh_shape, devices=target.devices(), cfg=cfg)
     lower = bench_compile.dit_lowering(case, cfg, pcfg or PipelineConfig(), hw, mesh)
@@ -41,17 +44,24 @@ def _compile(case, cfg, target, backend, mesh_shape, hw=HW, pcfg=None):
     attention._warned.clear()  # a kernel refuses a shape with one warning per process: see it here
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = lower().compile()
+        lowered = lower()
     fallbacks = [str(w.message) for w in caught if "using 'chunked'" in str(w.message)]
     assert not fallbacks, fallbacks
-    return compiled
+    return lowered
+
+
+def _compile(case, cfg, target, backend, mesh_shape, hw=HW, pcfg=None):
+    return _lower(case, cfg, target, backend, mesh_shape, hw, pcfg).compile()
 
 
 @pytest.mark.parametrize("target_name,backend", CASES)
 def test_tiny_programs_compile_with_the_kernel(target_name, backend):
     target = targets.get(target_name)
-    for case, mesh_shape in [("sequential", (1, 1)), ("p4", (5, 1)), ("p4", (2, 2)), ("krea", (1, 1))]:
-        compiled = _compile(case, KERNEL_TINY, target, backend, mesh_shape)
+    programs = [("sequential", (1, 1)), ("p4", (5, 1)), ("p4", (2, 2)), ("krea", (1, 1))]
+    lowered = [_lower(case, KERNEL_TINY, target, backend, mesh_shape) for case, mesh_shape in programs]
+    with ThreadPoolExecutor(2) as pool:  # independent programs: two compile at once (XLA releases the GIL)
+        compiled_all = list(pool.map(lambda lo: lo.compile(), lowered))
+    for (case, mesh_shape), compiled in zip(programs, compiled_all, strict=True):
         hlo = compiled.as_text()
         assert KERNEL_MARK[backend] in hlo, (case, mesh_shape, backend)
         m = compiled.memory_analysis()
@@ -63,13 +73,17 @@ def test_tiny_programs_compile_with_the_kernel(target_name, backend):
         assert shardings and all(sh.device_set <= set(target.devices()) for sh in shardings)
 
 
-@pytest.mark.parametrize("target_name", ["v5e-8", "h100"])
-def test_vae_decode_step_compiles(target_name):
-    dev = targets.get(target_name).devices()[0]
-    row = bench_compile.compile_row("vae", "decode", "1", "-", bench_compile.vae_lowering(
-        (8, 8), 3, "bfloat16", jax.sharding.SingleDeviceSharding(dev), preset="tiny"), None)
-    assert row.error is None, row.error
-    assert row.temp > 0
+def test_vae_decode_step_compiles():
+    def row(target_name):
+        dev = targets.get(target_name).devices()[0]
+        return bench_compile.compile_row("vae", "decode", "1", "-", bench_compile.vae_lowering(
+            (8, 8), 3, "bfloat16", jax.sharding.SingleDeviceSharding(dev), preset="tiny"), None)
+
+    with ThreadPoolExecutor(2) as pool:  # XLA:TPU and XLA:GPU compile at once
+        rows = dict(zip(("v5e-8", "h100"), pool.map(row, ("v5e-8", "h100")), strict=True))
+    for name, r in rows.items():
+        assert r.error is None, (name, r.error)
+        assert r.temp > 0, name
 
 
 @pytest.mark.parametrize("target_name,backend", CASES)
@@ -114,3 +128,14 @@ def test_bench_compile_rows_on_a_whole_slice_target(capsys):
     assert "programs must use the whole slice" in out
     assert "| tiny | p4 | 5x2 (grown to 16x2: whole slice) | chunked |" in out, out
     assert "refused" not in out
+
+
+@pytest.mark.parametrize("target_name,mode,kind", [("v5e-8", "int8", "s8"), ("h100", "fp8", "f8")])
+def test_weights_and_activations_compile_to_8_bit_matmuls(target_name, mode, kind):
+    """`--quant int8` on a TPU is an s8 x s8 dot, `--quant fp8` on an H100 an f8 GEMM, in the
+    optimised HLO: the contraction itself runs at 8 bits, not a dequantize-then-bf16 dot."""
+    cfg = dataclasses.replace(KERNEL_TINY, quant=mode)
+    compiled = _compile("sequential", cfg, targets.get(target_name), "chunked", (1, 1))
+    found = bench_compile.contractions(compiled.as_text())
+    assert f"{kind} x " in found, found
+    assert int(found.split(f"{kind} x ")[1].split(",")[0]) >= 12, found  # q k v o twice, ffn_0, ffn_2, per layer body
