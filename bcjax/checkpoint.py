@@ -64,7 +64,7 @@ def _parts():
 # the attention kernel are the caller's choice for this run and this machine (a bf16 checkpoint may run
 # in fp32, an "xla" toy model on a GPU's kernel), so config.json does not hold them. Files written
 # before this rule do; those keys are read and ignored, and the values come from the caller (`restore`).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "quant")
 
 
 def config_to_dict(cfg) -> dict:
@@ -118,13 +118,24 @@ def config_from_dict(cls, data: Mapping, **runtime):
         raise BadFileError(f"{cls.__name__}: {e}") from None
 
 
+# the leaves of a quantized kernel stored in its 8-bit type (`bcjax.model.quant`): not the part's dtype
+QUANTIZED_LEAF = "kernel/qvalue"
+
+
+def stored_quant(path: str, part: str) -> str | None:
+    """The 8-bit type a part's kernels were written in ("int8", "fp8"), or None (not quantized)."""
+    return read_config(resolve(path)).get("stored_quant", {}).get(part)
+
+
 def stored_dtype(path: str, part: str) -> str:
-    """The dtype the part's weights were written in (one for every leaf, as every bcjax part has):
-    from the manifest, or for a checkpoint written before manifests from orbax's metadata."""
+    """The dtype the part's weights were written in (one for every leaf, as every bcjax part has, a
+    quantized kernel's 8-bit values aside): from the manifest, or for a checkpoint written before
+    manifests from orbax's metadata."""
     path = resolve(path)
     recorded = read_config(path).get("manifest", {}).get(part)
     if recorded:
-        dtypes = {str(entry.get("dtype")) if isinstance(entry, dict) else "?" for entry in recorded.values()}
+        dtypes = {str(entry.get("dtype")) if isinstance(entry, dict) else "?" for name, entry in recorded.items()
+                  if not name.endswith(QUANTIZED_LEAF)}
     else:
         try:
             meta = ocp.StandardCheckpointer().metadata(_part_folder(path, part))
@@ -132,12 +143,23 @@ def stored_dtype(path: str, part: str) -> str:
             raise
         except Exception as e:  # noqa: BLE001 - orbax fails on a damaged folder in many ways; all are the file's
             raise BadFileError(f"{path}/{part}: orbax cannot read its metadata ({_first_line(e)})") from None
-        dtypes = {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(getattr(meta, "item_metadata", meta))}
+        dtypes = {str(leaf.dtype) for name, leaf in manifest.leaves(getattr(meta, "item_metadata", meta)).items()
+                  if not name.endswith(QUANTIZED_LEAF)}
     if not dtypes:
         raise BadFileError(f"{path}/{part}: no weight arrays in its metadata (_METADATA missing or damaged)")
     if len(dtypes) != 1:
         raise BadFileError(f"{path}/{part}: weights in several dtypes {sorted(dtypes)}; expected one")
     return dtypes.pop()
+
+
+def _quant_name(params) -> str | None:
+    """"int8"/"fp8" for a DiT tree with quantized kernels, else None."""
+    from bcjax.model.quant import stored_qtype
+
+    if not isinstance(params, Mapping) or "blocks" not in params:
+        return None
+    t = stored_qtype(params)
+    return None if t is None else ("int8" if str(t) == "int8" else "fp8")
 
 
 def _part_folder(path: str, part: str) -> str:
@@ -194,6 +216,9 @@ def save(dst: str, parts: Mapping[str, tuple], provenance: Mapping, *, files: Ma
                            "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
             "manifest": sums,
         }
+        quantized = {name: q for name, (_, params) in parts.items() if name == "dit" and (q := _quant_name(params))}
+        if quantized:
+            meta["stored_quant"] = quantized
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
         replace(tmp, dst)
@@ -240,7 +265,8 @@ def read_config(path: str) -> dict:
 
 
 def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, dtype: str | None = None,
-            param_dtype: str | None = None, attention: str | None = None, verify: bool = True):
+            param_dtype: str | None = None, attention: str | None = None, quant: str | None = None,
+            verify: bool = True):
     """(config, params) of one part, restored onto `mesh` or onto the default device.
 
     Run-time fields (not in config.json): param_dtype defaults to the dtype the weights were written
@@ -251,6 +277,10 @@ def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, d
     of `bcjax.model.tensor_parallel` (split over the mesh's `model` axis, replicated over
     `tokens`; fully replicated when model = 1) and other parts are replicated. orbax reads each
     device's slice of each tensor from the file, so a host reads only what its devices hold.
+
+    quant: `bcjax.names.Quant` (DiT only). A checkpoint stored quantized (`bcjax convert --quant`)
+    runs its "-weight" mode by default, or the weights+activations mode of the same type; asking
+    it for another type is one error naming both. An unquantized one is quantized as it loads.
 
     verify: check every array against the manifest (shape, dtype, checksum) and for NaN/Inf
     (README, Checkpoints, gives its cost); a checkpoint written before manifests, or restored in
@@ -268,8 +298,19 @@ def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, d
         raise BadFileError(f"{where}: config.json's manifest has no entry for this part")
     stored = stored_dtype(path, part)
     param_dtype = param_dtype or stored
+    from bcjax.model import quant as q
+    from bcjax.names import as_quant
+
+    stored_q = meta.get("stored_quant", {}).get(part)
+    load_quant = as_quant(f"{stored_q}-weight") if stored_q else None
+    if quant is not None:
+        quant = as_quant(quant)
+        if load_quant and q.qtype(quant) != q.qtype(load_quant):
+            raise ValueError(f"{path}: the weights are stored quantized as {stored_q} ({stored_q}-weight or {stored_q} "
+                             f"can run them); --quant {quant} asks for "
+                             f"{'unquantized weights' if quant == 'none' else quant}")
     cfg = config_from_dict(type(meta["configs"][part]), meta["parts"][part], dtype=dtype or param_dtype,
-                           param_dtype=param_dtype, attention=attention)
+                           param_dtype=param_dtype, attention=attention, quant=load_quant)
     try:
         shapes = _parts()[part][1](cfg)
     except Exception as e:  # noqa: BLE001 - a config.json of impossible sizes fails in the model's own code
@@ -300,4 +341,8 @@ def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, d
         manifest.verify(params, recorded, where)
     elif verify:
         manifest.check_finite(params, where)
+    if quant is not None and quant != getattr(cfg, "quant", quant):
+        if not stored_q:  # quantize-at-load, on the arrays where they lie (global arrays under a mesh)
+            params = q.quantize(params, quant)
+        cfg = dataclasses.replace(cfg, quant=quant)
     return cfg, params

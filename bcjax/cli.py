@@ -18,6 +18,7 @@ from bcjax.names import (
     MASKS,
     POLICIES,
     POSITIONS,
+    QUANTS,
     SEQUENTIAL,
     STAGGERS,
     TOKENS,
@@ -80,19 +81,21 @@ def _setup(args):
 
     import ports
     from bcjax.model import WanConfig, init_params, text_kv
+    from bcjax.model.quant import quantize
 
     port = ports.get(args.sampler or "self_forcing")
     cfg = WanConfig.preset(args.preset, **_numerics(args))
     key = jax.random.key(args.seed)
-    params = init_params(cfg, jax.random.fold_in(key, 1), tuple(args.latent_hw))
+    params = quantize(init_params(cfg, jax.random.fold_in(key, 1), tuple(args.latent_hw)), cfg.quant)
     prompt = jax.random.normal(jax.random.fold_in(key, 2), (1, cfg.text_len, cfg.text_dim))
     return port, cfg, params, text_kv(cfg, params, prompt), jax.random.fold_in(key, 3)
 
 
 def _numerics(args) -> dict:
-    """--dtype and --attention as WanConfig fields; flags left out are left to the config's defaults
+    """--dtype, --attention and --quant as WanConfig fields; flags left out are left to the config's defaults
     (random weights) or the checkpoint's weights (`bcjax.checkpoint.restore`)."""
-    return {k: v for k, v in (("dtype", args.dtype), ("attention", args.attention)) if v is not None}
+    return {k: v for k, v in (("dtype", args.dtype), ("attention", args.attention), ("quant", args.quant))
+            if v is not None}
 
 
 def _pipeline(port, args):
@@ -318,7 +321,7 @@ def _convert(args) -> int:
         args.layout, args.src, args.dst, lora=args.lora, lora_alpha=args.lora_alpha, ema=args.ema,
         num_heads=args.num_heads, dtype=args.dtype, text_encoder=args.text_encoder, text_layout=args.text_layout,
         text_preset=args.text_preset, tokenizer=args.tokenizer, vae=args.vae, vae_preset=args.vae_preset,
-        taehv=args.taehv, overwrite=args.overwrite)
+        taehv=args.taehv, overwrite=args.overwrite, quant=args.quant)
     cfg = summary["dit_config"]
     parts = ", ".join(f"{k} {v / 1e6:.1f}M params" for k, v in summary["parts"].items())
     print(f"wrote {summary['dst']}: {parts}; DiT dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
@@ -333,7 +336,8 @@ def _bench(args) -> int:
     return 0
 
 
-BENCHES = ("sequential", "cascade", "comm", "convert", "switch", "startup", "compile", "gpu", "decode", "upstream")
+BENCHES = ("sequential", "cascade", "comm", "convert", "switch", "startup", "compile", "gpu", "decode", "upstream",
+           "quant")
 
 
 def _bench_name(text: str) -> str:
@@ -387,6 +391,9 @@ def _numerics_flags(s) -> None:
                    help="DiT compute dtype (default: the checkpoint's weights' dtype; random weights: float32)")
     s.add_argument("--attention", choices=BACKENDS, default=None,
                    help="attention backend (default: auto, the platform's kernel; see README, Attention backends)")
+    s.add_argument("--quant", choices=QUANTS, default=None,
+                   help="quantized DiT projections through qwix: int8/fp8 weights ('-weight': computed in the "
+                        "compute dtype) or weights and activations (default: as the checkpoint stores them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -517,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take generator_ema (default: Self-Forcing yes, CausVid/LongLive no)")
     s.add_argument("--num-heads", type=_positive, help="attention heads (default: dim / 128, as every Wan2.1)")
     s.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"], help="parameter dtype")
+    s.add_argument("--quant", default="none", choices=QUANTS,
+                   help="store the DiT's projections quantized (int8 or fp8 with per-channel scales; the "
+                        "'-weight' and weights+activations modes of one type store the same arrays)")
     s.add_argument("--text-encoder", help="umT5 encoder weights (Wan .pth or transformers files) to bundle")
     s.add_argument("--text-layout", default="wan", choices=["wan", "transformers"])
     s.add_argument("--text-preset", default="umt5-xxl", help="UMT5Config preset (umt5-xxl, tiny)")

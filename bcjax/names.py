@@ -64,6 +64,20 @@ CONTEXTS: tuple[Context, ...] = get_args(Context)
 Backend = Literal["auto", "dense", "xla", "chunked", "splash", "pallas_gpu", "cudnn", "splash-interpret",
                   "pallas_gpu-interpret"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
+# quantized DiT weights and matmuls (`bcjax.model.quant`, through qwix; `WanConfig.quant`, `--quant`):
+# "-weight" modes store int8/fp8 weights and compute in the compute dtype; "int8"/"fp8" quantize each
+# matmul's input per token too, so the contraction runs at 8 bits
+Quant = Literal["none", "int8-weight", "int8", "fp8-weight", "fp8"]
+QUANTS: tuple[Quant, ...] = get_args(Quant)
+
+
+def as_quant(name: str) -> Quant:
+    """`name` as a Quant, or a ValueError naming the choices (where a mode arrives as text)."""
+    for q in get_args(Quant):
+        if name == q:
+            return q
+    raise ValueError(f"quant={name!r}: expected one of {QUANTS}")
+
 # the upstream pipelines ported (`ports/`, one module each: its sampler, block, window and sink)
 PortName = Literal["self_forcing", "causvid", "longlive", "krea_14b", "krea_14b_clean_pass"]
 PORTS: tuple[PortName, ...] = get_args(PortName)

@@ -71,8 +71,10 @@ def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, 
                    ema: bool | None = None, num_heads: int | None = None, dtype: str = "keep",
                    text_encoder: str | None = None, text_layout: str = "wan", text_preset: str = "umt5-xxl",
                    tokenizer: str | None = None, vae: str | None = None, vae_preset: str = "wan2.1",
-                   taehv: str | None = None, overwrite: bool = False) -> dict:
-    """Convert and write; returns a summary (parts, parameter counts, seconds, peak RSS)."""
+                   taehv: str | None = None, overwrite: bool = False, quant: str = "none") -> dict:
+    """Convert and write; returns a summary (parts, parameter counts, seconds, peak RSS). quant: the
+    DiT's kernels stored quantized (`bcjax.model.quant`; weight-only and weights+activations modes of
+    one type store the same arrays)."""
     from bcjax.text.tokenizer import find_tokenizer_model, load_tokenizer
     from bcjax.text.umt5 import UMT5Config
     from bcjax.vae.wan_vae import VAEConfig
@@ -92,6 +94,14 @@ def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, 
         state = _read_dit(layout, src)
         dtype = _source_dtype(state) if dtype == "keep" else dtype
         dit = _convert_dit(layout, state, lora, lora_alpha, ema, num_heads, dtype, text_encoder, text_preset)
+    if quant != "none":
+        import dataclasses
+
+        from bcjax.model.quant import quantize
+        from bcjax.names import as_quant
+
+        mode = as_quant(quant)
+        dit = (dataclasses.replace(dit[0], quant=mode), quantize(dit[1], mode))
     cfg = dit[0]
     del state
     parts: dict[str, tuple[Any, Any]] = {"dit": dit}
@@ -122,7 +132,7 @@ def convert_bundle(layout: str, src: str, dst: str, *, lora: str | None = None, 
             parts["taehv"] = (taehv_cfg, taehv_conv.convert_file(taehv, taehv_cfg))
         sources["taehv"] = os.path.abspath(taehv)
     checkpoint.save(dst, parts, {"layout": layout, "sources": sources,
-                                 "options": {"ema": ema, "lora_alpha": lora_alpha, "dtype": dtype}},
+                                 "options": {"ema": ema, "lora_alpha": lora_alpha, "dtype": dtype, "quant": quant}},
                     files=files, overwrite=overwrite, sources=inputs)
     counts = {name: int(sum(np.size(a) for a in jax.tree_util.tree_leaves(p))) for name, (_, p) in parts.items()}
     return {"parts": counts, "dit_config": cfg, "seconds": time.perf_counter() - t0,

@@ -68,6 +68,19 @@ def tiny_checkpoint(sources, tiny_cfg, torch_tiny_params):
     return dst
 
 
+def test_convert_stores_the_dit_quantized(sources, tmp_path, torch_tiny_params):
+    from bcjax.model import quant
+
+    dst = tmp_path / "q"
+    assert main(["convert", "--from", "self-forcing", str(sources / "self_forcing.pt"), str(dst), "--num-heads", "2",
+                 "--quant", "int8-weight"]) == 0
+    meta = checkpoint.read_config(str(dst))
+    assert meta["stored_quant"] == {"dit": "int8"} and meta["provenance"]["options"]["quant"] == "int8-weight"
+    cfg, dit = checkpoint.restore(str(dst), "dit")
+    assert cfg.quant == "int8-weight"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, dit, quant.quantize(torch_tiny_params, "int8-weight"))
+
+
 def _probe(path):
     frames = read_mp4(str(path))  # not imageio_ffmpeg.read_frames: its pre-exec hook forks under JAX
     return (frames.shape[2], frames.shape[1]), len(frames)

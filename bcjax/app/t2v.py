@@ -87,10 +87,12 @@ class TextToVideo:
     mesh: Mesh | None = None
     decoder: str = "wan"  # a name in bcjax.vae.decoders.DECODERS
     decode_device: str | None = None  # see bcjax.vae.decoders.decode_device; None = auto
-    # the DiT's run-time numerics (not in the checkpoint): compute dtype (None: its weights' dtype) and
-    # attention backend (None: "auto"), see bcjax.checkpoint.restore
+    # the DiT's run-time numerics (not in the checkpoint): compute dtype (None: its weights' dtype),
+    # attention backend (None: "auto") and quantization (`bcjax.names.Quant`; None: as stored), see
+    # bcjax.checkpoint.restore
     dtype: str | None = None
     attention: str | None = None
+    quant: str | None = None
     verify: bool = True  # check the weights against the checkpoint's manifest (bcjax.checkpoint.restore)
     # the old names of stagger and mask (deprecated; keyword only)
     schedule: dataclasses.InitVar[str | None] = None
@@ -106,7 +108,8 @@ class TextToVideo:
             raise ValueError(f"checkpoint {self.path} lacks part(s) {missing}; text-to-video needs dit, text and vae "
                              "(bcjax convert --text-encoder ... --vae ... --tokenizer ...)")
         self.dit_cfg, self.dit = checkpoint.restore(self.path, "dit", mesh=self.mesh, dtype=self.dtype,
-                                                    attention=self.attention, verify=self.verify)
+                                                    attention=self.attention, quant=self.quant,
+                                                    verify=self.verify)
         self.text_cfg, self.text = checkpoint.restore(self.path, "text", verify=self.verify)
         self.vae_cfg, self.vae = checkpoint.restore(self.path, "vae", verify=self.verify)
         if self.text_cfg.d_model != self.dit_cfg.text_dim or self.text_cfg.text_len != self.dit_cfg.text_len:

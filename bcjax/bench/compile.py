@@ -4,6 +4,7 @@
                         [--preset wan2.1-1.3b wan2.1-14b] [--cases sequential krea p4 vae taehv umt5]
                         [--backends splash chunked ...] [--meshes 5x1 8x4 ...] [--latent-hw 60 104]
                         [--layers N] [--dtype bfloat16] [--headroom 0.1] [--port krea_14b_clean_pass]
+                        [--quant none int8-weight int8 fp8-weight fp8]
 
 Every row is one program lowered from abstract values (the runners' `abstract_inputs`, nothing
 allocated) and compiled for the target's devices (`bcjax.targets`): XLA:TPU with Mosaic (splash),
@@ -12,7 +13,10 @@ XLA:GPU with Triton (pallas_gpu) and cuDNN, or XLA:CPU (`--target cpu`, this hos
 (`compiled.memory_analysis()`): arguments, temporaries, output, total = args + temp + out - alias;
 whether it fits the device's memory with `--headroom` kept free (default 10%, for the runtime,
 fragmentation and what XLA does not count); compile seconds; the collectives of the optimised HLO
-per mesh axis (ops per call, loops counted by trip count, and their payload bytes).
+per mesh axis (ops per call, loops counted by trip count, and their payload bytes); with `--quant`
+(`bcjax.model.quant`), one row per mode, and the element types of the optimised HLO's matmuls
+(`contractions`): "s8" where an int8 x int8 dot compiled, "f8" for an fp8 one (an H100 cuBLASLt
+f8 GEMM), "bf16" where the weights were dequantized into a bf16 dot.
 
 Programs:
 * sequential: the sequential pipeline's block function (num_steps denoising passes and the clean
@@ -52,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from bcjax import targets
-from bcjax.names import BACKENDS, TOKENS
+from bcjax.names import BACKENDS, QUANTS, TOKENS
 
 GiB = 2**30
 CASES = ("sequential", "krea", "p4", "cp", "vae", "taehv", "umt5")
@@ -67,6 +71,7 @@ class Row:
     program: str
     mesh: str
     backend: str
+    quant: str = "none"
     args: float = 0.0
     temp: float = 0.0
     out: float = 0.0
@@ -74,6 +79,7 @@ class Row:
     compile_s: float = 0.0
     collectives: dict = dataclasses.field(default_factory=dict)
     written: float = 0.0  # HBM bytes written per call (hbm_bytes_written)
+    contractions: str = ""  # the matmuls' operand types in the optimised HLO (`contractions`)
     error: str | None = None
 
     @property
@@ -87,11 +93,12 @@ class Row:
         return False, f"does not fit: {self.total / GiB:.2f} GiB > {limit / GiB:.2f} GiB"
 
 
-def compile_row(model: str, program: str, mesh_label: str, backend: str, lower: Callable, mesh: Mesh | None) -> Row:
+def compile_row(model: str, program: str, mesh_label: str, backend: str, lower: Callable, mesh: Mesh | None,
+                quant: str = "none") -> Row:
     """Compile lower() and read its memory and collectives; a refusal is a row, not a crash."""
     from bcjax.model import attention
 
-    row = Row(model, program, mesh_label, backend)
+    row = Row(model, program, mesh_label, backend, quant)
     t0 = time.perf_counter()
     attention._warned.clear()  # so that a kernel's refusal of this program's shapes is seen here
     try:
@@ -111,6 +118,7 @@ def compile_row(model: str, program: str, mesh_label: str, backend: str, lower: 
     row.out, row.alias = m.output_size_in_bytes, m.alias_size_in_bytes
     hlo = compiled.as_text()
     row.written = hbm_bytes_written(hlo)
+    row.contractions = contractions(hlo)
     if mesh is not None and mesh.size > 1:
         from bcjax.bench.hlo import hlo_collectives
 
@@ -123,6 +131,32 @@ def _first_line(e: Exception) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("===")]
     # XLA's RET_CHECKs put the reason after the check; keep both, within a table cell
     return " ".join(lines[:2])[:300] if lines else type(e).__name__
+
+
+# -- the matmuls' precision ----------------------------------------------------------------------
+
+_DEF = re.compile(r"%([\w.\-]+)\s*=\s*([a-z0-9]+)\[")
+_DOT = re.compile(r"\s(?:dot|convolution)\(%([\w.\-]+),\s*%([\w.\-]+)")
+_F8_GEMM = re.compile(r'custom_call_target="__cublas\$lt\$matmul\$f8"')
+_KINDS = {"s8": "s8", "u8": "s8", "f8e4m3fn": "f8", "f8e5m2": "f8", "f8e4m3fnuz": "f8", "bf16": "bf16", "f16": "f16",
+          "f32": "f32"}
+
+
+def contractions(hlo: str) -> str:
+    """The operand element types of the optimised HLO's matmuls, most frequent first, e.g.
+    "s8 x 240, f32 x 12": every dot/convolution by its operands (an int8 x int8 dot is "s8"; a dot
+    with two types is named by both), and an H100's cuBLASLt f8 GEMM custom call as "f8"."""
+    types: dict[str, str] = dict(_DEF.findall(hlo))  # instruction names are unique in a module: name -> element type
+    counts: dict[str, int] = {}
+    for x, y in _DOT.findall(hlo):
+        a, b = types.get(x, "?"), types.get(y, "?")
+        ka, kb = _KINDS.get(a, a), _KINDS.get(b, b)
+        kind = ka if ka == kb else f"{ka}*{kb}"
+        counts[kind] = counts.get(kind, 0) + 1
+    f8 = len(_F8_GEMM.findall(hlo))
+    if f8:
+        counts["f8"] = counts.get("f8", 0) + f8
+    return ", ".join(f"{k} x {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
 
 
 # -- HBM traffic -------------------------------------------------------------------------------
@@ -317,18 +351,17 @@ def _fmt_collectives(coll: dict) -> str:
 
 def print_row(row: Row, target: targets.Target, headroom: float) -> None:
     if row.error:
-        print(f"| {row.model} | {row.program} | {row.mesh} | {row.backend} | refused by the compiler: {row.error} "
-              f"| | | | | | {row.compile_s:.0f} | |", flush=True)
+        print(f"| {row.model} | {row.program} | {row.mesh} | {row.backend} | {row.quant} | refused by the compiler: "
+              f"{row.error} | | | | | | {row.compile_s:.0f} | | |", flush=True)
         return
     _, fit = row.fits(target.memory_bytes, headroom)
-    print(f"| {row.model} | {row.program} | {row.mesh} | {row.backend} | {_gib(row.args)} | {_gib(row.temp)} | "
-          f"{_gib(row.out)} | {_gib(row.total)} | {fit} | {_gib(row.written)} | {row.compile_s:.0f} | "
-          f"{_fmt_collectives(row.collectives)} |", flush=True)
+    print(f"| {row.model} | {row.program} | {row.mesh} | {row.backend} | {row.quant} | {_gib(row.args)} | "
+          f"{_gib(row.temp)} | {_gib(row.out)} | {_gib(row.total)} | {fit} | {_gib(row.written)} | "
+          f"{row.compile_s:.0f} | {row.contractions} | {_fmt_collectives(row.collectives)} |", flush=True)
 
 
-HEADER = ("| model | program | mesh (tokens x model) | attention | args | temp | out | total | fits | HBM written | "
-          "compile s | "
-          "collectives per call (optimised HLO) |")
+HEADER = ("| model | program | mesh (tokens x model) | attention | quant | args | temp | out | total | fits | "
+          "HBM written | compile s | matmuls (operand types x count) | collectives per call (optimised HLO) |")
 
 
 def _parse_mesh(text: str) -> tuple[int, int]:
@@ -340,7 +373,7 @@ def _parse_mesh(text: str) -> tuple[int, int]:
 
 
 def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str, pcfg, layers=None,
-        headroom: float = 0.1, emit: Callable[[Row], None] | None = None) -> list[Row]:
+        headroom: float = 0.1, emit: Callable[[Row], None] | None = None, quants=("none",)) -> list[Row]:
     """Compile every (preset, case, mesh, backend) for `target`; returns the rows (also emitted as
     each one finishes)."""
     from bcjax.model import attention
@@ -369,14 +402,15 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
                     raise ValueError(f"mesh {tokens}x{model} needs {tokens * model} devices; "
                                      f"target {target.name} has {n}")
                 for backend in backends or attention.backends_for(target.platform):
-                    cfg = dataclasses.replace(base, attention=backend)
-                    try:
-                        mesh, label = build_mesh(tokens, model, devices, cfg)
-                        lower = dit_lowering(case, cfg, pcfg, hw, mesh)
-                    except ValueError as e:  # a mesh this model or target cannot take
-                        add(Row(preset, case, f"{tokens}x{model}", backend, error=str(e)))
-                        continue
-                    add(compile_row(preset, case, label, backend, lower, mesh))
+                    for quant in quants:
+                        cfg = dataclasses.replace(base, attention=backend, quant=quant)
+                        try:
+                            mesh, label = build_mesh(tokens, model, devices, cfg)
+                            lower = dit_lowering(case, cfg, pcfg, hw, mesh)
+                        except ValueError as e:  # a mesh this model or target cannot take
+                            add(Row(preset, case, f"{tokens}x{model}", backend, quant, error=str(e)))
+                            continue
+                        add(compile_row(preset, case, label, backend, lower, mesh, quant))
     sharding, mesh = _placement(devices, whole)
     label = f"{n} replicas (whole slice)" if whole else "1 device"
     if "vae" in cases:
@@ -414,8 +448,12 @@ def main(argv=None) -> int:
     ap.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free (default 0.1)")
     ap.add_argument("--port", help="the sampler (window, steps) of the sequential and P4 programs from this port "
                                    "(default: PipelineConfig(), Self-Forcing's)")
+    ap.add_argument("--quant", nargs="+", default=["none"], choices=QUANTS,
+                    help="DiT quantization modes, a row each (bcjax.model.quant; default: none)")
     args = ap.parse_args(argv)
     target = targets.get(args.target)
+    for q in args.quant:
+        targets.check_quant(target, q)
     from bcjax import compile_cache
 
     compile_cache.disable()  # a compile-only client cannot load cached executables (and nothing runs)
@@ -445,7 +483,7 @@ def main(argv=None) -> int:
           f"GiB per device from the compiler's buffer assignment", flush=True)
     print(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1), flush=True)
     run(target, args.preset, args.cases, args.backends, meshes, hw, args.dtype, pcfg, args.layers, args.headroom,
-        emit=lambda row: print_row(row, target, args.headroom))
+        emit=lambda row: print_row(row, target, args.headroom), quants=tuple(args.quant))
     return 0
 
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from bcjax.names import BACKENDS, Backend
+from bcjax.names import BACKENDS, QUANTS, Backend, Quant
 from bcjax.presets import check_dtypes, from_preset
 
 _PRESETS: dict[str, dict] = {
@@ -41,6 +41,8 @@ class WanConfig:
     # attention backend (`bcjax.names.Backend`): "auto" picks by platform; "dense" (alias
     # "xla"), "chunked", "splash" (TPU), "pallas_gpu" / "cudnn" (GPU), "<kernel>-interpret"
     attention: Backend = "auto"
+    # quantized projections (`bcjax.model.quant`, `bcjax.names.Quant`): a run option like `dtype`
+    quant: Quant = "none"
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -51,6 +53,8 @@ class WanConfig:
             raise ValueError(f"patch_size {self.patch_size}: per-frame timesteps need a temporal patch of 1")
         if self.attention not in BACKENDS:
             raise ValueError(f"attention={self.attention!r}: expected one of {BACKENDS}")
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant={self.quant!r}: expected one of {QUANTS}")
         check_dtypes(self)
 
     def for_platform(self, platform: str) -> WanConfig:

@@ -80,7 +80,9 @@ class RowParallelDense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        if isinstance(kernel, jax.Array):  # a qwix-quantized kernel (bcjax.model.quant) is dequantized by qwix
+            kernel = kernel.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)
         return jax.lax.psum(y, self.axis) + bias.astype(self.dtype)
 
 

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from bcjax.model.config import WanConfig
+from bcjax.model.quant import QVALUE, SCALE
 from bcjax.names import MODEL  # re-exported: the axis this module splits over
 
 # (module, parameter) of a block -> the axis of its per-layer shape split over `model`
@@ -67,8 +68,12 @@ def param_specs(params):
 
     def spec(path, leaf):
         keys = [str(getattr(k, "key", "")) for k in path]
+        part = None
+        # a quantized kernel (bcjax.model.quant) is split as the kernel was
+        if len(keys) > 2 and keys[-2] == "kernel" and keys[-1] in (QVALUE, SCALE):
+            keys, part = keys[:-1], keys[-1]
         axis = _COLUMN.get((keys[-2], keys[-1])) if keys[0] == "blocks" and len(keys) > 1 else None
-        if axis is None:
+        if axis is None or (part == SCALE and axis == 0):  # a row-split kernel's scales are per output: whole
             return P()
         parts: list[str | None] = [None] * leaf.ndim
         parts[1 + axis] = MODEL  # after the stacked layer axis
@@ -220,6 +225,11 @@ class Layout:
         return self.place(tree, P())
 
     def place_params(self, params):
+        """params where the passes read them; quantized first when `cfg.quant` asks and they are
+        not (quantize-at-load, `bcjax.model.quant.quantize`)."""
+        from bcjax.model.quant import quantize
+
+        params = quantize(params, self.cfg.quant)
         return params if self.mesh is None else place(params, self.mesh, self.params)
 
     def place_text(self, text):
@@ -259,7 +269,9 @@ class Layout:
         from bcjax.model.wan import text_kv
 
         if self.axis is None:
-            return self.place_text(text_kv(self.cfg, params, context))
+            from bcjax.model.quant import quantize
+
+            return self.place_text(text_kv(self.cfg, quantize(params, self.cfg.quant), context))
         return self._text_kv(self.place_params(params), context)
 
     @functools.cached_property

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bcjax.model import quant
 from bcjax.model.config import WanConfig
 from bcjax.model.layers import WanBlock, WanEmbed, WanHead
 from bcjax.model.rope import rope_tables
@@ -89,8 +90,9 @@ def init_params(cfg: WanConfig, key, latent_hw: tuple[int, int] = (4, 4)):
 
 
 def param_shapes(cfg: WanConfig):
-    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    """The parameter tree as ShapeDtypeStructs, without allocating anything (with `cfg.quant`'s
+    quantized kernels, `bcjax.model.quant`)."""
+    return jax.eval_shape(lambda: quant.quantize(init_params(cfg, jax.random.key(0)), cfg.quant))
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="model_axis")
@@ -112,8 +114,10 @@ def text_kv(cfg: WanConfig, params, context, *, model_axis: str | None = None) -
     context = jnp.pad(context, ((0, 0), (0, cfg.text_len - context.shape[1]), (0, 0)))
     emb = WanEmbed(cfg).apply({"params": params["embed"]}, context, method=WanEmbed.text)
 
+    block = quant.block_module(cfg, model_axis=model_axis)
+
     def layer(_, p):
-        return None, WanBlock(cfg, model_axis=model_axis).apply({"params": p}, emb, method=WanBlock.cross_kv)
+        return None, block.apply({"params": quant.for_layer(cfg, p)}, emb, method="cross_kv")
 
     _, (k, v) = jax.lax.scan(layer, None, params["blocks"])
     return KV(k, v)
@@ -165,11 +169,11 @@ def forward_tokens(cfg: WanConfig, params, tokens, t, text: KV, rope, context: K
     embed = WanEmbed(cfg)
     h = embed.apply({"params": params["embed"]}, tokens, method=WanEmbed.patches)
     e, e0 = embed.apply({"params": params["embed"]}, t, method=WanEmbed.time)
-    block = WanBlock(cfg, kv_axis=kv_axis, model_axis=model_axis)
+    block = quant.block_module(cfg, kv_axis=kv_axis, model_axis=model_axis)
 
     def layer(h, xs):
         p, tk, tv, ck, cv = xs
-        return block.apply({"params": p}, h, e0, rope, (tk, tv), (ck, cv), key_mask, kv_out)
+        return block.apply({"params": quant.for_layer(cfg, p)}, h, e0, rope, (tk, tv), (ck, cv), key_mask, kv_out)
 
     h, (k, v) = jax.lax.scan(layer, h, (params["blocks"], text.k, text.v, context.k, context.v))
     return WanHead(cfg).apply({"params": params["head"]}, h, e), KV(k, v)

@@ -103,10 +103,10 @@ class ToyBackend:
     mime = "image/png"
 
     def __init__(self, checkpoint: str | None = None, mesh=None, text_cache_bytes: int = TEXT_CACHE_BYTES, *,
-                 dtype: str | None = None, attention: str | None = None):
+                 dtype: str | None = None, attention: str | None = None, quant: str | None = None):
         from bcjax.toyworld.evaluate import load_model
 
-        model = load_model(checkpoint, dtype=dtype, attention=attention)
+        model = load_model(checkpoint, dtype=dtype, attention=attention, quant=quant)
         self.world, self.cfg, self.params, self.mesh = model.world, model.cfg, model.params, mesh
         # rolling positions: a page's stream has no planned end
         self.pcfg = dataclasses.replace(model.pcfg, positions="rolling")
@@ -180,6 +180,7 @@ class CheckpointBackend:
     def __init__(self, path: str, port: str | None = None, video_hw: tuple[int, int] = (480, 832), mesh=None,
                  quality: int = 85, text_cache_bytes: int = TEXT_CACHE_BYTES, decoder: str | None = None,
                  decode_device: str | None = None, dtype: str | None = None, attention: str | None = None,
+                 quant: str | None = None,
                  verify: bool = True):
         import ports
         from bcjax.app.t2v import TextToVideo
@@ -193,7 +194,7 @@ class CheckpointBackend:
         if decoder is None:  # the tiny decoder keeps a live stream's pace, when the checkpoint has it
             decoder = "taehv" if "taehv" in read_config(path)["configs"] and pcfg.context != "rebuild" else "wan"
         self.t2v = TextToVideo(path, pcfg, (height, width), mesh=mesh, decoder=decoder, decode_device=decode_device,
-                               dtype=dtype, attention=attention, verify=verify)
+                               dtype=dtype, attention=attention, quant=quant, verify=verify)
         self.cfg, self.params, self.pcfg, self.mesh = self.t2v.dit_cfg, self.t2v.dit, pcfg, mesh
         self.latent_hw, self.video_hw, self.quality = self.t2v.latent_hw, (height, width), quality
         self.port = chosen.name

@@ -85,6 +85,21 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 )}
 
 
+# 8-bit matmuls each platform's matrix units take (what `--quant int8`/`fp8` compile to): TPU v5e,
+# v5p and v6e multiply int8 (v5e at twice its bf16 rate) but have no fp8 MXU path; Hopper tensor
+# cores take int8 and fp8 (e4m3); XLA:CPU takes int8 dots
+EIGHT_BIT_MATMULS = {"tpu": ("int8",), "gpu": ("int8", "fp8"), "cpu": ("int8",)}
+
+
+def check_quant(target: Target, quant: str) -> None:
+    """A weights+activations mode the target's matrix units cannot multiply is refused, naming the
+    target (weight-only modes dequantize to bf16 and run anywhere)."""
+    if quant in ("int8", "fp8") and quant not in EIGHT_BIT_MATMULS[target.platform]:
+        raise ValueError(f"--quant {quant}: target {target.name} ({target.what}) has no {quant} matmuls; "
+                         f"use --quant {quant}-weight (8-bit weights, bf16 matmuls) or "
+                         f"{' / '.join(EIGHT_BIT_MATMULS[target.platform])}")
+
+
 def get(name: str) -> Target:
     if name not in TARGETS:
         raise ValueError(f"unknown compile target {name!r}; known: {', '.join(TARGETS)}")

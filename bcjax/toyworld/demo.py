@@ -262,6 +262,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
                stagger: str = "P4", mask: str = DEFAULT_MASK, policy: Policy = "no-recache", seed: int = 0,
                devices: int = 1, fps: float | None = None, scale: int = 24, positions: Positions = "absolute",
                interpolate: int = 0, dtype: str | None = None, attention: str | None = None,
+               quant: str | None = None,
                schedule: str | None = None, window: str | None = None) -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
@@ -284,7 +285,7 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
     stagger = renamed_keyword("schedule", "stagger", schedule, "P4", stagger)
     mask = renamed_keyword("window", "mask", window, DEFAULT_MASK, mask)
     _check_out(out)
-    model = load_model(checkpoint, dtype=dtype, attention=attention)
+    model = load_model(checkpoint, dtype=dtype, attention=attention, quant=quant)
     world, cfg = model.world, model.cfg
     pcfg = dataclasses.replace(model.pcfg, positions=positions)
     prompt_schedule = parse_prompt_schedule(prompts)

@@ -98,10 +98,10 @@ def model_path(name_or_path: str | None = None) -> str:
 
 
 def load_model(path: str | None = None, *, dtype: str | None = None, attention: str | None = None,
-               pipeline: PipelineConfig | None = None) -> ToyModel:
+               quant: str | None = None, pipeline: PipelineConfig | None = None) -> ToyModel:
     """A toy-world DiT from an embedded model's name (`bcjax.names.TOY_MODELS`, default
-    `DEFAULT_TOY_MODEL`), a bcjax checkpoint folder or a training run's folder; dtype and
-    attention: this run's numerics (default: the weights' dtype, "auto"), see
+    `DEFAULT_TOY_MODEL`), a bcjax checkpoint folder or a training run's folder; dtype, attention
+    and quant: this run's numerics (default: the weights' dtype, "auto", as stored), see
     `bcjax.checkpoint.restore`. pipeline: a sampler config the caller means to run; refused
     (naming both values) when its block_frames, window_frames or sink_frames are not the model's."""
     from bcjax.checkpoint import config_from_dict, read_config, restore
@@ -112,7 +112,7 @@ def load_model(path: str | None = None, *, dtype: str | None = None, attention: 
     prov = read_config(path)["provenance"]
     if "world" not in prov:
         raise ValueError(f"{path} is not a toy-world checkpoint: its provenance has no 'world' config")
-    cfg, params = restore(path, "dit", dtype=dtype, attention=attention)
+    cfg, params = restore(path, "dit", dtype=dtype, attention=attention, quant=quant)
     world = config_from_dict(WorldConfig, prov["world"])
     if "pipeline" in prov:
         pcfg = config_from_dict(PipelineConfig, prov["pipeline"])
