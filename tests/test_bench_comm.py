@@ -174,3 +174,23 @@ def test_p4_causal_costs_what_context_parallel_sequential_costs_per_block(tokens
         fps[stagger] = comm.model_fps(f["device"], comm.tick_bytes(cfg, SF, FULL, stagger, tokens, 1), hw, 0.3,
                                        lay.stride)["fps"]
     assert fps["P4"] == pytest.approx(fps["sequential"], rel=1e-9)
+
+
+def test_int8_and_fp8_run_the_projections_at_the_chips_8_bit_peak():
+    """FLOPs at precision: the projections' share of a tick at the 8-bit peak, the rest at bf16;
+    fp8 on a TPU (none there) and the weight-only modes stay bf16."""
+    cfg = BIG["wan2.1-1.3b"]
+    f = comm.tick_flops(cfg, SF, FULL, "P4", "causal", 5, 1)
+    d, lay = cfg.dim, comm.tick_layout(cfg, SF, FULL, "P4", 5)
+    assert f["device_projections"] == lay.device_tokens * cfg.num_layers * (12 * d * d + 4 * d * cfg.ffn_dim)
+    # at 480x832 over a 21-frame cache attention outweighs them: about 29% of the 1.3B's P4 tick
+    assert 0.2 < f["device_projections"] / f["device"] < 0.4
+    h100, v5e = comm.HARDWARE["5 H100"], comm.HARDWARE["TPU v5e-32"]
+    for quant in ("none", "int8-weight", "fp8-weight"):
+        assert comm.at_precision(f, h100, quant) == f["device"]
+    assert comm.at_precision(f, h100, "fp8") == pytest.approx(f["device"] - f["device_projections"] / 2, rel=1e-3)
+    assert comm.at_precision(f, v5e, "int8") == pytest.approx(f["device"] - f["device_projections"] / 2, rel=1e-9)
+    assert comm.at_precision(f, v5e, "fp8") == f["device"]
+    rows = {(r.hardware.name, r.stagger): r for r in comm.fps_rows("wan2.1-1.3b", FULL, "causal", quant="int8")}
+    r = rows[("5 H100", "P4")]
+    assert r.flops["matmul"] == f["device"] and r.flops["device"] == comm.at_precision(f, h100, "int8")

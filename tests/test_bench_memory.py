@@ -18,7 +18,7 @@ def test_chunked_needs_far_less_than_dense_on_cpu(capsys, monkeypatch):
                                "chunked", "--cases", "sequential", "p4", "--meshes", "5x1", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     temps = {(m[1], m[2]): float(m[3]) for m in
-             re.finditer(r"\| tiny \| (\w+) \| \d+x\d+ \| (\w+) \| [\d.e+-]+ \| ([\d.e+-]+) \|", out)}
+             re.finditer(r"\| tiny \| (\w+) \| \d+x\d+ \| (\w+) \| none \| [\d.e+-]+ \| ([\d.e+-]+) \|", out)}
     assert set(temps) == {(c, b) for c in ("sequential", "p4") for b in ("dense", "chunked")}, out
     for case in ("sequential", "p4"):
         assert temps[case, "chunked"] * 3 < temps[case, "dense"], (case, temps)

@@ -43,15 +43,6 @@ def prompt():
     return jnp.asarray(np.random.default_rng(0).standard_normal((1, CFG.text_len, CFG.text_dim)), jnp.float32)
 
 
-def _dequantized(params):
-    """The quantized kernels multiplied back out: the weights a weight-only mode computes with."""
-    blocks = jax.tree_util.tree_map(lambda a: a, params["blocks"])
-    for _, node in quant.kernels(blocks):
-        k = node["kernel"]
-        node["kernel"] = k[quant.QVALUE].astype(jnp.float32) * k[quant.SCALE]
-    return {**params, "blocks": blocks}
-
-
 @pytest.mark.parametrize("mode", ["int8-weight", "fp8-weight"])
 def test_every_projection_is_quantized_per_output_channel_and_nothing_else(params, mode):
     qp = quant.quantize(params, mode)
@@ -88,7 +79,7 @@ def test_weight_only_runs_the_dequantized_weights_through_the_plain_model(params
     x = jax.random.normal(jax.random.key(1), (1, 3, *HW, CFG.in_channels))
     t, ids = jnp.array([[1000.0, 750.0, 500.0]]), jnp.arange(3)
     got, kv = forward(qc, qp, x, t, text_kv(qc, qp, prompt), ids)
-    deq = _dequantized(qp)
+    deq = quant.dequantized(qp)
     want, kv_want = forward(CFG, deq, x, t, text_kv(CFG, deq, prompt), ids)
     np.testing.assert_allclose(got, want, atol=2e-5)
     np.testing.assert_allclose(kv.k, kv_want.k, atol=2e-5)

@@ -44,7 +44,7 @@ import numpy as np
 from bcjax.bench._common import VIDEO_FRAMES_PER_BLOCK, force_host_devices
 from bcjax.bench.hlo import hlo_collectives
 from bcjax.flags import OldName
-from bcjax.names import DEFAULT_MASK, MASKS, STAGGERS, Mask
+from bcjax.names import DEFAULT_MASK, MASKS, QUANTS, STAGGERS, Mask
 
 TOKENS_SIZES = (1, 2, 4, 5, 8, 16)  # sizes of the `tokens` axis in the bytes table
 # the sampler each preset's FPS rows use: Self-Forcing's for 1.3B (the paper's 16 / 30 FPS), Krea's
@@ -163,7 +163,20 @@ def tick_flops(cfg, pcfg, latent_hw, stagger: str, mask: Mask, tokens: int, mode
     real = flops[: lay.tokens].sum()
     device = flops.reshape(tokens, lay.device_tokens).sum(axis=1).max()
     assert per_token(keys[0]) == flops[0]
-    return {"total": real / model, "device": device / model}
+    # the share `--quant int8/fp8` contracts at 8 bits: the projections (q k v o, cross q o, FFN)
+    projections = lay.device_tokens * cfg.num_layers * (12 * d * d + 4 * d * cfg.ffn_dim)
+    return {"total": real / model, "device": device / model, "device_projections": projections / model}
+
+
+def at_precision(flops: dict, hw: Hardware, quant: str) -> float:
+    """The busiest device's FLOPs as bf16 FLOPs of equal time: under `--quant int8`/`fp8` the
+    projections run at the chip's 8-bit peak (where it has one; fp8 on a TPU stays bf16), the rest
+    (attention, embeddings, head) at its bf16 peak. Weight-only modes compute in bf16."""
+    peak = {"int8": hw.int8_tflops, "fp8": hw.fp8_tflops}.get(quant)
+    if not peak:
+        return flops["device"]
+    proj = flops["device_projections"]
+    return flops["device"] - proj + proj * hw.tflops / peak
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,15 +192,19 @@ class Hardware:
     model_gbs: float  # the link a `model` group's psums cross
     target: str | None  # the `bcjax bench compile` target with these devices
     note: str
+    int8_tflops: float | None = None  # dense int8 peak (TOP/s); None: no int8 matmuls
+    fp8_tflops: float | None = None  # dense fp8 peak; None: no fp8 matmuls
 
 
-_H100: dict[str, Any] = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_gbs=450.0, target="h100")
-# Sources: NVIDIA H100 SXM datasheet (989 TFLOP/s dense bf16; NVLink 4 900 GB/s per GPU = 450 GB/s
-# each way, through NVSwitch inside a node); ConnectX-7 400 Gb/s = 50 GB/s per GPU between nodes.
-# Google Cloud TPU system architecture pages (docs.cloud.google.com/tpu/docs/v5e, v5p, v6e): peak
-# bf16 per chip, HBM, and bidirectional ICI per chip over its ports: v5e 400 GB/s over 4 ports,
-# v5p 1200 GB/s over 6, v6e 800 GB/s over 4, i.e. 50, 100, 100 GB/s per link each way. A ring
-# over an axis is modelled on one link each way (a bidirectional ring would halve its time).
+_H100: dict[str, Any] = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_gbs=450.0, target="h100",
+                             int8_tflops=1979.0, fp8_tflops=1979.0)
+# Sources: NVIDIA H100 SXM datasheet (989 TFLOP/s dense bf16, 1979 dense fp8 and int8; NVLink 4
+# 900 GB/s per GPU = 450 GB/s each way, through NVSwitch inside a node); ConnectX-7 400 Gb/s = 50 GB/s
+# per GPU between nodes. Google Cloud TPU system architecture pages (docs.cloud.google.com/tpu/docs/v5e,
+# v5p, v6e): peak bf16 per chip (int8: twice it; no fp8), HBM, and bidirectional ICI per chip over its
+# ports: v5e 400 GB/s over 4 ports, v5p 1200 GB/s over 6, v6e 800 GB/s over 4, i.e. 50, 100, 100
+# GB/s per link each way. A ring over an axis is modelled on one link each way (a bidirectional ring
+# would halve its time).
 HARDWARE = {h.name: h for h in (
     Hardware("1 H100", 1, tokens_gbs=450.0, note="one GPU: no communication", **_H100),
     Hardware("5 H100", 5, tokens_gbs=450.0, note="one node, NVLink 450 GB/s each way (the paper's setup)", **_H100),
@@ -195,10 +212,11 @@ HARDWARE = {h.name: h for h in (
     Hardware("16 H100", 16, tokens_gbs=50.0, note="two nodes: the `tokens` ring crosses InfiniBand, 50 GB/s per GPU",
              **_H100),
     Hardware("TPU v5e-32", 32, "TPU v5e", 197.0, 16.0, 50.0, 50.0, "v5e-32",
-             "ICI 50 GB/s per link each way; XLA:TPU needs the whole slice"),
+             "ICI 50 GB/s per link each way; XLA:TPU needs the whole slice", int8_tflops=394.0),
     Hardware("TPU v5p-16", 8, "TPU v5p", 459.0, 95.0, 100.0, 100.0, "v5p-16",
-             "8 chips, ICI 100 GB/s per link each way"),
-    Hardware("TPU v6e-16", 16, "TPU v6e", 918.0, 32.0, 100.0, 100.0, "v6e-16", "ICI 100 GB/s per link each way"),
+             "8 chips, ICI 100 GB/s per link each way", int8_tflops=918.0),
+    Hardware("TPU v6e-16", 16, "TPU v6e", 918.0, 32.0, 100.0, 100.0, "v6e-16", "ICI 100 GB/s per link each way",
+             int8_tflops=1836.0),
 )}
 # (hardware, stagger, `tokens` devices or None = the whole machine over the smallest `model` that fits)
 FPS_ROWS = (
@@ -261,7 +279,9 @@ class FpsRow:
 
 
 def fps_rows(preset: str, latent_hw, mask: Mask, dtype: str = "bfloat16", rows=FPS_ROWS, port: str | None = None,
-             group: int | None = None) -> list[FpsRow]:
+             group: int | None = None, quant: str = "none") -> list[FpsRow]:
+    """The FPS table's rows; under `quant` int8/fp8 each row's device FLOPs are `at_precision`'s
+    bf16 equivalent (the unscaled count stays in flops["matmul"])."""
     import ports
     from bcjax.model.config import WanConfig
 
@@ -273,9 +293,10 @@ def fps_rows(preset: str, latent_hw, mask: Mask, dtype: str = "bfloat16", rows=F
         hw = HARDWARE[name]
         mesh = row_mesh(cfg, hw, tokens)
         row_mask = "causal" if stagger == "sequential" else mask  # one block in flight: the masks agree
+        flops = tick_flops(cfg, pcfg, latent_hw, stagger, row_mask, *mesh, group=group)
+        flops = {**flops, "matmul": flops["device"], "device": at_precision(flops, hw, quant)}
         out.append(FpsRow(preset, port, hw, stagger, row_mask, mesh,
-                          tick_layout(cfg, pcfg, latent_hw, stagger, mesh[0], group),
-                          tick_flops(cfg, pcfg, latent_hw, stagger, row_mask, *mesh, group=group),
+                          tick_layout(cfg, pcfg, latent_hw, stagger, mesh[0], group), flops,
                           tick_bytes(cfg, pcfg, latent_hw, stagger, *mesh, group=group)))
     return out
 
@@ -349,16 +370,20 @@ def print_bytes(cfg, pcfg, hw, staggers, tokens_sizes, models, group, hlo: bool,
                       f"({jax.default_backend()}), {agree} |", flush=True)
 
 
-def print_fps(presets, latent_hw, mask: Mask, mfu: float, dtype: str, group: int | None) -> dict:
-    """The FPS table of every preset; returns {preset: [(row, fps at mfu, fps calibrated)]}."""
-    tables = {p: fps_rows(p, latent_hw, mask, dtype, group=group) for p in presets}
+def print_fps(presets, latent_hw, mask: Mask, mfu: float, dtype: str, group: int | None, quant: str = "none") -> dict:
+    """The FPS table of every preset; returns {preset: [(row, fps at mfu, fps calibrated)]}. quant:
+    int8/fp8 run the projections at the hardware's 8-bit peak (`at_precision`); the calibration row
+    stays bf16 (the paper's measurement)."""
+    tables = {p: fps_rows(p, latent_hw, mask, dtype, group=group, quant=quant) for p in presets}
     cal_preset, cal_hw, cal_stagger = CALIBRATION
-    cal_rows = tables.get(cal_preset) or fps_rows(cal_preset, latent_hw, mask, dtype, group=group)
+    cal_rows = (tables.get(cal_preset) if quant == "none" else None) or fps_rows(cal_preset, latent_hw, mask, dtype,
+                                                                                  group=group)
     cal_row = next(r for r in cal_rows if (r.hardware.name, r.stagger) == (cal_hw, cal_stagger))
     cal = calibrated_mfu(cal_row, PAPER_FPS[CALIBRATION])
     print(f"\nModelled FPS at {latent_hw[0] * 8}x{latent_hw[1] * 8} ({dtype}, batch 1; one block = "
           f"{VIDEO_FRAMES_PER_BLOCK} frames every `stride` ticks; communication not overlapped with compute; "
-          f"mask {mask} for the cascades). MFU {mfu:.0%} is an assumption; MFU {cal:.1%} is calibrated: it "
+          f"mask {mask} for the cascades; --quant {quant}: "
+          f"{_quant_note(quant)}). MFU {mfu:.0%} is an assumption; MFU {cal:.1%} is calibrated: it "
           f"makes 1.3B sequential on 1 H100 reach the paper's measured {PAPER_FPS[CALIBRATION]:.0f} FPS.")
     print(f"| model | hardware | stagger | mesh | T / per device | TFLOP/tick/device | compute ms | tokens ms | "
           f"model ms | tick ms | FPS at MFU {mfu:.0%} | FPS at MFU {cal:.1%} | paper |")
@@ -375,8 +400,9 @@ def print_fps(presets, latent_hw, mask: Mask, mfu: float, dtype: str, group: int
                   f"{a['tokens_ms']:.1f} | {a['model_ms']:.1f} | {a['tick_ms']:.1f} | {a['fps']:.1f} | "
                   f"{c['fps']:.1f} | {paper if paper else '-'} |")
             out[preset].append((r, a, c))
-    print("\nHardware: " + "; ".join(f"{h.name}: {h.chip} {h.tflops:.0f} TFLOP/s bf16, {h.hbm_gib:.0f} GiB, {h.note}"
-                                     for h in HARDWARE.values()))
+    print("\nHardware: " + "; ".join(
+        f"{h.name}: {h.chip} {h.tflops:.0f} TFLOP/s bf16, int8 {h.int8_tflops or 'none'}, "
+        f"fp8 {h.fp8_tflops or 'none'}, {h.hbm_gib:.0f} GiB, {h.note}" for h in HARDWARE.values()))
     # the paper's other measured figures against the calibrated model
     for preset, results in out.items():
         for r, _, c in results:
@@ -398,6 +424,13 @@ def print_fps(presets, latent_hw, mask: Mask, mfu: float, dtype: str, group: int
     for preset, results in out.items():
         print(five_devices(preset, results, cal))
     return out
+
+
+def _quant_note(quant: str) -> str:
+    if quant in ("int8", "fp8"):
+        return (f"the projections at the chip's {quant} peak, where it has one (else bf16), attention in bf16; "
+                "TFLOP/tick/device is then bf16-equivalent")
+    return "every matmul at the bf16 peak"
 
 
 def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str:
@@ -492,6 +525,9 @@ def main(argv=None) -> int:
                     "--window: its deprecated name")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak FLOP/s reached (FPS model)")
+    ap.add_argument("--quant", default="none", choices=QUANTS,
+                    help="the FPS model's precision: int8/fp8 contract the projections at the chip's 8-bit peak "
+                         "(bcjax.model.quant); weight-only modes compute in bf16")
     ap.add_argument("--fps-presets", nargs="*", default=["wan2.1-1.3b", "wan2.1-14b"],
                     help="models of the FPS table (none: no FPS table)")
     ap.add_argument("--hlo", action="store_true", help="also count the collectives of each compiled tick")
@@ -516,7 +552,7 @@ def main(argv=None) -> int:
             print("XLA:CPU computes bf16 as f32, so its collectives carry twice the bytes of a bf16 accelerator's "
                   "(compare with --dtype float32).")
     if args.fps_presets:
-        print_fps(args.fps_presets, hw, args.mask, args.mfu, args.dtype, args.group)
+        print_fps(args.fps_presets, hw, args.mask, args.mfu, args.dtype, args.group, args.quant)
         print("\nPer-device memory of these rows: `bcjax bench comm --memory TARGET` (TARGET: h100, v5e-32, v5p-16, "
               "v6e-16) compiles each row's cascade for that target with `bench compile`'s machinery, e.g.\n"
               "  JAX_PLATFORMS=cpu bcjax bench comm --tokens 1 --memory v5e-32")

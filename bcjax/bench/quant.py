@@ -89,6 +89,30 @@ def per_block(cfg, params, prompt, hw, blocks: int, modes, key) -> list[dict]:
     return rows
 
 
+def layer_alone(cfg, params, prompt, x, modes) -> list[dict]:
+    """Rows {"layer": i, mode: (max, mean)}: the flow prediction with only layer i's kernels
+    quantized (weight-only, the rest bf16) against the all-bf16 one: which layers are sensitive
+    enough to keep in bf16 (the first and the last are the usual suspects)."""
+    from bcjax.model import forward, quant, text_kv
+
+    t = jnp.linspace(1000.0, 500.0, x.shape[1])[None]
+    ids = jnp.arange(x.shape[1])
+    c = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16")
+    bf = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    ref = forward(c, bf, x, t, text_kv(c, bf, prompt), ids)[0]
+    # the weights a weight-only mode computes with
+    deq = {mode: quant.dequantized(quant.quantize(bf, mode))["blocks"] for mode in modes}
+    rows = []
+    for i in range(cfg.num_layers):
+        row: dict = {"layer": i}
+        for mode in modes:
+            blocks = jax.tree_util.tree_map(lambda a, b, i=i: a.at[i].set(b[i]), bf["blocks"], deq[mode])
+            p = {**bf, "blocks": blocks}
+            row[mode] = _stats(forward(c, p, x, t, text_kv(c, p, prompt), ids)[0], ref)
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict], first: str, modes) -> str:
     cols = ["bf16", *(c for m in modes for c in (m, m + " vs bf16"))]
     head = f"| {first} | " + " | ".join(f"{c}: max / mean" for c in cols) + " |"
@@ -108,17 +132,36 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=3, help="blocks the sequential pipeline generates (default 3)")
     ap.add_argument("--quant", nargs="+", default=[q for q in QUANTS if q != "none"], choices=QUANTS[1:])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", help="trained weights instead of random ones: a bcjax checkpoint or a toy-world "
+                                         "model's name (lineage-3f, causal-1f); --preset and --layers are then its")
     args = ap.parse_args(argv)
-    cfg = WanConfig.preset(args.preset, num_layers=args.layers)
     hw = tuple(args.latent_hw)
     key = jax.random.key(args.seed)
-    params = init_params(cfg, jax.random.fold_in(key, 0), hw)
+    if args.checkpoint:
+        from bcjax.checkpoint import restore
+        from bcjax.toyworld.evaluate import model_path
+
+        cfg, params = restore(model_path(args.checkpoint), "dit", dtype="float32", param_dtype="float32")
+        args.preset = args.checkpoint
+    else:
+        cfg = WanConfig.preset(args.preset, num_layers=args.layers)
+        params = init_params(cfg, jax.random.fold_in(key, 0), hw)
     prompt = jax.random.normal(jax.random.fold_in(key, 1), (1, cfg.text_len, cfg.text_dim))
     x = jax.random.normal(jax.random.fold_in(key, 2), (1, 3, *hw, cfg.in_channels))
-    print(f"{args.preset} width, {cfg.num_layers} layers, random weights, latent {hw[0]}x{hw[1]}; abs error "
+    weights = "trained weights" if args.checkpoint else "random weights"
+    print(f"{args.preset} width, {cfg.num_layers} layers, {weights}, latent {hw[0]}x{hw[1]}; abs error "
           "against fp32 (the same weights and noise); 'vs bf16': against the unquantized bf16 run", flush=True)
     print("\nper layer: the flow prediction of one block (t = 1000, 750, 500) through the first k layers\n")
     print(table(per_layer(cfg, params, prompt, x, args.quant), "layers", args.quant), flush=True)
+    weight_modes = [m for m in args.quant if m.endswith("-weight")]
+    if weight_modes:
+        print("\none layer quantized alone (the rest bf16): the flow prediction against all-bf16\n")
+        rows = layer_alone(cfg, params, prompt, x, weight_modes)
+        lines = ["| layer | " + " | ".join(f"{m}: max / mean" for m in weight_modes) + " |",
+                 "|---|" + "---:|" * len(weight_modes)]
+        lines += [f"| {r['layer']} | " + " | ".join(f"{r[m][0]:.2e} / {r[m][1]:.2e}" for m in weight_modes) + " |"
+                  for r in rows]
+        print("\n".join(lines), flush=True)
     print(f"\nper block: the x0 of each of {args.blocks} blocks the sequential pipeline generates\n")
     print(table(per_block(cfg, params, prompt, hw, args.blocks, args.quant, jax.random.fold_in(key, 3)), "block",
                 args.quant), flush=True)

@@ -141,6 +141,18 @@ def quantize(params, mode: Quant):
     return {**params, "blocks": blocks}
 
 
+def dequantized(params):
+    """The quantized kernels multiplied back out (in the scale's dtype): the weights a weight-only
+    mode computes with, as an ordinary parameter tree."""
+    if not is_quantized(params):
+        return params
+    blocks = jax.tree_util.tree_map(lambda a: a, params["blocks"])
+    for _, node in kernels(blocks):
+        k = node["kernel"]
+        node["kernel"] = k[QVALUE].astype(k[SCALE].dtype) * k[SCALE]
+    return {**params, "blocks": blocks}
+
+
 @functools.cache
 def _abstract_layer(cfg: WanConfig):
     """One layer's quantized parameter tree as qwix's module builds it (ShapeDtypeStruct leaves
