@@ -191,3 +191,18 @@ def test_the_cli_names_both_types_in_one_line(params, tmp_path, capsys):
     assert main(["stream", "--prompts", "red east fast@0", "--blocks", "2", "--out", out, "--checkpoint",
                  str(tmp_path / "toy-int8"), "--quant", "fp8"]) == 2
     one_line(capsys, "stored quantized as int8", "fp8")
+
+
+def test_bench_quant_prints_each_modes_error_per_layer_and_block(capsys):
+    from bcjax.bench import quant as bench_quant
+
+    assert bench_quant.main(["--preset", "tiny", "--latent-hw", "4", "6", "--blocks", "2", "--quant",
+                             "int8-weight"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| layer")
+            and not line.startswith("| block")]
+    assert len(rows) == 2 + 2 + 2, out  # 2 layers deep, each layer alone, 2 blocks
+    for line in rows:  # every cell a measured max / mean, max >= mean > 0
+        for cell in line.strip("|").split("|")[1:]:
+            hi, lo = (float(v) for v in cell.split("/"))
+            assert hi >= lo > 0, line

@@ -34,9 +34,20 @@ def _stats(a, b) -> tuple[float, float]:
     return float(d.max()), float(d.mean())
 
 
+def for_mode(cfg, params, mode: str):
+    """(config, params) a row runs: "fp32" as given, "bf16" cast, a quantization mode cast and
+    quantized (bf16 compute)."""
+    from bcjax.model import quant
+
+    if mode == "fp32":
+        return cfg, params
+    c = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16", quant="none" if mode == "bf16" else mode)
+    return c, quant.quantize(jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params), c.quant)
+
+
 def per_layer(cfg, params, prompt, x, modes) -> list[dict]:
     """Rows {"layers": k, mode: (max, mean) vs fp32, mode + " vs bf16": ...} for k = 1..L."""
-    from bcjax.model import forward, quant, text_kv
+    from bcjax.model import forward, text_kv
 
     t = jnp.linspace(1000.0, 500.0, x.shape[1])[None]
     ids = jnp.arange(x.shape[1])
@@ -46,12 +57,7 @@ def per_layer(cfg, params, prompt, x, modes) -> list[dict]:
         cut = {**params, "blocks": jax.tree_util.tree_map(lambda a, k=k: a[:k], params["blocks"])}
         out = {}
         for mode in ("fp32", "bf16", *modes):
-            if mode == "fp32":
-                c, p = head, cut
-            else:
-                c = dataclasses.replace(head, dtype="bfloat16", param_dtype="bfloat16",
-                                        quant="none" if mode == "bf16" else mode)
-                p = quant.quantize(jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), cut), c.quant)
+            c, p = for_mode(head, cut, mode)
             out[mode] = forward(c, p, x, t, text_kv(c, p, prompt), ids)[0]
         row: dict = {"layers": k, "bf16": _stats(out["bf16"], out["fp32"])}
         for mode in modes:
@@ -63,18 +69,12 @@ def per_layer(cfg, params, prompt, x, modes) -> list[dict]:
 
 def per_block(cfg, params, prompt, hw, blocks: int, modes, key) -> list[dict]:
     """Rows {"block": i, mode: (max, mean) of its x0 vs fp32's, ...} of one sequential generation."""
-    from bcjax.model import quant
     from bcjax.runners import make_runner
     from bcjax.schedule import PipelineConfig
 
     out = {}
     for mode in ("fp32", "bf16", *modes):
-        if mode == "fp32":
-            c, p = cfg, params
-        else:
-            c = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16",
-                                    quant="none" if mode == "bf16" else mode)
-            p = quant.quantize(jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params), c.quant)
+        c, p = for_mode(cfg, params, mode)
         run = make_runner(c, PipelineConfig(), hw)
         out[mode] = np.asarray(run.generate(p, run.text_kv(p, prompt), key, num_blocks=blocks), np.float32)
     bf = PipelineConfig().block_frames
