@@ -122,11 +122,6 @@ def config_from_dict(cls, data: Mapping, **runtime):
 QUANTIZED_LEAF = "kernel/qvalue"
 
 
-def stored_quant(path: str, part: str) -> str | None:
-    """The 8-bit type a part's kernels were written in ("int8", "fp8"), or None (not quantized)."""
-    return read_config(resolve(path)).get("stored_quant", {}).get(part)
-
-
 def stored_dtype(path: str, part: str) -> str:
     """The dtype the part's weights were written in (one for every leaf, as every bcjax part has, a
     quantized kernel's 8-bit values aside): from the manifest, or for a checkpoint written before
@@ -150,16 +145,6 @@ def stored_dtype(path: str, part: str) -> str:
     if len(dtypes) != 1:
         raise BadFileError(f"{path}/{part}: weights in several dtypes {sorted(dtypes)}; expected one")
     return dtypes.pop()
-
-
-def _quant_name(params) -> str | None:
-    """"int8"/"fp8" for a DiT tree with quantized kernels, else None."""
-    from bcjax.model.quant import stored_qtype
-
-    if not isinstance(params, Mapping) or "blocks" not in params:
-        return None
-    t = stored_qtype(params)
-    return None if t is None else ("int8" if str(t) == "int8" else "fp8")
 
 
 def _part_folder(path: str, part: str) -> str:
@@ -216,7 +201,9 @@ def save(dst: str, parts: Mapping[str, tuple], provenance: Mapping, *, files: Ma
                            "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
             "manifest": sums,
         }
-        quantized = {name: q for name, (_, params) in parts.items() if name == "dit" and (q := _quant_name(params))}
+        from bcjax.model.quant import stored_name
+
+        quantized = {name: q for name, (_, params) in parts.items() if name == "dit" and (q := stored_name(params))}
         if quantized:
             meta["stored_quant"] = quantized
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -305,10 +292,7 @@ def restore(path: str, part: str = "dit", *, mesh=None, spec: P | None = None, d
     load_quant = as_quant(f"{stored_q}-weight") if stored_q else None
     if quant is not None:
         quant = as_quant(quant)
-        if load_quant and q.qtype(quant) != q.qtype(load_quant):
-            raise ValueError(f"{path}: the weights are stored quantized as {stored_q} ({stored_q}-weight or {stored_q} "
-                             f"can run them); --quant {quant} asks for "
-                             f"{'unquantized weights' if quant == 'none' else quant}")
+        q.check_runs(stored_q, quant, f"--quant {quant}", where=f"{path}: ")
     cfg = config_from_dict(type(meta["configs"][part]), meta["parts"][part], dtype=dtype or param_dtype,
                            param_dtype=param_dtype, attention=attention, quant=load_quant)
     try:

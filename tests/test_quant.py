@@ -206,3 +206,19 @@ def test_bench_quant_prints_each_modes_error_per_layer_and_block(capsys):
         for cell in line.strip("|").split("|")[1:]:
             hi, lo = (float(v) for v in cell.split("/"))
             assert hi >= lo > 0, line
+
+
+def test_the_quant_study_pairs_each_mode_with_bf16_on_the_same_samples():
+    from bcjax.toyworld import quant_study
+    from bcjax.toyworld.study import mean_ci
+
+    rng = np.random.default_rng(0)
+    base = {f: rng.normal(size=6) for f, _, _ in quant_study.COLUMNS}
+    shifted = {f: v + 0.5 + 0.01 * rng.normal(size=6) for f, v in base.items()}
+    table = quant_study.rows({"none": {"sequential": base}, "int8": {"sequential": shifted}})
+    assert [(r["mode"], r["setting"]) for r in table] == [("bf16", "sequential"), ("int8", "sequential")]
+    for f, _, _ in quant_study.COLUMNS:
+        assert table[0][f] == mean_ci(base[f])
+        mean, ci = table[1][f]
+        assert (mean, ci) == mean_ci(shifted[f] - base[f]) and abs(mean - 0.5) < 0.02 and ci < 0.05  # paired
+    assert "[+0.50 +- 0.01*]" in quant_study.markdown("m", table)

@@ -94,24 +94,24 @@ def is_quantized(params) -> bool:
     return isinstance(kernel, dict) and QVALUE in kernel
 
 
-def stored_qtype(params):
-    """The storage type of a parameter tree's kernels: None (unquantized), int8 or float8_e4m3fn.
-    Weight-only and weights+activations store the same arrays; which one runs is `cfg.quant`."""
+def stored_name(params) -> str | None:
+    """The 8-bit type a parameter tree's kernels are stored in, "int8" or "fp8" (None: not
+    quantized, or not a DiT tree). Weight-only and weights+activations modes store the same
+    arrays; which one runs is `cfg.quant`."""
     if not is_quantized(params):
         return None
-    return params["blocks"]["self_attn"]["q"]["kernel"][QVALUE].dtype
+    return "int8" if params["blocks"]["self_attn"]["q"]["kernel"][QVALUE].dtype == jnp.int8 else "fp8"
 
 
-def check_stored(params, mode: Quant) -> None:
-    """One error naming both when `mode` cannot run on these (maybe already quantized) weights."""
-    stored = stored_qtype(params)
+def check_runs(stored: str | None, mode: Quant, asked: str, where: str = "") -> None:
+    """One error naming both when weights stored quantized as `stored` ("int8", "fp8", None) cannot
+    run `mode` (`asked`: how the caller spelled the request, e.g. "--quant fp8")."""
     if stored is None:
         return
     want = qtype(mode)
-    if want is None or jnp.dtype(want) != stored:
-        have = "int8" if stored == jnp.int8 else "fp8"
-        raise ValueError(f"these weights are stored quantized as {have} ({have}-weight or {have} can run them); "
-                         f"quant={mode!r} asks for {'unquantized weights' if want is None else mode}")
+    if want is None or want != qtype(as_quant(f"{stored}-weight")):
+        raise ValueError(f"{where}the weights are stored quantized as {stored} ({stored}-weight or {stored} can run "
+                         f"them); {asked} asks for {'unquantized weights' if want is None else mode}")
 
 
 def kernels(tree):
@@ -130,7 +130,7 @@ def quantize(params, mode: Quant):
     if mode == "none":
         return params
     if is_quantized(params):
-        check_stored(params, mode)
+        check_runs(stored_name(params), mode, f"quant={mode!r}")
         return params  # stored as this mode asks
     qwix = _qwix()
     blocks = jax.tree_util.tree_map(lambda a: a, params["blocks"])  # a copy to write into
@@ -157,11 +157,10 @@ def dequantized(params):
 def _abstract_layer(cfg: WanConfig):
     """One layer's quantized parameter tree as qwix's module builds it (ShapeDtypeStruct leaves
     inside WithAux(QArray)), for `for_layer` to fill."""
-    from bcjax.model.wan import init_params  # noqa: F401  (import cycle: wan imports this module)
+    from bcjax.model.rope import rope_tables
 
     module = block_module(cfg)
     d, dt = cfg.dim, cfg.compute_dtype
-    from bcjax.model.rope import rope_tables
 
     rope = rope_tables(cfg, jnp.zeros((1,), jnp.int32), (1, 1))
     kv0 = (jnp.zeros((1, 0, cfg.num_heads, cfg.head_dim), dt),) * 2

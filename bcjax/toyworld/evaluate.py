@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcjax.model.config import WanConfig
+from bcjax.model.quant import quantize
 from bcjax.model.wan import init_params, text_kv
 from bcjax.names import (
     DEFAULT_TOY_MODEL,
@@ -336,6 +337,7 @@ def run_grid(model: ToyModel, scenes: list[Scene], num_blocks: int, seed: int = 
     if baselines:
         lat["still"] = still_baseline(scenes, model.world, num_blocks)
         init = init_params(model.cfg, jax.random.key(int(model.provenance.get("train", {}).get("seed", 0))))
+        init = quantize(init, model.cfg.quant)  # the untrained baseline under the model's own numerics
         lat["init"] = generate(model, scenes, num_blocks, key, params=init)
         for name in ("still", "init"):
             metrics[name] = block_metrics(lat[name], scenes, model.world, ref)

@@ -20,30 +20,20 @@ import os
 import numpy as np
 
 from bcjax.names import DEFAULT_MASK, QUANTS, SEQUENTIAL, TOY_MODELS
-from bcjax.toyworld.evaluate import eval_scenes, load_model, run_grid, setting_name
-from bcjax.toyworld.study import mean_ci
+from bcjax.toyworld.evaluate import setting_name
+from bcjax.toyworld.study import mean_ci, run_model
 
 SETTINGS = ((SEQUENTIAL, None), ("P4", DEFAULT_MASK))
 COLUMNS = (("pos_err", "pos px", 2), ("psnr", "PSNR dB", 2), ("crisp", "crisp", 2), ("colour", "colour", 2))
 
 
 def samples(path: str, mode: str, prompts: int, seeds: int, blocks: int) -> dict[str, dict[str, np.ndarray]]:
-    """{setting: {field: [seeds * prompts]}} per-sample means over blocks for one mode ("none": bf16)."""
-    model = load_model(path, dtype="bfloat16", quant=mode)
-    scenes = eval_scenes(model.world, prompts)
-    peak2 = (2 * model.world.amplitude) ** 2
-    out: dict[str, dict[str, list]] = {}
-    for seed in range(seeds):
-        metrics, _, _ = run_grid(model, scenes, blocks, seed, SETTINGS, baselines=False, progress=None)
-        for name, m in metrics.items():
-            cell = out.setdefault(name, {})
-            for field, _, _ in COLUMNS:
-                if field == "psnr":  # a sample's PSNR is of its mean MSE, as the study's
-                    x = 10 * np.log10(peak2 / np.maximum(m["mse"].mean(-1), 1e-12))
-                else:
-                    x = m[field].mean(-1)
-                cell.setdefault(field, []).append(x)
-    return {name: {f: np.concatenate(v) for f, v in m.items()} for name, m in out.items()}
+    """{setting: {field: [seeds * prompts]}} per-sample means over blocks for one mode ("none": bf16),
+    from the study's own runs (`study.run_model`: a sample's PSNR is of its mean MSE)."""
+    metrics = run_model(path, prompts, seeds, blocks, progress=None, grid=SETTINGS, dtype="bfloat16", quant=mode)
+    names = [setting_name(s, m) for s, m in SETTINGS]
+    return {name: {field: (metrics[name]["psnr_sample"] if field == "psnr" else metrics[name][field].mean(-1)).ravel()
+                   for field, _, _ in COLUMNS} for name in names}
 
 
 def rows(results: dict[str, dict]) -> list[dict]:

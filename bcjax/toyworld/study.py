@@ -67,14 +67,14 @@ def parse_setting(spec: str) -> tuple[str, str | None]:
     return stagger, mask
 
 
-def run_model(path: str, prompts: int, seeds: int, blocks: int, progress=print, grid=None) -> dict:
+def run_model(path: str, prompts: int, seeds: int, blocks: int, progress=print, grid=None, **numerics) -> dict:
     """{setting: {field: [seeds, prompts, blocks]}} for one model over the grid's settings
     (default: every stagger x mask of `evaluate.settings`); sequential always runs (the
-    paired differences are to it)."""
+    paired differences are to it). numerics: `load_model`'s dtype, attention and quant."""
     grid = list(grid or settings())
     if ("sequential", None) not in grid:
         grid.insert(0, ("sequential", None))
-    model = load_model(path)
+    model = load_model(path, **numerics)
     scenes = eval_scenes(model.world, prompts)
     out: dict[str, dict[str, list]] = {}
     for seed in range(seeds):
