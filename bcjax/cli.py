@@ -23,6 +23,7 @@ from bcjax.names import (
     STAGGERS,
     TOKENS,
     TOY_MODELS,
+    as_backend,
 )
 from bcjax.paths import check_output
 
@@ -116,7 +117,7 @@ def _run(cfg, port, params, text, key, args, stagger, mask):
     pcfg = _pipeline(port, args)
     # Krea's loop for a rebuilt context (latent only, so R = the latent); several `tokens` devices
     # split each tick's tokens (context parallelism for the sequential stagger)
-    runner = make_runner(cfg, pcfg, hw, stagger, mask, _mesh(args, cfg))
+    runner = make_runner(cfg, pcfg, hw, stagger, mask, _mesh(args, cfg), token_group=getattr(args, "token_group", None))
     stream = runner.blocks(params, text, key, num_blocks=args.blocks)
     label = runner.label + (", R = latent" if runner.takes_round_trip else "")
     blocks, times = [], []
@@ -133,6 +134,44 @@ def _run(cfg, port, params, text, key, args, stagger, mask):
     print(f"{label:<60} first block {1e3 * times[0]:7.0f} ms (compile incl.), steady {1e3 * per_block:7.1f} ms/block "
           f"= {frames / per_block:7.1f} FPS")
     return jnp.concatenate(blocks, axis=1), per_block
+
+
+def _auto(args, cfg, pcfg, latent_hw, mesh, model: str, pcfg_for=None):
+    """--stagger auto / --attention auto resolved (`bcjax.tune.resolve`): the flags in `args` are
+    set to the choice (args.token_group to the tuned group), its one line printed; returns cfg with
+    the chosen attention."""
+    import dataclasses
+
+    from bcjax.tune import AUTO, resolve
+
+    args.token_group = None
+    if AUTO not in (args.stagger, args.attention):
+        return cfg
+    choice = resolve(cfg, pcfg, latent_hw, args.mask, mesh, stagger=args.stagger, attention=args.attention,
+                     model=model, pcfg_for=pcfg_for)
+    if _primary():
+        print(choice.line, flush=True)
+    args.stagger, args.token_group = choice.stagger, choice.group
+    if choice.decode_device is not None and getattr(args, "decode_device", "given") is None:
+        args.decode_device = choice.decode_device  # the placement `bcjax tune --decoder` measured best
+        if _primary():
+            print(f"bcjax: decoding on --decode-device {choice.decode_device} (measured by `bcjax tune`)", flush=True)
+    if args.attention == AUTO and choice.attention is not None:
+        args.attention = choice.attention
+        cfg = dataclasses.replace(cfg, attention=as_backend(choice.attention))
+    return cfg
+
+
+def _checkpoint_auto(args, latent_hw) -> None:
+    """_auto for a converted checkpoint: its architecture in the dtype and quant this run uses."""
+    from bcjax.tune import AUTO
+    from bcjax.tune.command import checkpoint_model
+
+    if AUTO not in (args.stagger, args.attention):
+        args.token_group = None
+        return
+    cfg, port, pcfg_for, name = checkpoint_model(args.checkpoint, args.dtype, args.quant, args.sampler)
+    _auto(args, cfg, port.pipeline, latent_hw, _mesh(args, cfg), name, pcfg_for)
 
 
 def _video_frames_per_block(pcfg) -> int:
@@ -204,6 +243,7 @@ def _serve(args) -> int:
                 decode_device=args.decode_device, verify=args.verify, **_numerics(args))
         else:  # the shipped toy-world model, or another toy-world checkpoint
             backend = ToyBackend(args.checkpoint or toy_name, mesh, **_numerics(args))
+        _serve_auto(args, backend)
         app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
                        allow_origins=tuple(args.allow_origin or ()), idle=args.idle_timeout)
         srv, _ = server(app, sock=sock)
@@ -212,6 +252,26 @@ def _serve(args) -> int:
               f"on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C stops)", flush=True)
         srv.run(sockets=[sock])
     return 0
+
+
+def _serve_auto(args, backend) -> None:
+    """The page's default stagger (--stagger; auto: `bcjax tune`'s winner for these devices under
+    the default mask, else the model's prediction) and, under --attention auto, the tuned backend."""
+    import dataclasses
+
+    from bcjax.tune import AUTO, resolve
+
+    backend.default_stagger, backend.token_groups = args.stagger, {}
+    if AUTO not in (args.stagger, args.attention):
+        return
+    choice = resolve(backend.cfg, backend.pcfg, backend.latent_hw, DEFAULT_MASK, backend.mesh, stagger=args.stagger,
+                     attention=args.attention, model=args.checkpoint or "toy world")
+    print(choice.line, flush=True)
+    backend.default_stagger = choice.stagger
+    if choice.group is not None:
+        backend.token_groups = {choice.stagger: choice.group}
+    if args.attention == AUTO and choice.attention is not None:
+        backend.cfg = dataclasses.replace(backend.cfg, attention=as_backend(choice.attention))
 
 
 def _toy_model_flags(s) -> None:
@@ -248,6 +308,7 @@ def _generate(args) -> int:
     if args.checkpoint:
         return _generate_video(args)
     port, cfg, params, text, key = _setup(args)
+    cfg = _auto(args, cfg, _pipeline(port, args), tuple(args.latent_hw), _mesh(args, cfg), args.preset)
     print(f"bcjax generate: {args.preset} random-weight model, {port.name} sampling, {args.blocks} blocks "
           f"(pass --checkpoint for a converted model and an mp4)")
     latents, _ = _run(cfg, port, params, text, key, args, args.stagger, args.mask)
@@ -269,9 +330,12 @@ def _generate_video(args) -> int:
     mesh = _mesh(args)
     from bcjax.checkpoint import read_config
 
+    meta = read_config(args.checkpoint)
+    prov, vae = meta.get("provenance", {}), meta["configs"].get("vae")
+    scale = vae.spatial_scale if vae is not None else 8  # the Wan VAE's
+    _checkpoint_auto(args, (args.size[0] // scale, args.size[1] // scale))
     # the checkpoint's own sampler unless told (Krea's loop for a Krea checkpoint, `ports.for_checkpoint`)
-    port = ports.get(args.sampler) if args.sampler else \
-        ports.for_checkpoint(read_config(args.checkpoint).get("provenance", {}), args.stagger)
+    port = ports.get(args.sampler) if args.sampler else ports.for_checkpoint(prov, args.stagger)
     pcfg = _pipeline(port, args)
     if args.video:
         from bcjax.app.prompts import with_strength
@@ -281,7 +345,7 @@ def _generate_video(args) -> int:
         pcfg = with_strength(pcfg, args.strength)
     t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.stagger, args.mask, mesh,
                       decoder=args.decoder or "wan", decode_device=args.decode_device, verify=args.verify,
-                      **_numerics(args))
+                      token_group=args.token_group, **_numerics(args))
     source = t2v.encode_video(args.video) if args.video else None
     before = _stat(args.out)
     try:
@@ -329,6 +393,12 @@ def _convert(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from bcjax.tune.command import run
+
+    return run(args)
+
+
 def _bench(args) -> int:
     import importlib
 
@@ -374,9 +444,10 @@ def _verify_flag(s) -> None:
 
 def _stagger_flags(s) -> None:
     """--stagger and --mask (a cascade's choices), with their deprecated spellings --schedule and --window."""
-    s.add_argument("--stagger", "--schedule", dest="stagger", default="P4", choices=STAGGERS, action=_OldName,
-                   new="--stagger", help="when blocks enter: sequential (one in flight) or a cascade (P1, P2, P4, "
-                   "P4-no-clean); --schedule: its deprecated name")
+    s.add_argument("--stagger", "--schedule", dest="stagger", default="P4", choices=(*STAGGERS, "auto"),
+                   action=_OldName, new="--stagger", help="when blocks enter: sequential (one in flight) or a cascade "
+                   "(P1, P2, P4, P4-no-clean); auto: the fastest `bcjax tune` measured on these devices (else the "
+                   "model's prediction); --schedule: its deprecated name")
     s.add_argument("--mask", "--window", dest="mask", default=DEFAULT_MASK, choices=MASKS, action=_OldName,
                    new="--mask", help="what a cascade's in-flight blocks see of each other; --window: its deprecated "
                    "name (window is the cache span)")
@@ -390,7 +461,8 @@ def _numerics_flags(s) -> None:
     s.add_argument("--dtype", choices=DTYPES, default=None,
                    help="DiT compute dtype (default: the checkpoint's weights' dtype; random weights: float32)")
     s.add_argument("--attention", choices=BACKENDS, default=None,
-                   help="attention backend (default: auto, the platform's kernel; see README, Attention backends)")
+                   help="attention backend (default: the platform's kernel; auto: the fastest `bcjax tune` measured "
+                        "on these devices, else the platform's kernel; see README, Attention backends)")
     s.add_argument("--quant", choices=QUANTS, default=None,
                    help="quantized DiT projections through qwix: int8/fp8 weights ('-weight': computed in the "
                         "compute dtype) or weights and activations (default: as the checkpoint stores them)")
@@ -477,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
                    help="real model: video size in pixels")
     s.add_argument("--devices", type=_positive, default=1, help="devices on the 'tokens' mesh axis for the cascade")
+    s.add_argument("--stagger", default="P4", choices=(*STAGGERS, "auto"),
+                   help="the page's default stagger (each tab may pick another); auto: the fastest `bcjax tune` "
+                        "measured on these devices, else the model's prediction")
     s.add_argument("--model", type=_positive, default=1,
                    help="devices on the 'model' mesh axis (tensor-parallel weights)")
     _decoder_flags(s, "default: taehv when the checkpoint has it (not for Krea's loop), else wan")
@@ -537,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "preview decoder (--decoder taehv)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_convert)
+
+    s = sub.add_parser("tune", help="measure staggers, token groups and attention backends on these devices; "
+                                    "store the fastest for --stagger auto / --attention auto")
+    from bcjax.tune.command import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(fn=_tune)
 
     s = sub.add_parser("bench", help="benchmarks (e.g. `bcjax bench sequential --preset tiny`)")
     s.add_argument("what", type=_bench_name, choices=BENCHES, metavar="BENCH", help=f"one of: {', '.join(BENCHES)}")

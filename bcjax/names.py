@@ -59,10 +59,11 @@ POSITIONS: tuple[Positions, ...] = get_args(Positions)
 Context = Literal["clean-pass", "rebuild", "last-pass"]
 CONTEXTS: tuple[Context, ...] = get_args(Context)
 # attention backends (`bcjax.model.attention`; `WanConfig.attention`, `--attention`): "auto" picks by
-# platform; "dense" (alias "xla"), "chunked", "splash" (TPU), "pallas_gpu" / "cudnn" (GPU), and the
-# kernels run by the Pallas interpreter
-Backend = Literal["auto", "dense", "xla", "chunked", "splash", "pallas_gpu", "cudnn", "splash-interpret",
-                  "pallas_gpu-interpret"]
+# platform; "dense" (alias "xla"), "chunked", "splash" (TPU), "pallas_gpu" / "cudnn" (GPU), "tokamax"
+# (GPU or TPU: openxla/tokamax's flash kernels, the `tokamax` extra), and the kernels run anywhere:
+# by the Pallas interpreter, or for tokamax (no interpreter) its XLA reference
+Backend = Literal["auto", "dense", "xla", "chunked", "splash", "pallas_gpu", "cudnn", "tokamax", "splash-interpret",
+                  "pallas_gpu-interpret", "tokamax-interpret"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 # quantized DiT weights and matmuls (`bcjax.model.quant`, through qwix; `WanConfig.quant`, `--quant`):
 # "-weight" modes store int8/fp8 weights and compute in the compute dtype; "int8"/"fp8" quantize each
@@ -92,3 +93,12 @@ PROGRAMS: tuple[Program, ...] = get_args(Program)
 # LongLive's 12-frame window with a 3-frame sink; `bcjax.toyworld.lineage`)
 TOY_MODELS = ("causal-1f", "lineage-3f")
 DEFAULT_TOY_MODEL = "causal-1f"
+
+
+def as_backend(name: str) -> Backend:
+    """`name` as a Backend, or a ValueError naming the choices (where a backend arrives as text:
+    a stored `bcjax tune` winner)."""
+    for b in get_args(Backend):
+        if name == b:
+            return b
+    raise ValueError(f"attention backend {name!r}: expected one of {BACKENDS}")

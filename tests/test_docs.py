@@ -58,6 +58,10 @@ RUN_ELSEWHERE = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install . && bcjax demo": ("tests/test_demo.py",
                                                                                      'main(["demo"'),
     "bcjax demo": ("tests/test_demo.py", 'main(["demo"'),
+    f"XLA_FLAGS={FAKE_DEVICES} bcjax tune --preset tiny --devices 2 --staggers sequential P4 --attention dense "
+    "--ticks 2": ("tests/test_tune.py", 'main(["tune", "--preset", "tiny", "--devices", "2", "--staggers"'),
+    f"XLA_FLAGS={FAKE_DEVICES} bcjax generate --preset tiny --stagger auto --attention auto --devices 2 --blocks 2": (
+        "tests/test_tune.py", 'main(["generate", "--preset", "tiny", "--stagger", "auto", "--attention", "auto"'),
     "bcjax eval toyworld --num-prompts 2 --blocks 2 --staggers sequential,P4 --masks bidirectional "
     "--out eval-small": ("tests/test_toyworld_harness.py", 'main(["eval", "toyworld", "--checkpoint", ev.SHIPPED'),
 }

@@ -242,3 +242,20 @@ def test_taehv_decoder_writes_the_same_frame_count(tiny_checkpoint, tmp_path, ca
                "--size", "32", "48", "--stagger", "sequential", "--port", "krea_14b", "--decoder", "taehv",
                "--out", str(out)])
     assert rc == 2 and "round trip decodes every block with the Wan VAE" in capsys.readouterr().err
+
+
+def test_tune_on_a_checkpoint_then_generate_stagger_auto(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """`bcjax tune --checkpoint` times the checkpoint's architecture in its stored dtype, with its
+    own sampler, and the decode placement of its VAE; `generate --checkpoint --stagger auto` at the
+    same latent size finds that tuning and says so."""
+    monkeypatch.setenv("BCJAX_TUNE_CACHE", str(tmp_path / "tune"))
+    rc = main(["tune", "--checkpoint", str(tiny_checkpoint), "--latent-hw", "4", "6", "--staggers", "sequential",
+               "P4", "--attention", "dense", "--ticks", "2", "--decoder", "wan"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Decode placement (wan" in out
+    winner = out.split("winner: ")[1].split(",")[0]
+    rc = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a red fox", "--num-blocks", "2",
+               "--size", "32", "48", "--stagger", "auto", "--out", str(tmp_path / "fox.mp4")])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"--stagger auto: {winner} (measured by `bcjax tune` on 1 x cpu" in out
+    assert "decoding on --decode-device" in out and _probe(tmp_path / "fox.mp4") == ((48, 32), 21)

@@ -93,6 +93,7 @@ class TextToVideo:
     dtype: str | None = None
     attention: str | None = None
     quant: str | None = None
+    token_group: int | None = None  # tokens per group of the `tokens` split (`bcjax tune`'s); None: least padding
     verify: bool = True  # check the weights against the checkpoint's manifest (bcjax.checkpoint.restore)
     # the old names of stagger and mask (deprecated; keyword only)
     schedule: dataclasses.InitVar[str | None] = None
@@ -137,7 +138,7 @@ class TextToVideo:
                              "krea_14b_clean_pass")
         # Krea's loop runs as its own program here: its context's first frame goes through the real VAE
         self.denoiser = make_runner(self.dit_cfg, self.pcfg, self.latent_hw, self.stagger, as_mask(self.mask),
-                                    self.mesh)
+                                    self.mesh, token_group=self.token_group)
         self._embed = jax.jit(lambda p, ids, mask: prompt_embeddings(self.text_cfg, p, ids, mask))
 
     def decoders(self) -> list[str]:

@@ -24,19 +24,28 @@ Bytes per tick and per device, two sources that must agree:
 "Wire" bytes are what one device receives with ring collectives: all-gather R (N-1)/N of its
 result R, all-reduce 2 S (N-1)/N of its operand S.
 
-The FPS model (`model_fps`): a tick takes the matmul FLOPs of its busiest device / (peak bf16
-FLOP/s x MFU) plus each axis' wire bytes / its link bandwidth, not overlapped (conservative); the
-stream emits one block (12 video frames) every `stride` ticks, FPS = 12 / (stride x tick). FLOPs
-count the keys each query sees in the steady state of a long stream (full cache, every in-flight
-block busy): the sink and `rolling` frames before its block, its own block, and under the
-bidirectional mask the newer in-flight blocks. That is the cost of an attention that skips
-invisible keys (`bcjax.model.attention`); groups go to devices in token order (oldest block first).
+The FPS model (`model_fps`, `tick_range`, `predict`): a tick takes the matmul FLOPs of its busiest
+device / (peak bf16 FLOP/s x MFU) plus, per mesh axis, its wire bytes / its link bandwidth and its
+collectives x a per-collective latency, of which a fraction may hide under compute; the stream
+emits one block (12 video frames) every `stride` ticks, FPS = 12 / (stride x tick). MFU depends on
+the shard: query tokens per device t, MFU(t) = MFU_cal x min(1, c(t) / c(t_cal)), c(t) = t / (t +
+k), so a short shard pays fixed per-layer costs (launches, tail waves, syncs) worth k tokens of work
+(`shard_mfu`); MFU_cal is calibrated on the paper's 16 FPS for 1.3B sequential on one H100 (t_cal
+4680 tokens). Two assumption sets bound every figure (`RANGE`): pessimistic (k 700 tokens, the
+machine's high per-collective latency, no overlap; 4 H100s at 1170 tokens per GPU then give about
+the 66% parallel efficiency xDiT measured for Flux there) and optimistic (k 200, low latency, half
+of the communication hidden). FLOPs count the keys each query sees in the steady state of a long
+stream (full cache, every in-flight block busy): the sink and `rolling` frames before its block,
+its own block, and under the bidirectional mask the newer in-flight blocks. That is the cost of an
+attention that skips invisible keys (`bcjax.model.attention`); groups go to devices in token order
+(oldest block first). docs/performance/comm.md states each assumption's source.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -181,7 +190,8 @@ def at_precision(flops: dict, hw: Hardware, quant: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-    """A machine of the FPS model: published peaks (bf16 dense FLOP/s; link GB/s one direction)."""
+    """A machine of the FPS model: published peaks (bf16 dense FLOP/s; link GB/s one direction) and
+    an assumed time per collective beyond its bytes (`latency_us`; sources in the comment above `HARDWARE`)."""
 
     name: str
     devices: int
@@ -194,35 +204,47 @@ class Hardware:
     note: str
     int8_tflops: float | None = None  # dense int8 peak (TOP/s); None: no int8 matmuls
     fp8_tflops: float | None = None  # dense fp8 peak; None: no fp8 matmuls
+    # (low, high) microseconds one collective costs beyond bytes / bandwidth (launch, protocol,
+    # the wait for the slowest device): the optimistic and the pessimistic assumption
+    latency_us: tuple[float, float] = (10.0, 30.0)
 
 
 _H100: dict[str, Any] = dict(chip="H100 SXM", tflops=989.0, hbm_gib=80.0, model_gbs=450.0, target="h100",
                              int8_tflops=1979.0, fp8_tflops=1979.0)
+_H200: dict[str, Any] = {**_H100, "chip": "H200 SXM", "hbm_gib": 141.0, "target": "h200"}
+_V5E: dict[str, Any] = dict(chip="TPU v5e", tflops=197.0, hbm_gib=16.0, tokens_gbs=50.0, model_gbs=50.0,
+                            int8_tflops=394.0, latency_us=(3.0, 10.0))
+_V5P: dict[str, Any] = dict(chip="TPU v5p", tflops=459.0, hbm_gib=95.0, tokens_gbs=100.0, model_gbs=100.0,
+                            int8_tflops=918.0, latency_us=(3.0, 10.0))
+_V6E: dict[str, Any] = dict(chip="TPU v6e", tflops=918.0, hbm_gib=32.0, tokens_gbs=100.0, model_gbs=100.0,
+                            int8_tflops=1836.0, latency_us=(3.0, 10.0))
 # Sources: NVIDIA H100 SXM datasheet (989 TFLOP/s dense bf16, 1979 dense fp8 and int8; NVLink 4
-# 900 GB/s per GPU = 450 GB/s each way, through NVSwitch inside a node); ConnectX-7 400 Gb/s = 50 GB/s
-# per GPU between nodes. Google Cloud TPU system architecture pages (docs.cloud.google.com/tpu/docs/v5e,
-# v5p, v6e): peak bf16 per chip (int8: twice it; no fp8), HBM, and bidirectional ICI per chip over its
-# ports: v5e 400 GB/s over 4 ports, v5p 1200 GB/s over 6, v6e 800 GB/s over 4, i.e. 50, 100, 100
-# GB/s per link each way. A ring over an axis is modelled on one link each way (a bidirectional ring
-# would halve its time).
+# 900 GB/s per GPU = 450 GB/s each way, through NVSwitch inside a node); H200 SXM: the same peaks and
+# NVLink, 141 GB; ConnectX-7 400 Gb/s = 50 GB/s per GPU between nodes. Google Cloud TPU system
+# architecture pages (docs.cloud.google.com/tpu/docs/v5e, v5p, v6e): peak bf16 per chip (int8: twice
+# it; no fp8), HBM, and bidirectional ICI per chip over its ports: v5e 400 GB/s over 4 ports, v5p
+# 1200 GB/s over 6, v6e 800 GB/s over 4, i.e. 50, 100, 100 GB/s per link each way. A ring over an
+# axis is modelled on one link each way (a bidirectional ring would halve its time).
+# Per-collective latency, stated assumptions (not measured here): an NCCL all-gather / all-reduce
+# inside one NVSwitch node costs 10-30 us beyond its bytes; across InfiniBand 20-60 us; a TPU ICI
+# collective, issued by XLA inside one program with no host in the loop, 3-10 us.
+_IB_LATENCY_US = (20.0, 60.0)
 HARDWARE = {h.name: h for h in (
     Hardware("1 H100", 1, tokens_gbs=450.0, note="one GPU: no communication", **_H100),
     Hardware("5 H100", 5, tokens_gbs=450.0, note="one node, NVLink 450 GB/s each way (the paper's setup)", **_H100),
     Hardware("8 H100", 8, tokens_gbs=450.0, note="one node, NVLink 450 GB/s each way", **_H100),
     Hardware("16 H100", 16, tokens_gbs=50.0, note="two nodes: the `tokens` ring crosses InfiniBand, 50 GB/s per GPU",
-             **_H100),
-    Hardware("TPU v5e-32", 32, "TPU v5e", 197.0, 16.0, 50.0, 50.0, "v5e-32",
-             "ICI 50 GB/s per link each way; XLA:TPU needs the whole slice", int8_tflops=394.0),
-    Hardware("TPU v5p-16", 8, "TPU v5p", 459.0, 95.0, 100.0, 100.0, "v5p-16",
-             "8 chips, ICI 100 GB/s per link each way", int8_tflops=918.0),
-    Hardware("TPU v6e-16", 16, "TPU v6e", 918.0, 32.0, 100.0, 100.0, "v6e-16", "ICI 100 GB/s per link each way",
-             int8_tflops=1836.0),
+             latency_us=_IB_LATENCY_US, **_H100),
+    Hardware("TPU v5e-32", 32, target="v5e-32", note="ICI 50 GB/s per link each way; XLA:TPU needs the whole slice",
+             **_V5E),
+    Hardware("TPU v5p-16", 8, target="v5p-16", note="8 chips, ICI 100 GB/s per link each way", **_V5P),
+    Hardware("TPU v6e-16", 16, target="v6e-16", note="ICI 100 GB/s per link each way", **_V6E),
 )}
 # (hardware, stagger, `tokens` devices or None = the whole machine over the smallest `model` that fits)
 FPS_ROWS = (
     ("1 H100", "sequential", 1), ("1 H100", "P4", 1),
     ("5 H100", "sequential", 5), ("5 H100", "P2", 5), ("5 H100", "P4", 5),
-    ("8 H100", "sequential", 8), ("8 H100", "P4", 8),
+    ("8 H100", "sequential", 8), ("8 H100", "P2", 8), ("8 H100", "P4", 8),
     ("16 H100", "P4", 16),
     ("TPU v5e-32", "sequential", None), ("TPU v5e-32", "P4", None),
     ("TPU v5p-16", "sequential", None), ("TPU v5p-16", "P4", None),
@@ -232,18 +254,94 @@ FPS_ROWS = (
 PAPER_FPS = {("wan2.1-1.3b", "1 H100", "sequential"): 16.0, ("wan2.1-1.3b", "5 H100", "P4"): 30.0,
              ("wan2.1-14b", "1 H100", "sequential"): 4.5, ("wan2.1-14b", "5 H100", "P4"): 12.5}
 CALIBRATION = ("wan2.1-1.3b", "1 H100", "sequential")  # the MFU of the calibrated column comes from here
+PAPER_LATENT_HW = (60, 104)  # 480x832: the paper's measurements, so the calibration, are at this size
 PAPER_VIDEO_BLOCKS = 7  # an 81-frame video (21 latent frames), Self-Forcing's default length
 
 
-def model_fps(flops_per_device: float, comm: dict, hw: Hardware, mfu: float, stride: int) -> dict[str, float]:
-    """One tick's time (compute at `mfu` plus each axis' wire bytes over its link, not overlapped)
-    and the FPS of one block (12 frames) every `stride` ticks."""
+def hardware_for(device_kind: str, count: int) -> Hardware | None:
+    """The FPS model's machine of `count` devices of a jax `device.device_kind` ("NVIDIA H100 80GB
+    HBM3", "NVIDIA H200", "TPU v5 lite", "TPU v5p", "TPU v6 lite"), with the link figures of
+    `HARDWARE`'s entries: GPUs within one NVLink node up to 8, beyond that the `tokens` ring crosses
+    InfiniBand; TPUs over ICI. None for a chip the model has no figures for (a CPU, an A100, a v4)."""
+    if count < 1:
+        raise ValueError(f"hardware_for: {count} devices; expected at least 1")
+    kind = device_kind.lower()
+    gpu = _H200 if "h200" in kind else _H100 if "h100" in kind else None
+    if gpu is not None:
+        if count <= 8:
+            link = "no communication" if count == 1 else "one node, NVLink 450 GB/s each way"
+            return Hardware(f"{count} {gpu['chip'].split()[0]}", count, tokens_gbs=450.0, note=link, **gpu)
+        return Hardware(f"{count} {gpu['chip'].split()[0]}", count, tokens_gbs=50.0, latency_us=_IB_LATENCY_US,
+                        note="several nodes: the `tokens` ring crosses InfiniBand, 50 GB/s per GPU", **gpu)
+    if "tpu" not in kind:
+        return None
+    # the spellings of bcjax.targets._kinds: v5e is "TPU v5 lite", v5p "TPU v5" or "TPU v5p", v6e "TPU v6 lite"
+    if "v5 lite" in kind or "v5e" in kind or "v5litepod" in kind:
+        chip = _V5E
+    elif "v6" in kind:
+        chip = _V6E
+    elif "v5p" in kind or kind.strip().endswith("v5"):
+        chip = _V5P
+    else:
+        return None
+    return Hardware(f"{count} {chip['chip']}", count, target=None, note="ICI, one link each way per ring", **chip)
+
+
+@dataclasses.dataclass(frozen=True)
+class Assumptions:
+    """One end of the FPS model's range: how steeply a short shard loses MFU, which of a machine's
+    per-collective latencies applies, how much communication hides under compute."""
+
+    name: str
+    half_tokens: float  # k of `shard_mfu`: query tokens per device whose fixed costs equal their work
+    latency: int  # index into Hardware.latency_us: 0 the low figure, 1 the high one
+    overlap: float  # fraction of a tick's communication time hidden under its compute, in [0, 1]
+
+
+# k 700: 1.3B sequential on 4 H100s (1170 tokens per GPU) at about xDiT's 66% parallel efficiency for
+# Flux on 4 H100s at 1152 tokens per GPU (tests/test_bench_comm.py pins the band); k 200 and half the
+# communication hidden: a stack that overlaps and launches well (XLA's async collectives)
+PESSIMISTIC = Assumptions("pessimistic", half_tokens=700.0, latency=1, overlap=0.0)
+OPTIMISTIC = Assumptions("optimistic", half_tokens=200.0, latency=0, overlap=0.5)
+RANGE = (PESSIMISTIC, OPTIMISTIC)  # low FPS first
+
+
+def shard_mfu(mfu: float, device_tokens: int, half_tokens: float, anchor_tokens: int) -> float:
+    """MFU of a device holding `device_tokens` query tokens, given `mfu` at `anchor_tokens` (the
+    calibration's shard): on the saturating curve c(t) = t / (t + k) below the anchor, a fixed
+    per-layer cost worth k = `half_tokens` tokens of work; never above `mfu` (a longer shard is not
+    assumed to beat the measured one)."""
+    if device_tokens < 1 or anchor_tokens < 1:
+        raise ValueError(f"shard_mfu: {device_tokens} tokens per device, anchor {anchor_tokens}; expected >= 1")
+    curve = device_tokens * (anchor_tokens + half_tokens) / (anchor_tokens * (device_tokens + half_tokens))
+    return mfu * min(1.0, curve)
+
+
+def model_fps(flops_per_device: float, comm: dict, hw: Hardware, mfu: float, stride: int, *,
+              latency_us: float = 0.0, overlap: float = 0.0) -> dict[str, float]:
+    """One tick's time and the FPS of one block (12 frames) every `stride` ticks. The tick: compute
+    at `mfu`, plus per axis its wire bytes over its link and `latency_us` per collective, of which
+    the fraction `overlap` hides under compute (never more than the compute). The defaults (no
+    latency, no overlap) are the bytes-only model of `calibrated_mfu`."""
+    if not 0.0 <= overlap <= 1.0:
+        raise ValueError(f"model_fps: overlap {overlap}; expected a fraction in [0, 1]")
     compute = flops_per_device / (hw.tflops * 1e12 * mfu)
-    tokens = comm.get("tokens", {}).get("wire", 0.0) / (hw.tokens_gbs * 1e9)
-    model = comm.get("model", {}).get("wire", 0.0) / (hw.model_gbs * 1e9)
-    tick = compute + tokens + model
-    return {"compute_ms": 1e3 * compute, "tokens_ms": 1e3 * tokens, "model_ms": 1e3 * model, "tick_ms": 1e3 * tick,
+    links = {"tokens": hw.tokens_gbs, "model": hw.model_gbs}
+    axes = {a: comm.get(a, {}).get("wire", 0.0) / (gbs * 1e9) + comm.get(a, {}).get("ops", 0) * latency_us * 1e-6
+            for a, gbs in links.items()}
+    hidden = min(overlap * sum(axes.values()), compute)
+    tick = compute + sum(axes.values()) - hidden
+    return {"compute_ms": 1e3 * compute, "tokens_ms": 1e3 * axes["tokens"], "model_ms": 1e3 * axes["model"],
+            "hidden_ms": 1e3 * hidden, "tick_ms": 1e3 * tick, "mfu": mfu,
             "fps": VIDEO_FRAMES_PER_BLOCK / (stride * tick)}
+
+
+def tick_range(flops_per_device: float, comm: dict, hw: Hardware, mfu: float, stride: int, device_tokens: int,
+               anchor_tokens: int) -> dict[str, dict[str, float]]:
+    """`model_fps` under each assumption set of `RANGE`, {name: result}: `mfu` is the MFU at the
+    calibration's `anchor_tokens` per device, moved along each set's `shard_mfu` curve."""
+    return {a.name: model_fps(flops_per_device, comm, hw, shard_mfu(mfu, device_tokens, a.half_tokens, anchor_tokens),
+                              stride, latency_us=hw.latency_us[a.latency], overlap=a.overlap) for a in RANGE}
 
 
 def _weights_bytes(cfg) -> float:
@@ -308,6 +406,50 @@ def calibrated_mfu(row: FpsRow, fps: float) -> float:
     return row.flops["device"] / (row.hardware.tflops * 1e12 * compute_s)
 
 
+@functools.cache
+def calibration() -> tuple[float, int]:
+    """(MFU, query tokens per device) of `CALIBRATION`'s row at the paper's 480x832: the MFU at
+    which 1.3B sequential on one H100 gives the paper's measured 16 FPS, and the shard it was
+    measured on, the anchor of every row's `shard_mfu`."""
+    preset, hw, stagger = CALIBRATION
+    row = fps_rows(preset, PAPER_LATENT_HW, "causal", rows=((hw, stagger, 1),))[0]
+    return calibrated_mfu(row, PAPER_FPS[CALIBRATION]), row.layout.device_tokens
+
+
+def row_range(row: FpsRow, mfu: float | None = None) -> dict[str, dict[str, float]]:
+    """`tick_range` of an FPS row: at the calibrated MFU, or at `mfu` on the calibration's shard."""
+    cal, anchor = calibration()
+    return tick_range(row.flops["device"], row.comm, row.hardware, cal if mfu is None else mfu, row.layout.stride,
+                      row.layout.device_tokens, anchor)
+
+
+def predict(cfg, pcfg, latent_hw, stagger: str, mask: str, tokens: int, model: int, hw: Hardware,
+            group: int | None = None, quant: str = "none") -> dict:
+    """The modelled speed of one candidate (stagger, mask, `tokens` x `model` mesh, token group,
+    precision) on `hw`, at the calibrated MFU, as (low, high) ranges over `RANGE`:
+    {"tick_ms": one joint pass, "block_ms": the time per emitted block (`stride` ticks),
+    "latency_ms": from a block's noise to its x0 (n ticks), "fps": 12 frames per block_ms (low FPS
+    pairs with high ms), "mfu": the shard's MFU, "layout": the TickLayout}. For `bcjax tune` to rank
+    candidates it has not measured."""
+    if tokens < 1 or model < 1 or tokens * model > hw.devices:
+        raise ValueError(f"predict: a ({tokens}, {model}) mesh on {hw.name}; expected at most {hw.devices} devices")
+    if mask not in MASKS:
+        raise ValueError(f"predict: mask {mask!r}; expected one of {', '.join(MASKS)}")
+    cal, anchor = calibration()
+    lay = tick_layout(cfg, pcfg, latent_hw, stagger, tokens, group)
+    flops = tick_flops(cfg, pcfg, latent_hw, stagger, mask, tokens, model, group)
+    comm = tick_bytes(cfg, pcfg, latent_hw, stagger, tokens, model, group=group)
+    ends = tick_range(at_precision(flops, hw, quant), comm, hw, cal, lay.stride, lay.device_tokens, anchor)
+    low, high = ends[PESSIMISTIC.name], ends[OPTIMISTIC.name]
+
+    def ms(scale: int) -> tuple[float, float]:  # (low, high) ms: the optimistic end first
+        return float(scale * high["tick_ms"]), float(scale * low["tick_ms"])
+
+    return {"tick_ms": ms(1), "block_ms": ms(lay.stride), "latency_ms": ms(lay.emit_passes),
+            "fps": (float(low["fps"]), float(high["fps"])), "mfu": (float(low["mfu"]), float(high["mfu"])),
+            "layout": lay}
+
+
 def compiled_tick_collectives(cfg, pcfg, latent_hw, stagger: str, mask: Mask, tokens: int, model: int,
                               group: int | None = None) -> dict:
     """hlo_collectives of the cascade's compiled tick (`Runner.lower`) on a (tokens, model) mesh of
@@ -370,59 +512,71 @@ def print_bytes(cfg, pcfg, hw, staggers, tokens_sizes, models, group, hlo: bool,
                       f"({jax.default_backend()}), {agree} |", flush=True)
 
 
+def _span(a: float, b: float, digits: int = 1, unit: str = "") -> str:
+    """'low–high' of two figures in either order; one figure where they print the same."""
+    lo, hi = (f"{x:.{digits}f}{unit}" for x in sorted((a, b)))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _ends(rng: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    return _span(scale * rng[PESSIMISTIC.name][key], scale * rng[OPTIMISTIC.name][key], digits, unit)
+
+
 def print_fps(presets, latent_hw, mask: Mask, mfu: float, dtype: str, group: int | None, quant: str = "none") -> dict:
-    """The FPS table of every preset; returns {preset: [(row, fps at mfu, fps calibrated)]}. quant:
-    int8/fp8 run the projections at the hardware's 8-bit peak (`at_precision`); the calibration row
-    stays bf16 (the paper's measurement)."""
+    """The FPS table of every preset; returns {preset: [(row, range at mfu, range calibrated)]}, each
+    range `tick_range`'s {assumption name: model_fps result}. quant: int8/fp8 run the projections
+    at the hardware's 8-bit peak (`at_precision`); the calibration stays bf16 (the paper's
+    measurement) at the paper's 480x832 whatever `latent_hw`."""
     tables = {p: fps_rows(p, latent_hw, mask, dtype, group=group, quant=quant) for p in presets}
-    cal_preset, cal_hw, cal_stagger = CALIBRATION
-    cal_rows = (tables.get(cal_preset) if quant == "none" else None) or fps_rows(cal_preset, latent_hw, mask, dtype,
-                                                                                  group=group)
-    cal_row = next(r for r in cal_rows if (r.hardware.name, r.stagger) == (cal_hw, cal_stagger))
-    cal = calibrated_mfu(cal_row, PAPER_FPS[CALIBRATION])
+    cal, anchor = calibration()
+    p, o = PESSIMISTIC, OPTIMISTIC
     print(f"\nModelled FPS at {latent_hw[0] * 8}x{latent_hw[1] * 8} ({dtype}, batch 1; one block = "
-          f"{VIDEO_FRAMES_PER_BLOCK} frames every `stride` ticks; communication not overlapped with compute; "
-          f"mask {mask} for the cascades; --quant {quant}: "
-          f"{_quant_note(quant)}). MFU {mfu:.0%} is an assumption; MFU {cal:.1%} is calibrated: it "
-          f"makes 1.3B sequential on 1 H100 reach the paper's measured {PAPER_FPS[CALIBRATION]:.0f} FPS.")
-    print(f"| model | hardware | stagger | mesh | T / per device | TFLOP/tick/device | compute ms | tokens ms | "
-          f"model ms | tick ms | FPS at MFU {mfu:.0%} | FPS at MFU {cal:.1%} | paper |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{VIDEO_FRAMES_PER_BLOCK} frames every `stride` ticks; mask {mask} for the cascades; --quant {quant}: "
+          f"{_quant_note(quant)}). MFU {cal:.1%} is calibrated: at it 1.3B sequential on 1 H100 ({anchor} tokens per "
+          f"device) reaches the paper's measured {PAPER_FPS[CALIBRATION]:.0f} FPS; MFU {mfu:.0%} is an assumption "
+          f"for that shard. Each cell is a range, low to high, between two assumption sets: {p.name} (a shard of t "
+          f"tokens per device runs at MFU x min(1, c(t) / c({anchor})), c(t) = t / (t + {p.half_tokens:.0f}); each "
+          f"collective costs the machine's high latency; no overlap) and {o.name} (c(t) = t / (t + "
+          f"{o.half_tokens:.0f}), the low latency, {o.overlap:.0%} of the communication hidden under compute). "
+          f"MFU and the ms columns are the calibrated model's.")
+    print(f"| model | hardware | stagger | mesh | T / per device | TFLOP/tick/device | MFU | compute ms | tokens ms | "
+          f"model ms | tick ms | FPS at MFU {mfu:.0%} | FPS calibrated | paper |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out: dict[str, list[tuple[FpsRow, dict, dict]]] = {}
     for preset, rows in tables.items():
         out[preset] = []
         for r in rows:
-            a = model_fps(r.flops["device"], r.comm, r.hardware, mfu, r.layout.stride)
-            c = model_fps(r.flops["device"], r.comm, r.hardware, cal, r.layout.stride)
+            a, c = row_range(r, mfu), row_range(r)
             paper = PAPER_FPS.get((preset, r.hardware.name, r.stagger))
             print(f"| {preset} | {r.hardware.name} | {r.stagger} | {r.mesh} | {r.layout.tokens} / "
-                  f"{r.layout.device_tokens} | {r.flops['device'] / 1e12:.2f} | {a['compute_ms']:.1f} | "
-                  f"{a['tokens_ms']:.1f} | {a['model_ms']:.1f} | {a['tick_ms']:.1f} | {a['fps']:.1f} | "
-                  f"{c['fps']:.1f} | {paper if paper else '-'} |")
+                  f"{r.layout.device_tokens} | {r.flops['device'] / 1e12:.2f} | {_ends(c, 'mfu', 100, 1, '%')} | "
+                  f"{_ends(c, 'compute_ms')} | {_ends(c, 'tokens_ms')} | {_ends(c, 'model_ms')} | "
+                  f"{_ends(c, 'tick_ms')} | {_ends(a, 'fps')} | {_ends(c, 'fps')} | {paper if paper else '-'} |")
             out[preset].append((r, a, c))
     print("\nHardware: " + "; ".join(
         f"{h.name}: {h.chip} {h.tflops:.0f} TFLOP/s bf16, int8 {h.int8_tflops or 'none'}, "
-        f"fp8 {h.fp8_tflops or 'none'}, {h.hbm_gib:.0f} GiB, {h.note}" for h in HARDWARE.values()))
+        f"fp8 {h.fp8_tflops or 'none'}, {h.hbm_gib:.0f} GiB, {h.note}, {_span(*h.latency_us, 0)} us per collective"
+        for h in HARDWARE.values()))
     # the paper's other measured figures against the calibrated model
     for preset, results in out.items():
         for r, _, c in results:
             paper = PAPER_FPS.get((preset, r.hardware.name, r.stagger))
             if paper is None or (preset, r.hardware.name, r.stagger) == CALIBRATION:
                 continue
-            need = VIDEO_FRAMES_PER_BLOCK / (paper * r.layout.stride)
-            gap = 1e3 * need - c["tick_ms"]
-            print(f"{preset} {r.stagger} on {r.hardware.name}: calibrated model {c['fps']:.1f} FPS vs the paper's "
-                  f"{paper} FPS; the paper's tick is {1e3 * need:.0f} ms, the model's {c['tick_ms']:.0f} ms: "
+            need = 1e3 * VIDEO_FRAMES_PER_BLOCK / (paper * r.layout.stride)
+            slow = c[p.name]["tick_ms"]  # the end nearer a slower measurement
+            gap = need - slow
+            print(f"{preset} {r.stagger} on {r.hardware.name}: calibrated model {_ends(c, 'fps')} FPS vs the paper's "
+                  f"{paper} FPS; the paper's tick is {need:.0f} ms, the model's {_ends(c, 'tick_ms', digits=0)} ms: "
                   f"{'an overhead of' if gap > 0 else 'a saving of'} {abs(gap):.0f} ms per tick "
-                  f"({abs(gap) / c['tick_ms']:.0%}) closes the gap; at MFU {calibrated_mfu(r, paper):.1%} the model "
-                  f"matches it.")
+                  f"({abs(gap) / slow:.0%}) beyond the {p.name} end closes the gap.")
             blocks, ticks = PAPER_VIDEO_BLOCKS, (PAPER_VIDEO_BLOCKS - 1) * r.layout.stride + r.layout.num_stages
             if r.layout.in_flight > 1:
                 print(f"  if that FPS averages whole {blocks}-block videos (Self-Forcing's 81 frames), "
                       f"fill and drain count: {ticks} ticks for {blocks} blocks instead of {blocks * r.layout.stride}, "
-                      f"{c['fps'] * blocks * r.layout.stride / ticks:.1f} FPS calibrated.")
+                      f"{_ends(c, 'fps', blocks * r.layout.stride / ticks)} FPS calibrated.")
     for preset, results in out.items():
-        print(five_devices(preset, results, cal))
+        print(five_devices(preset, results))
     return out
 
 
@@ -433,29 +587,31 @@ def _quant_note(quant: str) -> str:
     return "every matmul at the bf16 peak"
 
 
-def five_devices(preset: str, rows, mfu: float, hardware: str = "5 H100") -> str:
-    """The model's answer to "5 GPUs: cascade, context parallel, or both?" for one preset: each
-    stagger's FPS and a block's latency (noise to x0, n ticks) on `hardware` at `mfu`, and the MFU
-    the context-parallel sequential pipeline (short shards) may fall to before P4 (long shards, at
-    `mfu`) catches up."""
+def five_devices(preset: str, rows, hardware: str = "5 H100") -> str:
+    """The model's answer to "5 GPUs: cascade, context parallel, or both?" for one preset, from
+    `print_fps`'s (row, range at --mfu, calibrated range) list: each stagger's calibrated FPS range
+    and a block's latency (noise to x0, n ticks) on `hardware`, then which of context-parallel
+    sequential (short shards, many collectives) and P4 (long shards) each assumption set favours,
+    and the time per pass context parallelism may lose to its short shards and communication
+    before P4 catches up."""
     here = {r.stagger: (r, c) for r, _, c in rows if r.hardware.name == hardware}
-    parts = []
-    for stagger, (r, _) in here.items():
-        f = model_fps(r.flops["device"], r.comm, r.hardware, mfu, r.layout.stride)
-        latency = r.layout.emit_passes * f["tick_ms"]  # a block's x0 leaves its n-th pass, n ticks after it entered
-        parts.append(f"{stagger} {f['fps']:.1f} FPS ({latency:.0f} ms from noise to a block's x0)")
-    text = f"{preset} on {hardware} at MFU {mfu:.1%}: " + ", ".join(parts)
+    parts = [f"{stagger} {_ends(c, 'fps')} FPS ({_ends(c, 'tick_ms', r.layout.emit_passes, 0)} ms from noise to a "
+             f"block's x0)" for stagger, (r, c) in here.items()]
+    text = f"{preset} on {hardware}, calibrated: " + ", ".join(parts)
     if "sequential" in here and "P4" in here:
-        seq, p4 = here["sequential"][0], here["P4"][0]
-        p4_s = (1e-3 * model_fps(p4.flops["device"], p4.comm, p4.hardware, mfu, p4.layout.stride)["tick_ms"]
-                * p4.layout.stride)
-        comm_s = 1e-3 * sum(model_fps(seq.flops["device"], seq.comm, seq.hardware, 1.0, 1)[k]
-                            for k in ("tokens_ms", "model_ms"))
-        per_block = p4_s / seq.layout.stride - comm_s  # the compute time per tick at which the two tie
-        if per_block > 0:
-            even = seq.flops["device"] / (seq.hardware.tflops * 1e12 * per_block)
-            text += (f"; context parallel stays ahead of P4 unless its {seq.layout.device_tokens}-token shards run "
-                     f"below MFU {even:.1%} (P4's {p4.layout.device_tokens}-token shards at {mfu:.1%})")
+        (seq, cs), cp = here["sequential"], here["P4"][1]
+        cal, _ = calibration()
+        ideal = 1e3 * seq.flops["device"] / (seq.hardware.tflops * 1e12 * cal)  # a pass at the 1-device MFU, no comm
+        verdicts = []
+        for a in RANGE:
+            s_fps, p_fps = cs[a.name]["fps"], cp[a.name]["fps"]
+            budget = 1e3 * VIDEO_FRAMES_PER_BLOCK / (p_fps * seq.layout.stride) - ideal
+            lost = cs[a.name]["tick_ms"] - ideal
+            winner = "context parallel" if s_fps > p_fps else "P4"
+            verdicts.append(f"{a.name}: {winner} by {max(s_fps, p_fps) / min(s_fps, p_fps) - 1:.0%} (a "
+                            f"{seq.layout.device_tokens}-token pass may lose {budget:.0f} ms to its short shard and "
+                            f"communication before P4 catches up; the model charges {lost:.0f} ms)")
+        text += "; " + "; ".join(verdicts)
     return text
 
 
@@ -524,7 +680,9 @@ def main(argv=None) -> int:
                     new="--mask", help="the cascades' mask (FLOPs of the FPS model; the mask of --hlo's programs); "
                     "--window: its deprecated name")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    ap.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak FLOP/s reached (FPS model)")
+    ap.add_argument("--mfu", type=float, default=0.4,
+                    help="assumed fraction of peak FLOP/s reached on the calibration's shard (4680 tokens per "
+                         "device); shorter shards fall on each assumption set's curve (FPS model)")
     ap.add_argument("--quant", default="none", choices=QUANTS,
                     help="the FPS model's precision: int8/fp8 contract the projections at the chip's 8-bit peak "
                          "(bcjax.model.quant); weight-only modes compute in bf16")

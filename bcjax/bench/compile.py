@@ -372,6 +372,15 @@ def _parse_mesh(text: str) -> tuple[int, int]:
     return tokens, model
 
 
+def _on(device, lower: Callable) -> Callable:
+    """`lower` traced with `device` as jax's default device: tokamax chooses (and checks) its kernel
+    by the default device, which in a compile-only process is the host CPU, not the target's."""
+    def lowered():
+        with jax.default_device(device):
+            return lower()
+    return lowered
+
+
 def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str, pcfg, layers=None,
         headroom: float = 0.1, emit: Callable[[Row], None] | None = None, quants=("none",)) -> list[Row]:
     """Compile every (preset, case, mesh, backend) for `target`; returns the rows (also emitted as
@@ -410,6 +419,8 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
                         except ValueError as e:  # a mesh this model or target cannot take
                             add(Row(preset, case, f"{tokens}x{model}", backend, quant, error=str(e)))
                             continue
+                        if backend.startswith("tokamax"):  # it picks its kernel by the default device
+                            lower = _on(devices[0], lower)
                         add(compile_row(preset, case, label, backend, lower, mesh, quant))
     sharding, mesh = _placement(devices, whole)
     label = f"{n} replicas (whole slice)" if whole else "1 device"

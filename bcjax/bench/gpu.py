@@ -161,7 +161,7 @@ def run(args) -> dict:
     ko, vo = (jax.random.normal(k, (1, own, *heads), cfg.compute_dtype) for k in ks[3:5])
     masks = {"full cache": jnp.ones((1, 1, cache_tokens + own), bool)}
     masks["empty cache"] = masks["full cache"].at[:, :, :cache_tokens].set(False)
-    for backend in args.backends or attention.backends_for(platform):
+    for backend in args.backends or attention.installed_backends(platform):
         fn = jax.jit(lambda q, kc, ko, vc, vo, m, b=backend: attention.attend(q, (kc, ko), (vc, vo), m,
                                                                             implementation=b))
         try:
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     ap.add_argument("--attention", default="auto", help="backend of the pipeline runs (WanConfig.attention)")
     ap.add_argument("--backends", nargs="+",
-                    help="backends of the per-layer attention timing (default: the platform's)")
+                    help="backends of the per-layer attention timing (default: the platform's, tokamax's where "
+                         "installed)")
     ap.add_argument("--blocks", type=int, default=3, help="timed blocks / ticks / repeats per figure")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per attention backend")
     ap.add_argument("--link-gbps", type=float, default=450.0,

@@ -231,9 +231,8 @@ class TickProgram:
         Emits the block that finished denoising this tick, if any (none while the cascade fills,
         and on stride - 1 of every stride ticks)."""
         st, tau = self.plan, state.step
-        params, text = self._placed(params, text)
         total = ENDLESS if state.num_blocks is None else state.num_blocks
-        carry, (x0, _) = self._step(params, text, state.key, jnp.int32(total), state.carry)
+        carry, (x0, _) = self._step(*self.step_inputs(params, text, state))
         blocks, stages, busy = slot_state(st, tau, np.arange(st.num_slots), total)
         in_flight = tuple(sorted((state.first_block + int(b), int(s))
                                  for b, s, u in zip(blocks, stages, busy, strict=True) if u))
@@ -241,6 +240,12 @@ class TickProgram:
         if tau >= st.emit_stage and (tau - st.emit_stage) % st.stride == 0:
             block = state.first_block + (tau - st.emit_stage) // st.stride
         return state._replace(carry=carry, step=tau + 1), Step(block, local(x0) if block >= 0 else None, in_flight)
+
+    def step_inputs(self, params, text: KV, state: StepState) -> tuple:
+        """(params, text, key, num_blocks, carry) of the next tick, placed: `lower`'s inputs."""
+        params, text = self._placed(params, text)
+        total = ENDLESS if state.num_blocks is None else state.num_blocks
+        return params, text, state.key, jnp.int32(total), state.carry
 
     def entering(self, state: StepState) -> int:
         """The newest block in flight at the next tick: its prompt is the one in force for that

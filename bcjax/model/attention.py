@@ -52,23 +52,45 @@ Backends (`WanConfig.attention`, or "auto": by platform):
 * "cudnn" (GPU, half precision): `jax.nn.dot_product_attention(implementation="cudnn")` with the
   block mask expanded per query block (today's fused path); the cache part is skipped by a
   `lax.cond` when no query sees it.
+* "tokamax" (GPU or TPU; the `tokamax` extra): openxla/tokamax's flash attention kernels, one call
+  per visible key chunk in the same chunk loop: on a Hopper or Blackwell GPU its Mosaic GPU kernel
+  (warp-specialised, FlashAttention-3 style), on an older GPU its Triton kernel, both taking the
+  chunk's visibility as a mask broadcast over the block's queries ([rows, 1, 1, C]: a per-key
+  vector in the kernel, nothing materialised); on TPU its Mosaic TPU kernel (a fork of splash),
+  which takes no segment ids, so a row's visibility goes in as a dense [T/Qb, C] mask from which
+  the kernel builds its block map at run time, one row at a time (`vmap`: it refuses a mask that
+  differs across the batch). tokamax picks its kernel by the process's *default device* (its
+  `implementation="mosaic"` rule, and its Hopper and TPU kernels check that device at trace time),
+  and so does this backend: a compile-only process must make the target's device the default
+  (`with jax.default_device(target_device):`), or the backend falls back to "chunked" with a
+  warning. The public `tokamax.dot_product_attention` returns no log-sum-exp, which the chunk
+  merge needs: its implementations (`tokamax._src.ops.attention.api.IMPLEMENTATIONS`, checked on
+  import) are called with `return_residuals=True`.
 
 The GPU default (`GPU_DEFAULT`) is chosen by what XLA:GPU compiles for an H100 (`bcjax bench
 compile --target h100`): the backend whose programs need the least memory. No GPU has timed them
-yet; a run of `bcjax bench gpu` may change it.
+yet; a run of `bcjax bench gpu` may change it. "tokamax" compiles to the same memory as
+"pallas_gpu" on an H100 (9 to 15 MB less of 8.5 GiB per device, docs/performance/attention.md)
+but is not the default: it is an optional extra, and it compiles for the process's default device,
+so every compile-only process (the benches, the compile tests) would see "auto" fall back to
+"chunked" unless it made the target's device the default. On TPU it needs more memory and writes
+about twice the HBM bytes of "splash" (its dense per-row masks), so splash stays.
 
 "auto" resolves by the platform the program is compiled FOR (`for_platform`: the runner's mesh
 devices, or a compile-only target's), not by the process's default backend: a process compiling
 for a TPU or GPU target without one still has "cpu" as its default.
 
 A Pallas backend with the suffix "-interpret" ("splash-interpret", "pallas_gpu-interpret")
-runs the kernel in Pallas interpret mode on any platform: the CPU tests use it.
+runs the kernel in Pallas interpret mode on any platform: the CPU tests use it. tokamax's kernels
+have no interpret switch and refuse a CPU device, so "tokamax-interpret" runs tokamax's own XLA
+reference (`implementation="xla"`) through the same chunk loop, mask form and residuals.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import math
 import warnings
@@ -85,9 +107,10 @@ DENSE_HEADS_LOGITS_BYTES = 4 * 2**20  # dense: all heads in one einsum while the
 CHUNK_LOGITS_BYTES = 256 * 2**20  # chunked: keys per chunk so that one chunk's logits fit this
 MIN_CHUNK = 512  # keys per chunk at least when a granule is larger (a multiple of every kernel's key block)
 MAX_PREFIX_BUCKETS = 8  # dense: cache prefixes compiled per attention (one granule each up to 8 granules)
-_KERNELS = ("splash", "pallas_gpu")
+_KERNELS = ("splash", "pallas_gpu", "tokamax")
 # BACKENDS (`bcjax.names.Backend`): these kernels, each also "<kernel>-interpret", and "auto", "dense",
 # "xla", "chunked", "cudnn"
+TOKAMAX_EXTRA = "pip install 'bcjax[tokamax]'"
 
 
 GPU_DEFAULT: Backend = "pallas_gpu"  # see the module docstring: least memory in XLA:GPU's H100 compile
@@ -108,12 +131,35 @@ def platform_of(devices) -> str:
 
 
 def backends_for(platform: str) -> tuple[Backend, ...]:
-    """The backends that run on `platform` ("cpu", "gpu", "tpu", ...), default first."""
+    """The backends that run on `platform` ("cpu", "gpu", "tpu", ...), default first (what the
+    benches and the tuner try unless told). "tokamax", an optional extra, also runs on GPU and TPU
+    (`check_backend`) but is tried only when named."""
     if platform == "tpu":
         return ("splash", "chunked", "dense")
     if platform == "gpu":
         return (GPU_DEFAULT, *(b for b in ("cudnn", "pallas_gpu") if b != GPU_DEFAULT), "chunked", "dense")
     return ("chunked", "dense")
+
+
+@functools.cache
+def tokamax_installed() -> bool:
+    """Whether the `tokamax` extra is installed (found, not imported: importing it is slow)."""
+    try:
+        return importlib.util.find_spec("tokamax") is not None
+    except ImportError:  # a finder that blocks the package
+        return False
+
+
+def installed_backends(platform: str) -> tuple[Backend, ...]:
+    """Every backend `platform` can run here: `backends_for`'s, and on a GPU or TPU tokamax's
+    kernels where the `tokamax` extra is installed (opt-in: never a default, see the docstring).
+    What `bcjax tune` and `bench gpu` measure unless told."""
+    import importlib.util
+
+    found = backends_for(platform)
+    if platform in ("gpu", "tpu") and importlib.util.find_spec("tokamax") is not None:
+        found = (*found, "tokamax")
+    return found
 
 
 def for_platform(name: Backend, platform: str, dtype=jnp.bfloat16) -> Backend:
@@ -137,11 +183,17 @@ def check_backend(name: str, platform: str | None = None) -> None:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r}: expected one of {BACKENDS}")
     base = name.removesuffix("-interpret")
+    if base == "tokamax" and not tokamax_installed():
+        raise ImportError(f"attention backend {name!r} needs tokamax, which is not installed: {TOKAMAX_EXTRA}")
     if name in ("auto", "xla") or name.endswith("-interpret") or base in backends_for(platform):
         return
-    raise ValueError(f"attention backend {name!r} needs a {'TPU' if base == 'splash' else 'GPU'}; this "
+    if base == "tokamax" and platform in ("gpu", "tpu"):
+        return
+    needs = {"splash": "a TPU", "tokamax": "a GPU or a TPU"}.get(base, "a GPU")
+    how = "tokamax's XLA reference" if base == "tokamax" else "the kernel in Pallas interpret mode"
+    raise ValueError(f"attention backend {name!r} needs {needs}; this "
                      f"platform ({platform}) has {backends_for(platform)} (or 'auto'; "
-                     f"'{base}-interpret' runs the kernel in Pallas interpret mode anywhere)")
+                     f"'{base}-interpret' runs {how} anywhere)")
 
 
 def attend(q, k, v, key_mask=None, *, implementation: str = "auto"):
@@ -401,6 +453,13 @@ def _chunk_fn(kernel: str, interpret: bool, qr):
             _refuse(kernel, f"head_dim {h} is not a power of two >= 16")
             return None
         return functools.partial(_flash_gpu_chunk, interpret)
+    if kernel == "tokamax":
+        _tokamax_ops()  # installed, or an ImportError naming the extra
+        name, why = ("xla", "") if interpret else _tokamax_kernel(qr.dtype, h)
+        if name is None:
+            _refuse(kernel, why)
+            return None
+        return functools.partial(_tokamax_chunk, name)
     raise ValueError(f"attention backend {kernel!r} has no chunk kernel")
 
 
@@ -564,6 +623,103 @@ def _flash_gpu_chunk(interpret: bool, qr, k, v, mask):
     out = out.reshape(b, qb, tqp, n, h)[:, :, :tq].astype(F32)
     lse = lse.transpose(0, 2, 1).reshape(b, qb, tqp, n)[:, :, :tq]
     return out, lse
+
+
+# -- tokamax (GPU, TPU) -------------------------------------------------------------------------
+
+
+@functools.cache
+def _tokamax_ops():
+    """tokamax's attention implementations by name ("mosaic_gpu", "triton", "mosaic_tpu", "xla",
+    ...), or an ImportError naming the extra."""
+    try:
+        from absl import flags
+        from tokamax._src.ops.attention import api
+    except ImportError as e:
+        raise ImportError(f"attention backend 'tokamax' needs tokamax ({e}): {TOKAMAX_EXTRA}") from None
+    ops = getattr(api, "IMPLEMENTATIONS", None)
+    if ops is None or "xla" not in ops or "return_residuals" not in inspect.signature(ops["xla"].__call__).parameters:
+        import tokamax
+
+        raise ImportError(f"tokamax {tokamax.__version__} has no attention implementations returning residuals "
+                          f"(tokamax._src.ops.attention.api.IMPLEMENTATIONS, as in 0.0.12)")
+    # tokamax reads its options as absl flags, and on the first read parses sys.argv unless someone
+    # did: a program's own arguments (`--attention tokamax`, pytest's) are unknown to absl and fail
+    # there. Their defaults are what this backend uses.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ops
+
+
+_TOKAMAX_BLOCK = 128  # TPU: its q and kv blocks (lane width); GPU: a multiple of its kv block
+
+
+def _tokamax_kernel(dtype, head_dim: int) -> tuple[str | None, str]:
+    """tokamax's kernel for the default device, as its own `implementation="mosaic"` rule picks
+    (Mosaic GPU on Hopper and Blackwell, Triton on older GPUs, Mosaic TPU): (name, "") or (None,
+    why not)."""
+    from jax.extend.backend import get_default_device
+
+    ops, dev = _tokamax_ops(), get_default_device()
+    if dev.platform == "tpu":
+        name = "mosaic_tpu"
+        if head_dim % 128:
+            return None, f"head_dim {head_dim} is not a multiple of 128"
+    elif dev.platform == "gpu":
+        cc = float(getattr(dev, "compute_capability", 0) or 0)
+        name = "mosaic_gpu" if 9 <= cc < 11 else "triton"
+        if name == "mosaic_gpu" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            return None, f"dtype {jnp.dtype(dtype)} (tokamax's Mosaic GPU kernel takes bf16/fp16)"
+    else:
+        return None, (f"the default device is a {dev.platform} device; tokamax compiles its kernels for the default "
+                      f"device (a compile-only process: `with jax.default_device(target_device)`)")
+    if name not in ops or not ops[name].supported_on(dev):
+        return None, f"tokamax has no {name} kernel for {dev.device_kind}"
+    return name, ""
+
+
+def _tokamax_chunk(name: str, qr, k, v, mask):
+    """(o [B, Qb, Tq, N, H] f32, lse [B, Qb, Tq, N]) of qr over one chunk k, v [B, C, N, H] under
+    mask [B, Qb, C], by tokamax's implementation `name`."""
+    b, qb, _, n, h = qr.shape
+    # Mosaic TPU's q block must divide the queries; every kernel gets whole kv blocks (a chunk is
+    # whole blocks already unless a part is shorter than one: that one is padded with masked keys)
+    qp, tq = _pad_queries(qr, _TOKAMAX_BLOCK) if name == "mosaic_tpu" else (qr, qr.shape[2])
+    k, v, mask = _pad_keys(k, v, mask, _TOKAMAX_BLOCK)
+    c, tqp = k.shape[1], qp.shape[2]
+    rows = b * qb
+    q2 = qp.reshape(rows, tqp, n, h)
+    k2, v2 = (jnp.repeat(a, qb, axis=0) for a in (k, v))  # one chunk per query block: small
+    vis = mask.reshape(rows, c)
+    out, lse = _tokamax_rows(name, q2, k2, v2, vis, per_row=name == "mosaic_tpu")
+    out = out.reshape(b, qb, tqp, n, h)[:, :, :tq].astype(F32)
+    lse = lse.reshape(b, qb, tqp, n)[:, :, :tq]
+    return out, lse
+
+
+def _tokamax_rows(name: str, q, k, v, vis, per_row: bool):
+    """tokamax attention of q [R, T, N, H] over k, v [R, C, N, H], row r seeing the keys vis[r]
+    (bool [R, C]): (out [R, T, N, H] in q's dtype, lse [R, T, N] f32). per_row: one call per row
+    with the mask dense over the row's queries (Mosaic TPU's form); else one call, the mask
+    broadcast over queries and heads."""
+    op = _tokamax_ops()[name]
+    half = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+            jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+
+    def call(q, k, v, mask):
+        out, (m, second) = op(q, k, v, mask=mask, precision=half, return_residuals=True)
+        # residuals [..., heads, tokens]: (max logit, softmax denominator), but (max logit,
+        # log-sum-exp) from Mosaic TPU (tokamax 0.0.12)
+        lse = second if name == "mosaic_tpu" else m + jnp.log(second)
+        return out, jnp.swapaxes(lse, -1, -2).astype(F32)
+
+    # as for splash: Mosaic refuses a bf16 matmul at a process-wide fp32 contract precision, and
+    # tokamax's TPU kernel does not pass `precision` on
+    with jax.default_matmul_precision("default") if half is not None else contextlib.nullcontext():
+        if per_row:  # [1 (heads), T, C]: dense over the row's queries
+            row = lambda qi, ki, vi, si: call(qi, ki, vi, jnp.broadcast_to(si, (1, qi.shape[0], si.shape[0])))
+            return jax.vmap(row)(q, k, v, vis)
+        return call(q, k, v, vis[:, None, None, :])  # [R, 1 (heads), 1 (queries), C]
 
 
 # -- cuDNN (GPU) ------------------------------------------------------------------------------

@@ -126,14 +126,22 @@ class BlockProgram:
         """Denoise the next block under `text` and write its clean K/V (one compiled call; the
         cache is donated). Every step emits its block."""
         b, i, bf = self.entering(state), state.step, self.pcfg.block_frames
-        params, text = self._placed(params, text)
         if state.source is None:
-            cache, x0 = self._block_fn(params, text, state.carry, state.key, jnp.int32(b))
+            cache, x0 = self._block_fn(*self.step_inputs(params, text, state))
         else:
+            params, text = self._placed(params, text)
             cache, x0 = self._v2v_fn(params, text, state.carry, state.key, jnp.int32(b),
                                      state.source[:, i * bf:(i + 1) * bf])
         stages = tuple((b, s) for s in range(self.pcfg.num_steps + int(self.pcfg.clean_pass)))
         return state._replace(carry=cache, step=state.step + 1), Step(b, x0, stages)
+
+    def step_inputs(self, params, text: KV, state: StepState) -> tuple:
+        """(params, text, cache, key, block) of the next block, placed: `lower`'s inputs
+        (text-to-video; video-to-video runs another function)."""
+        if state.source is not None:
+            raise ValueError("a video-to-video step runs another program than `lower`'s: time it through `step`")
+        params, text = self._placed(params, text)
+        return params, text, state.carry, state.key, jnp.int32(self.entering(state))
 
     entering = staticmethod(block_entering)  # one step is one block (bcjax.stepping)
     done = staticmethod(blocks_done)

@@ -181,6 +181,16 @@ class Runner:
             return self.tick_program.lower_scan(num_ticks, *inputs)
         return self.program.lower(*inputs)
 
+    def step_inputs(self, params, text: KV, state: StepState) -> tuple:
+        """The inputs the next `step` passes its compiled program: what `lower` takes, so that
+        `lower(*step_inputs(...)).compile()` gives the very executable a step runs (`bcjax tune`
+        times it without compiling twice). Its first output is the next state's carry
+        (`state._replace(carry=out[0], step=state.step + 1)`); the carry is donated."""
+        if isinstance(self.program, KreaProgram):
+            raise ValueError("Krea's loop runs host work (its rebuilt context) between compiled calls: time it "
+                             "through `step`")
+        return self.program.step_inputs(params, text, state)
+
     # -- running ------------------------------------------------------------------------------
     def start(self, params, text: KV, key, *, num_blocks: int | None = None, context=None, source=None,
               reencode: Callable | None = None) -> StepState:

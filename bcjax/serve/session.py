@@ -82,7 +82,10 @@ class Runners:
         key = (stagger, None if stagger == SEQUENTIAL else mask)
         with self._lock:
             if key not in self._made:
-                self._made[key] = make_runner(b.cfg, b.pcfg, b.latent_hw, stagger, as_mask(mask), b.mesh)
+                # the token group `bcjax tune` measured best for this stagger on these devices, if any
+                group = getattr(b, "token_groups", {}).get(stagger)
+                self._made[key] = make_runner(b.cfg, b.pcfg, b.latent_hw, stagger, as_mask(mask), b.mesh,
+                                              token_group=group)
             return self._made[key]
 
 
@@ -227,6 +230,7 @@ class Session:
 
     def hello(self) -> dict:
         return {"type": "hello", "model": self.backend.describe(), "staggers": list(protocol.STAGGERS),
+                "stagger": getattr(self.backend, "default_stagger", "P4"),
                 "masks": list(protocol.MASKS), "mask": protocol.DEFAULT_MASK, "policies": list(POLICIES),
                 "limits": {"max_message": protocol.MAX_MESSAGE, "queue": self.outbox.maxsize,
                            "ack_window": self.ack_window, "min_fps": protocol.MIN_FPS, "max_fps": protocol.MAX_FPS}}

@@ -19,7 +19,7 @@ import numpy as np
 
 from bcjax.app.video import frames_per_block, publish
 from bcjax.distributed import is_primary
-from bcjax.names import DEFAULT_MASK, SEQUENTIAL, Policy, Positions, as_mask
+from bcjax.names import DEFAULT_MASK, SEQUENTIAL, Policy, Positions, as_backend, as_mask
 from bcjax.toyworld.evaluate import ToyModel, block_metrics, eval_scenes, load_model, setting_name, summary
 from bcjax.toyworld.png import draw_text
 from bcjax.toyworld.world import prompt_text, render, to_rgb
@@ -306,7 +306,19 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
         embeds = interpolate_prompt_schedule(embeds, interpolate)
     prompt_schedule_kv = [(b, text_kv(cfg, model.params, jnp.asarray(e))) for b, e in embeds]
     hw, bf = (world.size, world.size), world.block_frames
-    runner = make_runner(cfg, pcfg, hw, stagger, as_mask(mask), make_mesh(devices) if devices > 1 else None)
+    mesh = make_mesh(devices) if devices > 1 else None
+    group = None
+    if "auto" in (stagger, attention):  # `bcjax tune`'s winner for these devices, or the model's prediction
+        from bcjax.tune import resolve
+
+        choice = resolve(cfg, pcfg, hw, mask, mesh, stagger=stagger, attention=attention,
+                         model=os.path.basename(model.path.rstrip("/")))
+        if is_primary():
+            print(choice.line, flush=True)
+        stagger, group = choice.stagger, choice.group
+        if attention == "auto" and choice.attention is not None:
+            cfg = dataclasses.replace(cfg, attention=as_backend(choice.attention))
+    runner = make_runner(cfg, pcfg, hw, stagger, as_mask(mask), mesh, token_group=group)
     first = render(parse_prompt(prompt_schedule[0][1], world, starts), bf, world)[None]
 
     name = setting_name(stagger, None if stagger == SEQUENTIAL else mask)

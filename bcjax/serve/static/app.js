@@ -75,7 +75,7 @@ function onHello(msg) {
   S.retries = 0;
   const m = (S.model = msg.model);
   $("model").textContent = `${m.title} · ${m.kind === "toy" ? "sprite-phrase prompts" : "free-text prompts"}`;
-  fill($("stagger"), msg.staggers, "P4");
+  fill($("stagger"), msg.staggers, msg.stagger || "P4");  // the server's default (`bcjax serve --stagger`)
   fill($("mask"), msg.masks, msg.mask);  // the server's default
   fill($("policy"), msg.policies, "no-recache");
   // the decoders this model has (the server's names); none: the control stays, disabled, with why
