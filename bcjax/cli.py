@@ -117,7 +117,8 @@ def _run(cfg, port, params, text, key, args, stagger, mask):
     pcfg = _pipeline(port, args)
     # Krea's loop for a rebuilt context (latent only, so R = the latent); several `tokens` devices
     # split each tick's tokens (context parallelism for the sequential stagger)
-    runner = make_runner(cfg, pcfg, hw, stagger, mask, _mesh(args, cfg), token_group=getattr(args, "token_group", None))
+    runner = make_runner(cfg, pcfg, hw, stagger, mask, _mesh(args, cfg), token_group=getattr(args, "token_group", None),
+                         adapter=_load_adapter(args, cfg, params))
     stream = runner.blocks(params, text, key, num_blocks=args.blocks)
     label = runner.label + (", R = latent" if runner.takes_round_trip else "")
     blocks, times = [], []
@@ -162,14 +163,19 @@ def _auto(args, cfg, pcfg, latent_hw, mesh, model: str, pcfg_for=None):
     return cfg
 
 
-def _checkpoint_auto(args, latent_hw) -> None:
-    """_auto for a converted checkpoint: its architecture in the dtype and quant this run uses."""
+def _checkpoint_auto(args) -> None:
+    """_auto for a converted checkpoint: its architecture in the dtype and quant this run uses, at
+    --size over its VAE's spatial scale."""
+    from bcjax.checkpoint import read_config
     from bcjax.tune import AUTO
     from bcjax.tune.command import checkpoint_model
 
     if AUTO not in (args.stagger, args.attention):
         args.token_group = None
         return
+    vae = read_config(args.checkpoint)["configs"].get("vae")
+    scale = vae.spatial_scale if vae is not None else 8  # the Wan VAE's
+    latent_hw = (args.size[0] // scale, args.size[1] // scale)
     cfg, port, pcfg_for, name = checkpoint_model(args.checkpoint, args.dtype, args.quant, args.sampler)
     _auto(args, cfg, port.pipeline, latent_hw, _mesh(args, cfg), name, pcfg_for)
 
@@ -219,7 +225,7 @@ def _stream_run(demo, args) -> None:
     demo.stream_run(args.prompts, out=args.out, checkpoint=args.checkpoint or args.toy_model, blocks=args.blocks,
                     stagger=args.stagger,
                     mask=args.mask, policy=args.policy, seed=args.seed, devices=args.devices,
-                    positions=args.positions, interpolate=args.interpolate, **_numerics(args))
+                    positions=args.positions, interpolate=args.interpolate, adapter=args.adapter, **_numerics(args))
 
 
 def _serve(args) -> int:
@@ -244,6 +250,7 @@ def _serve(args) -> int:
         else:  # the shipped toy-world model, or another toy-world checkpoint
             backend = ToyBackend(args.checkpoint or toy_name, mesh, **_numerics(args))
         _serve_auto(args, backend)
+        backend.adapter = _load_adapter(args, backend.cfg, backend.params)
         app = make_app(backend, queue=args.queue, max_sessions=args.max_tabs,
                        allow_origins=tuple(args.allow_origin or ()), idle=args.idle_timeout)
         srv, _ = server(app, sock=sock)
@@ -272,6 +279,69 @@ def _serve_auto(args, backend) -> None:
         backend.token_groups = {choice.stagger: choice.group}
     if args.attention == AUTO and choice.attention is not None:
         backend.cfg = dataclasses.replace(backend.cfg, attention=as_backend(choice.attention))
+
+
+def _adapt(args) -> int:
+    """`bcjax adapt`: an adapter trained so that the cascade's tick reproduces the model's own
+    sequential output, from prompts and seeds only (`bcjax.adapt`)."""
+    import jax
+
+    from bcjax.adapt import AdaptConfig, adapt
+    from bcjax.adapt.toy import read_prompts, toy_source
+    from bcjax.names import as_mask
+
+    if args.stagger == "auto":
+        raise ValueError("--stagger auto: an adapter is made for one stagger; name it (P1, P2, P4, P4-no-clean)")
+    acfg = AdaptConfig(stagger=args.stagger, mask=as_mask(args.mask), rank=args.rank, steps=args.steps,
+                       batch=args.batch, blocks=args.blocks, lr=args.lr, seed=args.seed, save_every=args.save_every)
+    if args.devices > 1:
+        raise ValueError(f"--devices {args.devices}: adapt trains on one device for now "
+                         "(its step is a plain jitted function; a sharded step over the runner's mesh is to come)")
+    if os.path.isfile(args.out):
+        raise ValueError(f"--out {args.out}: is a file; an adapter is a folder")
+    args.prompts = os.path.expanduser(args.prompts)
+    prompts = read_prompts(args.prompts)  # before any model loads: bad lines are named first
+    checkpoint = args.checkpoint or args.toy_model
+    if checkpoint not in TOY_MODELS:
+        _check_checkpoint(checkpoint)
+        from bcjax.checkpoint import read_config
+
+        if "world" not in read_config(checkpoint).get("provenance", {}):
+            raise ValueError(f"--checkpoint {checkpoint}: a converted Wan checkpoint; adapt trains toy-world models "
+                             "for now (a Wan model's prompts need its umT5 encoder in the loop, to come)")
+    from bcjax.toyworld.evaluate import load_model
+
+    model = load_model(checkpoint, **_numerics(args))
+    source = toy_source(model.world, prompts, acfg.batch, args.prompts)
+    hw = (model.world.size, model.world.size)
+    print(f"bcjax adapt: {checkpoint} ({model.cfg.num_layers} layers, dim {model.cfg.dim}), "
+          f"{args.stagger} {args.mask}, rank {args.rank}, {args.steps} steps of {args.batch} prompts x {args.blocks} "
+          f"blocks, on {jax.default_backend()}", flush=True)
+    try:
+        adapter = adapt(args.out, model.cfg, model.pcfg, model.params, hw, source, acfg,
+                        extra={"base": os.path.basename(checkpoint.rstrip("/"))})
+    except KeyboardInterrupt:
+        print(f"bcjax adapt: interrupted; {args.out} keeps its checkpoints (run the same command to resume)",
+              file=sys.stderr)
+        return 130
+    m = adapter.meta
+    print(f"wrote {args.out}: teacher-forced loss {m['loss_first']:.4g} (first 10 steps) -> {m['loss_last']:.4g} "
+          f"(last 10); use it with --adapter {args.out}")
+    return 0
+
+
+def _load_adapter(args, cfg, params):
+    """--adapter DIR for this model and weights (stagger, mask and sampler: checked by make_runner)."""
+    if not getattr(args, "adapter", None):
+        return None
+    from bcjax.adapt import load
+
+    return load(args.adapter, cfg, params)
+
+
+def _adapter_flag(s) -> None:
+    s.add_argument("--adapter", metavar="DIR", help="an adapter from `bcjax adapt` for this model, stagger and mask: "
+                   "run by the cascade's tick only (the sequential stagger is unchanged by it)")
 
 
 def _toy_model_flags(s) -> None:
@@ -330,12 +400,10 @@ def _generate_video(args) -> int:
     mesh = _mesh(args)
     from bcjax.checkpoint import read_config
 
-    meta = read_config(args.checkpoint)
-    prov, vae = meta.get("provenance", {}), meta["configs"].get("vae")
-    scale = vae.spatial_scale if vae is not None else 8  # the Wan VAE's
-    _checkpoint_auto(args, (args.size[0] // scale, args.size[1] // scale))
+    _checkpoint_auto(args)
     # the checkpoint's own sampler unless told (Krea's loop for a Krea checkpoint, `ports.for_checkpoint`)
-    port = ports.get(args.sampler) if args.sampler else ports.for_checkpoint(prov, args.stagger)
+    port = ports.get(args.sampler) if args.sampler else \
+        ports.for_checkpoint(read_config(args.checkpoint).get("provenance", {}), args.stagger)
     pcfg = _pipeline(port, args)
     if args.video:
         from bcjax.app.prompts import with_strength
@@ -345,7 +413,7 @@ def _generate_video(args) -> int:
         pcfg = with_strength(pcfg, args.strength)
     t2v = TextToVideo(args.checkpoint, pcfg, tuple(args.size), args.stagger, args.mask, mesh,
                       decoder=args.decoder or "wan", decode_device=args.decode_device, verify=args.verify,
-                      token_group=args.token_group, **_numerics(args))
+                      token_group=args.token_group, adapter=args.adapter, **_numerics(args))
     source = t2v.encode_video(args.video) if args.video else None
     before = _stat(args.out)
     try:
@@ -534,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="noise and the sprites' start positions")
     s.add_argument("--interpolate", type=int, default=0, metavar="N",
                    help="Krea's prompt interpolation: each switch ramps the prompt embeddings over N >= 2 blocks")
+    _adapter_flag(s)
     _numerics_flags(s)
     s.set_defaults(fn=_stream)
 
@@ -565,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another page allowed to open the stream's WebSocket, e.g. http://localhost:3000 (repeatable; "
                         "by default only the page this server serves)")
     _verify_flag(s)
+    _adapter_flag(s)
     _numerics_flags(s)
     s.set_defaults(fn=_serve)
 
@@ -586,7 +656,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "the input (the step list spread over [strength * 1000, 0])")
     _decoder_flags(s, "default: wan")
     _verify_flag(s)
+    _adapter_flag(s)
     s.set_defaults(fn=_generate)
+
+    s = sub.add_parser("adapt", help="train an adapter so that a cascade reproduces the model's own sequential output "
+                                     "(no data: prompts and seeds)")
+    _toy_model_flags(s)
+    s.add_argument("--prompts", required=True, help="a text file, one prompt per line (toy world: sprite phrases, "
+                   "e.g. 'red east fast, blue west slow')")
+    s.add_argument("--out", required=True, help="the adapter folder (its checkpoints too: a stopped run resumes)")
+    _stagger_flags(s)
+    s.add_argument("--rank", type=_positive, default=16, help="adapter rank r (A [in, r], B [r, out] per projection)")
+    s.add_argument("--steps", type=_positive, default=300)
+    s.add_argument("--batch", type=_positive, default=4, help="prompts per step")
+    s.add_argument("--blocks", type=_positive, default=8, help="blocks per teacher generation (every tick scored)")
+    s.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (warmup, cosine decay)")
+    s.add_argument("--save-every", type=_positive, default=50, help="steps between checkpoints")
+    s.add_argument("--seed", type=int, default=0, help="prompts drawn, start corners and noise per step")
+    s.add_argument("--devices", type=_positive, default=1, help="devices (one for now)")
+    _numerics_flags(s)
+    s.set_defaults(fn=_adapt)
 
     s = sub.add_parser("convert", help="upstream checkpoint files -> a bcjax checkpoint folder")
     s.add_argument("--from", dest="layout", required=True,
@@ -692,7 +781,7 @@ def _runtime(args) -> None:
 
 # flags naming a file or folder bcjax reads: `~` expanded (the shell leaves `--flag=~/x` alone);
 # they stay relative for messages, and bcjax.checkpoint makes them absolute before orbax sees them
-_PATH_FLAGS = ("checkpoint", "src", "dst", "lora", "text_encoder", "tokenizer", "vae", "taehv", "video")
+_PATH_FLAGS = ("checkpoint", "src", "dst", "lora", "text_encoder", "tokenizer", "vae", "taehv", "video", "adapter")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,6 +95,7 @@ class TextToVideo:
     quant: str | None = None
     token_group: int | None = None  # tokens per group of the `tokens` split (`bcjax tune`'s); None: least padding
     verify: bool = True  # check the weights against the checkpoint's manifest (bcjax.checkpoint.restore)
+    adapter: str | None = None  # a `bcjax adapt` folder: the cascade's tick runs it (bcjax.adapt)
     # the old names of stagger and mask (deprecated; keyword only)
     schedule: dataclasses.InitVar[str | None] = None
     window: dataclasses.InitVar[str | None] = None
@@ -137,8 +138,13 @@ class TextToVideo:
                              "use --stagger sequential, or make_runner(..., program='tick'), or the port "
                              "krea_14b_clean_pass")
         # Krea's loop runs as its own program here: its context's first frame goes through the real VAE
+        adapter = None
+        if self.adapter is not None:  # a `bcjax adapt` folder for this model (the runner checks the rest)
+            from bcjax.adapt import load
+
+            adapter = load(self.adapter, self.dit_cfg, self.dit)
         self.denoiser = make_runner(self.dit_cfg, self.pcfg, self.latent_hw, self.stagger, as_mask(self.mask),
-                                    self.mesh, token_group=self.token_group)
+                                    self.mesh, token_group=self.token_group, adapter=adapter)
         self._embed = jax.jit(lambda p, ids, mask: prompt_embeddings(self.text_cfg, p, ids, mask))
 
     def decoders(self) -> list[str]:

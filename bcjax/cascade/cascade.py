@@ -27,6 +27,7 @@ from bcjax.distributed import local, replicate
 from bcjax.flags import renamed_keyword
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
+from bcjax.model.lora import LORA
 from bcjax.model.tensor_parallel import Layout, check_model_axis
 from bcjax.model.wan import KV
 from bcjax.names import DEFAULT_MASK, MODEL, TOKENS, Mask
@@ -89,10 +90,20 @@ class TickProgram:
     mask: Mask = DEFAULT_MASK
     # tokens per group of the `tokens` split (`bcjax.cascade.tokens`); None: the least padding
     token_group: int | None = None
+    # a `bcjax.adapt.Adapter` (checked by make_runner): its factors ride with the params into the
+    # tick (and only the tick: prefill and every other program run the base weights)
+    adapter: Any = None
 
     def __post_init__(self):
         check_rebuild(self.pcfg, "the cascade")
         self.mesh = self.layout.mesh
+        self._lora = None
+        if self.adapter is not None:
+            if self.layout.model > 1:
+                raise ValueError(f"an adapter under tensor parallelism (mesh axis 'model' = {self.layout.model}) is "
+                                 "not supported yet: its factors would be split like the kernels they adapt")
+            self._lora = self.layout.replicate(jax.tree_util.tree_map(
+                lambda a: jnp.asarray(a, self.cfg.compute_dtype), self.adapter.lora))
         devices = 1 if self.mesh is None else self.mesh.shape[TOKENS]
         # the stagger's table (when each block enters, its stage at every tick)
         self.plan = make_stagger(self.stagger, self.pcfg.num_steps, clean_pass=self.pcfg.clean_pass)
@@ -117,9 +128,12 @@ class TickProgram:
         lay = self.layout
         # x whole on every device (see tick); a tree of PartitionSpecs shaped like the state
         state_spec = CascadeState(P(), lay.cache, P(), P())  # type: ignore[arg-type]  # specs, not arrays
+        params_spec = lay.params
+        if self._lora is not None:  # the factors replicated (no tensor parallelism with an adapter)
+            params_spec = {**params_spec, LORA: jax.tree_util.tree_map(lambda _: P(), self._lora)}
         mapped = jax.shard_map(
             partial(fn, axis=TOKENS, model_axis=lay.axis), mesh=self.mesh,
-            in_specs=(lay.params, lay.text, P(), P(), state_spec),
+            in_specs=(params_spec, lay.text, P(), P(), state_spec),
             out_specs=(state_spec, P()), check_vma=False,
         )
         return jax.jit(mapped, donate_argnums=(4,))
@@ -133,7 +147,10 @@ class TickProgram:
         cache = lay.abstract_cache(batch, self.pcfg.cache_frames, self.spec.tokens_per_frame)
         scalar = lay.abstract_scalar()
         state = CascadeState(lay.abstract(x, P()), cache, scalar, scalar)
-        return lay.abstract_params(), lay.abstract_text(batch), lay.abstract_key(), scalar, state
+        params = lay.abstract_params()
+        if self._lora is not None:
+            params = {**params, LORA: lay.abstract(self._lora)}
+        return params, lay.abstract_text(batch), lay.abstract_key(), scalar, state
 
     def lower(self, params, text: KV, key, num_blocks, state: CascadeState) -> jax.stages.Lowered:
         """One tick lowered for these inputs, concrete or abstract (`abstract_inputs`); `.compile()`
@@ -174,6 +191,10 @@ class TickProgram:
         return jax.jit(lay.shard_map(partial(clean_block, self.cfg, self.pcfg, timestep=0.0), (w, t, P(), c, P()), c),
                        donate_argnums=(3,))
 
+    def _adapted(self, params):
+        """Placed params as the tick takes them: with the adapter's factors, if any."""
+        return params if self._lora is None else {**params, LORA: self._lora}
+
     def _placed(self, params, text):
         """params and text K/V on the mesh: replicated over `tokens`, split over `model` (global
         arrays when the mesh spans processes); a no-op for arrays already there and without a mesh."""
@@ -201,7 +222,8 @@ class TickProgram:
         else:
             state = self.init_state(text.k.shape[1], *self.prefill(params, text, context))
         self._check_length(num_blocks, int(state.first_block))
-        _, (emitted, _) = self._run(st.num_ticks(num_blocks))(params, text, key, jnp.int32(num_blocks), state)
+        _, (emitted, _) = self._run(st.num_ticks(num_blocks))(self._adapted(params), text, key, jnp.int32(num_blocks),
+                                                              state)
         emitted = local(emitted)  # several hosts: this process's replica
         ticks = np.asarray([st.emit_tick(b) for b in range(num_blocks)])
         return jnp.concatenate(list(emitted[ticks]), axis=1)
@@ -245,7 +267,7 @@ class TickProgram:
         """(params, text, key, num_blocks, carry) of the next tick, placed: `lower`'s inputs."""
         params, text = self._placed(params, text)
         total = ENDLESS if state.num_blocks is None else state.num_blocks
-        return params, text, state.key, jnp.int32(total), state.carry
+        return self._adapted(params), text, state.key, jnp.int32(total), state.carry
 
     def entering(self, state: StepState) -> int:
         """The newest block in flight at the next tick: its prompt is the one in force for that

@@ -62,6 +62,7 @@ class TickSpec:
     mask: Mask
     latent_hw: tuple[int, int]
     split: TokenSplit  # the tick's tokens over the `tokens` devices (one device: every token)
+    remat: bool = False  # each DiT layer rematerialised in a backward pass (training, `bcjax.adapt`)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -145,7 +146,8 @@ def tick(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState,
     is_writer = busy & (stages == st.write_stage)
     writer = jnp.argmax(is_writer)
     flow, kv = forward_tokens(cfg, params, tokens, t, text, rope, cache.as_context(), key_mask,
-                              kv_axis=axis, kv_out=(writer * bf * p, bf * p), model_axis=model_axis)
+                              kv_axis=axis, kv_out=(writer * bf * p, bf * p), model_axis=model_axis,
+                              remat=spec.remat)
     if axis is not None:  # every device gets every slot's flow: the same x0 everywhere
         flow = jax.lax.all_gather(flow, axis, axis=1, tiled=True)
     flow = unpatchify(cfg, flow[:, :sp.tokens], m * bf, hh, ww)

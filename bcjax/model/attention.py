@@ -154,12 +154,8 @@ def installed_backends(platform: str) -> tuple[Backend, ...]:
     """Every backend `platform` can run here: `backends_for`'s, and on a GPU or TPU tokamax's
     kernels where the `tokamax` extra is installed (opt-in: never a default, see the docstring).
     What `bcjax tune` and `bench gpu` measure unless told."""
-    import importlib.util
-
     found = backends_for(platform)
-    if platform in ("gpu", "tpu") and importlib.util.find_spec("tokamax") is not None:
-        found = (*found, "tokamax")
-    return found
+    return (*found, "tokamax") if platform in ("gpu", "tpu") and tokamax_installed() else found
 
 
 def for_platform(name: Backend, platform: str, dtype=jnp.bfloat16) -> Backend:

@@ -74,12 +74,31 @@ def _provider(mode: Quant):
     return qwix.PtqProvider([rule])
 
 
-def block_module(cfg: WanConfig, kv_axis: str | None = None, model_axis: str | None = None):
+@functools.cache
+def _lora_provider(mode: Quant, rank: int):
+    # alpha = rank: the delta is x A B unscaled (with Adam a scale is a learning rate of B)
+    qwix = _qwix()
+    t = qtype(mode)
+    act = t if quantizes_activations(mode) else None
+    rule = qwix.LoraRule(module_path=_PATH.pattern, weight_qtype=t, act_qtype=act, rank=rank, alpha=float(rank))
+    return qwix.LoraProvider([rule])
+
+
+def block_module(cfg: WanConfig, kv_axis: str | None = None, model_axis: str | None = None,
+                 lora_rank: int | None = None):
     """The DiT block module `forward` and `text_kv` apply: `WanBlock`, or its qwix-quantized
-    version when `cfg.quant` is not "none" (same methods, params with quantized kernels)."""
+    version when `cfg.quant` is not "none" (same methods, params with quantized kernels).
+
+    lora_rank: the block with qwix's low-rank adapters on the projections its `__call__` runs
+    (`bcjax.adapt`; QLoRA over quantized kernels when `cfg.quant` says so): each projection's
+    params also hold `kernel_lora_a` [in, r] and `kernel_lora_b` [r, out], and its output gains
+    x A B. Only `__call__` is wrapped: the cross-attention K/V of the prompt (`cross_kv`) stay the
+    base model's."""
     from bcjax.model.layers import WanBlock
 
     block = WanBlock(cfg, kv_axis=kv_axis, model_axis=model_axis)
+    if lora_rank is not None:
+        return _qwix().apply_lora_to_model(block, _lora_provider(cfg.quant, lora_rank), methods=("__call__",))
     if cfg.quant == "none":
         return block
     return _qwix().quantize_model(block, _provider(cfg.quant), methods=("__call__", "cross_kv", "init_all"))

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bcjax.model import quant
+from bcjax.model import lora, quant
 from bcjax.model.config import WanConfig
 from bcjax.model.layers import WanBlock, WanEmbed, WanHead
 from bcjax.model.rope import rope_tables
@@ -151,14 +151,17 @@ def forward(cfg: WanConfig, params, x, t, text: KV, frame_ids, context: KV | Non
 
 
 def forward_tokens(cfg: WanConfig, params, tokens, t, text: KV, rope, context: KV | None = None, key_mask=None, *,
-                   kv_axis: str | None = None, kv_out: tuple | None = None, model_axis: str | None = None):
+                   kv_axis: str | None = None, kv_out: tuple | None = None, model_axis: str | None = None,
+                   remat: bool = False):
     """One DiT pass over patch tokens, in groups that each carry one timestep.
 
     tokens [B, T, patch_features]: G groups of T / G consecutive tokens; t [B, G] each group's
     timestep (a group lies inside one latent frame: the modulation is per group, so a frame may
     be cut into several groups, e.g. a token shard of a pass, `bcjax.cascade.tick`); rope (cos,
     sin) [T, head_dim // 2] each token's RoPE angles; key_mask bool [B|1, Qb, S + keys] per
-    query block. The rest as `forward`. Returns (flow tokens [B, T, patch_features_out] float32,
+    query block. params may hold an adapter (params["lora"], `bcjax.model.lora`): the blocks then
+    run with it. remat: each layer rematerialised in the backward pass (`jax.checkpoint`;
+    training). The rest as `forward`. Returns (flow tokens [B, T, patch_features_out] float32,
     KV as `forward`).
     """
     b = tokens.shape[0]
@@ -169,11 +172,18 @@ def forward_tokens(cfg: WanConfig, params, tokens, t, text: KV, rope, context: K
     embed = WanEmbed(cfg)
     h = embed.apply({"params": params["embed"]}, tokens, method=WanEmbed.patches)
     e, e0 = embed.apply({"params": params["embed"]}, t, method=WanEmbed.time)
-    block = quant.block_module(cfg, kv_axis=kv_axis, model_axis=model_axis)
+    params, adapter = lora.split(params)
+    block = quant.block_module(cfg, kv_axis=kv_axis, model_axis=model_axis,
+                               lora_rank=None if adapter is None else lora.rank(adapter))
 
     def layer(h, xs):
-        p, tk, tv, ck, cv = xs
-        return block.apply({"params": quant.for_layer(cfg, p)}, h, e0, rope, (tk, tv), (ck, cv), key_mask, kv_out)
+        p, tk, tv, ck, cv, a = xs
+        p = quant.for_layer(cfg, p)
+        if a is not None:
+            p = lora.with_layer(p, a)
+        return block.apply({"params": p}, h, e0, rope, (tk, tv), (ck, cv), key_mask, kv_out)
 
-    h, (k, v) = jax.lax.scan(layer, h, (params["blocks"], text.k, text.v, context.k, context.v))
+    if remat:
+        layer = jax.checkpoint(layer)
+    h, (k, v) = jax.lax.scan(layer, h, (params["blocks"], text.k, text.v, context.k, context.v, adapter))
     return WanHead(cfg).apply({"params": params["head"]}, h, e), KV(k, v)

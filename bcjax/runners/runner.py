@@ -268,7 +268,7 @@ def choose_program(pcfg: PipelineConfig, stagger: str | int, mesh: Mesh | None) 
 def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int], stagger: str | int = SEQUENTIAL,
                 mask: Mask = DEFAULT_MASK, mesh: Mesh | None = None, *, program: Program | None = None,
                 token_group: int | None = None, schedule: str | int | None = None,
-                window: Mask | None = None) -> Runner:
+                window: Mask | None = None, adapter=None) -> Runner:
     """The runner for a sampler (`pcfg`), latent size, stagger and mask on `mesh`: the only
     constructor of one.
 
@@ -278,8 +278,11 @@ def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int]
     one device. program: force one of `bcjax.names.PROGRAMS` ("tick" runs the sequential stagger as
     the cascade does; "block" runs Krea's rules with the clean-pass machinery); None:
     `choose_program`. token_group: tokens per group of the tick's `tokens` split
-    (`bcjax.cascade.tokens`); None: the least padding. schedule, window: the old names of stagger
-    and mask (deprecated)."""
+    (`bcjax.cascade.tokens`); None: the least padding. adapter: a `bcjax.adapt.Adapter` made for
+    this model, sampler, stagger and mask (anything else is refused, naming the field), run by the
+    cascade's tick only; the sequential stagger is what it was trained to reproduce and runs
+    without it (its output is the same with or without). schedule, window: the old names of
+    stagger and mask (deprecated)."""
     stagger = renamed_keyword("schedule", "stagger", schedule, SEQUENTIAL, stagger)
     mask = renamed_keyword("window", "mask", window, DEFAULT_MASK, mask)
     if mask not in MASKS:
@@ -300,9 +303,13 @@ def make_runner(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int]
     layout = Layout(cfg, mesh) if kind == "tick" else Layout.split_only(cfg, mesh)
     cfg = layout.resolve(cfg)  # attention for the mesh's platform, not the process default
     hw = (int(latent_hw[0]), int(latent_hw[1]))
+    if stagger == SEQUENTIAL:
+        adapter = None  # the teacher: the base weights by construction
+    elif adapter is not None:
+        adapter.check(cfg, pcfg, stagger, mask)
     prog: TickProgram | BlockProgram | KreaProgram
     if kind == "tick":
-        prog = TickProgram(cfg, pcfg, hw, layout, stagger, mask, token_group)
+        prog = TickProgram(cfg, pcfg, hw, layout, stagger, mask, token_group, adapter)
     elif kind == "block":
         prog = BlockProgram(cfg, pcfg, hw, layout)
     else:

@@ -30,6 +30,7 @@ import dataclasses
 import io
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,7 @@ class ToyBackend:
     (the image holds them). Frames are the latents themselves (3 channels), sent as lossless PNGs."""
 
     mime = "image/png"
+    adapter: Any = None  # `bcjax serve --adapter` (a `bcjax.adapt.Adapter`): runners of its stagger and mask run it
 
     def __init__(self, checkpoint: str | None = None, mesh=None, text_cache_bytes: int = TEXT_CACHE_BYTES, *,
                  dtype: str | None = None, attention: str | None = None, quant: str | None = None):
@@ -176,6 +178,7 @@ class CheckpointBackend:
     on the decode device `TextToVideo` picks, and sent as JPEGs."""
 
     mime = "image/jpeg"
+    adapter: Any = None  # `bcjax serve --adapter` (a `bcjax.adapt.Adapter`): runners of its stagger and mask run it
 
     def __init__(self, path: str, port: str | None = None, video_hw: tuple[int, int] = (480, 832), mesh=None,
                  quality: int = 85, text_cache_bytes: int = TEXT_CACHE_BYTES, decoder: str | None = None,

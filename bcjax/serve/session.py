@@ -84,8 +84,13 @@ class Runners:
             if key not in self._made:
                 # the token group `bcjax tune` measured best for this stagger on these devices, if any
                 group = getattr(b, "token_groups", {}).get(stagger)
+                # the server's adapter (`bcjax serve --adapter`) where a tab picks the stagger and mask it
+                # was made for; every other setting runs the base weights
+                adapter = getattr(b, "adapter", None)
+                if adapter is not None and (adapter.stagger, adapter.mask) != (stagger, mask):
+                    adapter = None
                 self._made[key] = make_runner(b.cfg, b.pcfg, b.latent_hw, stagger, as_mask(mask), b.mesh,
-                                              token_group=group)
+                                              token_group=group, adapter=adapter)
             return self._made[key]
 
 

@@ -262,11 +262,12 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
                stagger: str = "P4", mask: str = DEFAULT_MASK, policy: Policy = "no-recache", seed: int = 0,
                devices: int = 1, fps: float | None = None, scale: int = 24, positions: Positions = "absolute",
                interpolate: int = 0, dtype: str | None = None, attention: str | None = None,
-               quant: str | None = None,
+               quant: str | None = None, adapter: str | None = None,
                schedule: str | None = None, window: str | None = None) -> list:
     """`bcjax stream`: the toy-world model continues a still image while the prompt schedule
     'PROMPT@BLOCK;...' switches between blocks; every block is appended to the mp4 as soon as it
     is ready (an interrupted stream leaves a playable file); dtype, attention: see `load_model`.
+    adapter: a `bcjax adapt` folder for this model, stagger and mask (the cascade's tick runs it).
     schedule, window: the old names of stagger and mask (deprecated). Returns the StreamEvents."""
     import dataclasses
 
@@ -318,7 +319,12 @@ def stream_run(prompts: str, out: str = "bcjax-stream.mp4", checkpoint: str | No
         stagger, group = choice.stagger, choice.group
         if attention == "auto" and choice.attention is not None:
             cfg = dataclasses.replace(cfg, attention=as_backend(choice.attention))
-    runner = make_runner(cfg, pcfg, hw, stagger, as_mask(mask), mesh, token_group=group)
+    lora = None
+    if adapter is not None:
+        from bcjax.adapt import load
+
+        lora = load(adapter, cfg, model.params)
+    runner = make_runner(cfg, pcfg, hw, stagger, as_mask(mask), mesh, token_group=group, adapter=lora)
     first = render(parse_prompt(prompt_schedule[0][1], world, starts), bf, world)[None]
 
     name = setting_name(stagger, None if stagger == SEQUENTIAL else mask)
