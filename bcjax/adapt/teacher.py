@@ -87,18 +87,33 @@ def forced_state(spec: TickSpec, traj: Trajectory, tau, first_block) -> CascadeS
     return CascadeState(prev, cache, jnp.asarray(tau, jnp.int32), jnp.asarray(first_block, jnp.int32))
 
 
-def forced_tick_errors(spec: TickSpec, params, text: KV, key, traj: Trajectory, first_block, tau):
-    """(sum over the tick's denoising slots of each slot's mean squared x0 error, their count):
-    one teacher-forced tick. params: the base params, adapted or not (`bcjax.model.lora`)."""
+def forced_targets(spec: TickSpec, traj: Trajectory, tau) -> jax.Array:
+    """[M, B, bf, H, W, C]: the teacher's x0 of each slot's block and stage at tick `tau`."""
+    n, k = spec.plan.num_steps, traj.x0.shape[0]
+    blocks, stages, _ = slot_state(spec.plan, tau, jnp.arange(spec.plan.num_slots), k, xp=jnp)
+    return traj.x0[jnp.clip(blocks, 0, k - 1), jnp.clip(stages, 0, n - 1)]
+
+
+def tick_errors(spec: TickSpec, params, text: KV, key, num_blocks, state: CascadeState, target, axis=None,
+                model_axis=None):
+    """(sum over the tick's denoising slots of each slot's mean squared x0 error against `target`
+    [M, B, bf, H, W, C], their count): the tick run from `state` (a teacher-forced one, see
+    `forced_state`). axis, model_axis: as `bcjax.cascade.tick.tick` (under shard_map); every
+    device returns the same figures (the tick all-gathers its x0 over `axis`)."""
     st = spec.plan
-    n, k = st.num_steps, traj.x0.shape[0]
-    state = forced_state(spec, traj, tau, first_block)
-    new, _ = tick(spec, params, text, key, jnp.int32(k), state)
-    blocks, stages, busy = slot_state(st, tau, jnp.arange(st.num_slots), k, xp=jnp)
-    target = traj.x0[jnp.clip(blocks, 0, k - 1), jnp.clip(stages, 0, n - 1)]
-    scored = busy & (stages < n)  # the clean stage's x0 is not used by the cascade
+    new, _ = tick(spec, params, text, key, num_blocks, state, axis, model_axis)
+    _, stages, busy = slot_state(st, state.tick, jnp.arange(st.num_slots), num_blocks, xp=jnp)
+    scored = busy & (stages < st.num_steps)  # the clean stage's x0 is not used by the cascade
     err = jnp.mean(jnp.square(new.x - target), axis=tuple(range(1, target.ndim)))  # [M]
     return jnp.sum(jnp.where(scored, err, 0.0)), jnp.sum(scored)
+
+
+def forced_tick_errors(spec: TickSpec, params, text: KV, key, traj: Trajectory, first_block, tau):
+    """`tick_errors` of the teacher-forced tick `tau` of the trajectory. params: the base params,
+    adapted or not (`bcjax.model.lora`)."""
+    k = traj.x0.shape[0]
+    return tick_errors(spec, params, text, key, jnp.int32(k), forced_state(spec, traj, tau, first_block),
+                       forced_targets(spec, traj, tau))
 
 
 def forced_tick_loss(spec: TickSpec, params, text: KV, key, traj: Trajectory, first_block=0):

@@ -73,6 +73,12 @@ def make_optimizer(acfg: AdaptConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(acfg.clip), optax.adamw(schedule, weight_decay=acfg.weight_decay))
 
 
+def apply_grads(opt: optax.GradientTransformation, state: TrainState, grads) -> TrainState:
+    """One optimizer update of the factors (the training loop's step and `bcjax.adapt.step`'s)."""
+    updates, opt_state = opt.update(grads, state.opt_state, state.lora)
+    return TrainState(state.step + 1, optax.apply_updates(state.lora, updates), opt_state)
+
+
 def init_state(cfg: WanConfig, acfg: AdaptConfig) -> TrainState:
     factors = lora.init(cfg, jax.random.fold_in(jax.random.key(acfg.seed), 1 << 20), acfg.rank)
     return TrainState(jnp.int32(0), factors, make_optimizer(acfg).init(factors))
@@ -114,8 +120,7 @@ def make_step(cfg: WanConfig, pcfg: PipelineConfig, latent_hw: tuple[int, int], 
     def step(state: TrainState, params, embeddings, context, key):
         loss, grads = jax.value_and_grad(
             lambda f: loss_fn(cfg, pcfg, spec, acfg, latent_hw, f, params, embeddings, context, key))(state.lora)
-        updates, opt_state = opt.update(grads, state.opt_state, state.lora)
-        return TrainState(state.step + 1, optax.apply_updates(state.lora, updates), opt_state), loss
+        return apply_grads(opt, state, grads), loss
 
     return jax.jit(step, donate_argnums=(0,))
 

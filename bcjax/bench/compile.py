@@ -4,7 +4,7 @@
                         [--preset wan2.1-1.3b wan2.1-14b] [--cases sequential krea p4 vae taehv umt5]
                         [--backends splash chunked ...] [--meshes 5x1 8x4 ...] [--latent-hw 60 104]
                         [--layers N] [--dtype bfloat16] [--headroom 0.1] [--port krea_14b_clean_pass]
-                        [--quant none int8-weight int8 fp8-weight fp8]
+                        [--quant none int8-weight int8 fp8-weight fp8] [--ranks 16 64]
 
 Every row is one program lowered from abstract values (the runners' `abstract_inputs`, nothing
 allocated) and compiled for the target's devices (`bcjax.targets`): XLA:TPU with Mosaic (splash),
@@ -27,6 +27,9 @@ Programs:
   splits the tick's tokens, `bcjax.cascade.tokens`);
 * cp: one tick of the sequential stagger split the same way: context parallelism of one block's
   pass over the `tokens` devices (n + 1 such ticks make a block);
+* adapt: one adaptation step (`bcjax.adapt.step`, issue 36) of the P4 bidirectional tick: the
+  teacher-forced tick's forward and backward (each layer rematerialised), the gradient reduced
+  over the mesh and one AdamW update of the LoRA factors, a row per `--ranks` rank;
 * vae: the Wan VAE decoder's streaming step for one block (block_frames latent frames);
 * taehv: TAEHV's (taew2_1, the tiny Wan2.1 decoder) streaming step for one block, its memory
   blocks carried as the state (`bcjax.vae.taehv.decode_step`);
@@ -59,8 +62,8 @@ from bcjax import targets
 from bcjax.names import BACKENDS, QUANTS, TOKENS
 
 GiB = 2**30
-CASES = ("sequential", "krea", "p4", "cp", "vae", "taehv", "umt5")
-DIT_CASES = ("sequential", "krea", "p4", "cp")
+CASES = ("sequential", "krea", "p4", "cp", "adapt", "vae", "taehv", "umt5")
+DIT_CASES = ("sequential", "krea", "p4", "cp", "adapt")
 
 
 @dataclasses.dataclass
@@ -221,10 +224,13 @@ def hbm_bytes_written(hlo: str) -> float:
 # -- programs -----------------------------------------------------------------------------------
 
 
-def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh) -> Callable:
-    """A thunk lowering the DiT program `case` on `mesh` from the runner's abstract inputs."""
+def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh, rank: int = 16) -> Callable:
+    """A thunk lowering the DiT program `case` on `mesh` from the runner's abstract inputs
+    (rank: the adapter's, for "adapt")."""
     from bcjax.runners import make_runner
 
+    if case == "adapt":
+        return adapt_lowering(cfg, pcfg, hw, mesh, rank)
     if case == "sequential":  # the fused block, its mesh only splitting weights
         runner = make_runner(cfg, pcfg, hw, "sequential", mesh=mesh, program="block")
     elif case == "krea":
@@ -238,6 +244,16 @@ def dit_lowering(case: str, cfg, pcfg, hw, mesh: Mesh) -> Callable:
     else:
         raise ValueError(f"not a DiT program: {case!r}")
     return lambda: runner.lower(*runner.abstract_inputs(1))
+
+
+def adapt_lowering(cfg, pcfg, hw, mesh: Mesh, rank: int) -> Callable:
+    """A thunk lowering one adaptation step (`bcjax.adapt.step.AdaptStep`) of rank `rank`, P4
+    bidirectional, one prompt, from abstract inputs."""
+    from bcjax.adapt import AdaptConfig
+    from bcjax.adapt.step import make_adapt_step
+
+    step = make_adapt_step(cfg, pcfg, hw, AdaptConfig(stagger="P4", mask="bidirectional", rank=rank), mesh)
+    return lambda: step.lower(*step.abstract_inputs(1))
 
 
 def _placement(devices, whole: bool):
@@ -382,7 +398,8 @@ def _on(device, lower: Callable) -> Callable:
 
 
 def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str, pcfg, layers=None,
-        headroom: float = 0.1, emit: Callable[[Row], None] | None = None, quants=("none",)) -> list[Row]:
+        headroom: float = 0.1, emit: Callable[[Row], None] | None = None, quants=("none",),
+        ranks=(16,)) -> list[Row]:
     """Compile every (preset, case, mesh, backend) for `target`; returns the rows (also emitted as
     each one finishes)."""
     from bcjax.model import attention
@@ -412,16 +429,18 @@ def run(target: targets.Target, presets, cases, backends, meshes, hw, dtype: str
                                      f"target {target.name} has {n}")
                 for backend in backends or attention.backends_for(target.platform):
                     for quant in quants:
-                        cfg = dataclasses.replace(base, attention=backend, quant=quant)
-                        try:
-                            mesh, label = build_mesh(tokens, model, devices, cfg)
-                            lower = dit_lowering(case, cfg, pcfg, hw, mesh)
-                        except ValueError as e:  # a mesh this model or target cannot take
-                            add(Row(preset, case, f"{tokens}x{model}", backend, quant, error=str(e)))
-                            continue
-                        if backend.startswith("tokamax"):  # it picks its kernel by the default device
-                            lower = _on(devices[0], lower)
-                        add(compile_row(preset, case, label, backend, lower, mesh, quant))
+                        for rank in ranks if case == "adapt" else (None,):
+                            program = case if rank is None else f"{case} r{rank}"
+                            cfg = dataclasses.replace(base, attention=backend, quant=quant)
+                            try:
+                                mesh, label = build_mesh(tokens, model, devices, cfg)
+                                lower = dit_lowering(case, cfg, pcfg, hw, mesh, rank or 16)
+                            except ValueError as e:  # a mesh this model or target cannot take
+                                add(Row(preset, program, f"{tokens}x{model}", backend, quant, error=str(e)))
+                                continue
+                            if backend.startswith("tokamax"):  # it picks its kernel by the default device
+                                lower = _on(devices[0], lower)
+                            add(compile_row(preset, program, label, backend, lower, mesh, quant))
     sharding, mesh = _placement(devices, whole)
     label = f"{n} replicas (whole slice)" if whole else "1 device"
     if "vae" in cases:
@@ -461,6 +480,8 @@ def main(argv=None) -> int:
                                    "(default: PipelineConfig(), Self-Forcing's)")
     ap.add_argument("--quant", nargs="+", default=["none"], choices=QUANTS,
                     help="DiT quantization modes, a row each (bcjax.model.quant; default: none)")
+    ap.add_argument("--ranks", nargs="+", type=int, default=[16],
+                    help="adapter ranks of the adapt case, a row each (default: 16)")
     args = ap.parse_args(argv)
     target = targets.get(args.target)
     for q in args.quant:
@@ -494,7 +515,8 @@ def main(argv=None) -> int:
           f"GiB per device from the compiler's buffer assignment", flush=True)
     print(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1), flush=True)
     run(target, args.preset, args.cases, args.backends, meshes, hw, args.dtype, pcfg, args.layers, args.headroom,
-        emit=lambda row: print_row(row, target, args.headroom), quants=tuple(args.quant))
+        emit=lambda row: print_row(row, target, args.headroom), quants=tuple(args.quant),
+        ranks=tuple(args.ranks))
     return 0
 
 

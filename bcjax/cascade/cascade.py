@@ -28,7 +28,7 @@ from bcjax.flags import renamed_keyword
 from bcjax.model.config import WanConfig
 from bcjax.model.kv_cache import KVCache
 from bcjax.model.lora import LORA
-from bcjax.model.tensor_parallel import Layout, check_model_axis
+from bcjax.model.tensor_parallel import Layout, check_model_axis, place
 from bcjax.model.wan import KV
 from bcjax.names import DEFAULT_MASK, MODEL, TOKENS, Mask
 from bcjax.sampler import check_rebuild, clean_block, write_context
@@ -98,12 +98,9 @@ class TickProgram:
         check_rebuild(self.pcfg, "the cascade")
         self.mesh = self.layout.mesh
         self._lora = None
-        if self.adapter is not None:
-            if self.layout.model > 1:
-                raise ValueError(f"an adapter under tensor parallelism (mesh axis 'model' = {self.layout.model}) is "
-                                 "not supported yet: its factors would be split like the kernels they adapt")
-            self._lora = self.layout.replicate(jax.tree_util.tree_map(
-                lambda a: jnp.asarray(a, self.cfg.compute_dtype), self.adapter.lora))
+        if self.adapter is not None:  # the factors split like the kernels they adapt (`lora_specs`)
+            lora = jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.cfg.compute_dtype), self.adapter.lora)
+            self._lora = lora if self.mesh is None else place(lora, self.mesh, self.layout.lora(lora))
         devices = 1 if self.mesh is None else self.mesh.shape[TOKENS]
         # the stagger's table (when each block enters, its stage at every tick)
         self.plan = make_stagger(self.stagger, self.pcfg.num_steps, clean_pass=self.pcfg.clean_pass)
@@ -129,8 +126,8 @@ class TickProgram:
         # x whole on every device (see tick); a tree of PartitionSpecs shaped like the state
         state_spec = CascadeState(P(), lay.cache, P(), P())  # type: ignore[arg-type]  # specs, not arrays
         params_spec = lay.params
-        if self._lora is not None:  # the factors replicated (no tensor parallelism with an adapter)
-            params_spec = {**params_spec, LORA: jax.tree_util.tree_map(lambda _: P(), self._lora)}
+        if self._lora is not None:
+            params_spec = {**params_spec, LORA: lay.lora(self._lora)}
         mapped = jax.shard_map(
             partial(fn, axis=TOKENS, model_axis=lay.axis), mesh=self.mesh,
             in_specs=(params_spec, lay.text, P(), P(), state_spec),
@@ -149,7 +146,7 @@ class TickProgram:
         state = CascadeState(lay.abstract(x, P()), cache, scalar, scalar)
         params = lay.abstract_params()
         if self._lora is not None:
-            params = {**params, LORA: lay.abstract(self._lora)}
+            params = {**params, LORA: lay.abstract(self._lora, lay.lora(self._lora) if self.mesh is not None else None)}
         return params, lay.abstract_text(batch), lay.abstract_key(), scalar, state
 
     def lower(self, params, text: KV, key, num_blocks, state: CascadeState) -> jax.stages.Lowered:

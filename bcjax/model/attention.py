@@ -409,7 +409,9 @@ def _attend_part(kernel, interpret, qr, k, v, mask, o_acc, lse_acc, granule):
 
         return jax.lax.cond(seen, run, lambda c_: c_, carry), None
 
-    carry, _ = jax.lax.scan(body, (o_acc, lse_acc), (jnp.arange(num), visible))
+    # rematerialised: a backward pass (`bcjax.adapt`) keeps each chunk's running (o, lse), not its
+    # logits (a no-op without differentiation)
+    carry, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), (o_acc, lse_acc), (jnp.arange(num), visible))
     return carry
 
 

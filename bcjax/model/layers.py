@@ -82,7 +82,10 @@ class RowParallelDense(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         if isinstance(kernel, jax.Array):  # a qwix-quantized kernel (bcjax.model.quant) is dequantized by qwix
             kernel = kernel.astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)
+        # a dot_general, as nn.Dense's: qwix's LoRA (`bcjax.model.lora`) adds its x A B to it here,
+        # before the psum (A split by rows like the kernel, `tensor_parallel.lora_specs`)
+        x = x.astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return jax.lax.psum(y, self.axis) + bias.astype(self.dtype)
 
 

@@ -82,6 +82,25 @@ def param_specs(params):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def lora_specs(lora):
+    """PartitionSpec per leaf of an adapter tree (`bcjax.model.lora`): the factors follow the
+    kernel they adapt. A column-split kernel [in, out / m] keeps A [in, r] whole and splits B
+    [r, out] by columns, so x A B_local is this device's output columns; a row-split kernel
+    [in / m, out] splits A by rows and keeps B whole, so x_local A_local B is a partial sum that
+    the sublayer's own psum completes. Leaves are [L, ...] (stacked layers)."""
+
+    def spec(path, leaf):
+        keys = [str(getattr(k, "key", "")) for k in path]
+        axis = _COLUMN.get((keys[-2], "kernel"))
+        if axis == 1 and keys[-1] == "kernel_lora_b":  # column-split: B's output columns
+            return P(None, None, MODEL)
+        if axis == 0 and keys[-1] == "kernel_lora_a":  # row-split: A's input rows
+            return P(None, MODEL, None)
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, lora)
+
+
 def text_specs():
     """Specs of text_kv's KV: split by heads."""
     from bcjax.model.wan import KV
@@ -207,6 +226,10 @@ class Layout:
     @property
     def text(self):
         return _for_mesh(text_specs(), self.mesh)
+
+    def lora(self, lora):
+        """Specs of an adapter tree on this mesh (`lora_specs`; replicated when model = 1)."""
+        return _for_mesh(lora_specs(lora), self.mesh)
 
     @property
     def cache(self):
