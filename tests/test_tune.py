@@ -287,3 +287,11 @@ def test_decode_placement_is_timed_and_the_winner_becomes_the_decode_device(fold
     choice = resolve(setup.cfg, setup.pcfg, setup.latent_hw, "causal", setup.mesh, stagger="auto", attention=None,
                      folder=folder)
     assert choice.source == "tuned" and choice.decode_device == rec["decode"]["winner"]["spec"]
+
+
+def test_bad_tune_flags_are_named_before_anything_compiles(folder, capsys):
+    assert cli.main(["tune", "--preset", "tiny", "--staggers", "P4", "Q7", "--cache", folder]) == 2
+    assert "--staggers Q7" in capsys.readouterr().err
+    assert cli.main(["tune", "--preset", "tiny", "--budget", "0", "--cache", folder]) == 2
+    assert "--budget 0.0: expected a positive number of seconds" in capsys.readouterr().err
+    assert not os.path.exists(folder)  # nothing stored

@@ -145,6 +145,14 @@ def run(args) -> int:
             raise ValueError(f"{flag} {v}: expected a positive count")
     if args.budget <= 0:
         raise ValueError(f"--budget {args.budget}: expected a positive number of seconds")
+    from bcjax.schedule.stagger import make_stagger
+
+    for stagger in args.staggers:  # a bad name is refused before anything compiles, naming it
+        if stagger != "sequential":
+            try:
+                make_stagger(stagger, 4)
+            except ValueError as e:
+                raise ValueError(f"--staggers {stagger}: {e}") from None
     setup, name = build_setup(preset=args.preset, checkpoint=args.checkpoint, devices=args.devices, model=args.model,
                               latent_hw=args.latent_hw, dtype=args.dtype, quant=args.quant, sampler=args.sampler,
                               mask=args.mask)
