@@ -618,9 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_positive, nargs=2, default=(480, 832), metavar=("HEIGHT", "WIDTH"),
                    help="real model: video size in pixels")
     s.add_argument("--devices", type=_positive, default=1, help="devices on the 'tokens' mesh axis for the cascade")
-    s.add_argument("--stagger", default="P4", choices=(*STAGGERS, "auto"),
+    s.add_argument("--stagger", "--schedule", dest="stagger", default="P4", choices=(*STAGGERS, "auto"),
+                   action=_OldName, new="--stagger",
                    help="the page's default stagger (each tab may pick another); auto: the fastest `bcjax tune` "
-                        "measured on these devices, else the model's prediction")
+                        "measured on these devices, else the model's prediction; --schedule: its deprecated name")
     s.add_argument("--model", type=_positive, default=1,
                    help="devices on the 'model' mesh axis (tensor-parallel weights)")
     _decoder_flags(s, "default: taehv when the checkpoint has it (not for Krea's loop), else wan")
