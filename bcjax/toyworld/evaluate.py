@@ -98,6 +98,15 @@ def model_path(name_or_path: str | None = None) -> str:
     return name_or_path
 
 
+def checkpoint_folder(name_or_path: str | None = None) -> str:
+    """The absolute checkpoint folder of an embedded model's name or of a path: a training run's
+    folder (`python -m bcjax.toyworld.train --out RUN`) holds its checkpoint in RUN/model."""
+    path = os.path.abspath(os.path.expanduser(model_path(name_or_path)))  # orbax reads absolute paths only
+    if os.path.isdir(os.path.join(path, "model")) and not os.path.isfile(os.path.join(path, "config.json")):
+        path = os.path.join(path, "model")
+    return path
+
+
 def load_model(path: str | None = None, *, dtype: str | None = None, attention: str | None = None,
                quant: str | None = None, pipeline: PipelineConfig | None = None) -> ToyModel:
     """A toy-world DiT from an embedded model's name (`bcjax.names.TOY_MODELS`, default
@@ -107,9 +116,7 @@ def load_model(path: str | None = None, *, dtype: str | None = None, attention: 
     (naming both values) when its block_frames, window_frames or sink_frames are not the model's."""
     from bcjax.checkpoint import config_from_dict, read_config, restore
 
-    path = os.path.abspath(os.path.expanduser(model_path(path)))  # orbax reads absolute paths only
-    if os.path.isdir(os.path.join(path, "model")) and not os.path.isfile(os.path.join(path, "config.json")):
-        path = os.path.join(path, "model")
+    path = checkpoint_folder(path)
     prov = read_config(path)["provenance"]
     if "world" not in prov:
         raise ValueError(f"{path} is not a toy-world checkpoint: its provenance has no 'world' config")

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 
-from bcjax.names import DEFAULT_MASK, MASKS, QUANTS
+from bcjax.names import DEFAULT_MASK, MASKS, QUANTS, TOY_MODELS
 from bcjax.tune.measure import STAGGERS, Setup, candidates, decode_table, table, tune
 from bcjax.tune.store import ENV, TuneKey, cache_dir
 
@@ -45,7 +45,8 @@ def build_setup(*, preset: str | None, checkpoint: str | None, devices: int, mod
 
         m = load_model(checkpoint, dtype=dtype, quant=quant)
         cfg, pcfg, params = m.cfg, m.pcfg, m.params
-        hw, frames, name = (m.world.size, m.world.size), m.world.block_frames, os.path.basename(m.path.rstrip("/"))
+        hw, frames = (m.world.size, m.world.size), m.world.block_frames
+        name = checkpoint if checkpoint in TOY_MODELS else os.path.basename(m.path.rstrip("/"))
         if latent_hw is not None and tuple(latent_hw) != hw:
             raise ValueError(f"--latent-hw {tuple(latent_hw)}: the toy-world model draws {hw[0]}x{hw[1]} latents")
     else:
@@ -88,16 +89,12 @@ def checkpoint_model(checkpoint: str, dtype: str | None, quant: str | None, samp
 
 def _is_toy(checkpoint: str) -> bool:
     from bcjax.checkpoint import read_config
-    from bcjax.names import TOY_MODELS
 
     if checkpoint in TOY_MODELS:
         return True
-    from bcjax.toyworld.evaluate import model_path
+    from bcjax.toyworld.evaluate import checkpoint_folder
 
-    path = model_path(checkpoint)
-    if os.path.isdir(os.path.join(path, "model")) and not os.path.isfile(os.path.join(path, "config.json")):
-        path = os.path.join(path, "model")
-    return "world" in read_config(path).get("provenance", {})
+    return "world" in read_config(checkpoint_folder(checkpoint)).get("provenance", {})
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
